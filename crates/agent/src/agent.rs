@@ -1,0 +1,289 @@
+//! The agent's session with the server: connect (rotating through server addresses with
+//! exponential backoff and jitter), register, heartbeat, take assignments and cancellations,
+//! and hand acknowledgements to the outbox.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use drover_proto as pb;
+use drover_proto::agent_message::Msg;
+use drover_proto::agent_session_client::AgentSessionClient;
+use drover_proto::server_message::Msg as In;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::Instrument;
+
+use crate::attempt::{self, StopReason};
+use crate::outbox::Outbox;
+use crate::reservation::CoreSet;
+use crate::runtime::{Runtime, TaskSpec};
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server URLs (`http://host:port`), tried in turn.
+    pub servers: Vec<String>,
+    /// Node name; stable across restarts.
+    pub name: String,
+    /// Labels that task constraints match.
+    pub labels: BTreeMap<String, String>,
+    /// Cores offered.
+    pub cores: u32,
+    /// Memory offered, bytes.
+    pub memory: u64,
+    /// Where task workspaces live.
+    pub work_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a task is stopped.
+    pub kill_grace: Duration,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration cannot work.
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+}
+
+/// Aborts a background task when the session that owns it ends (or is dropped mid-way).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running attempt as the session sees it.
+struct Running {
+    stop: watch::Sender<StopReason>,
+}
+
+/// The agent: session loop plus the attempts it runs.
+pub struct Agent {
+    config: AgentConfig,
+    runtime: Arc<dyn Runtime>,
+    outbox: Arc<Outbox>,
+    cores: Arc<Mutex<CoreSet>>,
+    running: Arc<Mutex<HashMap<i64, Running>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Backoff before reconnect attempt `n` (from 0): 100 ms doubling to 5 s, with up to 50% jitter
+/// so a fleet does not reconnect in lockstep after a server restart.
+fn backoff(n: u32) -> Duration {
+    let base = Duration::from_millis(100)
+        .saturating_mul(1 << n.min(6))
+        .min(Duration::from_secs(5));
+    let jitter = rand::rng().random_range(0.0..0.5);
+    base.mul_f64(1.0 + jitter)
+}
+
+impl Agent {
+    /// An agent that runs tasks with `runtime`.
+    pub fn new(config: AgentConfig, runtime: Arc<dyn Runtime>) -> Result<Agent, AgentError> {
+        if config.servers.is_empty() {
+            return Err(AgentError::Config("no server address given".into()));
+        }
+        if config.cores == 0 {
+            return Err(AgentError::Config("a node needs at least one core".into()));
+        }
+        let physical = crate::monitor::detect_cores();
+        Ok(Agent {
+            cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
+            config,
+            runtime,
+            outbox: Arc::new(Outbox::default()),
+            running: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// Runs sessions until `shutdown` resolves, reconnecting whenever a session breaks.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let this = Arc::new(self);
+        tokio::pin!(shutdown);
+        let mut failures = 0u32;
+        let mut server_index = 0usize;
+        loop {
+            let url = this.config.servers[server_index % this.config.servers.len()].clone();
+            let session = this.clone().session(url.clone());
+            tokio::select! {
+                _ = &mut shutdown => break,
+                result = session => {
+                    match result {
+                        Ok(()) => failures = 0,
+                        Err(e) => {
+                            tracing::warn!(server = %url, error = %e, "session with server failed");
+                            failures += 1;
+                            server_index += 1;
+                        }
+                    }
+                    this.outbox.disconnect();
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(backoff(failures)) => {}
+            }
+        }
+        this.outbox.disconnect();
+        let stops: Vec<_> = lock(&this.running).values().map(|r| r.stop.clone()).collect();
+        for s in stops {
+            let _ = s.send(StopReason::Shutdown);
+        }
+    }
+
+    /// One session: register, then serve until the stream breaks. `Ok` when the server ended
+    /// it cleanly (and a fresh session should start at once).
+    async fn session(self: Arc<Self>, url: String) -> Result<(), String> {
+        let mut client = AgentSessionClient::connect(url.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        client = client.max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut known: Vec<i64> = lock(&self.running).keys().copied().collect();
+        known.extend(self.outbox.attempts());
+        known.sort_unstable();
+        known.dedup();
+        let register = pb::Register {
+            name: self.config.name.clone(),
+            labels: self.config.labels.clone().into_iter().collect(),
+            cores: self.config.cores,
+            memory: self.config.memory,
+            runtimes: vec![self.runtime.kind().to_string()],
+            attempts: known,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        tx.send(pb::AgentMessage {
+            msg: Some(Msg::Register(register)),
+        })
+        .map_err(|e| e.to_string())?;
+        let mut inbound = client
+            .session(UnboundedReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner();
+        let registered = match inbound.next().await {
+            Some(Ok(pb::ServerMessage {
+                msg: Some(In::Registered(r)),
+            })) => r,
+            Some(Ok(_)) => return Err("server did not answer Register".into()),
+            Some(Err(e)) => return Err(e.message().to_string()),
+            None => return Err("server closed the session".into()),
+        };
+        let epoch = registered.epoch;
+        tracing::info!(server = %url, node_id = registered.node_id, epoch, "registered with server");
+        self.outbox.connect(tx.clone(), epoch);
+        let heartbeat = Duration::from_millis(registered.heartbeat_ms.max(100));
+        let beat_tx = tx.clone();
+        let _beats = AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat);
+            loop {
+                tick.tick().await;
+                if beat_tx
+                    .send(pb::AgentMessage {
+                        msg: Some(Msg::Heartbeat(pb::Heartbeat {})),
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }));
+        loop {
+            match inbound.next().await {
+                Some(Ok(pb::ServerMessage { msg: Some(m) })) => self.handle(m),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Err(e.message().to_string()),
+                None => break Err("server closed the session".into()),
+            }
+        }
+    }
+
+    fn handle(self: &Arc<Self>, msg: In) {
+        match msg {
+            In::Assign(a) => self.start_attempt(a),
+            In::Cancel(c) => {
+                let running = lock(&self.running);
+                match running.get(&c.attempt_id) {
+                    Some(r) => {
+                        tracing::info!(attempt_id = c.attempt_id, reason = %c.reason, "stopping attempt");
+                        let _ = r.stop.send(StopReason::Cancel);
+                    }
+                    None => tracing::debug!(
+                        attempt_id = c.attempt_id,
+                        "cancel for an attempt not running here"
+                    ),
+                }
+            }
+            In::Ack(a) => self.outbox.ack(a.seq),
+            In::Registered(_) => tracing::warn!("unexpected second Registered"),
+        }
+    }
+
+    fn start_attempt(self: &Arc<Self>, a: pb::Assign) {
+        let attempt_id = a.attempt_id;
+        if lock(&self.running).contains_key(&attempt_id) {
+            return;
+        }
+        let reserved = lock(&self.cores).reserve(a.cores);
+        let pin = reserved.as_ref().map(|r| r.pin_to()).unwrap_or_default();
+        if reserved.is_none() {
+            // The server's view and ours disagree (e.g. an attempt of ours the server already
+            // settled is still stopping); run unpinned rather than refuse the work.
+            tracing::warn!(
+                attempt_id,
+                cores = a.cores,
+                "not enough free cores to pin; running unpinned"
+            );
+        }
+        let spec = TaskSpec {
+            job_id: a.job_id,
+            task_id: a.task_id,
+            attempt_id,
+            steps: a.steps.into_iter().map(|c| c.argv).collect(),
+            env: a.env.into_iter().collect(),
+            workspace: self
+                .config
+                .work_dir
+                .join(format!("job-{}", a.job_id))
+                .join(format!("attempt-{attempt_id}")),
+            cpus: pin,
+            memory_limit: a.memory,
+        };
+        let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
+        let (stop_tx, stop_rx) = watch::channel(StopReason::None);
+        lock(&self.running).insert(attempt_id, Running { stop: stop_tx });
+        let this = self.clone();
+        let span = tracing::info_span!("task", job_id = a.job_id, task_id = a.task_id, attempt_id);
+        tokio::spawn(
+            async move {
+                let workspace = spec.workspace.clone();
+                attempt::run(
+                    this.runtime.clone(),
+                    this.outbox.clone(),
+                    spec,
+                    timeout,
+                    this.config.kill_grace,
+                    stop_rx,
+                )
+                .await;
+                if let Some(r) = reserved {
+                    lock(&this.cores).release(&r);
+                }
+                lock(&this.running).remove(&attempt_id);
+                if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
+                    tracing::debug!(error = %e, "workspace not removed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Runs one attempt: prepares the sandbox, runs the steps in order under the timeout, ships
+//! output in batches, and reports how it ended. Every report goes through the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto as pb;
+use drover_proto::agent_message::Msg;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::outbox::Outbox;
+use crate::runtime::{
+    ExitStatus, OutputChunk, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
+};
+
+/// Lines per output batch; a batch also closes after [`BATCH_BYTES`] or [`BATCH_DELAY`].
+const BATCH_LINES: usize = 1000;
+const BATCH_BYTES: usize = 256 * 1024;
+/// How long a line may wait for companions before it is shipped: the bound on how stale a
+/// `logs -f` reader can be.
+const BATCH_DELAY: Duration = Duration::from_millis(20);
+
+/// Why the agent stops an attempt early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// Keep running.
+    None,
+    /// The user cancelled the job, or the server no longer wants the attempt.
+    Cancel,
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+/// How an attempt ended, as reported to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Exit code of the last step run.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the last step.
+    pub signal: Option<i32>,
+    /// Failure class word, empty on a plain exit.
+    pub failure: &'static str,
+    /// Detail for people.
+    pub message: String,
+    /// Usage summed over the steps.
+    pub usage: Usage,
+}
+
+/// Runs an attempt to its end and reports everything through `outbox`.
+pub async fn run(
+    runtime: Arc<dyn Runtime>,
+    outbox: Arc<Outbox>,
+    spec: TaskSpec,
+    timeout: Option<Duration>,
+    grace: Duration,
+    stop: watch::Receiver<StopReason>,
+) -> Outcome {
+    let span = tracing::info_span!(
+        "attempt",
+        job_id = spec.job_id,
+        task_id = spec.task_id,
+        attempt_id = spec.attempt_id
+    );
+    async move {
+        let attempt_id = spec.attempt_id;
+        started(&outbox, attempt_id).await;
+        let (tx, rx) = mpsc::channel(1024);
+        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx));
+        let outcome = run_steps(&*runtime, &spec, timeout, grace, stop, tx).await;
+        if let Err(e) = runtime.cleanup(&spec).await {
+            tracing::warn!(error = %e, "cleanup failed");
+        }
+        // All output must be queued before the end is reported: the server stores output only
+        // for attempts that are still open.
+        let _ = shipper.await;
+        tracing::info!(exit_code = ?outcome.exit_code, failure = outcome.failure, "attempt ended");
+        finished(&outbox, attempt_id, &outcome).await;
+        outcome
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run_steps(
+    runtime: &dyn Runtime,
+    spec: &TaskSpec,
+    timeout: Option<Duration>,
+    grace: Duration,
+    mut stop: watch::Receiver<StopReason>,
+    out: mpsc::Sender<OutputChunk>,
+) -> Outcome {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut outcome = Outcome {
+        exit_code: None,
+        signal: None,
+        failure: "",
+        message: String::new(),
+        usage: Usage::default(),
+    };
+    if let Err(e) = runtime.prepare(spec).await {
+        return start_failure(outcome, e);
+    }
+    for step in 0..spec.steps.len() {
+        if *stop.borrow() != StopReason::None {
+            outcome.failure = "cancelled";
+            outcome.message = "cancelled before it started".into();
+            return outcome;
+        }
+        let handle = match runtime.start(spec, step, out.clone()).await {
+            Ok(h) => h,
+            Err(e) => return start_failure(outcome, e),
+        };
+        tracing::debug!(step, pid = ?handle.pid, "step started");
+        let sleep_until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopped = async {
+            loop {
+                if *stop.borrow_and_update() != StopReason::None {
+                    return;
+                }
+                if stop.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        };
+        let (status, failure, message) = tokio::select! {
+            status = runtime.wait(&handle) => (status, "", String::new()),
+            _ = sleep_until_deadline => {
+                tracing::info!(step, "timeout reached; stopping");
+                let t = timeout.map(|t| humantime::format_duration(t).to_string()).unwrap_or_default();
+                (stop_gracefully(runtime, &handle, grace).await, "timeout", format!("ran past its timeout of {t}"))
+            }
+            _ = stopped => {
+                tracing::info!(step, "stopping on request");
+                (stop_gracefully(runtime, &handle, grace).await, "cancelled", "cancelled".to_string())
+            }
+        };
+        if let Ok(usage) = runtime.stats(&handle).await {
+            outcome.usage = outcome.usage.merge(usage);
+        }
+        let status: ExitStatus = match status {
+            Ok(s) => s,
+            Err(e) => {
+                outcome.failure = "lost";
+                outcome.message = format!("lost track of step {step}: {e}");
+                return outcome;
+            }
+        };
+        outcome.exit_code = status.code;
+        outcome.signal = status.signal;
+        if !failure.is_empty() {
+            outcome.failure = failure;
+            outcome.message = message;
+            return outcome;
+        }
+        if status.oom {
+            outcome.failure = "oom";
+            outcome.message = format!("step {} ran out of memory", step + 1);
+            return outcome;
+        }
+        if !status.success() {
+            if spec.steps.len() > 1 {
+                outcome.message = format!("step {} of {} failed", step + 1, spec.steps.len());
+            }
+            return outcome;
+        }
+    }
+    outcome
+}
+
+fn start_failure(mut outcome: Outcome, e: RuntimeError) -> Outcome {
+    tracing::warn!(error = %e, "attempt could not start");
+    outcome.failure = "start";
+    outcome.message = e.to_string();
+    outcome
+}
+
+async fn started(outbox: &Outbox, attempt_id: i64) {
+    let msg = Msg::Update(pb::AttemptUpdate {
+        attempt_id,
+        epoch: 0,
+        seq: 0,
+        kind: Some(pb::attempt_update::Kind::Started(pb::Started {})),
+    });
+    outbox.push(attempt_id, msg, 64).await;
+}
+
+async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
+    let msg = Msg::Update(pb::AttemptUpdate {
+        attempt_id,
+        epoch: 0,
+        seq: 0,
+        kind: Some(pb::attempt_update::Kind::Finished(pb::Finished {
+            exit_code: o.exit_code,
+            signal: o.signal,
+            failure: o.failure.to_string(),
+            message: o.message.clone(),
+            cpu_seconds: o.usage.cpu_seconds,
+            peak_memory_bytes: o.usage.peak_memory_bytes,
+        })),
+    });
+    outbox.push(attempt_id, msg, 128 + o.message.len()).await;
+}
+
+/// Batches output chunks into `AttemptOutput` reports until every sender is gone.
+async fn ship_output(outbox: Arc<Outbox>, attempt_id: i64, mut rx: mpsc::Receiver<OutputChunk>) {
+    let mut lines: Vec<pb::OutputLine> = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        let first = match rx.recv().await {
+            Some(c) => c,
+            None => break,
+        };
+        let flush_at = Instant::now() + BATCH_DELAY;
+        let mut next = Some(first);
+        while let Some(c) = next.take() {
+            bytes += c.data.len();
+            lines.push(pb::OutputLine {
+                step: c.step as u32,
+                stderr: c.stream == Stream::Stderr,
+                data: c.data,
+            });
+            if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
+                break;
+            }
+            next = match tokio::time::timeout_at(flush_at, rx.recv()).await {
+                Ok(Some(c)) => Some(c),
+                Ok(None) | Err(_) => None,
+            };
+        }
+        flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+    }
+    flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+}
+
+async fn flush(outbox: &Outbox, attempt_id: i64, lines: &mut Vec<pb::OutputLine>, bytes: &mut usize) {
+    if lines.is_empty() {
+        return;
+    }
+    let msg = Msg::Output(pb::AttemptOutput {
+        attempt_id,
+        epoch: 0,
+        seq: 0,
+        lines: std::mem::take(lines),
+    });
+    outbox.push(attempt_id, msg, *bytes + 64).await;
+    *bytes = 0;
+}

@@ -1,0 +1,13 @@
+//! The Drover agent: one per node. It registers with a server over one long-lived gRPC
+//! session, heartbeats, receives assignments, runs them in a runtime, and reports events,
+//! output and usage back through an outbox that survives disconnects.
+#![warn(missing_docs)]
+
+mod agent;
+pub mod attempt;
+pub mod monitor;
+pub mod outbox;
+pub mod reservation;
+pub mod runtime;
+
+pub use agent::{Agent, AgentConfig, AgentError};

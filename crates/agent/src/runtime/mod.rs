@@ -1,0 +1,214 @@
+//! Runtimes run a task's commands inside a sandbox. Every runtime (process, docker, microvm)
+//! implements the same [`Runtime`] trait, and one conformance suite runs against each.
+//!
+//! The agent drives a task through `prepare` → for each step `start` + `wait` → `cleanup`, and
+//! calls `signal` to stop it on timeout or cancel (see [`stop_gracefully`]). A [`RunHandle`] is
+//! plain data that the agent can persist, so that after a restart `attach` can find a step that
+//! is still running.
+
+#[cfg(test)]
+pub mod conformance;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Longest line shipped as one chunk; longer lines are split so nothing is lost.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Everything a runtime needs to run one attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Job the task belongs to.
+    pub job_id: i64,
+    /// Task id.
+    pub task_id: i64,
+    /// Attempt id; unique across all attempts of all tasks.
+    pub attempt_id: i64,
+    /// The argv of each step, run in order.
+    pub steps: Vec<Vec<String>>,
+    /// Environment variables for every step (added to a minimal base environment).
+    pub env: BTreeMap<String, String>,
+    /// Directory the steps run in; created by `prepare`.
+    pub workspace: PathBuf,
+    /// Host CPU ids reserved for the task; the sandbox is pinned to them. Empty = no pinning.
+    pub cpus: Vec<usize>,
+    /// Memory limit in bytes; 0 = none.
+    pub memory_limit: u64,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of output (or a piece of a line longer than [`MAX_LINE`]), newline included when
+/// the line had one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// Which stream.
+    pub stream: Stream,
+    /// Which step (0-based) wrote it.
+    pub step: usize,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// Where a runtime sends output. Bounded, so a slow consumer slows the reader instead of
+/// growing memory without limit.
+pub type OutputSink = mpsc::Sender<OutputChunk>;
+
+/// Identifies a running step so that it can be signalled, waited on, measured, and found again
+/// after an agent restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunHandle {
+    /// Attempt the step belongs to.
+    pub attempt_id: i64,
+    /// Step index.
+    pub step: usize,
+    /// Process id of the step's leader (process runtime), or of the container's init.
+    pub pid: Option<i32>,
+    /// Start time of `pid` in clock ticks since boot (from `/proc/PID/stat`), so that a reused
+    /// pid is never mistaken for ours.
+    pub pid_start_ticks: Option<u64>,
+    /// Container or VM id for the runtimes that have one.
+    pub sandbox_id: Option<String>,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when the step exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when the step was killed by a signal.
+    pub signal: Option<i32>,
+    /// Whether the sandbox's memory limit killed it.
+    pub oom: bool,
+}
+
+impl ExitStatus {
+    /// Whether the step exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// What a step used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// User plus system CPU time, in seconds.
+    pub cpu_seconds: f64,
+    /// Peak resident memory, in bytes.
+    pub peak_memory_bytes: u64,
+}
+
+impl Usage {
+    /// Combines the usage of two steps: CPU adds up, peak memory is the larger.
+    pub fn merge(self, other: Usage) -> Usage {
+        Usage {
+            cpu_seconds: self.cpu_seconds + other.cpu_seconds,
+            peak_memory_bytes: self.peak_memory_bytes.max(other.peak_memory_bytes),
+        }
+    }
+}
+
+/// A signal the agent sends to a running step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    /// Ask politely (SIGTERM).
+    Terminate,
+    /// Force (SIGKILL).
+    Kill,
+}
+
+/// Errors of runtimes.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The command could not be started (missing binary, permission denied, bad workspace).
+    #[error("cannot start `{command}`: {source}")]
+    Start {
+        /// The program that failed to start.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The handle names nothing this runtime runs.
+    #[error("no running step for attempt {attempt_id} step {step}")]
+    UnknownHandle {
+        /// Attempt id of the handle.
+        attempt_id: i64,
+        /// Step of the handle.
+        step: usize,
+    },
+    /// The runtime cannot run on this node (missing engine, missing kernel support).
+    #[error("runtime {runtime} is unavailable: {reason}")]
+    Unavailable {
+        /// Runtime name.
+        runtime: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An I/O error in the runtime's own work (workspace, /proc, pipes).
+    #[error("{context}: {source}")]
+    Io {
+        /// What the runtime was doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A sandbox technology. Implementations keep their live state (child processes, containers)
+/// internally, keyed by [`RunHandle`].
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Short name: `process`, `docker` or `microvm`.
+    fn kind(&self) -> &'static str;
+
+    /// Prepares the sandbox for an attempt: workspace, container, VM.
+    async fn prepare(&self, task: &TaskSpec) -> Result<(), RuntimeError>;
+
+    /// Starts step `step` of the task; output goes to `out` line by line.
+    async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError>;
+
+    /// Finds a step started before an agent restart. Returns `false` if it is no longer running.
+    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError>;
+
+    /// Sends a signal to everything the step started (the whole process group or container).
+    async fn signal(&self, handle: &RunHandle, signal: StopSignal) -> Result<(), RuntimeError>;
+
+    /// Waits until the step ends. Output has been fully sent to the sink when this returns.
+    async fn wait(&self, handle: &RunHandle) -> Result<ExitStatus, RuntimeError>;
+
+    /// Resources the step used so far (or in total, once it ended).
+    async fn stats(&self, handle: &RunHandle) -> Result<Usage, RuntimeError>;
+
+    /// Removes what `prepare` and `start` left behind, except the workspace's declared outputs.
+    async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError>;
+}
+
+/// Stops a running step: `Terminate`, then `Kill` if it is still running after `grace`.
+/// Returns how the step ended.
+pub async fn stop_gracefully(
+    runtime: &dyn Runtime,
+    handle: &RunHandle,
+    grace: Duration,
+) -> Result<ExitStatus, RuntimeError> {
+    runtime.signal(handle, StopSignal::Terminate).await?;
+    match tokio::time::timeout(grace, runtime.wait(handle)).await {
+        Ok(status) => status,
+        Err(_) => {
+            runtime.signal(handle, StopSignal::Kill).await?;
+            runtime.wait(handle).await
+        }
+    }
+}

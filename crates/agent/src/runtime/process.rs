@@ -1,0 +1,762 @@
+//! The process runtime: runs each step as a plain child process of the agent.
+//!
+//! Each step gets its own session and process group (`setsid` before exec), so one `killpg`
+//! reaches everything the step started, and live stats can find its processes by process
+//! group in `/proc`. The agent reaps the leader itself with `wait4`, which also yields the
+//! rusage (CPU time and peak RSS, descendants included) that `tokio::process` would discard.
+//! Memory limits use a per-attempt cgroup when a writable memory controller exists.
+
+mod cgroup;
+mod lines;
+mod proc_stat;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::cgroup::{AttemptCgroup, StepCgroup};
+use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
+
+/// How long output may keep flowing after the step's leader exited. Background processes that
+/// still hold the pipes after this are no longer read from (they get SIGPIPE on their next
+/// write), so that `wait` cannot hang on a daemon a step left behind.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(3);
+
+/// How often an attached (not our child) process is checked for exit.
+const ATTACH_POLL: Duration = Duration::from_millis(100);
+
+/// PATH used when neither the task nor the agent has one.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Runs steps as child processes of the agent, each in its own process group.
+#[derive(Debug, Default)]
+pub struct ProcessRuntime {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    steps: HashMap<(i64, usize), Arc<StepState>>,
+    /// `None` records that cgroup creation was tried and failed, so later steps of the same
+    /// attempt do not probe again.
+    cgroups: HashMap<i64, Option<Arc<AttemptCgroup>>>,
+}
+
+/// What the runtime knows about one step, started here or attached after a restart.
+#[derive(Debug)]
+struct StepState {
+    pid: i32,
+    /// Equal to `pid`: `setsid` made the leader the group leader.
+    pgid: i32,
+    /// Set once the leader has been reaped (or, when attached, has disappeared) and the output
+    /// pipes are drained.
+    finished: watch::Receiver<Option<Finished>>,
+    /// Highest live usage seen by `stats`, so the final usage is never below a live reading
+    /// (rusage misses descendants that were never waited for).
+    live: LiveMax,
+    cgroup: Option<Arc<StepCgroup>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Finished {
+    status: ExitStatus,
+    usage: Usage,
+}
+
+#[derive(Debug, Default)]
+struct LiveMax {
+    peak_bytes: AtomicU64,
+    cpu_micros: AtomicU64,
+}
+
+impl LiveMax {
+    fn record(&self, usage: Usage) -> Usage {
+        let peak = self
+            .peak_bytes
+            .fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
+        let micros = (usage.cpu_seconds * 1e6) as u64;
+        let cpu = self.cpu_micros.fetch_max(micros, Ordering::Relaxed);
+        Usage {
+            cpu_seconds: cpu.max(micros) as f64 / 1e6,
+            peak_memory_bytes: peak.max(usage.peak_memory_bytes),
+        }
+    }
+
+    fn get(&self) -> Usage {
+        Usage {
+            cpu_seconds: self.cpu_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            peak_memory_bytes: self.peak_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl ProcessRuntime {
+    /// Creates a runtime with no steps running.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated (every update is a
+        // single insert or remove), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn step_state(&self, handle: &RunHandle) -> Result<Arc<StepState>, RuntimeError> {
+        self.lock()
+            .steps
+            .get(&(handle.attempt_id, handle.step))
+            .cloned()
+            .ok_or(RuntimeError::UnknownHandle {
+                attempt_id: handle.attempt_id,
+                step: handle.step,
+            })
+    }
+
+    fn attempt_cgroup(&self, task: &TaskSpec) -> Option<Arc<AttemptCgroup>> {
+        if task.memory_limit == 0 {
+            return None;
+        }
+        if let Some(known) = self.lock().cgroups.get(&task.attempt_id) {
+            return known.clone();
+        }
+        let created = AttemptCgroup::create(task.attempt_id, task.memory_limit).map(Arc::new);
+        self.lock()
+            .cgroups
+            .entry(task.attempt_id)
+            .or_insert(created)
+            .clone()
+    }
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn prepare(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
+        tokio::fs::create_dir_all(&task.workspace)
+            .await
+            .map_err(|source| RuntimeError::Io {
+                context: format!("create workspace {}", task.workspace.display()),
+                source,
+            })
+    }
+
+    async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
+        let argv = task
+            .steps
+            .get(step)
+            .filter(|argv| !argv.is_empty())
+            .ok_or_else(|| RuntimeError::Start {
+                command: String::new(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("step {step} has no command"),
+                ),
+            })?;
+        let start_error = |source| RuntimeError::Start {
+            command: argv[0].clone(),
+            source,
+        };
+
+        let env = step_env(task);
+        let search_path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
+        let program =
+            resolve_program(&argv[0], search_path.as_deref(), &task.workspace).map_err(start_error)?;
+        let cpus = cpu_set(&task.cpus).map_err(start_error)?;
+        let cgroup = match self.attempt_cgroup(task) {
+            Some(attempt) => match attempt.step(step) {
+                Ok(leaf) => Some(Arc::new(leaf)),
+                Err(error) => {
+                    tracing::debug!(attempt_id = task.attempt_id, step, %error, "cannot create step cgroup");
+                    None
+                }
+            },
+            None => None,
+        };
+
+        let mut command = std::process::Command::new(&program);
+        command
+            .arg0(&argv[0])
+            .args(&argv[1..])
+            .current_dir(&task.workspace)
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let join_cgroup = cgroup.clone();
+        // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+        // calls are allowed. setsid, sched_setaffinity, open, write and close are all raw
+        // syscalls; the CpuSet and the cgroup path were built before fork, so nothing allocates.
+        unsafe {
+            command.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if let Some(cpus) = &cpus {
+                    nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)?;
+                }
+                if let Some(cgroup) = &join_cgroup {
+                    join_cgroup_in_child(cgroup.procs_path())?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(start_error)?;
+        let pid = child.id() as i32;
+        // The child cannot have been reaped yet (only we reap it), so its stat is readable
+        // even if it already exited.
+        let start_ticks = proc_stat::read(pid).map(|s| s.start_ticks);
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            unreachable!("stdout and stderr were configured as pipes")
+        };
+        // Dropping the std Child neither kills nor reaps it; the supervisor below reaps it.
+        drop(child);
+        tracing::info!(attempt_id = task.attempt_id, step, pid, program = %program.display(), "step started");
+
+        let readers = match (
+            tokio::process::ChildStdout::from_std(stdout),
+            tokio::process::ChildStderr::from_std(stderr),
+        ) {
+            (Ok(stdout), Ok(stderr)) => vec![
+                tokio::spawn(pump_logged(
+                    stdout,
+                    Stream::Stdout,
+                    step,
+                    out.clone(),
+                    task.attempt_id,
+                    pid,
+                )),
+                tokio::spawn(pump_logged(
+                    stderr,
+                    Stream::Stderr,
+                    step,
+                    out,
+                    task.attempt_id,
+                    pid,
+                )),
+            ],
+            (Err(source), _) | (_, Err(source)) => {
+                // Not expected (the pipes are fresh), but the child must not outlive the error.
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                tokio::task::spawn_blocking(move || wait4_blocking(pid));
+                return Err(RuntimeError::Io {
+                    context: "register output pipes".into(),
+                    source,
+                });
+            }
+        };
+
+        let (tx, rx) = watch::channel(None);
+        let state = Arc::new(StepState {
+            pid,
+            pgid: pid,
+            finished: rx,
+            live: LiveMax::default(),
+            cgroup,
+        });
+        tokio::spawn(supervise_child(state.clone(), readers, tx, task.attempt_id, step));
+        self.lock().steps.insert((task.attempt_id, step), state);
+        Ok(RunHandle {
+            attempt_id: task.attempt_id,
+            step,
+            pid: Some(pid),
+            pid_start_ticks: start_ticks,
+            sandbox_id: None,
+        })
+    }
+
+    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
+        // The old pipes died with the previous agent process; nothing will be streamed.
+        drop(out);
+        let (Some(pid), Some(ticks)) = (handle.pid, handle.pid_start_ticks) else {
+            return Ok(false);
+        };
+        if let Ok(known) = self.step_state(handle)
+            && known.pid == pid
+        {
+            return Ok(known.finished.borrow().is_none());
+        }
+        if pid <= 0 || !is_same_process(pid, ticks) {
+            return Ok(false);
+        }
+        let (tx, rx) = watch::channel(None);
+        let state = Arc::new(StepState {
+            pid,
+            pgid: pid,
+            finished: rx,
+            live: LiveMax::default(),
+            cgroup: None,
+        });
+        tokio::spawn(supervise_attached(state.clone(), ticks, tx, handle.attempt_id));
+        self.lock().steps.insert((handle.attempt_id, handle.step), state);
+        tracing::info!(
+            attempt_id = handle.attempt_id,
+            step = handle.step,
+            pid,
+            "attached to running step"
+        );
+        Ok(true)
+    }
+
+    async fn signal(&self, handle: &RunHandle, signal: StopSignal) -> Result<(), RuntimeError> {
+        let state = self.step_state(handle)?;
+        let signal = match signal {
+            StopSignal::Terminate => Signal::SIGTERM,
+            StopSignal::Kill => Signal::SIGKILL,
+        };
+        tracing::debug!(
+            attempt_id = handle.attempt_id,
+            pid = state.pid,
+            ?signal,
+            "signalling process group"
+        );
+        signal_group(state.pgid, signal).map_err(|source| RuntimeError::Io {
+            context: format!("send {signal} to process group {}", state.pgid),
+            source,
+        })
+    }
+
+    async fn wait(&self, handle: &RunHandle) -> Result<ExitStatus, RuntimeError> {
+        let state = self.step_state(handle)?;
+        Ok(wait_finished(&state).await?.status)
+    }
+
+    async fn stats(&self, handle: &RunHandle) -> Result<Usage, RuntimeError> {
+        let state = self.step_state(handle)?;
+        if let Some(finished) = *state.finished.borrow() {
+            return Ok(finished.usage);
+        }
+        let pgid = state.pgid;
+        let group = tokio::task::spawn_blocking(move || proc_stat::group_usage(pgid))
+            .await
+            .map_err(|e| RuntimeError::Io {
+                context: "scan /proc".into(),
+                source: std::io::Error::other(e),
+            })?;
+        let mut usage = Usage {
+            cpu_seconds: group.cpu_seconds,
+            peak_memory_bytes: group.rss_bytes,
+        };
+        if let Some(cgroup) = &state.cgroup {
+            usage = larger(usage, cgroup_usage(cgroup));
+        }
+        Ok(state.live.record(usage))
+    }
+
+    async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
+        let (steps, cgroup) = {
+            let mut state = self.lock();
+            let keys: Vec<_> = state
+                .steps
+                .keys()
+                .filter(|(a, _)| *a == task.attempt_id)
+                .copied()
+                .collect();
+            let steps: Vec<_> = keys.iter().filter_map(|k| state.steps.remove(k)).collect();
+            (steps, state.cgroups.remove(&task.attempt_id).flatten())
+        };
+        for step in steps {
+            let running = step.finished.borrow().is_none();
+            // Once the leader is reaped, its pid is only safe to use as a group id while some
+            // member still holds it; an empty group's id may have been reused.
+            let survivors = running || {
+                let pgid = step.pgid;
+                tokio::task::spawn_blocking(move || !proc_stat::alive_members(pgid).is_empty())
+                    .await
+                    .unwrap_or(false)
+            };
+            if survivors {
+                tracing::debug!(
+                    attempt_id = task.attempt_id,
+                    pid = step.pid,
+                    "killing survivors of step"
+                );
+                if let Err(error) = signal_group(step.pgid, Signal::SIGKILL) {
+                    tracing::warn!(attempt_id = task.attempt_id, pid = step.pid, %error, "cannot kill survivors");
+                }
+            }
+        }
+        if let Some(cgroup) = cgroup.or_else(|| AttemptCgroup::existing(task.attempt_id).map(Arc::new)) {
+            cgroup.remove().await;
+        }
+        Ok(())
+    }
+}
+
+/// Component-wise maximum of two readings of the same usage from different sources.
+fn larger(a: Usage, b: Usage) -> Usage {
+    Usage {
+        cpu_seconds: a.cpu_seconds.max(b.cpu_seconds),
+        peak_memory_bytes: a.peak_memory_bytes.max(b.peak_memory_bytes),
+    }
+}
+
+fn cgroup_usage(cgroup: &StepCgroup) -> Usage {
+    Usage {
+        cpu_seconds: cgroup.cpu_seconds().unwrap_or(0.0),
+        peak_memory_bytes: cgroup.peak_memory().unwrap_or(0),
+    }
+}
+
+async fn wait_finished(state: &StepState) -> Result<Finished, RuntimeError> {
+    let mut rx = state.finished.clone();
+    let finished = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::Io {
+        context: format!("supervisor of pid {} ended without a result", state.pid),
+        source: std::io::Error::other("supervisor task ended"),
+    })?;
+    // wait_for returned because the value is Some.
+    Ok(finished.unwrap_or(Finished {
+        status: unknown_status(),
+        usage: Usage::default(),
+    }))
+}
+
+fn unknown_status() -> ExitStatus {
+    ExitStatus {
+        code: None,
+        signal: None,
+        oom: false,
+    }
+}
+
+/// Reaps our child, waits for its output to drain, and publishes how it ended.
+async fn supervise_child(
+    state: Arc<StepState>,
+    readers: Vec<JoinHandle<()>>,
+    tx: watch::Sender<Option<Finished>>,
+    attempt_id: i64,
+    step: usize,
+) {
+    let pid = state.pid;
+    let waited = tokio::task::spawn_blocking(move || wait4_blocking(pid)).await;
+    let (status, rusage) = match waited {
+        Ok(Ok((raw, rusage))) => (decode_status(raw), rusage_usage(&rusage)),
+        Ok(Err(error)) => {
+            tracing::warn!(attempt_id, pid, %error, "wait4 failed; exit status unknown");
+            (unknown_status(), Usage::default())
+        }
+        Err(error) => {
+            tracing::warn!(attempt_id, pid, %error, "wait4 task failed; exit status unknown");
+            (unknown_status(), Usage::default())
+        }
+    };
+
+    let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();
+    let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, futures::future::join_all(readers)).await;
+    if drained.is_err() {
+        tracing::debug!(
+            attempt_id,
+            pid,
+            "output still open after the step exited; no longer reading it"
+        );
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+
+    let mut usage = larger(rusage, state.live.get());
+    let mut status = status;
+    if let Some(cgroup) = &state.cgroup {
+        usage = larger(usage, cgroup_usage(cgroup));
+        status.oom = cgroup.oom_killed();
+    }
+    tracing::info!(
+        attempt_id,
+        step,
+        pid,
+        code = ?status.code,
+        signal = ?status.signal,
+        oom = status.oom,
+        cpu_seconds = usage.cpu_seconds,
+        peak_memory_bytes = usage.peak_memory_bytes,
+        "step ended"
+    );
+    let _ = tx.send(Some(Finished { status, usage }));
+}
+
+/// Watches a process that is not our child (found by `attach`) until it disappears.
+async fn supervise_attached(
+    state: Arc<StepState>,
+    ticks: u64,
+    tx: watch::Sender<Option<Finished>>,
+    attempt_id: i64,
+) {
+    let pid = state.pid;
+    let mut interval = tokio::time::interval(ATTACH_POLL);
+    loop {
+        interval.tick().await;
+        let still_there = tokio::task::spawn_blocking(move || is_same_process(pid, ticks))
+            .await
+            .unwrap_or(false);
+        if !still_there {
+            break;
+        }
+    }
+    tracing::info!(attempt_id, pid, "attached step ended; exit status unknown");
+    let _ = tx.send(Some(Finished {
+        status: unknown_status(),
+        usage: state.live.get(),
+    }));
+}
+
+fn is_same_process(pid: i32, ticks: u64) -> bool {
+    proc_stat::read(pid).is_some_and(|s| s.alive() && s.start_ticks == ticks)
+}
+
+async fn pump_logged<R: tokio::io::AsyncRead + Unpin>(
+    reader: R,
+    stream: Stream,
+    step: usize,
+    sink: OutputSink,
+    attempt_id: i64,
+    pid: i32,
+) {
+    if let Err(error) = lines::pump(reader, stream, step, sink).await {
+        tracing::warn!(attempt_id, pid, ?stream, %error, "reading step output failed");
+    }
+}
+
+fn signal_group(pgid: i32, signal: Signal) -> std::io::Result<()> {
+    match nix::sys::signal::killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Blocks until `pid` exits and reaps it. Returns the raw wait status and its rusage, which
+/// covers the child and every descendant it waited for.
+fn wait4_blocking(pid: i32) -> std::io::Result<(libc::c_int, libc::rusage)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: both pointers point to live, writable locals of the types wait4 expects.
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
+        if reaped == pid {
+            return Ok((status, rusage));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+fn decode_status(raw: libc::c_int) -> ExitStatus {
+    let mut status = unknown_status();
+    if libc::WIFEXITED(raw) {
+        status.code = Some(libc::WEXITSTATUS(raw));
+    } else if libc::WIFSIGNALED(raw) {
+        status.signal = Some(libc::WTERMSIG(raw));
+    }
+    status
+}
+
+fn rusage_usage(rusage: &libc::rusage) -> Usage {
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Usage {
+        cpu_seconds: seconds(rusage.ru_utime) + seconds(rusage.ru_stime),
+        // ru_maxrss is in KiB on Linux.
+        peak_memory_bytes: (rusage.ru_maxrss.max(0) as u64) * 1024,
+    }
+}
+
+/// Moves the calling (forked, not yet exec'd) process into a cgroup. Async-signal-safe.
+fn join_cgroup_in_child(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: `procs` is a valid NUL-terminated path; open, write and close are
+    // async-signal-safe and the buffer is a static byte string.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Writing 0 means "the writing process" in both cgroup v1 and v2.
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// The environment of a step: a minimal base, then the task's variables (which win).
+fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()),
+        ),
+        ("HOME".into(), task.workspace.display().to_string()),
+        ("DROVER_JOB_ID".into(), task.job_id.to_string()),
+        ("DROVER_TASK_ID".into(), task.task_id.to_string()),
+        ("DROVER_ATTEMPT_ID".into(), task.attempt_id.to_string()),
+        ("DROVER_WORKSPACE".into(), task.workspace.display().to_string()),
+    ];
+    env.retain(|(k, _)| !task.env.contains_key(k));
+    env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
+/// Finds the program of argv[0] before forking, so that a missing binary is a clean
+/// [`RuntimeError::Start`] and the search uses the step's PATH rather than the agent's.
+fn resolve_program(name: &str, search_path: Option<&str>, workspace: &Path) -> std::io::Result<PathBuf> {
+    if name.contains('/') {
+        // Relative paths are relative to the step's working directory, the workspace.
+        let path = workspace.join(name);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not an executable file", path.display()),
+            ))
+        };
+    }
+    let search_path: OsString = search_path
+        .map(OsString::from)
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&search_path)
+        .map(|dir| workspace.join(dir).join(name))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} not found in PATH")))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn cpu_set(cpus: &[usize]) -> std::io::Result<Option<nix::sched::CpuSet>> {
+    if cpus.is_empty() {
+        return Ok(None);
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("cpu {cpu} is out of range"),
+            )
+        })?;
+    }
+    Ok(Some(set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::conformance;
+
+    conformance::runtime_conformance_tests!(ProcessRuntime::new());
+
+    #[test]
+    fn task_env_wins_over_the_base() {
+        let task = TaskSpec {
+            job_id: 1,
+            task_id: 2,
+            attempt_id: 3,
+            steps: vec![],
+            env: [("HOME".to_owned(), "/elsewhere".to_owned())].into(),
+            workspace: PathBuf::from("/ws"),
+            cpus: vec![],
+            memory_limit: 0,
+        };
+        let env = step_env(&task);
+        let homes: Vec<_> = env.iter().filter(|(k, _)| k == "HOME").collect();
+        assert_eq!(homes, vec![&("HOME".to_owned(), "/elsewhere".to_owned())]);
+        assert!(env.contains(&("DROVER_WORKSPACE".to_owned(), "/ws".to_owned())));
+    }
+
+    #[test]
+    fn resolves_programs_in_path_and_relative_to_the_workspace() {
+        let sh = resolve_program("sh", None, Path::new("/")).expect("sh in default PATH");
+        assert!(sh.ends_with("sh"));
+        let err =
+            resolve_program("drover-no-such-binary", Some("/usr/bin:/bin"), Path::new("/")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert!(resolve_program("./missing", None, Path::new("/tmp")).is_err());
+    }
+
+    #[test]
+    fn decodes_wait_statuses() {
+        assert_eq!(decode_status(7 << 8).code, Some(7));
+        assert_eq!(decode_status(9).signal, Some(9));
+    }
+
+    #[tokio::test]
+    async fn memory_limit_kills_with_oom_when_cgroups_are_available() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut task = conformance::task(
+            dir.path(),
+            vec![conformance::sh(
+                "dd if=/dev/zero of=/dev/null bs=100000000 count=1",
+            )],
+        );
+        task.attempt_id = conformance::unique_attempt_id();
+        task.memory_limit = 20 * 1024 * 1024;
+        let runtime = ProcessRuntime::new();
+        runtime.prepare(&task).await.expect("prepare");
+        if runtime.attempt_cgroup(&task).is_none() {
+            eprintln!("no writable memory cgroup here; skipping");
+            return;
+        }
+        let (status, _) = conformance::run_step(&runtime, &task, 0).await;
+        assert!(!status.success(), "{status:?}");
+        assert!(status.oom, "{status:?}");
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(AttemptCgroup::existing(task.attempt_id).is_none());
+    }
+
+    #[tokio::test]
+    async fn cleanup_kills_survivors_of_a_finished_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The background sleep closes its output, so the step finishes while it keeps running.
+        let task = conformance::task(dir.path(), vec![conformance::sh("sleep 60 >/dev/null 2>&1 &")]);
+        let runtime = ProcessRuntime::new();
+        runtime.prepare(&task).await.expect("prepare");
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let handle = runtime.start(&task, 0, tx).await.expect("start");
+        assert_eq!(runtime.wait(&handle).await.expect("wait").code, Some(0));
+        let pgid = handle.pid.expect("pid");
+        assert!(
+            !proc_stat::alive_members(pgid).is_empty(),
+            "the background sleep should still run"
+        );
+        runtime.cleanup(&task).await.expect("cleanup");
+        conformance::assert_group_gone(pgid).await;
+        assert!(matches!(
+            runtime.wait(&handle).await,
+            Err(RuntimeError::UnknownHandle { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn wait_does_not_hang_on_a_background_process_holding_the_pipes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let task = conformance::task(dir.path(), vec![conformance::sh("echo before; sleep 30 &")]);
+        let runtime = ProcessRuntime::new();
+        let began = std::time::Instant::now();
+        let (status, chunks) = conformance::run_step(&runtime, &task, 0).await;
+        assert_eq!(status.code, Some(0));
+        assert!(
+            began.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(chunks.first().map(|c| c.data.as_slice()), Some(&b"before\n"[..]));
+        runtime.cleanup(&task).await.expect("cleanup");
+    }
+}

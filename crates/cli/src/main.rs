@@ -1,0 +1,98 @@
+//! `drover`: one binary that is the server, the agent and the client.
+
+mod client;
+mod jobs;
+mod render;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Drover runs batch jobs on a fleet of machines: write a job file, submit it, and watch its
+/// tasks run on worker nodes with room.
+///
+/// Start here:  drover up --submit examples/hello.yaml
+#[derive(Parser)]
+#[command(name = "drover", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server and one local agent in one process (data under ./.drover by default).
+    Up(run::UpArgs),
+    /// Run the server: the API for clients and agents, the scheduler and the store.
+    Server(run::ServerArgs),
+    /// Run an agent: register this machine with a server and run the tasks it is given.
+    Agent(run::AgentArgs),
+    /// Check a job file without submitting it.
+    Validate(jobs::ValidateArgs),
+    /// Submit a job file; prints the job id.
+    Submit(jobs::SubmitArgs),
+    /// List jobs (only unfinished ones unless --all).
+    Ps(jobs::PsArgs),
+    /// Show a job and its tasks.
+    Status(jobs::StatusArgs),
+    /// Follow a job's state changes live until it ends; exits 0 if it succeeded or warned.
+    Watch(jobs::WatchArgs),
+    /// Print a job's output; -f keeps following until its tasks end.
+    Logs(jobs::LogsArgs),
+    /// Cancel every unfinished task of a job.
+    Cancel(jobs::CancelArgs),
+    /// List worker nodes and what they have free.
+    Nodes(jobs::NodesArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `up --submit` is a demo: the job's progress is the output, the daemons' logs are noise.
+    let daemon = match &cli.command {
+        Command::Up(a) => a.submit.is_none(),
+        Command::Server(_) | Command::Agent(_) => true,
+        _ => false,
+    };
+    init_tracing(if daemon { "info" } else { "warn" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(a) => run::up(a).await,
+            Command::Server(a) => run::server(a).await,
+            Command::Agent(a) => run::agent(a).await,
+            Command::Validate(a) => jobs::validate(a),
+            Command::Submit(a) => jobs::submit(a).await,
+            Command::Ps(a) => jobs::ps(a).await,
+            Command::Status(a) => jobs::status(a).await,
+            Command::Watch(a) => jobs::watch(a).await,
+            Command::Logs(a) => jobs::logs(a).await,
+            Command::Cancel(a) => jobs::cancel(a).await,
+            Command::Nodes(a) => jobs::nodes(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Drover's core vocabulary: the job spec (parsed, validated, templated and expanded into
+//! concrete tasks), task and node states, failure classes, resources, and the pure placement
+//! function that the server applies.
+#![warn(missing_docs)]
+
+pub mod dag;
+pub mod job;
+pub mod outcome;
+pub mod placement;
+pub mod resources;
+pub mod spec;
+pub mod state;
+
+pub use job::{Command, ExitCodes, JobPlan, RetryPolicy, TaskPlan};
+pub use resources::Resources;
+pub use state::{FailureClass, JobState, NodeState, TaskState};

@@ -1,0 +1,732 @@
+//! Tests of [`compile`] as a whole: the schema, templating, arrays and error positions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::*;
+use crate::job::{Command, ExitCodes, RetryPolicy, TaskPlan};
+use crate::resources::Resources;
+use crate::state::FailureClass;
+
+fn ctx() -> TemplateContext {
+    TemplateContext::default()
+}
+
+fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ok(source: &str) -> JobPlan {
+    match compile(source, "job.yaml", &ctx()) {
+        Ok(plan) => plan,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The errors of a file that must not compile.
+fn errors(source: &str, file: &str) -> Vec<SpecError> {
+    match compile(source, file, &ctx()) {
+        Ok(plan) => panic!("compiled but should not: {plan:?}"),
+        Err(e) => e.0,
+    }
+}
+
+/// The single error of a bad file, checked for position, field and part of the message.
+#[track_caller]
+fn assert_error(source: &str, line: usize, column: usize, field: &str, message: &str) -> SpecError {
+    assert_error_in(source, "job.yaml", line, column, field, message)
+}
+
+#[track_caller]
+fn assert_error_in(
+    source: &str,
+    file: &str,
+    line: usize,
+    column: usize,
+    field: &str,
+    message: &str,
+) -> SpecError {
+    let errs = errors(source, file);
+    assert_eq!(
+        errs.len(),
+        1,
+        "expected one error, got: {}",
+        SpecErrors(errs.clone())
+    );
+    let e = errs.into_iter().next().unwrap();
+    assert_eq!((e.line, e.column, e.field.as_str()), (line, column, field), "{e}");
+    assert!(
+        e.message.contains(message),
+        "message {:?} lacks {message:?}",
+        e.message
+    );
+    assert_eq!(e.file, file);
+    e
+}
+
+const FULL: &str = r#"version: 1
+name: render-shots
+project: vfx
+priority: 5
+labels: { team: fx, tier: 2 }
+params: { greeting: hello, count: 3, loud: true }
+env: { QUALITY: high, SHARED: job }
+tasks:
+  - name: prepare
+    command: ["/bin/sh", "-c", "echo {{ params.greeting }}"]
+    env: { SHARED: task, A: b }
+    resources: { cores: 2, memory: 256MiB }
+    timeout: 30m
+    retries: { count: 2, backoff: 5s, on: [exit, timeout, lost] }
+    exit_codes: { warning: [1, 2], skip: [3] }
+    constraints: { gpu: "true", slots: 4 }
+  - name: render
+    array: "1-3x2"
+    depends_on: [prepare]
+    steps: ["make frame={{ frame }}", ["ls", "-l", 7]]
+    resources: { memory: 1024 }
+    retries: 4
+  - name: one
+    array: 7
+    depends_on: [prepare, render]
+    command: echo {{ params.count }} {{ params.loud }}
+"#;
+
+fn base_task(name: &str) -> TaskPlan {
+    TaskPlan {
+        name: name.into(),
+        frame: None,
+        steps: vec![],
+        env: map(&[("QUALITY", "high"), ("SHARED", "job")]),
+        resources: Resources::default(),
+        timeout: None,
+        retries: RetryPolicy::default(),
+        depends_on: vec![],
+        exit_codes: ExitCodes::default(),
+        constraints: BTreeMap::new(),
+    }
+}
+
+fn full_plan() -> JobPlan {
+    let prepare = TaskPlan {
+        steps: vec![Command::Argv(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo hello".into(),
+        ])],
+        env: map(&[("QUALITY", "high"), ("SHARED", "task"), ("A", "b")]),
+        resources: Resources {
+            cores: 2,
+            memory: 256 << 20,
+        },
+        timeout: Some(Duration::from_secs(30 * 60)),
+        retries: RetryPolicy {
+            count: 2,
+            backoff: Duration::from_secs(5),
+            on: BTreeSet::from([FailureClass::Exit, FailureClass::Timeout, FailureClass::Lost]),
+        },
+        exit_codes: ExitCodes {
+            warning: vec![1, 2],
+            skip: vec![3],
+        },
+        constraints: map(&[("gpu", "true"), ("slots", "4")]),
+        ..base_task("prepare")
+    };
+    let render = |frame: i64| TaskPlan {
+        frame: Some(frame),
+        steps: vec![
+            Command::Shell(format!("make frame={frame}")),
+            Command::Argv(vec!["ls".into(), "-l".into(), "7".into()]),
+        ],
+        resources: Resources {
+            cores: 1,
+            memory: 1024,
+        },
+        retries: RetryPolicy {
+            count: 4,
+            ..RetryPolicy::default()
+        },
+        depends_on: vec!["prepare".into()],
+        ..base_task("render")
+    };
+    let one = TaskPlan {
+        frame: Some(7),
+        steps: vec![Command::Shell("echo 3 true".into())],
+        depends_on: vec!["prepare".into(), "render".into()],
+        ..base_task("one")
+    };
+    JobPlan {
+        name: "render-shots".into(),
+        project: "vfx".into(),
+        priority: 5,
+        labels: map(&[("team", "fx"), ("tier", "2")]),
+        tasks: vec![prepare, render(1), render(3), one],
+    }
+}
+
+#[test]
+fn every_field_parses_into_the_plan() {
+    assert_eq!(ok(FULL), full_plan());
+}
+
+#[test]
+fn defaults_fill_optional_fields() {
+    let plan = ok("version: 1\nname: j\ntasks:\n  - name: a\n    command: 'true'\n");
+    let mut task = base_task("a");
+    task.env = BTreeMap::new();
+    task.steps = vec![Command::Shell("true".into())];
+    assert_eq!(
+        plan,
+        JobPlan {
+            name: "j".into(),
+            project: "default".into(),
+            priority: 0,
+            labels: BTreeMap::new(),
+            tasks: vec![task]
+        }
+    );
+}
+
+#[test]
+fn json_compiles_to_the_same_plan_as_yaml() {
+    let json = r#"{
+  "version": 1, "name": "render-shots", "project": "vfx", "priority": 5,
+  "labels": {"team": "fx", "tier": 2},
+  "params": {"greeting": "hello", "count": 3, "loud": true},
+  "env": {"QUALITY": "high", "SHARED": "job"},
+  "tasks": [
+    {"name": "prepare", "command": ["/bin/sh", "-c", "echo {{ params.greeting }}"],
+     "env": {"SHARED": "task", "A": "b"}, "resources": {"cores": 2, "memory": "256MiB"},
+     "timeout": "30m", "retries": {"count": 2, "backoff": "5s", "on": ["exit", "timeout", "lost"]},
+     "exit_codes": {"warning": [1, 2], "skip": [3]}, "constraints": {"gpu": "true", "slots": 4}},
+    {"name": "render", "array": "1-3x2", "depends_on": ["prepare"],
+     "steps": ["make frame={{ frame }}", ["ls", "-l", 7]], "resources": {"memory": 1024}, "retries": 4},
+    {"name": "one", "array": 7, "depends_on": ["prepare", "render"],
+     "command": "echo {{ params.count }} {{ params.loud }}"}
+  ]
+}"#;
+    assert_eq!(compile(json, "job.json", &ctx()).unwrap(), ok(FULL));
+    // A leading `{` is enough to read the text as JSON.
+    assert_eq!(compile(json, "job", &ctx()).unwrap(), full_plan());
+}
+
+#[test]
+fn arrays_expand_to_one_task_per_frame() {
+    let plan =
+        ok("version: 1\nname: j\ntasks:\n  - name: r\n    array: '1-100'\n    command: echo {{ frame }}\n");
+    assert_eq!(plan.tasks.len(), 100);
+    assert_eq!(plan.tasks[99].frame, Some(100));
+    assert_eq!(plan.tasks[99].steps, vec![Command::Shell("echo 100".into())]);
+    let plan = ok("version: 1\nname: j\ntasks:\n  - name: r\n    array: 1,5,7\n    command: x\n");
+    assert_eq!(
+        plan.tasks.iter().map(|t| t.frame).collect::<Vec<_>>(),
+        vec![Some(1), Some(5), Some(7)]
+    );
+}
+
+#[test]
+fn params_come_from_defaults_and_are_overridden_by_the_context() {
+    let source = "version: 1\nname: '{{ params.greeting }}-job'\nparams: { greeting: hello }\n\
+                  tasks:\n  - name: a\n    command: echo {{ params.greeting }} {{ params.extra }}\n";
+    let mut ctx = TemplateContext {
+        params: map(&[("extra", "x")]),
+        ..TemplateContext::default()
+    };
+    let plan = compile(source, "job.yaml", &ctx).unwrap();
+    assert_eq!(plan.name, "hello-job");
+    assert_eq!(plan.tasks[0].steps, vec![Command::Shell("echo hello x".into())]);
+    ctx.params.insert("greeting".into(), "bonjour".into());
+    let plan = compile(source, "job.yaml", &ctx).unwrap();
+    assert_eq!(plan.name, "bonjour-job");
+    assert_eq!(plan.tasks[0].steps, vec![Command::Shell("echo bonjour x".into())]);
+}
+
+#[test]
+fn env_templates_read_the_submitting_environment() {
+    let source = "version: 1\nname: j\nenv: { OWNER: '{{ env.USER_X }}' }\n\
+                  tasks:\n  - name: a\n    command: [echo, '{{ env.USER_X }}']\n";
+    let ctx = TemplateContext {
+        env: map(&[("USER_X", "ada")]),
+        ..TemplateContext::default()
+    };
+    let plan = compile(source, "job.yaml", &ctx).unwrap();
+    assert_eq!(
+        plan.tasks[0].steps,
+        vec![Command::Argv(vec!["echo".into(), "ada".into()])]
+    );
+    assert_eq!(plan.tasks[0].env, map(&[("OWNER", "ada")]));
+}
+
+#[test]
+fn frame_templates_give_each_frame_its_own_command() {
+    let plan = ok("version: 1\nname: j\ntasks:\n  - name: r\n    array: 1-20\n    \
+                   env: { F: 'f{{ frame }}' }\n    command: render --frame {{ frame }}\n");
+    assert_eq!(plan.tasks.len(), 20);
+    let commands: BTreeSet<_> = plan.tasks.iter().map(|t| format!("{:?}", t.steps)).collect();
+    assert_eq!(commands.len(), 20);
+    assert_eq!(
+        plan.tasks[4].steps,
+        vec![Command::Shell("render --frame 5".into())]
+    );
+    assert_eq!(plan.tasks[4].env, map(&[("F", "f5")]));
+}
+
+#[test]
+fn literal_blocks_keep_their_trailing_newline() {
+    let plan = ok(
+        "version: 1\nname: j\nparams: {x: 1}\ntasks:\n  - name: a\n    command: |\n      echo {{ params.x }}\n",
+    );
+    assert_eq!(plan.tasks[0].steps, vec![Command::Shell("echo 1\n".into())]);
+}
+
+// ---- bad job files: each names the exact position, field and problem ----
+
+#[test]
+fn missing_version() {
+    let e = assert_error(
+        "name: j\ntasks:\n  - name: a\n    command: x\n",
+        1,
+        1,
+        "version",
+        "missing `version`",
+    );
+    assert!(e.hint.unwrap().contains("version: 1"));
+}
+
+#[test]
+fn unsupported_version() {
+    let e = assert_error(
+        "version: 2\nname: j\ntasks:\n  - name: a\n    command: x\n",
+        1,
+        10,
+        "version",
+        "unsupported version 2",
+    );
+    assert!(e.hint.unwrap().contains("version: 1"));
+    assert_error(
+        "version: '1'\nname: j\ntasks:\n  - name: a\n    command: x\n",
+        1,
+        10,
+        "version",
+        "expected the integer 1, found a string",
+    );
+}
+
+#[test]
+fn unknown_top_level_field() {
+    let e = assert_error(
+        "version: 1\nname: j\nprority: 3\ntasks:\n  - name: a\n    command: x\n",
+        3,
+        1,
+        "prority",
+        "unknown field `prority`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `priority`?"));
+    let e = assert_error(
+        "version: 1\nname: j\nwhatever: 3\ntasks:\n  - name: a\n    command: x\n",
+        3,
+        1,
+        "whatever",
+        "unknown field `whatever`",
+    );
+    assert!(e.hint.unwrap().starts_with("known fields here: `version`"));
+}
+
+#[test]
+fn unknown_task_field() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n  - name: b\n    command: x\n    dependson: [a]\n",
+        8,
+        5,
+        "tasks[1].dependson",
+        "unknown field `dependson`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `depends_on`?"));
+}
+
+#[test]
+fn wrong_type() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    depends_on: 5\n",
+        6,
+        17,
+        "tasks[0].depends_on",
+        "expected a list of task names, found a number",
+    );
+    assert_error(
+        "version: 1\nname: j\npriority: high\ntasks:\n  - name: a\n    command: x\n",
+        3,
+        11,
+        "priority",
+        "expected an integer priority, found a string",
+    );
+}
+
+#[test]
+fn duplicate_task() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n  - name: a\n    command: y\n",
+        6,
+        11,
+        "tasks[1].name",
+        "duplicate task name `a`",
+    );
+    assert!(e.hint.unwrap().contains("line 4"));
+}
+
+#[test]
+fn unknown_dependency() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: prepare\n    command: x\n  - name: b\n    command: x\n    depends_on: [prepare, prepere]\n",
+        8,
+        27,
+        "tasks[1].depends_on[1]",
+        "unknown task `prepere`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `prepare`?"));
+}
+
+#[test]
+fn self_dependency() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    depends_on: [a]\n",
+        6,
+        18,
+        "tasks[0].depends_on[0]",
+        "task `a` depends on itself",
+    );
+}
+
+#[test]
+fn dependency_cycle() {
+    let source = "version: 1\nname: j\ntasks:\n\
+                  - name: a\n  command: x\n  depends_on: [c]\n\
+                  - name: b\n  array: 1-3\n  command: x\n  depends_on: [a]\n\
+                  - name: c\n  command: x\n  depends_on: [b]\n";
+    let e = assert_error(
+        source,
+        6,
+        16,
+        "tasks[0].depends_on[0]",
+        "dependency cycle: a -> c -> b -> a",
+    );
+    assert!(e.hint.is_some());
+}
+
+#[test]
+fn bad_frame_range() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: 5-1\n    command: echo {{ frame }}\n",
+        5,
+        12,
+        "tasks[0].array",
+        "bad frame range: `5-1` counts down",
+    );
+    assert!(e.hint.unwrap().contains("1-9x2"));
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: '1-x'\n    command: x\n",
+        5,
+        12,
+        "tasks[0].array",
+        "`1-x` is missing the last frame",
+    );
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: 1-9x0\n    command: x\n",
+        5,
+        12,
+        "tasks[0].array",
+        "step 0",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    retries: { backoff: 5 parsecs }\n",
+        6,
+        25,
+        "tasks[0].retries.backoff",
+        "`5 parsecs` is not a duration",
+    );
+    assert!(e.hint.unwrap().contains("1h 30m"));
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    timeout: 30\n",
+        6,
+        14,
+        "tasks[0].timeout",
+        "expected a duration like `30m`, found a number",
+    );
+}
+
+#[test]
+fn bad_memory_and_cores() {
+    let source = "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    resources:\n      cores: 0\n      memory: lots\n";
+    let errs = errors(source, "job.yaml");
+    assert_eq!(errs.len(), 2, "{}", SpecErrors(errs.clone()));
+    assert_eq!(
+        (errs[0].line, errs[0].column, errs[0].field.as_str()),
+        (7, 14, "tasks[0].resources.cores")
+    );
+    assert!(errs[0].message.contains("cores must be at least 1"));
+    assert_eq!(
+        (errs[1].line, errs[1].column, errs[1].field.as_str()),
+        (8, 15, "tasks[0].resources.memory")
+    );
+    assert_eq!(errs[1].message, "`lots` is not a memory size");
+}
+
+#[test]
+fn unknown_retry_class() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    retries: { on: [exit, timout] }\n",
+        6,
+        27,
+        "tasks[0].retries.on[1]",
+        "unknown failure class `timout`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `timeout`?"));
+}
+
+#[test]
+fn undefined_template_variable() {
+    let e = assert_error(
+        "version: 1\nname: j\nparams: { greeting: hi }\ntasks:\n  - name: a\n    command: [echo, '{{ params.nope }}']\n",
+        6,
+        21,
+        "tasks[0].command[1]",
+        "undefined `params.nope`",
+    );
+    assert!(e.hint.unwrap().contains("defined params: greeting"));
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: echo {{ frame }}\n",
+        5,
+        14,
+        "tasks[0].command",
+        "undefined `frame`",
+    );
+    assert_eq!(
+        e.hint.as_deref(),
+        Some("`frame` only exists in tasks with `array`")
+    );
+}
+
+#[test]
+fn template_syntax_error() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    steps:\n      - ok\n      - echo {{ oops\n",
+        7,
+        9,
+        "tasks[0].steps[1]",
+        "template syntax error",
+    );
+}
+
+#[test]
+fn both_command_and_steps() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    steps: [y]\n",
+        6,
+        5,
+        "tasks[0].steps",
+        "both `command` and `steps` are set",
+    );
+}
+
+#[test]
+fn neither_command_nor_steps() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    timeout: 5s\n",
+        4,
+        5,
+        "tasks[0]",
+        "task has no command",
+    );
+    assert!(e.hint.unwrap().contains("steps"));
+}
+
+#[test]
+fn empty_command() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: []\n",
+        5,
+        14,
+        "tasks[0].command",
+        "command is empty",
+    );
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    command: '  '\n",
+        5,
+        14,
+        "tasks[0].command",
+        "command is empty",
+    );
+}
+
+#[test]
+fn bad_task_name() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: my task\n    command: x\n",
+        4,
+        11,
+        "tasks[0].name",
+        "may only use letters, digits",
+    );
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - command: x\n",
+        4,
+        5,
+        "tasks[0].name",
+        "missing `name`",
+    );
+}
+
+#[test]
+fn missing_and_empty_tasks() {
+    assert_error("version: 1\nname: j\n", 1, 1, "tasks", "missing `tasks`");
+    assert_error(
+        "version: 1\nname: j\ntasks: []\n",
+        3,
+        8,
+        "tasks",
+        "at least one task",
+    );
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let e = assert_error("version: 1\nname: j\ntasks: [a, b\n", 3, 8, "", "invalid YAML");
+    assert!(e.to_string().starts_with("job.yaml:3:8: invalid YAML"), "{e}");
+    assert_error(
+        "version: 1\nname: j\nname: k\ntasks: []\n",
+        3,
+        1,
+        "",
+        "duplicate key `name`",
+    );
+}
+
+#[test]
+fn bad_json() {
+    assert_error_in(
+        "{\n  \"version\": 1,\n  \"name\": \"j\",\n}\n",
+        "job.json",
+        4,
+        1,
+        "",
+        "invalid JSON: trailing comma",
+    );
+    let e = assert_error_in(
+        "{version: 1}",
+        "job.yaml",
+        1,
+        2,
+        "",
+        "invalid JSON: key must be a string",
+    );
+    assert!(e.hint.unwrap().contains("starts with `{`"));
+}
+
+#[test]
+fn not_a_mapping_and_empty_files() {
+    assert_error("- a\n- b\n", 1, 1, "", "expected a mapping of job fields");
+    assert_error("# nothing here\n", 1, 1, "", "the job file is empty");
+}
+
+#[test]
+fn all_problems_are_reported_at_once_in_file_order() {
+    let source = "version: 3\nname: j\ntasks:\n  - name: a\n    comand: x\n  - name: b\n    command: x\n    timeout: soon\n";
+    let errs = errors(source, "job.yaml");
+    let fields: Vec<_> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+    assert_eq!(
+        fields,
+        vec![
+            (1, "version"),
+            (4, "tasks[0]"),
+            (5, "tasks[0].comand"),
+            (8, "tasks[1].timeout")
+        ],
+        "{}",
+        SpecErrors(errs.clone())
+    );
+    let text = SpecErrors(errs).to_string();
+    assert!(
+        text.contains(
+            "job.yaml:5:5: tasks[0].comand: unknown field `comand`\n  hint: did you mean `command`?"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn examples_compile() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+            continue;
+        };
+        if !matches!(ext, "yaml" | "yml" | "json") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).unwrap();
+        let name = path.display().to_string();
+        if let Err(e) = compile(&source, &name, &ctx()) {
+            panic!("{e}");
+        }
+        count += 1;
+    }
+    assert!(
+        count >= 4,
+        "found only {count} example job files in {}",
+        dir.display()
+    );
+    let hello = std::fs::read_to_string(dir.join("hello.yaml")).unwrap();
+    let plan = compile(&hello, "hello.yaml", &ctx()).unwrap();
+    let names: Vec<_> = plan.tasks.iter().map(TaskPlan::display_name).collect();
+    assert_eq!(
+        names,
+        [
+            "prepare",
+            "render[1]",
+            "render[2]",
+            "render[3]",
+            "render[4]",
+            "render[5]"
+        ]
+        .into_iter()
+        .chain(["report"])
+        .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn plan_checks_after_rendering_point_back_into_the_file() {
+    let e = assert_error(
+        "version: 1\nname: '{{ params.n }}'\nparams: { n: '' }\ntasks:\n  - name: a\n    command: x\n",
+        2,
+        7,
+        "name",
+        "job name is empty",
+    );
+    assert_eq!(e.hint.as_deref(), Some("give the job a name"));
+    // `b` is the fourth planned task (after three frames of `a`) but the second in the file.
+    assert_error(
+        "version: 1\nname: j\nparams: { c: ' ' }\ntasks:\n  - name: a\n    array: 1-3\n    command: x\n\
+         \x20 - name: b\n    command: '{{ params.c }}'\n",
+        9,
+        14,
+        "tasks[1].command",
+        "command is empty",
+    );
+    assert_error(
+        "version: 1\nname: j\nparams: { c: '' }\ntasks:\n  - name: a\n    steps: [x, ['{{ params.c }}']]\n",
+        6,
+        16,
+        "tasks[0].steps[1]",
+        "command is empty",
+    );
+}

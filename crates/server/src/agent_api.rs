@@ -1,0 +1,233 @@
+//! The agent session: one bidirectional stream per connected agent.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use drover_core::FailureClass;
+use drover_proto as pb;
+use drover_proto::agent_message::Msg as In;
+use drover_proto::agent_session_server::AgentSession;
+use drover_proto::server_message::Msg as Out;
+use drover_store::{Applied, AttemptReport, NodeSpec, OutputLine};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::convert::status;
+use crate::{Session, Shared, now_ms};
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+pub(crate) struct AgentApi(pub(crate) Arc<Shared>);
+
+fn out(msg: Out) -> Result<pb::ServerMessage, Status> {
+    Ok(pb::ServerMessage { msg: Some(msg) })
+}
+
+#[tonic::async_trait]
+impl AgentSession for AgentApi {
+    type SessionStream = OutStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<OutStream>, Status> {
+        let shared = self.0.clone();
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("session closed before Register"))??;
+        let Some(In::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Register",
+            ));
+        };
+        let lease = shared.config.lease;
+        let now = now_ms();
+        let spec = NodeSpec {
+            name: reg.name.clone(),
+            labels: reg.labels.into_iter().collect(),
+            cores: reg.cores,
+            memory: reg.memory,
+            runtimes: reg.runtimes,
+            lease_until_ms: now + lease.as_millis() as i64,
+        };
+        let registration = shared
+            .store
+            .register_node(&spec, &reg.attempts, now)
+            .await
+            .map_err(status)?;
+        let (node_id, epoch) = (registration.node_id, registration.epoch);
+        tracing::info!(node_id, epoch, name = %reg.name, cores = reg.cores, "agent registered");
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(out(Out::Registered(pb::Registered {
+            node_id,
+            epoch,
+            heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
+            lease_ms: lease.as_millis() as u64,
+        })))
+        .await
+        .map_err(|_| Status::cancelled("session closed"))?;
+        shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            node_id,
+            Session {
+                epoch,
+                tx: tx.clone(),
+            },
+        );
+        shared.changed();
+        shared.wake_scheduler();
+
+        let span = tracing::info_span!("agent_session", node_id, epoch);
+        tokio::spawn(
+            async move {
+                while let Some(msg) = inbound.next().await {
+                    let msg = match msg {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::info!(error = %e, "agent session broke");
+                            break;
+                        }
+                    };
+                    match handle(&shared, node_id, epoch, msg, &tx).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, "agent message failed");
+                            let _ = tx.send(Err(e)).await;
+                            break;
+                        }
+                    }
+                }
+                let mut sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                if sessions.get(&node_id).is_some_and(|s| s.epoch == epoch) {
+                    sessions.remove(&node_id);
+                }
+                tracing::info!("agent session ended");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Handles one message from an agent. `Ok(false)` ends the session.
+async fn handle(
+    shared: &Shared,
+    node_id: i64,
+    epoch: i64,
+    msg: pb::AgentMessage,
+    tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
+) -> Result<bool, Status> {
+    let now = now_ms();
+    match msg.msg {
+        Some(In::Heartbeat(_)) => {
+            let until = now + shared.config.lease.as_millis() as i64;
+            if !shared
+                .store
+                .renew_lease(node_id, epoch, until, now)
+                .await
+                .map_err(status)?
+            {
+                tracing::warn!("heartbeat from a stale session; the agent must register again");
+                let _ = tx
+                    .send(Err(Status::failed_precondition(
+                        "session is stale; register again",
+                    )))
+                    .await;
+                return Ok(false);
+            }
+        }
+        Some(In::Update(u)) => {
+            let applied = match u.kind {
+                Some(pb::attempt_update::Kind::Started(_)) => shared
+                    .store
+                    .attempt_started(u.attempt_id, u.epoch, now)
+                    .await
+                    .map_err(status)?,
+                Some(pb::attempt_update::Kind::Finished(f)) => {
+                    let failure = if f.failure.is_empty() {
+                        None
+                    } else {
+                        Some(
+                            f.failure
+                                .parse::<FailureClass>()
+                                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                        )
+                    };
+                    let report = AttemptReport {
+                        attempt_id: u.attempt_id,
+                        epoch: u.epoch,
+                        exit_code: f.exit_code,
+                        signal: f.signal,
+                        failure,
+                        message: f.message,
+                        cpu_seconds: f.cpu_seconds,
+                        peak_memory: f.peak_memory_bytes,
+                    };
+                    let applied = shared
+                        .store
+                        .attempt_finished(&report, now)
+                        .await
+                        .map_err(status)?;
+                    if applied == Applied::Applied {
+                        tracing::info!(attempt_id = u.attempt_id, exit_code = ?f.exit_code, failure = %f.failure, "attempt finished");
+                        shared.wake_scheduler();
+                    }
+                    applied
+                }
+                None => return Err(Status::invalid_argument("update without a kind")),
+            };
+            after_report(shared, u.attempt_id, u.seq, applied, tx).await;
+        }
+        Some(In::Output(o)) => {
+            let lines: Vec<OutputLine> = o
+                .lines
+                .into_iter()
+                .map(|l| OutputLine {
+                    step: l.step,
+                    stderr: l.stderr,
+                    data: l.data,
+                })
+                .collect();
+            let applied = shared
+                .store
+                .append_output(o.attempt_id, o.epoch, &lines)
+                .await
+                .map_err(status)?;
+            after_report(shared, o.attempt_id, o.seq, applied, tx).await;
+        }
+        Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
+        None => {}
+    }
+    Ok(true)
+}
+
+/// Acknowledges a report (it is durable, or stale and never will be), tells the agent to stop
+/// an attempt the server no longer wants, and wakes watchers.
+async fn after_report(
+    shared: &Shared,
+    attempt_id: i64,
+    seq: u64,
+    applied: Applied,
+    tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
+) {
+    if applied == Applied::Stale {
+        tracing::info!(
+            attempt_id,
+            "stale report ignored; telling the agent to stop the attempt"
+        );
+        let _ = tx
+            .send(out(Out::Cancel(pb::CancelAttempt {
+                attempt_id,
+                reason: "attempt is no longer current".into(),
+            })))
+            .await;
+    } else {
+        shared.changed();
+    }
+    let _ = tx.send(out(Out::Ack(pb::Ack { seq }))).await;
+}

@@ -1,0 +1,239 @@
+//! The client API: submit, inspect, watch, cancel, logs, nodes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::JobPlan;
+use drover_proto as pb;
+use drover_proto::drover_server::Drover;
+use drover_store::TaskFilter;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{self, status};
+use crate::{Shared, now_ms};
+
+/// Longest a stream waits for a change before checking the store again anyway.
+const POLL_FALLBACK: Duration = Duration::from_secs(1);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub(crate) struct ClientApi(pub(crate) Arc<Shared>);
+
+#[tonic::async_trait]
+impl Drover for ClientApi {
+    #[tracing::instrument(skip_all)]
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = req.into_inner();
+        let plan: JobPlan = serde_json::from_str(&req.plan_json)
+            .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
+        plan.validate()
+            .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
+        let job_id = self
+            .0
+            .store
+            .submit(&plan, &req.source, &req.filename, now_ms())
+            .await
+            .map_err(status)?;
+        tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, "job submitted");
+        self.0.changed();
+        self.0.wake_scheduler();
+        Ok(Response::new(pb::SubmitResponse {
+            job_id,
+            tasks: plan.tasks.len() as u32,
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = req.into_inner().job_id;
+        let job = self
+            .0
+            .store
+            .job(id)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| no_job(id))?;
+        let tasks = self.0.store.tasks(id).await.map_err(status)?;
+        Ok(Response::new(convert::job(job, tasks)))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let limit = if req.limit == 0 { 50 } else { req.limit.min(10_000) };
+        let jobs = self.0.store.list_jobs(limit, req.all).await.map_err(status)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(convert::summary).collect(),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::Event>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        let shared = self.0.clone();
+        shared
+            .store
+            .job(req.job_id)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| no_job(req.job_id))?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut changes = shared.changes.subscribe();
+            let mut after = req.after_seq;
+            loop {
+                changes.mark_unchanged();
+                let events = match shared.store.events_after(req.job_id, after, 1000).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                };
+                let mut ended = false;
+                let caught_up = events.len() < 1000;
+                for e in events {
+                    after = e.seq;
+                    ended |= e.kind == "job"
+                        && e.state
+                            .parse::<drover_core::JobState>()
+                            .is_ok_and(|s| s.is_final());
+                    if tx.send(Ok(convert::event(e))).await.is_err() {
+                        return;
+                    }
+                }
+                if ended && caught_up {
+                    // A final job can still change if a cancelled job had nothing left; check
+                    // that the last event sent is the job's last.
+                    match shared.store.job(req.job_id).await {
+                        Ok(Some(j)) if j.last_seq <= after && j.state.is_final() => return,
+                        _ => continue,
+                    }
+                }
+                if caught_up {
+                    let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let open = self.0.store.cancel_job(id, now_ms()).await.map_err(status)?;
+        tracing::info!(job_id = id, running = open.len(), "job cancelled");
+        for a in &open {
+            let msg = pb::ServerMessage {
+                msg: Some(pb::server_message::Msg::Cancel(pb::CancelAttempt {
+                    attempt_id: a.attempt_id,
+                    reason: "cancelled by user".into(),
+                })),
+            };
+            self.0.send_to_node(a.node_id, msg).await;
+        }
+        self.0.changed();
+        let state = self
+            .0
+            .store
+            .job(id)
+            .await
+            .map_err(status)?
+            .map(|j| j.state.to_string())
+            .unwrap_or_default();
+        Ok(Response::new(pb::CancelResponse {
+            cancelled: open.len() as u32,
+            state,
+        }))
+    }
+
+    type LogsStream = BoxStream<pb::LogBatch>;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let req = req.into_inner();
+        let filter = TaskFilter::parse(&req.task).ok_or_else(|| {
+            Status::invalid_argument(format!("`{}` is not a task; write NAME or NAME[FRAME]", req.task))
+        })?;
+        let shared = self.0.clone();
+        shared
+            .store
+            .job(req.job_id)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| no_job(req.job_id))?;
+        let tasks = shared.store.tasks(req.job_id).await.map_err(status)?;
+        if !tasks.iter().any(|t| filter.matches(&t.name, t.frame)) {
+            return Err(Status::not_found(format!(
+                "job {} has no task `{}`",
+                req.job_id, req.task
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut changes = shared.changes.subscribe();
+            let mut after = req.after_id;
+            let mut finished = false;
+            loop {
+                changes.mark_unchanged();
+                let lines = match shared.store.logs_after(req.job_id, &filter, after, 2000).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                };
+                if let Some(last) = lines.last() {
+                    after = last.id;
+                    let batch = pb::LogBatch {
+                        lines: lines.into_iter().map(convert::log_line).collect(),
+                    };
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                // Output is stored before the attempt's end, so once every selected task is
+                // final, one more empty read proves nothing is left.
+                if !req.follow || finished {
+                    return;
+                }
+                match shared.store.tasks(req.job_id).await {
+                    Ok(tasks) => {
+                        finished = tasks
+                            .iter()
+                            .filter(|t| filter.matches(&t.name, t.frame))
+                            .all(|t| t.state.is_final());
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status(e))).await;
+                        return;
+                    }
+                }
+                if !finished {
+                    let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.0.store.nodes().await.map_err(status)?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: nodes.into_iter().map(convert::node).collect(),
+        }))
+    }
+}
+
+fn no_job(id: i64) -> Status {
+    Status::not_found(format!("job {id} not found; `drover ps --all` lists jobs"))
+}

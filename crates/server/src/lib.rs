@@ -1,0 +1,128 @@
+//! Drover's control plane: the client API, the agent sessions, the scheduler loop that applies
+//! the pure placement function, and the lease reaper.
+#![warn(missing_docs)]
+
+mod agent_api;
+mod client_api;
+mod convert;
+mod loops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drover_proto::ServerMessage;
+use drover_proto::agent_session_server::AgentSessionServer;
+use drover_proto::drover_server::DroverServer;
+use drover_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Timing of the server's loops and leases.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// How often agents send heartbeats.
+    pub heartbeat: Duration,
+    /// How long a node stays ready without a heartbeat before it is marked down and its tasks
+    /// are retried elsewhere.
+    pub lease: Duration,
+    /// The longest the scheduler sleeps when nothing wakes it (retry backoffs end on this tick).
+    pub schedule_tick: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            heartbeat: Duration::from_secs(2),
+            lease: Duration::from_secs(15),
+            schedule_tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The gRPC server failed.
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The sender half of a connected agent's session.
+struct Session {
+    epoch: i64,
+    tx: mpsc::Sender<Result<ServerMessage, tonic::Status>>,
+}
+
+/// State shared by the API handlers and the loops.
+pub(crate) struct Shared {
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    /// Bumped after every committed change; watch and log streams wait on it.
+    changes: watch::Sender<u64>,
+    /// Wakes the scheduler when there may be something to place.
+    schedule: Notify,
+    /// Connected agents by node id.
+    sessions: Mutex<HashMap<i64, Session>>,
+}
+
+impl Shared {
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn wake_scheduler(&self) {
+        self.schedule.notify_one();
+    }
+
+    /// Sends a message to a node's agent if it is connected. A node that is not connected
+    /// gets nothing: its lease runs out and the reaper settles its attempts.
+    async fn send_to_node(&self, node_id: i64, msg: ServerMessage) {
+        let tx = {
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions.get(&node_id).map(|s| s.tx.clone())
+        };
+        if let Some(tx) = tx
+            && tx.send(Ok(msg)).await.is_err()
+        {
+            tracing::debug!(node_id, "agent session closed while sending");
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Serves the client and agent APIs on `listener` until `shutdown` resolves, running the
+/// scheduler and lease reaper alongside.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let shared = Arc::new(Shared {
+        store,
+        config,
+        changes: watch::channel(0).0,
+        schedule: Notify::new(),
+        sessions: Mutex::new(HashMap::new()),
+    });
+    let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
+    let reaper = tokio::spawn(loops::lease_reaper(shared.clone()));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(DroverServer::new(client_api::ClientApi(shared.clone())))
+        .add_service(AgentSessionServer::new(agent_api::AgentApi(shared.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    scheduler.abort();
+    reaper.abort();
+    result.map_err(ServerError::from)
+}

@@ -1,0 +1,93 @@
+//! The server's background loops: placement and lease expiry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_core::placement::place;
+use drover_proto::{ServerMessage, server_message};
+use tracing::Instrument;
+
+use crate::convert::assign_message;
+use crate::{Shared, now_ms};
+
+/// Most queued tasks considered in one placement round.
+const PLACEMENT_BATCH: u32 = 5000;
+
+/// Places queued tasks whenever something may have changed (a submit, a finished attempt, a
+/// node joining) and on a short tick so retry backoffs expire on time.
+pub(crate) async fn scheduler(shared: Arc<Shared>) {
+    loop {
+        let _ = tokio::time::timeout(shared.config.schedule_tick, shared.schedule.notified()).await;
+        loop {
+            match schedule_once(&shared).await {
+                // A full batch means more may fit right away.
+                Ok(n) if n > 0 => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "placement round failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreError> {
+    let now = now_ms();
+    let (nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH).await?;
+    if queue.is_empty() {
+        return Ok(0);
+    }
+    let plan = place(&nodes, &queue);
+    if plan.is_empty() {
+        return Ok(0);
+    }
+    let span = tracing::debug_span!("assign", tasks = plan.len());
+    let assignments = shared.store.assign(&plan, now).instrument(span).await?;
+    shared.changed();
+    let n = assignments.len();
+    for a in assignments {
+        tracing::info!(
+            job_id = a.job_id,
+            task_id = a.task_id,
+            attempt_id = a.attempt_id,
+            node_id = a.node_id,
+            "task assigned"
+        );
+        let node_id = a.node_id;
+        let msg = ServerMessage {
+            msg: Some(server_message::Msg::Assign(assign_message(&a))),
+        };
+        shared.send_to_node(node_id, msg).await;
+    }
+    Ok(n)
+}
+
+/// Marks nodes silent past their lease as down; their tasks are settled as lost (and retried
+/// per policy).
+pub(crate) async fn lease_reaper(shared: Arc<Shared>) {
+    let period = (shared.config.lease / 4).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        match shared.store.expire_nodes(now_ms()).await {
+            Ok(down) if !down.is_empty() => {
+                for node_id in &down {
+                    tracing::warn!(
+                        node_id,
+                        "node lease expired; node marked down and its tasks handed back"
+                    );
+                    shared
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(node_id);
+                }
+                shared.changed();
+                shared.wake_scheduler();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "lease reaper failed"),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Drover's durable state behind one [`Store`] trait. SQLite is the embedded default; the
+//! PostgreSQL implementation follows the same contract, and one conformance suite
+//! ([`conformance`]) runs against every backend.
+//!
+//! Every method that changes state commits before it returns, and every change to a task or job
+//! appends an event with the job's next sequence number in the same transaction, so watch
+//! streams never miss or reorder a change.
+#![warn(missing_docs)]
+
+pub mod conformance;
+mod records;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use drover_core::JobPlan;
+use drover_core::placement::{NodeView, Placement, QueuedTask};
+
+pub use records::*;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be decoded (a bug or a hand-edited database).
+    #[error("corrupt {what} in the store: {detail}")]
+    Corrupt {
+        /// What was being decoded.
+        what: &'static str,
+        /// The decoder's complaint.
+        detail: String,
+    },
+    /// The request names something that does not exist.
+    #[error("{what} {id} not found")]
+    NotFound {
+        /// Kind of thing.
+        what: &'static str,
+        /// Its id.
+        id: i64,
+    },
+}
+
+/// Short for results of the store.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The control plane's durable state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a validated job with its tasks (queued, or waiting when they have dependencies)
+    /// and returns its id. Committed when this returns.
+    async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64>;
+
+    /// One job.
+    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>>;
+
+    /// The tasks of a job, in submit order.
+    async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>>;
+
+    /// Recent jobs, newest first; without `include_final`, only jobs still queued or running.
+    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>>;
+
+    /// Events of a job with a sequence number above `after_seq`, in order.
+    async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>>;
+
+    /// Cancels a job: tasks not yet placed end as cancelled at once; attempts on nodes are
+    /// returned so the caller can tell their agents to stop them (they end as cancelled when
+    /// the agent reports). `NotFound` if there is no such job.
+    async fn cancel_job(&self, job_id: i64, now_ms: i64) -> Result<Vec<OpenAttempt>>;
+
+    /// Registers (or re-registers) a node by name and starts a new epoch. Open attempts on the
+    /// node that the agent does not list in `known_attempts` are lost; listed ones are adopted
+    /// into the new epoch.
+    async fn register_node(
+        &self,
+        node: &NodeSpec,
+        known_attempts: &[i64],
+        now_ms: i64,
+    ) -> Result<NodeRegistration>;
+
+    /// Extends a node's lease. `false` when the epoch is stale (the agent must register again).
+    async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool>;
+
+    /// Marks nodes whose lease ran out as down and settles their open attempts as lost.
+    /// Returns the ids of the nodes marked down.
+    async fn expire_nodes(&self, now_ms: i64) -> Result<Vec<i64>>;
+
+    /// Every known node with what it has reserved.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>>;
+
+    /// What placement needs: ready nodes with live leases and their free resources, and up to
+    /// `limit` queued tasks whose backoff has passed.
+    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)>;
+
+    /// Applies a placement plan: each task still queued on a node still ready gets a new
+    /// attempt. Returns what to send to the agents.
+    async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>>;
+
+    /// Records that an attempt started running.
+    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied>;
+
+    /// Records how an attempt ended and settles its task (final state or retry), releases
+    /// dependents, and updates the job's state.
+    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied>;
+
+    /// Appends output lines of an attempt.
+    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied>;
+
+    /// Output lines of a job with an id above `after_id`, optionally of one task, in order.
+    async fn logs_after(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>>;
+}

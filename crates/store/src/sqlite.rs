@@ -1,0 +1,966 @@
+//! The SQLite store: the embedded default.
+//!
+//! SQLite allows one writer at a time, so all writes go through a pool of exactly one
+//! connection: transactions queue in-process instead of failing with `SQLITE_BUSY`, and a
+//! deferred `BEGIN` is safe because no other connection can write between its read and its
+//! write. Reads use a separate pool and see the last committed state (WAL).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_core::dag::{GateTask, release};
+use drover_core::outcome::{AttemptEnd, Settlement, settle};
+use drover_core::placement::{NodeView, Placement, QueuedTask};
+use drover_core::{FailureClass, JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use crate::*;
+
+/// Rows per multi-row INSERT; keeps statements under SQLite's variable limit.
+const INSERT_CHUNK: usize = 500;
+
+/// The SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and runs migrations.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode is durable against process crashes (kill -9), which is what
+            // an acknowledged submit must survive; FULL would add an fsync per commit.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore { writer, reader })
+    }
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn parse_word<T: FromStr>(what: &'static str, text: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|e: T::Err| corrupt(what, e))
+}
+
+fn json<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| corrupt(what, e))
+}
+
+fn to_json<T: serde::Serialize>(what: &'static str, value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| corrupt(what, e))
+}
+
+/// An event about to be appended.
+#[derive(Default)]
+struct Ev {
+    kind: &'static str,
+    task_id: i64,
+    task_name: String,
+    frame: Option<i64>,
+    state: String,
+    message: String,
+    exit_code: Option<i32>,
+    attempt: u32,
+    node: String,
+}
+
+impl Ev {
+    fn task(id: i64, name: &str, frame: Option<i64>, state: TaskState) -> Ev {
+        Ev {
+            kind: "task",
+            task_id: id,
+            task_name: name.to_string(),
+            frame,
+            state: state.to_string(),
+            ..Ev::default()
+        }
+    }
+}
+
+/// Appends events to a job's history with consecutive sequence numbers.
+async fn emit(conn: &mut SqliteConnection, job_id: i64, now_ms: i64, events: Vec<Ev>) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let last: i64 =
+        sqlx::query_scalar("UPDATE jobs SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq")
+            .bind(events.len() as i64)
+            .bind(job_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let first = last - events.len() as i64 + 1;
+    let mut seq = first;
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node) ",
+        );
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(job_id)
+                .push_bind(seq)
+                .push_bind(now_ms)
+                .push_bind(e.kind)
+                .push_bind(e.task_id)
+                .push_bind(&e.task_name)
+                .push_bind(e.frame)
+                .push_bind(&e.state)
+                .push_bind(&e.message)
+                .push_bind(e.exit_code)
+                .push_bind(e.attempt as i64)
+                .push_bind(&e.node);
+            seq += 1;
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Recomputes a job's state from its tasks and records a job event when it changed.
+async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms: i64) -> Result<()> {
+    let row = sqlx::query("SELECT state, cancelled FROM jobs WHERE id = ?")
+        .bind(job_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let old: JobState = parse_word("job state", row.get::<&str, _>(0))?;
+    let cancelled: bool = row.get(1);
+    let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM tasks WHERE job_id = ?")
+        .bind(job_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let states = states
+        .iter()
+        .map(|s| parse_word::<TaskState>("task state", s))
+        .collect::<Result<Vec<_>>>()?;
+    let new = JobState::derive(states, cancelled);
+    if new != old {
+        let ended = new.is_final().then_some(now_ms);
+        sqlx::query("UPDATE jobs SET state = ?, ended_ms = ? WHERE id = ?")
+            .bind(new.as_str())
+            .bind(ended)
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+        emit(
+            conn,
+            job_id,
+            now_ms,
+            vec![Ev {
+                kind: "job",
+                state: new.to_string(),
+                ..Ev::default()
+            }],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Queues or skips waiting tasks of a job whose dependencies have ended.
+async fn release_dependents(conn: &mut SqliteConnection, job_id: i64, now_ms: i64) -> Result<()> {
+    let has_deps: bool = sqlx::query_scalar("SELECT has_deps FROM jobs WHERE id = ?")
+        .bind(job_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !has_deps {
+        return Ok(());
+    }
+    let rows = sqlx::query("SELECT id, name, frame, state, plan FROM tasks WHERE job_id = ? ORDER BY id")
+        .bind(job_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let state: TaskState = parse_word("task state", r.get::<&str, _>(3))?;
+        // Only waiting tasks need their dependency list; skip parsing the plan otherwise.
+        let deps: Vec<String> = if state == TaskState::Waiting {
+            json::<TaskPlan>("task plan", r.get::<&str, _>(4))?.depends_on
+        } else {
+            Vec::new()
+        };
+        tasks.push((
+            r.get::<i64, _>(0),
+            r.get::<String, _>(1),
+            r.get::<Option<i64>, _>(2),
+            state,
+            deps,
+        ));
+    }
+    let gate: Vec<GateTask<'_>> = tasks
+        .iter()
+        .map(|(_, name, _, state, deps)| GateTask {
+            name,
+            state: *state,
+            depends_on: deps,
+        })
+        .collect();
+    let mut events = Vec::new();
+    for r in release(&gate) {
+        let (id, name, frame, _, _) = &tasks[r.index];
+        let ended = r.state.is_final().then_some(now_ms);
+        sqlx::query("UPDATE tasks SET state = ?, reason = ?, ended_ms = ? WHERE id = ?")
+            .bind(r.state.as_str())
+            .bind(&r.reason)
+            .bind(ended)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        let mut ev = Ev::task(*id, name, *frame, r.state);
+        ev.message = r.reason;
+        events.push(ev);
+    }
+    emit(conn, job_id, now_ms, events).await
+}
+
+/// The parts of an attempt row that settling needs.
+struct AttemptRow {
+    id: i64,
+    task_id: i64,
+    job_id: i64,
+    number: u32,
+    node: String,
+}
+
+/// Ends an attempt and settles its task: final state (then dependents and job state) or retry.
+async fn settle_attempt(
+    conn: &mut SqliteConnection,
+    attempt: &AttemptRow,
+    report: &AttemptReport,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE attempts SET state = 'ended', ended_ms = ?, exit_code = ?, signal = ?, failure = ?, message = ?, \
+         cpu_seconds = ?, peak_memory = ? WHERE id = ?",
+    )
+    .bind(now_ms)
+    .bind(report.exit_code)
+    .bind(report.signal)
+    .bind(report.failure.map(|f| f.as_str()))
+    .bind(&report.message)
+    .bind(report.cpu_seconds)
+    .bind(report.peak_memory as i64)
+    .bind(attempt.id)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(
+        "SELECT t.name, t.frame, t.plan, j.cancelled FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = ?",
+    )
+    .bind(attempt.task_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let name: String = row.get(0);
+    let frame: Option<i64> = row.get(1);
+    let plan: TaskPlan = json("task plan", row.get::<&str, _>(2))?;
+    let cancelled: bool = row.get(3);
+    let end = AttemptEnd {
+        exit_code: report.exit_code,
+        failure: report.failure,
+    };
+    let settlement = settle(&plan, attempt.number, end, cancelled);
+    let failure = report.failure.or(match report.exit_code {
+        Some(0) | None => None,
+        Some(c) if plan.exit_codes.warning.contains(&c) || plan.exit_codes.skip.contains(&c) => None,
+        Some(_) => Some(FailureClass::Exit),
+    });
+    let (state, reason, not_before, ended) = match &settlement {
+        Settlement::Final { state, reason } => (*state, reason.clone(), 0, Some(now_ms)),
+        Settlement::Retry { after, reason } => (
+            TaskState::Queued,
+            reason.clone(),
+            now_ms + after.as_millis() as i64,
+            None,
+        ),
+    };
+    let mut reason = reason;
+    if !report.message.is_empty() && state != TaskState::Succeeded {
+        reason = format!("{reason} ({})", report.message);
+    }
+    sqlx::query(
+        "UPDATE tasks SET state = ?, reason = ?, not_before_ms = ?, ended_ms = ?, exit_code = ?, failure = ?, \
+         cpu_seconds = ?, peak_memory = ? WHERE id = ?",
+    )
+    .bind(state.as_str())
+    .bind(&reason)
+    .bind(not_before)
+    .bind(ended)
+    .bind(report.exit_code)
+    .bind(failure.map(|f| f.as_str()))
+    .bind(report.cpu_seconds)
+    .bind(report.peak_memory as i64)
+    .bind(attempt.task_id)
+    .execute(&mut *conn)
+    .await?;
+    let mut ev = Ev::task(attempt.task_id, &name, frame, state);
+    ev.message = reason;
+    ev.exit_code = report.exit_code;
+    ev.attempt = attempt.number;
+    ev.node = attempt.node.clone();
+    emit(conn, attempt.job_id, now_ms, vec![ev]).await?;
+    if state.is_final() {
+        release_dependents(conn, attempt.job_id, now_ms).await?;
+    }
+    refresh_job(conn, attempt.job_id, now_ms).await
+}
+
+/// Loads an attempt that is still open and current, checking the fencing token.
+async fn open_attempt(
+    conn: &mut SqliteConnection,
+    attempt_id: i64,
+    epoch: Option<i64>,
+) -> Result<Option<AttemptRow>> {
+    let row = sqlx::query(
+        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name \
+         FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id WHERE a.id = ?",
+    )
+    .bind(attempt_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let current: Option<i64> = row.get(6);
+    let state: &str = row.get(5);
+    if current != Some(attempt_id) || state == "ended" || epoch.is_some_and(|e| e != row.get::<i64, _>(4)) {
+        return Ok(None);
+    }
+    Ok(Some(AttemptRow {
+        id: row.get(0),
+        task_id: row.get(1),
+        job_id: row.get(2),
+        number: row.get::<i64, _>(3) as u32,
+        node: row.get(7),
+    }))
+}
+
+fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
+    AttemptReport {
+        attempt_id,
+        epoch,
+        exit_code: None,
+        signal: None,
+        failure: Some(FailureClass::Lost),
+        message: message.to_string(),
+        cpu_seconds: 0.0,
+        peak_memory: 0,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64> {
+        let has_deps = plan.tasks.iter().any(|t| !t.depends_on.is_empty());
+        let mut tx = self.writer.begin().await?;
+        let job_id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (name, project, priority, labels, source, filename, state, has_deps, created_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING id",
+        )
+        .bind(&plan.name)
+        .bind(&plan.project)
+        .bind(plan.priority)
+        .bind(to_json("labels", &plan.labels)?)
+        .bind(source)
+        .bind(filename)
+        .bind(has_deps)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut events = vec![Ev {
+            kind: "job",
+            state: JobState::Queued.to_string(),
+            message: format!("submitted with {} tasks", plan.tasks.len()),
+            ..Ev::default()
+        }];
+        for chunk in plan.tasks.chunks(INSERT_CHUNK) {
+            let rows = chunk
+                .iter()
+                .map(|t| {
+                    let state = if t.depends_on.is_empty() {
+                        TaskState::Queued
+                    } else {
+                        TaskState::Waiting
+                    };
+                    Ok((
+                        t,
+                        state,
+                        to_json("task plan", t)?,
+                        to_json("constraints", &t.constraints)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO tasks (job_id, name, frame, plan, priority, cores, memory, constraints, state) ",
+            );
+            q.push_values(&rows, |mut b, (t, state, plan_json, constraints)| {
+                b.push_bind(job_id)
+                    .push_bind(&t.name)
+                    .push_bind(t.frame)
+                    .push_bind(plan_json)
+                    .push_bind(plan.priority)
+                    .push_bind(t.resources.cores as i64)
+                    .push_bind(t.resources.memory as i64)
+                    .push_bind(constraints)
+                    .push_bind(state.as_str());
+            });
+            q.push(" RETURNING id");
+            let ids: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+            for ((t, state, _, _), id) in rows.iter().zip(ids) {
+                events.push(Ev::task(id, &t.name, t.frame, *state));
+            }
+        }
+        emit(&mut tx, job_id, now_ms, events).await?;
+        tx.commit().await?;
+        Ok(job_id)
+    }
+
+    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
+        let row = sqlx::query("SELECT id, name, project, priority, state, cancelled, created_ms, last_seq FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            Ok(JobRecord {
+                id: r.get(0),
+                name: r.get(1),
+                project: r.get(2),
+                priority: r.get(3),
+                state: parse_word("job state", r.get::<&str, _>(4))?,
+                cancelled: r.get(5),
+                created_ms: r.get(6),
+                last_seq: r.get(7),
+            })
+        })
+        .transpose()
+    }
+
+    async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.job_id, t.name, t.frame, t.state, t.exit_code, t.attempts, n.name, t.reason, t.failure, \
+             t.cpu_seconds, t.peak_memory, t.started_ms, t.ended_ms \
+             FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = ? ORDER BY t.id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRecord {
+                    id: r.get(0),
+                    job_id: r.get(1),
+                    name: r.get(2),
+                    frame: r.get(3),
+                    state: parse_word("task state", r.get::<&str, _>(4))?,
+                    exit_code: r.get(5),
+                    attempts: r.get::<i64, _>(6) as u32,
+                    node: r.get(7),
+                    reason: r.get(8),
+                    failure: r
+                        .get::<Option<&str>, _>(9)
+                        .map(|f| parse_word("failure", f))
+                        .transpose()?,
+                    cpu_seconds: r.get(10),
+                    peak_memory: r.get::<i64, _>(11) as u64,
+                    started_ms: r.get(12),
+                    ended_ms: r.get(13),
+                })
+            })
+            .collect()
+    }
+
+    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>> {
+        let filter = if include_final {
+            ""
+        } else {
+            "WHERE j.state IN ('queued', 'running')"
+        };
+        let sql = format!(
+            "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
+             SUM(t.state IN ('succeeded','warning','failed','skipped','cancelled')), \
+             SUM(t.state IN ('assigned','running')), SUM(t.state = 'failed') \
+             FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id {filter} GROUP BY j.id ORDER BY j.id DESC LIMIT ?"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(limit as i64)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobSummary {
+                    id: r.get(0),
+                    name: r.get(1),
+                    project: r.get(2),
+                    state: parse_word("job state", r.get::<&str, _>(3))?,
+                    created_ms: r.get(4),
+                    total: r.get::<i64, _>(5) as u32,
+                    done: r.get::<Option<i64>, _>(6).unwrap_or(0) as u32,
+                    running: r.get::<Option<i64>, _>(7).unwrap_or(0) as u32,
+                    failed: r.get::<Option<i64>, _>(8).unwrap_or(0) as u32,
+                })
+            })
+            .collect()
+    }
+
+    async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node \
+             FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(job_id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                job_id: r.get(0),
+                seq: r.get(1),
+                time_ms: r.get(2),
+                kind: r.get(3),
+                task_id: r.get(4),
+                task_name: r.get(5),
+                frame: r.get(6),
+                state: r.get(7),
+                message: r.get(8),
+                exit_code: r.get(9),
+                attempt: r.get::<i64, _>(10) as u32,
+                node: r.get(11),
+            })
+            .collect())
+    }
+
+    async fn cancel_job(&self, job_id: i64, now_ms: i64) -> Result<Vec<OpenAttempt>> {
+        let mut tx = self.writer.begin().await?;
+        let found = sqlx::query("UPDATE jobs SET cancelled = 1 WHERE id = ?")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if found == 0 {
+            return Err(StoreError::NotFound {
+                what: "job",
+                id: job_id,
+            });
+        }
+        let pending = sqlx::query(
+            "UPDATE tasks SET state = 'cancelled', reason = 'cancelled by user', ended_ms = ? \
+             WHERE job_id = ? AND state IN ('waiting', 'queued') RETURNING id, name, frame",
+        )
+        .bind(now_ms)
+        .bind(job_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events = pending
+            .iter()
+            .map(|r| {
+                let mut ev = Ev::task(r.get(0), r.get::<&str, _>(1), r.get(2), TaskState::Cancelled);
+                ev.message = "cancelled by user".into();
+                ev
+            })
+            .collect();
+        emit(&mut tx, job_id, now_ms, events).await?;
+        let open = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT a.id, a.node_id FROM attempts a JOIN tasks t ON t.current_attempt = a.id \
+             WHERE t.job_id = ? AND a.state != 'ended'",
+        )
+        .bind(job_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        refresh_job(&mut tx, job_id, now_ms).await?;
+        tx.commit().await?;
+        Ok(open
+            .into_iter()
+            .map(|(attempt_id, node_id)| OpenAttempt { attempt_id, node_id })
+            .collect())
+    }
+
+    async fn register_node(
+        &self,
+        node: &NodeSpec,
+        known_attempts: &[i64],
+        now_ms: i64,
+    ) -> Result<NodeRegistration> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO nodes (name, state, labels, cores, memory, runtimes, epoch, lease_until_ms, last_seen_ms) \
+             VALUES (?, 'ready', ?, ?, ?, ?, 1, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET state = 'ready', labels = excluded.labels, cores = excluded.cores, \
+             memory = excluded.memory, runtimes = excluded.runtimes, epoch = nodes.epoch + 1, \
+             lease_until_ms = excluded.lease_until_ms, last_seen_ms = excluded.last_seen_ms \
+             RETURNING id, epoch",
+        )
+        .bind(&node.name)
+        .bind(to_json("labels", &node.labels)?)
+        .bind(node.cores as i64)
+        .bind(node.memory as i64)
+        .bind(to_json("runtimes", &node.runtimes)?)
+        .bind(node.lease_until_ms)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let reg = NodeRegistration {
+            node_id: row.get(0),
+            epoch: row.get(1),
+        };
+        let open: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM attempts WHERE node_id = ? AND state != 'ended'")
+                .bind(reg.node_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for attempt_id in open {
+            if known_attempts.contains(&attempt_id) {
+                sqlx::query("UPDATE attempts SET epoch = ? WHERE id = ?")
+                    .bind(reg.epoch)
+                    .bind(attempt_id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
+                let report = lost_report(attempt_id, reg.epoch, "the agent restarted without it");
+                settle_attempt(&mut tx, &a, &report, now_ms).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(reg)
+    }
+
+    async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE nodes SET lease_until_ms = ?, last_seen_ms = ? WHERE id = ? AND epoch = ? AND state != 'down'",
+        )
+        .bind(lease_until_ms)
+        .bind(now_ms)
+        .bind(node_id)
+        .bind(epoch)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn expire_nodes(&self, now_ms: i64) -> Result<Vec<i64>> {
+        let mut tx = self.writer.begin().await?;
+        let expired: Vec<(i64, String)> = sqlx::query_as(
+            "UPDATE nodes SET state = 'down' WHERE state IN ('ready', 'draining') AND lease_until_ms < ? RETURNING id, name",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (node_id, name) in &expired {
+            let open: Vec<(i64, i64)> =
+                sqlx::query_as("SELECT id, epoch FROM attempts WHERE node_id = ? AND state != 'ended'")
+                    .bind(node_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for (attempt_id, epoch) in open {
+                if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
+                    let report = lost_report(
+                        attempt_id,
+                        epoch,
+                        &format!("node {name} went silent past its lease"),
+                    );
+                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
+                } else {
+                    sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = ? WHERE id = ?")
+                        .bind(now_ms)
+                        .bind(attempt_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(expired.into_iter().map(|(id, _)| id).collect())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let rows = sqlx::query(
+            "SELECT n.id, n.name, n.state, n.labels, n.cores, n.memory, \
+             COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), COUNT(a.id), n.last_seen_ms, n.runtimes \
+             FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
+             GROUP BY n.id ORDER BY n.name",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeRecord {
+                    id: r.get(0),
+                    name: r.get(1),
+                    state: parse_word::<NodeState>("node state", r.get::<&str, _>(2))?,
+                    labels: json("labels", r.get::<&str, _>(3))?,
+                    cores: r.get::<i64, _>(4) as u32,
+                    memory: r.get::<i64, _>(5) as u64,
+                    cores_used: r.get::<i64, _>(6) as u32,
+                    memory_used: r.get::<i64, _>(7) as u64,
+                    running: r.get::<i64, _>(8) as u32,
+                    last_seen_ms: r.get(9),
+                    runtimes: json("runtimes", r.get::<&str, _>(10))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
+        let nodes = self
+            .nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.state == NodeState::Ready)
+            .map(|n| NodeView {
+                id: n.id,
+                labels: n.labels,
+                free: Resources {
+                    cores: n.cores.saturating_sub(n.cores_used),
+                    memory: n.memory.saturating_sub(n.memory_used),
+                },
+            })
+            .collect::<Vec<_>>();
+        let live: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM nodes WHERE state = 'ready' AND lease_until_ms >= ?")
+                .bind(now_ms)
+                .fetch_all(&self.reader)
+                .await?;
+        let nodes: Vec<NodeView> = nodes.into_iter().filter(|n| live.contains(&n.id)).collect();
+        if nodes.iter().all(|n| n.free.cores == 0) {
+            return Ok((nodes, Vec::new()));
+        }
+        let rows = sqlx::query(
+            "SELECT id, priority, cores, memory, constraints FROM tasks \
+             WHERE state = 'queued' AND not_before_ms <= ? ORDER BY priority DESC, id LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        let queue = rows
+            .iter()
+            .map(|r| {
+                Ok(QueuedTask {
+                    id: r.get(0),
+                    priority: r.get(1),
+                    resources: Resources {
+                        cores: r.get::<i64, _>(2) as u32,
+                        memory: r.get::<i64, _>(3) as u64,
+                    },
+                    constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((nodes, queue))
+    }
+
+    async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
+        let mut tx = self.writer.begin().await?;
+        let mut out = Vec::with_capacity(plan.len());
+        let mut events: BTreeMap<i64, Vec<Ev>> = BTreeMap::new();
+        for p in plan {
+            let node = sqlx::query("SELECT epoch, name FROM nodes WHERE id = ? AND state = 'ready'")
+                .bind(p.node_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(node) = node else { continue };
+            let epoch: i64 = node.get(0);
+            let node_name: String = node.get(1);
+            let task = sqlx::query(
+                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = ?, reason = '', \
+                 started_ms = NULL, ended_ms = NULL WHERE id = ? AND state = 'queued' \
+                 RETURNING job_id, name, frame, plan, attempts, cores, memory",
+            )
+            .bind(p.node_id)
+            .bind(p.task_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(task) = task else { continue };
+            let job_id: i64 = task.get(0);
+            let number = task.get::<i64, _>(4) as u32;
+            let attempt_id: i64 = sqlx::query_scalar(
+                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms) \
+                 VALUES (?, ?, ?, ?, ?, 'assigned', ?, ?, ?) RETURNING id",
+            )
+            .bind(p.task_id)
+            .bind(job_id)
+            .bind(number as i64)
+            .bind(p.node_id)
+            .bind(epoch)
+            .bind(task.get::<i64, _>(5))
+            .bind(task.get::<i64, _>(6))
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE tasks SET current_attempt = ? WHERE id = ?")
+                .bind(attempt_id)
+                .bind(p.task_id)
+                .execute(&mut *tx)
+                .await?;
+            let name: String = task.get(1);
+            let frame: Option<i64> = task.get(2);
+            let mut ev = Ev::task(p.task_id, &name, frame, TaskState::Assigned);
+            ev.attempt = number;
+            ev.node = node_name;
+            events.entry(job_id).or_default().push(ev);
+            out.push(Assignment {
+                attempt_id,
+                epoch,
+                number,
+                node_id: p.node_id,
+                task_id: p.task_id,
+                job_id,
+                plan: json("task plan", task.get::<&str, _>(3))?,
+            });
+        }
+        for (job_id, evs) in events {
+            emit(&mut tx, job_id, now_ms, evs).await?;
+            refresh_job(&mut tx, job_id, now_ms).await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
+        let mut tx = self.writer.begin().await?;
+        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
+            return Ok(Applied::Stale);
+        };
+        sqlx::query(
+            "UPDATE attempts SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned'",
+        )
+        .bind(now_ms)
+        .bind(attempt_id)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned' RETURNING name, frame",
+        )
+        .bind(now_ms)
+        .bind(a.task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            let mut ev = Ev::task(a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
+            ev.attempt = a.number;
+            ev.node = a.node.clone();
+            emit(&mut tx, a.job_id, now_ms, vec![ev]).await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Applied)
+    }
+
+    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
+        let mut tx = self.writer.begin().await?;
+        let Some(a) = open_attempt(&mut tx, report.attempt_id, Some(report.epoch)).await? else {
+            return Ok(Applied::Stale);
+        };
+        settle_attempt(&mut tx, &a, report, now_ms).await?;
+        tx.commit().await?;
+        Ok(Applied::Applied)
+    }
+
+    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
+        let mut tx = self.writer.begin().await?;
+        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
+            return Ok(Applied::Stale);
+        };
+        for chunk in lines.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO log_lines (job_id, task_id, attempt_id, attempt, step, stderr, data) ",
+            );
+            q.push_values(chunk, |mut b, l| {
+                b.push_bind(a.job_id)
+                    .push_bind(a.task_id)
+                    .push_bind(a.id)
+                    .push_bind(a.number as i64)
+                    .push_bind(l.step as i64)
+                    .push_bind(l.stderr)
+                    .push_bind(&l.data);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Applied)
+    }
+
+    async fn logs_after(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
+             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.job_id = ",
+        );
+        q.push_bind(job_id).push(" AND l.id > ").push_bind(after_id);
+        if let Some(name) = &filter.name {
+            q.push(" AND t.name = ").push_bind(name);
+        }
+        if let Some(frame) = filter.frame {
+            q.push(" AND t.frame = ").push_bind(frame);
+        }
+        q.push(" ORDER BY l.id LIMIT ").push_bind(limit as i64);
+        let rows = q.build().fetch_all(&self.reader).await?;
+        Ok(rows
+            .iter()
+            .map(|r| LogRecord {
+                id: r.get(0),
+                task_id: r.get(1),
+                task_name: r.get(2),
+                frame: r.get(3),
+                attempt: r.get::<i64, _>(4) as u32,
+                step: r.get::<i64, _>(5) as u32,
+                stderr: r.get(6),
+                data: r.get(7),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A fresh database in a temporary directory, kept alive as long as the store.
+    struct Fresh {
+        store: super::SqliteStore,
+        _dir: tempfile::TempDir,
+    }
+
+    impl std::ops::Deref for Fresh {
+        type Target = super::SqliteStore;
+        fn deref(&self) -> &super::SqliteStore {
+            &self.store
+        }
+    }
+
+    async fn fresh() -> Fresh {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::SqliteStore::open(&dir.path().join("drover.db"))
+            .await
+            .unwrap();
+        Fresh { store, _dir: dir }
+    }
+
+    crate::store_conformance!(fresh().await);
+}
