@@ -179,35 +179,49 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode> {
     }
 }
 
-async fn send_job(
-    opt: &ServerOpt,
-    job: &JobPlan,
-    source: String,
-    filename: String,
-) -> Result<pb::SubmitResponse> {
+/// Sends a compiled job to the server; returns its id once the server committed it.
+pub async fn send_job(opt: &ServerOpt, job: &JobPlan, source: String, filename: String) -> Result<i64> {
     let mut client = connect(opt).await?;
     let plan_json = serde_json::to_string(job)?;
     let resp = client
-        .submit(pb::SubmitRequest {
-            plan_json,
-            source,
-            filename,
-        })
+        .submit(pb::SubmitRequest { plan_json, source, filename })
         .await
         .map_err(rpc_error)?;
-    Ok(resp.into_inner())
+    Ok(resp.into_inner().job_id)
 }
 
-/// Submits a compiled job and follows it to its end.
-pub async fn submit_and_watch(
-    opt: &ServerOpt,
-    job: JobPlan,
-    source: String,
-    filename: String,
-) -> Result<ExitCode> {
-    let resp = send_job(opt, &job, source, filename).await?;
-    eprintln!("submitted job {} ({} tasks)", resp.job_id, resp.tasks);
-    follow_job(opt, resp.job_id, 0).await
+/// Prints a finished job's task table and output, for `up --submit`.
+pub async fn print_summary(opt: &ServerOpt, job_id: i64) -> Result<()> {
+    let job = get_job(opt, job_id).await?;
+    println!("\n{}", render::job_detail(&job));
+    println!("\noutput:");
+    let mut client = connect(opt).await?;
+    let mut stream = client
+        .logs(pb::LogsRequest { job_id, task: String::new(), follow: false, after_id: 0 })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(batch) = stream.next().await {
+        for line in batch.map_err(rpc_error)?.lines {
+            write_line(&mut out, &line, true);
+        }
+    }
+    Ok(())
+}
+
+fn write_line(w: &mut dyn Write, line: &pb::LogLine, prefix: bool) {
+    if prefix {
+        let name = match line.frame {
+            Some(f) => format!("{}[{}]", line.task_name, f),
+            None => line.task_name.clone(),
+        };
+        let _ = write!(w, "{name} | ");
+    }
+    let _ = w.write_all(&line.data);
+    if !line.data.ends_with(b"\n") {
+        let _ = w.write_all(b"\n");
+    }
 }
 
 /// `drover submit`.
@@ -216,16 +230,16 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         Ok(j) => j,
         Err(code) => return Ok(code),
     };
-    let resp = send_job(&args.server, &job, source, filename).await?;
+    let job_id = send_job(&args.server, &job, source, filename).await?;
     match args.output {
         Format::Json => println!(
             "{}",
-            serde_json::json!({ "id": resp.job_id, "tasks": resp.tasks })
+            serde_json::json!({ "id": job_id, "tasks": job.tasks.len() })
         ),
-        Format::Human => println!("{}", resp.job_id),
+        Format::Human => println!("{}", job_id),
     }
     if args.watch {
-        return follow_job(&args.server, resp.job_id, 0).await;
+        return follow_job(&args.server, job_id, 0).await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -281,7 +295,7 @@ const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 /// Prints a job's events until it ends, reconnecting (and resuming after the last event seen)
 /// when the server goes away. Exit 0 when the job succeeded or ended with warnings.
-async fn follow_job(opt: &ServerOpt, job_id: i64, after: i64) -> Result<ExitCode> {
+pub async fn follow_job(opt: &ServerOpt, job_id: i64, after: i64) -> Result<ExitCode> {
     let mut after = after;
     let mut broken_since: Option<tokio::time::Instant> = None;
     let mut delay = Duration::from_millis(100);

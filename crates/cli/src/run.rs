@@ -220,10 +220,19 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     let code = match job {
         Some((job, source, filename)) => {
             let opt = ServerOpt { server: url.clone() };
-            tokio::select! {
-                r = jobs::submit_and_watch(&opt, job, source, filename) => r?,
-                _ = shutdown_signal() => ExitCode::FAILURE,
-            }
+            let job_id = jobs::send_job(&opt, &job, source, filename).await?;
+            eprintln!("submitted job {job_id} ({} tasks)", job.tasks.len());
+            let code = tokio::select! {
+                r = jobs::follow_job(&opt, job_id, 0) => r?,
+                _ = shutdown_signal() => return Ok(ExitCode::FAILURE),
+            };
+            jobs::print_summary(&opt, job_id).await?;
+            eprintln!(
+                "\nthe job and its logs are kept in {}: run `drover up` again to browse them \
+                 (`drover ps --all`, `drover status {job_id}`, `drover logs {job_id}`)",
+                args.server.data_dir.display()
+            );
+            code
         }
         None => {
             eprintln!(

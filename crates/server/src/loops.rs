@@ -35,7 +35,13 @@ pub(crate) async fn scheduler(shared: Arc<Shared>) {
 
 async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreError> {
     let now = now_ms();
-    let (nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH).await?;
+    let (mut nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH).await?;
+    // Only nodes with a live session here can receive work; after a server restart, nodes keep
+    // their leases in the store until their agents reconnect.
+    {
+        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|n| sessions.contains_key(&n.id));
+    }
     if queue.is_empty() {
         return Ok(0);
     }

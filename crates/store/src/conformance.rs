@@ -281,20 +281,34 @@ pub async fn expired_node_loses_its_tasks(store: &dyn Store) {
     assert_eq!(b[0].number, 2);
 }
 
-/// A re-registering node keeps the attempts it lists and loses the others.
+/// A re-registering node keeps the attempts it lists; started ones it does not list are lost,
+/// and ones it never received go back to the queue without spending a retry.
 pub async fn reregistration_adopts_known_attempts(store: &dyn Store) {
     let id = store
-        .submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1)
+        .submit(
+            &job(vec![task("a", &[]), task("b", &[]), task("c", &[])]),
+            "",
+            "f",
+            1,
+        )
         .await
         .unwrap();
     let n = store
-        .register_node(&node("n8", 2, 100_000), &[], 1)
+        .register_node(&node("n8", 3, 100_000), &[], 1)
         .await
         .unwrap();
     let a = schedule(store, 2).await;
-    assert_eq!(a.len(), 2);
+    assert_eq!(a.len(), 3);
+    store
+        .attempt_started(a[0].attempt_id, a[0].epoch, 2)
+        .await
+        .unwrap();
+    store
+        .attempt_started(a[1].attempt_id, a[1].epoch, 2)
+        .await
+        .unwrap();
     let again = store
-        .register_node(&node("n8", 2, 100_000), &[a[0].attempt_id], 3)
+        .register_node(&node("n8", 3, 100_000), &[a[0].attempt_id], 3)
         .await
         .unwrap();
     assert_eq!(again.node_id, n.node_id);
@@ -302,13 +316,21 @@ pub async fn reregistration_adopts_known_attempts(store: &dyn Store) {
     let mut r = done(&a[0], 0);
     r.epoch = again.epoch;
     assert_eq!(store.attempt_finished(&r, 4).await.unwrap(), Applied::Applied);
-    let st = states(store, id).await;
-    assert_eq!(st[0].1, TaskState::Succeeded);
+    let tasks = store.tasks(id).await.unwrap();
+    assert_eq!(tasks[0].state, TaskState::Succeeded);
     assert_eq!(
-        st[1].1,
+        tasks[1].state,
         TaskState::Failed,
-        "unlisted attempt is lost and has no retries"
+        "a started attempt the agent forgot is lost"
     );
+    assert_eq!(tasks[1].failure, Some(FailureClass::Lost));
+    assert_eq!(
+        (tasks[2].state, tasks[2].attempts),
+        (TaskState::Queued, 0),
+        "undelivered: queued again"
+    );
+    let c = schedule(store, 5).await;
+    assert_eq!((c.len(), c[0].number), (1, 1));
 }
 
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an

@@ -329,6 +329,32 @@ async fn settle_attempt(
     refresh_job(conn, attempt.job_id, now_ms).await
 }
 
+/// Returns the task of an attempt that never reached its agent to the queue, as if the
+/// attempt had not been made.
+async fn requeue_undelivered(conn: &mut SqliteConnection, attempt_id: i64, now_ms: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE attempts SET state = 'ended', ended_ms = ?, failure = 'lost', message = 'never delivered' \
+         WHERE id = ?",
+    )
+    .bind(now_ms)
+    .bind(attempt_id)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(
+        "UPDATE tasks SET state = 'queued', attempts = attempts - 1, current_attempt = NULL, node_id = NULL \
+         WHERE current_attempt = ? RETURNING id, job_id, name, frame",
+    )
+    .bind(attempt_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(r) = row {
+        let mut ev = Ev::task(r.get(0), r.get::<&str, _>(2), r.get(3), TaskState::Queued);
+        ev.message = "assignment was not delivered; queued again".into();
+        emit(conn, r.get(1), now_ms, vec![ev]).await?;
+    }
+    Ok(())
+}
+
 /// Loads an attempt that is still open and current, checking the fencing token.
 async fn open_attempt(
     conn: &mut SqliteConnection,
@@ -626,18 +652,22 @@ impl Store for SqliteStore {
             node_id: row.get(0),
             epoch: row.get(1),
         };
-        let open: Vec<i64> =
-            sqlx::query_scalar("SELECT id FROM attempts WHERE node_id = ? AND state != 'ended'")
+        let open: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, state FROM attempts WHERE node_id = ? AND state != 'ended'")
                 .bind(reg.node_id)
                 .fetch_all(&mut *tx)
                 .await?;
-        for attempt_id in open {
+        for (attempt_id, state) in open {
             if known_attempts.contains(&attempt_id) {
                 sqlx::query("UPDATE attempts SET epoch = ? WHERE id = ?")
                     .bind(reg.epoch)
                     .bind(attempt_id)
                     .execute(&mut *tx)
                     .await?;
+            } else if state == "assigned" {
+                // The agent never received it (the assignment went to a session that was
+                // already gone): hand it back without spending one of the task's retries.
+                requeue_undelivered(&mut tx, attempt_id, now_ms).await?;
             } else if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
                 let report = lost_report(attempt_id, reg.epoch, "the agent restarted without it");
                 settle_attempt(&mut tx, &a, &report, now_ms).await?;

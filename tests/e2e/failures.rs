@@ -1,0 +1,131 @@
+//! Crashes: the server and agents die with SIGKILL; nothing acknowledged is lost.
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::harness::{Cluster, task};
+
+const T: Duration = Duration::from_secs(90);
+
+#[test]
+fn server_killed_after_submit_restarts_and_the_job_completes() {
+    let mut c = Cluster::start(1, 2);
+    let job = c.submit(
+        r#"
+version: 1
+name: survivor
+tasks:
+  - name: first
+    command: "sleep 1; echo first"
+  - name: second
+    depends_on: [first]
+    command: "echo second"
+"#,
+    );
+    // The submit was acknowledged; kill the server before it could finish anything.
+    c.kill_server();
+    c.start_server();
+    assert_eq!(c.server_starts(), 2);
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "first")["state"], "succeeded");
+    assert_eq!(task(&status, "second")["state"], "succeeded");
+    let logs = c.ok(&["logs", &job.to_string()]);
+    assert!(
+        logs.contains("first | first\n") && logs.contains("second | second\n"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn agent_killed_mid_task_is_retried_on_the_other_agent() {
+    let mut c = Cluster::start(1, 1);
+    let job = c.submit(
+        r#"
+version: 1
+name: lost-node
+tasks:
+  - name: work
+    retries: { count: 2, backoff: 0s, on: [lost] }
+    command: "echo $DROVER_ATTEMPT_ID >> {{ params.dir }}/attempts; sleep 3; echo done"
+"#,
+    );
+    c.wait_until(job, T, "the task to run on agent-0", |v| {
+        task(v, "work")["state"] == "running" && task(v, "work")["node"] == "agent-0"
+    });
+    let second = c.add_agent(1);
+    c.kill_agent(0);
+    let status = c.wait_done(job, T);
+    let t = task(&status, "work");
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(t["attempts"], 2);
+    assert_eq!(t["node"], format!("agent-{second}"));
+    let nodes = c.ok(&["nodes", "-o", "json"]);
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    let dead = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "agent-0")
+        .unwrap();
+    assert_eq!(dead["state"], "down");
+    let events = c.ok(&["watch", &job.to_string()]);
+    assert!(events.contains("node lost"), "{events}");
+}
+
+#[test]
+fn watch_resumes_after_the_server_comes_back() {
+    let mut c = Cluster::start(1, 2);
+    let job = c.submit(
+        r#"
+version: 1
+name: watched
+tasks:
+  - name: one
+    command: "while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done"
+  - name: two
+    depends_on: [one]
+    command: "true"
+"#,
+    );
+    let mut watcher = c
+        .command(&["watch", &job.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.wait_until(job, T, "one to run", |v| task(v, "one")["state"] == "running");
+    c.kill_server();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_server();
+    std::fs::write(c.path("go"), "").unwrap();
+    let status = watcher.wait().unwrap();
+    let mut out = String::new();
+    watcher.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    watcher.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "watch failed: {err}\n{out}");
+    assert!(
+        err.contains("reconnecting"),
+        "the watcher noticed the outage: {err}"
+    );
+    // Every event exactly once: resumed after the last one seen, not from the start.
+    let count = |what: &str, state: &str| {
+        out.lines()
+            .filter(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.get(1) == Some(&what) && words.get(2) == Some(&state)
+            })
+            .count()
+    };
+    assert_eq!(count("one", "running"), 1, "{out}");
+    assert_eq!(count("two", "succeeded"), 1, "{out}");
+    assert_eq!(out.matches(&format!("job {job} succeeded")).count(), 1, "{out}");
+    // An explicit --after resumes from a sequence number.
+    let status = c.status(job);
+    let last = status["last_seq"].as_i64().unwrap();
+    let tail = c.ok(&["watch", &job.to_string(), "--after", &(last - 1).to_string()]);
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    assert!(tail.contains(&format!("job {job} succeeded")));
+}

@@ -1,0 +1,335 @@
+//! A cluster harness: a real `drover server` and real `drover agent`s on loopback ports, driven
+//! through the real CLI. Every process is killed when the cluster is dropped; their logs are
+//! printed when a test fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub fn drover_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drover")
+}
+
+/// Lease and heartbeat short enough that node loss is noticed within seconds.
+const LEASE: &str = "3s";
+const HEARTBEAT: &str = "300ms";
+
+/// A server, its agents, and a scratch directory.
+pub struct Cluster {
+    /// Scratch space: data dir, logs, job files, marker files.
+    pub dir: tempfile::TempDir,
+    /// The server's address, `127.0.0.1:PORT`.
+    pub addr: String,
+    server: Option<Child>,
+    agents: Vec<Option<Child>>,
+    server_starts: usize,
+}
+
+impl Cluster {
+    /// A server and `agents` agents named `agent-0`, `agent-1`, ... with `cores` each.
+    pub fn start(agents: usize, cores: u32) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = Cluster {
+            dir,
+            addr: "127.0.0.1:0".into(),
+            server: None,
+            agents: Vec::new(),
+            server_starts: 0,
+        };
+        c.start_server();
+        for _ in 0..agents {
+            c.add_agent(cores);
+        }
+        c.wait_for_nodes(agents);
+        c
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("{name}.log")))
+            .expect("log file")
+    }
+
+    /// Starts (or restarts, on the same address and data) the server.
+    pub fn start_server(&mut self) {
+        let mut child = Command::new(drover_bin())
+            .args([
+                "server",
+                "--listen",
+                &self.addr,
+                "--lease",
+                LEASE,
+                "--heartbeat",
+                HEARTBEAT,
+                "--data-dir",
+            ])
+            .arg(self.path("server-data"))
+            .env("DROVER_LOG", "info,drover_server=debug")
+            .stdout(Stdio::piped())
+            .stderr(self.log_file("server"))
+            .spawn()
+            .expect("spawn server");
+        let stdout = child.stdout.take().expect("server stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server says where it listens");
+        let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
+        assert!(url.starts_with("http://"), "unexpected server banner: {line:?}");
+        self.addr = url.trim_start_matches("http://").to_string();
+        self.server = Some(child);
+        self.server_starts += 1;
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up).
+    pub fn kill_server(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+
+    /// Starts another agent; returns its index.
+    pub fn add_agent(&mut self, cores: u32) -> usize {
+        let i = self.agents.len();
+        let child = self.spawn_agent(i, cores);
+        self.agents.push(Some(child));
+        i
+    }
+
+    fn spawn_agent(&self, i: usize, cores: u32) -> Child {
+        let name = format!("agent-{i}");
+        Command::new(drover_bin())
+            .args([
+                "agent",
+                "--server",
+                &self.addr,
+                "--name",
+                &name,
+                "--cores",
+                &cores.to_string(),
+            ])
+            .args(["--kill-grace", "1s", "--work-dir"])
+            .arg(self.path(&format!("{name}-work")))
+            .env("DROVER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log_file(&name))
+            .spawn()
+            .expect("spawn agent")
+    }
+
+    /// Kills agent `i` with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn drover(&self, args: &[&str]) -> Output {
+        Command::new(drover_bin())
+            .args(args)
+            .env("DROVER_SERVER", &self.addr)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run drover")
+    }
+
+    /// Runs the CLI and insists that it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.drover(args);
+        assert!(
+            out.status.success(),
+            "drover {args:?} failed: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A command that would run the CLI against this cluster, for tests that manage the child.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(drover_bin());
+        c.args(args)
+            .env("DROVER_SERVER", &self.addr)
+            .current_dir(self.dir.path());
+        c
+    }
+
+    /// Writes a job file into the scratch directory and returns its path.
+    pub fn job_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write job file");
+        path
+    }
+
+    /// Submits a job file (with `dir` set to the scratch directory as a parameter) and
+    /// returns the job id.
+    pub fn submit(&self, text: &str) -> i64 {
+        let file = self.job_file("job.yaml", text);
+        let dir = format!("dir={}", self.dir.path().display());
+        let out = self.ok(&[
+            "submit",
+            "-o",
+            "json",
+            "--param",
+            &dir,
+            &file.display().to_string(),
+        ]);
+        let v: Value = serde_json::from_str(&out).expect("submit -o json");
+        v["id"].as_i64().expect("job id")
+    }
+
+    /// `status -o json` of a job.
+    pub fn status(&self, job: i64) -> Value {
+        let out = self.ok(&["status", "-o", "json", &job.to_string()]);
+        serde_json::from_str(&out).expect("status -o json")
+    }
+
+    /// Polls until `check` accepts the job's status, or panics after `timeout`.
+    pub fn wait_until(
+        &self,
+        job: i64,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let out = self.drover(&["status", "-o", "json", &job.to_string()]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+                if check(&v) {
+                    return v;
+                }
+                if start.elapsed() > timeout {
+                    panic!("timed out waiting for {what}; last status: {v:#}");
+                }
+            } else if start.elapsed() > timeout {
+                panic!(
+                    "timed out waiting for {what}; status failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the job is in a final state and returns its status.
+    pub fn wait_done(&self, job: i64, timeout: Duration) -> Value {
+        self.wait_until(job, timeout, "the job to end", |v| {
+            matches!(
+                v["state"].as_str(),
+                Some("succeeded" | "warning" | "failed" | "cancelled")
+            )
+        })
+    }
+
+    /// Waits until `n` nodes are ready.
+    pub fn wait_for_nodes(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let out = self.drover(&["nodes", "-o", "json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).expect("nodes json");
+                let ready = v
+                    .as_array()
+                    .map(|a| a.iter().filter(|n| n["state"] == "ready").count())
+                    .unwrap_or(0);
+                if ready >= n {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{n} nodes never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many times the server was started.
+    pub fn server_starts(&self) -> usize {
+        self.server_starts
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_server();
+        for i in 0..self.agents.len() {
+            self.kill_agent(i);
+        }
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                    eprintln!("---- {} (last lines) ----", p.display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tasks of a status, by display name (`name` or `name[frame]`).
+pub fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["tasks"]
+        .as_array()
+        .and_then(|ts| {
+            ts.iter().find(|t| {
+                let display = match t["frame"].as_i64() {
+                    Some(f) => format!("{}[{}]", t["name"].as_str().unwrap_or_default(), f),
+                    None => t["name"].as_str().unwrap_or_default().to_string(),
+                };
+                display == name
+            })
+        })
+        .unwrap_or_else(|| panic!("no task {name} in {status:#}"))
+}
+
+/// Whether a process is alive (a zombie counts as dead: it runs nothing).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Reads a pid written by a task, waiting for the file to appear.
+pub fn read_pid(path: &Path) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid) = text.trim().parse()
+        {
+            return pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
