@@ -70,21 +70,9 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "version: 1\nname: x\ntasks:\n  - name: a\n    command: \"true\"\n    steps: [\"true\"]\n",
         &["both-command-and-steps.yaml:", "steps", "command"],
     ),
-    (
-        "no-command.yaml",
-        "version: 1\nname: x\ntasks:\n  - name: a\n",
-        &["no-command.yaml:4:", "command"],
-    ),
-    (
-        "syntax.yaml",
-        "version: 1\nname: [unclosed\ntasks: []\n",
-        &["syntax.yaml:"],
-    ),
-    (
-        "bad.json",
-        "{\"version\": 1, \"name\": \"x\", \"tasks\": [}\n",
-        &["bad.json:1:"],
-    ),
+    ("no-command.yaml", "version: 1\nname: x\ntasks:\n  - name: a\n", &["no-command.yaml:4:", "command"]),
+    ("syntax.yaml", "version: 1\nname: [unclosed\ntasks: []\n", &["syntax.yaml:"]),
+    ("bad.json", "{\"version\": 1, \"name\": \"x\", \"tasks\": [}\n", &["bad.json:1:"]),
 ];
 
 #[test]
@@ -96,16 +84,9 @@ fn bad_job_files_are_refused_with_their_position_and_nothing_is_stored() {
         for command in ["validate", "submit"] {
             let out = c.drover(&[command, &path]);
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(
-                out.status.code(),
-                Some(2),
-                "{command} {name} should fail with 2: {stderr}"
-            );
+            assert_eq!(out.status.code(), Some(2), "{command} {name} should fail with 2: {stderr}");
             for piece in *expected {
-                assert!(
-                    stderr.contains(piece),
-                    "{command} {name}: expected `{piece}` in:\n{stderr}"
-                );
+                assert!(stderr.contains(piece), "{command} {name}: expected `{piece}` in:\n{stderr}");
             }
             assert!(stderr.contains("nothing was submitted"), "{stderr}");
         }
@@ -122,12 +103,7 @@ fn examples_validate() {
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         let out = c.drover(&["validate", &path.display().to_string()]);
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
         seen += 1;
     }
     assert!(seen >= 3);
@@ -141,9 +117,6 @@ fn unreachable_server_says_how_to_start_one() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot reach the drover server at http://127.0.0.1:1"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot reach the drover server at http://127.0.0.1:1"), "{stderr}");
     assert!(stderr.contains("drover up"), "{stderr}");
 }

@@ -32,10 +32,7 @@ tasks:
     assert_eq!(task(&status, "first")["state"], "succeeded");
     assert_eq!(task(&status, "second")["state"], "succeeded");
     let logs = c.ok(&["logs", &job.to_string()]);
-    assert!(
-        logs.contains("first | first\n") && logs.contains("second | second\n"),
-        "{logs}"
-    );
+    assert!(logs.contains("first | first\n") && logs.contains("second | second\n"), "{logs}");
 }
 
 #[test]
@@ -63,12 +60,7 @@ tasks:
     assert_eq!(t["node"], format!("agent-{second}"));
     let nodes = c.ok(&["nodes", "-o", "json"]);
     let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
-    let dead = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "agent-0")
-        .unwrap();
+    let dead = nodes.as_array().unwrap().iter().find(|n| n["name"] == "agent-0").unwrap();
     assert_eq!(dead["state"], "down");
     let events = c.ok(&["watch", &job.to_string()]);
     assert!(events.contains("node lost"), "{events}");
@@ -106,10 +98,7 @@ tasks:
     let mut err = String::new();
     watcher.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(status.success(), "watch failed: {err}\n{out}");
-    assert!(
-        err.contains("reconnecting"),
-        "the watcher noticed the outage: {err}"
-    );
+    assert!(err.contains("reconnecting"), "the watcher noticed the outage: {err}");
     // Every event exactly once: resumed after the last one seen, not from the start.
     let count = |what: &str, state: &str| {
         out.lines()

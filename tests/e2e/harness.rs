@@ -33,13 +33,8 @@ impl Cluster {
     /// A server and `agents` agents named `agent-0`, `agent-1`, ... with `cores` each.
     pub fn start(agents: usize, cores: u32) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut c = Cluster {
-            dir,
-            addr: "127.0.0.1:0".into(),
-            server: None,
-            agents: Vec::new(),
-            server_starts: 0,
-        };
+        let mut c =
+            Cluster { dir, addr: "127.0.0.1:0".into(), server: None, agents: Vec::new(), server_starts: 0 };
         c.start_server();
         for _ in 0..agents {
             c.add_agent(cores);
@@ -82,9 +77,7 @@ impl Cluster {
             .expect("spawn server");
         let stdout = child.stdout.take().expect("server stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("server says where it listens");
+        BufReader::new(stdout).read_line(&mut line).expect("server says where it listens");
         let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
         assert!(url.starts_with("http://"), "unexpected server banner: {line:?}");
         self.addr = url.trim_start_matches("http://").to_string();
@@ -111,15 +104,7 @@ impl Cluster {
     fn spawn_agent(&self, i: usize, cores: u32) -> Child {
         let name = format!("agent-{i}");
         Command::new(drover_bin())
-            .args([
-                "agent",
-                "--server",
-                &self.addr,
-                "--name",
-                &name,
-                "--cores",
-                &cores.to_string(),
-            ])
+            .args(["agent", "--server", &self.addr, "--name", &name, "--cores", &cores.to_string()])
             .args(["--kill-grace", "1s", "--work-dir"])
             .arg(self.path(&format!("{name}-work")))
             .env("DROVER_LOG", "info")
@@ -163,9 +148,7 @@ impl Cluster {
     /// A command that would run the CLI against this cluster, for tests that manage the child.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(drover_bin());
-        c.args(args)
-            .env("DROVER_SERVER", &self.addr)
-            .current_dir(self.dir.path());
+        c.args(args).env("DROVER_SERVER", &self.addr).current_dir(self.dir.path());
         c
     }
 
@@ -181,14 +164,7 @@ impl Cluster {
     pub fn submit(&self, text: &str) -> i64 {
         let file = self.job_file("job.yaml", text);
         let dir = format!("dir={}", self.dir.path().display());
-        let out = self.ok(&[
-            "submit",
-            "-o",
-            "json",
-            "--param",
-            &dir,
-            &file.display().to_string(),
-        ]);
+        let out = self.ok(&["submit", "-o", "json", "--param", &dir, &file.display().to_string()]);
         let v: Value = serde_json::from_str(&out).expect("submit -o json");
         v["id"].as_i64().expect("job id")
     }
@@ -231,10 +207,7 @@ impl Cluster {
     /// Waits until the job is in a final state and returns its status.
     pub fn wait_done(&self, job: i64, timeout: Duration) -> Value {
         self.wait_until(job, timeout, "the job to end", |v| {
-            matches!(
-                v["state"].as_str(),
-                Some("succeeded" | "warning" | "failed" | "cancelled")
-            )
+            matches!(v["state"].as_str(), Some("succeeded" | "warning" | "failed" | "cancelled"))
         })
     }
 
@@ -245,18 +218,13 @@ impl Cluster {
             let out = self.drover(&["nodes", "-o", "json"]);
             if out.status.success() {
                 let v: Value = serde_json::from_slice(&out.stdout).expect("nodes json");
-                let ready = v
-                    .as_array()
-                    .map(|a| a.iter().filter(|n| n["state"] == "ready").count())
-                    .unwrap_or(0);
+                let ready =
+                    v.as_array().map(|a| a.iter().filter(|n| n["state"] == "ready").count()).unwrap_or(0);
                 if ready >= n {
                     return;
                 }
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{n} nodes never became ready"
-            );
+            assert!(start.elapsed() < Duration::from_secs(30), "{n} nodes never became ready");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -308,10 +276,9 @@ pub fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
 /// Whether a process is alive (a zombie counts as dead: it runs nothing).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
+        Ok(stat) => {
+            stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false)
+        }
         Err(_) => false,
     }
 }
@@ -325,11 +292,7 @@ pub fn read_pid(path: &Path) -> i32 {
         {
             return pid;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
+        assert!(start.elapsed() < Duration::from_secs(30), "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -98,10 +98,7 @@ tasks:
     assert_eq!(hopeless["attempts"], 2);
     assert_eq!(hopeless["exit_code"], 5);
     assert_eq!(hopeless["failure"], "exit");
-    assert!(
-        hopeless["reason"].as_str().unwrap().contains("no retries left"),
-        "{hopeless:#}"
-    );
+    assert!(hopeless["reason"].as_str().unwrap().contains("no retries left"), "{hopeless:#}");
     let logs = c.ok(&["logs", &job.to_string(), "flaky"]);
     assert_eq!(logs, "attempt 1\nattempt 2\nattempt 3\n");
 }
@@ -133,11 +130,7 @@ tasks:
     assert_eq!(task(&status, "skip")["state"], "skipped");
     assert_eq!(task(&status, "skip")["exit_code"], 43);
     assert_eq!(task(&status, "custom")["state"], "warning");
-    assert_eq!(
-        task(&status, "after-warn")["state"],
-        "succeeded",
-        "a warning satisfies dependents"
-    );
+    assert_eq!(task(&status, "after-warn")["state"], "succeeded", "a warning satisfies dependents");
     // watch exits 0 for a job that ended with warnings.
     let out = c.drover(&["watch", &job.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -163,10 +156,7 @@ tasks:
     let t = task(&status, "test");
     assert_eq!(t["state"], "skipped");
     assert_eq!(t["attempts"], 0);
-    assert!(
-        t["reason"].as_str().unwrap().contains("`build` ended failed"),
-        "{t:#}"
-    );
+    assert!(t["reason"].as_str().unwrap().contains("`build` ended failed"), "{t:#}");
     let out = c.drover(&["watch", &job.to_string()]);
     assert!(!out.status.success(), "watch exits non-zero for a failed job");
 }
@@ -188,28 +178,13 @@ tasks:
     command: "true"
 "#,
     );
-    let status = c.wait_until(job, T, "show to finish", |v| {
-        task(v, "show")["state"] == "succeeded"
-    });
-    assert_eq!(
-        task(&status, "picky")["state"],
-        "queued",
-        "no node has gpu=true yet"
-    );
+    let status = c.wait_until(job, T, "show to finish", |v| task(v, "show")["state"] == "succeeded");
+    assert_eq!(task(&status, "picky")["state"], "queued", "no node has gpu=true yet");
     let logs = c.ok(&["logs", &job.to_string(), "show"]);
     assert_eq!(logs, format!("hello task {job}\n"));
     // A node with the label arrives; the task runs there.
     let mut agent = c
-        .command(&[
-            "agent",
-            "--name",
-            "gpu-node",
-            "--labels",
-            "gpu=true",
-            "--cores",
-            "1",
-            "--work-dir",
-        ])
+        .command(&["agent", "--name", "gpu-node", "--labels", "gpu=true", "--cores", "1", "--work-dir"])
         .arg(c.path("gpu-work"))
         .args(["--server", &c.addr])
         .stdout(std::process::Stdio::null())

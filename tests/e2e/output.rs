@@ -75,10 +75,7 @@ tasks:
     let mut reader = BufReader::new(follower.stdout.take().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    assert_eq!(
-        line, "first\n",
-        "the first step's line arrives while the task still runs"
-    );
+    assert_eq!(line, "first\n", "the first step's line arrives while the task still runs");
     let status = c.status(job);
     assert_eq!(task(&status, "ticker")["state"], "running");
     std::fs::write(c.path("go"), "").unwrap();

@@ -9,10 +9,7 @@ const T: Duration = Duration::from_secs(60);
 fn wait_dead(pid: i32) {
     let start = Instant::now();
     while alive(pid) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "process {pid} survived"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "process {pid} survived");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -41,10 +38,7 @@ tasks:
     let t = task(&status, "slow");
     assert_eq!(t["state"], "failed", "{status:#}");
     assert_eq!(t["failure"], "timeout");
-    assert!(
-        t["reason"].as_str().unwrap().contains("timed out after 1s"),
-        "{t:#}"
-    );
+    assert!(t["reason"].as_str().unwrap().contains("timed out after 1s"), "{t:#}");
     // Both ignored SIGTERM, so only the SIGKILL after the grace period ended them.
     wait_dead(child);
     wait_dead(grandchild);
@@ -68,9 +62,7 @@ tasks:
 "#,
     );
     let pid = read_pid(&c.path("running.pid"));
-    c.wait_until(job, T, "the task to run", |v| {
-        task(v, "running")["state"] == "running"
-    });
+    c.wait_until(job, T, "the task to run", |v| task(v, "running")["state"] == "running");
     let out = c.ok(&["cancel", &job.to_string()]);
     assert!(out.contains("cancelled"), "{out}");
     let status = c.wait_done(job, T);

@@ -79,9 +79,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Backoff before reconnect attempt `n` (from 0): 100 ms doubling to 5 s, with up to 50% jitter
 /// so a fleet does not reconnect in lockstep after a server restart.
 fn backoff(n: u32) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1 << n.min(6))
-        .min(Duration::from_secs(5));
+    let base = Duration::from_millis(100).saturating_mul(1 << n.min(6)).min(Duration::from_secs(5));
     let jitter = rand::rng().random_range(0.0..0.5);
     base.mul_f64(1.0 + jitter)
 }
@@ -143,9 +141,7 @@ impl Agent {
     /// One session: register, then serve until the stream breaks. `Ok` when the server ended
     /// it cleanly (and a fresh session should start at once).
     async fn session(self: Arc<Self>, url: String) -> Result<(), String> {
-        let mut client = AgentSessionClient::connect(url.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut client = AgentSessionClient::connect(url.clone()).await.map_err(|e| e.to_string())?;
         client = client.max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel();
         let mut known: Vec<i64> = lock(&self.running).keys().copied().collect();
@@ -161,19 +157,14 @@ impl Agent {
             attempts: known,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        tx.send(pb::AgentMessage {
-            msg: Some(Msg::Register(register)),
-        })
-        .map_err(|e| e.to_string())?;
+        tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) }).map_err(|e| e.to_string())?;
         let mut inbound = client
             .session(UnboundedReceiverStream::new(rx))
             .await
             .map_err(|e| e.message().to_string())?
             .into_inner();
         let registered = match inbound.next().await {
-            Some(Ok(pb::ServerMessage {
-                msg: Some(In::Registered(r)),
-            })) => r,
+            Some(Ok(pb::ServerMessage { msg: Some(In::Registered(r)) })) => r,
             Some(Ok(_)) => return Err("server did not answer Register".into()),
             Some(Err(e)) => return Err(e.message().to_string()),
             None => return Err("server closed the session".into()),
@@ -187,12 +178,7 @@ impl Agent {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
                 tick.tick().await;
-                if beat_tx
-                    .send(pb::AgentMessage {
-                        msg: Some(Msg::Heartbeat(pb::Heartbeat {})),
-                    })
-                    .is_err()
-                {
+                if beat_tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat {})) }).is_err() {
                     return;
                 }
             }
@@ -217,10 +203,9 @@ impl Agent {
                         tracing::info!(attempt_id = c.attempt_id, reason = %c.reason, "stopping attempt");
                         let _ = r.stop.send(StopReason::Cancel);
                     }
-                    None => tracing::debug!(
-                        attempt_id = c.attempt_id,
-                        "cancel for an attempt not running here"
-                    ),
+                    None => {
+                        tracing::debug!(attempt_id = c.attempt_id, "cancel for an attempt not running here")
+                    }
                 }
             }
             In::Ack(a) => self.outbox.ack(a.seq),
@@ -238,11 +223,7 @@ impl Agent {
         if reserved.is_none() {
             // The server's view and ours disagree (e.g. an attempt of ours the server already
             // settled is still stopping); run unpinned rather than refuse the work.
-            tracing::warn!(
-                attempt_id,
-                cores = a.cores,
-                "not enough free cores to pin; running unpinned"
-            );
+            tracing::warn!(attempt_id, cores = a.cores, "not enough free cores to pin; running unpinned");
         }
         let spec = TaskSpec {
             job_id: a.job_id,

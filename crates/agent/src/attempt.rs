@@ -243,12 +243,7 @@ async fn flush(outbox: &Outbox, attempt_id: i64, lines: &mut Vec<pb::OutputLine>
     if lines.is_empty() {
         return;
     }
-    let msg = Msg::Output(pb::AttemptOutput {
-        attempt_id,
-        epoch: 0,
-        seq: 0,
-        lines: std::mem::take(lines),
-    });
+    let msg = Msg::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines: std::mem::take(lines) });
     outbox.push(attempt_id, msg, *bytes + 64).await;
     *bytes = 0;
 }

@@ -2,17 +2,12 @@
 
 /// Logical CPUs the agent may use (respects the process's affinity mask and cgroup quota).
 pub fn detect_cores() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
 }
 
 /// Total memory in bytes from `/proc/meminfo`, or 0 when it cannot be read.
 pub fn detect_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| parse_meminfo_total(&text))
-        .unwrap_or(0)
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| parse_meminfo_total(&text)).unwrap_or(0)
 }
 
 fn parse_meminfo_total(text: &str) -> Option<u64> {

@@ -71,12 +71,7 @@ impl Outbox {
         let mut inner = self.lock();
         inner.next_seq += 1;
         let seq = inner.next_seq;
-        inner.pending.push_back(Pending {
-            seq,
-            attempt_id,
-            msg: msg.clone(),
-            bytes,
-        });
+        inner.pending.push_back(Pending { seq, attempt_id, msg: msg.clone(), bytes });
         inner.pending_bytes += bytes;
         if let Some((tx, epoch)) = &inner.link {
             // Sent under the lock so that reports leave in sequence order. A failed send means

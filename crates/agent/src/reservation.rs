@@ -15,10 +15,7 @@ pub struct CoreSet {
 impl CoreSet {
     /// `advertised` cores, of which the first `physical` ids exist on this machine.
     pub fn new(advertised: u32, physical: u32) -> CoreSet {
-        CoreSet {
-            free: (0..advertised as usize).collect(),
-            pinnable: advertised <= physical,
-        }
+        CoreSet { free: (0..advertised as usize).collect(), pinnable: advertised <= physical }
     }
 
     /// Takes `n` free cores. Returns the CPU ids to pin to (empty when pinning is off), or
@@ -31,10 +28,7 @@ impl CoreSet {
         for id in &ids {
             self.free.remove(id);
         }
-        Some(Reserved {
-            ids,
-            pinnable: self.pinnable,
-        })
+        Some(Reserved { ids, pinnable: self.pinnable })
     }
 
     /// Returns cores to the free set.
@@ -53,11 +47,7 @@ pub struct Reserved {
 impl Reserved {
     /// CPU ids to pin the task to; empty when pinning is off.
     pub fn pin_to(&self) -> Vec<usize> {
-        if self.pinnable {
-            self.ids.clone()
-        } else {
-            Vec::new()
-        }
+        if self.pinnable { self.ids.clone() } else { Vec::new() }
     }
 }
 

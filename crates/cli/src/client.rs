@@ -8,22 +8,13 @@ use tonic::transport::Channel;
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServerOpt {
     /// Server address (host:port or http://host:port).
-    #[arg(
-        long,
-        env = "DROVER_SERVER",
-        default_value = "http://127.0.0.1:7370",
-        global = true
-    )]
+    #[arg(long, env = "DROVER_SERVER", default_value = "http://127.0.0.1:7370", global = true)]
     pub server: String,
 }
 
 /// `host:port` → `http://host:port`.
 pub fn normalize(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
 
 /// Connects to the server or explains how to start one.
@@ -32,9 +23,7 @@ pub async fn connect(opt: &ServerOpt) -> Result<DroverClient<Channel>> {
     let endpoint = Channel::from_shared(url.clone())
         .map_err(|e| anyhow!("`{}` is not a server address: {e}", opt.server))?;
     let channel = endpoint.connect().await.map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string());
+        let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
         anyhow!(
             "cannot reach the drover server at {url} ({cause})\n  hint: start one with `drover up`, or point \
              --server / DROVER_SERVER at a running server"

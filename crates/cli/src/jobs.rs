@@ -153,11 +153,7 @@ pub fn compile_file(
         Ok(job) => Ok(Ok((job, source, filename))),
         Err(errors) => {
             eprintln!("{errors}");
-            eprintln!(
-                "{} has {} error(s); nothing was submitted",
-                filename,
-                errors.0.len()
-            );
+            eprintln!("{} has {} error(s); nothing was submitted", filename, errors.0.len());
             Ok(Err(ExitCode::from(EXIT_INVALID)))
         }
     }
@@ -183,10 +179,7 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode> {
 pub async fn send_job(opt: &ServerOpt, job: &JobPlan, source: String, filename: String) -> Result<i64> {
     let mut client = connect(opt).await?;
     let plan_json = serde_json::to_string(job)?;
-    let resp = client
-        .submit(pb::SubmitRequest { plan_json, source, filename })
-        .await
-        .map_err(rpc_error)?;
+    let resp = client.submit(pb::SubmitRequest { plan_json, source, filename }).await.map_err(rpc_error)?;
     Ok(resp.into_inner().job_id)
 }
 
@@ -232,10 +225,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     };
     let job_id = send_job(&args.server, &job, source, filename).await?;
     match args.output {
-        Format::Json => println!(
-            "{}",
-            serde_json::json!({ "id": job_id, "tasks": job.tasks.len() })
-        ),
+        Format::Json => println!("{}", serde_json::json!({ "id": job_id, "tasks": job.tasks.len() })),
         Format::Human => println!("{}", job_id),
     }
     if args.watch {
@@ -248,10 +238,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 pub async fn ps(args: PsArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
     let jobs = client
-        .list_jobs(pb::ListJobsRequest {
-            limit: args.limit,
-            all: args.all,
-        })
+        .list_jobs(pb::ListJobsRequest { limit: args.limit, all: args.all })
         .await
         .map_err(rpc_error)?
         .into_inner()
@@ -268,11 +255,7 @@ pub async fn ps(args: PsArgs) -> Result<ExitCode> {
 
 async fn get_job(opt: &ServerOpt, id: i64) -> Result<pb::Job> {
     let mut client = connect(opt).await?;
-    Ok(client
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .map_err(rpc_error)?
-        .into_inner())
+    Ok(client.get_job(pb::GetJobRequest { job_id: id }).await.map_err(rpc_error)?.into_inner())
 }
 
 /// `drover status`.
@@ -302,11 +285,7 @@ pub async fn follow_job(opt: &ServerOpt, job_id: i64, after: i64) -> Result<Exit
     loop {
         match watch_once(opt, job_id, &mut after).await {
             Ok(Some(state)) => {
-                return Ok(if state.is_success() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
+                return Ok(if state.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             Ok(None) => {}
             Err(WatchError::Fatal(e)) => return Err(e),
@@ -343,14 +322,8 @@ fn classify(status: tonic::Status) -> WatchError {
 /// One watch stream. `Ok(Some(state))` when the job reached a final state.
 async fn watch_once(opt: &ServerOpt, job_id: i64, after: &mut i64) -> Result<Option<JobState>, WatchError> {
     let mut client = connect(opt).await.map_err(WatchError::Broken)?;
-    let mut stream = client
-        .watch(pb::WatchRequest {
-            job_id,
-            after_seq: *after,
-        })
-        .await
-        .map_err(classify)?
-        .into_inner();
+    let mut stream =
+        client.watch(pb::WatchRequest { job_id, after_seq: *after }).await.map_err(classify)?.into_inner();
     let mut last_state = None;
     let mut out = std::io::stdout();
     while let Some(ev) = stream.next().await {
@@ -364,9 +337,7 @@ async fn watch_once(opt: &ServerOpt, job_id: i64, after: &mut i64) -> Result<Opt
     }
     match last_state {
         Some(s) => Ok(Some(s)),
-        None => Err(WatchError::Broken(anyhow!(
-            "the watch stream ended before the job did"
-        ))),
+        None => Err(WatchError::Broken(anyhow!("the watch stream ended before the job did"))),
     }
 }
 
@@ -389,11 +360,7 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(rpc_error)?;
         for line in batch.lines {
-            let w: &mut dyn Write = if line.stream == "stderr" {
-                &mut stderr
-            } else {
-                &mut stdout
-            };
+            let w: &mut dyn Write = if line.stream == "stderr" { &mut stderr } else { &mut stdout };
             if prefix {
                 let name = match line.frame {
                     Some(f) => format!("{}[{}]", line.task_name, f),
@@ -414,11 +381,7 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
 /// `drover cancel`.
 pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
-    let resp = client
-        .cancel(pb::CancelRequest { job_id: args.job })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    let resp = client.cancel(pb::CancelRequest { job_id: args.job }).await.map_err(rpc_error)?.into_inner();
     println!(
         "job {} cancelled ({} running tasks are being stopped); state: {}",
         args.job, resp.cancelled, resp.state
@@ -429,12 +392,7 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
 /// `drover nodes`.
 pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
-    let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .map_err(rpc_error)?
-        .into_inner()
-        .nodes;
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner().nodes;
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&render::nodes_json(&nodes))?),
         Format::Human if nodes.is_empty() => {

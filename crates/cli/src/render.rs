@@ -12,12 +12,7 @@ pub fn clock(ms: i64) -> String {
         return "-".into();
     }
     let secs = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
 fn task_name(name: &str, frame: Option<i64>) -> String {
@@ -29,9 +24,7 @@ fn task_name(name: &str, frame: Option<i64>) -> String {
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header);
+    t.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
     t
 }
 
@@ -40,12 +33,7 @@ pub fn event_line(e: &pb::Event) -> String {
     let mut line = if e.kind == "job" {
         format!("{}  job {} {}", clock(e.time_ms), e.job_id, e.state)
     } else {
-        format!(
-            "{}  {:<16} {}",
-            clock(e.time_ms),
-            task_name(&e.task_name, e.frame),
-            e.state
-        )
+        format!("{}  {:<16} {}", clock(e.time_ms), task_name(&e.task_name, e.frame), e.state)
     };
     if !e.node.is_empty() {
         line.push_str(&format!(" on {}", e.node));
@@ -64,16 +52,7 @@ pub fn event_line(e: &pb::Event) -> String {
 
 /// The `ps` table.
 pub fn jobs_table(jobs: &[pb::JobSummary]) -> Table {
-    let mut t = table(&[
-        "ID",
-        "NAME",
-        "PROJECT",
-        "STATE",
-        "DONE",
-        "RUNNING",
-        "FAILED",
-        "SUBMITTED",
-    ]);
+    let mut t = table(&["ID", "NAME", "PROJECT", "STATE", "DONE", "RUNNING", "FAILED", "SUBMITTED"]);
     for j in jobs {
         t.add_row(vec![
             j.id.to_string(),
@@ -103,32 +82,16 @@ pub fn jobs_json(jobs: &[pb::JobSummary]) -> Value {
 
 /// `status` for people: a header and a task table.
 pub fn job_detail(job: &pb::Job) -> String {
-    let mut t = table(&[
-        "TASK", "STATE", "EXIT", "ATTEMPTS", "NODE", "CPU s", "PEAK MEM", "REASON",
-    ]);
+    let mut t = table(&["TASK", "STATE", "EXIT", "ATTEMPTS", "NODE", "CPU s", "PEAK MEM", "REASON"]);
     for task in &job.tasks {
         t.add_row(vec![
             task_name(&task.name, task.frame),
             task.state.clone(),
-            task.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
+            task.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             task.attempts.to_string(),
-            if task.node.is_empty() {
-                "-".into()
-            } else {
-                task.node.clone()
-            },
-            if task.attempts > 0 {
-                format!("{:.2}", task.cpu_seconds)
-            } else {
-                "-".into()
-            },
-            if task.peak_memory_bytes > 0 {
-                format_memory(task.peak_memory_bytes)
-            } else {
-                "-".into()
-            },
+            if task.node.is_empty() { "-".into() } else { task.node.clone() },
+            if task.attempts > 0 { format!("{:.2}", task.cpu_seconds) } else { "-".into() },
+            if task.peak_memory_bytes > 0 { format_memory(task.peak_memory_bytes) } else { "-".into() },
             task.reason.clone(),
         ]);
     }
@@ -156,16 +119,8 @@ pub fn job_json(job: &pb::Job) -> Value {
 
 /// The `nodes` table.
 pub fn nodes_table(nodes: &[pb::Node]) -> Table {
-    let mut t = table(&[
-        "ID",
-        "NAME",
-        "STATE",
-        "CORES FREE",
-        "MEMORY FREE",
-        "RUNNING",
-        "LABELS",
-        "LAST SEEN",
-    ]);
+    let mut t =
+        table(&["ID", "NAME", "STATE", "CORES FREE", "MEMORY FREE", "RUNNING", "LABELS", "LAST SEEN"]);
     for n in nodes {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         t.add_row(vec![

@@ -115,17 +115,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 fn server_config(args: &ServerArgs) -> Result<ServerConfig> {
     if args.heartbeat >= args.lease {
-        bail!(
-            "--heartbeat ({:?}) must be shorter than --lease ({:?})",
-            args.heartbeat,
-            args.lease
-        );
+        bail!("--heartbeat ({:?}) must be shorter than --lease ({:?})", args.heartbeat, args.lease);
     }
-    Ok(ServerConfig {
-        heartbeat: args.heartbeat,
-        lease: args.lease,
-        ..ServerConfig::default()
-    })
+    Ok(ServerConfig { heartbeat: args.heartbeat, lease: args.lease, ..ServerConfig::default() })
 }
 
 async fn shutdown_signal() {
@@ -170,11 +162,7 @@ pub async fn server(args: ServerArgs) -> Result<ExitCode> {
 
 /// `drover agent`.
 pub async fn agent(args: AgentArgs) -> Result<ExitCode> {
-    let config = agent_config(
-        &args.node,
-        args.server.clone(),
-        PathBuf::from(".drover/agent/work"),
-    );
+    let config = agent_config(&args.node, args.server.clone(), PathBuf::from(".drover/agent/work"));
     tracing::info!(name = %config.name, cores = config.cores, memory = config.memory, servers = ?config.servers, "drover agent starting");
     let agent = Agent::new(config, Arc::new(ProcessRuntime::new()))?;
     agent.run(shutdown_signal()).await;
@@ -213,10 +201,7 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         }
     };
     let agent = tokio::spawn(agent.run(agent_stop));
-    eprintln!(
-        "drover is up: server and local agent on {url}, data in {}",
-        args.server.data_dir.display()
-    );
+    eprintln!("drover is up: server and local agent on {url}, data in {}", args.server.data_dir.display());
     let code = match job {
         Some((job, source, filename)) => {
             let opt = ServerOpt { server: url.clone() };

@@ -66,11 +66,7 @@ pub fn release(tasks: &[GateTask<'_>]) -> Vec<Release> {
             };
             if let Some((state, reason)) = decided {
                 states[i] = state;
-                out.push(Release {
-                    index: i,
-                    state,
-                    reason,
-                });
+                out.push(Release { index: i, state, reason });
                 changed = true;
             }
         }
@@ -91,66 +87,23 @@ mod tests {
         let dep_a = vec!["a".to_string()];
         let dep_b = vec!["b".to_string()];
         let tasks = vec![
-            GateTask {
-                name: "a",
-                state: Succeeded,
-                depends_on: &a,
-            },
-            GateTask {
-                name: "a",
-                state: Running,
-                depends_on: &a,
-            },
-            GateTask {
-                name: "b",
-                state: Waiting,
-                depends_on: &dep_a,
-            },
+            GateTask { name: "a", state: Succeeded, depends_on: &a },
+            GateTask { name: "a", state: Running, depends_on: &a },
+            GateTask { name: "b", state: Waiting, depends_on: &dep_a },
         ];
         assert!(release(&tasks).is_empty());
 
         let tasks = vec![
-            GateTask {
-                name: "a",
-                state: Succeeded,
-                depends_on: &a,
-            },
-            GateTask {
-                name: "a",
-                state: Warning,
-                depends_on: &a,
-            },
-            GateTask {
-                name: "b",
-                state: Waiting,
-                depends_on: &dep_a,
-            },
+            GateTask { name: "a", state: Succeeded, depends_on: &a },
+            GateTask { name: "a", state: Warning, depends_on: &a },
+            GateTask { name: "b", state: Waiting, depends_on: &dep_a },
         ];
-        assert_eq!(
-            release(&tasks),
-            vec![Release {
-                index: 2,
-                state: Queued,
-                reason: String::new()
-            }]
-        );
+        assert_eq!(release(&tasks), vec![Release { index: 2, state: Queued, reason: String::new() }]);
 
         let tasks = vec![
-            GateTask {
-                name: "a",
-                state: Failed,
-                depends_on: &a,
-            },
-            GateTask {
-                name: "b",
-                state: Waiting,
-                depends_on: &dep_a,
-            },
-            GateTask {
-                name: "c",
-                state: Waiting,
-                depends_on: &dep_b,
-            },
+            GateTask { name: "a", state: Failed, depends_on: &a },
+            GateTask { name: "b", state: Waiting, depends_on: &dep_a },
+            GateTask { name: "c", state: Waiting, depends_on: &dep_b },
         ];
         let r = release(&tasks);
         assert_eq!(r.len(), 2);

@@ -112,9 +112,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             count: 0,
             backoff: Duration::from_secs(1),
-            on: [FailureClass::Exit, FailureClass::Timeout, FailureClass::Lost]
-                .into_iter()
-                .collect(),
+            on: [FailureClass::Exit, FailureClass::Timeout, FailureClass::Lost].into_iter().collect(),
         }
     }
 }
@@ -144,10 +142,7 @@ pub struct ExitCodes {
 
 impl Default for ExitCodes {
     fn default() -> Self {
-        ExitCodes {
-            warning: vec![42],
-            skip: vec![43],
-        }
+        ExitCodes { warning: vec![42], skip: vec![43] }
     }
 }
 
@@ -170,10 +165,7 @@ impl JobPlan {
             return err("name".into(), "job name is empty; give the job a name".into());
         }
         if self.project.trim().is_empty() {
-            return err(
-                "project".into(),
-                "project is empty; omit it to use `default`".into(),
-            );
+            return err("project".into(), "project is empty; omit it to use `default`".into());
         }
         if self.tasks.is_empty() {
             return err("tasks".into(), "a job needs at least one task".into());
@@ -187,17 +179,11 @@ impl JobPlan {
             if !seen.insert((t.name.as_str(), t.frame)) {
                 return err(
                     format!("tasks[{i}].name"),
-                    format!(
-                        "task `{}` appears twice; task names must be unique",
-                        t.display_name()
-                    ),
+                    format!("task `{}` appears twice; task names must be unique", t.display_name()),
                 );
             }
             if t.steps.is_empty() {
-                return err(
-                    format!("tasks[{i}]"),
-                    "task has no command; set `command` or `steps`".into(),
-                );
+                return err(format!("tasks[{i}]"), "task has no command; set `command` or `steps`".into());
             }
             for (s, step) in t.steps.iter().enumerate() {
                 let empty = match step {
@@ -209,10 +195,7 @@ impl JobPlan {
                 }
             }
             if t.resources.cores == 0 {
-                return err(
-                    format!("tasks[{i}].resources.cores"),
-                    "cores must be at least 1".into(),
-                );
+                return err(format!("tasks[{i}].resources.cores"), "cores must be at least 1".into());
             }
             for d in &t.depends_on {
                 if !names.contains(d.as_str()) {
@@ -222,18 +205,12 @@ impl JobPlan {
                     );
                 }
                 if d == &t.name {
-                    return err(
-                        format!("tasks[{i}].depends_on"),
-                        "a task cannot depend on itself".into(),
-                    );
+                    return err(format!("tasks[{i}].depends_on"), "a task cannot depend on itself".into());
                 }
             }
         }
         if let Some(cycle) = self.find_cycle() {
-            return err(
-                "tasks".into(),
-                format!("dependency cycle: {}", cycle.join(" -> ")),
-            );
+            return err("tasks".into(), format!("dependency cycle: {}", cycle.join(" -> ")));
         }
         Ok(())
     }
@@ -242,9 +219,7 @@ impl JobPlan {
     pub fn find_cycle(&self) -> Option<Vec<String>> {
         let mut deps: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for t in &self.tasks {
-            deps.entry(&t.name)
-                .or_default()
-                .extend(t.depends_on.iter().map(String::as_str));
+            deps.entry(&t.name).or_default().extend(t.depends_on.iter().map(String::as_str));
         }
         // 0 = unvisited, 1 = on the current path, 2 = done.
         let mut mark: BTreeMap<&str, u8> = BTreeMap::new();
@@ -333,13 +308,7 @@ mod tests {
     }
 
     fn job(tasks: Vec<TaskPlan>) -> JobPlan {
-        JobPlan {
-            name: "j".into(),
-            project: "default".into(),
-            priority: 0,
-            labels: BTreeMap::new(),
-            tasks,
-        }
+        JobPlan { name: "j".into(), project: "default".into(), priority: 0, labels: BTreeMap::new(), tasks }
     }
 
     #[test]
@@ -367,11 +336,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles() {
-        let p = RetryPolicy {
-            count: 3,
-            backoff: Duration::from_secs(2),
-            ..Default::default()
-        };
+        let p = RetryPolicy { count: 3, backoff: Duration::from_secs(2), ..Default::default() };
         assert_eq!(p.delay(1), Duration::from_secs(2));
         assert_eq!(p.delay(3), Duration::from_secs(8));
         assert!(p.retries(FailureClass::Exit, 3));

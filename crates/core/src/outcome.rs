@@ -101,11 +101,7 @@ mod tests {
             env: Default::default(),
             resources: Resources::default(),
             timeout: None,
-            retries: RetryPolicy {
-                count,
-                backoff: Duration::from_secs(1),
-                ..Default::default()
-            },
+            retries: RetryPolicy { count, backoff: Duration::from_secs(1), ..Default::default() },
             depends_on: vec![],
             exit_codes: ExitCodes::default(),
             constraints: Default::default(),
@@ -113,10 +109,7 @@ mod tests {
     }
 
     fn exit(code: i32) -> AttemptEnd {
-        AttemptEnd {
-            exit_code: Some(code),
-            failure: None,
-        }
+        AttemptEnd { exit_code: Some(code), failure: None }
     }
 
     #[test]
@@ -124,32 +117,17 @@ mod tests {
         let p = plan(0);
         assert!(matches!(
             settle(&p, 1, exit(0), false),
-            Settlement::Final {
-                state: TaskState::Succeeded,
-                ..
-            }
+            Settlement::Final { state: TaskState::Succeeded, .. }
         ));
         assert!(matches!(
             settle(&p, 1, exit(42), false),
-            Settlement::Final {
-                state: TaskState::Warning,
-                ..
-            }
+            Settlement::Final { state: TaskState::Warning, .. }
         ));
         assert!(matches!(
             settle(&p, 1, exit(43), false),
-            Settlement::Final {
-                state: TaskState::Skipped,
-                ..
-            }
+            Settlement::Final { state: TaskState::Skipped, .. }
         ));
-        assert!(matches!(
-            settle(&p, 1, exit(1), false),
-            Settlement::Final {
-                state: TaskState::Failed,
-                ..
-            }
-        ));
+        assert!(matches!(settle(&p, 1, exit(1), false), Settlement::Final { state: TaskState::Failed, .. }));
     }
 
     #[test]
@@ -169,17 +147,8 @@ mod tests {
     #[test]
     fn cancel_never_retries() {
         let p = plan(5);
-        let lost = AttemptEnd {
-            exit_code: None,
-            failure: Some(FailureClass::Lost),
-        };
-        assert!(matches!(
-            settle(&p, 1, lost, true),
-            Settlement::Final {
-                state: TaskState::Cancelled,
-                ..
-            }
-        ));
+        let lost = AttemptEnd { exit_code: None, failure: Some(FailureClass::Lost) };
+        assert!(matches!(settle(&p, 1, lost, true), Settlement::Final { state: TaskState::Cancelled, .. }));
         assert!(matches!(settle(&p, 1, lost, false), Settlement::Retry { .. }));
     }
 }

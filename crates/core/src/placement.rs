@@ -73,10 +73,7 @@ pub fn place(nodes: &[NodeView], queue: &[QueuedTask]) -> Vec<Placement> {
         if let Some((i, node)) = best {
             free[i] = free[i].minus(&task.resources);
             cores_left -= task.resources.cores as u64;
-            plan.push(Placement {
-                task_id: task.id,
-                node_id: node.id,
-            });
+            plan.push(Placement { task_id: task.id, node_id: node.id });
         }
     }
     plan
@@ -90,36 +87,19 @@ mod tests {
     fn node(id: i64, cores: u32, labels: &[(&str, &str)]) -> NodeView {
         NodeView {
             id,
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            free: Resources {
-                cores,
-                memory: 8 << 30,
-            },
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            free: Resources { cores, memory: 8 << 30 },
         }
     }
 
     fn task(id: i64, priority: i32, cores: u32) -> QueuedTask {
-        QueuedTask {
-            id,
-            priority,
-            resources: Resources { cores, memory: 0 },
-            constraints: BTreeMap::new(),
-        }
+        QueuedTask { id, priority, resources: Resources { cores, memory: 0 }, constraints: BTreeMap::new() }
     }
 
     #[test]
     fn priority_then_fifo() {
         let plan = place(&[node(1, 1, &[])], &[task(1, 0, 1), task(2, 5, 1), task(3, 5, 1)]);
-        assert_eq!(
-            plan,
-            vec![Placement {
-                task_id: 2,
-                node_id: 1
-            }]
-        );
+        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1 }]);
     }
 
     #[test]
@@ -127,33 +107,18 @@ mod tests {
         let mut t = task(1, 0, 1);
         t.constraints.insert("gpu".into(), "true".into());
         let plan = place(&[node(1, 8, &[]), node(2, 1, &[("gpu", "true")])], &[t]);
-        assert_eq!(
-            plan,
-            vec![Placement {
-                task_id: 1,
-                node_id: 2
-            }]
-        );
+        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2 }]);
     }
 
     #[test]
     fn big_task_does_not_block_small_ones() {
         let plan = place(&[node(1, 2, &[])], &[task(1, 0, 4), task(2, 0, 1)]);
-        assert_eq!(
-            plan,
-            vec![Placement {
-                task_id: 2,
-                node_id: 1
-            }]
-        );
+        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1 }]);
     }
 
     #[test]
     fn spreads_across_nodes() {
-        let plan = place(
-            &[node(1, 2, &[]), node(2, 2, &[])],
-            &[task(1, 0, 1), task(2, 0, 1)],
-        );
+        let plan = place(&[node(1, 2, &[]), node(2, 2, &[])], &[task(1, 0, 1), task(2, 0, 1)]);
         assert_ne!(plan[0].node_id, plan[1].node_id);
     }
 

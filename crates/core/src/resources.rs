@@ -44,9 +44,7 @@ pub struct BadMemorySize(pub String);
 pub fn parse_memory(text: &str) -> Result<u64, BadMemorySize> {
     let bad = || BadMemorySize(text.to_string());
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -77,11 +75,7 @@ pub fn format_memory(bytes: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if v.fract() == 0.0 {
-        format!("{}{}", v as u64, UNITS[i])
-    } else {
-        format!("{:.1}{}", v, UNITS[i])
-    }
+    if v.fract() == 0.0 { format!("{}{}", v as u64, UNITS[i]) } else { format!("{:.1}{}", v, UNITS[i]) }
 }
 
 #[cfg(test)]

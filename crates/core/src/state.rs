@@ -142,11 +142,7 @@ impl JobState {
             return JobState::Cancelled;
         }
         if !any || !all_final {
-            return if any_started || cancelled {
-                JobState::Running
-            } else {
-                JobState::Queued
-            };
+            return if any_started || cancelled { JobState::Running } else { JobState::Queued };
         }
         if any_failed {
             JobState::Failed
@@ -212,14 +208,8 @@ mod tests {
         assert_eq!(JobState::derive([Queued, Waiting], false), JobState::Queued);
         assert_eq!(JobState::derive([Succeeded, Queued], false), JobState::Running);
         assert_eq!(JobState::derive([Succeeded, Warning], false), JobState::Warning);
-        assert_eq!(
-            JobState::derive([Succeeded, Failed, Skipped], false),
-            JobState::Failed
-        );
-        assert_eq!(
-            JobState::derive([Succeeded, Cancelled], true),
-            JobState::Cancelled
-        );
+        assert_eq!(JobState::derive([Succeeded, Failed, Skipped], false), JobState::Failed);
+        assert_eq!(JobState::derive([Succeeded, Cancelled], true), JobState::Cancelled);
         assert_eq!(JobState::derive([Running], true), JobState::Running);
     }
 }

@@ -41,9 +41,7 @@ impl AgentSession for AgentApi {
             .await
             .ok_or_else(|| Status::invalid_argument("session closed before Register"))??;
         let Some(In::Register(reg)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message of a session must be Register",
-            ));
+            return Err(Status::invalid_argument("the first message of a session must be Register"));
         };
         let lease = shared.config.lease;
         let now = now_ms();
@@ -55,11 +53,7 @@ impl AgentSession for AgentApi {
             runtimes: reg.runtimes,
             lease_until_ms: now + lease.as_millis() as i64,
         };
-        let registration = shared
-            .store
-            .register_node(&spec, &reg.attempts, now)
-            .await
-            .map_err(status)?;
+        let registration = shared.store.register_node(&spec, &reg.attempts, now).await.map_err(status)?;
         let (node_id, epoch) = (registration.node_id, registration.epoch);
         tracing::info!(node_id, epoch, name = %reg.name, cores = reg.cores, "agent registered");
         let (tx, rx) = mpsc::channel(1024);
@@ -71,13 +65,11 @@ impl AgentSession for AgentApi {
         })))
         .await
         .map_err(|_| Status::cancelled("session closed"))?;
-        shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            node_id,
-            Session {
-                epoch,
-                tx: tx.clone(),
-            },
-        );
+        shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node_id, Session { epoch, tx: tx.clone() });
         shared.changed();
         shared.wake_scheduler();
 
@@ -126,28 +118,17 @@ async fn handle(
     match msg.msg {
         Some(In::Heartbeat(_)) => {
             let until = now + shared.config.lease.as_millis() as i64;
-            if !shared
-                .store
-                .renew_lease(node_id, epoch, until, now)
-                .await
-                .map_err(status)?
-            {
+            if !shared.store.renew_lease(node_id, epoch, until, now).await.map_err(status)? {
                 tracing::warn!("heartbeat from a stale session; the agent must register again");
-                let _ = tx
-                    .send(Err(Status::failed_precondition(
-                        "session is stale; register again",
-                    )))
-                    .await;
+                let _ = tx.send(Err(Status::failed_precondition("session is stale; register again"))).await;
                 return Ok(false);
             }
         }
         Some(In::Update(u)) => {
             let applied = match u.kind {
-                Some(pb::attempt_update::Kind::Started(_)) => shared
-                    .store
-                    .attempt_started(u.attempt_id, u.epoch, now)
-                    .await
-                    .map_err(status)?,
+                Some(pb::attempt_update::Kind::Started(_)) => {
+                    shared.store.attempt_started(u.attempt_id, u.epoch, now).await.map_err(status)?
+                }
                 Some(pb::attempt_update::Kind::Finished(f)) => {
                     let failure = if f.failure.is_empty() {
                         None
@@ -168,11 +149,7 @@ async fn handle(
                         cpu_seconds: f.cpu_seconds,
                         peak_memory: f.peak_memory_bytes,
                     };
-                    let applied = shared
-                        .store
-                        .attempt_finished(&report, now)
-                        .await
-                        .map_err(status)?;
+                    let applied = shared.store.attempt_finished(&report, now).await.map_err(status)?;
                     if applied == Applied::Applied {
                         tracing::info!(attempt_id = u.attempt_id, exit_code = ?f.exit_code, failure = %f.failure, "attempt finished");
                         shared.wake_scheduler();
@@ -187,17 +164,9 @@ async fn handle(
             let lines: Vec<OutputLine> = o
                 .lines
                 .into_iter()
-                .map(|l| OutputLine {
-                    step: l.step,
-                    stderr: l.stderr,
-                    data: l.data,
-                })
+                .map(|l| OutputLine { step: l.step, stderr: l.stderr, data: l.data })
                 .collect();
-            let applied = shared
-                .store
-                .append_output(o.attempt_id, o.epoch, &lines)
-                .await
-                .map_err(status)?;
+            let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
             after_report(shared, o.attempt_id, o.seq, applied, tx).await;
         }
         Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
@@ -216,10 +185,7 @@ async fn after_report(
     tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
 ) {
     if applied == Applied::Stale {
-        tracing::info!(
-            attempt_id,
-            "stale report ignored; telling the agent to stop the attempt"
-        );
+        tracing::info!(attempt_id, "stale report ignored; telling the agent to stop the attempt");
         let _ = tx
             .send(out(Out::Cancel(pb::CancelAttempt {
                 attempt_id,

@@ -30,32 +30,18 @@ impl Drover for ClientApi {
         let req = req.into_inner();
         let plan: JobPlan = serde_json::from_str(&req.plan_json)
             .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
-        plan.validate()
-            .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
-        let job_id = self
-            .0
-            .store
-            .submit(&plan, &req.source, &req.filename, now_ms())
-            .await
-            .map_err(status)?;
+        plan.validate().map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
+        let job_id =
+            self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
         tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, "job submitted");
         self.0.changed();
         self.0.wake_scheduler();
-        Ok(Response::new(pb::SubmitResponse {
-            job_id,
-            tasks: plan.tasks.len() as u32,
-        }))
+        Ok(Response::new(pb::SubmitResponse { job_id, tasks: plan.tasks.len() as u32 }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = req.into_inner().job_id;
-        let job = self
-            .0
-            .store
-            .job(id)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| no_job(id))?;
+        let job = self.0.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
         let tasks = self.0.store.tasks(id).await.map_err(status)?;
         Ok(Response::new(convert::job(job, tasks)))
     }
@@ -67,9 +53,7 @@ impl Drover for ClientApi {
         let req = req.into_inner();
         let limit = if req.limit == 0 { 50 } else { req.limit.min(10_000) };
         let jobs = self.0.store.list_jobs(limit, req.all).await.map_err(status)?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(convert::summary).collect(),
-        }))
+        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.into_iter().map(convert::summary).collect() }))
     }
 
     type WatchStream = BoxStream<pb::Event>;
@@ -77,12 +61,7 @@ impl Drover for ClientApi {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         let shared = self.0.clone();
-        shared
-            .store
-            .job(req.job_id)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| no_job(req.job_id))?;
+        shared.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut changes = shared.changes.subscribe();
@@ -101,9 +80,7 @@ impl Drover for ClientApi {
                 for e in events {
                     after = e.seq;
                     ended |= e.kind == "job"
-                        && e.state
-                            .parse::<drover_core::JobState>()
-                            .is_ok_and(|s| s.is_final());
+                        && e.state.parse::<drover_core::JobState>().is_ok_and(|s| s.is_final());
                     if tx.send(Ok(convert::event(e))).await.is_err() {
                         return;
                     }
@@ -139,18 +116,9 @@ impl Drover for ClientApi {
             self.0.send_to_node(a.node_id, msg).await;
         }
         self.0.changed();
-        let state = self
-            .0
-            .store
-            .job(id)
-            .await
-            .map_err(status)?
-            .map(|j| j.state.to_string())
-            .unwrap_or_default();
-        Ok(Response::new(pb::CancelResponse {
-            cancelled: open.len() as u32,
-            state,
-        }))
+        let state =
+            self.0.store.job(id).await.map_err(status)?.map(|j| j.state.to_string()).unwrap_or_default();
+        Ok(Response::new(pb::CancelResponse { cancelled: open.len() as u32, state }))
     }
 
     type LogsStream = BoxStream<pb::LogBatch>;
@@ -161,18 +129,10 @@ impl Drover for ClientApi {
             Status::invalid_argument(format!("`{}` is not a task; write NAME or NAME[FRAME]", req.task))
         })?;
         let shared = self.0.clone();
-        shared
-            .store
-            .job(req.job_id)
-            .await
-            .map_err(status)?
-            .ok_or_else(|| no_job(req.job_id))?;
+        shared.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
         let tasks = shared.store.tasks(req.job_id).await.map_err(status)?;
         if !tasks.iter().any(|t| filter.matches(&t.name, t.frame)) {
-            return Err(Status::not_found(format!(
-                "job {} has no task `{}`",
-                req.job_id, req.task
-            )));
+            return Err(Status::not_found(format!("job {} has no task `{}`", req.job_id, req.task)));
         }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -190,9 +150,7 @@ impl Drover for ClientApi {
                 };
                 if let Some(last) = lines.last() {
                     after = last.id;
-                    let batch = pb::LogBatch {
-                        lines: lines.into_iter().map(convert::log_line).collect(),
-                    };
+                    let batch = pb::LogBatch { lines: lines.into_iter().map(convert::log_line).collect() };
                     if tx.send(Ok(batch)).await.is_err() {
                         return;
                     }
@@ -228,9 +186,7 @@ impl Drover for ClientApi {
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.0.store.nodes().await.map_err(status)?;
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes: nodes.into_iter().map(convert::node).collect(),
-        }))
+        Ok(Response::new(pb::ListNodesResponse { nodes: nodes.into_iter().map(convert::node).collect() }))
     }
 }
 

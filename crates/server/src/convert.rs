@@ -115,12 +115,7 @@ pub(crate) fn assign_message(a: &Assignment) -> pb::Assign {
         epoch: a.epoch,
         task_name: a.plan.name.clone(),
         frame: a.plan.frame,
-        steps: a
-            .plan
-            .steps
-            .iter()
-            .map(|s| pb::Command { argv: s.to_argv() })
-            .collect(),
+        steps: a.plan.steps.iter().map(|s| pb::Command { argv: s.to_argv() }).collect(),
         env: a.plan.env.clone().into_iter().collect(),
         cores: a.plan.resources.cores,
         memory: a.plan.resources.memory,

@@ -62,9 +62,7 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
             "task assigned"
         );
         let node_id = a.node_id;
-        let msg = ServerMessage {
-            msg: Some(server_message::Msg::Assign(assign_message(&a))),
-        };
+        let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign_message(&a))) };
         shared.send_to_node(node_id, msg).await;
     }
     Ok(n)
@@ -79,15 +77,8 @@ pub(crate) async fn lease_reaper(shared: Arc<Shared>) {
         match shared.store.expire_nodes(now_ms()).await {
             Ok(down) if !down.is_empty() => {
                 for node_id in &down {
-                    tracing::warn!(
-                        node_id,
-                        "node lease expired; node marked down and its tasks handed back"
-                    );
-                    shared
-                        .sessions
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(node_id);
+                    tracing::warn!(node_id, "node lease expired; node marked down and its tasks handed back");
+                    shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
                 }
                 shared.changed();
                 shared.wake_scheduler();

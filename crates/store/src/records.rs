@@ -270,14 +270,10 @@ impl TaskFilter {
             return Some(TaskFilter::default());
         }
         match text.strip_suffix(']').and_then(|t| t.split_once('[')) {
-            Some((name, frame)) => Some(TaskFilter {
-                name: Some(name.to_string()),
-                frame: Some(frame.parse().ok()?),
-            }),
-            None => Some(TaskFilter {
-                name: Some(text.to_string()),
-                frame: None,
-            }),
+            Some((name, frame)) => {
+                Some(TaskFilter { name: Some(name.to_string()), frame: Some(frame.parse().ok()?) })
+            }
+            None => Some(TaskFilter { name: Some(text.to_string()), frame: None }),
         }
     }
 

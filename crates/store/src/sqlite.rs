@@ -44,24 +44,16 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
+        let reader =
+            SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
         Ok(SqliteStore { writer, reader })
     }
 }
 
 fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
-    StoreError::Corrupt {
-        what,
-        detail: detail.to_string(),
-    }
+    StoreError::Corrupt { what, detail: detail.to_string() }
 }
 
 fn parse_word<T: FromStr>(what: &'static str, text: &str) -> Result<T>
@@ -155,10 +147,8 @@ async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms: i64) -> R
         .bind(job_id)
         .fetch_all(&mut *conn)
         .await?;
-    let states = states
-        .iter()
-        .map(|s| parse_word::<TaskState>("task state", s))
-        .collect::<Result<Vec<_>>>()?;
+    let states =
+        states.iter().map(|s| parse_word::<TaskState>("task state", s)).collect::<Result<Vec<_>>>()?;
     let new = JobState::derive(states, cancelled);
     if new != old {
         let ended = new.is_final().then_some(now_ms);
@@ -168,17 +158,7 @@ async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms: i64) -> R
             .bind(job_id)
             .execute(&mut *conn)
             .await?;
-        emit(
-            conn,
-            job_id,
-            now_ms,
-            vec![Ev {
-                kind: "job",
-                state: new.to_string(),
-                ..Ev::default()
-            }],
-        )
-        .await?;
+        emit(conn, job_id, now_ms, vec![Ev { kind: "job", state: new.to_string(), ..Ev::default() }]).await?;
     }
     Ok(())
 }
@@ -205,21 +185,11 @@ async fn release_dependents(conn: &mut SqliteConnection, job_id: i64, now_ms: i6
         } else {
             Vec::new()
         };
-        tasks.push((
-            r.get::<i64, _>(0),
-            r.get::<String, _>(1),
-            r.get::<Option<i64>, _>(2),
-            state,
-            deps,
-        ));
+        tasks.push((r.get::<i64, _>(0), r.get::<String, _>(1), r.get::<Option<i64>, _>(2), state, deps));
     }
     let gate: Vec<GateTask<'_>> = tasks
         .iter()
-        .map(|(_, name, _, state, deps)| GateTask {
-            name,
-            state: *state,
-            depends_on: deps,
-        })
+        .map(|(_, name, _, state, deps)| GateTask { name, state: *state, depends_on: deps })
         .collect();
     let mut events = Vec::new();
     for r in release(&gate) {
@@ -279,10 +249,7 @@ async fn settle_attempt(
     let frame: Option<i64> = row.get(1);
     let plan: TaskPlan = json("task plan", row.get::<&str, _>(2))?;
     let cancelled: bool = row.get(3);
-    let end = AttemptEnd {
-        exit_code: report.exit_code,
-        failure: report.failure,
-    };
+    let end = AttemptEnd { exit_code: report.exit_code, failure: report.failure };
     let settlement = settle(&plan, attempt.number, end, cancelled);
     let failure = report.failure.or(match report.exit_code {
         Some(0) | None => None,
@@ -291,12 +258,9 @@ async fn settle_attempt(
     });
     let (state, reason, not_before, ended) = match &settlement {
         Settlement::Final { state, reason } => (*state, reason.clone(), 0, Some(now_ms)),
-        Settlement::Retry { after, reason } => (
-            TaskState::Queued,
-            reason.clone(),
-            now_ms + after.as_millis() as i64,
-            None,
-        ),
+        Settlement::Retry { after, reason } => {
+            (TaskState::Queued, reason.clone(), now_ms + after.as_millis() as i64, None)
+        }
     };
     let mut reason = reason;
     if !report.message.is_empty() && state != TaskState::Succeeded {
@@ -425,17 +389,8 @@ impl Store for SqliteStore {
             let rows = chunk
                 .iter()
                 .map(|t| {
-                    let state = if t.depends_on.is_empty() {
-                        TaskState::Queued
-                    } else {
-                        TaskState::Waiting
-                    };
-                    Ok((
-                        t,
-                        state,
-                        to_json("task plan", t)?,
-                        to_json("constraints", &t.constraints)?,
-                    ))
+                    let state = if t.depends_on.is_empty() { TaskState::Queued } else { TaskState::Waiting };
+                    Ok((t, state, to_json("task plan", t)?, to_json("constraints", &t.constraints)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut q = QueryBuilder::<Sqlite>::new(
@@ -504,10 +459,7 @@ impl Store for SqliteStore {
                     attempts: r.get::<i64, _>(6) as u32,
                     node: r.get(7),
                     reason: r.get(8),
-                    failure: r
-                        .get::<Option<&str>, _>(9)
-                        .map(|f| parse_word("failure", f))
-                        .transpose()?,
+                    failure: r.get::<Option<&str>, _>(9).map(|f| parse_word("failure", f)).transpose()?,
                     cpu_seconds: r.get(10),
                     peak_memory: r.get::<i64, _>(11) as u64,
                     started_ms: r.get(12),
@@ -518,21 +470,14 @@ impl Store for SqliteStore {
     }
 
     async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>> {
-        let filter = if include_final {
-            ""
-        } else {
-            "WHERE j.state IN ('queued', 'running')"
-        };
+        let filter = if include_final { "" } else { "WHERE j.state IN ('queued', 'running')" };
         let sql = format!(
             "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
              SUM(t.state IN ('succeeded','warning','failed','skipped','cancelled')), \
              SUM(t.state IN ('assigned','running')), SUM(t.state = 'failed') \
              FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id {filter} GROUP BY j.id ORDER BY j.id DESC LIMIT ?"
         );
-        let rows = sqlx::query(&sql)
-            .bind(limit as i64)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows = sqlx::query(&sql).bind(limit as i64).fetch_all(&self.reader).await?;
         rows.iter()
             .map(|r| {
                 Ok(JobSummary {
@@ -587,10 +532,7 @@ impl Store for SqliteStore {
             .await?
             .rows_affected();
         if found == 0 {
-            return Err(StoreError::NotFound {
-                what: "job",
-                id: job_id,
-            });
+            return Err(StoreError::NotFound { what: "job", id: job_id });
         }
         let pending = sqlx::query(
             "UPDATE tasks SET state = 'cancelled', reason = 'cancelled by user', ended_ms = ? \
@@ -618,10 +560,7 @@ impl Store for SqliteStore {
         .await?;
         refresh_job(&mut tx, job_id, now_ms).await?;
         tx.commit().await?;
-        Ok(open
-            .into_iter()
-            .map(|(attempt_id, node_id)| OpenAttempt { attempt_id, node_id })
-            .collect())
+        Ok(open.into_iter().map(|(attempt_id, node_id)| OpenAttempt { attempt_id, node_id }).collect())
     }
 
     async fn register_node(
@@ -648,10 +587,7 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        let reg = NodeRegistration {
-            node_id: row.get(0),
-            epoch: row.get(1),
-        };
+        let reg = NodeRegistration { node_id: row.get(0), epoch: row.get(1) };
         let open: Vec<(i64, String)> =
             sqlx::query_as("SELECT id, state FROM attempts WHERE node_id = ? AND state != 'ended'")
                 .bind(reg.node_id)
@@ -707,11 +643,8 @@ impl Store for SqliteStore {
                     .await?;
             for (attempt_id, epoch) in open {
                 if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
-                    let report = lost_report(
-                        attempt_id,
-                        epoch,
-                        &format!("node {name} went silent past its lease"),
-                    );
+                    let report =
+                        lost_report(attempt_id, epoch, &format!("node {name} went silent past its lease"));
                     settle_attempt(&mut tx, &a, &report, now_ms).await?;
                 } else {
                     sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = ? WHERE id = ?")
@@ -986,9 +919,7 @@ mod tests {
 
     async fn fresh() -> Fresh {
         let dir = tempfile::tempdir().unwrap();
-        let store = super::SqliteStore::open(&dir.path().join("drover.db"))
-            .await
-            .unwrap();
+        let store = super::SqliteStore::open(&dir.path().join("drover.db")).await.unwrap();
         Fresh { store, _dir: dir }
     }
 

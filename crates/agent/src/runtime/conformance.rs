@@ -136,15 +136,10 @@ pub async fn run_step(runtime: &dyn Runtime, task: &TaskSpec, step: usize) -> (E
 pub async fn await_output(rx: &mut mpsc::Receiver<OutputChunk>, needle: &str) -> Vec<OutputChunk> {
     let mut seen = Vec::new();
     let deadline = Instant::now() + PATIENCE;
-    while !seen
-        .iter()
-        .any(|c: &OutputChunk| String::from_utf8_lossy(&c.data).contains(needle))
-    {
+    while !seen.iter().any(|c: &OutputChunk| String::from_utf8_lossy(&c.data).contains(needle)) {
         let left = deadline.saturating_duration_since(Instant::now());
-        let chunk = tokio::time::timeout(left, rx.recv())
-            .await
-            .expect("output in time")
-            .expect("output before end");
+        let chunk =
+            tokio::time::timeout(left, rx.recv()).await.expect("output in time").expect("output before end");
         seen.push(chunk);
     }
     seen
@@ -152,11 +147,7 @@ pub async fn await_output(rx: &mut mpsc::Receiver<OutputChunk>, needle: &str) ->
 
 /// Concatenated bytes of one stream.
 pub fn stream_text(chunks: &[OutputChunk], stream: Stream) -> String {
-    let bytes: Vec<u8> = chunks
-        .iter()
-        .filter(|c| c.stream == stream)
-        .flat_map(|c| c.data.clone())
-        .collect();
+    let bytes: Vec<u8> = chunks.iter().filter(|c| c.stream == stream).flat_map(|c| c.data.clone()).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -169,10 +160,7 @@ pub async fn assert_group_gone(pgid: i32) {
         if alive.is_empty() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "processes of group {pgid} survived: {alive:?}"
-        );
+        assert!(Instant::now() < deadline, "processes of group {pgid} survived: {alive:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -201,14 +189,7 @@ pub async fn exit_code_zero(runtime: &dyn Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     let task = task(dir.path(), vec![sh("exit 0")]);
     let (status, _) = run_step(runtime, &task, 0).await;
-    assert_eq!(
-        status,
-        ExitStatus {
-            code: Some(0),
-            signal: None,
-            oom: false
-        }
-    );
+    assert_eq!(status, ExitStatus { code: Some(0), signal: None, oom: false });
     assert!(status.success());
     runtime.cleanup(&task).await.expect("cleanup");
 }
@@ -218,14 +199,7 @@ pub async fn exit_code_nonzero(runtime: &dyn Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     let task = task(dir.path(), vec![sh("exit 7")]);
     let (status, _) = run_step(runtime, &task, 0).await;
-    assert_eq!(
-        status,
-        ExitStatus {
-            code: Some(7),
-            signal: None,
-            oom: false
-        }
-    );
+    assert_eq!(status, ExitStatus { code: Some(7), signal: None, oom: false });
     assert!(!status.success());
     runtime.cleanup(&task).await.expect("cleanup");
 }
@@ -235,14 +209,7 @@ pub async fn killed_by_signal(runtime: &dyn Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     let task = task(dir.path(), vec![sh("kill -KILL $$")]);
     let (status, _) = run_step(runtime, &task, 0).await;
-    assert_eq!(
-        status,
-        ExitStatus {
-            code: None,
-            signal: Some(9),
-            oom: false
-        }
-    );
+    assert_eq!(status, ExitStatus { code: None, signal: Some(9), oom: false });
     runtime.cleanup(&task).await.expect("cleanup");
 }
 
@@ -278,10 +245,7 @@ pub async fn long_line_is_split(runtime: &dyn Runtime) {
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
     let expected: String = (1..=50000).map(|i: u32| i.to_string()).collect::<String>()[..LEN].to_owned();
-    assert!(
-        chunks.iter().all(|c| c.data.len() <= MAX_LINE),
-        "a chunk exceeds MAX_LINE"
-    );
+    assert!(chunks.iter().all(|c| c.data.len() <= MAX_LINE), "a chunk exceeds MAX_LINE");
     assert!(chunks.len() >= LEN.div_ceil(MAX_LINE));
     assert_eq!(stream_text(&chunks, Stream::Stdout), expected);
     runtime.cleanup(&task).await.expect("cleanup");
@@ -313,15 +277,8 @@ pub async fn environment(runtime: &dyn Runtime) {
     let out = stream_text(&chunks, Stream::Stdout);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 5, "{out}");
-    let ids = [
-        task.job_id.to_string(),
-        task.task_id.to_string(),
-        task.attempt_id.to_string(),
-    ];
-    assert_eq!(
-        lines[..4],
-        ["hello, world", ids[0].as_str(), ids[1].as_str(), ids[2].as_str()]
-    );
+    let ids = [task.job_id.to_string(), task.task_id.to_string(), task.attempt_id.to_string()];
+    assert_eq!(lines[..4], ["hello, world", ids[0].as_str(), ids[1].as_str(), ids[2].as_str()]);
     assert!(!lines[4].is_empty(), "DROVER_WORKSPACE is empty");
     runtime.cleanup(&task).await.expect("cleanup");
 }
@@ -378,19 +335,13 @@ pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime) {
     let (handle, mut rx) = start(runtime, &task, 0).await;
     await_output(&mut rx, "ready").await;
     if let Some(pid) = handle.pid {
-        assert!(
-            alive_in_group(pid).len() >= 2,
-            "the background sleep should be running"
-        );
+        assert!(alive_in_group(pid).len() >= 2, "the background sleep should be running");
     }
     let began = Instant::now();
-    let status = tokio::time::timeout(
-        PATIENCE,
-        stop_gracefully(runtime, &handle, Duration::from_secs(1)),
-    )
-    .await
-    .expect("stopped in time")
-    .expect("stop");
+    let status = tokio::time::timeout(PATIENCE, stop_gracefully(runtime, &handle, Duration::from_secs(1)))
+        .await
+        .expect("stopped in time")
+        .expect("stop");
     assert!(!status.success(), "{status:?}");
     assert!(began.elapsed() < Duration::from_secs(10));
     if let Some(pid) = handle.pid {
@@ -412,10 +363,7 @@ pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime) {
         .await
         .expect("stopped in time")
         .expect("stop");
-    assert!(
-        began.elapsed() >= grace,
-        "ended before the grace period: {status:?}"
-    );
+    assert!(began.elapsed() >= grace, "ended before the grace period: {status:?}");
     assert_eq!(status.signal, Some(9), "{status:?}");
     if let Some(pid) = handle.pid {
         assert_group_gone(pid).await;
@@ -437,17 +385,11 @@ pub async fn live_cpu_stats(runtime: &dyn Runtime) {
             break usage;
         }
     };
-    runtime
-        .signal(&handle, super::StopSignal::Kill)
-        .await
-        .expect("kill");
+    runtime.signal(&handle, super::StopSignal::Kill).await.expect("kill");
     runtime.wait(&handle).await.expect("wait");
     assert!(usage.cpu_seconds > 0.0, "{usage:?}");
     let total = runtime.stats(&handle).await.expect("final stats");
-    assert!(
-        total.cpu_seconds >= usage.cpu_seconds,
-        "final {total:?} below live {usage:?}"
-    );
+    assert!(total.cpu_seconds >= usage.cpu_seconds, "final {total:?} below live {usage:?}");
     runtime.cleanup(&task).await.expect("cleanup");
 }
 
@@ -455,10 +397,7 @@ pub async fn live_cpu_stats(runtime: &dyn Runtime) {
 pub async fn peak_memory(runtime: &dyn Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     // dd reads into one buffer of bs bytes, so all of it becomes resident.
-    let task = task(
-        dir.path(),
-        vec![sh("dd if=/dev/zero of=/dev/null bs=50000000 count=1 2>/dev/null")],
-    );
+    let task = task(dir.path(), vec![sh("dd if=/dev/zero of=/dev/null bs=50000000 count=1 2>/dev/null")]);
     runtime.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(runtime, &task, 0).await;
     let (status, _) = finish(runtime, &handle, &mut rx).await;
@@ -491,48 +430,24 @@ pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime) {
     await_output(&mut rx, "ready").await;
 
     if let Some(ticks) = handle.pid_start_ticks {
-        let reused = RunHandle {
-            pid_start_ticks: Some(ticks + 1),
-            ..handle.clone()
-        };
+        let reused = RunHandle { pid_start_ticks: Some(ticks + 1), ..handle.clone() };
         let (tx, _) = mpsc::channel(1);
-        assert!(
-            !second.attach(&reused, tx).await.expect("attach"),
-            "attached despite wrong start time"
-        );
+        assert!(!second.attach(&reused, tx).await.expect("attach"), "attached despite wrong start time");
     }
 
     let (tx, _) = mpsc::channel(1);
-    assert!(
-        second.attach(&handle, tx).await.expect("attach"),
-        "running step not found"
-    );
+    assert!(second.attach(&handle, tx).await.expect("attach"), "running step not found");
     second.stats(&handle).await.expect("stats of attached step");
-    second
-        .signal(&handle, super::StopSignal::Kill)
-        .await
-        .expect("kill attached");
-    tokio::time::timeout(PATIENCE, second.wait(&handle))
-        .await
-        .expect("attached wait in time")
-        .expect("wait");
+    second.signal(&handle, super::StopSignal::Kill).await.expect("kill attached");
+    tokio::time::timeout(PATIENCE, second.wait(&handle)).await.expect("attached wait in time").expect("wait");
     let (status, _) = finish(first, &handle, &mut rx).await;
     assert_eq!(status.signal, Some(9), "{status:?}");
 
     let (tx, _) = mpsc::channel(1);
-    assert!(
-        !second.attach(&handle, tx).await.expect("attach"),
-        "attached to an ended step"
-    );
-    let elsewhere = RunHandle {
-        attempt_id: unique_attempt_id(),
-        ..handle.clone()
-    };
+    assert!(!second.attach(&handle, tx).await.expect("attach"), "attached to an ended step");
+    let elsewhere = RunHandle { attempt_id: unique_attempt_id(), ..handle.clone() };
     let (tx, _) = mpsc::channel(1);
-    assert!(
-        !second.attach(&elsewhere, tx).await.expect("attach"),
-        "attached to a dead process"
-    );
+    assert!(!second.attach(&elsewhere, tx).await.expect("attach"), "attached to a dead process");
 
     second.cleanup(&task).await.expect("cleanup");
     first.cleanup(&task).await.expect("cleanup");

@@ -82,9 +82,7 @@ struct LiveMax {
 
 impl LiveMax {
     fn record(&self, usage: Usage) -> Usage {
-        let peak = self
-            .peak_bytes
-            .fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
+        let peak = self.peak_bytes.fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
         let micros = (usage.cpu_seconds * 1e6) as u64;
         let cpu = self.cpu_micros.fetch_max(micros, Ordering::Relaxed);
         Usage {
@@ -118,10 +116,7 @@ impl ProcessRuntime {
             .steps
             .get(&(handle.attempt_id, handle.step))
             .cloned()
-            .ok_or(RuntimeError::UnknownHandle {
-                attempt_id: handle.attempt_id,
-                step: handle.step,
-            })
+            .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
     }
 
     fn attempt_cgroup(&self, task: &TaskSpec) -> Option<Arc<AttemptCgroup>> {
@@ -132,11 +127,7 @@ impl ProcessRuntime {
             return known.clone();
         }
         let created = AttemptCgroup::create(task.attempt_id, task.memory_limit).map(Arc::new);
-        self.lock()
-            .cgroups
-            .entry(task.attempt_id)
-            .or_insert(created)
-            .clone()
+        self.lock().cgroups.entry(task.attempt_id).or_insert(created).clone()
     }
 }
 
@@ -147,30 +138,22 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn prepare(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
-        tokio::fs::create_dir_all(&task.workspace)
-            .await
-            .map_err(|source| RuntimeError::Io {
-                context: format!("create workspace {}", task.workspace.display()),
-                source,
-            })
+        tokio::fs::create_dir_all(&task.workspace).await.map_err(|source| RuntimeError::Io {
+            context: format!("create workspace {}", task.workspace.display()),
+            source,
+        })
     }
 
     async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
-        let argv = task
-            .steps
-            .get(step)
-            .filter(|argv| !argv.is_empty())
-            .ok_or_else(|| RuntimeError::Start {
+        let argv =
+            task.steps.get(step).filter(|argv| !argv.is_empty()).ok_or_else(|| RuntimeError::Start {
                 command: String::new(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!("step {step} has no command"),
                 ),
             })?;
-        let start_error = |source| RuntimeError::Start {
-            command: argv[0].clone(),
-            source,
-        };
+        let start_error = |source| RuntimeError::Start { command: argv[0].clone(), source };
 
         let env = step_env(task);
         let search_path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
@@ -231,42 +214,19 @@ impl Runtime for ProcessRuntime {
             tokio::process::ChildStderr::from_std(stderr),
         ) {
             (Ok(stdout), Ok(stderr)) => vec![
-                tokio::spawn(pump_logged(
-                    stdout,
-                    Stream::Stdout,
-                    step,
-                    out.clone(),
-                    task.attempt_id,
-                    pid,
-                )),
-                tokio::spawn(pump_logged(
-                    stderr,
-                    Stream::Stderr,
-                    step,
-                    out,
-                    task.attempt_id,
-                    pid,
-                )),
+                tokio::spawn(pump_logged(stdout, Stream::Stdout, step, out.clone(), task.attempt_id, pid)),
+                tokio::spawn(pump_logged(stderr, Stream::Stderr, step, out, task.attempt_id, pid)),
             ],
             (Err(source), _) | (_, Err(source)) => {
                 // Not expected (the pipes are fresh), but the child must not outlive the error.
                 let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 tokio::task::spawn_blocking(move || wait4_blocking(pid));
-                return Err(RuntimeError::Io {
-                    context: "register output pipes".into(),
-                    source,
-                });
+                return Err(RuntimeError::Io { context: "register output pipes".into(), source });
             }
         };
 
         let (tx, rx) = watch::channel(None);
-        let state = Arc::new(StepState {
-            pid,
-            pgid: pid,
-            finished: rx,
-            live: LiveMax::default(),
-            cgroup,
-        });
+        let state = Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup });
         tokio::spawn(supervise_child(state.clone(), readers, tx, task.attempt_id, step));
         self.lock().steps.insert((task.attempt_id, step), state);
         Ok(RunHandle {
@@ -293,21 +253,11 @@ impl Runtime for ProcessRuntime {
             return Ok(false);
         }
         let (tx, rx) = watch::channel(None);
-        let state = Arc::new(StepState {
-            pid,
-            pgid: pid,
-            finished: rx,
-            live: LiveMax::default(),
-            cgroup: None,
-        });
+        let state =
+            Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup: None });
         tokio::spawn(supervise_attached(state.clone(), ticks, tx, handle.attempt_id));
         self.lock().steps.insert((handle.attempt_id, handle.step), state);
-        tracing::info!(
-            attempt_id = handle.attempt_id,
-            step = handle.step,
-            pid,
-            "attached to running step"
-        );
+        tracing::info!(attempt_id = handle.attempt_id, step = handle.step, pid, "attached to running step");
         Ok(true)
     }
 
@@ -317,12 +267,7 @@ impl Runtime for ProcessRuntime {
             StopSignal::Terminate => Signal::SIGTERM,
             StopSignal::Kill => Signal::SIGKILL,
         };
-        tracing::debug!(
-            attempt_id = handle.attempt_id,
-            pid = state.pid,
-            ?signal,
-            "signalling process group"
-        );
+        tracing::debug!(attempt_id = handle.attempt_id, pid = state.pid, ?signal, "signalling process group");
         signal_group(state.pgid, signal).map_err(|source| RuntimeError::Io {
             context: format!("send {signal} to process group {}", state.pgid),
             source,
@@ -340,16 +285,10 @@ impl Runtime for ProcessRuntime {
             return Ok(finished.usage);
         }
         let pgid = state.pgid;
-        let group = tokio::task::spawn_blocking(move || proc_stat::group_usage(pgid))
-            .await
-            .map_err(|e| RuntimeError::Io {
-                context: "scan /proc".into(),
-                source: std::io::Error::other(e),
-            })?;
-        let mut usage = Usage {
-            cpu_seconds: group.cpu_seconds,
-            peak_memory_bytes: group.rss_bytes,
-        };
+        let group = tokio::task::spawn_blocking(move || proc_stat::group_usage(pgid)).await.map_err(|e| {
+            RuntimeError::Io { context: "scan /proc".into(), source: std::io::Error::other(e) }
+        })?;
+        let mut usage = Usage { cpu_seconds: group.cpu_seconds, peak_memory_bytes: group.rss_bytes };
         if let Some(cgroup) = &state.cgroup {
             usage = larger(usage, cgroup_usage(cgroup));
         }
@@ -359,12 +298,7 @@ impl Runtime for ProcessRuntime {
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
         let (steps, cgroup) = {
             let mut state = self.lock();
-            let keys: Vec<_> = state
-                .steps
-                .keys()
-                .filter(|(a, _)| *a == task.attempt_id)
-                .copied()
-                .collect();
+            let keys: Vec<_> = state.steps.keys().filter(|(a, _)| *a == task.attempt_id).copied().collect();
             let steps: Vec<_> = keys.iter().filter_map(|k| state.steps.remove(k)).collect();
             (steps, state.cgroups.remove(&task.attempt_id).flatten())
         };
@@ -379,11 +313,7 @@ impl Runtime for ProcessRuntime {
                     .unwrap_or(false)
             };
             if survivors {
-                tracing::debug!(
-                    attempt_id = task.attempt_id,
-                    pid = step.pid,
-                    "killing survivors of step"
-                );
+                tracing::debug!(attempt_id = task.attempt_id, pid = step.pid, "killing survivors of step");
                 if let Err(error) = signal_group(step.pgid, Signal::SIGKILL) {
                     tracing::warn!(attempt_id = task.attempt_id, pid = step.pid, %error, "cannot kill survivors");
                 }
@@ -418,18 +348,11 @@ async fn wait_finished(state: &StepState) -> Result<Finished, RuntimeError> {
         source: std::io::Error::other("supervisor task ended"),
     })?;
     // wait_for returned because the value is Some.
-    Ok(finished.unwrap_or(Finished {
-        status: unknown_status(),
-        usage: Usage::default(),
-    }))
+    Ok(finished.unwrap_or(Finished { status: unknown_status(), usage: Usage::default() }))
 }
 
 fn unknown_status() -> ExitStatus {
-    ExitStatus {
-        code: None,
-        signal: None,
-        oom: false,
-    }
+    ExitStatus { code: None, signal: None, oom: false }
 }
 
 /// Reaps our child, waits for its output to drain, and publishes how it ended.
@@ -457,11 +380,7 @@ async fn supervise_child(
     let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();
     let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, futures::future::join_all(readers)).await;
     if drained.is_err() {
-        tracing::debug!(
-            attempt_id,
-            pid,
-            "output still open after the step exited; no longer reading it"
-        );
+        tracing::debug!(attempt_id, pid, "output still open after the step exited; no longer reading it");
         aborts.iter().for_each(tokio::task::AbortHandle::abort);
     }
 
@@ -496,18 +415,14 @@ async fn supervise_attached(
     let mut interval = tokio::time::interval(ATTACH_POLL);
     loop {
         interval.tick().await;
-        let still_there = tokio::task::spawn_blocking(move || is_same_process(pid, ticks))
-            .await
-            .unwrap_or(false);
+        let still_there =
+            tokio::task::spawn_blocking(move || is_same_process(pid, ticks)).await.unwrap_or(false);
         if !still_there {
             break;
         }
     }
     tracing::info!(attempt_id, pid, "attached step ended; exit status unknown");
-    let _ = tx.send(Some(Finished {
-        status: unknown_status(),
-        usage: state.live.get(),
-    }));
+    let _ = tx.send(Some(Finished { status: unknown_status(), usage: state.live.get() }));
 }
 
 fn is_same_process(pid: i32, ticks: u64) -> bool {
@@ -595,10 +510,7 @@ fn join_cgroup_in_child(procs: &std::ffi::CStr) -> std::io::Result<()> {
 /// The environment of a step: a minimal base, then the task's variables (which win).
 fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
-        (
-            "PATH".into(),
-            std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()),
-        ),
+        ("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into())),
         ("HOME".into(), task.workspace.display().to_string()),
         ("DROVER_JOB_ID".into(), task.job_id.to_string()),
         ("DROVER_TASK_ID".into(), task.task_id.to_string()),
@@ -625,9 +537,7 @@ fn resolve_program(name: &str, search_path: Option<&str>, workspace: &Path) -> s
             ))
         };
     }
-    let search_path: OsString = search_path
-        .map(OsString::from)
-        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let search_path: OsString = search_path.map(OsString::from).unwrap_or_else(|| DEFAULT_PATH.into());
     std::env::split_paths(&search_path)
         .map(|dir| workspace.join(dir).join(name))
         .find(|candidate| is_executable(candidate))
@@ -646,10 +556,7 @@ fn cpu_set(cpus: &[usize]) -> std::io::Result<Option<nix::sched::CpuSet>> {
     let mut set = nix::sched::CpuSet::new();
     for &cpu in cpus {
         set.set(cpu).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("cpu {cpu} is out of range"),
-            )
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("cpu {cpu} is out of range"))
         })?;
     }
     Ok(Some(set))
@@ -701,9 +608,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut task = conformance::task(
             dir.path(),
-            vec![conformance::sh(
-                "dd if=/dev/zero of=/dev/null bs=100000000 count=1",
-            )],
+            vec![conformance::sh("dd if=/dev/zero of=/dev/null bs=100000000 count=1")],
         );
         task.attempt_id = conformance::unique_attempt_id();
         task.memory_limit = 20 * 1024 * 1024;
@@ -731,16 +636,10 @@ mod tests {
         let handle = runtime.start(&task, 0, tx).await.expect("start");
         assert_eq!(runtime.wait(&handle).await.expect("wait").code, Some(0));
         let pgid = handle.pid.expect("pid");
-        assert!(
-            !proc_stat::alive_members(pgid).is_empty(),
-            "the background sleep should still run"
-        );
+        assert!(!proc_stat::alive_members(pgid).is_empty(), "the background sleep should still run");
         runtime.cleanup(&task).await.expect("cleanup");
         conformance::assert_group_gone(pgid).await;
-        assert!(matches!(
-            runtime.wait(&handle).await,
-            Err(RuntimeError::UnknownHandle { .. })
-        ));
+        assert!(matches!(runtime.wait(&handle).await, Err(RuntimeError::UnknownHandle { .. })));
     }
 
     #[tokio::test]
@@ -751,11 +650,7 @@ mod tests {
         let began = std::time::Instant::now();
         let (status, chunks) = conformance::run_step(&runtime, &task, 0).await;
         assert_eq!(status.code, Some(0));
-        assert!(
-            began.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(5),
-            "{:?}",
-            began.elapsed()
-        );
+        assert!(began.elapsed() < DRAIN_AFTER_EXIT + Duration::from_secs(5), "{:?}", began.elapsed());
         assert_eq!(chunks.first().map(|c| c.data.as_slice()), Some(&b"before\n"[..]));
         runtime.cleanup(&task).await.expect("cleanup");
     }

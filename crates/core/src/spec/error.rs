@@ -71,10 +71,7 @@ pub(crate) struct Problems {
 
 impl Problems {
     pub fn new(file: &str) -> Self {
-        Problems {
-            file: file.to_string(),
-            list: Vec::new(),
-        }
+        Problems { file: file.to_string(), list: Vec::new() }
     }
 
     /// Records a problem at `pos` in `field`.
@@ -95,8 +92,7 @@ impl Problems {
 
     /// The problems sorted by position, each reported once.
     pub fn into_errors(mut self) -> SpecErrors {
-        self.list
-            .sort_by(|a, b| (a.line, a.column, &a.field).cmp(&(b.line, b.column, &b.field)));
+        self.list.sort_by(|a, b| (a.line, a.column, &a.field).cmp(&(b.line, b.column, &b.field)));
         self.list.dedup();
         SpecErrors(self.list)
     }
@@ -144,12 +140,7 @@ mod tests {
     #[test]
     fn display_has_one_problem_per_line_and_an_indented_hint() {
         let mut p = Problems::new("job.yaml");
-        p.add(
-            Pos { line: 3, column: 5 },
-            "tasks[0].tiemout",
-            "unknown field `tiemout`",
-            Some("x".into()),
-        );
+        p.add(Pos { line: 3, column: 5 }, "tasks[0].tiemout", "unknown field `tiemout`", Some("x".into()));
         p.add(Pos::START, "version", "missing `version`", None);
         let text = p.into_errors().to_string();
         assert_eq!(

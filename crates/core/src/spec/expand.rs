@@ -79,11 +79,7 @@ fn plan_task(
 ) -> Option<TaskPlan> {
     let mut ok = true;
     let mut env = BTreeMap::new();
-    let merged = spec
-        .env
-        .iter()
-        .filter(|(k, _)| !task.env.contains_key(*k))
-        .chain(&task.env);
+    let merged = spec.env.iter().filter(|(k, _)| !task.env.contains_key(*k)).chain(&task.env);
     for (key, value) in merged {
         match render(renderer, value, frame, problems) {
             Some(v) => {
@@ -97,14 +93,9 @@ fn plan_task(
         let command = match step {
             StepSpec::Shell(s) => render(renderer, s, frame, problems).map(Command::Shell),
             StepSpec::Argv(args) => {
-                let rendered: Vec<Option<String>> = args
-                    .iter()
-                    .map(|a| render(renderer, a, frame, problems))
-                    .collect();
-                rendered
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .map(Command::Argv)
+                let rendered: Vec<Option<String>> =
+                    args.iter().map(|a| render(renderer, a, frame, problems)).collect();
+                rendered.into_iter().collect::<Option<Vec<_>>>().map(Command::Argv)
             }
         };
         match command {
@@ -157,22 +148,13 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                     Some("remove it from its own `depends_on`".into()),
                 );
             } else if complete && !first.contains_key(dep.value.as_str()) {
-                let names: Vec<&str> = spec
-                    .tasks
-                    .iter()
-                    .filter_map(|t| t.name.as_ref())
-                    .map(|n| n.value.as_str())
-                    .collect();
+                let names: Vec<&str> =
+                    spec.tasks.iter().filter_map(|t| t.name.as_ref()).map(|n| n.value.as_str()).collect();
                 let hint = match closest(&dep.value, names.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("tasks of this job: {}", names.join(", ")),
                 };
-                problems.add(
-                    dep.pos,
-                    &dep.field,
-                    format!("unknown task `{}`", dep.value),
-                    Some(hint),
-                );
+                problems.add(dep.pos, &dep.field, format!("unknown task `{}`", dep.value), Some(hint));
             }
         }
     }

@@ -26,10 +26,9 @@ pub fn parse_frames(text: &str) -> Result<Vec<i64>, String> {
             None => (item, None),
         };
         let (first, last) = match range.split_once('-') {
-            Some((a, b)) => (
-                number(a.trim(), item, "the first frame")?,
-                number(b.trim(), item, "the last frame")?,
-            ),
+            Some((a, b)) => {
+                (number(a.trim(), item, "the first frame")?, number(b.trim(), item, "the last frame")?)
+            }
             None if step.is_some() => {
                 return Err(format!("`{item}` has a step but no range; write it like `1-9x2`"));
             }
@@ -83,8 +82,7 @@ fn number(text: &str, item: &str, what: &str) -> Result<i64, String> {
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("`{text}` in `{item}` is not a frame number"));
     }
-    text.parse()
-        .map_err(|_| format!("`{text}` in `{item}` is too large"))
+    text.parse().map_err(|_| format!("`{text}` in `{item}` is too large"))
 }
 
 #[cfg(test)]
@@ -107,22 +105,10 @@ mod tests {
     fn errors_say_what_is_wrong() {
         let err = |t: &str| parse_frames(t).unwrap_err();
         assert!(err("5-1").contains("counts down"), "{}", err("5-1"));
-        assert!(
-            err("1-x").contains("`1-x` is missing the last frame"),
-            "{}",
-            err("1-x")
-        );
-        assert!(
-            err("1-y").contains("`y` in `1-y` is not a frame number"),
-            "{}",
-            err("1-y")
-        );
+        assert!(err("1-x").contains("`1-x` is missing the last frame"), "{}", err("1-x"));
+        assert!(err("1-y").contains("`y` in `1-y` is not a frame number"), "{}", err("1-y"));
         assert!(err("0x").contains("has a step but no range"), "{}", err("0x"));
-        assert!(
-            err("1-9x").contains("missing the step after `x`"),
-            "{}",
-            err("1-9x")
-        );
+        assert!(err("1-9x").contains("missing the step after `x`"), "{}", err("1-9x"));
         assert!(err("1-9x0").contains("step 0"), "{}", err("1-9x0"));
         assert!(err("3x2").contains("no range"), "{}", err("3x2"));
         assert!(err("1-1000001").contains("more than 1000000 frames"));

@@ -40,16 +40,8 @@ pub struct TemplateContext {
 pub fn compile(source: &str, file: &str, ctx: &TemplateContext) -> Result<JobPlan, SpecErrors> {
     let mut problems = error::Problems::new(file);
     let by_extension = file.ends_with(".json");
-    let json = by_extension
-        || source
-            .trim_start_matches('\u{feff}')
-            .trim_start()
-            .starts_with('{');
-    let parsed = if json {
-        tree::parse_json(source)
-    } else {
-        tree::parse_yaml(source)
-    };
+    let json = by_extension || source.trim_start_matches('\u{feff}').trim_start().starts_with('{');
+    let parsed = if json { tree::parse_json(source) } else { tree::parse_yaml(source) };
     let root = match parsed {
         Ok(root) => root,
         Err(e) => {
@@ -64,9 +56,5 @@ pub fn compile(source: &str, file: &str, ctx: &TemplateContext) -> Result<JobPla
     };
     let spec = schema::read_job(&root, &mut problems);
     let plan = expand::build(&spec, ctx, &mut problems);
-    if problems.is_empty() {
-        Ok(plan)
-    } else {
-        Err(problems.into_errors())
-    }
+    if problems.is_empty() { Ok(plan) } else { Err(problems.into_errors()) }
 }

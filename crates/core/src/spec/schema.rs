@@ -12,9 +12,7 @@ use crate::job::{ExitCodes, RetryPolicy};
 use crate::resources::{Resources, parse_memory};
 use crate::state::FailureClass;
 
-const JOB_FIELDS: &[&str] = &[
-    "version", "name", "project", "priority", "labels", "params", "env", "tasks",
-];
+const JOB_FIELDS: &[&str] = &["version", "name", "project", "priority", "labels", "params", "env", "tasks"];
 const TASK_FIELDS: &[&str] = &[
     "name",
     "command",
@@ -85,14 +83,8 @@ pub(crate) enum StepSpec {
 
 /// Reads the whole job, recording every problem in `problems`.
 pub(crate) fn read_job(root: &Node, problems: &mut Problems) -> JobSpec {
-    let mut r = Reader {
-        problems,
-        positions: HashMap::new(),
-    };
-    let mut job = JobSpec {
-        project: "default".into(),
-        ..JobSpec::default()
-    };
+    let mut r = Reader { problems, positions: HashMap::new() };
+    let mut job = JobSpec { project: "default".into(), ..JobSpec::default() };
     let Some(top) = r.mapping(root, "", JOB_FIELDS) else {
         return job;
     };
@@ -103,14 +95,8 @@ pub(crate) fn read_job(root: &Node, problems: &mut Problems) -> JobSpec {
             "missing `version`",
             Some("add `version: 1` as the first line".into()),
         ),
-        Some(Node {
-            value: Value::Int(1), ..
-        }) => {}
-        Some(
-            n @ Node {
-                value: Value::Int(v), ..
-            },
-        ) => r.problems.add(
+        Some(Node { value: Value::Int(1), .. }) => {}
+        Some(n @ Node { value: Value::Int(v), .. }) => r.problems.add(
             n.pos,
             "version",
             format!("unsupported version {v}"),
@@ -138,13 +124,8 @@ pub(crate) fn read_job(root: &Node, problems: &mut Problems) -> JobSpec {
         job.project = p.value;
     }
     if let Some(n) = top.get("priority")
-        && let Some(p) = r.int_in(
-            n,
-            "priority",
-            "an integer priority",
-            i64::from(i32::MIN),
-            i64::from(i32::MAX),
-        )
+        && let Some(p) =
+            r.int_in(n, "priority", "an integer priority", i64::from(i32::MIN), i64::from(i32::MAX))
     {
         job.priority = p as i32;
     }
@@ -173,11 +154,7 @@ pub(crate) fn read_job(root: &Node, problems: &mut Problems) -> JobSpec {
             ),
             Value::Seq(items) => {
                 job.task_count = items.len();
-                job.tasks = items
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, t)| r.task(t, i))
-                    .collect();
+                job.tasks = items.iter().enumerate().filter_map(|(i, t)| r.task(t, i)).collect();
             }
             _ => r.wrong_type(n, "tasks", "a list of tasks"),
         },
@@ -192,11 +169,7 @@ fn plain(map: BTreeMap<String, At<String>>) -> BTreeMap<String, String> {
 }
 
 fn join(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_string()
-    } else {
-        format!("{parent}.{key}")
-    }
+    if parent.is_empty() { key.to_string() } else { format!("{parent}.{key}") }
 }
 
 /// The checked entries of one mapping.
@@ -222,12 +195,7 @@ struct Reader<'p> {
 
 impl Reader<'_> {
     fn wrong_type(&mut self, node: &Node, field: &str, expected: &str) {
-        self.problems.add(
-            node.pos,
-            field,
-            format!("expected {expected}, found {}", node.kind()),
-            None,
-        );
+        self.problems.add(node.pos, field, format!("expected {expected}, found {}", node.kind()), None);
     }
 
     /// A mapping whose keys must all be in `known`; unknown keys are reported with a suggestion.
@@ -249,24 +217,16 @@ impl Reader<'_> {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("known fields here: {}", quoted(known)),
                 };
-                self.problems
-                    .add(e.key_pos, &path, format!("unknown field `{}`", e.key), Some(hint));
+                self.problems.add(e.key_pos, &path, format!("unknown field `{}`", e.key), Some(hint));
             }
         }
-        Some(Fields {
-            pos: node.pos,
-            entries,
-        })
+        Some(Fields { pos: node.pos, entries })
     }
 
     /// A string value (not a number or boolean).
     fn string(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         match &node.value {
-            Value::Str(s) => Some(At {
-                value: s.clone(),
-                pos: node.pos,
-                field: field.to_string(),
-            }),
+            Value::Str(s) => Some(At { value: s.clone(), pos: node.pos, field: field.to_string() }),
             _ => {
                 self.wrong_type(node, field, "a string");
                 None
@@ -277,8 +237,7 @@ impl Reader<'_> {
     fn non_empty_string(&mut self, node: &Node, field: &str, what: &str) -> Option<At<String>> {
         let s = self.string(node, field)?;
         if s.value.trim().is_empty() {
-            self.problems
-                .add(node.pos, field, format!("{what} is empty"), None);
+            self.problems.add(node.pos, field, format!("{what} is empty"), None);
             return None;
         }
         Some(s)
@@ -287,11 +246,7 @@ impl Reader<'_> {
     /// A string, number or boolean, as text.
     fn text(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         match node.scalar_text() {
-            Some(value) => Some(At {
-                value,
-                pos: node.pos,
-                field: field.to_string(),
-            }),
+            Some(value) => Some(At { value, pos: node.pos, field: field.to_string() }),
             None => {
                 self.wrong_type(node, field, "a string, number or boolean");
                 None
@@ -450,12 +405,9 @@ impl Reader<'_> {
 
     fn steps(&mut self, node: &Node, field: &str, steps: &mut Vec<StepSpec>) {
         match &node.value {
-            Value::Seq(items) if items.is_empty() => self.problems.add(
-                node.pos,
-                field,
-                "steps is empty",
-                Some("list at least one command".into()),
-            ),
+            Value::Seq(items) if items.is_empty() => {
+                self.problems.add(node.pos, field, "steps is empty", Some("list at least one command".into()))
+            }
             Value::Seq(items) => {
                 for (j, item) in items.iter().enumerate() {
                     let path = format!("{field}[{j}]");
@@ -469,29 +421,17 @@ impl Reader<'_> {
 
     fn task_name(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let name = self.non_empty_string(node, field, "task name")?;
-        let ok = name
-            .value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        let ok = name.value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if !ok {
             let suggestion: String = name
                 .value
                 .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '_' | '.') {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
+                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.') { c } else { '-' })
                 .collect();
             self.problems.add(
                 node.pos,
                 field,
-                format!(
-                    "task name `{}` may only use letters, digits, `_`, `.` and `-`",
-                    name.value
-                ),
+                format!("task name `{}` may only use letters, digits, `_`, `.` and `-`", name.value),
                 Some(format!("rename it, like `{suggestion}`")),
             );
             return None;
@@ -505,18 +445,14 @@ impl Reader<'_> {
             || Some("write a shell command like `echo hi`, or an argv list like `[\"echo\", \"hi\"]`".into());
         match &node.value {
             Value::Str(s) if s.trim().is_empty() => {
-                self.problems
-                    .add(node.pos, field, "command is empty", empty_hint());
+                self.problems.add(node.pos, field, "command is empty", empty_hint());
                 None
             }
-            Value::Str(s) => Some(StepSpec::Shell(At {
-                value: s.clone(),
-                pos: node.pos,
-                field: field.to_string(),
-            })),
+            Value::Str(s) => {
+                Some(StepSpec::Shell(At { value: s.clone(), pos: node.pos, field: field.to_string() }))
+            }
             Value::Seq(items) if items.is_empty() => {
-                self.problems
-                    .add(node.pos, field, "command is empty", empty_hint());
+                self.problems.add(node.pos, field, "command is empty", empty_hint());
                 None
             }
             Value::Seq(items) => {
@@ -530,18 +466,13 @@ impl Reader<'_> {
                     return None;
                 }
                 if let Some(program) = argv.first().filter(|a| a.value.is_empty()) {
-                    self.problems
-                        .add(program.pos, &program.field, "program name is empty", empty_hint());
+                    self.problems.add(program.pos, &program.field, "program name is empty", empty_hint());
                     return None;
                 }
                 Some(StepSpec::Argv(argv))
             }
             _ => {
-                self.wrong_type(
-                    node,
-                    field,
-                    "a command (a string, or a list of program and arguments)",
-                );
+                self.wrong_type(node, field, "a command (a string, or a list of program and arguments)");
                 None
             }
         }
@@ -563,9 +494,7 @@ impl Reader<'_> {
                 ),
                 Value::Int(i) => match u32::try_from(i) {
                     Ok(c) => res.cores = c,
-                    Err(_) => self
-                        .problems
-                        .add(n.pos, &path, format!("{i} cores is too many"), None),
+                    Err(_) => self.problems.add(n.pos, &path, format!("{i} cores is too many"), None),
                 },
                 _ => self.wrong_type(n, &path, "a whole number of cores"),
             }
@@ -601,11 +530,7 @@ impl Reader<'_> {
             return policy;
         }
         if !matches!(node.value, Value::Map(_)) {
-            self.wrong_type(
-                node,
-                field,
-                "a retry count or a mapping with `count`, `backoff` and `on`",
-            );
+            self.wrong_type(node, field, "a retry count or a mapping with `count`, `backoff` and `on`");
             return policy;
         }
         let Some(r) = self.mapping(node, field, RETRY_FIELDS) else {
@@ -737,9 +662,5 @@ impl Reader<'_> {
 
 /// `a`, `b` and `c` as "`a`, `b`, `c`".
 fn quoted(words: &[&str]) -> String {
-    words
-        .iter()
-        .map(|w| format!("`{w}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    words.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", ")
 }

@@ -27,10 +27,7 @@ impl Renderer {
         let mut jinja = Environment::new();
         jinja.set_undefined_behavior(UndefinedBehavior::Strict);
         // Shell scripts written as `|` blocks end with a newline; keep it.
-        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
-            .keep_trailing_newline(true)
-            .build()
-        {
+        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build() {
             jinja.set_syntax(syntax);
         }
         Renderer {
@@ -52,9 +49,7 @@ impl Renderer {
         if let Some(frame) = frame {
             context.insert("frame", Value::from(frame));
         }
-        self.jinja
-            .render_str(text, Value::from(context))
-            .map_err(|e| self.explain(&e, frame.is_some()))
+        self.jinja.render_str(text, Value::from(context)).map_err(|e| self.explain(&e, frame.is_some()))
     }
 
     fn explain(&self, e: &minijinja::Error, has_frame: bool) -> TemplateError {
@@ -91,10 +86,7 @@ impl Renderer {
                             .to_string(),
                     )
                 };
-                TemplateError {
-                    message: format!("template uses undefined `{name}`"),
-                    hint,
-                }
+                TemplateError { message: format!("template uses undefined `{name}`"), hint }
             }
             ErrorKind::SyntaxError => TemplateError {
                 message: format!("template syntax error: {detail}"),
@@ -125,10 +117,7 @@ mod tests {
     #[test]
     fn renders_params_env_and_frame() {
         let r = renderer();
-        assert_eq!(
-            r.render("{{ params.greeting }} {{ env.USER_X }}", None).unwrap(),
-            "hello ada"
-        );
+        assert_eq!(r.render("{{ params.greeting }} {{ env.USER_X }}", None).unwrap(), "hello ada");
         assert_eq!(r.render("f{{ frame }}", Some(7)).unwrap(), "f7");
         assert_eq!(r.render("plain } { text", None).unwrap(), "plain } { text");
         assert_eq!(r.render("echo {{ frame }}\n", Some(1)).unwrap(), "echo 1\n");

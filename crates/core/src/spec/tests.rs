@@ -13,10 +13,7 @@ fn ctx() -> TemplateContext {
 }
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn ok(source: &str) -> JobPlan {
@@ -50,19 +47,10 @@ fn assert_error_in(
     message: &str,
 ) -> SpecError {
     let errs = errors(source, file);
-    assert_eq!(
-        errs.len(),
-        1,
-        "expected one error, got: {}",
-        SpecErrors(errs.clone())
-    );
+    assert_eq!(errs.len(), 1, "expected one error, got: {}", SpecErrors(errs.clone()));
     let e = errs.into_iter().next().unwrap();
     assert_eq!((e.line, e.column, e.field.as_str()), (line, column, field), "{e}");
-    assert!(
-        e.message.contains(message),
-        "message {:?} lacks {message:?}",
-        e.message
-    );
+    assert!(e.message.contains(message), "message {:?} lacks {message:?}", e.message);
     assert_eq!(e.file, file);
     e
 }
@@ -112,26 +100,16 @@ fn base_task(name: &str) -> TaskPlan {
 
 fn full_plan() -> JobPlan {
     let prepare = TaskPlan {
-        steps: vec![Command::Argv(vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "echo hello".into(),
-        ])],
+        steps: vec![Command::Argv(vec!["/bin/sh".into(), "-c".into(), "echo hello".into()])],
         env: map(&[("QUALITY", "high"), ("SHARED", "task"), ("A", "b")]),
-        resources: Resources {
-            cores: 2,
-            memory: 256 << 20,
-        },
+        resources: Resources { cores: 2, memory: 256 << 20 },
         timeout: Some(Duration::from_secs(30 * 60)),
         retries: RetryPolicy {
             count: 2,
             backoff: Duration::from_secs(5),
             on: BTreeSet::from([FailureClass::Exit, FailureClass::Timeout, FailureClass::Lost]),
         },
-        exit_codes: ExitCodes {
-            warning: vec![1, 2],
-            skip: vec![3],
-        },
+        exit_codes: ExitCodes { warning: vec![1, 2], skip: vec![3] },
         constraints: map(&[("gpu", "true"), ("slots", "4")]),
         ..base_task("prepare")
     };
@@ -141,14 +119,8 @@ fn full_plan() -> JobPlan {
             Command::Shell(format!("make frame={frame}")),
             Command::Argv(vec!["ls".into(), "-l".into(), "7".into()]),
         ],
-        resources: Resources {
-            cores: 1,
-            memory: 1024,
-        },
-        retries: RetryPolicy {
-            count: 4,
-            ..RetryPolicy::default()
-        },
+        resources: Resources { cores: 1, memory: 1024 },
+        retries: RetryPolicy { count: 4, ..RetryPolicy::default() },
         depends_on: vec!["prepare".into()],
         ..base_task("render")
     };
@@ -221,20 +193,14 @@ fn arrays_expand_to_one_task_per_frame() {
     assert_eq!(plan.tasks[99].frame, Some(100));
     assert_eq!(plan.tasks[99].steps, vec![Command::Shell("echo 100".into())]);
     let plan = ok("version: 1\nname: j\ntasks:\n  - name: r\n    array: 1,5,7\n    command: x\n");
-    assert_eq!(
-        plan.tasks.iter().map(|t| t.frame).collect::<Vec<_>>(),
-        vec![Some(1), Some(5), Some(7)]
-    );
+    assert_eq!(plan.tasks.iter().map(|t| t.frame).collect::<Vec<_>>(), vec![Some(1), Some(5), Some(7)]);
 }
 
 #[test]
 fn params_come_from_defaults_and_are_overridden_by_the_context() {
     let source = "version: 1\nname: '{{ params.greeting }}-job'\nparams: { greeting: hello }\n\
                   tasks:\n  - name: a\n    command: echo {{ params.greeting }} {{ params.extra }}\n";
-    let mut ctx = TemplateContext {
-        params: map(&[("extra", "x")]),
-        ..TemplateContext::default()
-    };
+    let mut ctx = TemplateContext { params: map(&[("extra", "x")]), ..TemplateContext::default() };
     let plan = compile(source, "job.yaml", &ctx).unwrap();
     assert_eq!(plan.name, "hello-job");
     assert_eq!(plan.tasks[0].steps, vec![Command::Shell("echo hello x".into())]);
@@ -248,15 +214,9 @@ fn params_come_from_defaults_and_are_overridden_by_the_context() {
 fn env_templates_read_the_submitting_environment() {
     let source = "version: 1\nname: j\nenv: { OWNER: '{{ env.USER_X }}' }\n\
                   tasks:\n  - name: a\n    command: [echo, '{{ env.USER_X }}']\n";
-    let ctx = TemplateContext {
-        env: map(&[("USER_X", "ada")]),
-        ..TemplateContext::default()
-    };
+    let ctx = TemplateContext { env: map(&[("USER_X", "ada")]), ..TemplateContext::default() };
     let plan = compile(source, "job.yaml", &ctx).unwrap();
-    assert_eq!(
-        plan.tasks[0].steps,
-        vec![Command::Argv(vec!["echo".into(), "ada".into()])]
-    );
+    assert_eq!(plan.tasks[0].steps, vec![Command::Argv(vec!["echo".into(), "ada".into()])]);
     assert_eq!(plan.tasks[0].env, map(&[("OWNER", "ada")]));
 }
 
@@ -267,10 +227,7 @@ fn frame_templates_give_each_frame_its_own_command() {
     assert_eq!(plan.tasks.len(), 20);
     let commands: BTreeSet<_> = plan.tasks.iter().map(|t| format!("{:?}", t.steps)).collect();
     assert_eq!(commands.len(), 20);
-    assert_eq!(
-        plan.tasks[4].steps,
-        vec![Command::Shell("render --frame 5".into())]
-    );
+    assert_eq!(plan.tasks[4].steps, vec![Command::Shell("render --frame 5".into())]);
     assert_eq!(plan.tasks[4].env, map(&[("F", "f5")]));
 }
 
@@ -286,13 +243,8 @@ fn literal_blocks_keep_their_trailing_newline() {
 
 #[test]
 fn missing_version() {
-    let e = assert_error(
-        "name: j\ntasks:\n  - name: a\n    command: x\n",
-        1,
-        1,
-        "version",
-        "missing `version`",
-    );
+    let e =
+        assert_error("name: j\ntasks:\n  - name: a\n    command: x\n", 1, 1, "version", "missing `version`");
     assert!(e.hint.unwrap().contains("version: 1"));
 }
 
@@ -406,13 +358,7 @@ fn dependency_cycle() {
                   - name: a\n  command: x\n  depends_on: [c]\n\
                   - name: b\n  array: 1-3\n  command: x\n  depends_on: [a]\n\
                   - name: c\n  command: x\n  depends_on: [b]\n";
-    let e = assert_error(
-        source,
-        6,
-        16,
-        "tasks[0].depends_on[0]",
-        "dependency cycle: a -> c -> b -> a",
-    );
+    let e = assert_error(source, 6, 16, "tasks[0].depends_on[0]", "dependency cycle: a -> c -> b -> a");
     assert!(e.hint.is_some());
 }
 
@@ -466,15 +412,9 @@ fn bad_memory_and_cores() {
     let source = "version: 1\nname: j\ntasks:\n  - name: a\n    command: x\n    resources:\n      cores: 0\n      memory: lots\n";
     let errs = errors(source, "job.yaml");
     assert_eq!(errs.len(), 2, "{}", SpecErrors(errs.clone()));
-    assert_eq!(
-        (errs[0].line, errs[0].column, errs[0].field.as_str()),
-        (7, 14, "tasks[0].resources.cores")
-    );
+    assert_eq!((errs[0].line, errs[0].column, errs[0].field.as_str()), (7, 14, "tasks[0].resources.cores"));
     assert!(errs[0].message.contains("cores must be at least 1"));
-    assert_eq!(
-        (errs[1].line, errs[1].column, errs[1].field.as_str()),
-        (8, 15, "tasks[0].resources.memory")
-    );
+    assert_eq!((errs[1].line, errs[1].column, errs[1].field.as_str()), (8, 15, "tasks[0].resources.memory"));
     assert_eq!(errs[1].message, "`lots` is not a memory size");
 }
 
@@ -507,10 +447,7 @@ fn undefined_template_variable() {
         "tasks[0].command",
         "undefined `frame`",
     );
-    assert_eq!(
-        e.hint.as_deref(),
-        Some("`frame` only exists in tasks with `array`")
-    );
+    assert_eq!(e.hint.as_deref(), Some("`frame` only exists in tasks with `array`"));
 }
 
 #[test]
@@ -574,38 +511,20 @@ fn bad_task_name() {
         "tasks[0].name",
         "may only use letters, digits",
     );
-    assert_error(
-        "version: 1\nname: j\ntasks:\n  - command: x\n",
-        4,
-        5,
-        "tasks[0].name",
-        "missing `name`",
-    );
+    assert_error("version: 1\nname: j\ntasks:\n  - command: x\n", 4, 5, "tasks[0].name", "missing `name`");
 }
 
 #[test]
 fn missing_and_empty_tasks() {
     assert_error("version: 1\nname: j\n", 1, 1, "tasks", "missing `tasks`");
-    assert_error(
-        "version: 1\nname: j\ntasks: []\n",
-        3,
-        8,
-        "tasks",
-        "at least one task",
-    );
+    assert_error("version: 1\nname: j\ntasks: []\n", 3, 8, "tasks", "at least one task");
 }
 
 #[test]
 fn yaml_syntax_error() {
     let e = assert_error("version: 1\nname: j\ntasks: [a, b\n", 3, 8, "", "invalid YAML");
     assert!(e.to_string().starts_with("job.yaml:3:8: invalid YAML"), "{e}");
-    assert_error(
-        "version: 1\nname: j\nname: k\ntasks: []\n",
-        3,
-        1,
-        "",
-        "duplicate key `name`",
-    );
+    assert_error("version: 1\nname: j\nname: k\ntasks: []\n", 3, 1, "", "duplicate key `name`");
 }
 
 #[test]
@@ -618,14 +537,7 @@ fn bad_json() {
         "",
         "invalid JSON: trailing comma",
     );
-    let e = assert_error_in(
-        "{version: 1}",
-        "job.yaml",
-        1,
-        2,
-        "",
-        "invalid JSON: key must be a string",
-    );
+    let e = assert_error_in("{version: 1}", "job.yaml", 1, 2, "", "invalid JSON: key must be a string");
     assert!(e.hint.unwrap().contains("starts with `{`"));
 }
 
@@ -642,12 +554,7 @@ fn all_problems_are_reported_at_once_in_file_order() {
     let fields: Vec<_> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
     assert_eq!(
         fields,
-        vec![
-            (1, "version"),
-            (4, "tasks[0]"),
-            (5, "tasks[0].comand"),
-            (8, "tasks[1].timeout")
-        ],
+        vec![(1, "version"), (4, "tasks[0]"), (5, "tasks[0].comand"), (8, "tasks[1].timeout")],
         "{}",
         SpecErrors(errs.clone())
     );
@@ -679,27 +586,16 @@ fn examples_compile() {
         }
         count += 1;
     }
-    assert!(
-        count >= 4,
-        "found only {count} example job files in {}",
-        dir.display()
-    );
+    assert!(count >= 4, "found only {count} example job files in {}", dir.display());
     let hello = std::fs::read_to_string(dir.join("hello.yaml")).unwrap();
     let plan = compile(&hello, "hello.yaml", &ctx()).unwrap();
     let names: Vec<_> = plan.tasks.iter().map(TaskPlan::display_name).collect();
     assert_eq!(
         names,
-        [
-            "prepare",
-            "render[1]",
-            "render[2]",
-            "render[3]",
-            "render[4]",
-            "render[5]"
-        ]
-        .into_iter()
-        .chain(["report"])
-        .collect::<Vec<_>>()
+        ["prepare", "render[1]", "render[2]", "render[3]", "render[4]", "render[5]"]
+            .into_iter()
+            .chain(["report"])
+            .collect::<Vec<_>>()
     );
 }
 

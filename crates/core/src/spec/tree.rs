@@ -84,18 +84,11 @@ pub(crate) struct SyntaxError {
 }
 
 fn syntax(pos: Pos, message: impl Into<String>, hint: Option<&str>) -> SyntaxError {
-    SyntaxError {
-        pos,
-        message: message.into(),
-        hint: hint.map(str::to_string),
-    }
+    SyntaxError { pos, message: message.into(), hint: hint.map(str::to_string) }
 }
 
 fn pos_of(marker: &Marker) -> Pos {
-    Pos {
-        line: marker.line().max(1),
-        column: marker.col() + 1,
-    }
+    Pos { line: marker.line().max(1), column: marker.col() + 1 }
 }
 
 /// Parses JSON: strictly checked by `serde_json` first (so trailing commas and the like are
@@ -105,10 +98,7 @@ pub(crate) fn parse_json(source: &str) -> Result<Node, SyntaxError> {
         let text = e.to_string();
         let suffix = format!(" at line {} column {}", e.line(), e.column());
         let message = text.strip_suffix(&suffix).unwrap_or(&text);
-        let pos = Pos {
-            line: e.line().max(1),
-            column: e.column().max(1),
-        };
+        let pos = Pos { line: e.line().max(1), column: e.column().max(1) };
         return Err(syntax(pos, format!("invalid JSON: {message}"), None));
     }
     parse_yaml(source)
@@ -130,29 +120,15 @@ pub(crate) fn parse_yaml(source: &str) -> Result<Node, SyntaxError> {
         })?;
         builder.event(event, pos_of(&span.start))?;
     }
-    builder.root.ok_or_else(|| {
-        syntax(
-            Pos::START,
-            "the job file is empty",
-            Some("start it with `version: 1`"),
-        )
-    })
+    builder
+        .root
+        .ok_or_else(|| syntax(Pos::START, "the job file is empty", Some("start it with `version: 1`")))
 }
 
 /// A collection still being read.
 enum Open {
-    Seq {
-        pos: Pos,
-        anchor: usize,
-        items: Vec<Node>,
-    },
-    Map {
-        pos: Pos,
-        anchor: usize,
-        entries: Vec<Entry>,
-        keys: HashSet<String>,
-        key: Option<(String, Pos)>,
-    },
+    Seq { pos: Pos, anchor: usize, items: Vec<Node> },
+    Map { pos: Pos, anchor: usize, entries: Vec<Entry>, keys: HashSet<String>, key: Option<(String, Pos)> },
 }
 
 #[derive(Default)]
@@ -181,12 +157,7 @@ impl Builder {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
-                if let Some(Open::Map {
-                    key: key @ None,
-                    keys,
-                    ..
-                }) = self.stack.last_mut()
-                {
+                if let Some(Open::Map { key: key @ None, keys, .. }) = self.stack.last_mut() {
                     if !keys.insert(text.to_string()) {
                         return Err(syntax(
                             pos,
@@ -207,11 +178,7 @@ impl Builder {
             }
             Event::SequenceStart(_, anchor, _) => {
                 self.check_not_key(pos)?;
-                self.stack.push(Open::Seq {
-                    pos,
-                    anchor,
-                    items: Vec::new(),
-                });
+                self.stack.push(Open::Seq { pos, anchor, items: Vec::new() });
             }
             Event::MappingStart(_, anchor, _) => {
                 self.check_not_key(pos)?;
@@ -224,22 +191,12 @@ impl Builder {
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(Open::Seq { pos, anchor, items }) => self.finish(
-                    Node {
-                        pos,
-                        value: Value::Seq(items),
-                    },
-                    anchor,
-                )?,
-                Some(Open::Map {
-                    pos, anchor, entries, ..
-                }) => self.finish(
-                    Node {
-                        pos,
-                        value: Value::Map(entries),
-                    },
-                    anchor,
-                )?,
+                Some(Open::Seq { pos, anchor, items }) => {
+                    self.finish(Node { pos, value: Value::Seq(items) }, anchor)?
+                }
+                Some(Open::Map { pos, anchor, entries, .. }) => {
+                    self.finish(Node { pos, value: Value::Map(entries) }, anchor)?
+                }
                 None => return Err(syntax(pos, "unbalanced YAML structure", None)),
             },
             Event::Alias(id) => {
@@ -250,10 +207,7 @@ impl Builder {
                 // The alias event itself was counted as one node above.
                 self.spend(size.saturating_sub(1), pos)?;
                 if let Some(target) = self.anchors.get(&id) {
-                    let node = Node {
-                        pos,
-                        value: target.value.clone(),
-                    };
+                    let node = Node { pos, value: target.value.clone() };
                     self.finish(node, 0)?;
                 }
             }
@@ -278,11 +232,7 @@ impl Builder {
     /// Mapping keys must be plain names, not lists, mappings or aliases.
     fn check_not_key(&self, pos: Pos) -> Result<(), SyntaxError> {
         if let Some(Open::Map { key: None, .. }) = self.stack.last() {
-            return Err(syntax(
-                pos,
-                "mapping keys must be plain names",
-                Some("quote the key if it is text"),
-            ));
+            return Err(syntax(pos, "mapping keys must be plain names", Some("quote the key if it is text")));
         }
         Ok(())
     }
@@ -298,11 +248,7 @@ impl Builder {
             Some(Open::Map { entries, key, .. }) => {
                 // check_not_key and the scalar-key path guarantee a pending key here.
                 if let Some((key, key_pos)) = key.take() {
-                    entries.push(Entry {
-                        key,
-                        key_pos,
-                        value: node,
-                    });
+                    entries.push(Entry { key, key_pos, value: node });
                 }
             }
         }
@@ -325,10 +271,7 @@ fn resolve_plain(text: &str) -> Value {
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         return match text.parse::<i64>() {
             Ok(i) => Value::Int(i),
-            Err(_) => text
-                .parse::<f64>()
-                .map(Value::Float)
-                .unwrap_or_else(|_| Value::Str(text.into())),
+            Err(_) => text.parse::<f64>().map(Value::Float).unwrap_or_else(|_| Value::Str(text.into())),
         };
     }
     if let Some(hex) = text.strip_prefix("0x")
@@ -341,14 +284,10 @@ fn resolve_plain(text: &str) -> Value {
     {
         return Value::Int(i);
     }
-    let float_like = digits
-        .bytes()
-        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
-        && digits
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_digit() || b == b'.')
-        && digits.bytes().any(|b| b.is_ascii_digit());
+    let float_like =
+        digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+            && digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
+            && digits.bytes().any(|b| b.is_ascii_digit());
     if float_like && let Ok(f) = text.parse::<f64>() {
         return Value::Float(f);
     }
@@ -372,16 +311,8 @@ mod tests {
         assert_eq!(root.pos, Pos { line: 2, column: 1 });
         let top = map(&root);
         assert_eq!(top[0].key, "version");
-        assert_eq!(
-            top[0].value,
-            Node {
-                pos: Pos { line: 2, column: 10 },
-                value: Value::Int(1)
-            }
-        );
-        let Value::Seq(tasks) = &top[1].value.value else {
-            panic!()
-        };
+        assert_eq!(top[0].value, Node { pos: Pos { line: 2, column: 10 }, value: Value::Int(1) });
+        let Value::Seq(tasks) = &top[1].value.value else { panic!() };
         assert_eq!(tasks[0].pos, Pos { line: 4, column: 5 });
         let task = map(&tasks[0]);
         assert_eq!(task[1].key_pos, Pos { line: 5, column: 5 });
@@ -422,10 +353,7 @@ mod tests {
     #[test]
     fn structural_errors() {
         let e = parse_yaml("a: 1\na: 2\n").unwrap_err();
-        assert_eq!(
-            (e.pos, e.message.as_str()),
-            (Pos { line: 2, column: 1 }, "duplicate key `a`")
-        );
+        assert_eq!((e.pos, e.message.as_str()), (Pos { line: 2, column: 1 }, "duplicate key `a`"));
         let e = parse_yaml("a: 1\n---\nb: 2\n").unwrap_err();
         assert!(e.message.contains("one YAML document"), "{e:?}");
         assert_eq!(parse_yaml("").unwrap_err().message, "the job file is empty");
@@ -439,13 +367,8 @@ mod tests {
         let root = parse_json("{\"a\":1,\n\t\"b\": [true, null, \"x\\/y\"]}").unwrap();
         let top = map(&root);
         assert_eq!(top[1].key_pos, Pos { line: 2, column: 2 });
-        let Value::Seq(items) = &top[1].value.value else {
-            panic!()
-        };
+        let Value::Seq(items) = &top[1].value.value else { panic!() };
         let values: Vec<_> = items.iter().map(|n| n.value.clone()).collect();
-        assert_eq!(
-            values,
-            vec![Value::Bool(true), Value::Null, Value::Str("x/y".into())]
-        );
+        assert_eq!(values, vec![Value::Bool(true), Value::Null, Value::Str("x/y".into())]);
     }
 }

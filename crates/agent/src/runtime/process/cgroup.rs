@@ -62,10 +62,7 @@ impl AttemptCgroup {
                 %error,
                 "cannot create a memory cgroup; memory limit not enforced"
             ),
-            None => tracing::debug!(
-                attempt_id,
-                "no memory cgroup controller; memory limit not enforced"
-            ),
+            None => tracing::debug!(attempt_id, "no memory cgroup controller; memory limit not enforced"),
         }
         None
     }
@@ -81,10 +78,7 @@ impl AttemptCgroup {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        let cgroup = AttemptCgroup {
-            dir: dir.to_path_buf(),
-            version,
-        };
+        let cgroup = AttemptCgroup { dir: dir.to_path_buf(), version };
         let configured = match version {
             Version::V2 => std::fs::write(dir.join("memory.max"), limit.to_string())
                 .and_then(|()| enable_memory_controller(dir)),
@@ -123,11 +117,7 @@ impl AttemptCgroup {
         }
         let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?;
-        Ok(StepCgroup {
-            dir,
-            version: self.version,
-            procs,
-        })
+        Ok(StepCgroup { dir, version: self.version, procs })
     }
 
     /// SIGKILLs every process still in the attempt's cgroups (including ones that left the
@@ -296,9 +286,7 @@ fn unescape(field: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && let Some(code) = field
-                .get(i + 1..i + 4)
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            && let Some(code) = field.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok())
         {
             out.push(code);
             i += 4;
@@ -338,10 +326,7 @@ mod tests {
     fn strips_the_mount_root_of_namespaced_mounts() {
         let cgroup = "0::/kubepods/pod1/ctr\n";
         let mounts = "50 40 0:40 /kubepods/pod1 /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            own_dir_from(cgroup, mounts, Version::V2),
-            Some(PathBuf::from("/sys/fs/cgroup/ctr"))
-        );
+        assert_eq!(own_dir_from(cgroup, mounts, Version::V2), Some(PathBuf::from("/sys/fs/cgroup/ctr")));
         assert_eq!(own_dir_from(cgroup, mounts, Version::V1), None);
     }
 

@@ -80,15 +80,7 @@ mod tests {
     async fn keeps_newlines_and_last_partial_line() {
         for capacity in [1, 3, MAX_LINE] {
             let out = chunks(b"a\n\nbc\nlast", capacity).await;
-            assert_eq!(
-                out,
-                vec![
-                    b"a\n".to_vec(),
-                    b"\n".to_vec(),
-                    b"bc\n".to_vec(),
-                    b"last".to_vec()
-                ]
-            );
+            assert_eq!(out, vec![b"a\n".to_vec(), b"\n".to_vec(), b"bc\n".to_vec(), b"last".to_vec()]);
         }
     }
 
@@ -120,14 +112,9 @@ mod tests {
     #[tokio::test]
     async fn pump_labels_stream_and_step() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx)
-            .await
-            .expect("reads");
+        pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx).await.expect("reads");
         let first = rx.recv().await.expect("first");
-        assert_eq!(
-            (first.stream, first.step, first.data),
-            (Stream::Stderr, 3, b"one\n".to_vec())
-        );
+        assert_eq!((first.stream, first.step, first.data), (Stream::Stderr, 3, b"one\n".to_vec()));
         assert_eq!(rx.recv().await.expect("second").data, b"two".to_vec());
         assert!(rx.recv().await.is_none());
     }

@@ -36,11 +36,7 @@ pub(crate) fn parse(text: &str) -> Option<ProcStat> {
     let field = |n: usize| fields.get(n - 3).copied();
     let num = |n: usize| field(n).and_then(|f| f.parse::<u64>().ok());
     // cutime, cstime and rss are signed in the kernel; negative values are nonsense for us.
-    let signed = |n: usize| {
-        field(n)
-            .and_then(|f| f.parse::<i64>().ok())
-            .map(|v| v.max(0) as u64)
-    };
+    let signed = |n: usize| field(n).and_then(|f| f.parse::<i64>().ok()).map(|v| v.max(0) as u64);
     Some(ProcStat {
         state: field(3)?.chars().next()?,
         pgrp: field(5)?.parse().ok()?,
