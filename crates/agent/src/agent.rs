@@ -66,7 +66,8 @@ struct Running {
 /// The agent: session loop plus the attempts it runs.
 pub struct Agent {
     config: AgentConfig,
-    runtime: Arc<dyn Runtime>,
+    /// Runtimes by kind (`process`, `docker`, `microvm`); only available ones are listed.
+    runtimes: BTreeMap<String, Arc<dyn Runtime>>,
     outbox: Arc<Outbox>,
     cores: Arc<Mutex<CoreSet>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
@@ -85,8 +86,11 @@ fn backoff(n: u32) -> Duration {
 }
 
 impl Agent {
-    /// An agent that runs tasks with `runtime`.
-    pub fn new(config: AgentConfig, runtime: Arc<dyn Runtime>) -> Result<Agent, AgentError> {
+    /// An agent that runs tasks with the given runtimes (at most one per kind).
+    pub fn new(config: AgentConfig, runtimes: Vec<Arc<dyn Runtime>>) -> Result<Agent, AgentError> {
+        if runtimes.is_empty() {
+            return Err(AgentError::Config("no runtime is available".into()));
+        }
         if config.servers.is_empty() {
             return Err(AgentError::Config("no server address given".into()));
         }
@@ -97,7 +101,7 @@ impl Agent {
         Ok(Agent {
             cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
             config,
-            runtime,
+            runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
             outbox: Arc::new(Outbox::default()),
             running: Arc::new(Mutex::new(HashMap::new())),
         })
@@ -153,7 +157,7 @@ impl Agent {
             labels: self.config.labels.clone().into_iter().collect(),
             cores: self.config.cores,
             memory: self.config.memory,
-            runtimes: vec![self.runtime.kind().to_string()],
+            runtimes: self.runtimes.keys().cloned().collect(),
             attempts: known,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
@@ -225,6 +229,8 @@ impl Agent {
             // settled is still stopping); run unpinned rather than refuse the work.
             tracing::warn!(attempt_id, cores = a.cores, "not enough free cores to pin; running unpinned");
         }
+        let plan: Option<drover_core::TaskPlan> = serde_json::from_str(&a.plan_json).ok();
+        let runtime = self.runtimes.get(&a.runtime).cloned();
         let spec = TaskSpec {
             job_id: a.job_id,
             task_id: a.task_id,
@@ -238,24 +244,31 @@ impl Agent {
                 .join(format!("attempt-{attempt_id}")),
             cpus: pin,
             memory_limit: a.memory,
+            image: plan.as_ref().and_then(|p| p.image.clone()),
+            user: plan.as_ref().and_then(|p| p.user.clone()),
+            network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),
+            services: plan.map(|p| p.services).unwrap_or_default(),
+            secrets: a.secrets.into_iter().collect(),
         };
         let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
         let (stop_tx, stop_rx) = watch::channel(StopReason::None);
         lock(&self.running).insert(attempt_id, Running { stop: stop_tx });
         let this = self.clone();
         let span = tracing::info_span!("task", job_id = a.job_id, task_id = a.task_id, attempt_id);
+        let kind = a.runtime;
         tokio::spawn(
             async move {
                 let workspace = spec.workspace.clone();
-                attempt::run(
-                    this.runtime.clone(),
-                    this.outbox.clone(),
-                    spec,
-                    timeout,
-                    this.config.kill_grace,
-                    stop_rx,
-                )
-                .await;
+                match runtime {
+                    Some(runtime) => {
+                        let grace = this.config.kill_grace;
+                        attempt::run(runtime, this.outbox.clone(), spec, timeout, grace, stop_rx).await;
+                    }
+                    None => {
+                        attempt::refuse(&this.outbox, attempt_id, &format!("this node has no {kind} runtime"))
+                            .await
+                    }
+                }
                 if let Some(r) = reserved {
                     lock(&this.cores).release(&r);
                 }

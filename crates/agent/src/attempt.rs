@@ -181,6 +181,19 @@ fn start_failure(mut outcome: Outcome, e: RuntimeError) -> Outcome {
     outcome
 }
 
+/// Reports an attempt this node cannot run at all (its runtime is missing here).
+pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
+    tracing::warn!(attempt_id, why, "refusing attempt");
+    let outcome = Outcome {
+        exit_code: None,
+        signal: None,
+        failure: "start",
+        message: why.to_string(),
+        usage: Usage::default(),
+    };
+    finished(outbox, attempt_id, &outcome).await;
+}
+
 async fn started(outbox: &Outbox, attempt_id: i64) {
     let msg = Msg::Update(pb::AttemptUpdate {
         attempt_id,

@@ -164,7 +164,7 @@ pub async fn server(args: ServerArgs) -> Result<ExitCode> {
 pub async fn agent(args: AgentArgs) -> Result<ExitCode> {
     let config = agent_config(&args.node, args.server.clone(), PathBuf::from(".drover/agent/work"));
     tracing::info!(name = %config.name, cores = config.cores, memory = config.memory, servers = ?config.servers, "drover agent starting");
-    let agent = Agent::new(config, Arc::new(ProcessRuntime::new()))?;
+    let agent = Agent::new(config, vec![Arc::new(ProcessRuntime::new())])?;
     agent.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -193,7 +193,7 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     };
     let server = tokio::spawn(drover_server::serve(listener, store, config, server_stop));
     let agent_config = agent_config(&args.node, vec![url.clone()], args.server.data_dir.join("work"));
-    let agent = Agent::new(agent_config, Arc::new(ProcessRuntime::new()))?;
+    let agent = Agent::new(agent_config, vec![Arc::new(ProcessRuntime::new())])?;
     let agent_stop = {
         let mut rx = stop_rx.clone();
         async move {

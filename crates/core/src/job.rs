@@ -62,6 +62,232 @@ pub struct TaskPlan {
     /// Node labels the task requires (`key: value` must match exactly).
     #[serde(default)]
     pub constraints: BTreeMap<String, String>,
+    /// The sandbox the task runs in.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// Image for `docker` and `microvm` tasks: a local image name, or (after the client built
+    /// and uploaded it) the content digest `sha256:...` of the uploaded image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// An image the client builds from a Dockerfile before submitting; replaced by `image`
+    /// once built and uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSpec>,
+    /// User to run as inside the sandbox (`uid`, `uid:gid` or a name); containers default to
+    /// an unprivileged user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// What the sandbox may reach over the network.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// Side containers started before the steps and stopped after them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
+    /// Names of project secrets to expose as environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Globs, relative to the workspace, of files kept as artifacts when the task ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    /// Whether outputs are kept when the task fails too.
+    #[serde(default = "yes")]
+    pub outputs_on_failure: bool,
+    /// Files placed in the workspace before the task starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputSpec>,
+    /// For AI-agent tasks: the coding agent to run, its prompt, repository and budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TaskPlan {
+    /// An unnamed task with no steps and every setting at its default; fill in at least `name`
+    /// and `steps`.
+    fn default() -> Self {
+        TaskPlan {
+            name: String::new(),
+            frame: None,
+            steps: Vec::new(),
+            env: BTreeMap::new(),
+            resources: Resources::default(),
+            timeout: None,
+            retries: RetryPolicy::default(),
+            depends_on: Vec::new(),
+            exit_codes: ExitCodes::default(),
+            constraints: BTreeMap::new(),
+            runtime: RuntimeKind::Process,
+            image: None,
+            build: None,
+            user: None,
+            network: NetworkPolicy::None,
+            services: Vec::new(),
+            secrets: Vec::new(),
+            outputs: Vec::new(),
+            outputs_on_failure: true,
+            inputs: Vec::new(),
+            agent: None,
+        }
+    }
+}
+
+/// Which sandbox runs a task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A plain process group on the node.
+    #[default]
+    Process,
+    /// A Docker container.
+    Docker,
+    /// A microVM.
+    Microvm,
+}
+
+impl RuntimeKind {
+    /// The lowercase name agents advertise.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Microvm => "microvm",
+        }
+    }
+}
+
+/// A Dockerfile build done by the client at submit time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// Dockerfile path, relative to the job file.
+    pub dockerfile: String,
+    /// Build context directory, relative to the job file.
+    pub context: String,
+    /// Build arguments.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+}
+
+/// Network access of a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum NetworkPolicy {
+    /// Loopback only (the default).
+    #[default]
+    None,
+    /// A network of the task's own, shared with its services; removed afterwards.
+    Bridge,
+    /// Only the listed hosts (`host` or `host:port`) are reachable.
+    Egress {
+        /// Allowed destinations.
+        allow: Vec<String>,
+    },
+    /// Unrestricted.
+    Full,
+}
+
+/// A side container of a task, such as a database for integration tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Host name the steps reach it by.
+    pub name: String,
+    /// Image to run.
+    pub image: String,
+    /// Command; the image's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Command>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Paths mounted as tmpfs inside the service.
+    #[serde(default)]
+    pub tmpfs: Vec<String>,
+    /// How to tell that the service is ready; without one it counts as ready once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthCheck>,
+}
+
+/// A readiness probe run inside a service container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Command that exits 0 when the service is healthy.
+    pub command: Command,
+    /// Time between probes.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// Longest a probe may take.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Failed probes before the service counts as unhealthy and the task fails.
+    pub retries: u32,
+}
+
+/// A file or directory placed in the workspace before a task starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Where it comes from.
+    pub source: InputSource,
+    /// Path relative to the workspace.
+    pub to: String,
+}
+
+/// The origin of an input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputSource {
+    /// A local file or directory, uploaded by the client at submit (then rewritten to `blob`).
+    Path(String),
+    /// Uploaded content, by sha256 digest; a directory is a tar archive.
+    Blob {
+        /// `sha256:...`
+        digest: String,
+        /// Whether the blob is a tar archive of a directory, to unpack at `to`.
+        directory: bool,
+    },
+    /// An http(s) URL fetched by the agent.
+    Url(String),
+    /// An output of another task of the job (which becomes a dependency).
+    Artifact {
+        /// The producing task.
+        task: String,
+        /// The output's path in that task's workspace.
+        path: String,
+    },
+}
+
+/// An AI coding agent run inside the task's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// The coding agent's command.
+    pub command: Command,
+    /// The prompt, given on stdin and in `$DROVER_WORKSPACE/prompt.txt`.
+    pub prompt: String,
+    /// Git URL (or input path) of the repository to check out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Token budget across input and output tokens; calls beyond it are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u64>,
+    /// Where to push the agent's changes as a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSpec>,
+}
+
+/// A git remote and branch to push an agent's changes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushSpec {
+    /// Remote URL.
+    pub remote: String,
+    /// Branch name.
+    pub branch: String,
 }
 
 impl TaskPlan {
@@ -304,6 +530,7 @@ mod tests {
             depends_on: deps.iter().map(|s| s.to_string()).collect(),
             exit_codes: ExitCodes::default(),
             constraints: BTreeMap::new(),
+            ..TaskPlan::default()
         }
     }
 

@@ -11,6 +11,9 @@ pub mod resources;
 pub mod spec;
 pub mod state;
 
-pub use job::{Command, ExitCodes, JobPlan, RetryPolicy, TaskPlan};
+pub use job::{
+    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, JobPlan, NetworkPolicy,
+    PushSpec, RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
+};
 pub use resources::Resources;
 pub use state::{FailureClass, JobState, NodeState, TaskState};

@@ -105,6 +105,7 @@ mod tests {
             depends_on: vec![],
             exit_codes: ExitCodes::default(),
             constraints: Default::default(),
+            ..TaskPlan::default()
         }
     }
 

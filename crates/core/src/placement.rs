@@ -5,6 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
+use crate::job::RuntimeKind;
 use crate::resources::Resources;
 
 /// A node as placement sees it.
@@ -16,6 +17,8 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// Resources not yet reserved by tasks on the node.
     pub free: Resources,
+    /// Sandboxes the node can run.
+    pub runtimes: Vec<RuntimeKind>,
 }
 
 /// A queued task as placement sees it.
@@ -29,6 +32,8 @@ pub struct QueuedTask {
     pub resources: Resources,
     /// Labels a node must carry.
     pub constraints: BTreeMap<String, String>,
+    /// The sandbox it needs.
+    pub runtime: RuntimeKind,
 }
 
 /// One decision: run `task_id` on `node_id`.
@@ -67,7 +72,9 @@ pub fn place(nodes: &[NodeView], queue: &[QueuedTask]) -> Vec<Placement> {
             .iter()
             .enumerate()
             .filter(|(i, n)| {
-                free[*i].fits(&task.resources) && matches_constraints(&n.labels, &task.constraints)
+                free[*i].fits(&task.resources)
+                    && n.runtimes.contains(&task.runtime)
+                    && matches_constraints(&n.labels, &task.constraints)
             })
             .max_by_key(|(i, n)| (free[*i].cores, free[*i].memory, Reverse(n.id)));
         if let Some((i, node)) = best {
@@ -89,11 +96,18 @@ mod tests {
             id,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             free: Resources { cores, memory: 8 << 30 },
+            runtimes: vec![RuntimeKind::Process],
         }
     }
 
     fn task(id: i64, priority: i32, cores: u32) -> QueuedTask {
-        QueuedTask { id, priority, resources: Resources { cores, memory: 0 }, constraints: BTreeMap::new() }
+        QueuedTask {
+            id,
+            priority,
+            resources: Resources { cores, memory: 0 },
+            constraints: BTreeMap::new(),
+            runtime: RuntimeKind::Process,
+        }
     }
 
     #[test]
@@ -108,6 +122,19 @@ mod tests {
         t.constraints.insert("gpu".into(), "true".into());
         let plan = place(&[node(1, 8, &[]), node(2, 1, &[("gpu", "true")])], &[t]);
         assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2 }]);
+    }
+
+    #[test]
+    fn tasks_go_only_to_nodes_with_their_runtime() {
+        let mut t = task(1, 0, 1);
+        t.runtime = RuntimeKind::Docker;
+        let mut docker = node(2, 1, &[]);
+        docker.runtimes.push(RuntimeKind::Docker);
+        assert_eq!(
+            place(&[node(1, 8, &[]), docker], &[t.clone()]),
+            vec![Placement { task_id: 1, node_id: 2 }]
+        );
+        assert!(place(&[node(1, 8, &[])], &[t]).is_empty());
     }
 
     #[test]

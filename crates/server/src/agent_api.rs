@@ -8,7 +8,7 @@ use drover_proto as pb;
 use drover_proto::agent_message::Msg as In;
 use drover_proto::agent_session_server::AgentSession;
 use drover_proto::server_message::Msg as Out;
-use drover_store::{Applied, AttemptReport, NodeSpec, OutputLine};
+use drover_store::{Applied, AttemptReport, NodeSpec, OutputLine, Signal};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -70,8 +70,8 @@ impl AgentSession for AgentApi {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(node_id, Session { epoch, tx: tx.clone() });
-        shared.changed();
-        shared.wake_scheduler();
+        shared.publish(Signal::Changed { job_id: 0 }).await;
+        shared.publish(Signal::Schedule).await;
 
         let span = tracing::info_span!("agent_session", node_id, epoch);
         tokio::spawn(
@@ -152,7 +152,7 @@ async fn handle(
                     let applied = shared.store.attempt_finished(&report, now).await.map_err(status)?;
                     if applied == Applied::Applied {
                         tracing::info!(attempt_id = u.attempt_id, exit_code = ?f.exit_code, failure = %f.failure, "attempt finished");
-                        shared.wake_scheduler();
+                        shared.publish(Signal::Schedule).await;
                     }
                     applied
                 }
@@ -193,7 +193,7 @@ async fn after_report(
             })))
             .await;
     } else {
-        shared.changed();
+        shared.publish(Signal::Changed { job_id: 0 }).await;
     }
     let _ = tx.send(out(Out::Ack(pb::Ack { seq }))).await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use drover_core::JobPlan;
 use drover_proto as pb;
 use drover_proto::drover_server::Drover;
-use drover_store::TaskFilter;
+use drover_store::{Signal, TaskFilter};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,8 +34,8 @@ impl Drover for ClientApi {
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
         tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, "job submitted");
-        self.0.changed();
-        self.0.wake_scheduler();
+        self.0.publish(Signal::Changed { job_id }).await;
+        self.0.publish(Signal::Schedule).await;
         Ok(Response::new(pb::SubmitResponse { job_id, tasks: plan.tasks.len() as u32 }))
     }
 
@@ -107,15 +107,10 @@ impl Drover for ClientApi {
         let open = self.0.store.cancel_job(id, now_ms()).await.map_err(status)?;
         tracing::info!(job_id = id, running = open.len(), "job cancelled");
         for a in &open {
-            let msg = pb::ServerMessage {
-                msg: Some(pb::server_message::Msg::Cancel(pb::CancelAttempt {
-                    attempt_id: a.attempt_id,
-                    reason: "cancelled by user".into(),
-                })),
-            };
-            self.0.send_to_node(a.node_id, msg).await;
+            // The node's session may be held by another server; the signal reaches it there.
+            self.0.publish(Signal::Cancel { attempt_id: a.attempt_id, node_id: a.node_id }).await;
         }
-        self.0.changed();
+        self.0.publish(Signal::Changed { job_id: id }).await;
         let state =
             self.0.store.job(id).await.map_err(status)?.map(|j| j.state.to_string()).unwrap_or_default();
         Ok(Response::new(pb::CancelResponse { cancelled: open.len() as u32, state }))

@@ -121,6 +121,8 @@ pub(crate) fn assign_message(a: &Assignment) -> pb::Assign {
         memory: a.plan.resources.memory,
         timeout_ms: a.plan.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         attempt: a.number,
-        runtime: "process".to_string(),
+        runtime: a.plan.runtime.as_str().to_string(),
+        plan_json: serde_json::to_string(&a.plan).unwrap_or_default(),
+        secrets: Default::default(),
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use drover_proto::ServerMessage;
 use drover_proto::agent_session_server::AgentSessionServer;
 use drover_proto::drover_server::DroverServer;
-use drover_store::Store;
+use drover_store::{Signal, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -68,12 +68,29 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn changed(&self) {
-        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    /// Tells every server sharing the store (this one included) about a change.
+    async fn publish(&self, signal: Signal) {
+        if let Err(e) = self.store.publish(signal).await {
+            // Watchers still poll as a fallback, so a lost signal only delays them.
+            tracing::warn!(error = %e, ?signal, "cannot publish signal");
+        }
     }
 
-    fn wake_scheduler(&self) {
-        self.schedule.notify_one();
+    /// Acts on a signal from any server.
+    async fn on_signal(&self, signal: Signal) {
+        match signal {
+            Signal::Changed { .. } => self.changes.send_modify(|v| *v = v.wrapping_add(1)),
+            Signal::Schedule => self.schedule.notify_one(),
+            Signal::Cancel { attempt_id, node_id } => {
+                let msg = ServerMessage {
+                    msg: Some(drover_proto::server_message::Msg::Cancel(drover_proto::CancelAttempt {
+                        attempt_id,
+                        reason: "cancelled by user".into(),
+                    })),
+                };
+                self.send_to_node(node_id, msg).await;
+            }
+        }
     }
 
     /// Sends a message to a node's agent if it is connected. A node that is not connected
@@ -111,6 +128,7 @@ pub async fn serve(
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
     });
+    let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
     let reaper = tokio::spawn(loops::lease_reaper(shared.clone()));
     let result = tonic::transport::Server::builder()
@@ -119,6 +137,7 @@ pub async fn serve(
         .add_service(AgentSessionServer::new(agent_api::AgentApi(shared.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
+    signals.abort();
     scheduler.abort();
     reaper.abort();
     result.map_err(ServerError::from)

@@ -7,6 +7,9 @@ use drover_core::placement::place;
 use drover_proto::{ServerMessage, server_message};
 use tracing::Instrument;
 
+use drover_store::Signal;
+use tokio::sync::broadcast;
+
 use crate::convert::assign_message;
 use crate::{Shared, now_ms};
 
@@ -51,8 +54,10 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
     }
     let span = tracing::debug_span!("assign", tasks = plan.len());
     let assignments = shared.store.assign(&plan, now).instrument(span).await?;
-    shared.changed();
     let n = assignments.len();
+    for job_id in assignments.iter().map(|a| a.job_id).collect::<std::collections::BTreeSet<_>>() {
+        shared.publish(Signal::Changed { job_id }).await;
+    }
     for a in assignments {
         tracing::info!(
             job_id = a.job_id,
@@ -68,23 +73,59 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
     Ok(n)
 }
 
+/// Relays signals from every server sharing the store to this server's streams, scheduler and
+/// agent sessions.
+pub(crate) async fn signals(shared: Arc<Shared>, mut rx: broadcast::Receiver<Signal>) {
+    loop {
+        match rx.recv().await {
+            Ok(signal) => shared.on_signal(signal).await,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "signals lagged; waking everything");
+                shared.on_signal(Signal::Changed { job_id: 0 }).await;
+                shared.on_signal(Signal::Schedule).await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Marks nodes silent past their lease as down; their tasks are settled as lost (and retried
-/// per policy).
+/// per policy). Only the server holding the `lease-reaper` leadership runs it.
 pub(crate) async fn lease_reaper(shared: Arc<Shared>) {
     let period = (shared.config.lease / 4).max(Duration::from_millis(100));
     loop {
-        tokio::time::sleep(period).await;
-        match shared.store.expire_nodes(now_ms()).await {
-            Ok(down) if !down.is_empty() => {
-                for node_id in &down {
-                    tracing::warn!(node_id, "node lease expired; node marked down and its tasks handed back");
-                    shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
-                }
-                shared.changed();
-                shared.wake_scheduler();
+        let lead = match shared.store.try_lead("lease-reaper").await {
+            Ok(Some(lead)) => lead,
+            Ok(None) => {
+                tokio::time::sleep(period).await;
+                continue;
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "lease reaper failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot try to lead the lease reaper");
+                tokio::time::sleep(period).await;
+                continue;
+            }
+        };
+        tracing::info!("leading the lease reaper");
+        while lead.is_held() {
+            tokio::time::sleep(period).await;
+            reap_once(&shared).await;
         }
+        tracing::warn!("lost the lease reaper leadership");
+    }
+}
+
+async fn reap_once(shared: &Shared) {
+    match shared.store.expire_nodes(now_ms()).await {
+        Ok(down) if !down.is_empty() => {
+            for node_id in &down {
+                tracing::warn!(node_id, "node lease expired; node marked down and its tasks handed back");
+                shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(node_id);
+            }
+            shared.publish(Signal::Changed { job_id: 0 }).await;
+            shared.publish(Signal::Schedule).await;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "lease reaper failed"),
     }
 }

@@ -24,6 +24,7 @@ pub fn task(name: &str, deps: &[&str]) -> TaskPlan {
         depends_on: deps.iter().map(|s| s.to_string()).collect(),
         exit_codes: ExitCodes::default(),
         constraints: BTreeMap::new(),
+        ..TaskPlan::default()
     }
 }
 

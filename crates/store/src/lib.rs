@@ -44,6 +44,33 @@ pub enum StoreError {
     },
 }
 
+/// A notice from one server to every server sharing the store (NOTIFY on PostgreSQL; a local
+/// channel on SQLite, where one server owns the database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Something of this job changed: watch and log streams should look again.
+    Changed {
+        /// The job.
+        job_id: i64,
+    },
+    /// Tasks may be placeable: schedulers should run a round.
+    Schedule,
+    /// The server holding the node's session should tell its agent to stop the attempt.
+    Cancel {
+        /// Attempt to stop.
+        attempt_id: i64,
+        /// Node running it.
+        node_id: i64,
+    },
+}
+
+/// Being the one server that runs a singleton loop (the lease reaper, the autoscaler).
+pub trait Leadership: Send + Sync {
+    /// Whether this server still leads; false once the lock was lost (e.g. its database
+    /// connection broke), after which the loop must stop and try to lead again.
+    fn is_held(&self) -> bool;
+}
+
 /// Short for results of the store.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -117,4 +144,15 @@ pub trait Store: Send + Sync + 'static {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<LogRecord>>;
+
+    /// Sends `signal` to every server sharing this store, this one included.
+    async fn publish(&self, signal: Signal) -> Result<()>;
+
+    /// Signals published by any server sharing this store. A receiver that lags behind gets
+    /// `Lagged` and should treat it as "everything may have changed".
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Signal>;
+
+    /// Tries to become the one server running the singleton loop `name`. `None` while another
+    /// server leads.
+    async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Leadership>>>;
 }

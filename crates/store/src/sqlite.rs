@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use drover_core::dag::{GateTask, release};
 use drover_core::outcome::{AttemptEnd, Settlement, settle};
 use drover_core::placement::{NodeView, Placement, QueuedTask};
-use drover_core::{FailureClass, JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
+use drover_core::{FailureClass, JobPlan, JobState, NodeState, Resources, RuntimeKind, TaskPlan, TaskState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -30,6 +30,16 @@ const INSERT_CHUNK: usize = 500;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    signals: tokio::sync::broadcast::Sender<Signal>,
+}
+
+/// One server owns a SQLite database, so it always leads.
+struct SoleServer;
+
+impl Leadership for SoleServer {
+    fn is_held(&self) -> bool {
+        true
+    }
 }
 
 impl SqliteStore {
@@ -48,7 +58,7 @@ impl SqliteStore {
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let reader =
             SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore { writer, reader, signals: tokio::sync::broadcast::channel(1024).0 })
     }
 }
 
@@ -65,6 +75,10 @@ where
 
 fn json<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| corrupt(what, e))
+}
+
+fn runtime_kind(word: &str) -> Result<RuntimeKind> {
+    serde_json::from_value(serde_json::Value::String(word.to_string())).map_err(|e| corrupt("runtime", e))
 }
 
 fn to_json<T: serde::Serialize>(what: &'static str, value: &T) -> Result<String> {
@@ -394,7 +408,7 @@ impl Store for SqliteStore {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO tasks (job_id, name, frame, plan, priority, cores, memory, constraints, state) ",
+                "INSERT INTO tasks (job_id, name, frame, plan, priority, cores, memory, constraints, runtime, state) ",
             );
             q.push_values(&rows, |mut b, (t, state, plan_json, constraints)| {
                 b.push_bind(job_id)
@@ -405,6 +419,7 @@ impl Store for SqliteStore {
                     .push_bind(t.resources.cores as i64)
                     .push_bind(t.resources.memory as i64)
                     .push_bind(constraints)
+                    .push_bind(t.runtime.as_str())
                     .push_bind(state.as_str());
             });
             q.push(" RETURNING id");
@@ -700,6 +715,8 @@ impl Store for SqliteStore {
                     cores: n.cores.saturating_sub(n.cores_used),
                     memory: n.memory.saturating_sub(n.memory_used),
                 },
+                // Runtimes this server does not know (a newer agent) are ignored.
+                runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
             })
             .collect::<Vec<_>>();
         let live: Vec<i64> =
@@ -712,7 +729,7 @@ impl Store for SqliteStore {
             return Ok((nodes, Vec::new()));
         }
         let rows = sqlx::query(
-            "SELECT id, priority, cores, memory, constraints FROM tasks \
+            "SELECT id, priority, cores, memory, constraints, runtime FROM tasks \
              WHERE state = 'queued' AND not_before_ms <= ? ORDER BY priority DESC, id LIMIT ?",
         )
         .bind(now_ms)
@@ -730,6 +747,7 @@ impl Store for SqliteStore {
                         memory: r.get::<i64, _>(3) as u64,
                     },
                     constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
+                    runtime: runtime_kind(r.get::<&str, _>(5))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -899,6 +917,20 @@ impl Store for SqliteStore {
                 data: r.get(7),
             })
             .collect())
+    }
+
+    async fn publish(&self, signal: Signal) -> Result<()> {
+        // No receiver (no server loop yet) is fine: nobody needs to hear it.
+        let _ = self.signals.send(signal);
+        Ok(())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Signal> {
+        self.signals.subscribe()
+    }
+
+    async fn try_lead(&self, _name: &str) -> Result<Option<Box<dyn Leadership>>> {
+        Ok(Some(Box::new(SoleServer)))
     }
 }
 

@@ -86,6 +86,7 @@ pub fn task(workspace: &Path, steps: Vec<Vec<String>>) -> TaskSpec {
         workspace: workspace.to_path_buf(),
         cpus: Vec::new(),
         memory_limit: 0,
+        ..Default::default()
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use drover_core::{NetworkPolicy, ServiceSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// Everything a runtime needs to run one attempt of a task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// Job the task belongs to.
     pub job_id: i64,
@@ -40,6 +41,22 @@ pub struct TaskSpec {
     pub cpus: Vec<usize>,
     /// Memory limit in bytes; 0 = none.
     pub memory_limit: u64,
+    /// Image for the container and VM runtimes: a local image reference or `sha256:` digest.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// User to run as inside the sandbox; runtimes pick an unprivileged default.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// What the sandbox may reach over the network.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// Side containers to start (healthy) before the first step and remove after the task.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Secret values by variable name: added to the environment like `env`, and masked in
+    /// the output the agent ships.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
 }
 
 /// Which output stream a chunk came from.

@@ -580,6 +580,7 @@ mod tests {
             workspace: PathBuf::from("/ws"),
             cpus: vec![],
             memory_limit: 0,
+            ..Default::default()
         };
         let env = step_env(&task);
         let homes: Vec<_> = env.iter().filter(|(k, _)| k == "HOME").collect();

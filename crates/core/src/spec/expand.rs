@@ -114,6 +114,7 @@ fn plan_task(
         depends_on: task.depends_on.iter().map(|d| d.value.clone()).collect(),
         exit_codes: task.exit_codes.clone(),
         constraints: task.constraints.clone(),
+        ..TaskPlan::default()
     })
 }
 

@@ -95,6 +95,7 @@ fn base_task(name: &str) -> TaskPlan {
         depends_on: vec![],
         exit_codes: ExitCodes::default(),
         constraints: BTreeMap::new(),
+        ..TaskPlan::default()
     }
 }
 

@@ -27,6 +27,7 @@ CREATE TABLE tasks (
     cores           INTEGER NOT NULL,
     memory          INTEGER NOT NULL,
     constraints     TEXT    NOT NULL,
+    runtime         TEXT    NOT NULL,
     state           TEXT    NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     -- The only attempt whose reports are accepted (fencing).
