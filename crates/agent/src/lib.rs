@@ -7,6 +7,7 @@ mod agent;
 pub mod attempt;
 pub mod monitor;
 pub mod outbox;
+pub mod proxy;
 pub mod reservation;
 pub mod runtime;
 

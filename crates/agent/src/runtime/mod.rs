@@ -8,6 +8,8 @@
 
 #[cfg(test)]
 pub mod conformance;
+pub mod docker;
+pub mod microvm;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,1 @@
+//! The per-task LLM metering proxy (being written).

@@ -1,0 +1,1 @@
+//! The microVM runtime (being written).
