@@ -4,7 +4,7 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::harness::{Cluster, task};
+use crate::harness::{Cluster, alive, read_pid, task};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -117,4 +117,36 @@ tasks:
     let tail = c.ok(&["watch", &job.to_string(), "--after", &(last - 1).to_string()]);
     assert_eq!(tail.lines().count(), 1, "{tail}");
     assert!(tail.contains(&format!("job {job} succeeded")));
+}
+
+#[test]
+fn restarted_agent_stops_what_its_predecessor_left_running() {
+    let mut c = Cluster::start(1, 1);
+    let job = c.submit(
+        r#"
+version: 1
+name: restart
+tasks:
+  - name: work
+    retries: { count: 1, backoff: 0s, on: [lost] }
+    command: |
+      if [ -e {{ params.dir }}/first-done ]; then echo second attempt; exit 0; fi
+      touch {{ params.dir }}/first-done
+      echo $$ > {{ params.dir }}/first.pid
+      sleep 300
+"#,
+    );
+    let first = read_pid(&c.path("first.pid"));
+    c.wait_until(job, T, "the task to run", |v| task(v, "work")["state"] == "running");
+    c.kill_agent(0);
+    assert!(alive(first), "the task outlives a SIGKILLed agent (own session)");
+    c.restart_agent(0, 1);
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "work")["attempts"], 2);
+    let start = std::time::Instant::now();
+    while alive(first) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the leftover task process survived the restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

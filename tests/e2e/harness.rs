@@ -114,6 +114,13 @@ impl Cluster {
             .expect("spawn agent")
     }
 
+    /// Starts agent `i` again (same name and work dir) after it was killed.
+    pub fn restart_agent(&mut self, i: usize, cores: u32) {
+        assert!(self.agents[i].is_none(), "agent {i} is still running");
+        let child = self.spawn_agent(i, cores);
+        self.agents[i] = Some(child);
+    }
+
     /// Kills agent `i` with SIGKILL.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut a) = self.agents[i].take() {

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::Instrument;
 
 use crate::attempt::{self, StopReason};
+use crate::journal::Journal;
 use crate::outbox::Outbox;
 use crate::reservation::CoreSet;
 use crate::runtime::{Runtime, TaskSpec};
@@ -69,6 +70,7 @@ pub struct Agent {
     /// Runtimes by kind (`process`, `docker`, `microvm`); only available ones are listed.
     runtimes: BTreeMap<String, Arc<dyn Runtime>>,
     outbox: Arc<Outbox>,
+    journal: Journal,
     cores: Arc<Mutex<CoreSet>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
 }
@@ -99,6 +101,7 @@ impl Agent {
         }
         let physical = crate::monitor::detect_cores();
         Ok(Agent {
+            journal: Journal::new(config.work_dir.join(".journal")),
             cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
             config,
             runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
@@ -110,6 +113,13 @@ impl Agent {
     /// Runs sessions until `shutdown` resolves, reconnecting whenever a session breaks.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let this = Arc::new(self);
+        let leftovers = this.journal.stop_leftovers(&this.runtimes).await;
+        if leftovers > 0 {
+            tracing::warn!(
+                leftovers,
+                "stopped attempts left running by an earlier agent run; the server retries them"
+            );
+        }
         tokio::pin!(shutdown);
         let mut failures = 0u32;
         let mut server_index = 0usize;
@@ -261,8 +271,13 @@ impl Agent {
                 let workspace = spec.workspace.clone();
                 match runtime {
                     Some(runtime) => {
-                        let grace = this.config.kill_grace;
-                        attempt::run(runtime, this.outbox.clone(), spec, timeout, grace, stop_rx).await;
+                        let runner = attempt::Runner {
+                            runtime,
+                            outbox: this.outbox.clone(),
+                            journal: this.journal.clone(),
+                            grace: this.config.kill_grace,
+                        };
+                        attempt::run(runner, spec, timeout, stop_rx).await;
                     }
                     None => {
                         attempt::refuse(&this.outbox, attempt_id, &format!("this node has no {kind} runtime"))

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::journal::{Entry, Journal};
 use crate::outbox::Outbox;
 use crate::runtime::{
     ExitStatus, OutputChunk, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
@@ -50,13 +51,12 @@ pub struct Outcome {
 
 /// Runs an attempt to its end and reports everything through `outbox`.
 pub async fn run(
-    runtime: Arc<dyn Runtime>,
-    outbox: Arc<Outbox>,
+    runner: Runner,
     spec: TaskSpec,
     timeout: Option<Duration>,
-    grace: Duration,
     stop: watch::Receiver<StopReason>,
 ) -> Outcome {
+    let Runner { runtime, outbox, journal, grace } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -67,11 +67,14 @@ pub async fn run(
         let attempt_id = spec.attempt_id;
         started(&outbox, attempt_id).await;
         let (tx, rx) = mpsc::channel(1024);
-        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx));
-        let outcome = run_steps(&*runtime, &spec, timeout, grace, stop, tx).await;
+        let secrets: Vec<Vec<u8>> =
+            spec.secrets.values().filter(|v| !v.is_empty()).map(|v| v.as_bytes().to_vec()).collect();
+        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets));
+        let outcome = run_steps(&*runtime, &journal, &spec, timeout, grace, stop, tx).await;
         if let Err(e) = runtime.cleanup(&spec).await {
             tracing::warn!(error = %e, "cleanup failed");
         }
+        journal.forget(attempt_id).await;
         // All output must be queued before the end is reported: the server stores output only
         // for attempts that are still open.
         let _ = shipper.await;
@@ -83,8 +86,21 @@ pub async fn run(
     .await
 }
 
+/// What an attempt needs from the agent.
+pub struct Runner {
+    /// The sandbox technology.
+    pub runtime: Arc<dyn Runtime>,
+    /// Where reports go.
+    pub outbox: Arc<Outbox>,
+    /// Where running steps are recorded for crash recovery.
+    pub journal: Journal,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
 async fn run_steps(
     runtime: &dyn Runtime,
+    journal: &Journal,
     spec: &TaskSpec,
     timeout: Option<Duration>,
     grace: Duration,
@@ -113,6 +129,9 @@ async fn run_steps(
             Err(e) => return start_failure(outcome, e),
         };
         tracing::debug!(step, pid = ?handle.pid, "step started");
+        let entry =
+            Entry { runtime: runtime.kind().to_string(), spec: spec.clone(), handle: Some(handle.clone()) };
+        journal.record(&entry).await;
         let sleep_until_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -222,7 +241,34 @@ async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
 }
 
 /// Batches output chunks into `AttemptOutput` reports until every sender is gone.
-async fn ship_output(outbox: Arc<Outbox>, attempt_id: i64, mut rx: mpsc::Receiver<OutputChunk>) {
+/// Replaces every occurrence of a secret value with `***`, so secrets never reach the server's
+/// logs. (A secret split across two chunks of an over-long line is not caught.)
+fn mask(data: Vec<u8>, secrets: &[Vec<u8>]) -> Vec<u8> {
+    let mut data = data;
+    for secret in secrets {
+        let mut out = Vec::with_capacity(data.len());
+        let mut rest = &data[..];
+        let mut found = false;
+        while let Some(i) = rest.windows(secret.len()).position(|w| w == &secret[..]) {
+            out.extend_from_slice(&rest[..i]);
+            out.extend_from_slice(b"***");
+            rest = &rest[i + secret.len()..];
+            found = true;
+        }
+        if found {
+            out.extend_from_slice(rest);
+            data = out;
+        }
+    }
+    data
+}
+
+async fn ship_output(
+    outbox: Arc<Outbox>,
+    attempt_id: i64,
+    mut rx: mpsc::Receiver<OutputChunk>,
+    secrets: Vec<Vec<u8>>,
+) {
     let mut lines: Vec<pb::OutputLine> = Vec::new();
     let mut bytes = 0usize;
     loop {
@@ -234,11 +280,8 @@ async fn ship_output(outbox: Arc<Outbox>, attempt_id: i64, mut rx: mpsc::Receive
         let mut next = Some(first);
         while let Some(c) = next.take() {
             bytes += c.data.len();
-            lines.push(pb::OutputLine {
-                step: c.step as u32,
-                stderr: c.stream == Stream::Stderr,
-                data: c.data,
-            });
+            let data = if secrets.is_empty() { c.data } else { mask(c.data, &secrets) };
+            lines.push(pb::OutputLine { step: c.step as u32, stderr: c.stream == Stream::Stderr, data });
             if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
                 break;
             }
@@ -259,4 +302,19 @@ async fn flush(outbox: &Outbox, attempt_id: i64, lines: &mut Vec<pb::OutputLine>
     let msg = Msg::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines: std::mem::take(lines) });
     outbox.push(attempt_id, msg, *bytes + 64).await;
     *bytes = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask;
+
+    #[test]
+    fn secrets_are_masked() {
+        let secrets = vec![b"hunter2".to_vec(), b"s3cr3t".to_vec()];
+        assert_eq!(
+            mask(b"pw=hunter2 and hunter2, s3cr3t\n".to_vec(), &secrets),
+            b"pw=*** and ***, ***\n".to_vec()
+        );
+        assert_eq!(mask(b"nothing here\n".to_vec(), &secrets), b"nothing here\n".to_vec());
+    }
 }

@@ -5,6 +5,7 @@
 
 mod agent;
 pub mod attempt;
+pub mod journal;
 pub mod monitor;
 pub mod outbox;
 pub mod proxy;

@@ -1,0 +1,161 @@
+//! The agent's journal of running steps: one small file per attempt with its `TaskSpec` and the
+//! `RunHandle` of the step in flight, so that after a crash the next agent run can find what
+//! the previous one left running.
+//!
+//! Reports about those attempts died with the old process, and the server hands them out again
+//! once the agent re-registers without them, so the safe recovery is to stop them: leaving them
+//! running would make the work run twice at the same time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
+
+/// What the journal keeps per attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    /// Runtime kind that runs it.
+    pub runtime: String,
+    /// The attempt.
+    pub spec: TaskSpec,
+    /// The step in flight, once started.
+    pub handle: Option<RunHandle>,
+}
+
+/// A directory of entries.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    /// A journal in `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Journal {
+        Journal { dir: dir.into() }
+    }
+
+    fn path(&self, attempt_id: i64) -> PathBuf {
+        self.dir.join(format!("attempt-{attempt_id}.json"))
+    }
+
+    /// Records (or updates) an attempt. Failures are logged, not fatal: the journal only
+    /// matters after a crash.
+    pub async fn record(&self, entry: &Entry) {
+        let write = async {
+            tokio::fs::create_dir_all(&self.dir).await?;
+            let text = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+            let path = self.path(entry.spec.attempt_id);
+            let tmp = path.with_extension("tmp");
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, &path).await
+        };
+        if let Err(e) = write.await {
+            tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot write the attempt journal");
+        }
+    }
+
+    /// Forgets an attempt that ended.
+    pub async fn forget(&self, attempt_id: i64) {
+        let _ = tokio::fs::remove_file(self.path(attempt_id)).await;
+    }
+
+    /// Entries left by an earlier agent run.
+    pub fn leftovers(&self) -> Vec<Entry> {
+        read_entries(&self.dir)
+    }
+
+    /// Stops and cleans up whatever an earlier agent run left running; returns how many
+    /// attempts it found.
+    pub async fn stop_leftovers(
+        &self,
+        runtimes: &std::collections::BTreeMap<String, Arc<dyn Runtime>>,
+    ) -> usize {
+        let entries = self.leftovers();
+        for entry in &entries {
+            let attempt_id = entry.spec.attempt_id;
+            let Some(runtime) = runtimes.get(&entry.runtime) else {
+                tracing::warn!(attempt_id, runtime = %entry.runtime, "leftover attempt of a runtime this agent lacks");
+                self.forget(attempt_id).await;
+                continue;
+            };
+            if let Some(handle) = &entry.handle {
+                // Output of a step we no longer report has nowhere to go.
+                let (tx, _rx) = mpsc::channel(1);
+                match runtime.attach(handle, tx).await {
+                    Ok(true) => {
+                        tracing::warn!(attempt_id, pid = ?handle.pid, "stopping a step left running by an earlier agent run");
+                        let _ = runtime.signal(handle, StopSignal::Kill).await;
+                        let _ = runtime.wait(handle).await;
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(attempt_id, error = %e, "cannot attach to a leftover step"),
+                }
+            }
+            if let Err(e) = runtime.cleanup(&entry.spec).await {
+                tracing::warn!(attempt_id, error = %e, "cleanup of a leftover attempt failed");
+            }
+            let _ = tokio::fs::remove_dir_all(&entry.spec.workspace).await;
+            self.forget(attempt_id).await;
+        }
+        entries.len()
+    }
+}
+
+fn read_entries(dir: &Path) -> Vec<Entry> {
+    let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
+    read.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let text = std::fs::read(e.path()).ok()?;
+            match serde_json::from_slice(&text) {
+                Ok(entry) => Some(entry),
+                Err(err) => {
+                    tracing::warn!(path = %e.path().display(), error = %err, "unreadable journal entry ignored");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::process::ProcessRuntime;
+
+    #[tokio::test]
+    async fn leftover_steps_are_stopped_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path().join("journal"));
+        let spec = TaskSpec {
+            attempt_id: 424242,
+            steps: vec![vec!["sh".into(), "-c".into(), "sleep 300".into()]],
+            workspace: dir.path().join("ws"),
+            ..Default::default()
+        };
+        let first: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new());
+        first.prepare(&spec).await.unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let handle = first.start(&spec, 0, tx).await.unwrap();
+        journal
+            .record(&Entry { runtime: "process".into(), spec: spec.clone(), handle: Some(handle.clone()) })
+            .await;
+        let pid = handle.pid.unwrap();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+        // A new agent run with a fresh runtime finds and stops it.
+        let runtimes: std::collections::BTreeMap<String, Arc<dyn Runtime>> =
+            [("process".to_string(), Arc::new(ProcessRuntime::new()) as Arc<dyn Runtime>)].into();
+        assert_eq!(journal.stop_leftovers(&runtimes).await, 1);
+        let start = std::time::Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "leftover step survived");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(journal.leftovers().is_empty());
+        drop(first);
+    }
+}
