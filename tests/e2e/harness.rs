@@ -303,3 +303,47 @@ pub fn read_pid(path: &Path) -> i32 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The busybox test image every container test uses, imported from the host's
+/// `busybox-static` (nothing can be pulled). Built once; racing test processes are fine because
+/// `docker import` of the same tag is idempotent for our purposes.
+pub const BUSYBOX: &str = "drover-test/busybox:1";
+
+/// Makes sure [`BUSYBOX`] exists in the local Docker engine.
+pub fn ensure_busybox_image() {
+    let have = Command::new("docker").args(["image", "inspect", BUSYBOX]).output().expect("run docker");
+    if have.status.success() {
+        return;
+    }
+    let busybox = Path::new("/bin/busybox");
+    assert!(busybox.exists(), "container tests need /bin/busybox: apt-get install -y busybox-static");
+    let root = tempfile::tempdir().expect("temp dir");
+    for dir in ["bin", "etc", "tmp", "workspace"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
+    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet));
+    }
+    std::fs::write(
+        root.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.path().join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(root.path())
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let import = Command::new("docker")
+        .args(["import", "-", BUSYBOX])
+        .stdin(tar.stdout.take().expect("tar stdout"))
+        .output()
+        .expect("docker import");
+    assert!(tar.wait().expect("tar").success(), "tar of the busybox root failed");
+    assert!(import.status.success(), "docker import failed: {}", String::from_utf8_lossy(&import.stderr));
+}

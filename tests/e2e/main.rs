@@ -2,8 +2,11 @@
 
 mod harness;
 
+mod artifacts;
 mod bad_files;
+mod docker;
 mod failures;
 mod jobs;
 mod output;
+mod replicas;
 mod stopping;

@@ -18,6 +18,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::Instrument;
 
 use crate::attempt::{self, StopReason};
+use crate::files::ServerLink;
+use crate::images::ImageFetcher;
 use crate::journal::Journal;
 use crate::outbox::Outbox;
 use crate::reservation::CoreSet;
@@ -59,6 +61,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Everything needed to run an attempt in the background.
+struct Launch {
+    spec: TaskSpec,
+    /// Runtime kind.
+    kind: String,
+    /// Image archive to load first, if the image is missing.
+    image_blob: Option<String>,
+    timeout: Option<Duration>,
+    /// Cores held for the attempt, returned when it ends.
+    reserved: Option<crate::reservation::Reserved>,
+    /// Set when re-attaching to a step an earlier agent run started.
+    resume: Option<attempt::Resume>,
+    io: Option<attempt::TaskIo>,
+}
+
 /// A running attempt as the session sees it.
 struct Running {
     stop: watch::Sender<StopReason>,
@@ -71,6 +88,8 @@ pub struct Agent {
     runtimes: BTreeMap<String, Arc<dyn Runtime>>,
     outbox: Arc<Outbox>,
     journal: Journal,
+    /// Loads images shipped with jobs; absent without a Docker engine.
+    images: Option<Arc<ImageFetcher>>,
     cores: Arc<Mutex<CoreSet>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
 }
@@ -102,6 +121,7 @@ impl Agent {
         let physical = crate::monitor::detect_cores();
         Ok(Agent {
             journal: Journal::new(config.work_dir.join(".journal")),
+            images: None,
             cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
             config,
             runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
@@ -110,10 +130,32 @@ impl Agent {
         })
     }
 
+    /// Lets the agent load images shipped with jobs into this Docker engine.
+    pub fn with_images(mut self, docker: Arc<crate::runtime::docker::DockerRuntime>) -> Agent {
+        self.images = Some(Arc::new(ImageFetcher::new(docker, self.config.servers.clone())));
+        self
+    }
+
     /// Runs sessions until `shutdown` resolves, reconnecting whenever a session breaks.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let this = Arc::new(self);
-        let leftovers = this.journal.stop_leftovers(&this.runtimes).await;
+        let (resumable, leftovers) = this.journal.recover(&this.runtimes).await;
+        for (entry, handle) in resumable {
+            let timeout = entry.timeout_ms.map(Duration::from_millis);
+            let step = handle.step;
+            let resume = attempt::Resume { step, handle };
+            let kind = entry.runtime.clone();
+            let launch = Launch {
+                spec: entry.spec,
+                kind,
+                image_blob: None,
+                timeout,
+                reserved: None,
+                resume: Some(resume),
+                io: None,
+            };
+            this.launch(launch);
+        }
         if leftovers > 0 {
             tracing::warn!(
                 leftovers,
@@ -240,7 +282,7 @@ impl Agent {
             tracing::warn!(attempt_id, cores = a.cores, "not enough free cores to pin; running unpinned");
         }
         let plan: Option<drover_core::TaskPlan> = serde_json::from_str(&a.plan_json).ok();
-        let runtime = self.runtimes.get(&a.runtime).cloned();
+        let image_blob = plan.as_ref().and_then(|p| p.image_blob.clone());
         let spec = TaskSpec {
             job_id: a.job_id,
             task_id: a.task_id,
@@ -257,29 +299,54 @@ impl Agent {
             image: plan.as_ref().and_then(|p| p.image.clone()),
             user: plan.as_ref().and_then(|p| p.user.clone()),
             network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),
-            services: plan.map(|p| p.services).unwrap_or_default(),
+            services: plan.as_ref().map(|p| p.services.clone()).unwrap_or_default(),
             secrets: a.secrets.into_iter().collect(),
         };
         let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
+        let io = plan.as_ref().filter(|p| !p.inputs.is_empty() || !p.outputs.is_empty()).map(|p| {
+            attempt::TaskIo {
+                inputs: p.inputs.clone(),
+                outputs: p.outputs.clone(),
+                outputs_on_failure: p.outputs_on_failure,
+                link: ServerLink::new(self.config.servers.clone()),
+            }
+        });
+        self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io });
+    }
+
+    /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent
+    /// run started.
+    fn launch(self: &Arc<Self>, launch: Launch) {
+        let Launch { spec, kind, image_blob, timeout, reserved, resume, io } = launch;
+        let attempt_id = spec.attempt_id;
+        let runtime = self.runtimes.get(&kind).cloned();
         let (stop_tx, stop_rx) = watch::channel(StopReason::None);
         lock(&self.running).insert(attempt_id, Running { stop: stop_tx });
         let this = self.clone();
-        let span = tracing::info_span!("task", job_id = a.job_id, task_id = a.task_id, attempt_id);
-        let kind = a.runtime;
+        let span = tracing::info_span!("task", job_id = spec.job_id, task_id = spec.task_id, attempt_id);
         tokio::spawn(
             async move {
                 let workspace = spec.workspace.clone();
-                match runtime {
-                    Some(runtime) => {
+                let image = match (&spec.image, &image_blob, &this.images) {
+                    (Some(image), Some(blob), Some(fetcher)) => fetcher.ensure(image, blob).await,
+                    (Some(image), Some(_), None) => {
+                        Err(format!("cannot load image {image}: this node has no Docker"))
+                    }
+                    _ => Ok(()),
+                };
+                match (runtime, image) {
+                    (_, Err(why)) => attempt::refuse(&this.outbox, attempt_id, &why).await,
+                    (Some(runtime), Ok(())) => {
                         let runner = attempt::Runner {
                             runtime,
                             outbox: this.outbox.clone(),
                             journal: this.journal.clone(),
                             grace: this.config.kill_grace,
+                            io,
                         };
-                        attempt::run(runner, spec, timeout, stop_rx).await;
+                        attempt::run(runner, spec, timeout, stop_rx, resume).await;
                     }
-                    None => {
+                    (None, Ok(())) => {
                         attempt::refuse(&this.outbox, attempt_id, &format!("this node has no {kind} runtime"))
                             .await
                     }

@@ -10,10 +10,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::files::{self, ServerLink};
 use crate::journal::{Entry, Journal};
 use crate::outbox::Outbox;
 use crate::runtime::{
-    ExitStatus, OutputChunk, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
+    ExitStatus, OutputChunk, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
 };
 
 /// Lines per output batch; a batch also closes after [`BATCH_BYTES`] or [`BATCH_DELAY`].
@@ -49,14 +50,25 @@ pub struct Outcome {
     pub usage: Usage,
 }
 
-/// Runs an attempt to its end and reports everything through `outbox`.
+/// A step that an earlier agent run started and this one re-attached to.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    /// The step in flight.
+    pub step: usize,
+    /// Its handle, attached.
+    pub handle: RunHandle,
+}
+
+/// Runs an attempt to its end (or, with `resume`, from a re-attached step on) and reports
+/// everything through the runner's outbox.
 pub async fn run(
     runner: Runner,
     spec: TaskSpec,
     timeout: Option<Duration>,
     stop: watch::Receiver<StopReason>,
+    resume: Option<Resume>,
 ) -> Outcome {
-    let Runner { runtime, outbox, journal, grace } = runner;
+    let Runner { runtime, outbox, journal, grace, io } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -65,14 +77,41 @@ pub async fn run(
     );
     async move {
         let attempt_id = spec.attempt_id;
-        started(&outbox, attempt_id).await;
+        if resume.is_none() {
+            started(&outbox, attempt_id).await;
+        }
         let (tx, rx) = mpsc::channel(1024);
         let secrets: Vec<Vec<u8>> =
             spec.secrets.values().filter(|v| !v.is_empty()).map(|v| v.as_bytes().to_vec()).collect();
         let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets));
-        let outcome = run_steps(&*runtime, &journal, &spec, timeout, grace, stop, tx).await;
+        let inputs = match (&resume, &io) {
+            (None, Some(io)) if !io.inputs.is_empty() => {
+                files::fetch_inputs(&io.link, &spec.workspace, &io.inputs).await
+            }
+            _ => Ok(()),
+        };
+        let mut outcome = match inputs {
+            Ok(()) => {
+                let steps = Steps { runtime: &*runtime, journal: &journal, spec: &spec, timeout, grace };
+                run_steps(steps, stop, tx, resume).await
+            }
+            Err(why) => {
+                drop(tx);
+                tracing::warn!(error = %why, "inputs could not be placed");
+                Outcome {
+                    exit_code: None,
+                    signal: None,
+                    failure: "start",
+                    message: why,
+                    usage: Usage::default(),
+                }
+            }
+        };
         if let Err(e) = runtime.cleanup(&spec).await {
             tracing::warn!(error = %e, "cleanup failed");
+        }
+        if let Some(io) = &io {
+            keep_outputs(&outbox, io, &spec, &mut outcome).await;
         }
         journal.forget(attempt_id).await;
         // All output must be queued before the end is reported: the server stores output only
@@ -86,6 +125,50 @@ pub async fn run(
     .await
 }
 
+/// Files an attempt moves: inputs placed before it starts, outputs kept after it ends.
+#[derive(Debug, Clone)]
+pub struct TaskIo {
+    /// Inputs to place.
+    pub inputs: Vec<drover_core::InputSpec>,
+    /// Output globs.
+    pub outputs: Vec<String>,
+    /// Whether outputs are kept when the attempt failed.
+    pub outputs_on_failure: bool,
+    /// How to reach the server for transfers.
+    pub link: ServerLink,
+}
+
+/// Uploads the attempt's outputs and reports them (before its end is reported, so the server
+/// still accepts them). Refused paths and upload failures are added to the attempt's message.
+async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &mut Outcome) {
+    let succeeded = outcome.failure.is_empty() && outcome.exit_code == Some(0);
+    if io.outputs.is_empty() || (!succeeded && !io.outputs_on_failure) {
+        return;
+    }
+    let (found, refused) = files::collect_outputs(&spec.workspace, &io.outputs);
+    let mut notes = refused.iter().map(|r| format!("output refused: {r}")).collect::<Vec<_>>();
+    match files::upload_outputs(&io.link, &spec.workspace, &found).await {
+        Ok(kept) if !kept.is_empty() => {
+            tracing::info!(files = kept.len(), "outputs kept");
+            let msg = Msg::Update(pb::AttemptUpdate {
+                attempt_id: spec.attempt_id,
+                epoch: 0,
+                seq: 0,
+                kind: Some(pb::attempt_update::Kind::Outputs(pb::Outputs { files: kept })),
+            });
+            outbox.push(spec.attempt_id, msg, 256).await;
+        }
+        Ok(_) => {}
+        Err(e) => notes.push(format!("outputs not kept: {e}")),
+    }
+    if !notes.is_empty() {
+        tracing::warn!(notes = ?notes, "outputs");
+        let joined = notes.join("; ");
+        outcome.message =
+            if outcome.message.is_empty() { joined } else { format!("{}; {joined}", outcome.message) };
+    }
+}
+
 /// What an attempt needs from the agent.
 pub struct Runner {
     /// The sandbox technology.
@@ -96,17 +179,27 @@ pub struct Runner {
     pub journal: Journal,
     /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Inputs and outputs, when the task has any.
+    pub io: Option<TaskIo>,
+}
+
+/// What running the steps of an attempt needs.
+#[derive(Clone, Copy)]
+struct Steps<'a> {
+    runtime: &'a dyn Runtime,
+    journal: &'a Journal,
+    spec: &'a TaskSpec,
+    timeout: Option<Duration>,
+    grace: Duration,
 }
 
 async fn run_steps(
-    runtime: &dyn Runtime,
-    journal: &Journal,
-    spec: &TaskSpec,
-    timeout: Option<Duration>,
-    grace: Duration,
+    steps: Steps<'_>,
     mut stop: watch::Receiver<StopReason>,
     out: mpsc::Sender<OutputChunk>,
+    resume: Option<Resume>,
 ) -> Outcome {
+    let Steps { runtime, journal, spec, timeout, grace } = steps;
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut outcome = Outcome {
         exit_code: None,
@@ -115,22 +208,33 @@ async fn run_steps(
         message: String::new(),
         usage: Usage::default(),
     };
-    if let Err(e) = runtime.prepare(spec).await {
+    let first = resume.as_ref().map(|r| r.step).unwrap_or(0);
+    let mut resumed = resume.map(|r| r.handle);
+    if resumed.is_none()
+        && let Err(e) = runtime.prepare(spec).await
+    {
         return start_failure(outcome, e);
     }
-    for step in 0..spec.steps.len() {
+    for step in first..spec.steps.len() {
         if *stop.borrow() != StopReason::None {
             outcome.failure = "cancelled";
             outcome.message = "cancelled before it started".into();
             return outcome;
         }
-        let handle = match runtime.start(spec, step, out.clone()).await {
-            Ok(h) => h,
-            Err(e) => return start_failure(outcome, e),
+        let handle = match resumed.take() {
+            Some(h) => h,
+            None => match runtime.start(spec, step, out.clone()).await {
+                Ok(h) => h,
+                Err(e) => return start_failure(outcome, e),
+            },
         };
         tracing::debug!(step, pid = ?handle.pid, "step started");
-        let entry =
-            Entry { runtime: runtime.kind().to_string(), spec: spec.clone(), handle: Some(handle.clone()) };
+        let entry = Entry {
+            runtime: runtime.kind().to_string(),
+            spec: spec.clone(),
+            handle: Some(handle.clone()),
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        };
         journal.record(&entry).await;
         let sleep_until_deadline = async {
             match deadline {

@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
 
+/// Runtimes by kind.
+pub type Runtimes = std::collections::BTreeMap<String, Arc<dyn Runtime>>;
+
 /// What the journal keeps per attempt.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
@@ -23,6 +26,9 @@ pub struct Entry {
     pub spec: TaskSpec,
     /// The step in flight, once started.
     pub handle: Option<RunHandle>,
+    /// The attempt's timeout, restarted in full when a re-attached attempt resumes.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A directory of entries.
@@ -67,13 +73,46 @@ impl Journal {
         read_entries(&self.dir)
     }
 
+    /// Deals with what an earlier agent run left: steps of runtimes whose sandboxes outlive the
+    /// agent and can be waited on again (containers) are re-attached and returned, to be
+    /// resumed; everything else is stopped and cleaned up. Returns the resumable entries and
+    /// how many were stopped.
+    pub async fn recover(&self, runtimes: &Runtimes) -> (Vec<(Entry, RunHandle)>, usize) {
+        let mut resumable = Vec::new();
+        let mut stopped = Vec::new();
+        for entry in self.leftovers() {
+            let attached = match (runtimes.get(&entry.runtime), &entry.handle) {
+                (Some(runtime), Some(handle)) if runtime.kind() == "docker" => {
+                    // Output of the step in flight went to the old agent; from here on the
+                    // step is only waited on.
+                    let (tx, _rx) = mpsc::channel(1);
+                    runtime.attach(handle, tx).await.unwrap_or(false)
+                }
+                _ => false,
+            };
+            match (entry.handle.clone(), attached) {
+                (Some(handle), true) => {
+                    tracing::info!(attempt_id = entry.spec.attempt_id, "re-attached to a running container");
+                    resumable.push((entry, handle));
+                }
+                _ => stopped.push(entry),
+            }
+        }
+        let n = stopped.len();
+        self.stop_entries(stopped, runtimes).await;
+        (resumable, n)
+    }
+
     /// Stops and cleans up whatever an earlier agent run left running; returns how many
     /// attempts it found.
-    pub async fn stop_leftovers(
-        &self,
-        runtimes: &std::collections::BTreeMap<String, Arc<dyn Runtime>>,
-    ) -> usize {
+    pub async fn stop_leftovers(&self, runtimes: &Runtimes) -> usize {
         let entries = self.leftovers();
+        let n = entries.len();
+        self.stop_entries(entries, runtimes).await;
+        n
+    }
+
+    async fn stop_entries(&self, entries: Vec<Entry>, runtimes: &Runtimes) {
         for entry in &entries {
             let attempt_id = entry.spec.attempt_id;
             let Some(runtime) = runtimes.get(&entry.runtime) else {
@@ -100,7 +139,6 @@ impl Journal {
             let _ = tokio::fs::remove_dir_all(&entry.spec.workspace).await;
             self.forget(attempt_id).await;
         }
-        entries.len()
     }
 }
 
@@ -141,7 +179,12 @@ mod tests {
         let (tx, _rx) = mpsc::channel(16);
         let handle = first.start(&spec, 0, tx).await.unwrap();
         journal
-            .record(&Entry { runtime: "process".into(), spec: spec.clone(), handle: Some(handle.clone()) })
+            .record(&Entry {
+                runtime: "process".into(),
+                spec: spec.clone(),
+                handle: Some(handle.clone()),
+                timeout_ms: None,
+            })
             .await;
         let pid = handle.pid.unwrap();
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());

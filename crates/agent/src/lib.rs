@@ -5,6 +5,8 @@
 
 mod agent;
 pub mod attempt;
+pub mod files;
+pub mod images;
 pub mod journal;
 pub mod monitor;
 pub mod outbox;

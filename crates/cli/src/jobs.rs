@@ -175,8 +175,14 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode> {
     }
 }
 
-/// Sends a compiled job to the server; returns its id once the server committed it.
-pub async fn send_job(opt: &ServerOpt, job: &JobPlan, source: String, filename: String) -> Result<i64> {
+/// Ships the job's images, then sends the compiled job to the server; returns its id once the
+/// server committed it.
+pub async fn send_job(opt: &ServerOpt, mut job: JobPlan, source: String, filename: String) -> Result<i64> {
+    let job_dir = Path::new(&filename).parent().map(Path::to_path_buf).unwrap_or_default();
+    let job_dir = if job_dir.as_os_str().is_empty() { PathBuf::from(".") } else { job_dir };
+    crate::images::ship(opt, &mut job, &job_dir).await?;
+    crate::artifacts::upload_inputs(opt, &mut job, &job_dir).await?;
+    let job = &job;
     let mut client = connect(opt).await?;
     let plan_json = serde_json::to_string(job)?;
     let resp = client.submit(pb::SubmitRequest { plan_json, source, filename }).await.map_err(rpc_error)?;
@@ -223,9 +229,10 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         Ok(j) => j,
         Err(code) => return Ok(code),
     };
-    let job_id = send_job(&args.server, &job, source, filename).await?;
+    let tasks = job.tasks.len();
+    let job_id = send_job(&args.server, job, source, filename).await?;
     match args.output {
-        Format::Json => println!("{}", serde_json::json!({ "id": job_id, "tasks": job.tasks.len() })),
+        Format::Json => println!("{}", serde_json::json!({ "id": job_id, "tasks": tasks })),
         Format::Human => println!("{}", job_id),
     }
     if args.watch {

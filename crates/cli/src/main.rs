@@ -1,9 +1,12 @@
 //! `drover`: one binary that is the server, the agent and the client.
 
+mod artifacts;
 mod client;
+mod images;
 mod jobs;
 mod render;
 mod run;
+mod secrets;
 
 use std::process::ExitCode;
 
@@ -44,6 +47,10 @@ enum Command {
     Cancel(jobs::CancelArgs),
     /// List worker nodes and what they have free.
     Nodes(jobs::NodesArgs),
+    /// List and download the outputs tasks kept.
+    Artifacts(artifacts::ArtifactsArgs),
+    /// Manage project secrets (set from stdin, list names, remove).
+    Secrets(secrets::SecretsArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -82,6 +89,8 @@ fn main() -> ExitCode {
             Command::Logs(a) => jobs::logs(a).await,
             Command::Cancel(a) => jobs::cancel(a).await,
             Command::Nodes(a) => jobs::nodes(a).await,
+            Command::Secrets(a) => secrets::secrets(a).await,
+            Command::Artifacts(a) => artifacts::artifacts(a).await,
         }
     });
     match result {

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use drover_agent::runtime::docker::DockerRuntime;
 use drover_agent::runtime::process::ProcessRuntime;
 use drover_agent::{Agent, AgentConfig, monitor};
-use drover_server::ServerConfig;
+use drover_server::{Backends, ServerConfig};
 use drover_store::sqlite::SqliteStore;
 use tokio::net::TcpListener;
 
@@ -26,6 +27,18 @@ pub struct ServerArgs {
     /// Directory for the database (and, later, blobs).
     #[arg(long, default_value = ".drover", env = "DROVER_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// The database: postgres://user:pass@host/db (several servers may share it), or
+    /// sqlite://PATH. Default: SQLite at <data dir>/drover.db.
+    #[arg(long, env = "DROVER_DATABASE")]
+    pub database: Option<String>,
+    /// Where blobs (image archives, inputs, outputs, logs) live: a directory, file:///path,
+    /// or s3://bucket/prefix (endpoint and credentials from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Default: <data dir>/blobs.
+    #[arg(long, env = "DROVER_BLOBS")]
+    pub blobs: Option<String>,
+    /// Largest upload a client may send, like 10GiB.
+    #[arg(long, default_value = "10GiB", value_parser = parse_memory)]
+    pub max_upload: u64,
     /// How long a node may stay silent before it is marked down and its tasks retried elsewhere.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
@@ -52,6 +65,9 @@ pub struct NodeArgs {
     /// Directory for task workspaces (default: <data dir>/work, or ./.drover/agent/work).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Do not offer the docker runtime even when a Docker engine is reachable.
+    #[arg(long)]
+    pub no_docker: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
@@ -93,11 +109,40 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     drover_core::resources::parse_memory(s).map_err(|e| e.to_string())
 }
 
-async fn open_store(data_dir: &Path) -> Result<Arc<SqliteStore>> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let path = data_dir.join("drover.db");
-    let store = SqliteStore::open(&path)
+/// Opens the database and blob store the server arguments name.
+async fn open_backends(args: &ServerArgs) -> Result<Backends> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
+    let blobs_url = match &args.blobs {
+        Some(url) => url.clone(),
+        None => args.data_dir.join("blobs").display().to_string(),
+    };
+    let blobs = drover_blobs::open_blob_store(&blobs_url, &drover_blobs::S3Options::from_env())
+        .map_err(|e| anyhow!("cannot open the blob store {blobs_url}: {e}"))?;
+    match args.database.as_deref() {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store = drover_store::postgres::PostgresStore::connect(url)
+                .await
+                .map_err(|e| anyhow!("cannot open the PostgreSQL database: {e}"))?;
+            let store = Arc::new(store);
+            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+        }
+        Some(url) => {
+            let Some(path) = url.strip_prefix("sqlite://") else {
+                bail!("--database `{url}` is neither postgres://... nor sqlite://PATH");
+            };
+            let store = open_sqlite(Path::new(path)).await?;
+            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+        }
+        None => {
+            let store = open_sqlite(&args.data_dir.join("drover.db")).await?;
+            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+        }
+    }
+}
+
+async fn open_sqlite(path: &Path) -> Result<Arc<SqliteStore>> {
+    let store = SqliteStore::open(path)
         .await
         .with_context(|| format!("cannot open the database {}", path.display()))?;
     Ok(Arc::new(store))
@@ -117,7 +162,12 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig> {
     if args.heartbeat >= args.lease {
         bail!("--heartbeat ({:?}) must be shorter than --lease ({:?})", args.heartbeat, args.lease);
     }
-    Ok(ServerConfig { heartbeat: args.heartbeat, lease: args.lease, ..ServerConfig::default() })
+    Ok(ServerConfig {
+        heartbeat: args.heartbeat,
+        lease: args.lease,
+        max_upload: args.max_upload,
+        ..ServerConfig::default()
+    })
 }
 
 async fn shutdown_signal() {
@@ -143,20 +193,56 @@ fn agent_config(node: &NodeArgs, servers: Vec<String>, default_work: PathBuf) ->
         labels: node.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         cores: node.cores.unwrap_or_else(monitor::detect_cores),
         memory: node.memory.unwrap_or_else(monitor::detect_memory),
-        work_dir: node.work_dir.clone().unwrap_or(default_work),
+        // Absolute, because container runtimes bind-mount workspaces by path.
+        work_dir: {
+            let dir = node.work_dir.clone().unwrap_or(default_work);
+            std::path::absolute(&dir).unwrap_or(dir)
+        },
         kill_grace: node.kill_grace,
     }
+}
+
+/// The runtimes this node can offer: always the process runtime; docker when an engine answers.
+async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
+    let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(ProcessRuntime::new())];
+    let mut docker = None;
+    if !node.no_docker {
+        // Containers are scoped by the agent's work dir: stable across its restarts, distinct
+        // from any other agent sharing the engine.
+        let scope = {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(config.work_dir.display().to_string().as_bytes());
+            hex::encode(&digest[..6])
+        };
+        match DockerRuntime::connect_scoped(&scope).await {
+            Ok(d) => {
+                // Leftovers of this agent's earlier run are found through its journal; a sweep
+                // of every Drover container here would also hit other agents sharing the engine.
+                let d = Arc::new(d);
+                runtimes.push(d.clone());
+                docker = Some(d);
+            }
+            Err(e) => tracing::warn!(error = %e, "not offering the docker runtime"),
+        }
+    }
+    let names: Vec<&str> = runtimes.iter().map(|r| r.kind()).collect();
+    tracing::info!(runtimes = ?names, "runtimes available");
+    let agent = Agent::new(config, runtimes)?;
+    Ok(match docker {
+        Some(d) => agent.with_images(d),
+        None => agent,
+    })
 }
 
 /// `drover server`.
 pub async fn server(args: ServerArgs) -> Result<ExitCode> {
     let config = server_config(&args)?;
-    let store = open_store(&args.data_dir).await?;
+    let backends = open_backends(&args).await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "drover server listening");
     println!("drover server listening on http://{addr}");
-    drover_server::serve(listener, store, config, shutdown_signal()).await?;
+    drover_server::serve(listener, backends, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -164,7 +250,7 @@ pub async fn server(args: ServerArgs) -> Result<ExitCode> {
 pub async fn agent(args: AgentArgs) -> Result<ExitCode> {
     let config = agent_config(&args.node, args.server.clone(), PathBuf::from(".drover/agent/work"));
     tracing::info!(name = %config.name, cores = config.cores, memory = config.memory, servers = ?config.servers, "drover agent starting");
-    let agent = Agent::new(config, vec![Arc::new(ProcessRuntime::new())])?;
+    let agent = build_agent(&args.node, config).await?;
     agent.run(shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -180,7 +266,7 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         },
         None => None,
     };
-    let store = open_store(&args.server.data_dir).await?;
+    let backends = open_backends(&args.server).await?;
     let listener = bind(args.server.listen).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
@@ -191,9 +277,9 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = tokio::spawn(drover_server::serve(listener, store, config, server_stop));
+    let server = tokio::spawn(drover_server::serve(listener, backends, config, server_stop));
     let agent_config = agent_config(&args.node, vec![url.clone()], args.server.data_dir.join("work"));
-    let agent = Agent::new(agent_config, vec![Arc::new(ProcessRuntime::new())])?;
+    let agent = build_agent(&args.node, agent_config).await?;
     let agent_stop = {
         let mut rx = stop_rx.clone();
         async move {
@@ -205,8 +291,9 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
     let code = match job {
         Some((job, source, filename)) => {
             let opt = ServerOpt { server: url.clone() };
-            let job_id = jobs::send_job(&opt, &job, source, filename).await?;
-            eprintln!("submitted job {job_id} ({} tasks)", job.tasks.len());
+            let tasks = job.tasks.len();
+            let job_id = jobs::send_job(&opt, job, source, filename).await?;
+            eprintln!("submitted job {job_id} ({tasks} tasks)");
             let code = tokio::select! {
                 r = jobs::follow_job(&opt, job_id, 0) => r?,
                 _ = shutdown_signal() => return Ok(ExitCode::FAILURE),

@@ -69,6 +69,10 @@ pub struct TaskPlan {
     /// and uploaded it) the content digest `sha256:...` of the uploaded image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Digest (`sha256:...`) of the image archive the client uploaded (a zstd-compressed
+    /// `docker save` of `image`); agents that lack the image fetch and load it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_blob: Option<String>,
     /// An image the client builds from a Dockerfile before submitting; replaced by `image`
     /// once built and uploaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +125,7 @@ impl Default for TaskPlan {
             constraints: BTreeMap::new(),
             runtime: RuntimeKind::Process,
             image: None,
+            image_blob: None,
             build: None,
             user: None,
             network: NetworkPolicy::None,

@@ -3,7 +3,7 @@
 //! store transaction; nothing here does I/O, so it can be property-tested and benchmarked alone.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::job::RuntimeKind;
 use crate::resources::Resources;
@@ -53,37 +53,101 @@ pub fn matches_constraints(
     constraints.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// Most distinct (runtime, constraints) combinations that get their own node index in one call;
+/// tasks with rarer combinations fall back to scanning every node. Building an index costs about
+/// one scan, and every index that holds a node is updated when the node's free resources change,
+/// so the cap bounds that upkeep when a queue carries many distinct constraint sets.
+const MAX_INDEXES: usize = 64;
+
 /// Places queued tasks on nodes: highest priority first, then first submitted; each on the
 /// node with the most free cores among those it fits and whose labels match, so work spreads
 /// across the fleet. A task that fits nowhere is skipped, and smaller tasks behind it may still
 /// run (backfill). Returns placements in the order they were decided.
+///
+/// Cost: O(T log T) to order the queue plus O(log N) per placement in the common case, instead
+/// of a scan of every node per task. Tasks are grouped by what they require (runtime and
+/// constraints); each group gets an index of its eligible nodes, ordered by the placement key
+/// (free cores, then free memory, then lowest id), so the best node is the index's largest entry.
+/// Only when that node lacks the memory the task needs does the search walk down the index.
 pub fn place(nodes: &[NodeView], queue: &[QueuedTask]) -> Vec<Placement> {
+    place_with(nodes, queue, MAX_INDEXES)
+}
+
+/// A node's position in an index: larger is better. The node's position in `nodes` breaks the
+/// remaining ties the way a linear `max_by_key` does (the last of equal nodes wins).
+type Rank = (u32, u64, Reverse<i64>, usize);
+
+fn rank(nodes: &[NodeView], free: &[Resources], i: usize) -> Rank {
+    (free[i].cores, free[i].memory, Reverse(nodes[i].id), i)
+}
+
+/// The eligible nodes of one group of tasks, best last.
+struct NodeIndex {
+    ranked: BTreeSet<Rank>,
+}
+
+/// [`place`] with a configurable cap on the number of indexes (tests use 0 to exercise the scan).
+fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> Vec<Placement> {
     let mut free: Vec<Resources> = nodes.iter().map(|n| n.free).collect();
     let mut order: Vec<&QueuedTask> = queue.iter().collect();
+    // Stable, so tasks with equal keys keep their queue order.
     order.sort_by_key(|t| (Reverse(t.priority), t.id));
     let mut plan = Vec::new();
     let mut cores_left: u64 = free.iter().map(|r| r.cores as u64).sum();
     let smallest_need = order.iter().map(|t| t.resources.cores).min().unwrap_or(0) as u64;
+    // Group key → index number (or `None` once the cap was reached for that key).
+    let mut groups: HashMap<(RuntimeKind, &BTreeMap<String, String>), Option<usize>> = HashMap::new();
+    let mut indexes: Vec<NodeIndex> = Vec::new();
+    // For every node, the indexes that hold it, so a reservation updates all of them.
+    let mut member_of: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for task in order {
         if cores_left < smallest_need.max(1) {
             break;
         }
-        let best = nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| {
-                free[*i].fits(&task.resources)
-                    && n.runtimes.contains(&task.runtime)
-                    && matches_constraints(&n.labels, &task.constraints)
-            })
-            .max_by_key(|(i, n)| (free[*i].cores, free[*i].memory, Reverse(n.id)));
-        if let Some((i, node)) = best {
+        let group = *groups.entry((task.runtime, &task.constraints)).or_insert_with(|| {
+            if indexes.len() >= max_indexes {
+                return None;
+            }
+            let id = indexes.len();
+            let ranked = (0..nodes.len())
+                .filter(|&i| eligible(&nodes[i], task))
+                .inspect(|&i| member_of[i].push(id))
+                .map(|i| rank(nodes, &free, i))
+                .collect();
+            indexes.push(NodeIndex { ranked });
+            Some(id)
+        });
+        let best = match group {
+            Some(g) => indexes[g]
+                .ranked
+                .iter()
+                .rev()
+                // Ranked by cores first: once one lacks cores, every node below does too.
+                .take_while(|r| r.0 >= task.resources.cores)
+                .find(|r| free[r.3].fits(&task.resources))
+                .map(|r| r.3),
+            None => (0..nodes.len())
+                .filter(|&i| free[i].fits(&task.resources) && eligible(&nodes[i], task))
+                .max_by_key(|&i| rank(nodes, &free, i)),
+        };
+        if let Some(i) = best {
+            let before = rank(nodes, &free, i);
             free[i] = free[i].minus(&task.resources);
+            let after = rank(nodes, &free, i);
+            for &g in &member_of[i] {
+                indexes[g].ranked.remove(&before);
+                indexes[g].ranked.insert(after);
+            }
             cores_left -= task.resources.cores as u64;
-            plan.push(Placement { task_id: task.id, node_id: node.id });
+            plan.push(Placement { task_id: task.id, node_id: nodes[i].id });
         }
     }
     plan
+}
+
+/// Whether a node can ever take a task: it offers the task's runtime and carries its labels.
+fn eligible(node: &NodeView, task: &QueuedTask) -> bool {
+    node.runtimes.contains(&task.runtime) && matches_constraints(&node.labels, &task.constraints)
 }
 
 #[cfg(test)]
@@ -149,6 +213,102 @@ mod tests {
         assert_ne!(plan[0].node_id, plan[1].node_id);
     }
 
+    /// The straightforward O(tasks × nodes) placement the indexed one must agree with.
+    fn reference_place(nodes: &[NodeView], queue: &[QueuedTask]) -> Vec<Placement> {
+        let mut free: Vec<Resources> = nodes.iter().map(|n| n.free).collect();
+        let mut order: Vec<&QueuedTask> = queue.iter().collect();
+        order.sort_by_key(|t| (Reverse(t.priority), t.id));
+        let mut plan = Vec::new();
+        let mut cores_left: u64 = free.iter().map(|r| r.cores as u64).sum();
+        let smallest_need = order.iter().map(|t| t.resources.cores).min().unwrap_or(0) as u64;
+        for task in order {
+            if cores_left < smallest_need.max(1) {
+                break;
+            }
+            let best = nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| {
+                    free[*i].fits(&task.resources)
+                        && n.runtimes.contains(&task.runtime)
+                        && matches_constraints(&n.labels, &task.constraints)
+                })
+                .max_by_key(|(i, n)| (free[*i].cores, free[*i].memory, Reverse(n.id)));
+            if let Some((i, node)) = best {
+                free[i] = free[i].minus(&task.resources);
+                cores_left -= task.resources.cores as u64;
+                plan.push(Placement { task_id: task.id, node_id: node.id });
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn prefers_more_free_memory_on_equal_cores_then_lower_id() {
+        let mut a = node(7, 4, &[]);
+        a.free.memory = 1 << 30;
+        let b = node(9, 4, &[]);
+        let c = node(3, 4, &[]);
+        let plan = place(&[a, b, c], &[task(1, 0, 1), task(2, 0, 1)]);
+        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 3 }, Placement { task_id: 2, node_id: 9 }]);
+    }
+
+    #[test]
+    fn memory_shortfall_on_the_top_node_falls_to_the_next() {
+        let mut big = node(1, 8, &[]);
+        big.free.memory = 1 << 20;
+        let small = node(2, 2, &[]);
+        let mut t = task(1, 0, 1);
+        t.resources.memory = 1 << 30;
+        assert_eq!(place(&[big, small], &[t]), vec![Placement { task_id: 1, node_id: 2 }]);
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeView> {
+        (
+            0i64..6,
+            0u32..5,
+            0u64..4,
+            proptest::option::of(prop_oneof![Just("a"), Just("b")]),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(id, cores, memory, zone, gpu, docker)| {
+                let mut labels = BTreeMap::new();
+                if let Some(z) = zone {
+                    labels.insert("zone".to_string(), z.to_string());
+                }
+                if gpu {
+                    labels.insert("gpu".to_string(), "true".to_string());
+                }
+                let mut runtimes = vec![RuntimeKind::Process];
+                if docker {
+                    runtimes.push(RuntimeKind::Docker);
+                }
+                NodeView { id, labels, free: Resources { cores, memory }, runtimes }
+            })
+    }
+
+    fn arb_task() -> impl Strategy<Value = QueuedTask> {
+        (
+            -1i32..2,
+            0u32..4,
+            0u64..3,
+            proptest::option::of(prop_oneof![Just("a"), Just("b"), Just("c")]),
+            proptest::bool::weighted(0.2),
+            prop_oneof![Just(RuntimeKind::Process), Just(RuntimeKind::Docker), Just(RuntimeKind::Microvm)],
+        )
+            .prop_map(|(priority, cores, memory, zone, gpu, runtime)| {
+                let mut constraints = BTreeMap::new();
+                if let Some(z) = zone {
+                    constraints.insert("zone".to_string(), z.to_string());
+                }
+                if gpu {
+                    constraints.insert("gpu".to_string(), "true".to_string());
+                }
+                QueuedTask { id: 0, priority, resources: Resources { cores, memory }, constraints, runtime }
+            })
+    }
+
     proptest! {
         #[test]
         fn never_overcommits(
@@ -167,6 +327,17 @@ mod tests {
             for (u, c) in used.iter().zip(&caps) {
                 prop_assert!(u <= c);
             }
+        }
+
+        #[test]
+        fn indexed_placement_equals_the_reference(
+            nodes in proptest::collection::vec(arb_node(), 0..8),
+            tasks in proptest::collection::vec((arb_task(), 0i64..30), 0..40),
+            max_indexes in prop_oneof![Just(0usize), Just(1), Just(2), Just(MAX_INDEXES)],
+        ) {
+            // Ids may repeat, as may (priority, id) pairs: ties must break the same way too.
+            let queue: Vec<QueuedTask> = tasks.into_iter().map(|(mut t, id)| { t.id = id; t }).collect();
+            prop_assert_eq!(place_with(&nodes, &queue, max_indexes), reference_place(&nodes, &queue));
         }
     }
 }

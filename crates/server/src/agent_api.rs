@@ -8,7 +8,7 @@ use drover_proto as pb;
 use drover_proto::agent_message::Msg as In;
 use drover_proto::agent_session_server::AgentSession;
 use drover_proto::server_message::Msg as Out;
-use drover_store::{Applied, AttemptReport, NodeSpec, OutputLine, Signal};
+use drover_store::{Applied, AttemptReport, NodeSpec, OutputFile, OutputLine, Signal};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -155,6 +155,18 @@ async fn handle(
                         shared.publish(Signal::Schedule).await;
                     }
                     applied
+                }
+                Some(pb::attempt_update::Kind::Outputs(o)) => {
+                    let files: Vec<OutputFile> = o
+                        .files
+                        .into_iter()
+                        .map(|f| OutputFile { path: f.path, size: f.size, digest: f.digest })
+                        .collect();
+                    shared
+                        .artifacts
+                        .record_outputs(u.attempt_id, u.epoch, &files, now)
+                        .await
+                        .map_err(status)?
                 }
                 None => return Err(Status::invalid_argument("update without a kind")),
             };

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, status};
-use crate::{Shared, now_ms};
+use crate::{Shared, now_ms, transfer};
 
 /// Longest a stream waits for a change before checking the store again anyway.
 const POLL_FALLBACK: Duration = Duration::from_secs(1);
@@ -31,6 +31,7 @@ impl Drover for ClientApi {
         let plan: JobPlan = serde_json::from_str(&req.plan_json)
             .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
         plan.validate().map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
+        self.check_references(&plan).await?;
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
         tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, "job submitted");
@@ -176,6 +177,105 @@ impl Drover for ClientApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn put_blob(
+        &self,
+        req: Request<tonic::Streaming<pb::BlobChunk>>,
+    ) -> Result<Response<pb::BlobRef>, Status> {
+        let stored = transfer::put(&self.0.blobs, req.into_inner(), self.0.config.max_upload).await?;
+        Ok(Response::new(stored))
+    }
+
+    async fn stat_blob(&self, req: Request<pb::BlobRef>) -> Result<Response<pb::BlobStat>, Status> {
+        let digest = transfer::digest(&req.into_inner().digest)?;
+        let size = self.0.blobs.stat(&digest).await.map_err(transfer::blob_status)?;
+        Ok(Response::new(pb::BlobStat { exists: size.is_some(), size: size.unwrap_or(0) }))
+    }
+
+    type GetBlobStream = BoxStream<pb::BlobChunk>;
+
+    async fn get_blob(&self, req: Request<pb::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
+        let digest = transfer::digest(&req.into_inner().digest)?;
+        Ok(Response::new(transfer::get(&self.0.blobs, &digest).await?))
+    }
+
+    async fn set_secret(
+        &self,
+        req: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SetSecretResponse>, Status> {
+        let req = req.into_inner();
+        let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        if !drover_store::valid_secret_name(&req.name) {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a secret name; use capitals, digits and `_`, like DB_PASSWORD",
+                req.name
+            )));
+        }
+        let created =
+            self.0.secrets.set_secret(&project, &req.name, &req.value, now_ms()).await.map_err(status)?;
+        tracing::info!(project = %project, name = %req.name, created, "secret set");
+        Ok(Response::new(pb::SetSecretResponse { created }))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let req = req.into_inner();
+        let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        let names = self.0.secrets.secret_names(&project).await.map_err(status)?;
+        Ok(Response::new(pb::ListSecretsResponse { names }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let req = req.into_inner();
+        let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        let deleted = self.0.secrets.delete_secret(&project, &req.name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteSecretResponse { deleted }))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let req = req.into_inner();
+        let filter = task_filter(&req.task)?;
+        self.0.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
+        let artifacts = self.0.artifacts.artifacts(req.job_id, &filter).await.map_err(status)?;
+        Ok(Response::new(pb::ListArtifactsResponse {
+            artifacts: artifacts.into_iter().map(convert::artifact).collect(),
+        }))
+    }
+
+    type GetArtifactStream = BoxStream<pb::BlobChunk>;
+
+    async fn get_artifact(
+        &self,
+        req: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        let req = req.into_inner();
+        let filter = task_filter(&req.task)?;
+        self.0.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
+        let found = self.0.artifacts.artifacts(req.job_id, &filter).await.map_err(status)?;
+        let matching: Vec<_> = found.iter().filter(|a| a.path == req.path).collect();
+        let Some(first) = matching.first() else {
+            return Err(Status::not_found(format!(
+                "job {} has no artifact `{}` from `{}`; `drover artifacts ls {}` lists them",
+                req.job_id, req.path, req.task, req.job_id
+            )));
+        };
+        if matching.iter().any(|a| a.task_id != first.task_id) {
+            return Err(Status::invalid_argument(format!(
+                "several frames of `{}` kept `{}`; name one as NAME[FRAME]",
+                req.task, req.path
+            )));
+        }
+        let digest = transfer::digest(&first.digest)?;
+        Ok(Response::new(transfer::get(&self.0.blobs, &digest).await?))
+    }
+
     async fn list_nodes(
         &self,
         _req: Request<pb::ListNodesRequest>,
@@ -183,6 +283,45 @@ impl Drover for ClientApi {
         let nodes = self.0.store.nodes().await.map_err(status)?;
         Ok(Response::new(pb::ListNodesResponse { nodes: nodes.into_iter().map(convert::node).collect() }))
     }
+}
+
+impl ClientApi {
+    /// Refuses a job that names secrets its project lacks or images the server does not have,
+    /// before anything is stored.
+    async fn check_references(&self, plan: &JobPlan) -> Result<(), Status> {
+        let wanted: std::collections::BTreeSet<String> =
+            plan.tasks.iter().flat_map(|t| t.secrets.iter().cloned()).collect();
+        if !wanted.is_empty() {
+            let wanted: Vec<String> = wanted.into_iter().collect();
+            let found = self.0.secrets.secret_values(&plan.project, &wanted).await.map_err(status)?;
+            let missing: Vec<&str> =
+                wanted.iter().filter(|n| !found.contains_key(*n)).map(String::as_str).collect();
+            if !missing.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "project `{}` has no secret {}; set it with `drover secrets set NAME --project {}` (value on stdin)",
+                    plan.project,
+                    missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "),
+                    plan.project
+                )));
+            }
+        }
+        let blobs: std::collections::BTreeSet<&str> =
+            plan.tasks.iter().filter_map(|t| t.image_blob.as_deref()).collect();
+        for blob in blobs {
+            let digest = transfer::digest(blob)?;
+            if self.0.blobs.stat(&digest).await.map_err(transfer::blob_status)?.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "image archive {blob} was never uploaded; submit with the drover CLI, which uploads it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn task_filter(text: &str) -> Result<TaskFilter, Status> {
+    TaskFilter::parse(text)
+        .ok_or_else(|| Status::invalid_argument(format!("`{text}` is not a task; write NAME or NAME[FRAME]")))
 }
 
 fn no_job(id: i64) -> Status {

@@ -91,6 +91,19 @@ pub(crate) fn log_line(l: LogRecord) -> pb::LogLine {
     }
 }
 
+pub(crate) fn artifact(a: drover_store::ArtifactRecord) -> pb::Artifact {
+    pb::Artifact {
+        task_id: a.task_id,
+        task_name: a.task_name,
+        frame: a.frame,
+        attempt: a.attempt,
+        path: a.path,
+        size: a.size,
+        digest: a.digest,
+        created_ms: a.created_ms,
+    }
+}
+
 pub(crate) fn node(n: NodeRecord) -> pb::Node {
     pb::Node {
         id: n.id,

@@ -6,15 +6,17 @@ mod agent_api;
 mod client_api;
 mod convert;
 mod loops;
+mod transfer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use drover_blobs::BlobStore;
 use drover_proto::ServerMessage;
 use drover_proto::agent_session_server::AgentSessionServer;
 use drover_proto::drover_server::DroverServer;
-use drover_store::{Signal, Store};
+use drover_store::{ArtifactStore, SecretStore, Signal, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -24,6 +26,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub struct ServerConfig {
     /// How often agents send heartbeats.
     pub heartbeat: Duration,
+    /// Largest blob a client may upload, in bytes.
+    pub max_upload: u64,
     /// How long a node stays ready without a heartbeat before it is marked down and its tasks
     /// are retried elsewhere.
     pub lease: Duration,
@@ -36,6 +40,7 @@ impl Default for ServerConfig {
         ServerConfig {
             heartbeat: Duration::from_secs(2),
             lease: Duration::from_secs(15),
+            max_upload: 10 << 30,
             schedule_tick: Duration::from_millis(250),
         }
     }
@@ -49,6 +54,18 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Where the server keeps its state.
+pub struct Backends {
+    /// Jobs, tasks, nodes, events, logs.
+    pub store: Arc<dyn Store>,
+    /// Project secrets.
+    pub secrets: Arc<dyn SecretStore>,
+    /// Where outputs are recorded.
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// Content-addressed blobs: image archives, inputs, outputs.
+    pub blobs: Arc<dyn BlobStore>,
+}
+
 /// The sender half of a connected agent's session.
 struct Session {
     epoch: i64,
@@ -58,6 +75,9 @@ struct Session {
 /// State shared by the API handlers and the loops.
 pub(crate) struct Shared {
     store: Arc<dyn Store>,
+    secrets: Arc<dyn SecretStore>,
+    artifacts: Arc<dyn ArtifactStore>,
+    blobs: Arc<dyn BlobStore>,
     config: ServerConfig,
     /// Bumped after every committed change; watch and log streams wait on it.
     changes: watch::Sender<u64>,
@@ -117,12 +137,16 @@ pub(crate) fn now_ms() -> i64 {
 /// scheduler and lease reaper alongside.
 pub async fn serve(
     listener: TcpListener,
-    store: Arc<dyn Store>,
+    backends: Backends,
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let Backends { store, secrets, artifacts, blobs } = backends;
     let shared = Arc::new(Shared {
         store,
+        secrets,
+        artifacts,
+        blobs,
         config,
         changes: watch::channel(0).0,
         schedule: Notify::new(),

@@ -67,7 +67,13 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
             "task assigned"
         );
         let node_id = a.node_id;
-        let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign_message(&a))) };
+        let mut a = a;
+        resolve_artifact_inputs(shared, &mut a).await;
+        let mut assign = assign_message(&a);
+        if !a.plan.secrets.is_empty() {
+            assign.secrets = resolve_secrets(shared, a.job_id, &a.plan.secrets).await.into_iter().collect();
+        }
+        let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign)) };
         shared.send_to_node(node_id, msg).await;
     }
     Ok(n)
@@ -85,6 +91,49 @@ pub(crate) async fn signals(shared: Arc<Shared>, mut rx: broadcast::Receiver<Sig
                 shared.on_signal(Signal::Schedule).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Turns `from: TASK:PATH` inputs into the blobs those tasks kept, so the agent only downloads.
+/// An input whose artifact does not exist stays as it is, and the agent fails the attempt
+/// with a message naming it.
+async fn resolve_artifact_inputs(shared: &Shared, a: &mut drover_store::Assignment) {
+    for input in &mut a.plan.inputs {
+        let drover_core::InputSource::Artifact { task, path } = &input.source else { continue };
+        let filter = drover_store::TaskFilter { name: Some(task.clone()), frame: None };
+        match shared.artifacts.artifacts(a.job_id, &filter).await {
+            Ok(found) => {
+                if let Some(art) = found.iter().find(|f| &f.path == path) {
+                    input.source =
+                        drover_core::InputSource::Blob { digest: art.digest.clone(), directory: false };
+                }
+            }
+            Err(e) => tracing::error!(job_id = a.job_id, error = %e, "cannot resolve artifact inputs"),
+        }
+    }
+}
+
+/// Values of a task's secrets. A secret deleted since the submit is simply absent (the task
+/// sees no variable), and a store failure is logged: the dispatch goes on either way.
+async fn resolve_secrets(
+    shared: &Shared,
+    job_id: i64,
+    names: &[String],
+) -> std::collections::BTreeMap<String, String> {
+    let project = match shared.store.job(job_id).await {
+        Ok(Some(job)) => job.project,
+        Ok(None) => return Default::default(),
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "cannot read the job to resolve its secrets");
+            return Default::default();
+        }
+    };
+    match shared.secrets.secret_values(&project, names).await {
+        Ok(values) => values,
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "cannot resolve secrets");
+            Default::default()
         }
     }
 }

@@ -7,15 +7,22 @@
 //! streams never miss or reorder a change.
 #![warn(missing_docs)]
 
+pub mod artifacts;
 pub mod conformance;
+#[cfg(any(test, feature = "test-support"))]
+pub mod pg_test;
+pub mod postgres;
 mod records;
+pub mod secrets;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use drover_core::JobPlan;
 use drover_core::placement::{NodeView, Placement, QueuedTask};
 
+pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use records::*;
+pub use secrets::{SecretStore, valid_secret_name};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
+use crate::artifacts::{ArtifactStore, OutputFile};
+use crate::secrets::SecretStore;
 use crate::*;
 
 /// Rows per multi-row INSERT; keeps statements under SQLite's variable limit.
@@ -277,8 +279,9 @@ async fn settle_attempt(
         }
     };
     let mut reason = reason;
-    if !report.message.is_empty() && state != TaskState::Succeeded {
-        reason = format!("{reason} ({})", report.message);
+    if !report.message.is_empty() {
+        reason =
+            if reason.is_empty() { report.message.clone() } else { format!("{reason} ({})", report.message) };
     }
     sqlx::query(
         "UPDATE tasks SET state = ?, reason = ?, not_before_ms = ?, ended_ms = ?, exit_code = ?, failure = ?, \
@@ -934,6 +937,120 @@ impl Store for SqliteStore {
     }
 }
 
+#[async_trait]
+impl ArtifactStore for SqliteStore {
+    async fn record_outputs(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        files: &[OutputFile],
+        now_ms: i64,
+    ) -> Result<Applied> {
+        let mut tx = self.writer.begin().await?;
+        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
+            return Ok(Applied::Stale);
+        };
+        for f in files {
+            sqlx::query(
+                "INSERT INTO artifacts (job_id, task_id, attempt_id, attempt, path, size, digest, created_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.job_id)
+            .bind(a.task_id)
+            .bind(a.id)
+            .bind(a.number as i64)
+            .bind(&f.path)
+            .bind(f.size as i64)
+            .bind(&f.digest)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Applied)
+    }
+
+    async fn artifacts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<ArtifactRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.task_id, t.name, t.frame, a.attempt, a.path, a.size, a.digest, a.created_ms \
+             FROM artifacts a JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ? \
+             ORDER BY t.id, a.path, a.attempt DESC",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ArtifactRecord {
+                task_id: r.get(0),
+                task_name: r.get(1),
+                frame: r.get(2),
+                attempt: r.get::<i64, _>(3) as u32,
+                path: r.get(4),
+                size: r.get::<i64, _>(5) as u64,
+                digest: r.get(6),
+                created_ms: r.get(7),
+            })
+            .filter(|a| filter.matches(&a.task_name, a.frame))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl SecretStore for SqliteStore {
+    async fn set_secret(&self, project: &str, name: &str, value: &str, now_ms: i64) -> Result<bool> {
+        let existed: Option<i64> = sqlx::query_scalar("SELECT 1 FROM secrets WHERE project = ? AND name = ?")
+            .bind(project)
+            .bind(name)
+            .fetch_optional(&self.writer)
+            .await?;
+        sqlx::query(
+            "INSERT INTO secrets (project, name, value, updated_ms) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (project, name) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+        )
+        .bind(project)
+        .bind(name)
+        .bind(value)
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(existed.is_none())
+    }
+
+    async fn secret_names(&self, project: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT name FROM secrets WHERE project = ? ORDER BY name")
+            .bind(project)
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
+    async fn secret_values(&self, project: &str, names: &[String]) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for name in names {
+            let value: Option<String> =
+                sqlx::query_scalar("SELECT value FROM secrets WHERE project = ? AND name = ?")
+                    .bind(project)
+                    .bind(name)
+                    .fetch_optional(&self.reader)
+                    .await?;
+            if let Some(v) = value {
+                out.insert(name.clone(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete_secret(&self, project: &str, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM secrets WHERE project = ? AND name = ?")
+            .bind(project)
+            .bind(name)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// A fresh database in a temporary directory, kept alive as long as the store.
@@ -956,4 +1073,19 @@ mod tests {
     }
 
     crate::store_conformance!(fresh().await);
+
+    #[tokio::test]
+    async fn secrets_are_per_project_and_write_only() {
+        use crate::SecretStore;
+        let store = fresh().await;
+        assert!(store.set_secret("p", "TOKEN", "one", 1).await.unwrap());
+        assert!(!store.set_secret("p", "TOKEN", "two", 2).await.unwrap());
+        store.set_secret("q", "OTHER", "x", 3).await.unwrap();
+        assert_eq!(store.secret_names("p").await.unwrap(), vec!["TOKEN".to_string()]);
+        let values = store.secret_values("p", &["TOKEN".into(), "OTHER".into()]).await.unwrap();
+        assert_eq!(values.len(), 1);
+        assert_eq!(values["TOKEN"], "two");
+        assert!(store.delete_secret("p", "TOKEN").await.unwrap());
+        assert!(!store.delete_secret("p", "TOKEN").await.unwrap());
+    }
 }

@@ -17,13 +17,18 @@ use super::{
 
 /// Generates one `#[tokio::test]` per check for the runtime that `$make` constructs (the
 /// expression is evaluated once per test, twice in the attach test, to model an agent restart).
+/// The optional second argument, an [`Adjust`], completes every task the checks build with what
+/// the runtime needs (an image, say) before the check runs it.
 macro_rules! runtime_conformance_tests {
     ($make:expr) => {
+        $crate::runtime::conformance::runtime_conformance_tests!($make, |_| {});
+    };
+    ($make:expr, $adjust:expr) => {
         mod conformance_suite {
             #[allow(unused_imports)]
             use super::*;
 
-            $crate::runtime::conformance::runtime_conformance_tests!(@each $make;
+            $crate::runtime::conformance::runtime_conformance_tests!(@each $make, $adjust;
                 exit_code_zero,
                 exit_code_nonzero,
                 killed_by_signal,
@@ -44,16 +49,16 @@ macro_rules! runtime_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn attach_after_restart() {
                 let (first, second) = ($make, $make);
-                $crate::runtime::conformance::attach_after_restart(&first, &second).await;
+                $crate::runtime::conformance::attach_after_restart(&first, &second, $adjust).await;
             }
         }
     };
-    (@each $make:expr; $($check:ident),* $(,)?) => {
+    (@each $make:expr, $adjust:expr; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 let runtime = $make;
-                $crate::runtime::conformance::$check(&runtime).await;
+                $crate::runtime::conformance::$check(&runtime, $adjust).await;
             }
         )*
     };
@@ -88,6 +93,16 @@ pub fn task(workspace: &Path, steps: Vec<Vec<String>>) -> TaskSpec {
         memory_limit: 0,
         ..Default::default()
     }
+}
+
+/// Completes a task built by a check with what a runtime needs (for example the image of a
+/// container runtime); the process runtime needs nothing.
+pub type Adjust = fn(&mut TaskSpec);
+
+/// `task` after `adjust`.
+fn adjusted(adjust: Adjust, mut task: TaskSpec) -> TaskSpec {
+    adjust(&mut task);
+    task
 }
 
 /// Starts `step` of `task` and returns its handle and the receiving end of its output.
@@ -186,9 +201,9 @@ fn alive_in_group(pgid: i32) -> Vec<i32> {
 }
 
 /// A step that exits 0 is reported as success.
-pub async fn exit_code_zero(runtime: &dyn Runtime) {
+pub async fn exit_code_zero(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("exit 0")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("exit 0")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: Some(0), signal: None, oom: false });
     assert!(status.success());
@@ -196,9 +211,9 @@ pub async fn exit_code_zero(runtime: &dyn Runtime) {
 }
 
 /// A step's exit code is reported as is.
-pub async fn exit_code_nonzero(runtime: &dyn Runtime) {
+pub async fn exit_code_nonzero(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("exit 7")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("exit 7")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: Some(7), signal: None, oom: false });
     assert!(!status.success());
@@ -206,19 +221,19 @@ pub async fn exit_code_nonzero(runtime: &dyn Runtime) {
 }
 
 /// A step killed by a signal reports the signal and no code.
-pub async fn killed_by_signal(runtime: &dyn Runtime) {
+pub async fn killed_by_signal(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("kill -KILL $$")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("kill -KILL $$")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: None, signal: Some(9), oom: false });
     runtime.cleanup(&task).await.expect("cleanup");
 }
 
 /// Lines of stdout and stderr arrive in order, tagged with their stream and step.
-pub async fn output_streams_in_order(runtime: &dyn Runtime) {
+pub async fn output_streams_in_order(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done";
-    let task = task(dir.path(), vec![sh("true"), sh(script)]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("true"), sh(script)]));
     let (status, chunks) = run_step(runtime, &task, 1).await;
     assert!(status.success(), "{status:?}");
     assert!(chunks.iter().all(|c| c.step == 1), "{chunks:?}");
@@ -236,13 +251,13 @@ pub async fn output_streams_in_order(runtime: &dyn Runtime) {
 
 /// A 200 KiB line without newline arrives in chunks of at most [`MAX_LINE`] bytes that add up
 /// to exactly the original.
-pub async fn long_line_is_split(runtime: &dyn Runtime) {
+pub async fn long_line_is_split(runtime: &dyn Runtime, adjust: Adjust) {
     const LEN: usize = 200 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     // The numbers 1..50000 written back to back: deterministic, and any lost or reordered
     // piece shows.
     let script = format!("seq 1 50000 | tr -d '\\n' | head -c {LEN}");
-    let task = task(dir.path(), vec![sh(&script)]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh(&script)]));
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
     let expected: String = (1..=50000).map(|i: u32| i.to_string()).collect::<String>()[..LEN].to_owned();
@@ -253,9 +268,9 @@ pub async fn long_line_is_split(runtime: &dyn Runtime) {
 }
 
 /// 100,000 short lines all arrive, in order.
-pub async fn many_lines_none_lost(runtime: &dyn Runtime) {
+pub async fn many_lines_none_lost(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("seq 1 100000")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("seq 1 100000")]));
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(chunks.len(), 100_000);
@@ -268,10 +283,10 @@ pub async fn many_lines_none_lost(runtime: &dyn Runtime) {
 }
 
 /// The task's variables and the `DROVER_*` variables are visible to the step.
-pub async fn environment(runtime: &dyn Runtime) {
+pub async fn environment(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = r#"printf '%s\n' "$GREETING" "$DROVER_JOB_ID" "$DROVER_TASK_ID" "$DROVER_ATTEMPT_ID" "$DROVER_WORKSPACE""#;
-    let mut task = task(dir.path(), vec![sh(script)]);
+    let mut task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     task.env.insert("GREETING".into(), "hello, world".into());
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
@@ -286,10 +301,10 @@ pub async fn environment(runtime: &dyn Runtime) {
 
 /// The step runs in the workspace: `DROVER_WORKSPACE` is its working directory, and files it
 /// writes there appear in the task's workspace.
-pub async fn working_directory(runtime: &dyn Runtime) {
+pub async fn working_directory(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = r#"echo here > cwd-marker; pwd -P; cd "$DROVER_WORKSPACE" && pwd -P"#;
-    let task = task(dir.path(), vec![sh(script)]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
     let out = stream_text(&chunks, Stream::Stdout);
@@ -302,9 +317,9 @@ pub async fn working_directory(runtime: &dyn Runtime) {
 }
 
 /// A program that does not exist fails `start` with [`RuntimeError::Start`].
-pub async fn missing_binary(runtime: &dyn Runtime) {
+pub async fn missing_binary(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![vec!["drover-no-such-program-here".into()]]);
+    let task = adjusted(adjust, task(dir.path(), vec![vec!["drover-no-such-program-here".into()]]));
     runtime.prepare(&task).await.expect("prepare");
     let (tx, _rx) = mpsc::channel(1);
     match runtime.start(&task, 0, tx).await {
@@ -315,9 +330,9 @@ pub async fn missing_binary(runtime: &dyn Runtime) {
 }
 
 /// `wait` can be called concurrently and again after the end, always with the same answer.
-pub async fn wait_is_repeatable(runtime: &dyn Runtime) {
+pub async fn wait_is_repeatable(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("sleep 0.3; exit 3")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("sleep 0.3; exit 3")]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, _rx) = start(runtime, &task, 0).await;
     let (a, b) = tokio::join!(runtime.wait(&handle), runtime.wait(&handle));
@@ -329,12 +344,19 @@ pub async fn wait_is_repeatable(runtime: &dyn Runtime) {
 }
 
 /// [`stop_gracefully`] ends a step and everything it started, grandchildren included.
-pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime) {
+///
+/// Where the handle has a host pid, the step's process group is checked in `/proc`; for every
+/// runtime, a background job that would write a marker into the workspace two seconds later
+/// must never write it.
+pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime, adjust: Adjust) {
+    const SURVIVOR_DELAY: Duration = Duration::from_secs(2);
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("sleep 60 & echo ready; sleep 60; wait")]);
+    let script = "(sleep 2; echo survived > survivor) & sleep 60 & echo ready; sleep 60; wait";
+    let task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(runtime, &task, 0).await;
     await_output(&mut rx, "ready").await;
+    let ready = Instant::now();
     if let Some(pid) = handle.pid {
         assert!(alive_in_group(pid).len() >= 2, "the background sleep should be running");
     }
@@ -348,13 +370,18 @@ pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime) {
     if let Some(pid) = handle.pid {
         assert_group_gone(pid).await;
     }
+    tokio::time::sleep(
+        (ready + SURVIVOR_DELAY + Duration::from_millis(500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    assert!(!dir.path().join("survivor").exists(), "a background job survived the stop");
     runtime.cleanup(&task).await.expect("cleanup");
 }
 
 /// A step that ignores SIGTERM is killed once the grace period is over.
-pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime) {
+pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh(r#"trap "" TERM; echo ready; sleep 60"#)]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh(r#"trap "" TERM; echo ready; sleep 60"#)]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(runtime, &task, 0).await;
     await_output(&mut rx, "ready").await;
@@ -373,9 +400,9 @@ pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime) {
 }
 
 /// `stats` on a running busy loop shows CPU time.
-pub async fn live_cpu_stats(runtime: &dyn Runtime) {
+pub async fn live_cpu_stats(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("while :; do :; done")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("while :; do :; done")]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, _rx) = start(runtime, &task, 0).await;
     let deadline = Instant::now() + PATIENCE;
@@ -395,10 +422,13 @@ pub async fn live_cpu_stats(runtime: &dyn Runtime) {
 }
 
 /// After a step that touched 50 MB, its peak memory is well above 10 MB.
-pub async fn peak_memory(runtime: &dyn Runtime) {
+pub async fn peak_memory(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
     // dd reads into one buffer of bs bytes, so all of it becomes resident.
-    let task = task(dir.path(), vec![sh("dd if=/dev/zero of=/dev/null bs=50000000 count=1 2>/dev/null")]);
+    let task = adjusted(
+        adjust,
+        task(dir.path(), vec![sh("dd if=/dev/zero of=/dev/null bs=50000000 count=1 2>/dev/null")]),
+    );
     runtime.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(runtime, &task, 0).await;
     let (status, _) = finish(runtime, &handle, &mut rx).await;
@@ -409,9 +439,9 @@ pub async fn peak_memory(runtime: &dyn Runtime) {
 }
 
 /// A task pinned to CPU 0 can only run there.
-pub async fn cpu_pinning(runtime: &dyn Runtime) {
+pub async fn cpu_pinning(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut task = task(dir.path(), vec![sh("grep Cpus_allowed_list /proc/self/status")]);
+    let mut task = adjusted(adjust, task(dir.path(), vec![sh("grep Cpus_allowed_list /proc/self/status")]));
     task.cpus = vec![0];
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
@@ -423,9 +453,9 @@ pub async fn cpu_pinning(runtime: &dyn Runtime) {
 
 /// A runtime created after an "agent restart" finds a step the first one started, and refuses
 /// handles whose process is gone or whose start time does not match.
-pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime) {
+pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let task = task(dir.path(), vec![sh("echo ready; sleep 60")]);
+    let task = adjusted(adjust, task(dir.path(), vec![sh("echo ready; sleep 60")]));
     first.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(first, &task, 0).await;
     await_output(&mut rx, "ready").await;

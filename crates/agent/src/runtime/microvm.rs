@@ -1,1 +1,735 @@
-//! The microVM runtime (being written).
+//! The microVM runtime: each attempt runs in its own QEMU `microvm` virtual machine, with the
+//! `drover-guest` agent as PID 1.
+//!
+//! - **Root filesystem**: an initramfs built from the task's Docker image (`docker export`,
+//!   converted to cpio and cached by image id) or from a host directory (`dir:/path`), followed
+//!   by the agent archive (guest agent, modules, mount points; `microvm/image.rs`). The guest agent
+//!   must be a static binary: build it with
+//!   `RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p drover-guest --target x86_64-unknown-linux-gnu`.
+//! - **Kernel**: the host's (newest `/boot/vmlinuz-*` by default). Debian's cloud kernel builds
+//!   virtio, virtio-mmio and virtio-console as modules, so the matching `.ko` files from
+//!   `/lib/modules/VERSION` are shipped in the initramfs and loaded by the guest agent. The
+//!   microvm machine describes its virtio-mmio devices over ACPI.
+//! - **Channel**: two virtio-serial ports backed by Unix sockets on which QEMU listens; the
+//!   runtime that boots a VM uses the first, `attach` after an agent restart the second.
+//! - **Workspace**: no 9p in the cloud kernel and no virtiofsd by default, so the host
+//!   workspace is copied into the guest (`/workspace`) after boot, and the guest sends back
+//!   what each step changed before it reports the step's end. When `wait` returns, the host
+//!   workspace holds the step's results.
+//! - **Network**: QEMU gets no network device at all; inside, only `lo` exists.
+//! - **Accelerator**: KVM when a real probe boot succeeds within
+//!   [`MicroVmConfig::kvm_probe_timeout`] (KVM may hang under nested virtualisation), TCG
+//!   otherwise; see [`MicroVmRuntime::accelerator`].
+//! - **Limits**: guest memory is the task's memory limit (at least
+//!   [`MicroVmConfig::min_memory_mib`]), one vCPU per reserved host CPU, and QEMU is pinned to
+//!   the reserved CPUs.
+//! - **Usage**: reported by the guest (rusage of the step, live `/proc` scans).
+//! - **User**: steps run as root inside the VM (the VM is the sandbox) unless the task names a
+//!   numeric `uid[:gid]`.
+//! - **Restart**: VMs outlive the agent process; `attach` reconnects through the VM directory
+//!   (`vm.json`, second port) and follows the step's end, but output written while no agent
+//!   listened is lost and new output is not forwarded.
+//!
+//! Host requirements (Debian 12): `apt-get install --no-install-recommends qemu-system-x86
+//! linux-image-cloud-amd64` (QEMU 7.2 with the `microvm` machine; a kernel in `/boot` whose
+//! modules sit in `/lib/modules`), the `docker` CLI for Docker images, and the static guest agent.
+//!
+//! Under TCG the guest kernel is told the host TSC frequency (`tsc_early_khz`): its own PIT
+//! calibration fails on a loaded host and then hangs the boot.
+
+mod image;
+mod lines;
+mod session;
+mod vm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_guest::protocol::{GUEST_WORKSPACE, HostMessage, StartErrorKind, StepState};
+
+pub use self::image::DIR_IMAGE_PREFIX;
+use self::session::{Session, StartFailure};
+use self::vm::VmRecord;
+pub use self::vm::{Vm, VmSpec};
+use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, TaskSpec, Usage};
+
+/// PATH of steps whose image sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Modules the guest needs for its ports, in load order (dependencies first). Those not found
+/// in the kernel's `modules.dep` are assumed built in.
+const GUEST_MODULES: [&str; 4] = ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"];
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Accelerator {
+    /// KVM if a probe boot works, TCG otherwise.
+    #[default]
+    Auto,
+    /// KVM, without probing.
+    Kvm,
+    /// TCG (software emulation), always available.
+    Tcg,
+}
+
+/// Configuration of the microVM runtime.
+#[derive(Debug, Clone)]
+pub struct MicroVmConfig {
+    /// QEMU binary; a bare name is looked up in `PATH`.
+    pub qemu: PathBuf,
+    /// Guest kernel; `None` = the newest `/boot/vmlinuz-*`.
+    pub kernel: Option<PathBuf>,
+    /// The static `drover-guest` binary; `None` = `$DROVER_GUEST_AGENT`, else `drover-guest`
+    /// next to the running executable.
+    pub guest_agent: Option<PathBuf>,
+    /// Where built root filesystems are cached.
+    pub cache_dir: PathBuf,
+    /// Where VM directories (sockets, logs) live; keep it short, socket paths are limited to
+    /// 107 bytes.
+    pub run_dir: PathBuf,
+    /// Guest memory when the task sets no limit, in MiB.
+    pub memory_mib: u64,
+    /// Smallest guest memory, in MiB: a kernel plus initramfs need some room.
+    pub min_memory_mib: u64,
+    /// vCPUs when the task reserves no CPUs.
+    pub vcpus: usize,
+    /// Accelerator choice.
+    pub accelerator: Accelerator,
+    /// How long the KVM probe boot may take before KVM is declared unusable.
+    pub kvm_probe_timeout: Duration,
+    /// How long a boot may take until the guest agent greets the host.
+    pub boot_timeout: Duration,
+    /// How long `cleanup` waits for the guest to power off before QEMU is told to quit.
+    pub shutdown_grace: Duration,
+    /// Image for tasks that name none; `None` makes such tasks fail in `prepare`.
+    pub default_image: Option<String>,
+}
+
+impl Default for MicroVmConfig {
+    fn default() -> Self {
+        let base = std::env::temp_dir().join("drover");
+        MicroVmConfig {
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            kernel: None,
+            guest_agent: None,
+            cache_dir: base.join("microvm-cache"),
+            run_dir: base.join("vm"),
+            memory_mib: 256,
+            min_memory_mib: 128,
+            vcpus: 1,
+            accelerator: Accelerator::Auto,
+            kvm_probe_timeout: Duration::from_secs(10),
+            boot_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(3),
+            default_image: None,
+        }
+    }
+}
+
+/// Runs each attempt in its own microVM.
+pub struct MicroVmRuntime {
+    config: MicroVmConfig,
+    qemu: PathBuf,
+    kernel: PathBuf,
+    agent_archive: Arc<Vec<u8>>,
+    agent_hash: String,
+    accelerator: String,
+    /// Kernel arguments added to every boot (TSC frequency under TCG).
+    kernel_args: String,
+    vms: Mutex<HashMap<i64, Arc<Entry>>>,
+    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for MicroVmRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MicroVmRuntime")
+            .field("kernel", &self.kernel)
+            .field("accelerator", &self.accelerator)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accelerator probe results by QEMU binary and kernel, shared by the runtimes of a process.
+type ProbeResults = HashMap<(PathBuf, PathBuf), Arc<tokio::sync::OnceCell<String>>>;
+
+/// A VM of one attempt: booted here, or found again after an agent restart.
+enum Vmh {
+    Owned(Box<Vm>),
+    Attached { session: Session, dir: PathBuf, record: VmRecord },
+}
+
+struct Entry {
+    vm: Vmh,
+    /// `KEY=value` environment of the image.
+    image_env: Vec<String>,
+}
+
+impl Entry {
+    fn session(&self) -> &Session {
+        match &self.vm {
+            Vmh::Owned(vm) => vm.session(),
+            Vmh::Attached { session, .. } => session,
+        }
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::Unavailable { runtime: "microvm", reason: reason.into() }
+}
+
+impl MicroVmRuntime {
+    /// Checks QEMU, the kernel and its modules and the guest agent, builds the agent archive,
+    /// and picks the accelerator (probing KVM with a real boot when asked to).
+    pub async fn new(config: MicroVmConfig) -> Result<Self, RuntimeError> {
+        let qemu = find_in_path(&config.qemu).ok_or_else(|| {
+            unavailable(format!("{} not found (install the qemu-system-x86 package)", config.qemu.display()))
+        })?;
+        let kernel = match &config.kernel {
+            Some(kernel) => kernel.clone(),
+            None => newest_kernel().ok_or_else(|| {
+                unavailable("no kernel in /boot/vmlinuz-* (install linux-image-cloud-amd64)")
+            })?,
+        };
+        if std::fs::File::open(&kernel).is_err() {
+            return Err(unavailable(format!("kernel {} is not readable", kernel.display())));
+        }
+        let modules = guest_modules(&kernel);
+        let guest_agent = find_guest_agent(config.guest_agent.as_deref())?;
+        match image::is_static_elf(&guest_agent) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(unavailable(format!(
+                    "guest agent {} is dynamically linked; build it with \
+                     RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p drover-guest \
+                     --target x86_64-unknown-linux-gnu",
+                    guest_agent.display()
+                )));
+            }
+            Err(error) => return Err(unavailable(format!("guest agent {}: {error}", guest_agent.display()))),
+        }
+        let archive = {
+            let (agent, modules) = (guest_agent.clone(), modules.clone());
+            tokio::task::spawn_blocking(move || image::agent_archive(&agent, &modules))
+                .await
+                .map_err(|e| RuntimeError::Io {
+                    context: "build agent archive".into(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| RuntimeError::Io { context: "build agent archive".into(), source })?
+        };
+        let agent_hash = image::short_hash(&archive);
+        let mut runtime = MicroVmRuntime {
+            qemu,
+            kernel,
+            agent_archive: Arc::new(archive),
+            agent_hash,
+            accelerator: String::new(),
+            kernel_args: String::new(),
+            vms: Mutex::default(),
+            image_locks: Mutex::default(),
+            config,
+        };
+        runtime.accelerator = runtime.choose_accelerator().await;
+        if runtime.accelerator == "tcg"
+            && let Ok(Some(khz)) = tokio::task::spawn_blocking(tsc_khz).await
+        {
+            runtime.kernel_args = format!("tsc_early_khz={khz} tsc=reliable no_timer_check");
+        }
+        tracing::info!(
+            kernel = %runtime.kernel.display(),
+            guest_agent = %guest_agent.display(),
+            modules = modules.len(),
+            accelerator = %runtime.accelerator,
+            "microvm runtime ready"
+        );
+        Ok(runtime)
+    }
+
+    /// The accelerator VMs use: `kvm` or `tcg`.
+    pub fn accelerator(&self) -> &str {
+        &self.accelerator
+    }
+
+    /// The guest kernel.
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    /// Boot time (QEMU start to guest agent hello) of the VM of an attempt booted here.
+    pub fn boot_time(&self, attempt_id: i64) -> Option<Duration> {
+        match &self.lock().get(&attempt_id)?.vm {
+            Vmh::Owned(vm) => Some(vm.boot_time()),
+            Vmh::Attached { .. } => None,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, Arc<Entry>>> {
+        // Every update is a single insert or remove, so a poisoned lock is still usable.
+        self.vms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn entry(&self, handle: &RunHandle) -> Result<Arc<Entry>, RuntimeError> {
+        self.lock()
+            .get(&handle.attempt_id)
+            .cloned()
+            .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
+    }
+
+    /// `kvm` when asked for, or when probing finds it working; `tcg` otherwise. The probe
+    /// result is shared by every runtime of this process with the same QEMU and kernel.
+    async fn choose_accelerator(&self) -> String {
+        match self.config.accelerator {
+            Accelerator::Kvm => return "kvm".into(),
+            Accelerator::Tcg => return "tcg".into(),
+            Accelerator::Auto => {}
+        }
+        static PROBES: OnceLock<Mutex<ProbeResults>> = OnceLock::new();
+        let cell = PROBES
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((self.qemu.clone(), self.kernel.clone()))
+            .or_default()
+            .clone();
+        cell.get_or_init(|| self.probe_kvm()).await.clone()
+    }
+
+    async fn probe_kvm(&self) -> String {
+        if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            tracing::info!(%error, "no usable /dev/kvm; microvms use TCG");
+            return "tcg".into();
+        }
+        let dir = self.config.run_dir.join(format!("probe-{}-{}", std::process::id(), rand::random::<u32>()));
+        let initramfs = dir.join("agent.cpio");
+        let prepared = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::write(&initramfs, self.agent_archive.as_slice()).await
+        };
+        if let Err(error) = prepared.await {
+            tracing::warn!(%error, "cannot prepare the KVM probe; microvms use TCG");
+            return "tcg".into();
+        }
+        let spec = VmSpec {
+            qemu: self.qemu.clone(),
+            accelerator: "kvm".into(),
+            kernel: self.kernel.clone(),
+            initramfs,
+            memory_mib: self.config.min_memory_mib,
+            vcpus: 1,
+            host_cpus: Vec::new(),
+            dir: dir.clone(),
+            kernel_args: String::new(),
+            boot_timeout: self.config.kvm_probe_timeout,
+        };
+        let chosen = match Vm::boot(&spec).await {
+            Ok(vm) => {
+                tracing::info!(boot_ms = vm.boot_time().as_millis() as u64, "KVM probe boot succeeded");
+                vm.shutdown(self.config.shutdown_grace).await;
+                "kvm"
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    timeout_s = self.config.kvm_probe_timeout.as_secs(),
+                    "KVM probe boot failed (KVM may hang under nested virtualisation); microvms use TCG"
+                );
+                "tcg"
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        chosen.into()
+    }
+
+    fn vm_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.config.run_dir.join(sandbox_id)
+    }
+
+    fn memory_mib(&self, task: &TaskSpec) -> u64 {
+        let mib = if task.memory_limit == 0 {
+            self.config.memory_mib
+        } else {
+            task.memory_limit.div_ceil(1024 * 1024)
+        };
+        mib.max(self.config.min_memory_mib)
+    }
+
+    async fn build_initramfs(
+        &self,
+        image: &str,
+        dir: &Path,
+    ) -> Result<(PathBuf, image::ImageConfig), RuntimeError> {
+        let lock = self
+            .image_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(image.to_owned())
+            .or_default()
+            .clone();
+        let _building = lock.lock().await;
+        image::initramfs(image, &self.agent_archive, &self.agent_hash, &self.config.cache_dir, dir).await
+    }
+
+    /// The environment of a step: the image's, then the Drover base, then the task's.
+    fn step_env(task: &TaskSpec, image_env: &[String]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = image_env
+            .iter()
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        let base = [
+            ("HOME", GUEST_WORKSPACE.to_owned()),
+            ("DROVER_JOB_ID", task.job_id.to_string()),
+            ("DROVER_TASK_ID", task.task_id.to_string()),
+            ("DROVER_ATTEMPT_ID", task.attempt_id.to_string()),
+            ("DROVER_WORKSPACE", GUEST_WORKSPACE.to_owned()),
+        ];
+        let mut set = |key: &str, value: String| {
+            env.retain(|(k, _)| k != key);
+            env.push((key.to_owned(), value));
+        };
+        for (key, value) in base {
+            set(key, value);
+        }
+        for (key, value) in task.env.iter().chain(&task.secrets) {
+            set(key, value.clone());
+        }
+        env
+    }
+}
+
+#[async_trait]
+impl Runtime for MicroVmRuntime {
+    fn kind(&self) -> &'static str {
+        "microvm"
+    }
+
+    async fn prepare(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
+        if self.lock().contains_key(&task.attempt_id) {
+            return Ok(());
+        }
+        let image = task.image.clone().or_else(|| self.config.default_image.clone()).ok_or_else(|| {
+            RuntimeError::Io {
+                context: "choose the vm image".into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the task names no image and the microvm runtime has no default image",
+                ),
+            }
+        })?;
+        tokio::fs::create_dir_all(&task.workspace).await.map_err(|source| RuntimeError::Io {
+            context: format!("create workspace {}", task.workspace.display()),
+            source,
+        })?;
+        let dir = self.vm_dir(&sandbox_id(task.attempt_id));
+        if let Some(stale) = vm::read_record(&dir).await {
+            vm::stop_recorded(&dir, &stale).await;
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|source| RuntimeError::Io { context: format!("create {}", dir.display()), source })?;
+        let (initramfs, image_config) = self.build_initramfs(&image, &dir).await?;
+        let spec = VmSpec {
+            qemu: self.qemu.clone(),
+            accelerator: self.accelerator.clone(),
+            kernel: self.kernel.clone(),
+            initramfs,
+            memory_mib: self.memory_mib(task),
+            vcpus: if task.cpus.is_empty() { self.config.vcpus } else { task.cpus.len() },
+            host_cpus: task.cpus.clone(),
+            dir: dir.clone(),
+            kernel_args: self.kernel_args.clone(),
+            boot_timeout: self.config.boot_timeout,
+        };
+        let vm = Vm::boot(&spec).await?;
+        let record =
+            VmRecord { attempt_id: task.attempt_id, workspace: task.workspace.clone(), qemu_pid: vm.pid() };
+        let ready = async {
+            vm::write_record(&dir, &record).await?;
+            vm.session().set_workspace(task.workspace.clone());
+            vm.session().upload_workspace(&task.workspace).await
+        };
+        if let Err(error) = ready.await {
+            vm.shutdown(self.config.shutdown_grace).await;
+            return Err(error);
+        }
+        tracing::info!(
+            attempt_id = task.attempt_id,
+            image,
+            boot_ms = vm.boot_time().as_millis() as u64,
+            memory_mib = spec.memory_mib,
+            vcpus = spec.vcpus,
+            "microvm prepared"
+        );
+        self.lock().insert(
+            task.attempt_id,
+            Arc::new(Entry { vm: Vmh::Owned(Box::new(vm)), image_env: image_config.env }),
+        );
+        Ok(())
+    }
+
+    async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
+        let argv =
+            task.steps.get(step).filter(|argv| !argv.is_empty()).ok_or_else(|| RuntimeError::Start {
+                command: String::new(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("step {step} has no command"),
+                ),
+            })?;
+        let entry = self
+            .lock()
+            .get(&task.attempt_id)
+            .cloned()
+            .ok_or(RuntimeError::UnknownHandle { attempt_id: task.attempt_id, step })?;
+        let user = task.user.as_deref().and_then(numeric_user);
+        if task.user.is_some() && user.is_none() {
+            tracing::warn!(attempt_id = task.attempt_id, user = ?task.user, "microvm runs named users as root");
+        }
+        let run = HostMessage::Run {
+            step,
+            argv: argv.clone(),
+            env: Self::step_env(task, &entry.image_env),
+            cwd: GUEST_WORKSPACE.into(),
+            user,
+        };
+        match entry.session().run(step, run, out).await {
+            Ok(pid) => {
+                tracing::info!(
+                    attempt_id = task.attempt_id,
+                    step,
+                    guest_pid = pid,
+                    "step started in microvm"
+                );
+                Ok(RunHandle {
+                    attempt_id: task.attempt_id,
+                    step,
+                    // Guest pids mean nothing on the host.
+                    pid: None,
+                    pid_start_ticks: None,
+                    sandbox_id: Some(sandbox_id(task.attempt_id)),
+                })
+            }
+            Err(StartFailure::Guest(kind, message)) => {
+                let kind = match kind {
+                    StartErrorKind::NotFound => std::io::ErrorKind::NotFound,
+                    StartErrorKind::PermissionDenied => std::io::ErrorKind::PermissionDenied,
+                    StartErrorKind::Invalid => std::io::ErrorKind::InvalidInput,
+                    StartErrorKind::Other => std::io::ErrorKind::Other,
+                };
+                Err(RuntimeError::Start {
+                    command: argv[0].clone(),
+                    source: std::io::Error::new(kind, message),
+                })
+            }
+            Err(StartFailure::Runtime(error)) => Err(error),
+        }
+    }
+
+    /// Finds a step of a VM that survived an agent restart, through the VM's second port.
+    /// Output is not replayed or forwarded: `out` is dropped, as in the process runtime.
+    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
+        drop(out);
+        let existing = self.lock().get(&handle.attempt_id).cloned();
+        let entry = match existing {
+            Some(entry) => entry,
+            None => {
+                let Some(id) = handle.sandbox_id.as_deref().filter(|id| is_plain_name(id)) else {
+                    return Ok(false);
+                };
+                let dir = self.vm_dir(id);
+                let Some(record) = vm::read_record(&dir).await else {
+                    return Ok(false);
+                };
+                if record.attempt_id != handle.attempt_id {
+                    return Ok(false);
+                }
+                let session = match vm::attach_session(&dir, record.workspace.clone()).await {
+                    Ok(session) => session,
+                    Err(error) => {
+                        tracing::info!(attempt_id = handle.attempt_id, %error, "cannot reach the vm of the handle");
+                        return Ok(false);
+                    }
+                };
+                let entry =
+                    Arc::new(Entry { vm: Vmh::Attached { session, dir, record }, image_env: Vec::new() });
+                self.lock().entry(handle.attempt_id).or_insert(entry).clone()
+            }
+        };
+        let session = entry.session();
+        if session.finished(handle.step).is_some() {
+            return Ok(false);
+        }
+        session.follow(handle.step);
+        let running = matches!(session.status(handle.step).await?, StepState::Running { .. });
+        if running {
+            tracing::info!(attempt_id = handle.attempt_id, step = handle.step, "attached to step in microvm");
+        }
+        Ok(running)
+    }
+
+    async fn signal(&self, handle: &RunHandle, signal: StopSignal) -> Result<(), RuntimeError> {
+        let entry = self.entry(handle)?;
+        let number = match signal {
+            StopSignal::Terminate => libc::SIGTERM,
+            StopSignal::Kill => libc::SIGKILL,
+        };
+        tracing::debug!(
+            attempt_id = handle.attempt_id,
+            step = handle.step,
+            signal = number,
+            "signalling guest step"
+        );
+        entry.session().send(&HostMessage::Signal { step: handle.step, signal: number }).await
+    }
+
+    async fn wait(&self, handle: &RunHandle) -> Result<ExitStatus, RuntimeError> {
+        let entry = self.entry(handle)?;
+        if !entry.session().knows(handle.step) {
+            return Err(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step });
+        }
+        entry
+            .session()
+            .wait(handle.step)
+            .await
+            .map(|(status, _)| status)
+            .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
+    }
+
+    async fn stats(&self, handle: &RunHandle) -> Result<Usage, RuntimeError> {
+        let entry = self.entry(handle)?;
+        if let Some((_, usage)) = entry.session().finished(handle.step) {
+            return Ok(usage);
+        }
+        let usage = match entry.session().status(handle.step).await? {
+            StepState::Running { usage } | StepState::Exited { usage, .. } => usage,
+            StepState::Unknown => {
+                return Err(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step });
+            }
+        };
+        Ok(Usage { cpu_seconds: usage.cpu_seconds, peak_memory_bytes: usage.peak_memory_bytes })
+    }
+
+    async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
+        let entry = self.lock().remove(&task.attempt_id);
+        let dir = self.vm_dir(&sandbox_id(task.attempt_id));
+        match entry.as_deref().map(|e| &e.vm) {
+            Some(Vmh::Owned(vm)) => vm.shutdown(self.config.shutdown_grace).await,
+            Some(Vmh::Attached { session, dir, record }) => {
+                let _ = session.send(&HostMessage::Shutdown).await;
+                vm::stop_recorded(dir, record).await;
+            }
+            None => {
+                if let Some(record) = vm::read_record(&dir).await {
+                    vm::stop_recorded(&dir, &record).await;
+                }
+            }
+        }
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(RuntimeError::Io { context: format!("remove {}", dir.display()), source });
+            }
+        }
+        tracing::debug!(attempt_id = task.attempt_id, "microvm cleaned up");
+        Ok(())
+    }
+}
+
+/// Name of an attempt's VM (and of its directory under the run dir).
+fn sandbox_id(attempt_id: i64) -> String {
+    format!("a{attempt_id}")
+}
+
+fn is_plain_name(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `uid` or `uid:gid`, numeric.
+fn numeric_user(user: &str) -> Option<(u32, u32)> {
+    match user.split_once(':') {
+        Some((uid, gid)) => Some((uid.parse().ok()?, gid.parse().ok()?)),
+        None => {
+            let uid = user.parse().ok()?;
+            Some((uid, uid))
+        }
+    }
+}
+
+fn find_in_path(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
+}
+
+/// The newest `/boot/vmlinuz-*`, comparing versions numerically.
+fn newest_kernel() -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/boot").ok()?;
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .max_by(|a, b| version_key(a).cmp(&version_key(b)))
+}
+
+fn version_key(path: &Path) -> Vec<u64> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    name.split(|c: char| !c.is_ascii_digit()).filter_map(|part| part.parse().ok()).collect()
+}
+
+/// The `.ko` files of [`GUEST_MODULES`] for the kernel's version, from `modules.dep`.
+fn guest_modules(kernel: &Path) -> Vec<PathBuf> {
+    let name = kernel.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let Some(version) = name.strip_prefix("vmlinuz-") else {
+        tracing::warn!(kernel = %kernel.display(), "cannot tell the kernel version; assuming virtio drivers are built in");
+        return Vec::new();
+    };
+    let base = Path::new("/lib/modules").join(version);
+    let Ok(dep) = std::fs::read_to_string(base.join("modules.dep")) else {
+        tracing::warn!(modules = %base.display(), "no modules.dep; assuming virtio drivers are built in");
+        return Vec::new();
+    };
+    GUEST_MODULES
+        .iter()
+        .filter_map(|module| {
+            let suffix = format!("/{module}.ko");
+            dep.lines()
+                .filter_map(|line| line.split(':').next())
+                .find(|path| path.ends_with(&suffix))
+                .map(|path| base.join(path))
+        })
+        .collect()
+}
+
+fn find_guest_agent(configured: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    let candidates: Vec<PathBuf> = match configured {
+        Some(path) => vec![path.to_path_buf()],
+        None => std::env::var_os("DROVER_GUEST_AGENT")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("drover-guest"))))
+            .collect(),
+    };
+    candidates.iter().find(|path| path.is_file()).cloned().ok_or_else(|| {
+        unavailable(format!(
+            "guest agent not found (tried {candidates:?}); set DROVER_GUEST_AGENT to a static drover-guest binary"
+        ))
+    })
+}
+
+/// The host TSC frequency, measured once per process.
+fn tsc_khz() -> Option<u64> {
+    static KHZ: OnceLock<Option<u64>> = OnceLock::new();
+    *KHZ.get_or_init(vm::host_tsc_khz)
+}
+
+#[cfg(test)]
+mod tests;

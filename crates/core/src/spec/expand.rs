@@ -1,13 +1,17 @@
 //! From a checked [`JobSpec`] to a [`JobPlan`]: cross-task checks (unique names, known
-//! dependencies, no cycles), template rendering and one task per frame of array tasks.
+//! dependencies and artifact producers, no cycles), template rendering with the checks on
+//! rendered paths and URLs, and one task per frame of array tasks.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::TemplateContext;
 use super::error::{Pos, Problems, closest};
-use super::schema::{At, JobSpec, StepSpec, TaskSpec};
+use super::schema::{At, JobSpec, RawAgent, RawInput, RawService, RawSource, StepSpec, StepsFrom, TaskSpec};
 use super::template::Renderer;
-use crate::job::{Command, JobPlan, PlanError, TaskPlan};
+use crate::job::{
+    AgentSpec, BuildSpec, Command, HealthCheck, InputSource, InputSpec, JobPlan, PlanError, PushSpec,
+    ServiceSpec, TaskPlan,
+};
 
 /// Builds the plan, recording problems; the plan is only meaningful if none were recorded.
 pub(crate) fn build(spec: &JobSpec, ctx: &TemplateContext, problems: &mut Problems) -> JobPlan {
@@ -68,7 +72,8 @@ fn render(
     }
 }
 
-/// One concrete task (one frame of an array task), or `None` if a template failed.
+/// One concrete task (one frame of an array task), or `None` if a template failed or a
+/// rendered value was rejected.
 fn plan_task(
     spec: &JobSpec,
     task: &TaskSpec,
@@ -77,33 +82,44 @@ fn plan_task(
     renderer: &Renderer,
     problems: &mut Problems,
 ) -> Option<TaskPlan> {
-    let mut ok = true;
-    let mut env = BTreeMap::new();
+    let mut r = TaskRender { renderer, frame, problems, ok: true };
     let merged = spec.env.iter().filter(|(k, _)| !task.env.contains_key(*k)).chain(&task.env);
-    for (key, value) in merged {
-        match render(renderer, value, frame, problems) {
-            Some(v) => {
-                env.insert(key.clone(), v);
-            }
-            None => ok = false,
+    let env: BTreeMap<String, String> = merged.map(|(key, value)| (key.clone(), r.text(value))).collect();
+    for secret in &task.secrets {
+        if env.contains_key(&secret.value) {
+            r.reject(
+                secret,
+                format!("secret `{}` is also set in `env`", secret.value),
+                "a secret becomes an environment variable of the same name; remove it from `env`",
+            );
         }
     }
-    let mut steps = Vec::with_capacity(task.steps.len());
-    for step in &task.steps {
-        let command = match step {
-            StepSpec::Shell(s) => render(renderer, s, frame, problems).map(Command::Shell),
-            StepSpec::Argv(args) => {
-                let rendered: Vec<Option<String>> =
-                    args.iter().map(|a| render(renderer, a, frame, problems)).collect();
-                rendered.into_iter().collect::<Option<Vec<_>>>().map(Command::Argv)
-            }
-        };
-        match command {
-            Some(c) => steps.push(c),
-            None => ok = false,
+    let mut steps: Vec<Command> = task.steps.iter().map(|s| r.command(s)).collect();
+    let agent = task.agent.as_ref().map(|a| r.agent(a));
+    if task.steps_from == StepsFrom::Agent
+        && let Some(agent) = &agent
+    {
+        // An agent task without `command` or `steps`: the runtime runs the agent's command as
+        // the only step (the agent reads its prompt from stdin and `prompt.txt`).
+        steps.push(agent.command.clone());
+    }
+    let image = task.image.as_ref().map(|i| r.text(i));
+    let build = task.build.as_ref().map(|b| BuildSpec {
+        dockerfile: r.text(&b.dockerfile),
+        context: r.text(&b.context),
+        args: r.map(&b.args),
+    });
+    let user = task.user.as_ref().map(|u| r.text(u));
+    let services = task.services.iter().map(|s| r.service(s)).collect();
+    let outputs = task.outputs.iter().flatten().map(|o| r.output(o)).collect();
+    let inputs = r.inputs(&task.inputs);
+    let mut depends_on: Vec<String> = Vec::new();
+    for dep in task.dependencies() {
+        if !depends_on.contains(&dep.value) {
+            depends_on.push(dep.value.clone());
         }
     }
-    ok.then(|| TaskPlan {
+    r.ok.then(|| TaskPlan {
         name: name.to_string(),
         frame,
         steps,
@@ -111,11 +127,232 @@ fn plan_task(
         resources: task.resources,
         timeout: task.timeout,
         retries: task.retries.clone(),
-        depends_on: task.depends_on.iter().map(|d| d.value.clone()).collect(),
+        depends_on,
         exit_codes: task.exit_codes.clone(),
         constraints: task.constraints.clone(),
-        ..TaskPlan::default()
+        runtime: task.runtime.unwrap_or_default(),
+        image,
+        // Set by the client once it has uploaded the image; a job file never names a blob.
+        image_blob: None,
+        build,
+        user,
+        network: task.network.clone(),
+        services,
+        secrets: task.secrets.iter().map(|s| s.value.clone()).collect(),
+        outputs,
+        outputs_on_failure: task.outputs_on_failure,
+        inputs,
+        agent,
     })
+}
+
+/// Renders the values of one concrete task and checks the rendered paths and URLs, recording
+/// problems; `ok` tells whether the task came out whole.
+struct TaskRender<'a> {
+    renderer: &'a Renderer,
+    frame: Option<i64>,
+    problems: &'a mut Problems,
+    ok: bool,
+}
+
+impl TaskRender<'_> {
+    /// The rendered text, or `None` (and `ok` cleared) if the template failed; checks on the
+    /// rendered value are made only when there is one.
+    fn rendered(&mut self, value: &At<String>) -> Option<String> {
+        let text = render(self.renderer, value, self.frame, self.problems);
+        self.ok &= text.is_some();
+        text
+    }
+
+    /// The rendered text, or an empty string if the template failed.
+    fn text(&mut self, value: &At<String>) -> String {
+        self.rendered(value).unwrap_or_default()
+    }
+
+    fn map(&mut self, map: &BTreeMap<String, At<String>>) -> BTreeMap<String, String> {
+        map.iter().map(|(k, v)| (k.clone(), self.text(v))).collect()
+    }
+
+    fn command(&mut self, step: &StepSpec) -> Command {
+        match step {
+            StepSpec::Shell(s) => Command::Shell(self.text(s)),
+            StepSpec::Argv(args) => Command::Argv(args.iter().map(|a| self.text(a)).collect()),
+        }
+    }
+
+    /// Records a problem with a rendered value.
+    fn reject(&mut self, at: &At<String>, message: String, hint: &str) {
+        self.problems.add(at.pos, &at.field, message, Some(hint.to_string()));
+        self.ok = false;
+    }
+
+    fn service(&mut self, s: &RawService) -> ServiceSpec {
+        ServiceSpec {
+            name: s.name.value.clone(),
+            image: self.text(&s.image),
+            command: s.command.as_ref().map(|c| self.command(c)),
+            env: self.map(&s.env),
+            tmpfs: s.tmpfs.clone(),
+            healthcheck: s.healthcheck.as_ref().map(|h| HealthCheck {
+                command: self.command(&h.command),
+                interval: h.interval,
+                timeout: h.timeout,
+                retries: h.retries,
+            }),
+        }
+    }
+
+    fn agent(&mut self, a: &RawAgent) -> AgentSpec {
+        let prompt = self.rendered(&a.prompt);
+        if prompt.as_ref().is_some_and(|p| p.trim().is_empty()) {
+            self.reject(&a.prompt, "prompt is empty".into(), "say what the agent should do");
+        }
+        AgentSpec {
+            command: self.command(&a.command),
+            prompt: prompt.unwrap_or_default(),
+            repo: a.repo.as_ref().map(|r| self.text(r)),
+            budget: a.budget,
+            push: a
+                .push
+                .as_ref()
+                .map(|(remote, branch)| PushSpec { remote: self.text(remote), branch: self.text(branch) }),
+        }
+    }
+
+    /// An output glob, which must stay inside the workspace.
+    fn output(&mut self, glob: &At<String>) -> String {
+        let text = self.rendered(glob);
+        if let Some(text) = &text
+            && let Some(problem) = outside_workspace(text)
+        {
+            self.reject(
+                glob,
+                format!("output `{text}` {problem}"),
+                "outputs are globs relative to the task workspace, like `out/*.png`",
+            );
+        }
+        text.unwrap_or_default()
+    }
+
+    /// The inputs, each with its destination (given, or the base name of its source), checked
+    /// to stay inside the workspace and not to collide.
+    fn inputs(&mut self, inputs: &[RawInput]) -> Vec<InputSpec> {
+        let mut planned: Vec<InputSpec> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            // `base` is `None` when the source did not render, `Some(None)` when it has no
+            // usable base name.
+            let (source, origin, base) = match &input.source {
+                RawSource::Path(p) => {
+                    let path = self.rendered(p);
+                    let base = path.as_deref().map(base_name);
+                    (InputSource::Path(path.unwrap_or_default()), p, base)
+                }
+                RawSource::Url(u) => {
+                    let url = self.rendered(u);
+                    if let Some((message, hint)) = url.as_deref().and_then(url_problem) {
+                        self.reject(u, message, hint);
+                    }
+                    let base = url.as_deref().map(url_base_name);
+                    (InputSource::Url(url.unwrap_or_default()), u, base)
+                }
+                RawSource::Artifact { task, path } => {
+                    let file = self.rendered(path);
+                    if let Some(file) = &file
+                        && let Some(problem) = outside_workspace(file)
+                    {
+                        self.reject(
+                            path,
+                            format!("artifact path `{file}` {problem}"),
+                            "name the file as the producing task's `outputs` keep it, like `prepare:out/model.bin`",
+                        );
+                    }
+                    let base = file.as_deref().map(base_name);
+                    let source =
+                        InputSource::Artifact { task: task.value.clone(), path: file.unwrap_or_default() };
+                    (source, path, base)
+                }
+            };
+            let (to, at) = match &input.to {
+                Some(at) => {
+                    let to = self.rendered(at);
+                    if let Some(to) = &to
+                        && let Some(problem) = outside_workspace(to)
+                    {
+                        self.reject(
+                            at,
+                            format!("input destination `{to}` {problem}"),
+                            "`to` is a path relative to the task workspace, like `data/model.bin`",
+                        );
+                    }
+                    (to, at)
+                }
+                None => {
+                    if let Some(None) = base {
+                        self.reject(
+                            origin,
+                            "cannot tell where to place this input".into(),
+                            "add `to:` with a path relative to the task workspace",
+                        );
+                    }
+                    (base.flatten(), origin)
+                }
+            };
+            if let Some(to) = &to
+                && planned.iter().any(|p| &p.to == to)
+            {
+                self.reject(at, format!("two inputs are placed at `{to}`"), "give one of them another `to`");
+            }
+            planned.push(InputSpec { source, to: to.unwrap_or_default() });
+        }
+        planned
+    }
+}
+
+/// Why `path` does not name a place inside the task workspace, if it does not.
+fn outside_workspace(path: &str) -> Option<&'static str> {
+    if path.trim().is_empty() {
+        Some("is empty")
+    } else if path.starts_with('/') {
+        Some("is an absolute path")
+    } else if path.split('/').any(|part| part == "..") {
+        Some("leaves the workspace with `..`")
+    } else {
+        None
+    }
+}
+
+/// The last component of a slash-separated path, unless it is `.`, `..` or empty.
+fn base_name(path: &str) -> Option<String> {
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    (!matches!(last, "" | "." | "..")).then(|| last.to_string())
+}
+
+/// The base name of a URL's path, without its query or fragment.
+fn url_base_name(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let (_, path) = rest.split_once('/')?;
+    base_name(path)
+}
+
+/// What is wrong with an input URL, if anything: agents fetch http and https only.
+fn url_problem(url: &str) -> Option<(String, &'static str)> {
+    let example = "write an http or https URL, like `https://example.com/data.tar`";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some((format!("`{url}` is not a URL"), example));
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Some((
+            format!("unsupported URL scheme `{scheme}`"),
+            "inputs are fetched over `http` or `https`; fetch other sources in a step",
+        ));
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    if host.is_empty() || url.chars().any(char::is_whitespace) {
+        return Some((format!("`{url}` is not a URL"), example));
+    }
+    None
 }
 
 /// Unique task names, and dependencies that name another existing task.
@@ -158,6 +395,49 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                 problems.add(dep.pos, &dep.field, format!("unknown task `{}`", dep.value), Some(hint));
             }
         }
+        for input in &task.inputs {
+            let RawSource::Artifact { task: producer, .. } = &input.source else { continue };
+            if task.name.as_ref().is_some_and(|n| n.value == producer.value) {
+                problems.add(
+                    producer.pos,
+                    &producer.field,
+                    format!("task `{}` takes an input from itself", producer.value),
+                    Some(
+                        "`from` names another task of the job, like `from: \"prepare:out/model.bin\"`".into(),
+                    ),
+                );
+                continue;
+            }
+            let found =
+                spec.tasks.iter().find(|t| t.name.as_ref().is_some_and(|n| n.value == producer.value));
+            match found {
+                Some(t) if t.outputs.is_none() => problems.add(
+                    producer.pos,
+                    &producer.field,
+                    format!("task `{}` keeps no outputs", producer.value),
+                    Some(format!(
+                        "list the file in the `outputs` of `{}`, so that it is kept",
+                        producer.value
+                    )),
+                ),
+                Some(_) => {}
+                None if complete => {
+                    let names: Vec<&str> =
+                        spec.tasks.iter().filter_map(|t| t.name.as_ref()).map(|n| n.value.as_str()).collect();
+                    let hint = match closest(&producer.value, names.iter().copied()) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!("`from` names a task of this job: {}", names.join(", ")),
+                    };
+                    problems.add(
+                        producer.pos,
+                        &producer.field,
+                        format!("unknown task `{}`", producer.value),
+                        Some(hint),
+                    );
+                }
+                None => {}
+            }
+        }
     }
 }
 
@@ -170,7 +450,7 @@ fn check_plan(spec: &JobSpec, plan: &JobPlan, origin: &[usize], problems: &mut P
                 .tasks
                 .iter()
                 .filter(|t| t.name.as_ref().is_some_and(|n| &n.value == from))
-                .flat_map(|t| &t.depends_on)
+                .flat_map(|t| t.dependencies())
                 .find(|d| &d.value == to),
             _ => None,
         };
@@ -201,9 +481,10 @@ fn locate(spec: &JobSpec, origin: &[usize], e: &PlanError) -> (Pos, String) {
         && let Some((index, rest)) = rest.split_once(']')
         && let Some(&i) = index.parse::<usize>().ok().and_then(|k| origin.get(k))
     {
-        let uses_steps = spec.tasks.get(i).is_some_and(|t| t.uses_steps);
-        let rest = match rest.strip_prefix(".steps[") {
-            Some(_) if !uses_steps => ".command".to_string(),
+        let steps_from = spec.tasks.get(i).map_or(StepsFrom::Steps, |t| t.steps_from);
+        let rest = match (rest.strip_prefix(".steps["), steps_from) {
+            (Some(_), StepsFrom::Command) => ".command".to_string(),
+            (Some(_), StepsFrom::Agent) => ".agent.command".to_string(),
             _ => rest.to_string(),
         };
         field = format!("tasks[{i}]{rest}");

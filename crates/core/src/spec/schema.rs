@@ -1,5 +1,9 @@
 //! The version 1 job-file schema: reads the positioned tree into a [`JobSpec`], checking every
 //! field's name, type and value and recording where each one is, for later errors.
+//!
+//! This file reads the job and the basic task fields; the submodules read the task fields of
+//! one concern each: `sandbox` (runtime, image, build, user, network, services, secrets),
+//! `files` (inputs and outputs) and `agent` (AI-agent tasks).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
@@ -8,9 +12,13 @@ use std::time::Duration;
 use super::error::{Pos, Problems, closest};
 use super::frames::parse_frames;
 use super::tree::{Entry, Node, Value};
-use crate::job::{ExitCodes, RetryPolicy};
+use crate::job::{ExitCodes, NetworkPolicy, RetryPolicy, RuntimeKind};
 use crate::resources::{Resources, parse_memory};
 use crate::state::FailureClass;
+
+mod agent;
+mod files;
+mod sandbox;
 
 const JOB_FIELDS: &[&str] = &["version", "name", "project", "priority", "labels", "params", "env", "tasks"];
 const TASK_FIELDS: &[&str] = &[
@@ -25,6 +33,17 @@ const TASK_FIELDS: &[&str] = &[
     "depends_on",
     "exit_codes",
     "constraints",
+    "runtime",
+    "image",
+    "build",
+    "user",
+    "network",
+    "services",
+    "secrets",
+    "outputs",
+    "outputs_on_failure",
+    "inputs",
+    "agent",
 ];
 const RESOURCE_FIELDS: &[&str] = &["cores", "memory"];
 const RETRY_FIELDS: &[&str] = &["count", "backoff", "on"];
@@ -60,10 +79,10 @@ pub(crate) struct JobSpec {
 #[derive(Debug)]
 pub(crate) struct TaskSpec {
     pub name: Option<At<String>>,
-    /// `command` as one step, or the `steps` list.
+    /// `command` as one step, or the `steps` list; empty for an agent task without either.
     pub steps: Vec<StepSpec>,
-    /// Whether the commands came from `steps` (else from `command`).
-    pub uses_steps: bool,
+    /// Which field the planned steps come from.
+    pub steps_from: StepsFrom,
     pub env: BTreeMap<String, At<String>>,
     pub resources: Resources,
     pub timeout: Option<Duration>,
@@ -72,6 +91,105 @@ pub(crate) struct TaskSpec {
     pub depends_on: Vec<At<String>>,
     pub exit_codes: ExitCodes,
     pub constraints: BTreeMap<String, String>,
+    /// `None` when `runtime` was unreadable: the checks that depend on it are skipped then.
+    pub runtime: Option<RuntimeKind>,
+    pub image: Option<At<String>>,
+    pub build: Option<RawBuild>,
+    pub user: Option<At<String>>,
+    pub network: NetworkPolicy,
+    pub services: Vec<RawService>,
+    pub secrets: Vec<At<String>>,
+    /// `None` when the task has no `outputs` field (an artifact input cannot come from it).
+    pub outputs: Option<Vec<At<String>>>,
+    pub outputs_on_failure: bool,
+    pub inputs: Vec<RawInput>,
+    pub agent: Option<RawAgent>,
+}
+
+impl TaskSpec {
+    /// The tasks this one needs first: its `depends_on`, then the producers of its artifact
+    /// inputs (each placed at its `from` value).
+    pub fn dependencies(&self) -> impl Iterator<Item = &At<String>> {
+        let producers = self.inputs.iter().filter_map(|input| match &input.source {
+            RawSource::Artifact { task, .. } => Some(task),
+            RawSource::Path(_) | RawSource::Url(_) => None,
+        });
+        self.depends_on.iter().chain(producers)
+    }
+}
+
+/// Where a task's planned steps come from, to map plan errors back to the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepsFrom {
+    /// `command`: one step.
+    Command,
+    /// `steps`: a list.
+    Steps,
+    /// Neither: the agent's `command` is the only step.
+    Agent,
+}
+
+/// `build`, its strings not yet rendered.
+#[derive(Debug)]
+pub(crate) struct RawBuild {
+    /// Dockerfile path; `Dockerfile` when not given (placed at the `build` value then).
+    pub dockerfile: At<String>,
+    /// Context directory; `.` when not given.
+    pub context: At<String>,
+    pub args: BTreeMap<String, At<String>>,
+}
+
+/// One entry of `services`, its strings not yet rendered.
+#[derive(Debug)]
+pub(crate) struct RawService {
+    /// Checked to be a DNS label, unique within the task; not templated.
+    pub name: At<String>,
+    pub image: At<String>,
+    pub command: Option<StepSpec>,
+    pub env: BTreeMap<String, At<String>>,
+    /// Absolute paths inside the service container; not templated.
+    pub tmpfs: Vec<String>,
+    pub healthcheck: Option<RawHealthCheck>,
+}
+
+/// A service's `healthcheck`, with the defaults filled in.
+#[derive(Debug)]
+pub(crate) struct RawHealthCheck {
+    pub command: StepSpec,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+/// One entry of `inputs`, its strings not yet rendered.
+#[derive(Debug)]
+pub(crate) struct RawInput {
+    pub source: RawSource,
+    /// `None` to use the base name of the source's path.
+    pub to: Option<At<String>>,
+}
+
+/// Where an input comes from.
+#[derive(Debug)]
+pub(crate) enum RawSource {
+    /// `path`: a local file or directory, relative to the job file.
+    Path(At<String>),
+    /// `url`: checked to be http(s) once rendered.
+    Url(At<String>),
+    /// `from: TASK:PATH`; both parts are placed at the `from` value. The task name is not
+    /// templated, because the dependency graph is checked before any template is rendered.
+    Artifact { task: At<String>, path: At<String> },
+}
+
+/// `agent`, its strings not yet rendered.
+#[derive(Debug)]
+pub(crate) struct RawAgent {
+    pub command: StepSpec,
+    pub prompt: At<String>,
+    pub repo: Option<At<String>>,
+    pub budget: Option<u64>,
+    /// Remote and branch.
+    pub push: Option<(At<String>, At<String>)>,
 }
 
 /// One command, its strings not yet rendered.
@@ -313,6 +431,59 @@ impl Reader<'_> {
         }
     }
 
+    /// A duration that is more than zero.
+    fn nonzero_duration(&mut self, node: &Node, field: &str, what: &str) -> Option<Duration> {
+        let d = self.duration(node, field)?;
+        if d.is_zero() {
+            self.problems.add(
+                node.pos,
+                field,
+                format!("{what} is zero"),
+                Some("give it a length, like `1s`".into()),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    /// A list read item by item with `item` (each item's position recorded under
+    /// `field[k]`). Anything else is reported as `expected a list of {what}`, with `example`
+    /// as a hint.
+    fn list<T>(
+        &mut self,
+        node: &Node,
+        field: &str,
+        what: &str,
+        example: &str,
+        mut item: impl FnMut(&mut Self, &Node, &str) -> Option<T>,
+    ) -> Vec<T> {
+        let Value::Seq(items) = &node.value else {
+            self.problems.add(
+                node.pos,
+                field,
+                format!("expected a list of {what}, found {}", node.kind()),
+                Some(format!("write a list, like `{example}`")),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (k, node) in items.iter().enumerate() {
+            let path = format!("{field}[{k}]");
+            self.positions.insert(path.clone(), node.pos);
+            out.extend(item(self, node, &path));
+        }
+        out
+    }
+
+    /// A required field of a nested mapping, reported as missing at the mapping when absent.
+    fn required<'n>(&mut self, m: &Fields<'n>, field: &str, key: &str, hint: &str) -> Option<&'n Node> {
+        let node = m.get(key);
+        if node.is_none() {
+            self.problems.add(m.pos, &join(field, key), format!("missing `{key}`"), Some(hint.to_string()));
+        }
+        node
+    }
+
     fn task(&mut self, node: &Node, index: usize) -> Option<TaskSpec> {
         let field = format!("tasks[{index}]");
         self.positions.insert(field.clone(), node.pos);
@@ -321,7 +492,7 @@ impl Reader<'_> {
         let mut task = TaskSpec {
             name: None,
             steps: Vec::new(),
-            uses_steps: false,
+            steps_from: StepsFrom::Command,
             env: BTreeMap::new(),
             resources: Resources::default(),
             timeout: None,
@@ -330,6 +501,17 @@ impl Reader<'_> {
             depends_on: Vec::new(),
             exit_codes: ExitCodes::default(),
             constraints: BTreeMap::new(),
+            runtime: Some(RuntimeKind::Process),
+            image: None,
+            build: None,
+            user: None,
+            network: NetworkPolicy::None,
+            services: Vec::new(),
+            secrets: Vec::new(),
+            outputs: None,
+            outputs_on_failure: true,
+            inputs: Vec::new(),
+            agent: None,
         };
         match t.get("name") {
             None => self.problems.add(
@@ -354,15 +536,21 @@ impl Reader<'_> {
                     Some("use `command` for one command or `steps` for several, not both".into()),
                 );
             }
+            // The agent block is the work of an agent task: its command becomes the only step.
+            (None, None) if t.entry("agent").is_some() => task.steps_from = StepsFrom::Agent,
             (None, None) => self.problems.add(
                 t.pos,
                 &field,
                 "task has no command",
-                Some("add `command:` (or `steps:` for several commands in order)".into()),
+                Some(
+                    "add `command:` (or `steps:` for several commands in order, or an `agent:` block \
+                     for an AI-agent task)"
+                        .into(),
+                ),
             ),
             (Some(c), None) => task.steps.extend(self.command(&c.value, &f("command"))),
             (None, Some(s)) => {
-                task.uses_steps = true;
+                task.steps_from = StepsFrom::Steps;
                 self.steps(&s.value, &f("steps"), &mut task.steps);
             }
         }
@@ -400,6 +588,12 @@ impl Reader<'_> {
         if let Some(n) = t.get("constraints") {
             task.constraints = plain(self.string_map(n, &f("constraints")));
         }
+        self.sandbox(&t, &field, &mut task);
+        self.files(&t, &field, &mut task);
+        if let Some(n) = t.get("agent") {
+            task.agent = self.agent(n, &f("agent"));
+        }
+        self.check_runtime(&t, &field, task.runtime);
         Some(task)
     }
 

@@ -4,7 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::*;
-use crate::job::{Command, ExitCodes, RetryPolicy, TaskPlan};
+use crate::job::{
+    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, NetworkPolicy, PushSpec,
+    RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
+};
 use crate::resources::Resources;
 use crate::state::FailureClass;
 
@@ -626,4 +629,699 @@ fn plan_checks_after_rendering_point_back_into_the_file() {
         "tasks[0].steps[1]",
         "command is empty",
     );
+}
+
+// ---- sandboxes, services, secrets, files and agents ----
+
+const SANDBOXES: &str = r#"version: 1
+name: sandboxes
+params: { tag: "1", who: ada }
+env: { SHARED: job }
+tasks:
+  - name: prepare
+    runtime: docker
+    image: "drover-test/busybox:{{ params.tag }}"
+    user: 1000
+    network: { egress: [api.example.com, "10.0.0.1:443"] }
+    steps: [echo prepare, ["mkdir", "-p", "out"]]
+    services:
+      - name: db
+        image: postgres:15
+        command: ["postgres", "-c", "fsync=off"]
+        env: { POSTGRES_PASSWORD: "{{ params.who }}" }
+        tmpfs: [/var/lib/postgresql/data]
+        healthcheck: { command: "pg_isready", interval: 2s, timeout: 3s, retries: 10 }
+      - name: cache-1
+        image: redis:7
+        healthcheck: { command: [redis-cli, ping] }
+    secrets: [DB_PASSWORD, API_KEY, DB_PASSWORD]
+    outputs: ["out/*.png", out/model.bin, "report-{{ params.tag }}.txt"]
+    outputs_on_failure: false
+  - name: train
+    runtime: microvm
+    build: { dockerfile: docker/Dockerfile, context: docker, args: { VERSION: "{{ params.tag }}", N: 2 } }
+    user: "1000:1000"
+    network: full
+    command: train
+    inputs:
+      - { path: ./data/, to: data }
+      - { url: "https://example.com/x.tar?sig=1" }
+      - { from: "prepare:out/model.bin" }
+      - { path: "./configs/{{ params.who }}.toml", to: "conf/{{ params.who }}.toml" }
+  - name: fix
+    runtime: docker
+    build: {}
+    network: bridge
+    depends_on: [train]
+    outputs_on_failure: true
+    agent:
+      command: ["my-agent", "--yes"]
+      prompt: "Fix the failing test for {{ params.who }}"
+      repo: "https://git.example.com/x.git"
+      budget: 200000
+      push: { remote: "https://git.example.com/x.git", branch: "drover/fix" }
+"#;
+
+fn sandboxes_plan() -> JobPlan {
+    let env = map(&[("SHARED", "job")]);
+    let prepare = TaskPlan {
+        name: "prepare".into(),
+        steps: vec![
+            Command::Shell("echo prepare".into()),
+            Command::Argv(vec!["mkdir".into(), "-p".into(), "out".into()]),
+        ],
+        env: env.clone(),
+        runtime: RuntimeKind::Docker,
+        image: Some("drover-test/busybox:1".into()),
+        user: Some("1000".into()),
+        network: NetworkPolicy::Egress { allow: vec!["api.example.com".into(), "10.0.0.1:443".into()] },
+        services: vec![
+            ServiceSpec {
+                name: "db".into(),
+                image: "postgres:15".into(),
+                command: Some(Command::Argv(vec!["postgres".into(), "-c".into(), "fsync=off".into()])),
+                env: map(&[("POSTGRES_PASSWORD", "ada")]),
+                tmpfs: vec!["/var/lib/postgresql/data".into()],
+                healthcheck: Some(HealthCheck {
+                    command: Command::Shell("pg_isready".into()),
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_secs(3),
+                    retries: 10,
+                }),
+            },
+            ServiceSpec {
+                name: "cache-1".into(),
+                image: "redis:7".into(),
+                command: None,
+                env: BTreeMap::new(),
+                tmpfs: vec![],
+                healthcheck: Some(HealthCheck {
+                    command: Command::Argv(vec!["redis-cli".into(), "ping".into()]),
+                    interval: Duration::from_secs(1),
+                    timeout: Duration::from_secs(5),
+                    retries: 30,
+                }),
+            },
+        ],
+        secrets: vec!["DB_PASSWORD".into(), "API_KEY".into()],
+        outputs: vec!["out/*.png".into(), "out/model.bin".into(), "report-1.txt".into()],
+        outputs_on_failure: false,
+        ..TaskPlan::default()
+    };
+    let input = |source: InputSource, to: &str| InputSpec { source, to: to.into() };
+    let train = TaskPlan {
+        name: "train".into(),
+        steps: vec![Command::Shell("train".into())],
+        env: env.clone(),
+        depends_on: vec!["prepare".into()],
+        runtime: RuntimeKind::Microvm,
+        build: Some(BuildSpec {
+            dockerfile: "docker/Dockerfile".into(),
+            context: "docker".into(),
+            args: map(&[("VERSION", "1"), ("N", "2")]),
+        }),
+        user: Some("1000:1000".into()),
+        network: NetworkPolicy::Full,
+        inputs: vec![
+            input(InputSource::Path("./data/".into()), "data"),
+            input(InputSource::Url("https://example.com/x.tar?sig=1".into()), "x.tar"),
+            input(
+                InputSource::Artifact { task: "prepare".into(), path: "out/model.bin".into() },
+                "model.bin",
+            ),
+            input(InputSource::Path("./configs/ada.toml".into()), "conf/ada.toml"),
+        ],
+        ..TaskPlan::default()
+    };
+    let agent_command = Command::Argv(vec!["my-agent".into(), "--yes".into()]);
+    let fix = TaskPlan {
+        name: "fix".into(),
+        // An agent task without `command` or `steps` runs the agent's command.
+        steps: vec![agent_command.clone()],
+        env,
+        depends_on: vec!["train".into()],
+        runtime: RuntimeKind::Docker,
+        build: Some(BuildSpec {
+            dockerfile: "Dockerfile".into(),
+            context: ".".into(),
+            args: BTreeMap::new(),
+        }),
+        network: NetworkPolicy::Bridge,
+        agent: Some(AgentSpec {
+            command: agent_command,
+            prompt: "Fix the failing test for ada".into(),
+            repo: Some("https://git.example.com/x.git".into()),
+            budget: Some(200_000),
+            push: Some(PushSpec {
+                remote: "https://git.example.com/x.git".into(),
+                branch: "drover/fix".into(),
+            }),
+        }),
+        ..TaskPlan::default()
+    };
+    JobPlan {
+        name: "sandboxes".into(),
+        project: "default".into(),
+        priority: 0,
+        labels: BTreeMap::new(),
+        tasks: vec![prepare, train, fix],
+    }
+}
+
+#[test]
+fn sandbox_file_and_agent_fields_parse_into_the_plan() {
+    assert_eq!(ok(SANDBOXES), sandboxes_plan());
+}
+
+#[test]
+fn sandbox_fields_in_json_compile_to_the_same_plan() {
+    let json = r#"{
+  "version": 1, "name": "sandboxes", "params": {"tag": "1", "who": "ada"}, "env": {"SHARED": "job"},
+  "tasks": [
+    {"name": "prepare", "runtime": "docker", "image": "drover-test/busybox:{{ params.tag }}", "user": 1000,
+     "network": {"egress": ["api.example.com", "10.0.0.1:443"]},
+     "steps": ["echo prepare", ["mkdir", "-p", "out"]],
+     "services": [
+       {"name": "db", "image": "postgres:15", "command": ["postgres", "-c", "fsync=off"],
+        "env": {"POSTGRES_PASSWORD": "{{ params.who }}"}, "tmpfs": ["/var/lib/postgresql/data"],
+        "healthcheck": {"command": "pg_isready", "interval": "2s", "timeout": "3s", "retries": 10}},
+       {"name": "cache-1", "image": "redis:7", "healthcheck": {"command": ["redis-cli", "ping"]}}
+     ],
+     "secrets": ["DB_PASSWORD", "API_KEY", "DB_PASSWORD"],
+     "outputs": ["out/*.png", "out/model.bin", "report-{{ params.tag }}.txt"], "outputs_on_failure": false},
+    {"name": "train", "runtime": "microvm",
+     "build": {"dockerfile": "docker/Dockerfile", "context": "docker", "args": {"VERSION": "{{ params.tag }}", "N": 2}},
+     "user": "1000:1000", "network": "full", "command": "train",
+     "inputs": [
+       {"path": "./data/", "to": "data"}, {"url": "https://example.com/x.tar?sig=1"},
+       {"from": "prepare:out/model.bin"},
+       {"path": "./configs/{{ params.who }}.toml", "to": "conf/{{ params.who }}.toml"}
+     ]},
+    {"name": "fix", "runtime": "docker", "build": {}, "network": "bridge", "depends_on": ["train"],
+     "outputs_on_failure": true,
+     "agent": {"command": ["my-agent", "--yes"], "prompt": "Fix the failing test for {{ params.who }}",
+               "repo": "https://git.example.com/x.git", "budget": 200000,
+               "push": {"remote": "https://git.example.com/x.git", "branch": "drover/fix"}}}
+  ]
+}"#;
+    assert_eq!(compile(json, "job.json", &ctx()).unwrap(), sandboxes_plan());
+}
+
+#[test]
+fn artifact_inputs_make_the_producer_a_dependency() {
+    let plan = ok("version: 1\nname: j\ntasks:\n\
+                   - name: a\n  command: x\n  outputs: [out/result.txt]\n\
+                   - name: c\n  command: x\n  outputs: [y]\n\
+                   - name: b\n  command: x\n  depends_on: [c]\n  \
+                   inputs: [{ from: 'a:out/result.txt' }, { from: 'c:y', to: y2 }, { from: 'a:z' }]\n");
+    let b = &plan.tasks[2];
+    assert_eq!(b.depends_on, vec!["c".to_string(), "a".to_string()]);
+    assert_eq!(b.inputs[0].source, InputSource::Artifact { task: "a".into(), path: "out/result.txt".into() });
+    assert_eq!(b.inputs[0].to, "result.txt");
+    assert!(plan.validate().is_ok());
+}
+
+#[test]
+fn a_cycle_through_an_artifact_input_is_a_cycle() {
+    let source = "version: 1\nname: j\ntasks:\n\
+                  - name: a\n  command: x\n  outputs: [o]\n  inputs: [{ from: 'b:o' }]\n\
+                  - name: b\n  command: x\n  outputs: [o]\n  depends_on: [a]\n";
+    let e = assert_error(source, 7, 20, "tasks[0].inputs[0].from", "dependency cycle: a -> b -> a");
+    assert!(e.hint.is_some());
+}
+
+#[test]
+fn an_agent_task_needs_no_command_but_some_work() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: a\n    runtime: docker\n    image: x\n",
+        4,
+        5,
+        "tasks[0]",
+        "task has no command",
+    );
+    assert!(e.hint.unwrap().contains("`agent:`"));
+}
+
+#[test]
+fn a_secret_may_not_shadow_env() {
+    let e = assert_error(
+        "version: 1\nname: j\nenv: { TOKEN: x }\ntasks:\n  - name: a\n    command: x\n    secrets: [TOKEN]\n",
+        7,
+        15,
+        "tasks[0].secrets[0]",
+        "secret `TOKEN` is also set in `env`",
+    );
+    assert!(e.hint.unwrap().contains("remove it from `env`"));
+}
+
+#[test]
+fn inputs_need_a_place_of_their_own() {
+    assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ path: . }}]\n"),
+        6,
+        22,
+        "tasks[0].inputs[0].path",
+        "cannot tell where to place this input",
+    );
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ path: a/x }}, {{ url: 'http://h/b/x' }}]\n"),
+        6,
+        36,
+        "tasks[0].inputs[1].url",
+        "two inputs are placed at `x`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("give one of them another `to`"));
+    assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ path: a, to: ../a }}]\n"),
+        6,
+        29,
+        "tasks[0].inputs[0].to",
+        "input destination `../a` leaves the workspace",
+    );
+}
+
+#[test]
+fn rendered_values_are_checked_too() {
+    let source = "version: 1\nname: j\nparams: { scheme: ftp, dir: /etc }\ntasks:\n  - name: a\n    array: 1-3\n    \
+                  command: x\n    inputs: [{ url: '{{ params.scheme }}://h/{{ frame }}' }]\n    \
+                  outputs: ['{{ params.dir }}/{{ frame }}']\n";
+    let errs = errors(source, "job.yaml");
+    let found: Vec<_> =
+        errs.iter().map(|e| (e.line, e.column, e.field.as_str(), e.message.as_str())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (8, 21, "tasks[0].inputs[0].url", "unsupported URL scheme `ftp`"),
+            (9, 15, "tasks[0].outputs[0]", "output `/etc/1` is an absolute path"),
+        ],
+        "{}",
+        SpecErrors(errs.clone())
+    );
+}
+
+#[test]
+fn a_failed_template_is_one_problem_not_two() {
+    // No second problem about the empty text left by the failed template.
+    let source = format!(
+        "{TASK}    command: x\n    outputs: ['{{{{ params.nope }}}}']\n    inputs: [{{ url: '{{{{ params.nope }}}}' }}]\n"
+    );
+    let errs = errors(&source, "job.yaml");
+    let found: Vec<_> = errs.iter().map(|e| (e.line, e.field.as_str(), e.message.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (6, "tasks[0].outputs[0]", "template uses undefined `params.nope`"),
+            (7, "tasks[0].inputs[0].url", "template uses undefined `params.nope`")
+        ]
+    );
+}
+
+// ---- bad sandbox, file and agent fields ----
+
+/// A job file's first lines up to a task's name; the task's next field is on line 5, column 5.
+const TASK: &str = "version: 1\nname: j\ntasks:\n  - name: a\n";
+
+#[test]
+fn unknown_runtime() {
+    let e = assert_error(
+        &format!("{TASK}    runtime: dokcer\n    command: x\n"),
+        5,
+        14,
+        "tasks[0].runtime",
+        "unknown runtime `dokcer`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `docker`?"));
+    let e = assert_error(
+        &format!("{TASK}    runtime: vm\n    command: x\n"),
+        5,
+        14,
+        "tasks[0].runtime",
+        "unknown runtime",
+    );
+    assert_eq!(e.hint.as_deref(), Some("runtimes are `process`, `docker`, `microvm`"));
+}
+
+#[test]
+fn image_needs_a_container_runtime() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    image: alpine:3\n"),
+        6,
+        5,
+        "tasks[0].image",
+        "`image` needs runtime `docker` or `microvm`",
+    );
+    assert!(e.hint.unwrap().contains("unless they set `runtime: docker`"));
+    assert_error(
+        &format!("{TASK}    runtime: process\n    command: x\n    build: {{}}\n"),
+        7,
+        5,
+        "tasks[0].build",
+        "`build` needs runtime `docker` or `microvm`",
+    );
+}
+
+#[test]
+fn container_runtime_needs_an_image() {
+    let e = assert_error(
+        &format!("{TASK}    runtime: docker\n    command: x\n"),
+        5,
+        14,
+        "tasks[0].runtime",
+        "runtime `docker` needs an `image` or a `build`",
+    );
+    assert!(e.hint.unwrap().contains("image: alpine:3"));
+}
+
+#[test]
+fn image_and_build_together() {
+    assert_error(
+        &format!("{TASK}    runtime: microvm\n    build: {{ context: . }}\n    image: x\n    command: x\n"),
+        7,
+        5,
+        "tasks[0].image",
+        "both `image` and `build` are set",
+    );
+}
+
+/// A docker task with `services:` at line 8; the first service starts on line 9, column 9.
+fn with_services(services: &str) -> String {
+    format!("{TASK}    runtime: docker\n    image: x\n    command: x\n    services:\n{services}")
+}
+
+#[test]
+fn bad_service_name() {
+    let e = assert_error(
+        &with_services("      - name: My_DB\n        image: postgres:15\n"),
+        9,
+        15,
+        "tasks[0].services[0].name",
+        "service name `My_DB` must be a DNS label",
+    );
+    assert_eq!(e.hint.as_deref(), Some("rename it, like `my-db`"));
+}
+
+#[test]
+fn service_without_image() {
+    let e = assert_error(
+        &with_services("      - name: db\n        command: postgres\n"),
+        9,
+        9,
+        "tasks[0].services[0].image",
+        "missing `image`",
+    );
+    assert!(e.hint.unwrap().contains("postgres:15"));
+}
+
+#[test]
+fn duplicate_service_names() {
+    let e = assert_error(
+        &with_services("      - { name: db, image: a }\n      - { name: db, image: b }\n"),
+        10,
+        17,
+        "tasks[0].services[1].name",
+        "duplicate service name `db`",
+    );
+    assert!(e.hint.unwrap().contains("line 9"));
+}
+
+#[test]
+fn services_need_docker() {
+    assert_error(
+        &format!("{TASK}    runtime: microvm\n    image: x\n    command: x\n    services: []\n"),
+        8,
+        5,
+        "tasks[0].services",
+        "services need runtime `docker`",
+    );
+}
+
+#[test]
+fn healthcheck_without_command() {
+    assert_error(
+        &with_services("      - name: db\n        image: x\n        healthcheck: { interval: 1s }\n"),
+        11,
+        22,
+        "tasks[0].services[0].healthcheck.command",
+        "missing `command`",
+    );
+}
+
+#[test]
+fn bad_healthcheck_duration() {
+    let e = assert_error(
+        &with_services(
+            "      - name: db\n        image: x\n        healthcheck: { command: x, timeout: soon }\n",
+        ),
+        11,
+        45,
+        "tasks[0].services[0].healthcheck.timeout",
+        "`soon` is not a duration",
+    );
+    assert!(e.hint.unwrap().contains("30s"));
+    assert_error(
+        &with_services(
+            "      - name: db\n        image: x\n        healthcheck: { command: x, interval: 0s }\n",
+        ),
+        11,
+        46,
+        "tasks[0].services[0].healthcheck.interval",
+        "interval is zero",
+    );
+}
+
+#[test]
+fn bad_secret_name() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    secrets: [API_KEY, db-password]\n"),
+        6,
+        24,
+        "tasks[0].secrets[1]",
+        "secret name `db-password` may only use uppercase letters",
+    );
+    assert!(e.hint.unwrap().contains("`DB_PASSWORD`"));
+}
+
+#[test]
+fn absolute_output_path() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    outputs: [ok/*.txt, /etc/passwd]\n"),
+        6,
+        25,
+        "tasks[0].outputs[1]",
+        "output `/etc/passwd` is an absolute path",
+    );
+    assert!(e.hint.unwrap().contains("relative to the task workspace"));
+}
+
+#[test]
+fn output_leaving_the_workspace() {
+    assert_error(
+        &format!("{TASK}    command: x\n    outputs: ['out/../../x']\n"),
+        6,
+        15,
+        "tasks[0].outputs[0]",
+        "output `out/../../x` leaves the workspace with `..`",
+    );
+}
+
+#[test]
+fn input_with_two_sources() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    inputs:\n      - path: ./a\n        url: https://h/a\n"),
+        8,
+        9,
+        "tasks[0].inputs[0].url",
+        "input has both `path` and `url`",
+    );
+    assert!(e.hint.unwrap().contains("one of `path`, `url` or `from`"));
+    assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ to: x }}]\n"),
+        6,
+        14,
+        "tasks[0].inputs[0]",
+        "input has no source",
+    );
+}
+
+#[test]
+fn input_url_with_ftp_scheme() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ url: 'ftp://example.com/x.tar' }}]\n"),
+        6,
+        21,
+        "tasks[0].inputs[0].url",
+        "unsupported URL scheme `ftp`",
+    );
+    assert!(e.hint.unwrap().contains("`https`"));
+}
+
+#[test]
+fn input_from_an_unknown_task() {
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: prepare\n    command: x\n    outputs: [o]\n\
+         \x20 - name: b\n    command: x\n    inputs: [{ from: 'prepere:o' }]\n",
+        9,
+        22,
+        "tasks[1].inputs[0].from",
+        "unknown task `prepere`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `prepare`?"));
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: p\n    command: x\n\
+         \x20 - name: b\n    command: x\n    inputs: [{ from: 'p:o' }]\n",
+        8,
+        22,
+        "tasks[1].inputs[0].from",
+        "task `p` keeps no outputs",
+    );
+    assert_error(
+        &format!("{TASK}    command: x\n    outputs: [o]\n    inputs: [{{ from: 'a:o' }}]\n"),
+        7,
+        22,
+        "tasks[0].inputs[0].from",
+        "task `a` takes an input from itself",
+    );
+}
+
+#[test]
+fn input_from_without_colon() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    inputs: [{{ from: prepare/out/model.bin }}]\n"),
+        6,
+        22,
+        "tasks[0].inputs[0].from",
+        "expected `TASK:PATH`, found `prepare/out/model.bin`",
+    );
+    assert!(e.hint.unwrap().contains("prepare:out/model.bin"));
+}
+
+#[test]
+fn agent_with_runtime_process() {
+    let e = assert_error(
+        &format!("{TASK}    agent: {{ command: a, prompt: p }}\n"),
+        5,
+        5,
+        "tasks[0].agent",
+        "an agent task needs runtime `microvm` or `docker`",
+    );
+    assert!(e.hint.unwrap().contains("runtime: microvm"));
+}
+
+#[test]
+fn agent_without_prompt() {
+    let e = assert_error(
+        &format!(
+            "{TASK}    runtime: microvm\n    image: x\n    agent:\n      command: [my-agent]\n      budget: 10\n"
+        ),
+        8,
+        7,
+        "tasks[0].agent.prompt",
+        "missing `prompt`",
+    );
+    assert!(e.hint.unwrap().contains("Fix the failing test"));
+    assert_error(
+        &format!("{TASK}    runtime: microvm\n    image: x\n    agent: {{ command: a, prompt: ' ' }}\n"),
+        7,
+        34,
+        "tasks[0].agent.prompt",
+        "prompt is empty",
+    );
+}
+
+#[test]
+fn agent_budget_zero() {
+    let e = assert_error(
+        &format!(
+            "{TASK}    runtime: microvm\n    image: x\n    agent: {{ command: a, prompt: p, budget: 0 }}\n"
+        ),
+        7,
+        45,
+        "tasks[0].agent.budget",
+        "budget must be at least 1 token, found 0",
+    );
+    assert_eq!(e.hint.as_deref(), Some("omit `budget` for no token limit"));
+}
+
+#[test]
+fn bad_network_value() {
+    let e = assert_error(
+        &format!("{TASK}    command: x\n    network: bridged\n"),
+        6,
+        14,
+        "tasks[0].network",
+        "unknown network mode `bridged`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `bridge`?"));
+    assert_error(
+        &format!("{TASK}    command: x\n    network: {{ egress: ['https://api.example.com'] }}\n"),
+        6,
+        25,
+        "tasks[0].network.egress[0]",
+        "egress destination `https://api.example.com` has a scheme",
+    );
+    let errs = errors(&format!("{TASK}    command: x\n    network: {{ allow: [x] }}\n"), "job.yaml");
+    let found: Vec<_> =
+        errs.iter().map(|e| (e.line, e.column, e.field.as_str(), e.message.as_str())).collect();
+    assert_eq!(
+        found,
+        [
+            (6, 14, "tasks[0].network.egress", "missing `egress`"),
+            (6, 16, "tasks[0].network.allow", "unknown field `allow`")
+        ]
+    );
+}
+
+#[test]
+fn every_new_problem_is_reported_in_one_run() {
+    let source = format!(
+        "{TASK}    runtime: dokcer\n    command: x\n    secrets: [bad-name]\n    outputs: [/abs]\n    \
+         inputs: [{{ url: 'ftp://h/x' }}]\n    network: bridged\n"
+    );
+    let errs = errors(&source, "job.yaml");
+    let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "tasks[0].runtime",
+            "tasks[0].secrets[0]",
+            "tasks[0].outputs[0]",
+            "tasks[0].inputs[0].url",
+            "tasks[0].network"
+        ],
+        "{}",
+        SpecErrors(errs.clone())
+    );
+}
+
+#[test]
+fn sandbox_examples_compile_to_what_their_comments_say() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let load = |name: &str| {
+        let source = std::fs::read_to_string(dir.join(name)).unwrap();
+        compile(&source, name, &ctx()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let docker = load("docker.yaml");
+    let check = &docker.tasks[0];
+    assert_eq!((check.runtime, check.image.as_deref()), (RuntimeKind::Docker, Some("drover-test/busybox:1")));
+    assert_eq!(check.steps.len(), 2);
+    assert!(check.services[0].healthcheck.is_some());
+    let artifacts = load("artifacts.yaml");
+    assert_eq!(artifacts.tasks[1].depends_on, vec!["A".to_string()]);
+    assert_eq!(
+        artifacts.tasks[1].inputs,
+        vec![InputSpec {
+            source: InputSource::Artifact { task: "A".into(), path: "out/result.txt".into() },
+            to: "result.txt".into()
+        }]
+    );
+    let agent = load("agent.yaml");
+    let fix = &agent.tasks[0];
+    let spec = fix.agent.as_ref().unwrap();
+    assert_eq!(fix.runtime, RuntimeKind::Microvm);
+    assert_eq!(fix.steps, vec![spec.command.clone()]);
+    assert_eq!(
+        (spec.budget, spec.repo.as_deref()),
+        (Some(200_000), Some("https://git.example.com/team/app.git"))
+    );
+    assert!(spec.prompt.starts_with("Issue 1: "), "{}", spec.prompt);
 }

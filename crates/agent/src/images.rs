@@ -1,0 +1,69 @@
+//! Images shipped with jobs: the client uploaded each container image to the server as a
+//! zstd-compressed `docker save` archive; an agent that lacks the image fetches that archive
+//! from the server and loads it into its Docker engine before the task starts. Nothing is ever
+//! pulled from a registry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use drover_proto as pb;
+use drover_proto::drover_client::DroverClient;
+use tokio::sync::Mutex;
+use tokio_stream::StreamExt;
+
+use crate::runtime::docker::DockerRuntime;
+
+/// Fetches and loads images, once per image even when several tasks want it at the same time.
+pub struct ImageFetcher {
+    docker: Arc<DockerRuntime>,
+    servers: Vec<String>,
+    /// One lock per image, so concurrent tasks wait for one load instead of loading it twice.
+    loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl ImageFetcher {
+    /// A fetcher that loads into `docker`, downloading from the first server that answers.
+    pub fn new(docker: Arc<DockerRuntime>, servers: Vec<String>) -> ImageFetcher {
+        ImageFetcher { docker, servers, loading: Mutex::new(HashMap::new()) }
+    }
+
+    /// Makes sure `image` (an image id) is present, loading it from the archive `blob` if not.
+    pub async fn ensure(&self, image: &str, blob: &str) -> Result<(), String> {
+        if self.docker.has_image(image).await {
+            return Ok(());
+        }
+        let lock = self.loading.lock().await.entry(image.to_string()).or_default().clone();
+        let _guard = lock.lock().await;
+        if self.docker.has_image(image).await {
+            return Ok(());
+        }
+        tracing::info!(image, blob, "fetching image archive from the server");
+        let mut last = String::from("no server address");
+        for server in &self.servers {
+            match self.fetch(server, blob).await {
+                Ok(()) => {
+                    if self.docker.has_image(image).await {
+                        tracing::info!(image, "image loaded");
+                        return Ok(());
+                    }
+                    return Err(format!("archive {blob} did not contain image {image}"));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(format!("cannot fetch image {image} from the server: {last}"))
+    }
+
+    async fn fetch(&self, server: &str, blob: &str) -> Result<(), String> {
+        let mut client = DroverClient::connect(server.to_string()).await.map_err(|e| e.to_string())?;
+        let stream = client
+            .get_blob(pb::BlobRef { digest: blob.to_string(), size: 0 })
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner()
+            .map(|chunk| chunk.map(|c| bytes::Bytes::from(c.data)).map_err(std::io::Error::other));
+        let compressed = tokio_util::io::StreamReader::new(stream);
+        let tar = async_compression::tokio::bufread::ZstdDecoder::new(compressed);
+        self.docker.load_image(tar).await.map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,338 @@
+//! Tests against real QEMU (TCG here; KVM where a probe boot works). They need the packages
+//! `qemu-system-x86`, `linux-image-cloud-amd64` and `busybox-static`; the static guest agent is
+//! built on first use into `target/guest-static` (or taken from `$DROVER_GUEST_AGENT`). VMs are
+//! kept small (128–256 MiB, one vCPU, a busybox root filesystem).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::runtime::conformance::{self, finish, run_step, sh, start, stream_text};
+use crate::runtime::{Stream, stop_gracefully};
+
+/// The static guest agent, built once per test process.
+fn guest_agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("DROVER_GUEST_AGENT") {
+                return PathBuf::from(path);
+            }
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"))
+                .join("guest-static");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            // A separate target dir: the flags differ from the workspace build, and the outer
+            // `cargo test` may still hold the lock of the main one.
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--release", "-p", "drover-guest", "--target", "x86_64-unknown-linux-gnu"])
+                .arg("--manifest-path")
+                .arg(workspace.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .status()
+                .expect("run cargo to build the guest agent");
+            assert!(status.success(), "building the static guest agent failed");
+            target.join("x86_64-unknown-linux-gnu/release/drover-guest")
+        })
+        .clone()
+}
+
+/// A directory shared by every runtime of this test process (the attach test needs two
+/// runtimes to see the same VM directories), short enough for socket paths. Statics are never
+/// dropped, so each process removes the directories of earlier, finished test processes.
+fn shared_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        const PREFIX: &str = "drover-mvm-test-";
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(PREFIX).and_then(|p| p.parse::<u32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        dir
+    })
+}
+
+/// A busybox root filesystem: applets linked in `/bin`, `nobody` in `/etc/passwd`.
+fn busybox_rootfs() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let busybox = Path::new("/bin/busybox");
+        assert!(busybox.exists(), "the microvm tests need /bin/busybox: apt-get install -y busybox-static");
+        let root = shared_dir().join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+        std::fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+        let list = std::process::Command::new(busybox).arg("--list").output().expect("busybox --list");
+        for applet in
+            String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox")
+        {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link applet");
+        }
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )
+        .expect("passwd");
+        root
+    })
+}
+
+fn config() -> MicroVmConfig {
+    MicroVmConfig {
+        guest_agent: Some(guest_agent()),
+        cache_dir: shared_dir().join("cache"),
+        run_dir: shared_dir().join("vm"),
+        memory_mib: 192,
+        ..Default::default()
+    }
+}
+
+async fn test_runtime() -> MicroVmRuntime {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("drover_agent=info").try_init();
+    // Build outside the async runtime's worker (it blocks for a while the first time).
+    tokio::task::spawn_blocking(|| {
+        guest_agent();
+        busybox_rootfs();
+    })
+    .await
+    .expect("setup");
+    MicroVmRuntime::new(config()).await.expect("microvm runtime")
+}
+
+fn use_busybox(task: &mut TaskSpec) {
+    task.image = Some(format!("{DIR_IMAGE_PREFIX}{}", busybox_rootfs().display()));
+}
+
+fn busybox_task(workspace: &Path, steps: Vec<Vec<String>>) -> TaskSpec {
+    let mut task = conformance::task(workspace, steps);
+    use_busybox(&mut task);
+    task
+}
+
+/// Live QEMU processes whose command line mentions `needle`.
+fn qemu_processes(needle: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rfind(')').is_some_and(|i| stat[i + 1..].trim_start().starts_with('Z'));
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            !zombie && cmdline.contains("qemu-system") && cmdline.contains(needle)
+        })
+        .collect()
+}
+
+conformance::runtime_conformance_tests!(test_runtime().await, use_busybox);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_steps_with_workspace_round_trip_and_reports_the_accelerator() {
+    let runtime = test_runtime().await;
+    let accelerator = runtime.accelerator().to_owned();
+    assert!(accelerator == "kvm" || accelerator == "tcg", "{accelerator}");
+    if std::env::var("DROVER_EXPECT_ACCELERATOR").is_ok_and(|a| a != accelerator) {
+        panic!("expected accelerator {:?}, got {accelerator}", std::env::var("DROVER_EXPECT_ACCELERATOR"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("input.txt"), "from the host\n").expect("input");
+    std::fs::write(dir.path().join("doomed"), "x").expect("doomed");
+    let task = busybox_task(
+        dir.path(),
+        vec![
+            sh("cat input.txt; mkdir -p out; echo result > out/r.txt; rm doomed; echo oops >&2; exit 3"),
+            sh("cat out/r.txt"),
+        ],
+    );
+    let began = Instant::now();
+    runtime.prepare(&task).await.expect("prepare");
+    let boot = runtime.boot_time(task.attempt_id).expect("boot time");
+    eprintln!("accelerator {accelerator}: cold boot {boot:?}, prepare {:?}", began.elapsed());
+
+    let (handle, mut rx) = start(&runtime, &task, 0).await;
+    let (status, chunks) = finish(&runtime, &handle, &mut rx).await;
+    assert_eq!(status, ExitStatus { code: Some(3), signal: None, oom: false });
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "from the host\n");
+    assert_eq!(stream_text(&chunks, Stream::Stderr), "oops\n");
+    assert_eq!(std::fs::read_to_string(dir.path().join("out/r.txt")).expect("synced back"), "result\n");
+    assert!(!dir.path().join("doomed").exists(), "removal not synced back");
+
+    let (handle, mut rx) = start(&runtime, &task, 1).await;
+    let (status, chunks) = finish(&runtime, &handle, &mut rx).await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "result\n");
+    runtime.cleanup(&task).await.expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_vm_and_leaves_no_qemu_behind() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = busybox_task(dir.path(), vec![sh("echo ready; sleep 600")]);
+    runtime.prepare(&task).await.expect("prepare");
+    let needle = format!("/{}/", sandbox_id(task.attempt_id));
+    assert_eq!(qemu_processes(&needle).len(), 1, "one qemu for the vm");
+    let (handle, mut rx) = start(&runtime, &task, 0).await;
+    conformance::await_output(&mut rx, "ready").await;
+    let status = stop_gracefully(&runtime, &handle, Duration::from_secs(1)).await.expect("stop");
+    assert_eq!(status.signal, Some(15), "{status:?}");
+    runtime.cleanup(&task).await.expect("cleanup");
+    assert!(qemu_processes(&needle).is_empty(), "qemu survived cleanup");
+    assert!(!runtime.config.run_dir.join(sandbox_id(task.attempt_id)).exists(), "vm directory left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_of_a_hung_guest_kills_qemu() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = busybox_task(dir.path(), vec![sh("ls /sys/class/net; sleep 600")]);
+    runtime.prepare(&task).await.expect("prepare");
+    let (_handle, mut rx) = start(&runtime, &task, 0).await;
+    let chunks = conformance::await_output(&mut rx, "lo").await;
+    // Network isolation: no device but the loopback.
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "lo\n");
+    let needle = format!("/{}/", sandbox_id(task.attempt_id));
+    // The step keeps running: cleanup has to power the VM off under it.
+    runtime.cleanup(&task).await.expect("cleanup");
+    assert!(qemu_processes(&needle).is_empty(), "qemu survived cleanup");
+}
+
+#[tokio::test]
+async fn missing_qemu_or_guest_agent_is_unavailable() {
+    let bad_qemu = MicroVmConfig { qemu: "/nonexistent/qemu".into(), ..config_without_agent_build() };
+    match MicroVmRuntime::new(bad_qemu).await {
+        Err(RuntimeError::Unavailable { reason, .. }) => assert!(reason.contains("qemu"), "{reason}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let dynamic_agent = MicroVmConfig { guest_agent: Some("/bin/ls".into()), ..config_without_agent_build() };
+    match MicroVmRuntime::new(dynamic_agent).await {
+        Err(RuntimeError::Unavailable { reason, .. }) => assert!(reason.contains("crt-static"), "{reason}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+fn config_without_agent_build() -> MicroVmConfig {
+    MicroVmConfig { accelerator: Accelerator::Tcg, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_a_docker_image_when_docker_is_available() {
+    const IMAGE: &str = "drover-test/busybox:1";
+    let docker_ok = tokio::process::Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if !docker_ok {
+        eprintln!("no Docker Engine here; skipping");
+        return;
+    }
+    let runtime = test_runtime().await;
+    ensure_docker_test_image(IMAGE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = conformance::task(dir.path(), vec![sh("grep nobody /etc/passwd | cut -d: -f1")]);
+    task.image = Some(IMAGE.into());
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    assert!(status.success(), "{status:?} {chunks:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "nobody\n");
+    runtime.cleanup(&task).await.expect("cleanup");
+}
+
+/// Imports the busybox root filesystem as the shared test image unless it exists; parallel
+/// importers each produce a complete image and the tag ends on one of them.
+async fn ensure_docker_test_image(image: &str) {
+    let exists = tokio::process::Command::new("docker")
+        .args(["image", "inspect", image])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if exists {
+        return;
+    }
+    let root = busybox_rootfs().to_path_buf();
+    let tar = tokio::process::Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["--owner=0", "--group=0", "-c", "."])
+        .output()
+        .await
+        .expect("tar");
+    assert!(tar.status.success());
+    let mut import = tokio::process::Command::new("docker")
+        .args(["import", "-", image])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker import");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = import.stdin.take().expect("stdin");
+        stdin.write_all(&tar.stdout).await.expect("write tar");
+    }
+    assert!(import.wait().await.expect("docker import").success());
+}
+
+#[test]
+fn users_and_versions_parse() {
+    assert_eq!(numeric_user("1000"), Some((1000, 1000)));
+    assert_eq!(numeric_user("1000:50"), Some((1000, 50)));
+    assert_eq!(numeric_user("nobody"), None);
+    assert!(
+        version_key(Path::new("/boot/vmlinuz-6.1.0-56-cloud-amd64"))
+            > version_key(Path::new("/boot/vmlinuz-6.1.0-9-cloud-amd64"))
+    );
+}
+
+#[test]
+fn step_env_layers_image_base_and_task() {
+    let mut task = conformance::task(Path::new("/host/ws"), vec![]);
+    task.env.insert("PATH".into(), "/custom".into());
+    task.secrets.insert("TOKEN".into(), "s3cret".into());
+    let env =
+        MicroVmRuntime::step_env(&task, &["PATH=/image/bin".into(), "LANG=C".into(), "HOME=/root".into()]);
+    let get = |key: &str| env.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    assert_eq!(get("PATH"), ["/custom"]);
+    assert_eq!(get("LANG"), ["C"]);
+    assert_eq!(get("HOME"), [GUEST_WORKSPACE]);
+    assert_eq!(get("DROVER_WORKSPACE"), [GUEST_WORKSPACE]);
+    assert_eq!(get("TOKEN"), ["s3cret"]);
+}
+
+/// Cold boot (QEMU start to guest agent hello) of a few sequential VMs:
+/// `cargo test -p drover-agent --lib cold_boot_times -- --ignored --nocapture`.
+/// Set `DROVER_BENCH_ACCELERATOR=kvm` to measure KVM where it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run by hand"]
+async fn cold_boot_times() {
+    let _ = test_runtime().await;
+    let accelerator = match std::env::var("DROVER_BENCH_ACCELERATOR").as_deref() {
+        Ok("kvm") => Accelerator::Kvm,
+        _ => Accelerator::Tcg,
+    };
+    let runtime = MicroVmRuntime::new(MicroVmConfig { accelerator, ..config() }).await.expect("runtime");
+    let mut boots = Vec::new();
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let task = busybox_task(dir.path(), vec![sh("true")]);
+        runtime.prepare(&task).await.expect("prepare");
+        boots.push(runtime.boot_time(task.attempt_id).expect("boot time"));
+        runtime.cleanup(&task).await.expect("cleanup");
+    }
+    boots.sort();
+    eprintln!("{} cold boots: {boots:?}, median {:?}", runtime.accelerator(), boots[boots.len() / 2]);
+}

@@ -1,0 +1,165 @@
+//! What PID 1 does before serving: filesystems, kernel modules, loopback, ports; and at the end,
+//! powering off.
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use drover_guest::protocol::{GUEST_WORKSPACE, PORT_NAMES};
+
+use crate::log;
+
+/// Where the host puts the guest's kernel modules, loaded in file-name order.
+const MODULE_DIR: &str = "/.drover/modules";
+
+/// Mounts the basic filesystems, loads the shipped modules and brings `lo` up.
+pub(crate) fn setup_system() -> std::io::Result<()> {
+    for (source, target, fstype, options) in [
+        ("proc", "/proc", "proc", ""),
+        ("sysfs", "/sys", "sysfs", ""),
+        ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
+        ("devpts", "/dev/pts", "devpts", "mode=0620,ptmxmode=0666"),
+        ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", "mode=0755"),
+    ] {
+        std::fs::create_dir_all(target)?;
+        if let Err(error) = mount(source, target, fstype, options) {
+            log!("mount {target}: {error}");
+        }
+    }
+    std::fs::create_dir_all(GUEST_WORKSPACE)?;
+    load_modules(Path::new(MODULE_DIR));
+    if let Err(error) = loopback_up() {
+        log!("cannot bring lo up: {error}");
+    }
+    Ok(())
+}
+
+fn mount(source: &str, target: &str, fstype: &str, options: &str) -> std::io::Result<()> {
+    let cstr = |s: &str| CString::new(s).map_err(std::io::Error::other);
+    let (source, target, fstype, options) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(options)?);
+    // SAFETY: all four pointers are valid NUL-terminated strings that outlive the call.
+    let rc =
+        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, options.as_ptr().cast()) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn load_modules(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut modules: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    modules.sort();
+    for module in modules {
+        let Ok(file) = std::fs::File::open(&module) else {
+            continue;
+        };
+        let params = c"";
+        // SAFETY: finit_module takes an open module file descriptor, a NUL-terminated parameter
+        // string and flags; both stay valid for the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_finit_module, std::os::fd::AsRawFd::as_raw_fd(&file), params.as_ptr(), 0)
+        };
+        let error = std::io::Error::last_os_error();
+        if rc != 0 && error.raw_os_error() != Some(libc::EEXIST) {
+            log!("cannot load {}: {error}", module.display());
+        }
+    }
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket creation; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is a plain C struct (name array and a union of integers) for which all-zero
+    // bytes are valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass, which is valid.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Opens the host ports, in [`PORT_NAMES`] order, waiting for the driver to create them.
+pub(crate) fn open_ports(patience: Duration) -> std::io::Result<Vec<OwnedFd>> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let found = find_ports();
+        if found.iter().all(Option::is_some) || (Instant::now() > deadline && found[0].is_some()) {
+            return found.into_iter().flatten().map(|dev| open_port(&dev)).collect();
+        }
+        if Instant::now() > deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no virtio-serial port named {} appeared", PORT_NAMES[0]),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `/dev/vportNpM` of each named port, from `/sys/class/virtio-ports/*/name`.
+fn find_ports() -> Vec<Option<PathBuf>> {
+    let mut found = vec![None; PORT_NAMES.len()];
+    let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(name) = std::fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
+        if let Some(index) = PORT_NAMES.iter().position(|p| *p == name.trim()) {
+            found[index] = Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    found
+}
+
+fn open_port(device: &Path) -> std::io::Result<OwnedFd> {
+    let path = CString::new(device.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: path is a valid NUL-terminated string; the result is checked.
+    let raw = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Milliseconds since the guest kernel booted.
+pub(crate) fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |seconds| (seconds * 1000.0) as u64)
+}
+
+/// Kills every process, flushes filesystems and powers the VM off. Never returns.
+pub(crate) fn power_off() -> ! {
+    // SAFETY: kill(-1) signals every process but PID 1; sync and reboot have no memory
+    // arguments. If reboot fails, exiting PID 1 panics the kernel, which (with `panic=-1` and
+    // QEMU's `-no-reboot`) also ends the VM.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    std::process::exit(1)
+}

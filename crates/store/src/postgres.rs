@@ -1,0 +1,1552 @@
+//! The PostgreSQL store: many `drover server` replicas share one database.
+//!
+//! Same contract as [`crate::sqlite`], but writers run concurrently, so every transaction
+//! relies on row locks rather than on a single writer:
+//!
+//! - **Claims.** `assign` locks the chosen nodes, admits placements that still fit, and claims
+//!   tasks with `UPDATE tasks ... WHERE state = 'queued' RETURNING`: a task that another
+//!   replica claimed first is simply skipped, so no task is ever placed twice and no node is
+//!   over-committed by two schedulers working from the same snapshot.
+//! - **Fencing.** Reports lock their attempt row (`FOR NO KEY UPDATE`) before checking that it
+//!   is open, current and of the right epoch, so a duplicated report is applied once.
+//! - **Events.** Every event writer first advances `jobs.last_seq` with an `UPDATE`, which holds
+//!   the job's row lock until commit: per-job sequence numbers are consecutive, unique, and
+//!   committed in order, so a reader that saw `seq = n` never misses `n - 1`. Every change to a
+//!   job's tasks happens under that same lock, which also keeps derived job states exact.
+//! - **Log lines** of one job are appended under a per-job transaction advisory lock, so their
+//!   ids are committed in increasing order and `logs_after` cursors never skip a line.
+//!
+//! To never deadlock, writers take row locks in one order: **nodes → attempts → jobs (by id)
+//! → tasks**. Locks of several rows of one table are taken in one statement ordered by id.
+//! One refinement keeps the job lock (which serialises a job's writers) short: a task with an
+//! open attempt is only ever written by the holder of that attempt's lock (`cancel_job`,
+//! `assign` and dependency release touch only waiting or queued tasks), so `attempt_started`
+//! updates such a task before `emit` takes the job's lock.
+//! Should PostgreSQL still abort a transaction as a deadlock victim or serialization failure,
+//! it is run again (see `transaction!`).
+//!
+//! Wake-ups go through `NOTIFY drover_signals` (see `signals`), singleton loops run under a
+//! session advisory lock on a dedicated connection (see `leader`).
+
+mod leader;
+mod signals;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_core::dag::{GateTask, release};
+use drover_core::outcome::{AttemptEnd, Settlement, settle};
+use drover_core::placement::{NodeView, Placement, QueuedTask};
+use drover_core::{FailureClass, JobPlan, JobState, NodeState, Resources, RuntimeKind, TaskPlan, TaskState};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Postgres, QueryBuilder, Row};
+
+use crate::*;
+
+/// Tasks per INSERT statement at submit; bounds the size of one statement for huge arrays.
+const INSERT_CHUNK: usize = 5000;
+
+/// How often a transaction aborted as a deadlock victim or serialization failure is tried.
+const MAX_TRIES: u32 = 5;
+
+/// First key of the per-job advisory locks that order log line ids (`drov` in ASCII).
+const LOG_LOCK_CLASS: i32 = 0x6472_6f76;
+
+/// Connections of the pool that [`PostgresStore::connect`] opens.
+const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
+/// The PostgreSQL implementation of [`Store`]. Cheap to clone; clones share the pool and the
+/// signal listener, which stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    /// For the dedicated connections of leadership locks.
+    options: PgConnectOptions,
+    signals: tokio::sync::broadcast::Sender<Signal>,
+    /// Aborts the NOTIFY listener task when the last clone goes away.
+    _listener: Arc<signals::ListenerTask>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("host", &self.options.get_host())
+            .field("port", &self.options.get_port())
+            .field("database", &self.options.get_database())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/database`), runs
+    /// migrations, and starts listening for signals. Several servers may start at once:
+    /// migrations run under PostgreSQL's advisory lock, so exactly one of them applies each.
+    pub async fn connect(url: &str) -> Result<PostgresStore> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(DEFAULT_MAX_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(10));
+        PostgresStore::connect_with(options, pool).await
+    }
+
+    /// Like [`PostgresStore::connect`], with explicit connection and pool settings.
+    pub async fn connect_with(options: PgConnectOptions, pool: PgPoolOptions) -> Result<PostgresStore> {
+        let options = options.application_name("drover");
+        migrate(&options).await?;
+        let pool = pool.connect_with(options.clone()).await?;
+        let (signals, _) = tokio::sync::broadcast::channel(1024);
+        let listener = signals::ListenerTask::start(options.clone(), signals.clone()).await?;
+        tracing::debug!(
+            host = options.get_host(),
+            port = options.get_port(),
+            database = options.get_database(),
+            "connected to postgresql"
+        );
+        Ok(PostgresStore { pool, options, signals, _listener: Arc::new(listener) })
+    }
+
+    /// The connection pool, for tests and tools that need raw access.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Runs the migrations on a connection of their own. sqlx holds a session advisory lock
+/// (keyed by the database name) while it migrates, so concurrent starts wait for each other;
+/// closing the connection afterwards releases the lock even if a migration failed half-way.
+async fn migrate(options: &PgConnectOptions) -> Result<()> {
+    let mut conn = PgConnection::connect_with(options).await?;
+    // `run_direct` is `run` without the `Acquire` bound that makes the future not `Send`
+    // (sqlx's own workaround, doc-hidden but public).
+    let result = sqlx::migrate!("migrations/postgres").run_direct(&mut conn).await;
+    // Closing only matters for the lock; a failure here is the server's business.
+    let _ = conn.close().await;
+    Ok(result?)
+}
+
+/// Runs `$body` in a transaction on `$pool` and commits it when it returns `Ok`. The body is an
+/// async block with `$tx` (a `Transaction`) in scope; a `return` in it ends the attempt. When
+/// PostgreSQL aborted the transaction to break a deadlock or a serialization conflict, the
+/// body runs again, up to `MAX_TRIES` times, since nothing of it was committed.
+macro_rules! transaction {
+    ($pool:expr, $op:literal, |$tx:ident| $body:block) => {{
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let mut $tx = $pool.begin().await?;
+            let result: Result<_> = async { $body }.await;
+            match result {
+                Ok(value) => {
+                    $tx.commit().await?;
+                    break Ok(value);
+                }
+                Err(error) if tries < MAX_TRIES && retryable(&error) => {
+                    tracing::warn!(op = $op, tries, %error, "transaction aborted by postgresql; trying again");
+                    drop($tx);
+                }
+                Err(error) => break Err(error),
+            }
+        }
+    }};
+}
+
+/// Whether PostgreSQL aborted a transaction that may succeed when run again.
+fn retryable(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            // 40P01 deadlock_detected, 40001 serialization_failure.
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt { what, detail: detail.to_string() }
+}
+
+fn parse_word<T: FromStr>(what: &'static str, text: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|e: T::Err| corrupt(what, e))
+}
+
+fn json<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| corrupt(what, e))
+}
+
+fn runtime_kind(word: &str) -> Result<RuntimeKind> {
+    serde_json::from_value(serde_json::Value::String(word.to_string())).map_err(|e| corrupt("runtime", e))
+}
+
+fn to_json<T: serde::Serialize>(what: &'static str, value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| corrupt(what, e))
+}
+
+/// A column as `u32`/`u64` from a `BIGINT`: counts and sizes the store itself wrote.
+fn get_u64(row: &PgRow, index: usize) -> Result<u64> {
+    let value: i64 = row.try_get(index)?;
+    u64::try_from(value).map_err(|e| corrupt("count", e))
+}
+
+fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
+    let value: i64 = row.try_get(index)?;
+    u32::try_from(value).map_err(|e| corrupt("count", e))
+}
+
+/// An event about to be appended.
+#[derive(Default)]
+struct Ev {
+    job_id: i64,
+    kind: &'static str,
+    task_id: i64,
+    task_name: String,
+    frame: Option<i64>,
+    state: String,
+    message: String,
+    exit_code: Option<i32>,
+    attempt: u32,
+    node: String,
+}
+
+impl Ev {
+    fn task(job_id: i64, id: i64, name: &str, frame: Option<i64>, state: TaskState) -> Ev {
+        Ev {
+            job_id,
+            kind: "task",
+            task_id: id,
+            task_name: name.to_string(),
+            frame,
+            state: state.to_string(),
+            ..Ev::default()
+        }
+    }
+
+    fn job(job_id: i64, state: JobState, message: String) -> Ev {
+        Ev { job_id, kind: "job", state: state.to_string(), message, ..Ev::default() }
+    }
+}
+
+/// Appends events to their jobs' histories with consecutive sequence numbers, in the order
+/// given. Advancing `last_seq` takes each job's row lock; when events of several jobs are
+/// appended at once, the caller must hold those locks already (see [`lock_jobs`]), since one
+/// `UPDATE` of several rows takes them in no defined order.
+async fn emit(conn: &mut PgConnection, now_ms: i64, events: Vec<Ev>) -> Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut counts: BTreeMap<i64, i64> = BTreeMap::new();
+    for e in &events {
+        *counts.entry(e.job_id).or_default() += 1;
+    }
+    if let [(job_id, n)] = counts.iter().map(|(j, n)| (*j, *n)).collect::<Vec<_>>()[..] {
+        return emit_one(conn, now_ms, job_id, n, events).await;
+    }
+    let (ids, ns): (Vec<i64>, Vec<i64>) = counts.iter().map(|(j, n)| (*j, *n)).unzip();
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "UPDATE jobs j SET last_seq = j.last_seq + c.n FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS c(id, n) \
+         WHERE j.id = c.id RETURNING j.id, j.last_seq",
+    )
+    .bind(ids)
+    .bind(ns)
+    .fetch_all(&mut *conn)
+    .await?;
+    // Next sequence number per job.
+    let mut next: HashMap<i64, i64> = HashMap::with_capacity(rows.len());
+    for (job_id, last) in rows {
+        next.insert(job_id, last - counts.get(&job_id).copied().unwrap_or(0) + 1);
+    }
+    let n = events.len();
+    let (mut job_ids, mut seqs, mut kinds, mut task_ids, mut task_names, mut frames) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut states, mut messages, mut exit_codes, mut attempts, mut nodes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for e in events {
+        let Some(seq) = next.get_mut(&e.job_id) else {
+            return Err(StoreError::NotFound { what: "job", id: e.job_id });
+        };
+        job_ids.push(e.job_id);
+        seqs.push(*seq);
+        *seq += 1;
+        kinds.push(e.kind);
+        task_ids.push(e.task_id);
+        task_names.push(e.task_name);
+        frames.push(e.frame);
+        states.push(e.state);
+        messages.push(e.message);
+        exit_codes.push(e.exit_code);
+        attempts.push(i64::from(e.attempt));
+        nodes.push(e.node);
+    }
+    sqlx::query(
+        "INSERT INTO events (job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node) \
+         SELECT u.job_id, u.seq, $1, u.kind, u.task_id, u.task_name, u.frame, u.state, u.message, u.exit_code, u.attempt, u.node \
+         FROM UNNEST($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::TEXT[], \
+                     $9::TEXT[], $10::INTEGER[], $11::BIGINT[], $12::TEXT[]) \
+              AS u(job_id, seq, kind, task_id, task_name, frame, state, message, exit_code, attempt, node)",
+    )
+    .bind(now_ms)
+    .bind(job_ids)
+    .bind(seqs)
+    .bind(kinds)
+    .bind(task_ids)
+    .bind(task_names)
+    .bind(frames)
+    .bind(states)
+    .bind(messages)
+    .bind(exit_codes)
+    .bind(attempts)
+    .bind(nodes)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// [`emit`] for events of one job (the common case): one statement, one round trip under
+/// the job's row lock.
+async fn emit_one(conn: &mut PgConnection, now_ms: i64, job_id: i64, n: i64, events: Vec<Ev>) -> Result<()> {
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut task_ids = Vec::with_capacity(events.len());
+    let mut task_names = Vec::with_capacity(events.len());
+    let mut frames = Vec::with_capacity(events.len());
+    let mut states = Vec::with_capacity(events.len());
+    let mut messages = Vec::with_capacity(events.len());
+    let mut exit_codes = Vec::with_capacity(events.len());
+    let mut attempts = Vec::with_capacity(events.len());
+    let mut nodes = Vec::with_capacity(events.len());
+    for e in events {
+        kinds.push(e.kind);
+        task_ids.push(e.task_id);
+        task_names.push(e.task_name);
+        frames.push(e.frame);
+        states.push(e.state);
+        messages.push(e.message);
+        exit_codes.push(e.exit_code);
+        attempts.push(i64::from(e.attempt));
+        nodes.push(e.node);
+    }
+    let inserted = sqlx::query(
+        "WITH bump AS (UPDATE jobs SET last_seq = last_seq + $2 WHERE id = $1 RETURNING last_seq) \
+         INSERT INTO events (job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node) \
+         SELECT $1, bump.last_seq - $2 + u.n, $3, u.kind, u.task_id, u.task_name, u.frame, u.state, u.message, \
+                u.exit_code, u.attempt, u.node \
+         FROM bump, UNNEST($4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::TEXT[], $9::TEXT[], \
+                           $10::INTEGER[], $11::BIGINT[], $12::TEXT[]) \
+              WITH ORDINALITY AS u(kind, task_id, task_name, frame, state, message, exit_code, attempt, node, n)",
+    )
+    .bind(job_id)
+    .bind(n)
+    .bind(now_ms)
+    .bind(kinds)
+    .bind(task_ids)
+    .bind(task_names)
+    .bind(frames)
+    .bind(states)
+    .bind(messages)
+    .bind(exit_codes)
+    .bind(attempts)
+    .bind(nodes)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted as i64 != n {
+        return Err(StoreError::NotFound { what: "job", id: job_id });
+    }
+    Ok(())
+}
+
+/// Takes the row locks of jobs in id order (the deadlock-free order).
+async fn lock_jobs(conn: &mut PgConnection, job_ids: &[i64]) -> Result<()> {
+    let mut ids = job_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Recomputes jobs' states from their tasks and records a job event for each that changed.
+/// The caller holds the jobs' row locks.
+async fn refresh_jobs(conn: &mut PgConnection, job_ids: &[i64], now_ms: i64) -> Result<()> {
+    // The distinct task states of a job by a "loose index scan" of `tasks_by_job_state`: one
+    // index probe per state instead of reading every task, which matters because this runs
+    // on every task settled (PostgreSQL has no skip scan of its own before version 18).
+    let rows = sqlx::query(
+        "SELECT j.id, j.state, j.cancelled, ARRAY( \
+             WITH RECURSIVE s(state) AS ( \
+                 (SELECT t.state FROM tasks t WHERE t.job_id = j.id ORDER BY t.state LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT t.state FROM tasks t WHERE t.job_id = j.id AND t.state > s.state \
+                         ORDER BY t.state LIMIT 1) \
+                 FROM s WHERE s.state IS NOT NULL) \
+             SELECT state FROM s WHERE state IS NOT NULL) \
+         FROM jobs j WHERE j.id = ANY($1) ORDER BY j.id",
+    )
+    .bind(job_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut events = Vec::new();
+    for r in &rows {
+        let job_id: i64 = r.try_get(0)?;
+        let old: JobState = parse_word("job state", r.try_get::<&str, _>(1)?)?;
+        let cancelled: bool = r.try_get(2)?;
+        let states: Vec<String> = r.try_get(3)?;
+        let states =
+            states.iter().map(|s| parse_word::<TaskState>("task state", s)).collect::<Result<Vec<_>>>()?;
+        let new = JobState::derive(states, cancelled);
+        if new != old {
+            let ended = new.is_final().then_some(now_ms);
+            sqlx::query("UPDATE jobs SET state = $1, ended_ms = $2 WHERE id = $3")
+                .bind(new.as_str())
+                .bind(ended)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await?;
+            events.push(Ev::job(job_id, new, String::new()));
+        }
+    }
+    emit(conn, now_ms, events).await
+}
+
+/// Queues or skips waiting tasks of a job whose dependencies have ended. The caller holds the
+/// job's row lock.
+async fn release_dependents(conn: &mut PgConnection, job_id: i64, now_ms: i64) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT id, name, frame, state, CASE WHEN state = 'waiting' THEN plan END FROM tasks \
+         WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(job_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let state: TaskState = parse_word("task state", r.try_get::<&str, _>(3)?)?;
+        // Only waiting tasks need their dependency list (the query sends no other plan).
+        let deps: Vec<String> = match r.try_get::<Option<&str>, _>(4)? {
+            Some(plan) => json::<TaskPlan>("task plan", plan)?.depends_on,
+            None => Vec::new(),
+        };
+        tasks.push((
+            r.try_get::<i64, _>(0)?,
+            r.try_get::<String, _>(1)?,
+            r.try_get::<Option<i64>, _>(2)?,
+            state,
+            deps,
+        ));
+    }
+    let gate: Vec<GateTask<'_>> = tasks
+        .iter()
+        .map(|(_, name, _, state, deps)| GateTask { name, state: *state, depends_on: deps })
+        .collect();
+    let released = release(&gate);
+    if released.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(released.len());
+    let mut states = Vec::with_capacity(released.len());
+    let mut reasons = Vec::with_capacity(released.len());
+    let mut ended = Vec::with_capacity(released.len());
+    let mut events = Vec::with_capacity(released.len());
+    for r in released {
+        let (id, name, frame, _, _) = &tasks[r.index];
+        ids.push(*id);
+        states.push(r.state.as_str());
+        ended.push(r.state.is_final().then_some(now_ms));
+        let mut ev = Ev::task(job_id, *id, name, *frame, r.state);
+        ev.message = r.reason.clone();
+        reasons.push(r.reason);
+        events.push(ev);
+    }
+    sqlx::query(
+        "UPDATE tasks t SET state = u.state, reason = u.reason, ended_ms = u.ended_ms \
+         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS u(id, state, reason, ended_ms) \
+         WHERE t.id = u.id",
+    )
+    .bind(ids)
+    .bind(states)
+    .bind(reasons)
+    .bind(ended)
+    .execute(&mut *conn)
+    .await?;
+    emit(conn, now_ms, events).await
+}
+
+/// The parts of an attempt row that settling needs.
+struct AttemptRow {
+    id: i64,
+    task_id: i64,
+    job_id: i64,
+    number: u32,
+    node: String,
+}
+
+/// How [`open_attempt`] locks the attempt row.
+#[derive(Clone, Copy)]
+enum AttemptLock {
+    /// For changing the attempt (reports, settling).
+    Update,
+    /// For appending output: concurrent appends proceed, a report waits for them.
+    Share,
+}
+
+/// Locks an attempt and returns it when it is still open and current, checking the fencing
+/// token. The lock makes the check and what the caller does next one step: a report that
+/// raced with another one for the same attempt waits here and then sees it ended.
+async fn open_attempt(
+    conn: &mut PgConnection,
+    attempt_id: i64,
+    epoch: Option<i64>,
+    lock: AttemptLock,
+) -> Result<Option<AttemptRow>> {
+    // When the row changed while this waited for the lock, PostgreSQL re-reads the attempt
+    // (READ COMMITTED), but not the joined task; every change of `current_attempt` away from
+    // an open attempt also ends that attempt, so the attempt's state is what decides.
+    let sql = match lock {
+        AttemptLock::Update => {
+            "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name \
+             FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id \
+             WHERE a.id = $1 FOR NO KEY UPDATE OF a"
+        }
+        AttemptLock::Share => {
+            "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name \
+             FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id \
+             WHERE a.id = $1 FOR SHARE OF a"
+        }
+    };
+    let row = sqlx::query(sql).bind(attempt_id).fetch_optional(&mut *conn).await?;
+    let Some(row) = row else { return Ok(None) };
+    let current: Option<i64> = row.try_get(6)?;
+    let state: &str = row.try_get(5)?;
+    let row_epoch: i64 = row.try_get(4)?;
+    if current != Some(attempt_id) || state == "ended" || epoch.is_some_and(|e| e != row_epoch) {
+        return Ok(None);
+    }
+    Ok(Some(AttemptRow {
+        id: row.try_get(0)?,
+        task_id: row.try_get(1)?,
+        job_id: row.try_get(2)?,
+        number: get_u32(&row, 3)?,
+        node: row.try_get(7)?,
+    }))
+}
+
+/// Ends an attempt and settles its task: final state (then dependents and job state) or retry.
+/// The caller holds the attempt's row lock; this takes the job's.
+async fn settle_attempt(
+    conn: &mut PgConnection,
+    attempt: &AttemptRow,
+    report: &AttemptReport,
+    now_ms: i64,
+) -> Result<()> {
+    // Under the job's lock, `cancelled` cannot change before this commits: a concurrent
+    // cancel either came first (and this settles as cancelled) or waits for this. The task
+    // row read along is current: a task with an open attempt is only written under that
+    // attempt's lock, which the caller holds.
+    let row = sqlx::query(
+        "SELECT j.cancelled, j.has_deps, t.name, t.frame, t.plan FROM jobs j, tasks t \
+         WHERE j.id = $1 AND t.id = $2 FOR NO KEY UPDATE OF j",
+    )
+    .bind(attempt.job_id)
+    .bind(attempt.task_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StoreError::NotFound { what: "task", id: attempt.task_id })?;
+    let cancelled: bool = row.try_get(0)?;
+    let has_deps: bool = row.try_get(1)?;
+    let name: String = row.try_get(2)?;
+    let frame: Option<i64> = row.try_get(3)?;
+    let plan: TaskPlan = json("task plan", row.try_get::<&str, _>(4)?)?;
+    let end = AttemptEnd { exit_code: report.exit_code, failure: report.failure };
+    let settlement = settle(&plan, attempt.number, end, cancelled);
+    let failure = report.failure.or(match report.exit_code {
+        Some(0) | None => None,
+        Some(c) if plan.exit_codes.warning.contains(&c) || plan.exit_codes.skip.contains(&c) => None,
+        Some(_) => Some(FailureClass::Exit),
+    });
+    let (state, reason, not_before, ended) = match &settlement {
+        Settlement::Final { state, reason } => (*state, reason.clone(), 0, Some(now_ms)),
+        Settlement::Retry { after, reason } => {
+            (TaskState::Queued, reason.clone(), now_ms + after.as_millis() as i64, None)
+        }
+    };
+    let mut reason = reason;
+    if !report.message.is_empty() {
+        reason =
+            if reason.is_empty() { report.message.clone() } else { format!("{reason} ({})", report.message) };
+    }
+    sqlx::query(
+        "WITH ended AS ( \
+             UPDATE attempts SET state = 'ended', ended_ms = $1, exit_code = $2, signal = $3, failure = $4, \
+             message = $5, cpu_seconds = $6, peak_memory = $7 WHERE id = $8) \
+         UPDATE tasks SET state = $9, reason = $10, not_before_ms = $11, ended_ms = $12, exit_code = $2, \
+         failure = $13, cpu_seconds = $6, peak_memory = $7 WHERE id = $14",
+    )
+    .bind(now_ms)
+    .bind(report.exit_code)
+    .bind(report.signal)
+    .bind(report.failure.map(|f| f.as_str()))
+    .bind(&report.message)
+    .bind(report.cpu_seconds)
+    .bind(report.peak_memory as i64)
+    .bind(attempt.id)
+    .bind(state.as_str())
+    .bind(&reason)
+    .bind(not_before)
+    .bind(ended)
+    .bind(failure.map(|f| f.as_str()))
+    .bind(attempt.task_id)
+    .execute(&mut *conn)
+    .await?;
+    let mut ev = Ev::task(attempt.job_id, attempt.task_id, &name, frame, state);
+    ev.message = reason;
+    ev.exit_code = report.exit_code;
+    ev.attempt = attempt.number;
+    ev.node = attempt.node.clone();
+    emit(conn, now_ms, vec![ev]).await?;
+    if state.is_final() && has_deps {
+        release_dependents(conn, attempt.job_id, now_ms).await?;
+    }
+    refresh_jobs(conn, &[attempt.job_id], now_ms).await
+}
+
+/// Returns the task of an attempt that never reached its agent to the queue, as if the
+/// attempt had not been made. The caller holds the attempt's and the job's row locks.
+async fn requeue_undelivered(
+    conn: &mut PgConnection,
+    attempt_id: i64,
+    task_id: i64,
+    now_ms: i64,
+) -> Result<()> {
+    let row = sqlx::query(
+        "WITH ended AS ( \
+             UPDATE attempts SET state = 'ended', ended_ms = $1, failure = 'lost', message = 'never delivered' \
+             WHERE id = $2) \
+         UPDATE tasks SET state = 'queued', attempts = attempts - 1, current_attempt = NULL, node_id = NULL \
+         WHERE id = $3 AND current_attempt = $2 RETURNING id, job_id, name, frame",
+    )
+    .bind(now_ms)
+    .bind(attempt_id)
+    .bind(task_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(r) = row {
+        let mut ev = Ev::task(
+            r.try_get(1)?,
+            r.try_get(0)?,
+            r.try_get::<&str, _>(2)?,
+            r.try_get(3)?,
+            TaskState::Queued,
+        );
+        ev.message = "assignment was not delivered; queued again".into();
+        emit(conn, now_ms, vec![ev]).await?;
+    }
+    Ok(())
+}
+
+fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
+    AttemptReport {
+        attempt_id,
+        epoch,
+        exit_code: None,
+        signal: None,
+        failure: Some(FailureClass::Lost),
+        message: message.to_string(),
+        cpu_seconds: 0.0,
+        peak_memory: 0,
+    }
+}
+
+/// Nodes with their reservations; with `live_at`, only ready nodes whose lease lasts until then.
+async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRecord>> {
+    let filter = if live_at.is_some() { "WHERE n.state = 'ready' AND n.lease_until_ms >= $1" } else { "" };
+    let sql = format!(
+        "SELECT n.id, n.name, n.state, n.labels, n.cores, n.memory, \
+         COALESCE(SUM(a.cores), 0)::BIGINT, COALESCE(SUM(a.memory), 0)::BIGINT, COUNT(a.id), n.last_seen_ms, \
+         n.runtimes \
+         FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state <> 'ended' {filter} \
+         GROUP BY n.id ORDER BY n.name"
+    );
+    let mut query = sqlx::query(&sql);
+    if let Some(now_ms) = live_at {
+        query = query.bind(now_ms);
+    }
+    let rows = query.fetch_all(pool).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(NodeRecord {
+                id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                state: parse_word::<NodeState>("node state", r.try_get::<&str, _>(2)?)?,
+                labels: json("labels", r.try_get::<&str, _>(3)?)?,
+                cores: get_u32(r, 4)?,
+                memory: get_u64(r, 5)?,
+                cores_used: get_u32(r, 6)?,
+                memory_used: get_u64(r, 7)?,
+                running: get_u32(r, 8)?,
+                last_seen_ms: r.try_get(9)?,
+                runtimes: json("runtimes", r.try_get::<&str, _>(10)?)?,
+            })
+        })
+        .collect()
+}
+
+/// A node locked by `assign`, with what it has left.
+struct LockedNode {
+    epoch: i64,
+    name: String,
+    free: Resources,
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64> {
+        let has_deps = plan.tasks.iter().any(|t| !t.depends_on.is_empty());
+        // Everything that can fail without the database, before the transaction.
+        let mut rows = Vec::with_capacity(plan.tasks.len());
+        for t in &plan.tasks {
+            let state = if t.depends_on.is_empty() { TaskState::Queued } else { TaskState::Waiting };
+            rows.push((t, state, to_json("task plan", t)?, to_json("constraints", &t.constraints)?));
+        }
+        let labels = to_json("labels", &plan.labels)?;
+        let job_id = transaction!(self.pool, "submit", |tx| {
+            let job_id: i64 = sqlx::query_scalar(
+                "INSERT INTO jobs (name, project, priority, labels, source, filename, state, has_deps, created_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8) RETURNING id",
+            )
+            .bind(&plan.name)
+            .bind(&plan.project)
+            .bind(plan.priority)
+            .bind(&labels)
+            .bind(source)
+            .bind(filename)
+            .bind(has_deps)
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            let mut events = Vec::with_capacity(rows.len() + 1);
+            events.push(Ev::job(
+                job_id,
+                JobState::Queued,
+                format!("submitted with {} tasks", plan.tasks.len()),
+            ));
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                // Ids are drawn first so that they follow submit order, which `tasks` reports
+                // in; an INSERT ... SELECT does not promise to draw them in row order.
+                let mut ids: Vec<i64> =
+                    sqlx::query_scalar("SELECT nextval('tasks_id_seq') FROM generate_series(1, $1)")
+                        .bind(chunk.len() as i64)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                ids.sort_unstable();
+                sqlx::query(
+                    "INSERT INTO tasks (id, job_id, name, frame, plan, priority, cores, memory, constraints, runtime, state) \
+                     SELECT u.id, $1, u.name, u.frame, u.plan, $2, u.cores, u.memory, u.constraints, u.runtime, u.state \
+                     FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], \
+                                 $9::TEXT[], $10::TEXT[], $11::TEXT[]) \
+                          AS u(id, name, frame, plan, cores, memory, constraints, runtime, state)",
+                )
+                .bind(job_id)
+                .bind(plan.priority)
+                .bind(&ids)
+                .bind(chunk.iter().map(|(t, ..)| t.name.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(t, ..)| t.frame).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(_, _, p, _)| p.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(t, ..)| i64::from(t.resources.cores)).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(t, ..)| t.resources.memory as i64).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(_, _, _, c)| c.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(t, ..)| t.runtime.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(_, s, ..)| s.as_str()).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await?;
+                for ((t, state, _, _), id) in chunk.iter().zip(ids) {
+                    events.push(Ev::task(job_id, id, &t.name, t.frame, *state));
+                }
+            }
+            emit(&mut tx, now_ms, events).await?;
+            Ok(job_id)
+        })?;
+        tracing::debug!(job_id, tasks = plan.tasks.len(), "job submitted");
+        Ok(job_id)
+    }
+
+    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
+        let row = sqlx::query(
+            "SELECT id, name, project, priority, state, cancelled, created_ms, last_seq FROM jobs WHERE id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(JobRecord {
+                id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                project: r.try_get(2)?,
+                priority: r.try_get(3)?,
+                state: parse_word("job state", r.try_get::<&str, _>(4)?)?,
+                cancelled: r.try_get(5)?,
+                created_ms: r.try_get(6)?,
+                last_seq: r.try_get(7)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>> {
+        let rows = sqlx::query(
+            "SELECT t.id, t.job_id, t.name, t.frame, t.state, t.exit_code, t.attempts, n.name, t.reason, \
+             t.failure, t.cpu_seconds, t.peak_memory, t.started_ms, t.ended_ms \
+             FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = $1 ORDER BY t.id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TaskRecord {
+                    id: r.try_get(0)?,
+                    job_id: r.try_get(1)?,
+                    name: r.try_get(2)?,
+                    frame: r.try_get(3)?,
+                    state: parse_word("task state", r.try_get::<&str, _>(4)?)?,
+                    exit_code: r.try_get(5)?,
+                    attempts: get_u32(r, 6)?,
+                    node: r.try_get(7)?,
+                    reason: r.try_get(8)?,
+                    failure: r
+                        .try_get::<Option<&str>, _>(9)?
+                        .map(|f| parse_word("failure", f))
+                        .transpose()?,
+                    cpu_seconds: r.try_get(10)?,
+                    peak_memory: get_u64(r, 11)?,
+                    started_ms: r.try_get(12)?,
+                    ended_ms: r.try_get(13)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>> {
+        let filter = if include_final { "" } else { "WHERE state IN ('queued', 'running')" };
+        // The newest jobs first, then their task counts: aggregates only over `limit` jobs.
+        let sql = format!(
+            "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
+             COUNT(*) FILTER (WHERE t.state IN ('succeeded', 'warning', 'failed', 'skipped', 'cancelled')), \
+             COUNT(*) FILTER (WHERE t.state IN ('assigned', 'running')), \
+             COUNT(*) FILTER (WHERE t.state = 'failed') \
+             FROM (SELECT id, name, project, state, created_ms FROM jobs {filter} ORDER BY id DESC LIMIT $1) j \
+             LEFT JOIN tasks t ON t.job_id = j.id \
+             GROUP BY j.id, j.name, j.project, j.state, j.created_ms ORDER BY j.id DESC"
+        );
+        let rows = sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobSummary {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    project: r.try_get(2)?,
+                    state: parse_word("job state", r.try_get::<&str, _>(3)?)?,
+                    created_ms: r.try_get(4)?,
+                    total: get_u32(r, 5)?,
+                    done: get_u32(r, 6)?,
+                    running: get_u32(r, 7)?,
+                    failed: get_u32(r, 8)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node \
+             FROM events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(job_id)
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRecord {
+                    job_id: r.try_get(0)?,
+                    seq: r.try_get(1)?,
+                    time_ms: r.try_get(2)?,
+                    kind: r.try_get(3)?,
+                    task_id: r.try_get(4)?,
+                    task_name: r.try_get(5)?,
+                    frame: r.try_get(6)?,
+                    state: r.try_get(7)?,
+                    message: r.try_get(8)?,
+                    exit_code: r.try_get(9)?,
+                    attempt: get_u32(r, 10)?,
+                    node: r.try_get(11)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cancel_job(&self, job_id: i64, now_ms: i64) -> Result<Vec<OpenAttempt>> {
+        let open = transaction!(self.pool, "cancel_job", |tx| {
+            // Takes the job's row lock first: tasks are changed only under it.
+            let found = sqlx::query("UPDATE jobs SET cancelled = TRUE WHERE id = $1")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if found == 0 {
+                return Err(StoreError::NotFound { what: "job", id: job_id });
+            }
+            let pending = sqlx::query(
+                "UPDATE tasks SET state = 'cancelled', reason = 'cancelled by user', ended_ms = $1 \
+                 WHERE job_id = $2 AND state IN ('waiting', 'queued') RETURNING id, name, frame",
+            )
+            .bind(now_ms)
+            .bind(job_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut events = Vec::with_capacity(pending.len());
+            for r in &pending {
+                let mut ev = Ev::task(
+                    job_id,
+                    r.try_get(0)?,
+                    r.try_get::<&str, _>(1)?,
+                    r.try_get(2)?,
+                    TaskState::Cancelled,
+                );
+                ev.message = "cancelled by user".into();
+                events.push(ev);
+            }
+            emit(&mut tx, now_ms, events).await?;
+            let open = sqlx::query_as::<_, (i64, i64)>(
+                "SELECT a.id, a.node_id FROM attempts a JOIN tasks t ON t.current_attempt = a.id \
+                 WHERE t.job_id = $1 AND a.state <> 'ended' ORDER BY a.id",
+            )
+            .bind(job_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            refresh_jobs(&mut tx, &[job_id], now_ms).await?;
+            Ok(open)
+        })?;
+        tracing::debug!(job_id, open = open.len(), "job cancelled");
+        Ok(open.into_iter().map(|(attempt_id, node_id)| OpenAttempt { attempt_id, node_id }).collect())
+    }
+
+    async fn register_node(
+        &self,
+        node: &NodeSpec,
+        known_attempts: &[i64],
+        now_ms: i64,
+    ) -> Result<NodeRegistration> {
+        let labels = to_json("labels", &node.labels)?;
+        let runtimes = to_json("runtimes", &node.runtimes)?;
+        let known: HashSet<i64> = known_attempts.iter().copied().collect();
+        let reg = transaction!(self.pool, "register_node", |tx| {
+            let (node_id, epoch): (i64, i64) = sqlx::query_as(
+                "INSERT INTO nodes (name, state, labels, cores, memory, runtimes, epoch, lease_until_ms, last_seen_ms) \
+                 VALUES ($1, 'ready', $2, $3, $4, $5, 1, $6, $7) \
+                 ON CONFLICT (name) DO UPDATE SET state = 'ready', labels = excluded.labels, \
+                 cores = excluded.cores, memory = excluded.memory, runtimes = excluded.runtimes, \
+                 epoch = nodes.epoch + 1, lease_until_ms = excluded.lease_until_ms, \
+                 last_seen_ms = excluded.last_seen_ms \
+                 RETURNING id, epoch",
+            )
+            .bind(&node.name)
+            .bind(&labels)
+            .bind(i64::from(node.cores))
+            .bind(node.memory as i64)
+            .bind(&runtimes)
+            .bind(node.lease_until_ms)
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            let reg = NodeRegistration { node_id, epoch };
+            // Lock order: the node (above), its open attempts, their jobs, then tasks.
+            let open: Vec<(i64, String, i64, i64)> = sqlx::query_as(
+                "SELECT id, state, job_id, task_id FROM attempts WHERE node_id = $1 AND state <> 'ended' \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(node_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let jobs: Vec<i64> = open.iter().map(|(_, _, job_id, _)| *job_id).collect();
+            lock_jobs(&mut tx, &jobs).await?;
+            let adopted: Vec<i64> = open.iter().map(|(id, ..)| *id).filter(|id| known.contains(id)).collect();
+            if !adopted.is_empty() {
+                sqlx::query("UPDATE attempts SET epoch = $1 WHERE id = ANY($2)")
+                    .bind(epoch)
+                    .bind(&adopted)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (attempt_id, state, _, task_id) in &open {
+                if known.contains(attempt_id) {
+                    continue;
+                }
+                if state == "assigned" {
+                    // The agent never received it (the assignment went to a session that was
+                    // already gone): hand it back without spending one of the task's retries.
+                    requeue_undelivered(&mut tx, *attempt_id, *task_id, now_ms).await?;
+                } else if let Some(a) = open_attempt(&mut tx, *attempt_id, None, AttemptLock::Update).await? {
+                    let report = lost_report(*attempt_id, epoch, "the agent restarted without it");
+                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
+                }
+            }
+            Ok((reg, adopted.len(), open.len()))
+        });
+        let (reg, adopted, open) = reg?;
+        tracing::info!(node = %node.name, node_id = reg.node_id, epoch = reg.epoch, adopted, lost = open - adopted, "node registered");
+        Ok(reg)
+    }
+
+    async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE nodes SET lease_until_ms = $1, last_seen_ms = $2 WHERE id = $3 AND epoch = $4 AND state <> 'down'",
+        )
+        .bind(lease_until_ms)
+        .bind(now_ms)
+        .bind(node_id)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn expire_nodes(&self, now_ms: i64) -> Result<Vec<i64>> {
+        let expired = transaction!(self.pool, "expire_nodes", |tx| {
+            let expired: Vec<(i64, String)> = sqlx::query_as(
+                "UPDATE nodes SET state = 'down' WHERE id IN ( \
+                     SELECT id FROM nodes WHERE state IN ('ready', 'draining') AND lease_until_ms < $1 \
+                     ORDER BY id FOR NO KEY UPDATE) \
+                 RETURNING id, name",
+            )
+            .bind(now_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+            if expired.is_empty() {
+                return Ok(expired);
+            }
+            let names: HashMap<i64, &str> = expired.iter().map(|(id, name)| (*id, name.as_str())).collect();
+            let node_ids: Vec<i64> = expired.iter().map(|(id, _)| *id).collect();
+            let open: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT id, epoch, job_id, node_id FROM attempts WHERE node_id = ANY($1) AND state <> 'ended' \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&node_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let jobs: Vec<i64> = open.iter().map(|(_, _, job_id, _)| *job_id).collect();
+            lock_jobs(&mut tx, &jobs).await?;
+            for (attempt_id, epoch, _, node_id) in &open {
+                if let Some(a) = open_attempt(&mut tx, *attempt_id, None, AttemptLock::Update).await? {
+                    let name = names.get(node_id).copied().unwrap_or_default();
+                    let report =
+                        lost_report(*attempt_id, *epoch, &format!("node {name} went silent past its lease"));
+                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
+                } else {
+                    sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = $1 WHERE id = $2")
+                        .bind(now_ms)
+                        .bind(attempt_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            Ok(expired)
+        })?;
+        for (node_id, name) in &expired {
+            tracing::warn!(node_id, node = %name, "node lease expired; marked down");
+        }
+        Ok(expired.into_iter().map(|(id, _)| id).collect())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        node_records(&self.pool, None).await
+    }
+
+    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
+        let nodes = node_records(&self.pool, Some(now_ms))
+            .await?
+            .into_iter()
+            .map(|n| NodeView {
+                id: n.id,
+                labels: n.labels,
+                free: Resources {
+                    cores: n.cores.saturating_sub(n.cores_used),
+                    memory: n.memory.saturating_sub(n.memory_used),
+                },
+                // Runtimes this server does not know (a newer agent) are ignored.
+                runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
+            })
+            .collect::<Vec<_>>();
+        if nodes.iter().all(|n| n.free.cores == 0) {
+            return Ok((nodes, Vec::new()));
+        }
+        // A plain read: replicas may see the same tasks; the claim in `assign` decides.
+        let rows = sqlx::query(
+            "SELECT id, priority, cores, memory, constraints, runtime FROM tasks \
+             WHERE state = 'queued' AND not_before_ms <= $1 ORDER BY priority DESC, id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let queue = rows
+            .iter()
+            .map(|r| {
+                Ok(QueuedTask {
+                    id: r.try_get(0)?,
+                    priority: r.try_get(1)?,
+                    resources: Resources { cores: get_u32(r, 2)?, memory: get_u64(r, 3)? },
+                    constraints: json::<BTreeMap<String, String>>("constraints", r.try_get::<&str, _>(4)?)?,
+                    runtime: runtime_kind(r.try_get::<&str, _>(5)?)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((nodes, queue))
+    }
+
+    async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = transaction!(self.pool, "assign", |tx| {
+            // 1. Lock the nodes (first in the lock order). Other replicas assigning to these
+            // nodes wait here until this commits.
+            let mut node_ids: Vec<i64> = plan.iter().map(|p| p.node_id).collect();
+            node_ids.sort_unstable();
+            node_ids.dedup();
+            let rows = sqlx::query(
+                "SELECT id, epoch, name, cores, memory FROM nodes WHERE id = ANY($1) AND state = 'ready' \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&node_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut nodes: HashMap<i64, LockedNode> = HashMap::with_capacity(rows.len());
+            for r in &rows {
+                let free = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)? };
+                nodes.insert(r.try_get(0)?, LockedNode { epoch: r.try_get(1)?, name: r.try_get(2)?, free });
+            }
+            // What they have reserved, read by a statement of its own: its snapshot is taken
+            // after the locks were granted, so it sees the attempts of the replica that held
+            // them. (The locking statement itself still sees the database as of its start.)
+            let used: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT node_id, SUM(cores)::BIGINT, SUM(memory)::BIGINT FROM attempts \
+                 WHERE node_id = ANY($1) AND state <> 'ended' GROUP BY node_id",
+            )
+            .bind(&node_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (node_id, cores, memory) in used {
+                if let Some(node) = nodes.get_mut(&node_id) {
+                    let cores = u32::try_from(cores).unwrap_or(u32::MAX);
+                    let memory = u64::try_from(memory).unwrap_or(u64::MAX);
+                    node.free = node.free.minus(&Resources { cores, memory });
+                }
+            }
+            // 2. Admit placements that still fit, in plan order (the snapshot may be stale:
+            // another replica may have filled the node since).
+            let task_ids: Vec<i64> = plan.iter().map(|p| p.task_id).collect();
+            let wanted: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT id, job_id, cores, memory FROM tasks WHERE id = ANY($1) AND state = 'queued'",
+            )
+            .bind(&task_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let wanted: HashMap<i64, (i64, Resources)> = wanted
+                .into_iter()
+                .map(|(id, job_id, cores, memory)| {
+                    let need = Resources {
+                        cores: u32::try_from(cores).unwrap_or(u32::MAX),
+                        memory: u64::try_from(memory).unwrap_or(u64::MAX),
+                    };
+                    (id, (job_id, need))
+                })
+                .collect();
+            let mut admitted_tasks = Vec::with_capacity(plan.len());
+            let mut admitted_nodes = Vec::with_capacity(plan.len());
+            let mut jobs = Vec::new();
+            let mut seen = HashSet::with_capacity(plan.len());
+            for p in plan {
+                let (Some(node), Some((job_id, need))) = (nodes.get_mut(&p.node_id), wanted.get(&p.task_id))
+                else {
+                    continue;
+                };
+                if !node.free.fits(need) || !seen.insert(p.task_id) {
+                    continue;
+                }
+                node.free = node.free.minus(need);
+                admitted_tasks.push(p.task_id);
+                admitted_nodes.push(p.node_id);
+                jobs.push(*job_id);
+            }
+            if admitted_tasks.is_empty() {
+                return Ok(Vec::new());
+            }
+            // 3. Jobs before tasks, in id order.
+            lock_jobs(&mut tx, &jobs).await?;
+            // 4. Claim: only tasks still queued now; one another replica claimed are skipped.
+            let claimed = sqlx::query(
+                "UPDATE tasks t SET state = 'assigned', attempts = t.attempts + 1, node_id = p.node_id, reason = '', \
+                 started_ms = NULL, ended_ms = NULL \
+                 FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS p(task_id, node_id) \
+                 WHERE t.id = p.task_id AND t.state = 'queued' \
+                 RETURNING t.id, t.job_id, t.name, t.frame, t.plan, t.attempts, t.cores, t.memory, p.node_id",
+            )
+            .bind(&admitted_tasks)
+            .bind(&admitted_nodes)
+            .fetch_all(&mut *tx)
+            .await?;
+            if claimed.is_empty() {
+                return Ok(Vec::new());
+            }
+            // 5. One attempt per claimed task, made current (fencing).
+            let n = claimed.len();
+            let (mut a_task, mut a_job, mut a_number, mut a_node, mut a_epoch, mut a_cores, mut a_memory) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for r in &claimed {
+                let node_id: i64 = r.try_get(8)?;
+                let epoch = nodes.get(&node_id).map(|n| n.epoch).unwrap_or_default();
+                a_task.push(r.try_get::<i64, _>(0)?);
+                a_job.push(r.try_get::<i64, _>(1)?);
+                a_number.push(r.try_get::<i64, _>(5)?);
+                a_node.push(node_id);
+                a_epoch.push(epoch);
+                a_cores.push(r.try_get::<i64, _>(6)?);
+                a_memory.push(r.try_get::<i64, _>(7)?);
+            }
+            let made: Vec<(i64, i64)> = sqlx::query_as(
+                "WITH made AS ( \
+                     INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms) \
+                     SELECT u.task_id, u.job_id, u.number, u.node_id, u.epoch, 'assigned', u.cores, u.memory, $8 \
+                     FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], \
+                                 $7::BIGINT[]) AS u(task_id, job_id, number, node_id, epoch, cores, memory) \
+                     RETURNING id, task_id) \
+                 UPDATE tasks t SET current_attempt = made.id FROM made WHERE t.id = made.task_id \
+                 RETURNING made.task_id, made.id",
+            )
+            .bind(&a_task)
+            .bind(&a_job)
+            .bind(&a_number)
+            .bind(&a_node)
+            .bind(&a_epoch)
+            .bind(&a_cores)
+            .bind(&a_memory)
+            .bind(now_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+            let attempt_of: HashMap<i64, i64> = made.into_iter().collect();
+            // 6. Events and job states, in plan order.
+            let mut out = Vec::with_capacity(n);
+            let mut events = Vec::with_capacity(n);
+            let by_task: HashMap<i64, &PgRow> =
+                claimed.iter().map(|r| Ok((r.try_get::<i64, _>(0)?, r))).collect::<Result<_>>()?;
+            for task_id in &admitted_tasks {
+                let Some(r) = by_task.get(task_id) else { continue };
+                let attempt_id =
+                    *attempt_of.get(task_id).ok_or_else(|| corrupt("attempt", "insert returned no id"))?;
+                let job_id: i64 = r.try_get(1)?;
+                let node_id: i64 = r.try_get(8)?;
+                let number = get_u32(r, 5)?;
+                let Some(node) = nodes.get(&node_id) else { continue };
+                let mut ev =
+                    Ev::task(job_id, *task_id, r.try_get::<&str, _>(2)?, r.try_get(3)?, TaskState::Assigned);
+                ev.attempt = number;
+                ev.node = node.name.clone();
+                events.push(ev);
+                out.push(Assignment {
+                    attempt_id,
+                    epoch: node.epoch,
+                    number,
+                    node_id,
+                    task_id: *task_id,
+                    job_id,
+                    plan: json("task plan", r.try_get::<&str, _>(4)?)?,
+                });
+            }
+            let mut jobs: Vec<i64> = out.iter().map(|a| a.job_id).collect();
+            jobs.sort_unstable();
+            jobs.dedup();
+            emit(&mut tx, now_ms, events).await?;
+            refresh_jobs(&mut tx, &jobs, now_ms).await?;
+            Ok(out)
+        })?;
+        tracing::debug!(planned = plan.len(), assigned = out.len(), "assigned tasks");
+        Ok(out)
+    }
+
+    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
+        transaction!(self.pool, "attempt_started", |tx| {
+            let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Update).await? else {
+                return Ok(Applied::Stale);
+            };
+            // No job lock before the task update: this task has an open attempt, so only holders
+            // of the attempt's lock (this transaction) write it, and the job's lock, taken by
+            // `emit` last, is held for the shortest time.
+            let row = sqlx::query(
+                "WITH started AS ( \
+                     UPDATE attempts SET state = 'running', started_ms = $1 WHERE id = $2 AND state = 'assigned') \
+                 UPDATE tasks SET state = 'running', started_ms = $1 WHERE id = $3 AND state = 'assigned' \
+                 RETURNING name, frame",
+            )
+            .bind(now_ms)
+            .bind(attempt_id)
+            .bind(a.task_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = row {
+                let mut ev = Ev::task(
+                    a.job_id,
+                    a.task_id,
+                    row.try_get::<&str, _>(0)?,
+                    row.try_get(1)?,
+                    TaskState::Running,
+                );
+                ev.attempt = a.number;
+                ev.node = a.node.clone();
+                emit(&mut tx, now_ms, vec![ev]).await?;
+            }
+            Ok(Applied::Applied)
+        })
+    }
+
+    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
+        let applied = transaction!(self.pool, "attempt_finished", |tx| {
+            let Some(a) =
+                open_attempt(&mut tx, report.attempt_id, Some(report.epoch), AttemptLock::Update).await?
+            else {
+                return Ok(Applied::Stale);
+            };
+            settle_attempt(&mut tx, &a, report, now_ms).await?;
+            Ok(Applied::Applied)
+        })?;
+        if applied == Applied::Stale {
+            tracing::debug!(
+                attempt_id = report.attempt_id,
+                epoch = report.epoch,
+                "stale attempt report ignored"
+            );
+        }
+        Ok(applied)
+    }
+
+    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
+        transaction!(self.pool, "append_output", |tx| {
+            let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {
+                return Ok(Applied::Stale);
+            };
+            if lines.is_empty() {
+                return Ok(Applied::Applied);
+            }
+            // Line ids are drawn under a per-job lock held to commit, so they become visible
+            // in increasing order and a `logs_after` cursor never skips one. The two-key form
+            // keeps these locks apart from the leadership locks (one 64-bit key).
+            sqlx::query("SELECT pg_advisory_xact_lock($1, hashint8($2))")
+                .bind(LOG_LOCK_CLASS)
+                .bind(a.job_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO log_lines (job_id, task_id, attempt_id, attempt, step, stderr, data) \
+                 SELECT $1, $2, $3, $4, u.step, u.stderr, u.data \
+                 FROM UNNEST($5::BIGINT[], $6::BOOLEAN[], $7::BYTEA[]) WITH ORDINALITY AS u(step, stderr, data, n) \
+                 ORDER BY u.n",
+            )
+            .bind(a.job_id)
+            .bind(a.task_id)
+            .bind(a.id)
+            .bind(i64::from(a.number))
+            .bind(lines.iter().map(|l| i64::from(l.step)).collect::<Vec<_>>())
+            .bind(lines.iter().map(|l| l.stderr).collect::<Vec<_>>())
+            .bind(lines.iter().map(|l| l.data.as_slice()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            Ok(Applied::Applied)
+        })
+    }
+
+    async fn logs_after(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>> {
+        let mut q = QueryBuilder::<Postgres>::new(
+            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
+             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.job_id = ",
+        );
+        q.push_bind(job_id).push(" AND l.id > ").push_bind(after_id);
+        if let Some(name) = &filter.name {
+            q.push(" AND t.name = ").push_bind(name);
+        }
+        if let Some(frame) = filter.frame {
+            q.push(" AND t.frame = ").push_bind(frame);
+        }
+        q.push(" ORDER BY l.id LIMIT ").push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogRecord {
+                    id: r.try_get(0)?,
+                    task_id: r.try_get(1)?,
+                    task_name: r.try_get(2)?,
+                    frame: r.try_get(3)?,
+                    attempt: get_u32(r, 4)?,
+                    step: get_u32(r, 5)?,
+                    stderr: r.try_get(6)?,
+                    data: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn publish(&self, signal: Signal) -> Result<()> {
+        // Delivered to every listener after commit, this server's own included.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(signals::CHANNEL)
+            .bind(signals::encode(signal))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Signal> {
+        self.signals.subscribe()
+    }
+
+    async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Leadership>>> {
+        Ok(leader::try_lead(&self.options, name).await?.map(|l| Box::new(l) as Box<dyn Leadership>))
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for PostgresStore {
+    async fn record_outputs(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        files: &[OutputFile],
+        now_ms: i64,
+    ) -> Result<Applied> {
+        transaction!(self.pool, "record_outputs", |tx| {
+            let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {
+                return Ok(Applied::Stale);
+            };
+            for f in files {
+                sqlx::query(
+                    "INSERT INTO artifacts (job_id, task_id, attempt_id, attempt, path, size, digest, created_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(a.job_id)
+                .bind(a.task_id)
+                .bind(a.id)
+                .bind(i64::from(a.number))
+                .bind(&f.path)
+                .bind(f.size as i64)
+                .bind(&f.digest)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok(Applied::Applied)
+        })
+    }
+
+    async fn artifacts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<ArtifactRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.task_id, t.name, t.frame, a.attempt, a.path, a.size, a.digest, a.created_ms \
+             FROM artifacts a JOIN tasks t ON t.id = a.task_id WHERE a.job_id = $1 \
+             ORDER BY t.id, a.path, a.attempt DESC",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ArtifactRecord {
+                task_id: r.get(0),
+                task_name: r.get(1),
+                frame: r.get(2),
+                attempt: r.get::<i32, _>(3) as u32,
+                path: r.get(4),
+                size: r.get::<i64, _>(5) as u64,
+                digest: r.get(6),
+                created_ms: r.get(7),
+            })
+            .filter(|a| filter.matches(&a.task_name, a.frame))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl SecretStore for PostgresStore {
+    async fn set_secret(&self, project: &str, name: &str, value: &str, now_ms: i64) -> Result<bool> {
+        // `xmax = 0` only on a freshly inserted row: one statement tells insert from update.
+        let inserted: bool = sqlx::query_scalar(
+            "INSERT INTO secrets (project, name, value, updated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (project, name) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms \
+             RETURNING (xmax = 0)",
+        )
+        .bind(project)
+        .bind(name)
+        .bind(value)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(inserted)
+    }
+
+    async fn secret_names(&self, project: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT name FROM secrets WHERE project = $1 ORDER BY name")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn secret_values(&self, project: &str, names: &[String]) -> Result<BTreeMap<String, String>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, value FROM secrets WHERE project = $1 AND name = ANY($2)")
+                .bind(project)
+                .bind(names)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn delete_secret(&self, project: &str, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM secrets WHERE project = $1 AND name = $2")
+            .bind(project)
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+}
