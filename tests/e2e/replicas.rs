@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,12 +104,15 @@ impl Fleet {
         }
     }
 
+    /// A `drover watch` whose transcript goes to `watch-JOB.txt` (a file, not a pipe: a pipe
+    /// nobody reads would fill up and stall the watcher).
     fn watch(&self, server: &str, job: i64) -> Child {
+        let transcript = std::fs::File::create(self.dir.path().join(format!("watch-{job}.txt"))).unwrap();
         Command::new(drover_bin())
             .args(["watch", &job.to_string()])
             .env("DROVER_SERVER", server)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stdout(transcript)
+            .stderr(self.log(&format!("watch-{job}")))
             .spawn()
             .unwrap()
     }
@@ -161,6 +163,9 @@ impl Drop for Fleet {
     }
 }
 
+/// Frames per job; four jobs make the 2,000 tasks of the scenario.
+const FRAMES: usize = 500;
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -184,9 +189,18 @@ fn three_replicas_lose_one_and_every_task_ends_exactly_once() {
     let mut fleet = Fleet::start(database, 3, 3);
     let servers: Vec<String> = fleet.servers.iter().map(|(a, _)| a.clone()).collect();
     // 2,000 tasks in four jobs, submitted across the replicas.
-    let jobs: Vec<i64> = (0..4).map(|i| fleet.submit(&servers[i % 3], &format!("batch-{i}"), 500)).collect();
-    let mut watchers: Vec<Child> =
-        jobs.iter().enumerate().map(|(i, job)| fleet.watch(&servers[(i + 1) % 3], *job)).collect();
+    let jobs: Vec<i64> =
+        (0..4).map(|i| fleet.submit(&servers[i % 3], &format!("batch-{i}"), FRAMES)).collect();
+    // Each watcher prefers another replica but knows them all, as clients of a fleet do.
+    let mut watchers: Vec<Child> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| {
+            let mut list = servers.clone();
+            list.rotate_left((i + 1) % 3);
+            fleet.watch(&list.join(","), *job)
+        })
+        .collect();
     // Kill the replica that leads the lease reaper once work is flowing.
     let start = Instant::now();
     let leader = loop {
@@ -211,7 +225,7 @@ fn three_replicas_lose_one_and_every_task_ends_exactly_once() {
         let status = fleet.wait_final(*job, Duration::from_secs(300));
         assert_eq!(status["state"], "succeeded", "job {job}");
         let tasks = status["tasks"].as_array().unwrap();
-        assert_eq!(tasks.len(), 500);
+        assert_eq!(tasks.len(), FRAMES);
         assert!(tasks.iter().all(|t| t["state"] == "succeeded"), "job {job}");
     }
     // Every watch stream, even those whose replica died, reached the final state, and no task
@@ -220,9 +234,11 @@ fn three_replicas_lose_one_and_every_task_ends_exactly_once() {
     for (job, watcher) in jobs.iter().zip(&mut watchers) {
         let status = watcher.wait().unwrap();
         assert!(status.success(), "watch of job {job} did not end with the job");
+        let live = std::fs::read_to_string(fleet.dir.path().join(format!("watch-{job}.txt"))).unwrap();
+        assert_eq!(finals(&live).len(), FRAMES, "job {job}: the live watch saw every frame end");
         let out = fleet.drover(survivor, &["watch", &job.to_string()]);
         let counts = finals(&String::from_utf8_lossy(&out.stdout));
-        assert_eq!(counts.len(), 500, "job {job}: every frame succeeded once");
+        assert_eq!(counts.len(), FRAMES, "job {job}: every frame succeeded once");
         assert!(counts.values().all(|n| *n == 1), "job {job}: a task succeeded twice: {counts:?}");
     }
 }
@@ -257,5 +273,4 @@ fn postgresql_restart_mid_run_loses_nothing_acknowledged() {
         assert_eq!(status["state"], "succeeded", "job {job}");
         assert_eq!(status["tasks"].as_array().unwrap().len(), n);
     }
-    let _ = PathBuf::new();
 }

@@ -128,6 +128,21 @@ impl Shared {
     }
 }
 
+/// Accepted connections with Nagle's algorithm off: the agent protocol is many small messages,
+/// and waiting for the peer's delayed ACK added tens of milliseconds to every dispatch.
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot disable Nagle on a connection");
+            }
+        })
+    })
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -159,7 +174,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(DroverServer::new(client_api::ClientApi(shared.clone())))
         .add_service(AgentSessionServer::new(agent_api::AgentApi(shared.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     signals.abort();
     scheduler.abort();

@@ -14,7 +14,7 @@ use crate::convert::assign_message;
 use crate::{Shared, now_ms};
 
 /// Most queued tasks considered in one placement round.
-const PLACEMENT_BATCH: u32 = 5000;
+const PLACEMENT_BATCH: u32 = 512;
 
 /// Places queued tasks whenever something may have changed (a submit, a finished attempt, a
 /// node joining) and on a short tick so retry backoffs expire on time.

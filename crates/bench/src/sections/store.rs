@@ -1,0 +1,260 @@
+//! Store: the durable dispatch rate, measured directly against the store (no server, no
+//! agent). N tasks are submitted, then the scheduler's and agent's store calls run in a loop —
+//! `placement_snapshot` + `place` + `assign` for a batch, then `attempt_started` and
+//! `attempt_finished` for each task — until every task is done; tasks/s over the loop.
+//! The node offers 64 cores, so batches are up to 64 tasks.
+//!
+//! PostgreSQL runs the same loop against `PostgresStore` on a throwaway server
+//! (`drover_store::pg_test`, which starts it with `fsync=off`; every database here is set to
+//! `synchronous_commit=on`, so each commit waits for its WAL write: durable against a crash of
+//! the process, like SQLite's WAL with synchronous=NORMAL, not against power loss).
+//!
+//! Peer: the floor of the same work on SQLite without Drover's bookkeeping: one plain
+//! table, the same pragmas (WAL, synchronous=NORMAL, one writer connection) and the same
+//! number of commits (one claim `UPDATE … RETURNING` per batch, one commit per start and per
+//! finish).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use drover_core::placement::place;
+use drover_store::pg_test::TempPostgres;
+use drover_store::postgres::PostgresStore;
+use drover_store::sqlite::SqliteStore;
+use drover_store::{AttemptReport, NodeSpec, Store};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use super::measure;
+use crate::Ctx;
+use crate::report::{Better, Measure, Row};
+
+/// Cores of the simulated node: the largest batch one placement round can assign.
+const NODE_CORES: u32 = 64;
+
+/// Runs the section.
+pub async fn run(ctx: &Ctx) -> Vec<Row> {
+    let n = if ctx.quick { 200 } else { ctx.tasks.max(2000) };
+    let sqlite = sqlite_runs(ctx, n).await;
+    let raw = raw_runs(ctx, n).await;
+    let (pg_store, pg_raw) = match postgres_runs(ctx, n).await {
+        Ok((store, raw)) => (Measure::Runs(store), Measure::Runs(raw)),
+        Err(e) => {
+            eprintln!("drover-bench: postgresql unavailable: {e:#}");
+            let why = format!("no throwaway PostgreSQL: {e:#}").replace('\n', " ");
+            (Measure::Unavailable(why.clone()), Measure::Unavailable(why))
+        }
+    };
+    vec![
+        Row {
+            section: "store",
+            figure: format!(
+                "SQLite store: claim + start + finish committed, {n} tasks, batches of {NODE_CORES}"
+            ),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: measure("sqlite store", sqlite),
+            peer: "raw SQLite, same commits on a bare table".into(),
+            peer_value: measure("raw sqlite", raw),
+        },
+        Row {
+            section: "store",
+            figure: format!("PostgreSQL store: same loop, {n} tasks"),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: pg_store,
+            peer: "raw PostgreSQL, same commits on a bare table".into(),
+            peer_value: pg_raw,
+        },
+    ]
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn sqlite_runs(ctx: &Ctx, n: usize) -> Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for run in 0..ctx.runs {
+        let dir = ctx.dir(&format!("store-sqlite-{run}"))?;
+        let store = Arc::new(SqliteStore::open(&dir.join("drover.db")).await?);
+        let rate = dispatch(store.as_ref(), n).await?;
+        eprintln!("  sqlite run {}: {rate:.0} tasks/s", run + 1);
+        rates.push(rate);
+    }
+    Ok(rates)
+}
+
+/// Submits `n` trivial tasks to `store` and runs the dispatch loop; returns tasks/s.
+pub async fn dispatch(store: &dyn Store, n: usize) -> Result<f64> {
+    let node = NodeSpec {
+        name: "bench-node".into(),
+        labels: BTreeMap::new(),
+        cores: NODE_CORES,
+        memory: 1 << 40,
+        runtimes: vec!["process".into()],
+        lease_until_ms: now_ms() + 3_600_000,
+    };
+    store.register_node(&node, &[], now_ms()).await?;
+    let yaml = format!(
+        "version: 1\nname: bench-store\ntasks:\n  - name: t\n    array: \"1-{n}\"\n    command: [\"true\"]\n"
+    );
+    let ctx = drover_core::spec::TemplateContext { env: BTreeMap::new(), params: BTreeMap::new() };
+    let plan = drover_core::spec::compile(&yaml, "bench.yaml", &ctx).map_err(|e| anyhow!("{e}"))?;
+    store.submit(&plan, &yaml, "bench.yaml", now_ms()).await?;
+    let start = Instant::now();
+    let mut finished = 0usize;
+    while finished < n {
+        let (nodes, queue) = store.placement_snapshot(now_ms(), 5000).await?;
+        let plan = place(&nodes, &queue);
+        if plan.is_empty() {
+            bail!("nothing placeable with {finished} of {n} tasks done");
+        }
+        for a in store.assign(&plan, now_ms()).await? {
+            store.attempt_started(a.attempt_id, a.epoch, now_ms()).await?;
+            let report = AttemptReport {
+                attempt_id: a.attempt_id,
+                epoch: a.epoch,
+                exit_code: Some(0),
+                signal: None,
+                failure: None,
+                message: String::new(),
+                cpu_seconds: 0.0,
+                peak_memory: 0,
+            };
+            store.attempt_finished(&report, now_ms()).await?;
+            finished += 1;
+        }
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn raw_runs(ctx: &Ctx, n: usize) -> Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for run in 0..ctx.runs {
+        let dir = ctx.dir(&format!("store-raw-{run}"))?;
+        let options = SqliteConnectOptions::from_str("sqlite://raw.db")?
+            .filename(dir.join("raw.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+        sqlx::query(
+            "CREATE TABLE tasks (id INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, \
+             started_ms INTEGER, ended_ms INTEGER)",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query("CREATE INDEX tasks_state ON tasks (state, id)").execute(&pool).await?;
+        let mut tx = pool.begin().await?;
+        for _ in 0..n {
+            sqlx::query("INSERT INTO tasks (state) VALUES ('queued')").execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let start = Instant::now();
+        let mut finished = 0usize;
+        while finished < n {
+            let mut tx = pool.begin().await?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1 WHERE id IN \
+                 (SELECT id FROM tasks WHERE state = 'queued' ORDER BY id LIMIT ?) RETURNING id",
+            )
+            .bind(NODE_CORES as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            if ids.is_empty() {
+                bail!("raw queue ran dry with {finished} of {n} done");
+            }
+            for id in ids {
+                sqlx::query("UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ?")
+                    .bind(now_ms())
+                    .bind(id)
+                    .execute(&pool)
+                    .await?;
+                sqlx::query("UPDATE tasks SET state = 'succeeded', ended_ms = ? WHERE id = ?")
+                    .bind(now_ms())
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .context("raw finish")?;
+                finished += 1;
+            }
+        }
+        rates.push(n as f64 / start.elapsed().as_secs_f64());
+        pool.close().await;
+    }
+    Ok(rates)
+}
+
+/// Store and raw rates on a throwaway PostgreSQL server, one fresh database per run and kind.
+async fn postgres_runs(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let server = tokio::task::spawn_blocking(TempPostgres::start).await??;
+    let (mut store_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    for run in 0..ctx.runs {
+        let url = durable_database(&server).await?;
+        let store = PostgresStore::connect(&url).await?;
+        let rate = dispatch(&store, n).await?;
+        eprintln!("  postgresql run {}: {rate:.0} tasks/s", run + 1);
+        store_rates.push(rate);
+        drop(store);
+        let url = durable_database(&server).await?;
+        let pool = PgPoolOptions::new().max_connections(1).connect(&url).await?;
+        sqlx::query(
+            "CREATE TABLE tasks (id BIGSERIAL PRIMARY KEY, state TEXT NOT NULL, attempts INT NOT NULL DEFAULT 0, \
+             started_ms BIGINT, ended_ms BIGINT)",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query("CREATE INDEX tasks_state ON tasks (state, id)").execute(&pool).await?;
+        sqlx::query("INSERT INTO tasks (state) SELECT 'queued' FROM generate_series(1, $1)")
+            .bind(n as i64)
+            .execute(&pool)
+            .await?;
+        let start = Instant::now();
+        let mut finished = 0usize;
+        while finished < n {
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1 WHERE id IN \
+                 (SELECT id FROM tasks WHERE state = 'queued' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id",
+            )
+            .bind(NODE_CORES as i64)
+            .fetch_all(&pool)
+            .await?;
+            if ids.is_empty() {
+                bail!("raw queue ran dry with {finished} of {n} done");
+            }
+            for id in ids {
+                sqlx::query("UPDATE tasks SET state = 'running', started_ms = $1 WHERE id = $2")
+                    .bind(now_ms())
+                    .bind(id)
+                    .execute(&pool)
+                    .await?;
+                sqlx::query("UPDATE tasks SET state = 'succeeded', ended_ms = $1 WHERE id = $2")
+                    .bind(now_ms())
+                    .bind(id)
+                    .execute(&pool)
+                    .await?;
+                finished += 1;
+            }
+        }
+        raw_rates.push(n as f64 / start.elapsed().as_secs_f64());
+        pool.close().await;
+    }
+    Ok((store_rates, raw_rates))
+}
+
+/// A fresh database whose sessions wait for their commit's WAL write.
+async fn durable_database(server: &TempPostgres) -> Result<String> {
+    let url = server.create_database().await?;
+    let name = url.rsplit('/').next().and_then(|n| n.split('?').next()).unwrap_or_default().to_string();
+    let admin = PgPoolOptions::new().max_connections(1).connect(server.admin_url()).await?;
+    sqlx::query(&format!("ALTER DATABASE \"{name}\" SET synchronous_commit = on")).execute(&admin).await?;
+    admin.close().await;
+    Ok(url)
+}
