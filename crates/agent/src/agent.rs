@@ -140,6 +140,18 @@ impl Agent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let this = Arc::new(self);
         let (resumable, leftovers) = this.journal.recover(&this.runtimes).await;
+        // Containers of this agent that no journal entry explains (a crash between creating a
+        // container and recording its step) are orphans: remove them, keeping resumed ones.
+        if let Some(images) = &this.images {
+            let keep: Vec<i64> = resumable.iter().map(|(e, _)| e.spec.attempt_id).collect();
+            match images.docker().remove_orphans(&keep).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(removed = n, "removed orphaned containers and networks of this agent")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot look for orphaned containers"),
+            }
+        }
         for (entry, handle) in resumable {
             let timeout = entry.timeout_ms.map(Duration::from_millis);
             let step = handle.step;

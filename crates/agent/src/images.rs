@@ -27,6 +27,11 @@ impl ImageFetcher {
         ImageFetcher { docker, servers, loading: Mutex::new(HashMap::new()) }
     }
 
+    /// The Docker runtime images are loaded into.
+    pub fn docker(&self) -> &Arc<DockerRuntime> {
+        &self.docker
+    }
+
     /// Makes sure `image` (an image id) is present, loading it from the archive `blob` if not.
     pub async fn ensure(&self, image: &str, blob: &str) -> Result<(), String> {
         if self.docker.has_image(image).await {

@@ -4,8 +4,8 @@
 //! relies on row locks rather than on a single writer:
 //!
 //! - **Claims.** `assign` locks the chosen nodes, admits placements that still fit, and claims
-//!   tasks with `UPDATE tasks ... WHERE state = 'queued' RETURNING`: a task that another
-//!   replica claimed first is simply skipped, so no task is ever placed twice and no node is
+//!   tasks with `UPDATE tasks ... WHERE state = 'queued' AND id IN (... FOR UPDATE SKIP
+//!   LOCKED) RETURNING`: a task that another replica claimed (or is claiming) is skipped, so no task is ever placed twice and no node is
 //!   over-committed by two schedulers working from the same snapshot.
 //! - **Fencing.** Reports lock their attempt row (`FOR NO KEY UPDATE`) before checking that it
 //!   is open, current and of the right epoch, so a duplicated report is applied once.
@@ -1204,12 +1204,16 @@ impl Store for PostgresStore {
             }
             // 3. Jobs before tasks, in id order.
             lock_jobs(&mut tx, &jobs).await?;
-            // 4. Claim: only tasks still queued now; one another replica claimed are skipped.
+            // 4. Claim: only tasks still queued now. `FOR UPDATE SKIP LOCKED` passes over rows
+            // another replica is claiming at this moment instead of waiting for its commit, so
+            // concurrent schedulers never block each other and never take the same task.
             let claimed = sqlx::query(
                 "UPDATE tasks t SET state = 'assigned', attempts = t.attempts + 1, node_id = p.node_id, reason = '', \
                  started_ms = NULL, ended_ms = NULL \
                  FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS p(task_id, node_id) \
                  WHERE t.id = p.task_id AND t.state = 'queued' \
+                 AND t.id IN (SELECT id FROM tasks WHERE id = ANY($1) AND state = 'queued' \
+                              ORDER BY id FOR UPDATE SKIP LOCKED) \
                  RETURNING t.id, t.job_id, t.name, t.frame, t.plan, t.attempts, t.cores, t.memory, p.node_id",
             )
             .bind(&admitted_tasks)
