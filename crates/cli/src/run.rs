@@ -68,6 +68,11 @@ pub struct NodeArgs {
     /// Do not offer the docker runtime even when a Docker engine is reachable.
     #[arg(long)]
     pub no_docker: bool,
+    /// Offer the microvm runtime (QEMU microVMs; needs qemu-system-x86, a guest kernel and the
+    /// static drover-guest binary next to drover or in DROVER_GUEST_AGENT). Off by default
+    /// because checking whether KVM works boots a probe VM at start.
+    #[arg(long)]
+    pub microvm: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
@@ -223,6 +228,20 @@ async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
                 docker = Some(d);
             }
             Err(e) => tracing::warn!(error = %e, "not offering the docker runtime"),
+        }
+    }
+    if node.microvm {
+        let vm_config = drover_agent::runtime::microvm::MicroVmConfig {
+            cache_dir: config.work_dir.join(".microvm-cache"),
+            run_dir: config.work_dir.join(".vm"),
+            ..Default::default()
+        };
+        match drover_agent::runtime::microvm::MicroVmRuntime::new(vm_config).await {
+            Ok(vm) => {
+                tracing::info!(accelerator = vm.accelerator(), "microvm runtime ready");
+                runtimes.push(Arc::new(vm));
+            }
+            Err(e) => tracing::warn!(error = %e, "not offering the microvm runtime"),
         }
     }
     let names: Vec<&str> = runtimes.iter().map(|r| r.kind()).collect();
