@@ -143,8 +143,9 @@ tasks:
     }
     c.kill_agent(0);
     c.restart_agent(0, 1);
-    c.wait_for_nodes(1);
-    // Let the step finish only once the new agent is in charge.
+    // Let the step finish only once the new agent is in charge (the node list may still show
+    // the killed agent's session, so its log says when).
+    wait_for_log(&c, "agent-0", "attached to running step");
     let work = c.path("agent-0-work");
     let ws = find_workspace(&work).expect("the attempt's workspace survives the agent");
     std::fs::write(ws.join("go"), "").unwrap();
@@ -153,6 +154,56 @@ tasks:
     assert_eq!(task(&status, "long")["attempts"], 1, "re-attached, not retried");
     let logs = c.ok(&["logs", &job.to_string(), "long"]);
     assert!(logs.contains("after-restart"), "{logs}");
+}
+
+#[test]
+fn step_that_ends_while_the_agent_is_down_keeps_its_exit_code_and_the_task_goes_on() {
+    ensure_busybox_image();
+    let mut c = Cluster::start(1, 1);
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: finished-while-away
+tasks:
+  - name: long
+    runtime: docker
+    image: {BUSYBOX}
+    steps:
+      - "echo before; while [ ! -e /workspace/go ]; do sleep 0.1; done; touch /workspace/left"
+      - "echo next-step"
+"#
+    ));
+    let start = std::time::Instant::now();
+    let journal = c.path("agent-0-work/.journal");
+    let journaled = || std::fs::read_dir(&journal).map(|d| d.count() > 0).unwrap_or(false);
+    while !c.ok(&["logs", &job.to_string(), "long"]).contains("before") || !journaled() {
+        assert!(start.elapsed() < T, "the step never printed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill_agent(0);
+    // The step ends while no agent runs.
+    let ws = find_workspace(&c.path("agent-0-work")).expect("the attempt's workspace survives the agent");
+    std::fs::write(ws.join("go"), "").unwrap();
+    while !ws.join("left").exists() {
+        assert!(start.elapsed() < T, "the step never ended");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.restart_agent(0, 1);
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "long")["attempts"], 1, "followed, not retried");
+    let logs = c.ok(&["logs", &job.to_string(), "long"]);
+    assert!(logs.contains("next-step"), "{logs}");
+}
+
+/// Waits until the log of process `name` contains `needle`.
+fn wait_for_log(c: &Cluster, name: &str, needle: &str) {
+    let start = std::time::Instant::now();
+    let path = c.path(&format!("{name}.log"));
+    while !std::fs::read_to_string(&path).unwrap_or_default().contains(needle) {
+        assert!(start.elapsed() < T, "{name} never logged {needle:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn find_workspace(root: &std::path::Path) -> Option<std::path::PathBuf> {

@@ -591,16 +591,29 @@ impl Runtime for DockerRuntime {
                 return Ok(false);
             }
         };
-        if exec.container_id.as_deref() != Some(container_id.as_str()) || exec.running != Some(true) {
-            tracing::info!(attempt_id = handle.attempt_id, running = ?exec.running, "the step's exec no longer runs");
+        if exec.container_id.as_deref() != Some(container_id.as_str()) {
+            tracing::info!(attempt_id = handle.attempt_id, "the step's exec belongs to another container");
             return Ok(false);
         }
-        // A handle with a pid must still name the same process (pids are reused).
-        if let (Some(pid), Some(ticks)) = (handle.pid, handle.pid_start_ticks)
-            && proc_start_ticks(pid) != Some(ticks)
-        {
-            tracing::info!(attempt_id = handle.attempt_id, pid, "the step's process is gone");
-            return Ok(false);
+        match (exec.running, exec.exit_code) {
+            // A step that ended while no agent watched still has its exit code in the engine
+            // (as long as its container exists): following it reports that code at once.
+            (Some(false), Some(code)) => {
+                tracing::info!(attempt_id = handle.attempt_id, code, "the step ended while no agent watched")
+            }
+            (Some(true), _) => {
+                // A handle with a pid must still name the same process (pids are reused).
+                if let (Some(pid), Some(ticks)) = (handle.pid, handle.pid_start_ticks)
+                    && proc_start_ticks(pid) != Some(ticks)
+                {
+                    tracing::info!(attempt_id = handle.attempt_id, pid, "the step's process is gone");
+                    return Ok(false);
+                }
+            }
+            (running, _) => {
+                tracing::info!(attempt_id = handle.attempt_id, ?running, "the step's exec state is unknown");
+                return Ok(false);
+            }
         }
         let attempt = self.attempt_info(handle.attempt_id).await?;
         let (tx, rx) = watch::channel(None);

@@ -199,7 +199,9 @@ pub trait Runtime: Send + Sync + 'static {
     /// Starts step `step` of the task; output goes to `out` line by line.
     async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError>;
 
-    /// Finds a step started before an agent restart. Returns `false` if it is no longer running.
+    /// Finds a step started before an agent restart. Returns `false` if it can no longer be
+    /// followed. A runtime that keeps the exit status of a step that ended while no agent ran
+    /// (Docker keeps it with the exec) returns `true`, and `wait` then reports that status.
     async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError>;
 
     /// Sends a signal to everything the step started (the whole process group or container).
