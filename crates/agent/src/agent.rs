@@ -317,7 +317,8 @@ impl Agent {
     fn read_file(&self, read: pb::ReadFile, tx: mpsc::UnboundedSender<pb::AgentMessage>) {
         let workspace = lock(&self.running).get(&read.attempt_id).map(|r| r.workspace.clone());
         tokio::spawn(async move {
-            let emit = |chunk: pb::FileChunk| tx.send(pb::AgentMessage { msg: Some(Msg::FileChunk(chunk)) }).is_ok();
+            let emit =
+                |chunk: pb::FileChunk| tx.send(pb::AgentMessage { msg: Some(Msg::FileChunk(chunk)) }).is_ok();
             match workspace {
                 Some(ws) => crate::files::read_window(&ws, &read, emit).await,
                 None => {

@@ -190,7 +190,8 @@ pub async fn open_inside(workspace: &Path, rel: &str) -> Result<(tokio::fs::File
     let root = tokio::fs::canonicalize(workspace)
         .await
         .map_err(|_| "the task's workspace does not exist (yet)".to_string())?;
-    let target = tokio::fs::canonicalize(&path).await.map_err(|_| format!("no file `{rel}` in the workspace"))?;
+    let target =
+        tokio::fs::canonicalize(&path).await.map_err(|_| format!("no file `{rel}` in the workspace"))?;
     if !target.starts_with(&root) {
         return Err(format!("`{rel}` leads outside the workspace"));
     }
@@ -212,11 +213,7 @@ pub async fn open_inside(workspace: &Path, rel: &str) -> Result<(tokio::fs::File
 /// Reads up to `length` bytes of `rel` from `offset` on, handing each chunk to `emit` (which
 /// returns false once nobody listens). The last chunk has `last` set, and `eof` when the
 /// file ended (as far as it was written when read); a refusal is one chunk with `error`.
-pub async fn read_window(
-    workspace: &Path,
-    read: &pb::ReadFile,
-    mut emit: impl FnMut(pb::FileChunk) -> bool,
-) {
+pub async fn read_window(workspace: &Path, read: &pb::ReadFile, mut emit: impl FnMut(pb::FileChunk) -> bool) {
     let request_id = read.request_id;
     let fail = |error: String| pb::FileChunk { request_id, last: true, error, ..Default::default() };
     let (mut file, size) = match open_inside(workspace, &read.path).await {
@@ -244,7 +241,8 @@ pub async fn read_window(
         left -= n as u64;
         let eof = n == 0;
         let last = eof || left == 0;
-        let chunk = pb::FileChunk { request_id, data: buf[..n].to_vec(), last, eof, error: String::new(), size };
+        let chunk =
+            pb::FileChunk { request_id, data: buf[..n].to_vec(), last, eof, error: String::new(), size };
         if !emit(chunk) || last {
             return;
         }
@@ -338,7 +336,10 @@ mod tests {
         };
         let got = window(read("sub/data.txt", 2, 4)).await;
         assert_eq!(got.len(), 1);
-        assert_eq!((got[0].data.as_slice(), got[0].last, got[0].eof, got[0].size), (&b"2345"[..], true, false, 10));
+        assert_eq!(
+            (got[0].data.as_slice(), got[0].last, got[0].eof, got[0].size),
+            (&b"2345"[..], true, false, 10)
+        );
         let got = window(read("inside.txt", 8, 100)).await;
         let data: Vec<u8> = got.iter().flat_map(|c| c.data.clone()).collect();
         assert_eq!(data, b"89");

@@ -75,7 +75,7 @@ impl LogCap {
         let mut out = Vec::with_capacity(self.tail.len() + 1);
         if self.cut > 0 {
             let step = self.tail.front().map(|p| p.step).unwrap_or(0);
-            let marker = format!("\n... {} bytes cut (over the limit of output per attempt) ...\n", self.cut);
+            let marker = format!("... {} bytes cut (over the limit of output per attempt) ...\n", self.cut);
             out.push(Piece { step, stderr: true, data: marker.into_bytes() });
         }
         out.extend(self.tail);
@@ -108,7 +108,7 @@ mod tests {
         shipped.extend(cap.finish());
         let all = text(&shipped);
         // 60 bytes written, 6 shipped at once, the last 10 held back: 44 cut.
-        assert!(all.starts_with("line0\n\n... 44 bytes cut"), "{all}");
+        assert!(all.starts_with("line0\n... 44 bytes cut"), "{all}");
         assert!(all.ends_with("ine8\nline9\n"), "{all}");
     }
 

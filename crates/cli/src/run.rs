@@ -335,7 +335,14 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = tokio::spawn(drover_server::serve(listener, backends, config, server_stop));
+    let http = match args.server.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    if let Some(http) = &http {
+        eprintln!("http api on http://{}", http.local_addr()?);
+    }
+    let server = tokio::spawn(drover_server::serve_with_http(listener, http, backends, config, server_stop));
     let agent_config = agent_config(&args.node, vec![url.clone()], args.server.data_dir.join("work"));
     let agent = build_agent(&args.node, agent_config).await?;
     let agent_stop = {

@@ -47,7 +47,12 @@ pub(crate) fn no_job(id: i64) -> Status {
 
 /// One file of a task: the artifact it kept, or, while the task runs and has not kept it yet,
 /// the file as it is now in the task's workspace.
-pub(crate) async fn artifact(shared: &Arc<Shared>, job_id: i64, task: &str, path: &str) -> Result<Download, Status> {
+pub(crate) async fn artifact(
+    shared: &Arc<Shared>,
+    job_id: i64,
+    task: &str,
+    path: &str,
+) -> Result<Download, Status> {
     let filter = task_filter(task)?;
     shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
     let found = shared.artifacts.artifacts(job_id, &filter).await.map_err(status)?;
@@ -106,7 +111,8 @@ pub(crate) async fn logs(
     }
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut follower = Follower { shared, job_id, filter, tx, sent: HashMap::new(), archived: HashSet::new() };
+        let mut follower =
+            Follower { shared, job_id, filter, tx, sent: HashMap::new(), archived: HashSet::new() };
         if let Err(e) = follower.run(follow, after_id).await {
             let _ = follower.tx.send(Err(e)).await;
         }
@@ -152,7 +158,8 @@ impl Follower {
         let mut finished = false;
         loop {
             changes.mark_unchanged();
-            let archives = self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
+            let archives =
+                self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
             for archive in archives {
                 let key = (archive.task_id, archive.attempt);
                 if self.archived.insert(key) {
@@ -160,8 +167,12 @@ impl Follower {
                     self.send_archive(&archive, floor).await?;
                 }
             }
-            let lines =
-                self.shared.store.logs_after(self.job_id, &self.filter, after, BATCH as u32).await.map_err(status)?;
+            let lines = self
+                .shared
+                .store
+                .logs_after(self.job_id, &self.filter, after, BATCH as u32)
+                .await
+                .map_err(status)?;
             if let Some(last) = lines.last() {
                 after = last.id;
                 let mut batch = Vec::with_capacity(lines.len());

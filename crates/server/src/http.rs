@@ -20,9 +20,9 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tonic::{Code, Status};
 
+use crate::Shared;
 use crate::convert::{self, status};
 use crate::downloads::{self, no_job, task_filter};
-use crate::Shared;
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves.
 pub(crate) async fn serve(

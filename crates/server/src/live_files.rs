@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto as pb;
@@ -81,7 +81,11 @@ impl Drop for Registration {
 /// Streams `path` from the workspace of a running attempt: the file's content as it is while
 /// it is read (a file still growing is read up to where it ends then). Fails before streaming
 /// when the agent refuses the path or is not connected to this server.
-pub(crate) async fn read(shared: Arc<Shared>, attempt: &LiveAttempt, path: &str) -> Result<ChunkStream, Status> {
+pub(crate) async fn read(
+    shared: Arc<Shared>,
+    attempt: &LiveAttempt,
+    path: &str,
+) -> Result<ChunkStream, Status> {
     let session = {
         let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         sessions.get(&attempt.node_id).map(|s| s.tx.clone())
@@ -101,7 +105,13 @@ pub(crate) async fn read(shared: Arc<Shared>, attempt: &LiveAttempt, path: &str)
         let path = path.clone();
         async move {
             let msg = pb::ServerMessage {
-                msg: Some(Out::ReadFile(pb::ReadFile { request_id: id, attempt_id, path, offset, length: WINDOW })),
+                msg: Some(Out::ReadFile(pb::ReadFile {
+                    request_id: id,
+                    attempt_id,
+                    path,
+                    offset,
+                    length: WINDOW,
+                })),
             };
             session.send(Ok(msg)).await.map_err(|_| Status::unavailable("the agent disconnected"))
         }

@@ -232,7 +232,11 @@ mod tests {
     #[tokio::test]
     async fn archives_read_back_line_by_line_and_detect_damage() {
         let blobs: Arc<dyn BlobStore> = Arc::new(drover_blobs::MemoryBlobStore::new());
-        let lines = [(7i64, 0u32, false, b"out\n".to_vec()), (9, 1, true, Vec::new()), (12, 1, true, vec![0xff; 70_000])];
+        let lines = [
+            (7i64, 0u32, false, b"out\n".to_vec()),
+            (9, 1, true, Vec::new()),
+            (12, 1, true, vec![0xff; 70_000]),
+        ];
         let mut buf = MAGIC.to_vec();
         for (id, step, stderr, data) in &lines {
             let rec = LogRecord {

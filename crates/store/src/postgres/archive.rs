@@ -137,8 +137,14 @@ impl ArchiveStore for PostgresStore {
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
-            let ids = rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
-            let mut digests = rows.iter().map(|r| r.try_get::<String, _>(1)).collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            let ids = rows
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            let mut digests = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>(1))
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
             sqlx::query("UPDATE attempts SET log_digest = '' WHERE id = ANY($1)")
                 .bind(&ids)
                 .execute(&mut *tx)

@@ -83,7 +83,10 @@ impl ArchiveStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 1 {
-            sqlx::query("DELETE FROM log_lines WHERE attempt_id = ?").bind(attempt_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM log_lines WHERE attempt_id = ?")
+                .bind(attempt_id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
