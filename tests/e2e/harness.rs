@@ -27,14 +27,34 @@ pub struct Cluster {
     server: Option<Child>,
     agents: Vec<Option<Child>>,
     server_starts: usize,
+    /// More arguments and environment for the server, from [`Cluster::start_with`].
+    server_args: Vec<String>,
+    server_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// A server and `agents` agents named `agent-0`, `agent-1`, ... with `cores` each.
     pub fn start(agents: usize, cores: u32) -> Cluster {
+        Cluster::start_with(agents, cores, &[], &[])
+    }
+
+    /// [`Cluster::start`] with more server arguments and environment variables.
+    pub fn start_with(
+        agents: usize,
+        cores: u32,
+        server_args: &[&str],
+        server_env: &[(&str, &str)],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut c =
-            Cluster { dir, addr: "127.0.0.1:0".into(), server: None, agents: Vec::new(), server_starts: 0 };
+        let mut c = Cluster {
+            dir,
+            addr: "127.0.0.1:0".into(),
+            server: None,
+            agents: Vec::new(),
+            server_starts: 0,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
+            server_env: server_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         c.start_server();
         for _ in 0..agents {
             c.add_agent(cores);
@@ -70,6 +90,8 @@ impl Cluster {
                 "--data-dir",
             ])
             .arg(self.path("server-data"))
+            .args(&self.server_args)
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .env("DROVER_LOG", "info,drover_server=debug")
             .stdout(Stdio::piped())
             .stderr(self.log_file("server"))

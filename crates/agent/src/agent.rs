@@ -79,6 +79,34 @@ struct Launch {
 /// A running attempt as the session sees it.
 struct Running {
     stop: watch::Sender<StopReason>,
+    /// Where live reads of its files are served from.
+    workspace: PathBuf,
+}
+
+/// Limits the server sets for every attempt (0 until the first registration: no limit).
+#[derive(Debug, Default)]
+struct Limits {
+    max_outputs: std::sync::atomic::AtomicU64,
+    max_log: std::sync::atomic::AtomicU64,
+}
+
+impl Limits {
+    fn set(&self, r: &pb::Registered) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.max_outputs.store(r.max_outputs_bytes, Relaxed);
+        self.max_log.store(r.max_log_bytes, Relaxed);
+    }
+
+    fn max_outputs(&self) -> u64 {
+        match self.max_outputs.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => u64::MAX,
+            n => n,
+        }
+    }
+
+    fn max_log(&self) -> u64 {
+        self.max_log.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// The agent: session loop plus the attempts it runs.
@@ -92,6 +120,7 @@ pub struct Agent {
     images: Option<Arc<ImageFetcher>>,
     cores: Arc<Mutex<CoreSet>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
+    limits: Limits,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,6 +156,7 @@ impl Agent {
             runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
             outbox: Arc::new(Outbox::default()),
             running: Arc::new(Mutex::new(HashMap::new())),
+            limits: Limits::default(),
         })
     }
 
@@ -238,6 +268,7 @@ impl Agent {
             None => return Err("server closed the session".into()),
         };
         let epoch = registered.epoch;
+        self.limits.set(&registered);
         tracing::info!(server = %url, node_id = registered.node_id, epoch, "registered with server");
         self.outbox.connect(tx.clone(), epoch);
         let heartbeat = Duration::from_millis(registered.heartbeat_ms.max(100));
@@ -253,7 +284,7 @@ impl Agent {
         }));
         loop {
             match inbound.next().await {
-                Some(Ok(pb::ServerMessage { msg: Some(m) })) => self.handle(m),
+                Some(Ok(pb::ServerMessage { msg: Some(m) })) => self.handle(m, &tx),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break Err(e.message().to_string()),
                 None => break Err("server closed the session".into()),
@@ -261,8 +292,9 @@ impl Agent {
         }
     }
 
-    fn handle(self: &Arc<Self>, msg: In) {
+    fn handle(self: &Arc<Self>, msg: In, tx: &mpsc::UnboundedSender<pb::AgentMessage>) {
         match msg {
+            In::ReadFile(r) => self.read_file(r, tx.clone()),
             In::Assign(a) => self.start_attempt(a),
             In::Cancel(c) => {
                 let running = lock(&self.running);
@@ -279,6 +311,26 @@ impl Agent {
             In::Ack(a) => self.outbox.ack(a.seq),
             In::Registered(_) => tracing::warn!("unexpected second Registered"),
         }
+    }
+
+    /// Serves one window of a live download from a running attempt's workspace.
+    fn read_file(&self, read: pb::ReadFile, tx: mpsc::UnboundedSender<pb::AgentMessage>) {
+        let workspace = lock(&self.running).get(&read.attempt_id).map(|r| r.workspace.clone());
+        tokio::spawn(async move {
+            let emit =
+                |chunk: pb::FileChunk| tx.send(pb::AgentMessage { msg: Some(Msg::FileChunk(chunk)) }).is_ok();
+            match workspace {
+                Some(ws) => crate::files::read_window(&ws, &read, emit).await,
+                None => {
+                    emit(pb::FileChunk {
+                        request_id: read.request_id,
+                        last: true,
+                        error: "the attempt is no longer running on this node".into(),
+                        ..Default::default()
+                    });
+                }
+            }
+        });
     }
 
     fn start_attempt(self: &Arc<Self>, a: pb::Assign) {
@@ -321,6 +373,7 @@ impl Agent {
                 outputs: p.outputs.clone(),
                 outputs_on_failure: p.outputs_on_failure,
                 link: ServerLink::new(self.config.servers.clone()),
+                max_outputs: self.limits.max_outputs(),
             }
         });
         self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io });
@@ -333,7 +386,8 @@ impl Agent {
         let attempt_id = spec.attempt_id;
         let runtime = self.runtimes.get(&kind).cloned();
         let (stop_tx, stop_rx) = watch::channel(StopReason::None);
-        lock(&self.running).insert(attempt_id, Running { stop: stop_tx });
+        let workspace = spec.workspace.clone();
+        lock(&self.running).insert(attempt_id, Running { stop: stop_tx, workspace });
         let this = self.clone();
         let span = tracing::info_span!("task", job_id = spec.job_id, task_id = spec.task_id, attempt_id);
         tokio::spawn(
@@ -355,6 +409,7 @@ impl Agent {
                             journal: this.journal.clone(),
                             grace: this.config.kill_grace,
                             io,
+                            max_log: this.limits.max_log(),
                         };
                         attempt::run(runner, spec, timeout, stop_rx, resume).await;
                     }

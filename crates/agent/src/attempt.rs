@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::files::{self, ServerLink};
 use crate::journal::{Entry, Journal};
+use crate::log_cap::{LogCap, Piece};
 use crate::outbox::Outbox;
 use crate::runtime::{
     ExitStatus, OutputChunk, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
@@ -68,7 +69,7 @@ pub async fn run(
     stop: watch::Receiver<StopReason>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Runner { runtime, outbox, journal, grace, io } = runner;
+    let Runner { runtime, outbox, journal, grace, io, max_log } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -83,7 +84,7 @@ pub async fn run(
         let (tx, rx) = mpsc::channel(1024);
         let secrets: Vec<Vec<u8>> =
             spec.secrets.values().filter(|v| !v.is_empty()).map(|v| v.as_bytes().to_vec()).collect();
-        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets));
+        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets, max_log));
         let inputs = match (&resume, &io) {
             (None, Some(io)) if !io.inputs.is_empty() => {
                 files::fetch_inputs(&io.link, &spec.workspace, &io.inputs).await
@@ -136,6 +137,8 @@ pub struct TaskIo {
     pub outputs_on_failure: bool,
     /// How to reach the server for transfers.
     pub link: ServerLink,
+    /// Most bytes of outputs kept.
+    pub max_outputs: u64,
 }
 
 /// Uploads the attempt's outputs and reports them (before its end is reported, so the server
@@ -147,6 +150,8 @@ async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &m
     }
     let (found, refused) = files::collect_outputs(&spec.workspace, &io.outputs);
     let mut notes = refused.iter().map(|r| format!("output refused: {r}")).collect::<Vec<_>>();
+    let (found, over) = files::within_limit(&spec.workspace, found, io.max_outputs);
+    notes.extend(over);
     match files::upload_outputs(&io.link, &spec.workspace, &found).await {
         Ok(kept) if !kept.is_empty() => {
             tracing::info!(files = kept.len(), "outputs kept");
@@ -181,6 +186,8 @@ pub struct Runner {
     pub grace: Duration,
     /// Inputs and outputs, when the task has any.
     pub io: Option<TaskIo>,
+    /// Most bytes of output shipped; the middle is cut beyond it (see [`crate::log_cap`]).
+    pub max_log: u64,
 }
 
 /// What running the steps of an attempt needs.
@@ -372,7 +379,9 @@ async fn ship_output(
     attempt_id: i64,
     mut rx: mpsc::Receiver<OutputChunk>,
     secrets: Vec<Vec<u8>>,
+    max_log: u64,
 ) {
+    let mut cap = LogCap::new(max_log);
     let mut lines: Vec<pb::OutputLine> = Vec::new();
     let mut bytes = 0usize;
     loop {
@@ -383,9 +392,12 @@ async fn ship_output(
         let flush_at = Instant::now() + BATCH_DELAY;
         let mut next = Some(first);
         while let Some(c) = next.take() {
-            bytes += c.data.len();
             let data = if secrets.is_empty() { c.data } else { mask(c.data, &secrets) };
-            lines.push(pb::OutputLine { step: c.step as u32, stderr: c.stream == Stream::Stderr, data });
+            let piece = Piece { step: c.step as u32, stderr: c.stream == Stream::Stderr, data };
+            if let Some(p) = cap.admit(piece) {
+                bytes += p.data.len();
+                lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
+            }
             if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
                 break;
             }
@@ -395,6 +407,13 @@ async fn ship_output(
             };
         }
         flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+    }
+    for p in cap.finish() {
+        bytes += p.data.len();
+        lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
+        if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
+            flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+        }
     }
     flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
 }

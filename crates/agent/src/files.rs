@@ -1,19 +1,22 @@
 //! Moving files in and out of a task's workspace. The agent does this, never the sandbox:
 //! inputs are placed before the task starts (blobs from the server, http(s) URLs), and outputs
-//! matching the task's globs are uploaded after it ends. Nothing outside the workspace is ever
-//! read: a path that resolves outside it is refused.
+//! matching the task's globs are uploaded after it ends, and files are read live for
+//! downloads while it runs. Nothing outside the workspace is ever read: a path that resolves
+//! outside it is refused.
 
 use std::path::{Component, Path, PathBuf};
 
 use drover_core::{InputSource, InputSpec};
 use drover_proto as pb;
 use drover_proto::drover_client::DroverClient;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// Bytes per upload message.
 const CHUNK: usize = 1 << 20;
+/// Bytes per live read message.
+const LIVE_CHUNK: usize = 256 * 1024;
 
 /// How the agent reaches a server for file transfers.
 #[derive(Debug, Clone)]
@@ -154,6 +157,98 @@ pub fn collect_outputs(workspace: &Path, globs: &[String]) -> (Vec<String>, Vec<
     (files, refused)
 }
 
+/// Splits outputs into those that fit `limit` bytes in total (in order) and notes about the
+/// ones that do not.
+pub fn within_limit(workspace: &Path, files: Vec<String>, limit: u64) -> (Vec<String>, Vec<String>) {
+    let mut total = 0u64;
+    let mut kept = Vec::new();
+    let mut over = Vec::new();
+    for rel in files {
+        let size = std::fs::metadata(workspace.join(&rel)).map(|m| m.len()).unwrap_or(0);
+        if total.saturating_add(size) > limit {
+            over.push(format!("`{rel}` ({size} bytes)"));
+        } else {
+            total += size;
+            kept.push(rel);
+        }
+    }
+    let notes = if over.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "outputs over the limit of {limit} bytes per task not kept: {} (the server's --max-outputs-size)",
+            over.join(", ")
+        )]
+    };
+    (kept, notes)
+}
+
+/// Opens a file of a running attempt's workspace for a live read, refusing anything that is
+/// not a regular file inside the workspace (after following links). Returns it with its size.
+pub async fn open_inside(workspace: &Path, rel: &str) -> Result<(tokio::fs::File, u64), String> {
+    let path = inside(workspace, rel)?;
+    let root = tokio::fs::canonicalize(workspace)
+        .await
+        .map_err(|_| "the task's workspace does not exist (yet)".to_string())?;
+    let target =
+        tokio::fs::canonicalize(&path).await.map_err(|_| format!("no file `{rel}` in the workspace"))?;
+    if !target.starts_with(&root) {
+        return Err(format!("`{rel}` leads outside the workspace"));
+    }
+    let meta = tokio::fs::metadata(&target).await.map_err(|e| format!("cannot read `{rel}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("`{rel}` is not a regular file"));
+    }
+    // The resolved path has no links; refusing one at open time closes the gap of a link
+    // swapped in since.
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&target)
+        .await
+        .map_err(|e| format!("cannot open `{rel}`: {e}"))?;
+    Ok((file, meta.len()))
+}
+
+/// Reads up to `length` bytes of `rel` from `offset` on, handing each chunk to `emit` (which
+/// returns false once nobody listens). The last chunk has `last` set, and `eof` when the
+/// file ended (as far as it was written when read); a refusal is one chunk with `error`.
+pub async fn read_window(workspace: &Path, read: &pb::ReadFile, mut emit: impl FnMut(pb::FileChunk) -> bool) {
+    let request_id = read.request_id;
+    let fail = |error: String| pb::FileChunk { request_id, last: true, error, ..Default::default() };
+    let (mut file, size) = match open_inside(workspace, &read.path).await {
+        Ok(f) => f,
+        Err(e) => {
+            emit(fail(e));
+            return;
+        }
+    };
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(read.offset)).await {
+        emit(fail(format!("cannot read `{}`: {e}", read.path)));
+        return;
+    }
+    let mut left = read.length.max(1);
+    let mut buf = vec![0u8; LIVE_CHUNK];
+    loop {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = match file.read(&mut buf[..want]).await {
+            Ok(n) => n,
+            Err(e) => {
+                emit(fail(format!("cannot read `{}`: {e}", read.path)));
+                return;
+            }
+        };
+        left -= n as u64;
+        let eof = n == 0;
+        let last = eof || left == 0;
+        let chunk =
+            pb::FileChunk { request_id, data: buf[..n].to_vec(), last, eof, error: String::new(), size };
+        if !emit(chunk) || last {
+            return;
+        }
+    }
+}
+
 /// Uploads outputs as blobs; returns what to report.
 pub async fn upload_outputs(
     link: &ServerLink,
@@ -209,6 +304,71 @@ mod tests {
             refused[0].contains("out/escape.txt") && refused[0].contains("outside the workspace"),
             "{refused:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn live_reads_stay_inside_the_workspace() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(ws.join("sub")).unwrap();
+        std::fs::write(ws.join("sub/data.txt"), "0123456789").unwrap();
+        std::fs::write(dir.path().join("secret.txt"), "outside").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), ws.join("escape.txt")).unwrap();
+        std::os::unix::fs::symlink("sub/data.txt", ws.join("inside.txt")).unwrap();
+        let read = |path: &str, offset, length| pb::ReadFile {
+            request_id: 7,
+            attempt_id: 1,
+            path: path.into(),
+            offset,
+            length,
+        };
+        let window = |req: pb::ReadFile| {
+            let ws = ws.clone();
+            async move {
+                let mut got = Vec::new();
+                read_window(&ws, &req, |c| {
+                    got.push(c);
+                    true
+                })
+                .await;
+                got
+            }
+        };
+        let got = window(read("sub/data.txt", 2, 4)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].data.as_slice(), got[0].last, got[0].eof, got[0].size),
+            (&b"2345"[..], true, false, 10)
+        );
+        let got = window(read("inside.txt", 8, 100)).await;
+        let data: Vec<u8> = got.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(data, b"89");
+        assert!(got.last().is_some_and(|c| c.last && c.eof));
+        for (path, why) in [
+            ("escape.txt", "outside the workspace"),
+            ("../secret.txt", "not a path inside"),
+            ("/etc/passwd", "not a path inside"),
+            ("sub", "not a regular file"),
+            ("missing.txt", "no file"),
+        ] {
+            let got = window(read(path, 0, 100)).await;
+            assert_eq!(got.len(), 1, "{path}");
+            assert!(got[0].error.contains(why) && got[0].data.is_empty(), "{path}: {}", got[0].error);
+        }
+    }
+
+    #[test]
+    fn outputs_over_the_limit_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), vec![0u8; 600]).unwrap();
+        std::fs::write(dir.path().join("b"), vec![0u8; 600]).unwrap();
+        std::fs::write(dir.path().join("c"), vec![0u8; 300]).unwrap();
+        let (kept, notes) = within_limit(dir.path(), vec!["a".into(), "b".into(), "c".into()], 1000);
+        assert_eq!(kept, vec!["a", "c"]);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("`b` (600 bytes)") && notes[0].contains("1000 bytes"), "{notes:?}");
+        let (kept, notes) = within_limit(dir.path(), vec!["a".into(), "c".into()], 1000);
+        assert_eq!((kept.len(), notes.len()), (2, 0));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod attempt;
 pub mod files;
 pub mod images;
 pub mod journal;
+pub mod log_cap;
 pub mod monitor;
 pub mod outbox;
 pub mod proxy;

@@ -49,7 +49,7 @@ fn stamp(mut msg: Msg, seq: u64, epoch: i64) -> AgentMessage {
             o.seq = seq;
             o.epoch = epoch;
         }
-        Msg::Register(_) | Msg::Heartbeat(_) => {}
+        Msg::Register(_) | Msg::Heartbeat(_) | Msg::FileChunk(_) => {}
     }
     AgentMessage { msg: Some(msg) }
 }

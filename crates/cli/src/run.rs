@@ -32,13 +32,34 @@ pub struct ServerArgs {
     #[arg(long, env = "DROVER_DATABASE")]
     pub database: Option<String>,
     /// Where blobs (image archives, inputs, outputs, logs) live: a directory, file:///path,
-    /// or s3://bucket/prefix (endpoint and credentials from AWS_ENDPOINT_URL, AWS_REGION,
-    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Default: <data dir>/blobs.
+    /// or s3://bucket/prefix (endpoint and region from --s3-endpoint and --s3-region,
+    /// credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default: <data dir>/blobs.
     #[arg(long, env = "DROVER_BLOBS")]
     pub blobs: Option<String>,
+    /// S3 endpoint for s3:// blob stores (default: AWS_ENDPOINT_URL, else AWS itself).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region for s3:// blob stores (default: AWS_REGION).
+    #[arg(long, env = "AWS_REGION")]
+    pub s3_region: Option<String>,
     /// Largest upload a client may send, like 10GiB.
     #[arg(long, default_value = "10GiB", value_parser = parse_memory)]
     pub max_upload: u64,
+    /// Most bytes of outputs one task may keep, like 10GiB; outputs past it are not kept and
+    /// the task's reason says which.
+    #[arg(long, default_value = "10GiB", value_parser = parse_memory)]
+    pub max_outputs_size: u64,
+    /// Most output one attempt may log, like 64MiB; past it the beginning and the end are kept
+    /// and a line says how much was cut.
+    #[arg(long, default_value = "64MiB", value_parser = parse_memory)]
+    pub max_log_size: u64,
+    /// How long the logs of ended attempts are kept, like 30days; they are archived to the blob
+    /// store when the attempt ends and deleted after this.
+    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
+    pub log_retention: Duration,
+    /// Also serve the HTTP API (JSON and downloads) on this address, like 127.0.0.1:7371.
+    #[arg(long, env = "DROVER_HTTP")]
+    pub http: Option<SocketAddr>,
     /// How long a node may stay silent before it is marked down and its tasks retried elsewhere.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
@@ -122,7 +143,15 @@ async fn open_backends(args: &ServerArgs) -> Result<Backends> {
         Some(url) => url.clone(),
         None => args.data_dir.join("blobs").display().to_string(),
     };
-    let blobs = drover_blobs::open_blob_store(&blobs_url, &drover_blobs::S3Options::from_env())
+    let mut s3 = drover_blobs::S3Options::from_env();
+    if let Some(endpoint) = &args.s3_endpoint {
+        s3.allow_http = endpoint.starts_with("http://");
+        s3.endpoint = Some(endpoint.clone());
+    }
+    if let Some(region) = &args.s3_region {
+        s3.region = Some(region.clone());
+    }
+    let blobs = drover_blobs::open_blob_store(&blobs_url, &s3)
         .map_err(|e| anyhow!("cannot open the blob store {blobs_url}: {e}"))?;
     match args.database.as_deref() {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -171,6 +200,9 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig> {
         heartbeat: args.heartbeat,
         lease: args.lease,
         max_upload: args.max_upload,
+        max_outputs: args.max_outputs_size,
+        max_log: args.max_log_size,
+        log_retention: args.log_retention,
         ..ServerConfig::default()
     })
 }
@@ -260,8 +292,15 @@ pub async fn server(args: ServerArgs) -> Result<ExitCode> {
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "drover server listening");
+    let http = match args.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    if let Some(http) = &http {
+        eprintln!("http api on http://{}", http.local_addr()?);
+    }
     println!("drover server listening on http://{addr}");
-    drover_server::serve(listener, backends, config, shutdown_signal()).await?;
+    drover_server::serve_with_http(listener, http, backends, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -296,7 +335,14 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = tokio::spawn(drover_server::serve(listener, backends, config, server_stop));
+    let http = match args.server.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    if let Some(http) = &http {
+        eprintln!("http api on http://{}", http.local_addr()?);
+    }
+    let server = tokio::spawn(drover_server::serve_with_http(listener, http, backends, config, server_stop));
     let agent_config = agent_config(&args.node, vec![url.clone()], args.server.data_dir.join("work"));
     let agent = build_agent(&args.node, agent_config).await?;
     let agent_stop = {

@@ -62,6 +62,8 @@ impl AgentSession for AgentApi {
             epoch,
             heartbeat_ms: shared.config.heartbeat.as_millis() as u64,
             lease_ms: lease.as_millis() as u64,
+            max_outputs_bytes: shared.config.max_outputs,
+            max_log_bytes: shared.config.max_log,
         })))
         .await
         .map_err(|_| Status::cancelled("session closed"))?;
@@ -181,6 +183,7 @@ async fn handle(
             let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
             after_report(shared, o.attempt_id, o.seq, applied, tx).await;
         }
+        Some(In::FileChunk(chunk)) => shared.reads.deliver(chunk),
         Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
         None => {}
     }

@@ -7,13 +7,14 @@ use std::time::Duration;
 use drover_core::JobPlan;
 use drover_proto as pb;
 use drover_proto::drover_server::Drover;
-use drover_store::{Signal, TaskFilter};
+use drover_store::Signal;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, status};
+use crate::downloads::{self, no_job, task_filter};
 use crate::{Shared, now_ms, transfer};
 
 /// Longest a stream waits for a change before checking the store again anyway.
@@ -121,60 +122,8 @@ impl Drover for ClientApi {
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
         let req = req.into_inner();
-        let filter = TaskFilter::parse(&req.task).ok_or_else(|| {
-            Status::invalid_argument(format!("`{}` is not a task; write NAME or NAME[FRAME]", req.task))
-        })?;
-        let shared = self.0.clone();
-        shared.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
-        let tasks = shared.store.tasks(req.job_id).await.map_err(status)?;
-        if !tasks.iter().any(|t| filter.matches(&t.name, t.frame)) {
-            return Err(Status::not_found(format!("job {} has no task `{}`", req.job_id, req.task)));
-        }
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut changes = shared.changes.subscribe();
-            let mut after = req.after_id;
-            let mut finished = false;
-            loop {
-                changes.mark_unchanged();
-                let lines = match shared.store.logs_after(req.job_id, &filter, after, 2000).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.send(Err(status(e))).await;
-                        return;
-                    }
-                };
-                if let Some(last) = lines.last() {
-                    after = last.id;
-                    let batch = pb::LogBatch { lines: lines.into_iter().map(convert::log_line).collect() };
-                    if tx.send(Ok(batch)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                // Output is stored before the attempt's end, so once every selected task is
-                // final, one more empty read proves nothing is left.
-                if !req.follow || finished {
-                    return;
-                }
-                match shared.store.tasks(req.job_id).await {
-                    Ok(tasks) => {
-                        finished = tasks
-                            .iter()
-                            .filter(|t| filter.matches(&t.name, t.frame))
-                            .all(|t| t.state.is_final());
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(status(e))).await;
-                        return;
-                    }
-                }
-                if !finished {
-                    let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = downloads::logs(self.0.clone(), req.job_id, &req.task, req.follow, req.after_id).await?;
+        Ok(Response::new(stream))
     }
 
     async fn put_blob(
@@ -256,24 +205,8 @@ impl Drover for ClientApi {
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
         let req = req.into_inner();
-        let filter = task_filter(&req.task)?;
-        self.0.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
-        let found = self.0.artifacts.artifacts(req.job_id, &filter).await.map_err(status)?;
-        let matching: Vec<_> = found.iter().filter(|a| a.path == req.path).collect();
-        let Some(first) = matching.first() else {
-            return Err(Status::not_found(format!(
-                "job {} has no artifact `{}` from `{}`; `drover artifacts ls {}` lists them",
-                req.job_id, req.path, req.task, req.job_id
-            )));
-        };
-        if matching.iter().any(|a| a.task_id != first.task_id) {
-            return Err(Status::invalid_argument(format!(
-                "several frames of `{}` kept `{}`; name one as NAME[FRAME]",
-                req.task, req.path
-            )));
-        }
-        let digest = transfer::digest(&first.digest)?;
-        Ok(Response::new(transfer::get(&self.0.blobs, &digest).await?))
+        let download = downloads::artifact(&self.0, req.job_id, &req.task, &req.path).await?;
+        Ok(Response::new(download.chunks))
     }
 
     async fn list_nodes(
@@ -317,13 +250,4 @@ impl ClientApi {
         }
         Ok(())
     }
-}
-
-fn task_filter(text: &str) -> Result<TaskFilter, Status> {
-    TaskFilter::parse(text)
-        .ok_or_else(|| Status::invalid_argument(format!("`{text}` is not a task; write NAME or NAME[FRAME]")))
-}
-
-fn no_job(id: i64) -> Status {
-    Status::not_found(format!("job {id} not found; `drover ps --all` lists jobs"))
 }

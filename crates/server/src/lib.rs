@@ -5,8 +5,14 @@
 mod agent_api;
 mod client_api;
 mod convert;
+mod downloads;
+mod http;
+mod live_files;
+mod log_archive;
 mod loops;
 mod transfer;
+
+pub use log_archive::DEFAULT_RETENTION;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +39,14 @@ pub struct ServerConfig {
     pub lease: Duration,
     /// The longest the scheduler sleeps when nothing wakes it (retry backoffs end on this tick).
     pub schedule_tick: Duration,
+    /// Most bytes of outputs one task may keep (enforced by agents).
+    pub max_outputs: u64,
+    /// Most bytes of output one attempt may ship; agents cut the middle beyond it.
+    pub max_log: u64,
+    /// How long archived attempt logs are kept after their attempt ended.
+    pub log_retention: Duration,
+    /// How often ended attempts' logs are archived (and old archives dropped).
+    pub archive_tick: Duration,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +56,10 @@ impl Default for ServerConfig {
             lease: Duration::from_secs(15),
             max_upload: 10 << 30,
             schedule_tick: Duration::from_millis(250),
+            max_outputs: 10 << 30,
+            max_log: 64 << 20,
+            log_retention: DEFAULT_RETENTION,
+            archive_tick: Duration::from_secs(1),
         }
     }
 }
@@ -52,6 +70,9 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The HTTP API failed.
+    #[error("http api failed: {0}")]
+    Http(#[source] std::io::Error),
 }
 
 /// Where the server keeps its state.
@@ -85,6 +106,8 @@ pub(crate) struct Shared {
     schedule: Notify,
     /// Connected agents by node id.
     sessions: Mutex<HashMap<i64, Session>>,
+    /// Live file reads waiting for their agents.
+    reads: live_files::Reads,
 }
 
 impl Shared {
@@ -149,9 +172,20 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Serves the client and agent APIs on `listener` until `shutdown` resolves, running the
-/// scheduler and lease reaper alongside.
+/// scheduler, lease reaper and log archiver alongside.
 pub async fn serve(
     listener: TcpListener,
+    backends: Backends,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    serve_with_http(listener, None, backends, config, shutdown).await
+}
+
+/// [`serve`], plus the HTTP API on `http` when given.
+pub async fn serve_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
     backends: Backends,
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -166,10 +200,18 @@ pub async fn serve(
         changes: watch::channel(0).0,
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
+        reads: live_files::Reads::default(),
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
     let reaper = tokio::spawn(loops::lease_reaper(shared.clone()));
+    let archiver = tokio::spawn(log_archive::archiver(shared.clone()));
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = http.map(|listener| {
+        tokio::spawn(http::serve(shared.clone(), listener, async {
+            let _ = http_stopped.await;
+        }))
+    });
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(DroverServer::new(client_api::ClientApi(shared.clone())))
@@ -179,5 +221,16 @@ pub async fn serve(
     signals.abort();
     scheduler.abort();
     reaper.abort();
+    archiver.abort();
+    let _ = stop_http.send(());
+    if let Some(mut http) = http {
+        // Downloads still streaming would hold the process; they get a moment to finish.
+        match tokio::time::timeout(Duration::from_secs(5), &mut http).await {
+            Ok(Ok(Err(e))) => return Err(ServerError::Http(e)),
+            Ok(Ok(Ok(()))) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "http api task failed"),
+            Err(_) => http.abort(),
+        }
+    }
     result.map_err(ServerError::from)
 }

@@ -37,10 +37,10 @@ pub struct OutputFile {
     pub digest: String,
 }
 
-/// Where artifacts are recorded. Kept apart from [`crate::Store`]; only the API and agent
-/// sessions touch it.
+/// Where artifacts are recorded. Kept apart from [`crate::Store`]; only the API, the agent
+/// sessions and the log archiver touch it (log archives are an attempt's artifact too).
 #[async_trait]
-pub trait ArtifactStore: Send + Sync + 'static {
+pub trait ArtifactStore: crate::ArchiveStore {
     /// Records the outputs of an attempt that is still open (fenced like every report).
     async fn record_outputs(
         &self,

@@ -216,6 +216,59 @@ pub async fn reregistration_adopts_known_attempts(store: &dyn Store) {
     assert_eq!((c.len(), c[0].number), (1, 1));
 }
 
+/// Archiving an ended attempt's log replaces its live rows; only ended attempts are archived,
+/// each once; expiring an archive reports its blob as unused unless something else uses it.
+pub async fn log_archives_replace_live_lines<S: Store + ArtifactStore>(store: &S) {
+    let id = store.submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
+    store.register_node(&node("n9", 2, 100_000), &[], 1).await.unwrap();
+    let a = schedule(store, 2).await;
+    assert_eq!(a.len(), 2);
+    for (i, x) in a.iter().enumerate() {
+        let line = OutputLine { step: 0, stderr: i == 1, data: format!("line {i}\n").into_bytes() };
+        store.append_output(x.attempt_id, x.epoch, &[line]).await.unwrap();
+    }
+    let live = store.live_attempts(id, &TaskFilter::default()).await.unwrap();
+    assert_eq!(live.len(), 2);
+    let only_a = TaskFilter { name: Some(a[0].plan.name.clone()), frame: None };
+    let live_a = store.live_attempts(id, &only_a).await.unwrap();
+    assert_eq!((live_a.len(), live_a[0].attempt_id, live_a[0].node_id), (1, a[0].attempt_id, a[0].node_id));
+
+    store.attempt_finished(&done(&a[0], 0), 3).await.unwrap();
+    let pending = store.unarchived_attempts(100).await.unwrap();
+    assert_eq!(pending.iter().map(|p| p.attempt_id).collect::<Vec<_>>(), vec![a[0].attempt_id]);
+    assert_eq!((pending[0].job_id, pending[0].task_id), (id, a[0].task_id));
+    let lines = store.attempt_log(a[0].attempt_id, 0, 100).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].data, b"line 0\n");
+    assert!(store.attempt_log(a[0].attempt_id, lines[0].id, 100).await.unwrap().is_empty());
+
+    // An attempt still running is never archived.
+    store.record_log_archive(a[1].attempt_id, "sha256:running", 1, 4).await.unwrap();
+    assert!(store.log_archives(id, &TaskFilter::default()).await.unwrap().is_empty());
+
+    store.record_log_archive(a[0].attempt_id, "sha256:one", 42, 5).await.unwrap();
+    store.record_log_archive(a[0].attempt_id, "sha256:two", 43, 6).await.unwrap();
+    let archives = store.log_archives(id, &TaskFilter::default()).await.unwrap();
+    assert_eq!(archives.len(), 1);
+    let arch = &archives[0];
+    assert_eq!((arch.attempt_id, arch.task_id, arch.attempt), (a[0].attempt_id, a[0].task_id, 1));
+    assert_eq!((arch.digest.as_str(), arch.size, arch.archived_ms), ("sha256:one", 42, 5));
+    assert!(store.unarchived_attempts(100).await.unwrap().is_empty());
+    let remaining = store.logs_after(id, &TaskFilter::default(), 0, 100).await.unwrap();
+    assert_eq!(remaining.len(), 1, "only the running attempt's line is live");
+    assert_eq!(remaining[0].data, b"line 1\n");
+
+    // The second attempt's log happens to be the same blob,.
+    store.attempt_finished(&done(&a[1], 0), 7).await.unwrap();
+    store.record_log_archive(a[1].attempt_id, "sha256:one", 42, 8).await.unwrap();
+    assert!(store.expire_log_archives(5, 100).await.unwrap().is_empty(), "nothing is older than 5");
+    assert!(store.expire_log_archives(6, 100).await.unwrap().is_empty(), "the blob is still used");
+    assert_eq!(store.log_archives(id, &TaskFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(store.expire_log_archives(100, 100).await.unwrap(), vec!["sha256:one".to_string()]);
+    assert!(store.log_archives(id, &TaskFilter::default()).await.unwrap().is_empty());
+    assert!(store.unarchived_attempts(100).await.unwrap().is_empty(), "expired is not unarchived");
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -224,7 +277,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts);
+            reregistration_adopts_known_attempts, log_archives_replace_live_lines);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

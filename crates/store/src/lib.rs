@@ -7,6 +7,7 @@
 //! streams never miss or reorder a change.
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod artifacts;
 pub mod conformance;
 #[cfg(any(test, feature = "test-support"))]
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use drover_core::JobPlan;
 use drover_core::placement::{NodeView, Placement, QueuedTask};
 
+pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use records::*;
 pub use secrets::{SecretStore, valid_secret_name};

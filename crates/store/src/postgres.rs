@@ -200,6 +200,9 @@ fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
     u32::try_from(value).map_err(|e| corrupt("count", e))
 }
 
+// Declared after `transaction!`, which it uses.
+mod archive;
+
 /// An event about to be appended.
 #[derive(Default)]
 struct Ev {

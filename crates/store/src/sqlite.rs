@@ -20,6 +20,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
+mod archive;
+
 use crate::artifacts::{ArtifactStore, OutputFile};
 use crate::secrets::SecretStore;
 use crate::*;

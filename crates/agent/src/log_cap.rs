@@ -1,0 +1,125 @@
+//! The per-attempt output limit. An attempt may ship up to a limit of output; past it, the
+//! first half of the limit has gone out as it came, the last half is held back (only the most
+//! recent bytes), and at the end a marker line says how much was cut before the held tail is
+//! shipped. So a runaway task's log keeps how it started and how it ended.
+
+use std::collections::VecDeque;
+
+/// One piece of output, as shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Step index.
+    pub step: u32,
+    /// From stderr.
+    pub stderr: bool,
+    /// Bytes.
+    pub data: Vec<u8>,
+}
+
+/// Applies the limit to an attempt's output.
+#[derive(Debug)]
+pub struct LogCap {
+    head_limit: u64,
+    tail_limit: u64,
+    shipped: u64,
+    tail: VecDeque<Piece>,
+    tail_bytes: u64,
+    cut: u64,
+    full: bool,
+}
+
+impl LogCap {
+    /// A cap of `limit` bytes per attempt (0 = no limit).
+    pub fn new(limit: u64) -> LogCap {
+        let limit = if limit == 0 { u64::MAX } else { limit };
+        LogCap {
+            head_limit: limit / 2,
+            tail_limit: limit - limit / 2,
+            shipped: 0,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            cut: 0,
+            full: false,
+        }
+    }
+
+    /// The piece to ship now, or `None` when it is held back (or cut).
+    pub fn admit(&mut self, piece: Piece) -> Option<Piece> {
+        let len = piece.data.len() as u64;
+        if !self.full && self.shipped.saturating_add(len) <= self.head_limit {
+            self.shipped += len;
+            return Some(piece);
+        }
+        self.full = true;
+        self.tail_bytes += len;
+        self.tail.push_back(piece);
+        while self.tail_bytes > self.tail_limit {
+            let over = self.tail_bytes - self.tail_limit;
+            let Some(front) = self.tail.front_mut() else { break };
+            let front_len = front.data.len() as u64;
+            if front_len <= over {
+                self.tail.pop_front();
+                self.tail_bytes -= front_len;
+                self.cut += front_len;
+            } else {
+                front.data.drain(..over as usize);
+                self.tail_bytes -= over;
+                self.cut += over;
+            }
+        }
+        None
+    }
+
+    /// What is left to ship at the end: the marker (if anything was cut) and the held tail.
+    pub fn finish(self) -> Vec<Piece> {
+        let mut out = Vec::with_capacity(self.tail.len() + 1);
+        if self.cut > 0 {
+            let step = self.tail.front().map(|p| p.step).unwrap_or(0);
+            let marker = format!("... {} bytes cut (over the limit of output per attempt) ...\n", self.cut);
+            out.push(Piece { step, stderr: true, data: marker.into_bytes() });
+        }
+        out.extend(self.tail);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(text: &str) -> Piece {
+        Piece { step: 0, stderr: false, data: text.as_bytes().to_vec() }
+    }
+
+    fn text(pieces: &[Piece]) -> String {
+        pieces.iter().map(|p| String::from_utf8_lossy(&p.data).to_string()).collect()
+    }
+
+    #[test]
+    fn keeps_the_beginning_and_the_end_and_says_how_much_was_cut() {
+        let mut cap = LogCap::new(20);
+        let mut shipped = Vec::new();
+        for i in 0..10 {
+            if let Some(p) = cap.admit(piece(&format!("line{i}\n"))) {
+                shipped.push(p);
+            }
+        }
+        assert_eq!(text(&shipped), "line0\n");
+        shipped.extend(cap.finish());
+        let all = text(&shipped);
+        // 60 bytes written, 6 shipped at once, the last 10 held back: 44 cut.
+        assert!(all.starts_with("line0\n... 44 bytes cut"), "{all}");
+        assert!(all.ends_with("ine8\nline9\n"), "{all}");
+    }
+
+    #[test]
+    fn output_under_the_limit_is_untouched() {
+        let mut cap = LogCap::new(100);
+        let mut shipped: Vec<Piece> = (0..3).filter_map(|i| cap.admit(piece(&format!("l{i}\n")))).collect();
+        shipped.extend(cap.finish());
+        assert_eq!(text(&shipped), "l0\nl1\nl2\n");
+        let mut unlimited = LogCap::new(0);
+        assert!(unlimited.admit(piece(&"x".repeat(1 << 20))).is_some());
+        assert!(unlimited.finish().is_empty());
+    }
+}

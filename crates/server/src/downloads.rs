@@ -1,0 +1,242 @@
+//! What the gRPC and HTTP APIs both serve: artifact downloads (kept in the blob store, or read
+//! live from a running task) and log streams (archived attempts from the blob store, the rest
+//! from live rows).
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto as pb;
+use drover_store::{LogArchiveRecord, TaskFilter};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::convert::{self, status};
+use crate::log_archive::ArchiveReader;
+use crate::{Shared, live_files, transfer};
+
+/// Longest a stream waits for a change before checking the store again anyway.
+const POLL_FALLBACK: Duration = Duration::from_secs(1);
+/// Lines per batch sent to a client.
+const BATCH: usize = 2000;
+
+/// A stream of API messages.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// An artifact on its way to a client.
+pub(crate) struct Download {
+    /// The size, when it is known up front (kept artifacts; a live file may still grow).
+    pub(crate) size: Option<u64>,
+    /// The content.
+    pub(crate) chunks: BoxStream<pb::BlobChunk>,
+}
+
+/// Parses `NAME` or `NAME[FRAME]`.
+pub(crate) fn task_filter(text: &str) -> Result<TaskFilter, Status> {
+    TaskFilter::parse(text)
+        .ok_or_else(|| Status::invalid_argument(format!("`{text}` is not a task; write NAME or NAME[FRAME]")))
+}
+
+/// The error for a job that does not exist.
+pub(crate) fn no_job(id: i64) -> Status {
+    Status::not_found(format!("job {id} not found; `drover ps --all` lists jobs"))
+}
+
+/// One file of a task: the artifact it kept, or, while the task runs and has not kept it yet,
+/// the file as it is now in the task's workspace.
+pub(crate) async fn artifact(
+    shared: &Arc<Shared>,
+    job_id: i64,
+    task: &str,
+    path: &str,
+) -> Result<Download, Status> {
+    let filter = task_filter(task)?;
+    shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
+    let found = shared.artifacts.artifacts(job_id, &filter).await.map_err(status)?;
+    let matching: Vec<_> = found.iter().filter(|a| a.path == path).collect();
+    if let Some(first) = matching.first() {
+        if matching.iter().any(|a| a.task_id != first.task_id) {
+            return Err(Status::invalid_argument(format!(
+                "several frames of `{task}` kept `{path}`; name one as NAME[FRAME]"
+            )));
+        }
+        let digest = transfer::digest(&first.digest)?;
+        let chunks = transfer::get(&shared.blobs, &digest).await?;
+        return Ok(Download { size: Some(first.size), chunks });
+    }
+    let live = shared.artifacts.live_attempts(job_id, &filter).await.map_err(status)?;
+    match live.as_slice() {
+        [] => Err(Status::not_found(format!(
+            "job {job_id} has no artifact `{path}` from `{task}` and no such task is running; \
+             `drover artifacts ls {job_id}` lists them"
+        ))),
+        [attempt] => {
+            tracing::info!(
+                job_id,
+                task_id = attempt.task_id,
+                attempt_id = attempt.attempt_id,
+                node_id = attempt.node_id,
+                path,
+                "reading a file of a running task"
+            );
+            let chunks = live_files::read(shared.clone(), attempt, path).await?;
+            Ok(Download { size: None, chunks })
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "several frames of `{task}` are running; name one as NAME[FRAME]"
+        ))),
+    }
+}
+
+/// A job's output from line `after_id` on; with `follow`, until the selected tasks end.
+///
+/// Attempts whose log is archived are read from the blob store (each once, whole), the others
+/// from live rows. An attempt archived while it is being followed continues from its archive
+/// after the last line already sent, so no line is lost or repeated.
+pub(crate) async fn logs(
+    shared: Arc<Shared>,
+    job_id: i64,
+    task: &str,
+    follow: bool,
+    after_id: i64,
+) -> Result<BoxStream<pb::LogBatch>, Status> {
+    let filter = task_filter(task)?;
+    shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
+    let tasks = shared.store.tasks(job_id).await.map_err(status)?;
+    if !tasks.iter().any(|t| filter.matches(&t.name, t.frame)) {
+        return Err(Status::not_found(format!("job {job_id} has no task `{task}`")));
+    }
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut follower =
+            Follower { shared, job_id, filter, tx, sent: HashMap::new(), archived: HashSet::new() };
+        if let Err(e) = follower.run(follow, after_id).await {
+            let _ = follower.tx.send(Err(e)).await;
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+/// The state of one log stream.
+struct Follower {
+    shared: Arc<Shared>,
+    job_id: i64,
+    filter: TaskFilter,
+    tx: mpsc::Sender<Result<pb::LogBatch, Status>>,
+    /// The last live line id sent per attempt, by (task id, attempt number).
+    sent: HashMap<(i64, u32), i64>,
+    /// Attempts already sent from their archive.
+    archived: HashSet<(i64, u32)>,
+}
+
+/// Why a stream stopped early: the client went away (not an error), or a real error.
+enum Stop {
+    Gone,
+    Failed(Status),
+}
+
+impl From<Status> for Stop {
+    fn from(s: Status) -> Stop {
+        Stop::Failed(s)
+    }
+}
+
+impl Follower {
+    async fn run(&mut self, follow: bool, after_id: i64) -> Result<(), Status> {
+        match self.stream(follow, after_id).await {
+            Ok(()) | Err(Stop::Gone) => Ok(()),
+            Err(Stop::Failed(s)) => Err(s),
+        }
+    }
+
+    async fn stream(&mut self, follow: bool, after_id: i64) -> Result<(), Stop> {
+        let mut changes = self.shared.changes.subscribe();
+        let mut after = after_id;
+        let mut finished = false;
+        loop {
+            changes.mark_unchanged();
+            let archives =
+                self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
+            for archive in archives {
+                let key = (archive.task_id, archive.attempt);
+                if self.archived.insert(key) {
+                    let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
+                    self.send_archive(&archive, floor).await?;
+                }
+            }
+            let lines = self
+                .shared
+                .store
+                .logs_after(self.job_id, &self.filter, after, BATCH as u32)
+                .await
+                .map_err(status)?;
+            if let Some(last) = lines.last() {
+                after = last.id;
+                let mut batch = Vec::with_capacity(lines.len());
+                for line in lines {
+                    let key = (line.task_id, line.attempt);
+                    if self.archived.contains(&key) {
+                        continue;
+                    }
+                    self.sent.insert(key, line.id);
+                    batch.push(convert::log_line(line));
+                }
+                self.send(batch).await?;
+                continue;
+            }
+            // Output is stored before the attempt's end, so once every selected task is
+            // final, one more empty read proves nothing is left.
+            if !follow || finished {
+                return Ok(());
+            }
+            let tasks = self.shared.store.tasks(self.job_id).await.map_err(status)?;
+            finished =
+                tasks.iter().filter(|t| self.filter.matches(&t.name, t.frame)).all(|t| t.state.is_final());
+            if !finished {
+                let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+            }
+        }
+    }
+
+    async fn send_archive(&mut self, archive: &LogArchiveRecord, floor: i64) -> Result<(), Stop> {
+        let damaged = |e: std::io::Error| {
+            tracing::error!(job_id = self.job_id, task_id = archive.task_id, attempt_id = archive.attempt_id,
+                digest = %archive.digest, error = %e, "cannot read a log archive");
+            Status::data_loss(format!(
+                "the log of `{}` attempt {} cannot be read from the blob store: {e}",
+                archive.task_name, archive.attempt
+            ))
+        };
+        let mut reader = ArchiveReader::open(&self.shared.blobs, archive).await.map_err(damaged)?;
+        let mut batch = Vec::new();
+        while let Some(line) = reader.next().await.map_err(damaged)? {
+            if line.id <= floor {
+                continue;
+            }
+            batch.push(pb::LogLine {
+                id: line.id,
+                task_id: archive.task_id,
+                task_name: archive.task_name.clone(),
+                frame: archive.frame,
+                attempt: archive.attempt,
+                step: line.step,
+                stream: if line.stderr { "stderr" } else { "stdout" }.into(),
+                data: line.data,
+            });
+            if batch.len() >= BATCH {
+                self.send(std::mem::take(&mut batch)).await?;
+            }
+        }
+        self.send(batch).await
+    }
+
+    async fn send(&self, lines: Vec<pb::LogLine>) -> Result<(), Stop> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(Ok(pb::LogBatch { lines })).await.map_err(|_| Stop::Gone)
+    }
+}

@@ -1,0 +1,141 @@
+//! The HTTP API: read-only JSON and downloads for scripts and browsers, the same data the gRPC
+//! client API serves.
+//!
+//! - `GET /v1/jobs/{id}`: the job and its tasks;
+//! - `GET /v1/jobs/{id}/artifacts[?task=NAME]`: kept outputs;
+//! - `GET /v1/jobs/{id}/tasks/{task}/artifacts/{*path}`: one file's bytes, kept or live;
+//! - `GET /v1/jobs/{id}/tasks/{task}/logs`: the task's output as text.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tonic::{Code, Status};
+
+use crate::Shared;
+use crate::convert::{self, status};
+use crate::downloads::{self, no_job, task_filter};
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "http api listening");
+    }
+    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/artifacts", get(artifacts))
+        .route("/v1/jobs/{id}/tasks/{task}/artifacts/{*path}", get(artifact))
+        .route("/v1/jobs/{id}/tasks/{task}/logs", get(logs))
+        .with_state(shared)
+}
+
+/// An API error as HTTP: the gRPC code mapped to a status, the message as JSON.
+struct ApiError(Status);
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> ApiError {
+        ApiError(s)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match self.0.code() {
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            Code::FailedPrecondition => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(json!({ "error": self.0.message() }))).into_response()
+    }
+}
+
+async fn job(State(shared): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+    let job = shared.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
+    let tasks = shared.store.tasks(id).await.map_err(status)?;
+    let job = convert::job(job, tasks);
+    let tasks: Vec<Value> = job
+        .tasks
+        .iter()
+        .map(|t| {
+            json!({"id": t.id, "name": t.name, "frame": t.frame, "state": t.state, "exit_code": t.exit_code,
+                "attempts": t.attempts, "node": t.node, "reason": t.reason, "failure": t.failure,
+                "cpu_seconds": t.cpu_seconds, "peak_memory_bytes": t.peak_memory_bytes,
+                "started_ms": t.started_ms, "ended_ms": t.ended_ms})
+        })
+        .collect();
+    Ok(Json(json!({"id": job.id, "name": job.name, "project": job.project, "priority": job.priority,
+        "state": job.state, "cancelled": job.cancelled, "created_ms": job.created_ms, "tasks": tasks})))
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    #[serde(default)]
+    task: String,
+}
+
+async fn artifacts(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+    Query(q): Query<TaskQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = task_filter(&q.task)?;
+    shared.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
+    let list = shared.artifacts.artifacts(id, &filter).await.map_err(status)?;
+    let list: Vec<Value> = list
+        .into_iter()
+        .map(|a| {
+            json!({"task": a.task_name, "frame": a.frame, "attempt": a.attempt, "path": a.path,
+                "size": a.size, "digest": a.digest, "created_ms": a.created_ms})
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+async fn artifact(
+    State(shared): State<Arc<Shared>>,
+    Path((id, task, path)): Path<(i64, String, String)>,
+) -> Result<Response, ApiError> {
+    let download = downloads::artifact(&shared, id, &task, &path).await?;
+    // A broken download (a corrupted blob, an agent gone mid-way) aborts the body, so the
+    // client sees a failed transfer rather than a short file.
+    let body = Body::from_stream(
+        download.chunks.map(|c| c.map(|c| bytes::Bytes::from(c.data)).map_err(std::io::Error::other)),
+    );
+    let mut response = Response::builder().header(header::CONTENT_TYPE, "application/octet-stream");
+    if let Some(size) = download.size {
+        response = response.header(header::CONTENT_LENGTH, size);
+    }
+    response.body(body).map_err(|e| ApiError(Status::internal(e.to_string())))
+}
+
+async fn logs(
+    State(shared): State<Arc<Shared>>,
+    Path((id, task)): Path<(i64, String)>,
+) -> Result<Response, ApiError> {
+    let stream = downloads::logs(shared, id, &task, false, 0).await?;
+    let body = Body::from_stream(stream.map(|batch| {
+        batch
+            .map(|b| bytes::Bytes::from(b.lines.into_iter().flat_map(|l| l.data).collect::<Vec<u8>>()))
+            .map_err(std::io::Error::other)
+    }));
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
+}

@@ -1,0 +1,80 @@
+//! What outlives a running attempt: its log, archived as one blob when it ends, and the
+//! attempt's whereabouts while it runs (so files can be read from its workspace live).
+//!
+//! Archiving replaces the attempt's live log rows in one transaction, so at every moment each
+//! line is either a live row or in an archive, never neither.
+
+use async_trait::async_trait;
+
+use crate::{LogRecord, Result, TaskFilter};
+
+/// An attempt still on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveAttempt {
+    /// Attempt id.
+    pub attempt_id: i64,
+    /// The node running it.
+    pub node_id: i64,
+    /// Task id.
+    pub task_id: i64,
+    /// Task name.
+    pub task_name: String,
+    /// Frame of an array task.
+    pub frame: Option<i64>,
+}
+
+/// An ended attempt whose log is not archived yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnarchivedAttempt {
+    /// Attempt id.
+    pub attempt_id: i64,
+    /// Job id.
+    pub job_id: i64,
+    /// Task id.
+    pub task_id: i64,
+}
+
+/// Where an attempt's archived log is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogArchiveRecord {
+    /// Attempt id.
+    pub attempt_id: i64,
+    /// Task id.
+    pub task_id: i64,
+    /// Task name.
+    pub task_name: String,
+    /// Frame of an array task.
+    pub frame: Option<i64>,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Blob digest, `sha256:...`.
+    pub digest: String,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// When it was archived.
+    pub archived_ms: i64,
+}
+
+/// Log archives and live attempts.
+#[async_trait]
+pub trait ArchiveStore: Send + Sync + 'static {
+    /// The attempts of a job's tasks that have not ended, newest first.
+    async fn live_attempts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LiveAttempt>>;
+
+    /// Up to `limit` ended attempts whose log was never archived, oldest first.
+    async fn unarchived_attempts(&self, limit: u32) -> Result<Vec<UnarchivedAttempt>>;
+
+    /// The live log rows of one attempt with an id above `after_id`, in order.
+    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>>;
+
+    /// Records that an ended attempt's log is stored as the blob `digest` and deletes its live
+    /// rows, in one transaction. Recording an attempt twice keeps the first archive.
+    async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()>;
+
+    /// The archived logs of a job's tasks, in attempt order.
+    async fn log_archives(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LogArchiveRecord>>;
+
+    /// Forgets up to `limit` archives made before `before_ms` and returns the digests no
+    /// archive or artifact refers to any more (the blobs the caller may delete).
+    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>>;
+}

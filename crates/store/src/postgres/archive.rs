@@ -1,0 +1,170 @@
+//! [`ArchiveStore`] on PostgreSQL.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::{MAX_TRIES, PostgresStore, get_u32, retryable};
+use crate::archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
+use crate::{LogRecord, Result, TaskFilter};
+
+#[async_trait]
+impl ArchiveStore for PostgresStore {
+    async fn live_attempts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LiveAttempt>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.node_id, a.task_id, t.name, t.frame FROM attempts a \
+             JOIN tasks t ON t.id = a.task_id WHERE a.job_id = $1 AND a.state <> 'ended' ORDER BY a.id DESC",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let attempts = rows
+            .iter()
+            .map(|r| {
+                Ok(LiveAttempt {
+                    attempt_id: r.try_get(0)?,
+                    node_id: r.try_get(1)?,
+                    task_id: r.try_get(2)?,
+                    task_name: r.try_get(3)?,
+                    frame: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(attempts.into_iter().filter(|a| filter.matches(&a.task_name, a.frame)).collect())
+    }
+
+    async fn unarchived_attempts(&self, limit: u32) -> Result<Vec<UnarchivedAttempt>> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, task_id FROM attempts WHERE state = 'ended' AND log_digest IS NULL \
+             ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UnarchivedAttempt {
+                    attempt_id: r.try_get(0)?,
+                    job_id: r.try_get(1)?,
+                    task_id: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
+             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.attempt_id = $1 AND l.id > $2 \
+             ORDER BY l.id LIMIT $3",
+        )
+        .bind(attempt_id)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogRecord {
+                    id: r.try_get(0)?,
+                    task_id: r.try_get(1)?,
+                    task_name: r.try_get(2)?,
+                    frame: r.try_get(3)?,
+                    attempt: get_u32(r, 4)?,
+                    step: get_u32(r, 5)?,
+                    stderr: r.try_get(6)?,
+                    data: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {
+        transaction!(self.pool, "record_log_archive", |tx| {
+            let updated = sqlx::query(
+                "UPDATE attempts SET log_digest = $1, log_size = $2, log_archived_ms = $3 \
+                 WHERE id = $4 AND state = 'ended' AND log_digest IS NULL",
+            )
+            .bind(digest)
+            .bind(size as i64)
+            .bind(now_ms)
+            .bind(attempt_id)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 1 {
+                sqlx::query("DELETE FROM log_lines WHERE attempt_id = $1")
+                    .bind(attempt_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn log_archives(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LogArchiveRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.task_id, t.name, t.frame, a.number, a.log_digest, a.log_size, a.log_archived_ms \
+             FROM attempts a JOIN tasks t ON t.id = a.task_id \
+             WHERE a.job_id = $1 AND a.log_digest <> '' ORDER BY a.id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let archives = rows
+            .iter()
+            .map(|r| {
+                Ok(LogArchiveRecord {
+                    attempt_id: r.try_get(0)?,
+                    task_id: r.try_get(1)?,
+                    task_name: r.try_get(2)?,
+                    frame: r.try_get(3)?,
+                    attempt: get_u32(r, 4)?,
+                    digest: r.try_get(5)?,
+                    size: r.try_get::<i64, _>(6)? as u64,
+                    archived_ms: r.try_get(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(archives.into_iter().filter(|a| filter.matches(&a.task_name, a.frame)).collect())
+    }
+
+    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>> {
+        transaction!(self.pool, "expire_log_archives", |tx| {
+            let rows = sqlx::query(
+                "SELECT id, log_digest FROM attempts WHERE log_digest <> '' AND log_archived_ms < $1 \
+                 ORDER BY log_archived_ms LIMIT $2 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(before_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            let ids = rows
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            let mut digests = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>(1))
+                .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+            sqlx::query("UPDATE attempts SET log_digest = '' WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            digests.sort();
+            digests.dedup();
+            let mut unused = Vec::new();
+            for d in digests {
+                let used: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM attempts WHERE log_digest = $1) \
+                     OR EXISTS (SELECT 1 FROM artifacts WHERE digest = $1)",
+                )
+                .bind(&d)
+                .fetch_one(&mut *tx)
+                .await?;
+                if !used {
+                    unused.push(d);
+                }
+            }
+            Ok(unused)
+        })
+    }
+}

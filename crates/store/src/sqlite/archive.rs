@@ -1,0 +1,156 @@
+//! [`ArchiveStore`] on SQLite.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::SqliteStore;
+use crate::archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
+use crate::{LogRecord, Result, TaskFilter};
+
+#[async_trait]
+impl ArchiveStore for SqliteStore {
+    async fn live_attempts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LiveAttempt>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.node_id, a.task_id, t.name, t.frame FROM attempts a \
+             JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ? AND a.state <> 'ended' ORDER BY a.id DESC",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LiveAttempt {
+                attempt_id: r.get(0),
+                node_id: r.get(1),
+                task_id: r.get(2),
+                task_name: r.get(3),
+                frame: r.get(4),
+            })
+            .filter(|a| filter.matches(&a.task_name, a.frame))
+            .collect())
+    }
+
+    async fn unarchived_attempts(&self, limit: u32) -> Result<Vec<UnarchivedAttempt>> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, task_id FROM attempts WHERE state = 'ended' AND log_digest IS NULL \
+             ORDER BY id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| UnarchivedAttempt { attempt_id: r.get(0), job_id: r.get(1), task_id: r.get(2) })
+            .collect())
+    }
+
+    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>> {
+        let rows = sqlx::query(
+            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
+             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.attempt_id = ? AND l.id > ? \
+             ORDER BY l.id LIMIT ?",
+        )
+        .bind(attempt_id)
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LogRecord {
+                id: r.get(0),
+                task_id: r.get(1),
+                task_name: r.get(2),
+                frame: r.get(3),
+                attempt: r.get::<i64, _>(4) as u32,
+                step: r.get::<i64, _>(5) as u32,
+                stderr: r.get(6),
+                data: r.get(7),
+            })
+            .collect())
+    }
+
+    async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE attempts SET log_digest = ?, log_size = ?, log_archived_ms = ? \
+             WHERE id = ? AND state = 'ended' AND log_digest IS NULL",
+        )
+        .bind(digest)
+        .bind(size as i64)
+        .bind(now_ms)
+        .bind(attempt_id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 1 {
+            sqlx::query("DELETE FROM log_lines WHERE attempt_id = ?")
+                .bind(attempt_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn log_archives(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LogArchiveRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.task_id, t.name, t.frame, a.number, a.log_digest, a.log_size, a.log_archived_ms \
+             FROM attempts a JOIN tasks t ON t.id = a.task_id \
+             WHERE a.job_id = ? AND a.log_digest <> '' ORDER BY a.id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LogArchiveRecord {
+                attempt_id: r.get(0),
+                task_id: r.get(1),
+                task_name: r.get(2),
+                frame: r.get(3),
+                attempt: r.get::<i64, _>(4) as u32,
+                digest: r.get(5),
+                size: r.get::<i64, _>(6) as u64,
+                archived_ms: r.get(7),
+            })
+            .filter(|a| filter.matches(&a.task_name, a.frame))
+            .collect())
+    }
+
+    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>> {
+        let mut tx = self.writer.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, log_digest FROM attempts WHERE log_digest <> '' AND log_archived_ms < ? \
+             ORDER BY log_archived_ms LIMIT ?",
+        )
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut digests: Vec<String> = Vec::new();
+        for r in &rows {
+            sqlx::query("UPDATE attempts SET log_digest = '' WHERE id = ?")
+                .bind(r.get::<i64, _>(0))
+                .execute(&mut *tx)
+                .await?;
+            digests.push(r.get(1));
+        }
+        digests.sort();
+        digests.dedup();
+        let mut unused = Vec::new();
+        for d in digests {
+            let used: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 WHERE EXISTS (SELECT 1 FROM attempts WHERE log_digest = ?1) \
+                 OR EXISTS (SELECT 1 FROM artifacts WHERE digest = ?1)",
+            )
+            .bind(&d)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if used.is_none() {
+                unused.push(d);
+            }
+        }
+        tx.commit().await?;
+        Ok(unused)
+    }
+}

@@ -1,0 +1,103 @@
+//! Each limit with its default overridden: upload size, outputs per task, log per attempt.
+
+use std::time::Duration;
+
+use crate::harness::{Cluster, task};
+
+const T: Duration = Duration::from_secs(90);
+
+#[test]
+fn an_upload_over_the_limit_is_refused_clearly() {
+    let c = Cluster::start_with(1, 2, &["--max-upload", "1KiB"], &[]);
+    std::fs::write(c.path("big.bin"), vec![7u8; 5000]).unwrap();
+    std::fs::write(c.path("small.bin"), vec![7u8; 500]).unwrap();
+    let file = c.job_file(
+        "upload.yaml",
+        r#"
+version: 1
+name: upload
+tasks:
+  - name: use
+    inputs: [{ path: big.bin, to: big.bin }]
+    command: "wc -c big.bin"
+"#,
+    );
+    let out = c.drover(&["submit", &file.display().to_string()]);
+    assert!(!out.status.success(), "an oversized input must be refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("larger than the server's limit of 1024 bytes"), "{stderr}");
+    let ok = c.submit(
+        r#"
+version: 1
+name: upload
+tasks:
+  - name: use
+    inputs: [{ path: small.bin, to: small.bin }]
+    command: "wc -c < small.bin"
+"#,
+    );
+    assert_eq!(c.wait_done(ok, T)["state"], "succeeded");
+    assert_eq!(c.ok(&["logs", &ok.to_string(), "use"]).trim(), "500");
+}
+
+#[test]
+fn outputs_over_the_per_task_limit_are_not_kept_and_the_task_says_so() {
+    let c = Cluster::start_with(1, 2, &["--max-outputs-size", "1000B"], &[]);
+    let job = c.submit(
+        r#"
+version: 1
+name: outputs
+tasks:
+  - name: make
+    outputs: ["*.bin"]
+    command: "head -c 600 /dev/zero > a.bin && head -c 600 /dev/zero > b.bin && head -c 300 /dev/zero > c.bin"
+"#,
+    );
+    let status = c.wait_done(job, T);
+    let t = task(&status, "make");
+    assert_eq!(t["state"], "succeeded", "{status:#}");
+    let reason = t["reason"].as_str().unwrap_or_default().to_string();
+    let events = c.ok(&["watch", &job.to_string()]);
+    assert!(
+        events.contains("outputs over the limit of 1000 bytes per task not kept: `b.bin` (600 bytes)"),
+        "{events}\n{reason}"
+    );
+    let ls = c.ok(&["artifacts", "ls", &job.to_string(), "-o", "json"]);
+    let ls: serde_json::Value = serde_json::from_str(&ls).unwrap();
+    let paths: Vec<&str> = ls.as_array().unwrap().iter().map(|a| a["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, vec!["a.bin", "c.bin"]);
+}
+
+#[test]
+fn a_log_over_the_per_attempt_limit_keeps_its_beginning_and_end() {
+    let c = Cluster::start_with(1, 2, &["--max-log-size", "4KiB"], &[]);
+    let job = c.submit(
+        r#"
+version: 1
+name: flood
+tasks:
+  - name: count
+    command: "seq 1 20000"
+"#,
+    );
+    assert_eq!(c.wait_done(job, T)["state"], "succeeded");
+    let full: String = (1..=20_000).map(|i| format!("{i}\n")).collect();
+    let out = c.drover(&["logs", &job.to_string(), "count"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stdout.starts_with("1\n2\n3\n"), "{stdout}");
+    assert!(stdout.ends_with("19999\n20000\n"), "{stdout}");
+    assert!(stdout.len() <= 4096, "{} bytes shipped past a 4 KiB limit", stdout.len());
+    let cut: usize = stderr
+        .strip_prefix("... ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no cut marker in {stderr:?}"));
+    assert!(stderr.contains("bytes cut"), "{stderr}");
+    // What was kept and what was cut add up to everything the task wrote, and the kept head
+    // and tail are the real beginning and end.
+    assert_eq!(stdout.len() + cut, full.len());
+    let head_len = (0..=stdout.len()).rev().find(|&n| full.starts_with(&stdout[..n])).unwrap();
+    assert_eq!(&stdout[head_len..], &full[head_len + cut..]);
+}
