@@ -7,6 +7,7 @@ mod client_api;
 mod convert;
 mod loops;
 mod transfer;
+mod usage;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
