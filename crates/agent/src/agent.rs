@@ -17,6 +17,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::Instrument;
 
+use crate::ai_task::AiTask;
 use crate::attempt::{self, StopReason};
 use crate::files::ServerLink;
 use crate::images::ImageFetcher;
@@ -74,6 +75,7 @@ struct Launch {
     /// Set when re-attaching to a step an earlier agent run started.
     resume: Option<attempt::Resume>,
     io: Option<attempt::TaskIo>,
+    ai: Option<AiTask>,
 }
 
 /// A running attempt as the session sees it.
@@ -121,6 +123,8 @@ pub struct Agent {
     cores: Arc<Mutex<CoreSet>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
     limits: Limits,
+    /// Where agent tasks' LLM calls go when their job names no upstream.
+    llm_upstream: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,7 +161,15 @@ impl Agent {
             outbox: Arc::new(Outbox::default()),
             running: Arc::new(Mutex::new(HashMap::new())),
             limits: Limits::default(),
+            llm_upstream: None,
         })
+    }
+
+    /// Sets the LLM API that agent tasks' metering proxies forward to when their job names
+    /// no `upstream`.
+    pub fn with_llm_upstream(mut self, upstream: Option<String>) -> Agent {
+        self.llm_upstream = upstream;
+        self
     }
 
     /// Lets the agent load images shipped with jobs into this Docker engine.
@@ -195,6 +207,7 @@ impl Agent {
                 reserved: None,
                 resume: Some(resume),
                 io: None,
+                ai: None,
             };
             this.launch(launch);
         }
@@ -365,24 +378,38 @@ impl Agent {
             network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),
             services: plan.as_ref().map(|p| p.services.clone()).unwrap_or_default(),
             secrets: a.secrets.into_iter().collect(),
+            host_ports: Vec::new(),
         };
         let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
-        let io = plan.as_ref().filter(|p| !p.inputs.is_empty() || !p.outputs.is_empty()).map(|p| {
-            attempt::TaskIo {
-                inputs: p.inputs.clone(),
-                outputs: p.outputs.clone(),
-                outputs_on_failure: p.outputs_on_failure,
-                link: ServerLink::new(self.config.servers.clone()),
-                max_outputs: self.limits.max_outputs(),
-            }
+        let ai = plan.as_ref().and_then(|p| p.agent.clone()).map(|spec| AiTask {
+            spec,
+            inputs: plan.as_ref().map(|p| p.inputs.clone()).unwrap_or_default(),
+            llm_key: a.llm_key,
+            default_upstream: self.llm_upstream.clone(),
         });
-        self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io });
+        let io = plan
+            .as_ref()
+            .filter(|p| !p.inputs.is_empty() || !p.outputs.is_empty() || p.agent.is_some())
+            .map(|p| {
+                let mut outputs = p.outputs.clone();
+                if p.agent.is_some() {
+                    outputs.push(crate::ai_task::PATCH_FILE.to_owned());
+                }
+                attempt::TaskIo {
+                    inputs: p.inputs.clone(),
+                    outputs,
+                    outputs_on_failure: p.outputs_on_failure,
+                    link: ServerLink::new(self.config.servers.clone()),
+                    max_outputs: self.limits.max_outputs(),
+                }
+            });
+        self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io, ai });
     }
 
     /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent
     /// run started.
     fn launch(self: &Arc<Self>, launch: Launch) {
-        let Launch { spec, kind, image_blob, timeout, reserved, resume, io } = launch;
+        let Launch { spec, kind, image_blob, timeout, reserved, resume, io, ai } = launch;
         let attempt_id = spec.attempt_id;
         let runtime = self.runtimes.get(&kind).cloned();
         let (stop_tx, stop_rx) = watch::channel(StopReason::None);
@@ -410,6 +437,7 @@ impl Agent {
                             grace: this.config.kill_grace,
                             io,
                             max_log: this.limits.max_log(),
+                            ai,
                         };
                         attempt::run(runner, spec, timeout, stop_rx, resume).await;
                     }

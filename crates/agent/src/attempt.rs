@@ -10,10 +10,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::ai_task::{self, AiTask};
 use crate::files::{self, ServerLink};
 use crate::journal::{Entry, Journal};
 use crate::log_cap::{LogCap, Piece};
 use crate::outbox::Outbox;
+use crate::proxy::TokenUsage;
 use crate::runtime::{
     ExitStatus, OutputChunk, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
 };
@@ -49,6 +51,8 @@ pub struct Outcome {
     pub message: String,
     /// Usage summed over the steps.
     pub usage: Usage,
+    /// LLM tokens of an agent task, as its metering proxy counted them.
+    pub tokens: TokenUsage,
 }
 
 /// A step that an earlier agent run started and this one re-attached to.
@@ -69,7 +73,7 @@ pub async fn run(
     stop: watch::Receiver<StopReason>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Runner { runtime, outbox, journal, grace, io, max_log } = runner;
+    let Runner { runtime, outbox, journal, grace, io, max_log, ai } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -77,19 +81,38 @@ pub async fn run(
         attempt_id = spec.attempt_id
     );
     async move {
+        let mut spec = spec;
         let attempt_id = spec.attempt_id;
         if resume.is_none() {
             started(&outbox, attempt_id).await;
         }
         let (tx, rx) = mpsc::channel(1024);
-        let secrets: Vec<Vec<u8>> =
-            spec.secrets.values().filter(|v| !v.is_empty()).map(|v| v.as_bytes().to_vec()).collect();
+        let llm_key = ai.as_ref().map(|a| a.llm_key.as_str());
+        let secrets: Vec<Vec<u8>> = spec
+            .secrets
+            .values()
+            .map(String::as_str)
+            .chain(llm_key)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
         let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets, max_log));
         let inputs = match (&resume, &io) {
             (None, Some(io)) if !io.inputs.is_empty() => {
                 files::fetch_inputs(&io.link, &spec.workspace, &io.inputs).await
             }
             _ => Ok(()),
+        };
+        let mut agent_task = None;
+        let inputs = match (inputs, &ai, &resume) {
+            (Ok(()), Some(ai), None) => match ai_task::prepare(ai, &mut spec).await {
+                Ok(prepared) => {
+                    agent_task = Some(prepared);
+                    Ok(())
+                }
+                Err(e) => Err(format!("agent task not set up: {e}")),
+            },
+            (inputs, ..) => inputs,
         };
         let mut outcome = match inputs {
             Ok(()) => {
@@ -105,11 +128,15 @@ pub async fn run(
                     failure: "start",
                     message: why,
                     usage: Usage::default(),
+                    tokens: TokenUsage::default(),
                 }
             }
         };
         if let Err(e) = runtime.cleanup(&spec).await {
             tracing::warn!(error = %e, "cleanup failed");
+        }
+        if let Some(prepared) = agent_task {
+            wrap_up_agent(prepared, &mut outcome).await;
         }
         if let Some(io) = &io {
             keep_outputs(&outbox, io, &spec, &mut outcome).await;
@@ -124,6 +151,36 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// Ends an agent task: tokens into the report, `budget` as the failure when the proxy had to
+/// refuse calls (unless the user cancelled), and the wrap-up's notes into the message.
+async fn wrap_up_agent(prepared: ai_task::Prepared, outcome: &mut Outcome) {
+    let succeeded = outcome.failure.is_empty() && outcome.exit_code == Some(0);
+    let wrapup = prepared.finish(succeeded).await;
+    outcome.tokens = wrapup.tokens;
+    let mut notes = wrapup.notes;
+    if wrapup.budget_spent && outcome.failure != "cancelled" {
+        tracing::info!(
+            input_tokens = wrapup.tokens.input_tokens,
+            output_tokens = wrapup.tokens.output_tokens,
+            refused = wrapup.tokens.refused,
+            "token budget spent"
+        );
+        outcome.failure = "budget";
+        notes.insert(
+            0,
+            format!(
+                "token budget spent after {} tokens; {} llm calls refused",
+                wrapup.tokens.total_tokens(),
+                wrapup.tokens.refused
+            ),
+        );
+    }
+    for note in notes {
+        outcome.message =
+            if outcome.message.is_empty() { note } else { format!("{}; {note}", outcome.message) };
+    }
 }
 
 /// Files an attempt moves: inputs placed before it starts, outputs kept after it ends.
@@ -188,6 +245,8 @@ pub struct Runner {
     pub io: Option<TaskIo>,
     /// Most bytes of output shipped; the middle is cut beyond it (see [`crate::log_cap`]).
     pub max_log: u64,
+    /// The agent block of an AI-agent task, with its key.
+    pub ai: Option<AiTask>,
 }
 
 /// What running the steps of an attempt needs.
@@ -214,6 +273,7 @@ async fn run_steps(
         failure: "",
         message: String::new(),
         usage: Usage::default(),
+        tokens: TokenUsage::default(),
     };
     let first = resume.as_ref().map(|r| r.step).unwrap_or(0);
     let mut resumed = resume.map(|r| r.handle);
@@ -320,6 +380,7 @@ pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
         failure: "start",
         message: why.to_string(),
         usage: Usage::default(),
+        tokens: TokenUsage::default(),
     };
     finished(outbox, attempt_id, &outcome).await;
 }
@@ -346,6 +407,8 @@ async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
             message: o.message.clone(),
             cpu_seconds: o.usage.cpu_seconds,
             peak_memory_bytes: o.usage.peak_memory_bytes,
+            input_tokens: o.tokens.input_tokens,
+            output_tokens: o.tokens.output_tokens,
         })),
     });
     outbox.push(attempt_id, msg, 128 + o.message.len()).await;

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod ai_task;
 pub mod attempt;
 pub mod files;
 pub mod images;

@@ -7,6 +7,7 @@ mod jobs;
 mod render;
 mod run;
 mod secrets;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,8 @@ enum Command {
     Artifacts(artifacts::ArtifactsArgs),
     /// Manage project secrets (set from stdin, list names, remove).
     Secrets(secrets::SecretsArgs),
+    /// Show compute time and LLM tokens used, per project and per job.
+    Usage(usage::UsageArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Command::Nodes(a) => jobs::nodes(a).await,
             Command::Secrets(a) => secrets::secrets(a).await,
             Command::Artifacts(a) => artifacts::artifacts(a).await,
+            Command::Usage(a) => usage::usage(a).await,
         }
     });
     match result {

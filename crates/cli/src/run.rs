@@ -97,6 +97,10 @@ pub struct NodeArgs {
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
+    /// LLM API that agent tasks' metering proxies forward to when their job names no
+    /// `upstream`, like https://api.anthropic.com.
+    #[arg(long, env = "DROVER_LLM_UPSTREAM", value_name = "URL")]
+    pub llm_upstream: Option<String>,
 }
 
 /// `drover agent`.
@@ -278,7 +282,7 @@ async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
     }
     let names: Vec<&str> = runtimes.iter().map(|r| r.kind()).collect();
     tracing::info!(runtimes = ?names, "runtimes available");
-    let agent = Agent::new(config, runtimes)?;
+    let agent = Agent::new(config, runtimes)?.with_llm_upstream(node.llm_upstream.clone());
     Ok(match docker {
         Some(d) => agent.with_images(d),
         None => agent,

@@ -283,6 +283,39 @@ pub struct AgentSpec {
     /// Where to push the agent's changes as a branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSpec>,
+    /// Which LLM API the agent speaks, so the metering proxy puts the real key where that API
+    /// expects it.
+    #[serde(default)]
+    pub provider: LlmProvider,
+    /// Base URL of the LLM API; `None` means the node's configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Name of the project secret holding the real API key. It goes to the node's metering
+    /// proxy only, never into the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
+}
+
+/// The LLM HTTP API an agent task talks to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LlmProvider {
+    /// The Anthropic Messages API.
+    #[default]
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// The OpenAI Chat Completions API.
+    #[serde(rename = "openai")]
+    OpenAi,
+}
+
+impl LlmProvider {
+    /// The word used in job files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LlmProvider::Anthropic => "anthropic",
+            LlmProvider::OpenAi => "openai",
+        }
+    }
 }
 
 /// A git remote and branch to push an agent's changes to.

@@ -12,8 +12,8 @@ pub mod spec;
 pub mod state;
 
 pub use job::{
-    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, JobPlan, NetworkPolicy,
-    PushSpec, RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
+    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, JobPlan, LlmProvider,
+    NetworkPolicy, PushSpec, RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
 };
 pub use resources::Resources;
 pub use state::{FailureClass, JobState, NodeState, TaskState};

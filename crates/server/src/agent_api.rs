@@ -141,6 +141,13 @@ async fn handle(
                                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
                         )
                     };
+                    if f.input_tokens > 0 || f.output_tokens > 0 {
+                        shared
+                            .store
+                            .attempt_tokens(u.attempt_id, u.epoch, f.input_tokens, f.output_tokens)
+                            .await
+                            .map_err(status)?;
+                    }
                     let report = AttemptReport {
                         attempt_id: u.attempt_id,
                         epoch: u.epoch,

@@ -185,6 +185,10 @@ impl Drover for ClientApi {
         Ok(Response::new(pb::DeleteSecretResponse { deleted }))
     }
 
+    async fn usage(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
+        crate::usage::usage(&self.0, req.into_inner()).await.map(Response::new)
+    }
+
     async fn list_artifacts(
         &self,
         req: Request<pb::ListArtifactsRequest>,
@@ -222,8 +226,9 @@ impl ClientApi {
     /// Refuses a job that names secrets its project lacks or images the server does not have,
     /// before anything is stored.
     async fn check_references(&self, plan: &JobPlan) -> Result<(), Status> {
+        let keys = plan.tasks.iter().filter_map(|t| t.agent.as_ref().and_then(|a| a.key_secret.clone()));
         let wanted: std::collections::BTreeSet<String> =
-            plan.tasks.iter().flat_map(|t| t.secrets.iter().cloned()).collect();
+            plan.tasks.iter().flat_map(|t| t.secrets.iter().cloned()).chain(keys).collect();
         if !wanted.is_empty() {
             let wanted: Vec<String> = wanted.into_iter().collect();
             let found = self.0.secrets.secret_values(&plan.project, &wanted).await.map_err(status)?;

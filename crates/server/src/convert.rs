@@ -137,5 +137,6 @@ pub(crate) fn assign_message(a: &Assignment) -> pb::Assign {
         runtime: a.plan.runtime.as_str().to_string(),
         plan_json: serde_json::to_string(&a.plan).unwrap_or_default(),
         secrets: Default::default(),
+        llm_key: String::new(),
     }
 }

@@ -11,6 +11,7 @@ mod live_files;
 mod log_archive;
 mod loops;
 mod transfer;
+mod usage;
 
 pub use log_archive::DEFAULT_RETENTION;
 

@@ -73,6 +73,11 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
         if !a.plan.secrets.is_empty() {
             assign.secrets = resolve_secrets(shared, a.job_id, &a.plan.secrets).await.into_iter().collect();
         }
+        if let Some(key) = a.plan.agent.as_ref().and_then(|g| g.key_secret.clone()) {
+            // Sent apart from `secrets`, which become the sandbox's environment.
+            let mut found = resolve_secrets(shared, a.job_id, std::slice::from_ref(&key)).await;
+            assign.llm_key = found.remove(&key).unwrap_or_default();
+        }
         let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign)) };
         shared.send_to_node(node_id, msg).await;
     }

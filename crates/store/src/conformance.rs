@@ -269,6 +269,53 @@ pub async fn log_archives_replace_live_lines<S: Store + ArtifactStore>(store: &S
     assert!(store.unarchived_attempts(100).await.unwrap().is_empty(), "expired is not unarchived");
 }
 
+/// Tokens recorded with an attempt's end, and its compute, sum up per job; filters by
+/// project and job; a stale epoch records nothing.
+pub async fn usage_sums_tokens_and_compute(store: &dyn Store) {
+    let mut t = task("a", &[]);
+    t.retries = RetryPolicy { count: 1, backoff: Duration::ZERO, ..Default::default() };
+    let first = store.submit(&job(vec![t, task("b", &[])]), "", "f", 1).await.unwrap();
+    let mut other = job(vec![task("c", &[])]);
+    other.project = "team".into();
+    let second = store.submit(&other, "", "f", 1).await.unwrap();
+    store.register_node(&node("n9", 8, 100_000), &[], 1).await.unwrap();
+    let a = schedule(store, 2).await;
+    assert_eq!(a.len(), 3);
+    for x in &a {
+        store.attempt_started(x.attempt_id, x.epoch, 1_000).await.unwrap();
+    }
+    let by_name = |name: &str| a.iter().find(|x| x.plan.name == name).unwrap();
+    let (ta, tb, tc) = (by_name("a"), by_name("b"), by_name("c"));
+    assert_eq!(store.attempt_tokens(ta.attempt_id, ta.epoch + 1, 5, 5).await.unwrap(), Applied::Stale);
+    assert_eq!(store.attempt_tokens(ta.attempt_id, ta.epoch, 100, 20).await.unwrap(), Applied::Applied);
+    store.attempt_finished(&done(ta, 1), 3_000).await.unwrap();
+    assert_eq!(store.attempt_tokens(ta.attempt_id, ta.epoch, 9, 9).await.unwrap(), Applied::Stale, "ended");
+    let retry = schedule(store, 3_000).await;
+    assert_eq!(retry.len(), 1);
+    store.attempt_started(retry[0].attempt_id, retry[0].epoch, 3_000).await.unwrap();
+    store.attempt_tokens(retry[0].attempt_id, retry[0].epoch, 7, 3).await.unwrap();
+    store.attempt_finished(&done(&retry[0], 0), 3_500).await.unwrap();
+    store.attempt_finished(&done(tb, 0), 1_500).await.unwrap();
+    store.attempt_tokens(tc.attempt_id, tc.epoch, 1, 1).await.unwrap();
+
+    let all = store.usage(&UsageFilter::default()).await.unwrap();
+    assert_eq!(
+        all.iter().map(|u| (u.project.as_str(), u.job_id)).collect::<Vec<_>>(),
+        vec![("default", first), ("team", second)]
+    );
+    let u = &all[0];
+    assert_eq!((u.tasks, u.attempts, u.input_tokens, u.output_tokens), (2, 3, 107, 23));
+    assert!((u.cpu_seconds - 1.5).abs() < 1e-9, "{}", u.cpu_seconds);
+    assert!((u.wall_seconds - 3.0).abs() < 1e-9, "{}", u.wall_seconds);
+    let c = &all[1];
+    assert_eq!((c.tasks, c.attempts, c.input_tokens, c.output_tokens), (1, 1, 1, 1));
+    assert_eq!(c.wall_seconds, 0.0, "a running attempt adds no wall time yet");
+    let team = store.usage(&UsageFilter { project: Some("team".into()), job_id: None }).await.unwrap();
+    assert_eq!(team.iter().map(|u| u.job_id).collect::<Vec<_>>(), vec![second]);
+    let one = store.usage(&UsageFilter { project: None, job_id: Some(first) }).await.unwrap();
+    assert_eq!(one, vec![all[0].clone()]);
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -277,7 +324,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts, log_archives_replace_live_lines);
+            reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

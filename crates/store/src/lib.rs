@@ -16,6 +16,7 @@ pub mod postgres;
 mod records;
 pub mod secrets;
 pub mod sqlite;
+mod usage;
 
 use async_trait::async_trait;
 use drover_core::JobPlan;
@@ -25,6 +26,7 @@ pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use records::*;
 pub use secrets::{SecretStore, valid_secret_name};
+pub use usage::{JobUsage, UsageFilter};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,14 @@ pub trait Store: Send + Sync + 'static {
     /// Records how an attempt ended and settles its task (final state or retry), releases
     /// dependents, and updates the job's state.
     async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied>;
+
+    /// Records the LLM tokens an open attempt used (the agent reports them with its end,
+    /// just before [`attempt_finished`](Self::attempt_finished)); setting, not adding, so a
+    /// repeated report changes nothing.
+    async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied>;
+
+    /// Compute and tokens per job, ordered by project and job id.
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>>;
 
     /// Appends output lines of an attempt.
     async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied>;

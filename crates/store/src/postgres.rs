@@ -1363,6 +1363,53 @@ impl Store for PostgresStore {
         Ok(applied)
     }
 
+    async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied> {
+        let done = sqlx::query(
+            "UPDATE attempts SET input_tokens = $1, output_tokens = $2 WHERE id = $3 AND epoch = $4 AND state <> 'ended'",
+        )
+        .bind(i64::try_from(input).unwrap_or(i64::MAX))
+        .bind(i64::try_from(output).unwrap_or(i64::MAX))
+        .bind(attempt_id)
+        .bind(epoch)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() == 0 { Applied::Stale } else { Applied::Applied })
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>> {
+        let mut q = QueryBuilder::<Postgres>::new(
+            "SELECT j.project, j.id, j.name, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id)::BIGINT, COUNT(a.id)::BIGINT, \
+             COALESCE(SUM(a.cpu_seconds), 0.0)::DOUBLE PRECISION, \
+             COALESCE(SUM(CASE WHEN a.ended_ms IS NOT NULL AND a.started_ms IS NOT NULL \
+                 THEN a.ended_ms - a.started_ms ELSE 0 END), 0)::BIGINT, \
+             COALESCE(SUM(a.input_tokens), 0)::BIGINT, COALESCE(SUM(a.output_tokens), 0)::BIGINT \
+             FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE 1 = 1",
+        );
+        if let Some(project) = &filter.project {
+            q.push(" AND j.project = ").push_bind(project);
+        }
+        if let Some(job_id) = filter.job_id {
+            q.push(" AND j.id = ").push_bind(job_id);
+        }
+        q.push(" GROUP BY j.id ORDER BY j.project, j.id");
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(JobUsage {
+                project: r.try_get(0)?,
+                job_id: r.try_get(1)?,
+                job_name: r.try_get(2)?,
+                tasks: r.try_get::<i64, _>(3)? as u32,
+                attempts: r.try_get::<i64, _>(4)? as u32,
+                cpu_seconds: r.try_get(5)?,
+                wall_seconds: r.try_get::<i64, _>(6)? as f64 / 1000.0,
+                input_tokens: r.try_get::<i64, _>(7)?.max(0) as u64,
+                output_tokens: r.try_get::<i64, _>(8)?.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
     async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
         transaction!(self.pool, "append_output", |tx| {
             let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {

@@ -865,6 +865,52 @@ impl Store for SqliteStore {
         Ok(Applied::Applied)
     }
 
+    async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied> {
+        let done = sqlx::query(
+            "UPDATE attempts SET input_tokens = ?, output_tokens = ? WHERE id = ? AND epoch = ? AND state <> 'ended'",
+        )
+        .bind(i64::try_from(input).unwrap_or(i64::MAX))
+        .bind(i64::try_from(output).unwrap_or(i64::MAX))
+        .bind(attempt_id)
+        .bind(epoch)
+        .execute(&self.writer)
+        .await?;
+        Ok(if done.rows_affected() == 0 { Applied::Stale } else { Applied::Applied })
+    }
+
+    async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT j.project, j.id, j.name, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id), COUNT(a.id), \
+             COALESCE(SUM(a.cpu_seconds), 0.0), \
+             COALESCE(SUM(CASE WHEN a.ended_ms IS NOT NULL AND a.started_ms IS NOT NULL \
+                 THEN a.ended_ms - a.started_ms ELSE 0 END), 0), \
+             COALESCE(SUM(a.input_tokens), 0), COALESCE(SUM(a.output_tokens), 0) \
+             FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE 1 = 1",
+        );
+        if let Some(project) = &filter.project {
+            q.push(" AND j.project = ").push_bind(project);
+        }
+        if let Some(job_id) = filter.job_id {
+            q.push(" AND j.id = ").push_bind(job_id);
+        }
+        q.push(" GROUP BY j.id ORDER BY j.project, j.id");
+        let rows = q.build().fetch_all(&self.reader).await?;
+        Ok(rows
+            .iter()
+            .map(|r| JobUsage {
+                project: r.get(0),
+                job_id: r.get(1),
+                job_name: r.get(2),
+                tasks: r.get::<i64, _>(3) as u32,
+                attempts: r.get::<i64, _>(4) as u32,
+                cpu_seconds: r.get(5),
+                wall_seconds: r.get::<i64, _>(6) as f64 / 1000.0,
+                input_tokens: r.get::<i64, _>(7).max(0) as u64,
+                output_tokens: r.get::<i64, _>(8).max(0) as u64,
+            })
+            .collect())
+    }
+
     async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
         let mut tx = self.writer.begin().await?;
         let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {

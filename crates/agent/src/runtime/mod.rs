@@ -59,6 +59,20 @@ pub struct TaskSpec {
     /// the output the agent ships.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Host endpoints the sandbox must reach even without network (the LLM metering proxy).
+    /// The runtime makes each reachable and sets `DROVER_HOST_<NAME uppercased>` to the
+    /// `host:port` at which the sandbox reaches it.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A service on the host that a sandbox reaches by name, see [`TaskSpec::host_ports`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// Short name; becomes the `DROVER_HOST_<NAME>` variable.
+    pub name: String,
+    /// Where the service listens on the host.
+    pub addr: std::net::SocketAddr,
 }
 
 /// Which output stream a chunk came from.

@@ -519,6 +519,10 @@ fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     ];
     env.retain(|(k, _)| !task.env.contains_key(k));
     env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // A plain process shares the host's network: host services are reachable as they are.
+    for port in &task.host_ports {
+        env.push((format!("DROVER_HOST_{}", port.name.to_ascii_uppercase()), port.addr.to_string()));
+    }
     env
 }
 
@@ -586,6 +590,17 @@ mod tests {
         let homes: Vec<_> = env.iter().filter(|(k, _)| k == "HOME").collect();
         assert_eq!(homes, vec![&("HOME".to_owned(), "/elsewhere".to_owned())]);
         assert!(env.contains(&("DROVER_WORKSPACE".to_owned(), "/ws".to_owned())));
+    }
+
+    #[test]
+    fn host_ports_are_named_in_the_environment() {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 4100).into();
+        let task = TaskSpec {
+            workspace: PathBuf::from("/ws"),
+            host_ports: vec![crate::runtime::HostPort { name: "llm".into(), addr }],
+            ..Default::default()
+        };
+        assert!(step_env(&task).contains(&("DROVER_HOST_LLM".to_owned(), "127.0.0.1:4100".to_owned())));
     }
 
     #[test]

@@ -94,6 +94,15 @@ fn plan_task(
             );
         }
     }
+    if let Some(key) = task.agent.as_ref().and_then(|a| a.key_secret.as_ref())
+        && task.secrets.iter().any(|s| s.value == key.value)
+    {
+        r.reject(
+            key,
+            format!("secret `{}` is both the agent's key and in `secrets`", key.value),
+            "the key must stay outside the sandbox; remove it from `secrets`",
+        );
+    }
     let mut steps: Vec<Command> = task.steps.iter().map(|s| r.command(s)).collect();
     let agent = task.agent.as_ref().map(|a| r.agent(a));
     if task.steps_from == StepsFrom::Agent
@@ -216,6 +225,9 @@ impl TaskRender<'_> {
                 .push
                 .as_ref()
                 .map(|(remote, branch)| PushSpec { remote: self.text(remote), branch: self.text(branch) }),
+            provider: a.provider.unwrap_or_default(),
+            upstream: a.upstream.as_ref().map(|u| self.text(u)),
+            key_secret: a.key_secret.as_ref().map(|k| k.value.clone()),
         }
     }
 

@@ -190,6 +190,9 @@ pub(crate) struct RawAgent {
     pub budget: Option<u64>,
     /// Remote and branch.
     pub push: Option<(At<String>, At<String>)>,
+    pub provider: Option<crate::job::LlmProvider>,
+    pub upstream: Option<At<String>>,
+    pub key_secret: Option<At<String>>,
 }
 
 /// One command, its strings not yet rendered.

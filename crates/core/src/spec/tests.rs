@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::job::{
-    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, NetworkPolicy, PushSpec,
-    RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
+    AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, LlmProvider,
+    NetworkPolicy, PushSpec, RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,
 };
 use crate::resources::Resources;
 use crate::state::FailureClass;
@@ -776,6 +776,9 @@ fn sandboxes_plan() -> JobPlan {
                 remote: "https://git.example.com/x.git".into(),
                 branch: "drover/fix".into(),
             }),
+            provider: LlmProvider::Anthropic,
+            upstream: None,
+            key_secret: None,
         }),
         ..TaskPlan::default()
     };
@@ -1205,6 +1208,63 @@ fn agent_with_runtime_process() {
         "an agent task needs runtime `microvm` or `docker`",
     );
     assert!(e.hint.unwrap().contains("runtime: microvm"));
+}
+
+#[test]
+fn agent_with_explicit_runtime_process_and_llm_fields() {
+    let plan = ok(&format!(
+        "{TASK}    runtime: process\n    agent:\n      command: [./fake-agent]\n      prompt: p\n      \
+         budget: {{ tokens: 500 }}\n      provider: openai\n      upstream: http://127.0.0.1:9/v1\n      \
+         key_secret: LLM_KEY\n"
+    ));
+    let agent = plan.tasks[0].agent.as_ref().unwrap();
+    assert_eq!(plan.tasks[0].runtime, RuntimeKind::Process);
+    assert_eq!(agent.budget, Some(500));
+    assert_eq!(agent.provider, LlmProvider::OpenAi);
+    assert_eq!(agent.upstream.as_deref(), Some("http://127.0.0.1:9/v1"));
+    assert_eq!(agent.key_secret.as_deref(), Some("LLM_KEY"));
+}
+
+#[test]
+fn agent_llm_fields_are_checked() {
+    const AGENT: &str = "    runtime: process\n    agent:\n      command: a\n      prompt: p\n";
+    let e = assert_error(
+        &format!("{TASK}{AGENT}      provider: opnai\n"),
+        9,
+        17,
+        "tasks[0].agent.provider",
+        "unknown provider `opnai`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `openai`?"));
+    assert_error(
+        &format!("{TASK}{AGENT}      upstream: ftp://x\n"),
+        9,
+        17,
+        "tasks[0].agent.upstream",
+        "upstream `ftp://x` is not an http or https URL",
+    );
+    assert_error(
+        &format!("{TASK}{AGENT}      key_secret: llm-key\n"),
+        9,
+        19,
+        "tasks[0].agent.key_secret",
+        "`llm-key` is not a secret name",
+    );
+    assert_error(
+        &format!("{TASK}{AGENT}      budget: {{ tokens: 0 }}\n"),
+        9,
+        25,
+        "tasks[0].agent.budget.tokens",
+        "budget must be at least 1 token, found 0",
+    );
+    let e = assert_error(
+        &format!("{TASK}{AGENT}      key_secret: LLM_KEY\n    secrets: [LLM_KEY]\n"),
+        9,
+        19,
+        "tasks[0].agent.key_secret",
+        "secret `LLM_KEY` is both the agent's key and in `secrets`",
+    );
+    assert!(e.hint.unwrap().contains("outside the sandbox"));
 }
 
 #[test]

@@ -1,11 +1,16 @@
 //! The `agent` block of AI-agent tasks: the coding agent's command, its prompt, the
 //! repository it works on, its token budget and where to push its changes.
 
-use super::{At, RawAgent, Reader, join};
+use super::{At, RawAgent, Reader, join, quoted};
+use crate::job::LlmProvider;
+use crate::spec::error::closest;
 use crate::spec::tree::{Node, Value};
 
-const AGENT_FIELDS: &[&str] = &["command", "prompt", "repo", "budget", "push"];
+const AGENT_FIELDS: &[&str] =
+    &["command", "prompt", "repo", "budget", "push", "provider", "upstream", "key_secret"];
 const PUSH_FIELDS: &[&str] = &["remote", "branch"];
+const BUDGET_FIELDS: &[&str] = &["tokens"];
+const PROVIDERS: &[&str] = &["anthropic", "openai"];
 
 impl Reader<'_> {
     pub(super) fn agent(&mut self, node: &Node, field: &str) -> Option<RawAgent> {
@@ -30,7 +35,73 @@ impl Reader<'_> {
         let repo = m.get("repo").and_then(|n| self.non_empty_string(n, &f("repo"), "repo"));
         let budget = m.get("budget").and_then(|n| self.budget(n, &f("budget")));
         let push = m.get("push").and_then(|n| self.push(n, &f("push")));
-        Some(RawAgent { command: command?, prompt: prompt?, repo, budget, push })
+        let provider = m.get("provider").and_then(|n| self.provider(n, &f("provider")));
+        let upstream = m.get("upstream").and_then(|n| self.upstream(n, &f("upstream")));
+        let key_secret = m.get("key_secret").and_then(|n| self.key_secret(n, &f("key_secret")));
+        Some(RawAgent {
+            command: command?,
+            prompt: prompt?,
+            repo,
+            budget,
+            push,
+            provider,
+            upstream,
+            key_secret,
+        })
+    }
+
+    /// `provider: anthropic | openai`.
+    fn provider(&mut self, node: &Node, field: &str) -> Option<LlmProvider> {
+        let word = self.string(node, field)?;
+        match word.value.as_str() {
+            "anthropic" => Some(LlmProvider::Anthropic),
+            "openai" => Some(LlmProvider::OpenAi),
+            other => {
+                let hint = match closest(other, PROVIDERS.iter().copied()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("providers are {}", quoted(PROVIDERS)),
+                };
+                self.problems.add(node.pos, field, format!("unknown provider `{other}`"), Some(hint));
+                None
+            }
+        }
+    }
+
+    /// `upstream`: the LLM API's base URL, http or https.
+    fn upstream(&mut self, node: &Node, field: &str) -> Option<At<String>> {
+        let url = self.non_empty_string(node, field, "upstream")?;
+        let v = url.value.to_ascii_lowercase();
+        let ok = (v.starts_with("http://") || v.starts_with("https://"))
+            && !url.value.chars().any(char::is_whitespace)
+            && v.split_once("://").is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+        if !ok {
+            self.problems.add(
+                node.pos,
+                field,
+                format!("upstream `{}` is not an http or https URL", url.value),
+                Some("give the API's base URL, like `upstream: https://api.anthropic.com`".into()),
+            );
+            return None;
+        }
+        Some(url)
+    }
+
+    /// `key_secret`: the name of the project secret holding the real API key.
+    fn key_secret(&mut self, node: &Node, field: &str) -> Option<At<String>> {
+        let name = self.non_empty_string(node, field, "key_secret")?;
+        let v = &name.value;
+        let ok = v.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+            && v.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            self.problems.add(
+                node.pos,
+                field,
+                format!("`{v}` is not a secret name"),
+                Some("name a project secret, like `key_secret: ANTHROPIC_KEY`".into()),
+            );
+            return None;
+        }
+        Some(name)
     }
 
     /// `push: { remote, branch }`.
@@ -55,8 +126,13 @@ impl Reader<'_> {
         Some((remote?, branch?))
     }
 
-    /// A token budget: a whole number of tokens, at least 1.
+    /// A token budget: a whole number of tokens, at least 1, written as is or as `{tokens: N}`.
     fn budget(&mut self, node: &Node, field: &str) -> Option<u64> {
+        if let Value::Map(_) = node.value {
+            let m = self.mapping(node, field, BUDGET_FIELDS)?;
+            let tokens = self.required(&m, field, "tokens", "give the token limit, like `tokens: 200000`")?;
+            return self.budget(tokens, &join(field, "tokens"));
+        }
         match node.value {
             Value::Int(i) if i < 1 => {
                 self.problems.add(

@@ -53,8 +53,8 @@ impl Reader<'_> {
     }
 
     /// The rules between `runtime` and the fields that need a container or VM: `image` or
-    /// `build` (exactly one) for docker and microvm, `services` only for docker, `agent` never
-    /// for a plain process. Skipped when `runtime` itself was bad.
+    /// `build` (exactly one) for docker and microvm, `services` only for docker, `agent` on a
+    /// plain process only when `runtime: process` is written out. Skipped when `runtime` itself was bad.
     pub(super) fn check_runtime(&mut self, t: &Fields<'_>, field: &str, runtime: Option<RuntimeKind>) {
         let Some(runtime) = runtime else { return };
         let explicit = t.get("runtime").is_some();
@@ -74,12 +74,17 @@ impl Reader<'_> {
                     );
                 }
             }
-            if let Some(e) = t.entry("agent") {
+            // An explicit `runtime: process` is a deliberate choice (trusted agents, tests):
+            // the proxy still keeps the real key away, only the sandbox is missing.
+            if let Some(e) = t.entry("agent").filter(|_| !explicit) {
                 self.problems.add(
                     e.key_pos,
                     &join(field, "agent"),
                     "an agent task needs runtime `microvm` or `docker`",
-                    Some(format!("agents never run as plain processes; {set_runtime} and give an `image`")),
+                    Some(format!(
+                        "agents run sandboxed unless `runtime: process` is set explicitly; {set_runtime} and \
+                         give an `image`"
+                    )),
                 );
             }
         } else {

@@ -1,0 +1,286 @@
+//! AI-agent tasks on the node: before the steps, check the repository out and write the
+//! prompt, start the task's LLM metering proxy and point the sandbox at it; after them, count
+//! the tokens, keep the changes as `agent.patch` and push them as a branch when asked.
+//!
+//! The real API key goes to the proxy only. The sandbox gets the proxy's address (through the
+//! runtime's [`HostPort`]) and a per-attempt token that is worthless anywhere else.
+
+mod git;
+mod wrap;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use drover_core::{AgentSpec, InputSpec, LlmProvider};
+use rand::Rng;
+
+use self::git::Repo;
+use crate::proxy::{ApiFlavor, MeteringProxy, ProxyConfig, ProxyError, TokenUsage};
+use crate::runtime::{HostPort, TaskSpec};
+
+/// The prompt's file name in the workspace; the agent's command also reads it on stdin.
+pub const PROMPT_FILE: &str = "prompt.txt";
+/// The patch artifact's name: the agent's changes against the checked-out repository.
+pub const PATCH_FILE: &str = "agent.patch";
+/// The name under which the runtime exposes the proxy (`DROVER_HOST_LLM`).
+const HOST_PORT_NAME: &str = "llm";
+
+/// What the node needs to run one AI-agent task.
+#[derive(Clone)]
+pub struct AiTask {
+    /// The task's `agent` block.
+    pub spec: AgentSpec,
+    /// The task's inputs, to tell an input named as `repo` from a git URL.
+    pub inputs: Vec<InputSpec>,
+    /// The real API key (the value of the `key_secret`); empty when the task names none.
+    pub llm_key: String,
+    /// The node's upstream for tasks that name none.
+    pub default_upstream: Option<String>,
+}
+
+impl fmt::Debug for AiTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AiTask")
+            .field("spec", &self.spec)
+            .field("llm_key", &if self.llm_key.is_empty() { "" } else { "<redacted>" })
+            .field("default_upstream", &self.default_upstream)
+            .finish()
+    }
+}
+
+/// Why an agent task could not be set up or wrapped up.
+#[derive(Debug, thiserror::Error)]
+pub enum AiTaskError {
+    /// A git command failed.
+    #[error("git {action} failed: {detail}")]
+    Git {
+        /// Which git command.
+        action: String,
+        /// Its error output.
+        detail: String,
+    },
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the node was doing.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metering proxy could not start.
+    #[error("cannot start the llm metering proxy: {0}")]
+    Proxy(#[from] ProxyError),
+    /// The task and the node's configuration do not fit together.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// An agent task set up and running: what [`Prepared::finish`] needs afterwards.
+pub struct Prepared {
+    repo: Repo,
+    proxy: Option<MeteringProxy>,
+    spec: AgentSpec,
+    workspace: PathBuf,
+    ids: (i64, i64, i64),
+}
+
+/// What the end of an agent task adds to the attempt's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wrapup {
+    /// Tokens the proxy counted.
+    pub tokens: TokenUsage,
+    /// Whether the proxy refused calls for the spent budget: the attempt fails with `budget`.
+    pub budget_spent: bool,
+    /// Things people should know (a push that failed), added to the attempt's message.
+    pub notes: Vec<String>,
+}
+
+/// Sets the agent task up in `task`'s workspace (inputs already placed) and rewrites `task`
+/// to reach the proxy: host port, per-attempt token, wrapped steps.
+pub async fn prepare(ai: &AiTask, task: &mut TaskSpec) -> Result<Prepared, AiTaskError> {
+    let workspace = task.workspace.clone();
+    tokio::fs::create_dir_all(&workspace)
+        .await
+        .map_err(|source| AiTaskError::Io { context: format!("create {}", workspace.display()), source })?;
+    let (repo, repo_dir) = match checkout(ai, &workspace).await {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(sibling(&workspace, ".git")).await;
+            return Err(e);
+        }
+    };
+    let prompt = workspace.join(PROMPT_FILE);
+    tokio::fs::write(&prompt, &ai.spec.prompt)
+        .await
+        .map_err(|source| AiTaskError::Io { context: "write the prompt".into(), source })?;
+
+    let started = start_proxy(ai).await;
+    if started.is_err() {
+        let _ = tokio::fs::remove_dir_all(&repo.git_dir).await;
+    }
+    let proxy = match started? {
+        Some((proxy, token)) => {
+            task.host_ports.push(HostPort { name: HOST_PORT_NAME.into(), addr: proxy.local_addr() });
+            // The proxy accepts the token in either header, whichever SDK the agent uses.
+            task.env.insert("ANTHROPIC_API_KEY".into(), token.clone());
+            task.env.insert("OPENAI_API_KEY".into(), token);
+            Some(proxy)
+        }
+        None => None,
+    };
+    wrap::wrap_steps(&mut task.steps, &ai.spec.command.to_argv(), PROMPT_FILE, &repo_dir);
+    tracing::info!(
+        repo = ai.spec.repo.as_deref().unwrap_or(""),
+        proxy = ?proxy.as_ref().map(MeteringProxy::local_addr),
+        budget = ?ai.spec.budget,
+        "agent task prepared"
+    );
+    Ok(Prepared {
+        repo,
+        proxy,
+        spec: ai.spec.clone(),
+        workspace,
+        ids: (task.job_id, task.task_id, task.attempt_id),
+    })
+}
+
+impl Prepared {
+    /// Stops the proxy, keeps the changes as [`PATCH_FILE`] in the workspace and, when the
+    /// attempt `succeeded` and the task asks for it, pushes them as a branch.
+    pub async fn finish(self, succeeded: bool) -> Wrapup {
+        let mut wrapup = Wrapup::default();
+        if let Some(proxy) = self.proxy {
+            wrapup.tokens = proxy.shutdown().await;
+            wrapup.budget_spent = wrapup.tokens.refused > 0;
+        }
+        match self.repo.patch().await {
+            Ok(patch) => {
+                let changed = !patch.is_empty();
+                if let Err(source) = tokio::fs::write(self.workspace.join(PATCH_FILE), &patch).await {
+                    wrapup
+                        .notes
+                        .push(AiTaskError::Io { context: "write agent.patch".into(), source }.to_string());
+                }
+                match (&self.spec.push, succeeded && !wrapup.budget_spent, changed) {
+                    (Some(push), true, true) => {
+                        let message = commit_message(&self.spec.prompt, self.ids);
+                        match self.repo.push(&push.remote, &push.branch, &message).await {
+                            Ok(()) => {
+                                tracing::info!(remote = %push.remote, branch = %push.branch, "changes pushed")
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "changes not pushed");
+                                wrapup.notes.push(format!("changes not pushed to {}: {e}", push.branch));
+                            }
+                        }
+                    }
+                    (Some(_), true, false) => {
+                        wrapup.notes.push("the agent changed nothing; nothing pushed".into())
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no patch of the agent's changes");
+                wrapup.notes.push(format!("no patch of the changes: {e}"));
+            }
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(&self.repo.git_dir).await {
+            tracing::debug!(error = %e, "git directory not removed");
+        }
+        wrapup
+    }
+}
+
+/// Puts the repository in place and returns it with its directory relative to the workspace
+/// (empty for the workspace itself). The git directory sits next to the workspace.
+async fn checkout(ai: &AiTask, workspace: &Path) -> Result<(Repo, String), AiTaskError> {
+    let git_dir = sibling(workspace, ".git");
+    let repo = ai.spec.repo.as_deref().map(str::trim).filter(|r| !r.is_empty());
+    let input = repo.and_then(|r| {
+        let r = r.trim_end_matches('/');
+        ai.inputs
+            .iter()
+            .find(|i| i.to.trim_end_matches('/') == r)
+            .map(|i| i.to.trim_end_matches('/').to_owned())
+    });
+    match (repo, input) {
+        (_, Some(dir)) => {
+            // An input holding a checkout (or a plain tree, which becomes one).
+            let work_tree = workspace.join(&dir);
+            let adopted = git::adopt_git_dir(&work_tree, &git_dir).await?;
+            let repo = if adopted {
+                Repo { git_dir, work_tree }
+            } else {
+                let repo = Repo::init(git_dir, work_tree).await?;
+                repo.baseline().await?;
+                repo
+            };
+            Ok((repo, dir))
+        }
+        (Some(url), None) => {
+            let repo = Repo::init(git_dir, workspace.to_path_buf()).await?;
+            // Inputs are not the agent's changes: keep them out of the patch.
+            let mut excluded = vec![format!("/{PROMPT_FILE}"), format!("/{PATCH_FILE}")];
+            excluded.extend(ai.inputs.iter().map(|i| format!("/{}", i.to.trim_end_matches('/'))));
+            repo.exclude(&excluded).await?;
+            repo.checkout(url).await?;
+            Ok((repo, String::new()))
+        }
+        (None, None) => {
+            // No repository: the workspace as the inputs left it is the starting point.
+            let repo = Repo::init(git_dir, workspace.to_path_buf()).await?;
+            repo.exclude(&[format!("/{PROMPT_FILE}"), format!("/{PATCH_FILE}")]).await?;
+            repo.baseline().await?;
+            Ok((repo, String::new()))
+        }
+    }
+}
+
+/// Starts the proxy when the task names a key and returns it with the task token; `None` for
+/// agents that call no LLM.
+async fn start_proxy(ai: &AiTask) -> Result<Option<(MeteringProxy, String)>, AiTaskError> {
+    let Some(secret) = &ai.spec.key_secret else { return Ok(None) };
+    if ai.llm_key.is_empty() {
+        return Err(AiTaskError::Config(format!("the project has no secret `{secret}` (the agent's key)")));
+    }
+    let upstream = ai.spec.upstream.clone().or_else(|| ai.default_upstream.clone()).ok_or_else(|| {
+        AiTaskError::Config(
+            "no LLM upstream: set `upstream` in the agent block or start the node with --llm-upstream".into(),
+        )
+    })?;
+    let flavor = match ai.spec.provider {
+        LlmProvider::Anthropic => ApiFlavor::Anthropic,
+        LlmProvider::OpenAi => ApiFlavor::OpenAi,
+    };
+    let token = new_token();
+    let mut config = ProxyConfig::new(upstream, ai.llm_key.clone(), token.clone()).with_flavor(flavor);
+    if let Some(budget) = ai.spec.budget {
+        config = config.with_budget(budget);
+    }
+    Ok(Some((MeteringProxy::start(config).await?, token)))
+}
+
+/// A fresh per-attempt token: 32 random bytes, hex.
+fn new_token() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    format!("drover-task-{}", hex::encode(bytes))
+}
+
+/// `dir` with `suffix` appended to its last component: a sibling outside the workspace.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+/// The commit message of pushed changes: the prompt's first line, then where they came from.
+fn commit_message(prompt: &str, (job_id, task_id, attempt_id): (i64, i64, i64)) -> String {
+    let first = prompt.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("Changes");
+    let subject: String = first.chars().take(72).collect();
+    format!("{subject}\n\nMade by drover job {job_id}, task {task_id}, attempt {attempt_id}.\n")
+}
+
+#[cfg(test)]
+mod tests;
