@@ -2,4 +2,4 @@
 ALTER TABLE attempts ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE attempts ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
 -- Usage sums attempts per job.
-CREATE INDEX attempts_by_job ON attempts(job_id);
+CREATE INDEX IF NOT EXISTS attempts_by_job ON attempts(job_id);
