@@ -272,8 +272,13 @@ pub enum InputSource {
 pub struct AgentSpec {
     /// The coding agent's command.
     pub command: Command,
-    /// The prompt, given on stdin and in `$DROVER_WORKSPACE/prompt.txt`.
+    /// The prompt, given on stdin and in `$DROVER_WORKSPACE/prompt.txt`; empty when
+    /// `prompt_file` names it.
     pub prompt: String,
+    /// A file in the workspace (from the repository or an input) holding the prompt, read by
+    /// the node once the workspace is in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<String>,
     /// Git URL (or input path) of the repository to check out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo: Option<String>,
