@@ -343,6 +343,13 @@ pub fn ensure_busybox_image() {
     for dir in ["bin", "etc", "tmp", "workspace"] {
         std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
     }
+    // The same image as the agent's container tests build under this tag (whichever runs
+    // first makes it): steps run as `nobody` and need a world-writable `/tmp`.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.path().join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+    }
     std::fs::copy(busybox, root.path().join("bin/busybox")).expect("copy busybox");
     let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| !a.is_empty() && *a != "busybox") {
@@ -357,7 +364,7 @@ pub fn ensure_busybox_image() {
     let mut tar = Command::new("tar")
         .arg("-C")
         .arg(root.path())
-        .args(["-c", "."])
+        .args(["--owner=0", "--group=0", "-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .expect("tar");

@@ -272,8 +272,13 @@ pub enum InputSource {
 pub struct AgentSpec {
     /// The coding agent's command.
     pub command: Command,
-    /// The prompt, given on stdin and in `$DROVER_WORKSPACE/prompt.txt`.
+    /// The prompt, given on stdin and in `$DROVER_WORKSPACE/prompt.txt`; empty when
+    /// `prompt_file` names it.
     pub prompt: String,
+    /// A file in the workspace (from the repository or an input) holding the prompt, read by
+    /// the node once the workspace is in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_file: Option<String>,
     /// Git URL (or input path) of the repository to check out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo: Option<String>,
@@ -461,6 +466,17 @@ impl JobPlan {
             if t.resources.cores == 0 {
                 return err(format!("tasks[{i}].resources.cores"), "cores must be at least 1".into());
             }
+            if let Some(key) = t.agent.as_ref().and_then(|a| a.key_secret.as_ref())
+                && t.secrets.contains(key)
+            {
+                // Listed secrets become the sandbox's environment: the key would enter it.
+                return err(
+                    format!("tasks[{i}].agent.key_secret"),
+                    format!(
+                        "secret `{key}` is both the agent's key and in `secrets`; remove it from `secrets`"
+                    ),
+                );
+            }
             for d in &t.depends_on {
                 if !names.contains(d.as_str()) {
                     return err(
@@ -597,6 +613,30 @@ mod tests {
         let text = serde_json::to_string(&j).unwrap();
         assert_eq!(serde_json::from_str::<JobPlan>(&text).unwrap(), j);
         assert!(j.validate().is_ok());
+    }
+
+    #[test]
+    fn an_agent_key_listed_as_a_secret_is_refused() {
+        let mut t = task("a", &[]);
+        t.agent = Some(AgentSpec {
+            command: Command::Shell("agent".into()),
+            prompt: "p".into(),
+            prompt_file: None,
+            repo: None,
+            budget: None,
+            push: None,
+            provider: LlmProvider::OpenAi,
+            upstream: None,
+            key_secret: Some("LLM_KEY".into()),
+        });
+        let mut j = job(vec![t]);
+        assert!(j.validate().is_ok());
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(text.contains(r#""provider":"openai""#), "{text}");
+        assert_eq!(serde_json::from_str::<JobPlan>(&text).unwrap(), j);
+        j.tasks[0].secrets.push("LLM_KEY".into());
+        let e = j.validate().unwrap_err();
+        assert_eq!(e.field, "tasks[0].agent.key_secret");
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Prepared {
     repo: Repo,
     proxy: Option<MeteringProxy>,
     spec: AgentSpec,
+    /// The prompt as the agent got it (inline or from its file).
+    prompt: String,
     workspace: PathBuf,
     ids: (i64, i64, i64),
 }
@@ -110,8 +112,14 @@ pub async fn prepare(ai: &AiTask, task: &mut TaskSpec) -> Result<Prepared, AiTas
             return Err(e);
         }
     };
-    let prompt = workspace.join(PROMPT_FILE);
-    tokio::fs::write(&prompt, &ai.spec.prompt)
+    let prompt = match read_prompt_file(ai, &workspace).await {
+        Ok(prompt) => prompt,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&repo.git_dir).await;
+            return Err(e);
+        }
+    };
+    tokio::fs::write(workspace.join(PROMPT_FILE), &prompt)
         .await
         .map_err(|source| AiTaskError::Io { context: "write the prompt".into(), source })?;
 
@@ -140,6 +148,7 @@ pub async fn prepare(ai: &AiTask, task: &mut TaskSpec) -> Result<Prepared, AiTas
         repo,
         proxy,
         spec: ai.spec.clone(),
+        prompt,
         workspace,
         ids: (task.job_id, task.task_id, task.attempt_id),
     })
@@ -164,7 +173,7 @@ impl Prepared {
                 }
                 match (&self.spec.push, succeeded && !wrapup.budget_spent, changed) {
                     (Some(push), true, true) => {
-                        let message = commit_message(&self.spec.prompt, self.ids);
+                        let message = commit_message(&self.prompt, self.ids);
                         match self.repo.push(&push.remote, &push.branch, &message).await {
                             Ok(()) => {
                                 tracing::info!(remote = %push.remote, branch = %push.branch, "changes pushed")
@@ -236,6 +245,26 @@ async fn checkout(ai: &AiTask, workspace: &Path) -> Result<(Repo, String), AiTas
             Ok((repo, String::new()))
         }
     }
+}
+
+/// The prompt: inline, or read from `prompt_file` in the checked-out workspace. The path may
+/// not leave the workspace, through `..` or through a link.
+async fn read_prompt_file(ai: &AiTask, workspace: &Path) -> Result<String, AiTaskError> {
+    let Some(rel) = &ai.spec.prompt_file else { return Ok(ai.spec.prompt.clone()) };
+    let refuse = |why: &str| AiTaskError::Config(format!("prompt_file `{rel}` {why}"));
+    if !Path::new(rel).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+        return Err(refuse("is not a path inside the workspace"));
+    }
+    let path = tokio::fs::canonicalize(workspace.join(rel)).await.map_err(|e| refuse(&e.to_string()))?;
+    let root = tokio::fs::canonicalize(workspace).await.map_err(|e| refuse(&e.to_string()))?;
+    if !path.starts_with(&root) {
+        return Err(refuse("leads outside the workspace"));
+    }
+    let text = tokio::fs::read_to_string(&path).await.map_err(|e| refuse(&e.to_string()))?;
+    if text.trim().is_empty() {
+        return Err(refuse("is empty"));
+    }
+    Ok(text)
 }
 
 /// Starts the proxy when the task names a key and returns it with the task token; `None` for

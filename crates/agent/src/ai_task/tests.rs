@@ -89,6 +89,7 @@ fn agent(script: &str, repo: &str, upstream: &str, budget: Option<u64>, push: Op
         spec: AgentSpec {
             command: Command::Argv(vec!["/bin/sh".into(), "-c".into(), script.into()]),
             prompt: "Add a line to README\nand nothing else".into(),
+            prompt_file: None,
             repo: Some(repo.into()),
             budget,
             push,
@@ -223,6 +224,36 @@ async fn an_input_tree_becomes_the_repository_and_the_agent_runs_in_it() {
         std::fs::read_to_string(ws.join("src/where.txt")).unwrap().trim(),
         canonical.display().to_string()
     );
+}
+
+#[tokio::test]
+async fn the_prompt_can_come_from_a_file_in_the_checkout_but_not_from_outside() {
+    let root = tempfile::tempdir().unwrap();
+    let (origin, _) = repos(root.path());
+    std::fs::write(root.path().join("outside.md"), "secret plans\n").unwrap();
+    let mut ai = agent("cat > seen.txt", &origin, "http://127.0.0.1:9", None, None);
+    ai.spec.key_secret = None;
+    ai.spec.prompt = String::new();
+    ai.spec.prompt_file = Some("README".into());
+    let mut task = TaskSpec {
+        steps: vec![ai.spec.command.to_argv()],
+        workspace: root.path().join("ws"),
+        ..Default::default()
+    };
+    let prepared = prepare(&ai, &mut task).await.unwrap();
+    assert_eq!(run_steps(&task).await, Some(0));
+    prepared.finish(true).await;
+    assert_eq!(std::fs::read_to_string(root.path().join("ws/seen.txt")).unwrap(), "hello\n");
+
+    let ws = root.path().join("ws2");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::os::unix::fs::symlink(root.path().join("outside.md"), ws.join("link.md")).unwrap();
+    ai.spec.repo = None;
+    ai.spec.prompt_file = Some("link.md".into());
+    let mut task = TaskSpec { workspace: ws, ..Default::default() };
+    let e = prepare(&ai, &mut task).await.err().expect("a link out of the workspace");
+    assert!(e.to_string().contains("leads outside the workspace"), "{e}");
+    assert!(!root.path().join("ws2.git").exists());
 }
 
 #[tokio::test]

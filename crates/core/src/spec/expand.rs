@@ -212,13 +212,28 @@ impl TaskRender<'_> {
     }
 
     fn agent(&mut self, a: &RawAgent) -> AgentSpec {
-        let prompt = self.rendered(&a.prompt);
-        if prompt.as_ref().is_some_and(|p| p.trim().is_empty()) {
-            self.reject(&a.prompt, "prompt is empty".into(), "say what the agent should do");
-        }
+        let prompt = a.prompt.as_ref().and_then(|at| {
+            let prompt = self.rendered(at);
+            if prompt.as_ref().is_some_and(|p| p.trim().is_empty()) {
+                self.reject(at, "prompt is empty".into(), "say what the agent should do");
+            }
+            prompt
+        });
+        let prompt_file = a.prompt_file.as_ref().map(|at| {
+            let path = self.rendered(at).unwrap_or_default();
+            if let Some(problem) = outside_workspace(&path) {
+                self.reject(
+                    at,
+                    format!("prompt_file `{path}` {problem}"),
+                    "name a file in the workspace (from the repository or an input), like `TASK.md`",
+                );
+            }
+            path
+        });
         AgentSpec {
             command: self.command(&a.command),
             prompt: prompt.unwrap_or_default(),
+            prompt_file,
             repo: a.repo.as_ref().map(|r| self.text(r)),
             budget: a.budget,
             push: a

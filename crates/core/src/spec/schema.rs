@@ -185,7 +185,9 @@ pub(crate) enum RawSource {
 #[derive(Debug)]
 pub(crate) struct RawAgent {
     pub command: StepSpec,
-    pub prompt: At<String>,
+    /// Exactly one of `prompt` and `prompt_file` is set.
+    pub prompt: Option<At<String>>,
+    pub prompt_file: Option<At<String>>,
     pub repo: Option<At<String>>,
     pub budget: Option<u64>,
     /// Remote and branch.

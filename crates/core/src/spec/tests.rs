@@ -770,6 +770,7 @@ fn sandboxes_plan() -> JobPlan {
         agent: Some(AgentSpec {
             command: agent_command,
             prompt: "Fix the failing test for ada".into(),
+            prompt_file: None,
             repo: Some("https://git.example.com/x.git".into()),
             budget: Some(200_000),
             push: Some(PushSpec {
@@ -1265,6 +1266,30 @@ fn agent_llm_fields_are_checked() {
         "secret `LLM_KEY` is both the agent's key and in `secrets`",
     );
     assert!(e.hint.unwrap().contains("outside the sandbox"));
+}
+
+#[test]
+fn agent_prompt_from_a_workspace_file() {
+    let plan = ok(&format!(
+        "{TASK}    runtime: process\n    agent: {{ command: a, prompt_file: \"docs/{{{{ params.f }}}}.md\" }}\n"
+    ).replace("name: j\n", "name: j\nparams: { f: TASK }\n"));
+    let agent = plan.tasks[0].agent.as_ref().unwrap();
+    assert_eq!((agent.prompt.as_str(), agent.prompt_file.as_deref()), ("", Some("docs/TASK.md")));
+    const AGENT: &str = "    runtime: process\n    agent:\n      command: a\n";
+    assert_error(
+        &format!("{TASK}{AGENT}      prompt: p\n      prompt_file: x.md\n"),
+        9,
+        7,
+        "tasks[0].agent.prompt_file",
+        "both `prompt` and `prompt_file` are set",
+    );
+    assert_error(
+        &format!("{TASK}{AGENT}      prompt_file: ../x.md\n"),
+        8,
+        20,
+        "tasks[0].agent.prompt_file",
+        "prompt_file `../x.md` leaves the workspace with `..`",
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use crate::spec::error::closest;
 use crate::spec::tree::{Node, Value};
 
 const AGENT_FIELDS: &[&str] =
-    &["command", "prompt", "repo", "budget", "push", "provider", "upstream", "key_secret"];
+    &["command", "prompt", "prompt_file", "repo", "budget", "push", "provider", "upstream", "key_secret"];
 const PUSH_FIELDS: &[&str] = &["remote", "branch"];
 const BUDGET_FIELDS: &[&str] = &["tokens"];
 const PROVIDERS: &[&str] = &["anthropic", "openai"];
@@ -24,14 +24,30 @@ impl Reader<'_> {
                 "give the coding agent's command, like `command: [\"my-agent\", \"--yes\"]`",
             )
             .and_then(|n| self.command(n, &f("command")));
-        let prompt = self
-            .required(
-                &m,
-                field,
-                "prompt",
-                "say what the agent should do, like `prompt: \"Fix the failing test\"`",
-            )
-            .and_then(|n| self.non_empty_string(n, &f("prompt"), "prompt"));
+        let (prompt, prompt_file) = match (m.get("prompt"), m.get("prompt_file"), m.entry("prompt_file")) {
+            (Some(_), Some(_), Some(e)) => {
+                self.problems.add(
+                    e.key_pos,
+                    &f("prompt_file"),
+                    "both `prompt` and `prompt_file` are set",
+                    Some("give the prompt inline or as a file in the workspace, not both".into()),
+                );
+                return None;
+            }
+            (_, Some(n), _) => (None, Some(self.non_empty_string(n, &f("prompt_file"), "prompt_file")?)),
+            _ => {
+                let prompt = self
+                    .required(
+                        &m,
+                        field,
+                        "prompt",
+                        "say what the agent should do, like `prompt: \"Fix the failing test\"`, or name a \
+                         file in the workspace with `prompt_file: TASK.md`",
+                    )
+                    .and_then(|n| self.non_empty_string(n, &f("prompt"), "prompt"));
+                (Some(prompt?), None)
+            }
+        };
         let repo = m.get("repo").and_then(|n| self.non_empty_string(n, &f("repo"), "repo"));
         let budget = m.get("budget").and_then(|n| self.budget(n, &f("budget")));
         let push = m.get("push").and_then(|n| self.push(n, &f("push")));
@@ -40,7 +56,8 @@ impl Reader<'_> {
         let key_secret = m.get("key_secret").and_then(|n| self.key_secret(n, &f("key_secret")));
         Some(RawAgent {
             command: command?,
-            prompt: prompt?,
+            prompt,
+            prompt_file,
             repo,
             budget,
             push,
