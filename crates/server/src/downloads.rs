@@ -158,15 +158,7 @@ impl Follower {
         let mut finished = false;
         loop {
             changes.mark_unchanged();
-            let archives =
-                self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
-            for archive in archives {
-                let key = (archive.task_id, archive.attempt);
-                if self.archived.insert(key) {
-                    let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
-                    self.send_archive(&archive, floor).await?;
-                }
-            }
+            self.send_new_archives(after_id).await?;
             let lines = self
                 .shared
                 .store
@@ -190,7 +182,9 @@ impl Follower {
             // Output is stored before the attempt's end, so once every selected task is
             // final, one more empty read proves nothing is left.
             if !follow || finished {
-                return Ok(());
+                // An attempt archived since the pass above had its live rows deleted in the
+                // same transaction, so this pass finds whatever the empty read missed.
+                return self.send_new_archives(after_id).await;
             }
             let tasks = self.shared.store.tasks(self.job_id).await.map_err(status)?;
             finished =
@@ -199,6 +193,19 @@ impl Follower {
                 let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
             }
         }
+    }
+
+    /// Sends every archive not sent yet, each after the last of its lines sent live.
+    async fn send_new_archives(&mut self, after_id: i64) -> Result<(), Stop> {
+        let archives = self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
+        for archive in archives {
+            let key = (archive.task_id, archive.attempt);
+            if self.archived.insert(key) {
+                let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
+                self.send_archive(&archive, floor).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn send_archive(&mut self, archive: &LogArchiveRecord, floor: i64) -> Result<(), Stop> {
