@@ -188,3 +188,41 @@ tasks:
     let (code, _, _) = http_get(&format!("{api}/jobs/latest/tasks/say/logs"));
     assert_eq!(code, 400, "a job id is a number");
 }
+
+#[test]
+fn a_live_download_from_a_task_whose_agent_is_gone_fails_clearly() {
+    let mut c = Cluster::start(1, 2);
+    let job = c.submit(
+        r#"
+version: 1
+name: orphan
+tasks:
+  - name: wait
+    command: "echo started > state.txt && sleep 600"
+"#,
+    );
+    let id = job.to_string();
+    let start = Instant::now();
+    loop {
+        let out = c.drover(&["artifacts", "get", &id, "wait", "state.txt", "-o", "-"]);
+        if out.status.success() && out.stdout == b"started\n" {
+            break;
+        }
+        assert!(start.elapsed() < T, "state.txt never readable: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill_agent(0);
+    let start = Instant::now();
+    loop {
+        let out = c.drover(&["artifacts", "get", &id, "wait", "state.txt", "-o", "-"]);
+        assert!(out.stdout.is_empty(), "nothing may be read from a node that is gone");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if !out.status.success()
+            && (stderr.contains("not connected to this server") || stderr.contains("no such task is running"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < T, "the download never failed clearly: {stderr}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
