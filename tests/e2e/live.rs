@@ -10,10 +10,18 @@ use crate::harness::{Cluster, task};
 
 const T: Duration = Duration::from_secs(90);
 
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").port()
+/// A cluster whose server also serves the HTTP API, on a port it picks; returns the API's
+/// base URL, which the server prints before it starts listening for gRPC.
+fn with_http_api() -> (Cluster, String) {
+    let c = Cluster::start_with(1, 2, &["--http", "127.0.0.1:0"], &[]);
+    let log = std::fs::read_to_string(c.path("server.log")).expect("server log");
+    let base = log
+        .lines()
+        .find_map(|l| l.strip_prefix("http api on "))
+        .unwrap_or_else(|| panic!("the server did not say where the http api is:\n{log}"))
+        .trim()
+        .to_string();
+    (c, format!("{base}/v1"))
 }
 
 /// A GET with a real HTTP client: status, Content-Length header, body.
@@ -43,9 +51,7 @@ fn assert_counting(text: &str) -> usize {
 
 #[test]
 fn a_file_still_being_appended_downloads_live_then_from_the_blob_store() {
-    let http = free_port();
-    let c = Cluster::start_with(1, 2, &["--http", &format!("127.0.0.1:{http}")], &[]);
-    let api = format!("http://127.0.0.1:{http}/v1");
+    let (c, api) = with_http_api();
     std::fs::write(c.path("outside.txt"), "must never be read").unwrap();
     let job = c.submit(
         r#"
@@ -162,9 +168,7 @@ tasks:
 
 #[test]
 fn the_http_api_serves_logs_and_reports_errors_as_json() {
-    let http = free_port();
-    let c = Cluster::start_with(1, 2, &["--http", &format!("127.0.0.1:{http}")], &[]);
-    let api = format!("http://127.0.0.1:{http}/v1");
+    let (c, api) = with_http_api();
     let job = c.submit(
         r#"
 version: 1
@@ -183,4 +187,42 @@ tasks:
     assert!(err["error"].as_str().unwrap().contains("no task `nope`"), "{err}");
     let (code, _, _) = http_get(&format!("{api}/jobs/latest/tasks/say/logs"));
     assert_eq!(code, 400, "a job id is a number");
+}
+
+#[test]
+fn a_live_download_from_a_task_whose_agent_is_gone_fails_clearly() {
+    let mut c = Cluster::start(1, 2);
+    let job = c.submit(
+        r#"
+version: 1
+name: orphan
+tasks:
+  - name: wait
+    command: "echo started > state.txt && sleep 600"
+"#,
+    );
+    let id = job.to_string();
+    let start = Instant::now();
+    loop {
+        let out = c.drover(&["artifacts", "get", &id, "wait", "state.txt", "-o", "-"]);
+        if out.status.success() && out.stdout == b"started\n" {
+            break;
+        }
+        assert!(start.elapsed() < T, "state.txt never readable: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill_agent(0);
+    let start = Instant::now();
+    loop {
+        let out = c.drover(&["artifacts", "get", &id, "wait", "state.txt", "-o", "-"]);
+        assert!(out.stdout.is_empty(), "nothing may be read from a node that is gone");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if !out.status.success()
+            && (stderr.contains("not connected to this server") || stderr.contains("no such task is running"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < T, "the download never failed clearly: {stderr}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -107,3 +107,40 @@ fn archived_logs_are_kept_for_the_retention_period_then_deleted() {
     }
     assert_eq!(c.ok(&["logs", &job.to_string()]), "");
 }
+
+#[test]
+fn following_a_task_through_its_end_and_archiving_sends_every_line_once() {
+    let c = Cluster::start(1, 2);
+    let job = c.submit(
+        r#"
+version: 1
+name: follow
+tasks:
+  - name: two-halves
+    command: |
+      for i in $(seq 1 50); do echo "a $i"; done
+      while [ ! -e {{ params.dir }}/release ]; do sleep 0.05; done
+      for i in $(seq 1 50); do echo "b $i"; done
+"#,
+    );
+    let id = job.to_string();
+    let start = Instant::now();
+    while c.ok(&["logs", &id, "two-halves"]).lines().count() < 50 {
+        assert!(start.elapsed() < T, "the first half never showed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let follower = c
+        .command(&["logs", "-f", &id, "two-halves"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn logs -f");
+    std::fs::write(c.path("release"), "").unwrap();
+    let out = follower.wait_with_output().expect("logs -f ends with the task");
+    assert!(out.status.success());
+    let expected: String =
+        ["a", "b"].iter().flat_map(|h| (1..=50).map(move |i| format!("{h} {i}\n"))).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    // Once archived, the same request gives the same lines.
+    wait_archived(&c, job, 1);
+    assert_eq!(c.ok(&["logs", "-f", &id, "two-halves"]), expected);
+}

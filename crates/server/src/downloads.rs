@@ -158,15 +158,7 @@ impl Follower {
         let mut finished = false;
         loop {
             changes.mark_unchanged();
-            let archives =
-                self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
-            for archive in archives {
-                let key = (archive.task_id, archive.attempt);
-                if self.archived.insert(key) {
-                    let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
-                    self.send_archive(&archive, floor).await?;
-                }
-            }
+            self.send_new_archives(after_id).await?;
             let lines = self
                 .shared
                 .store
@@ -190,7 +182,9 @@ impl Follower {
             // Output is stored before the attempt's end, so once every selected task is
             // final, one more empty read proves nothing is left.
             if !follow || finished {
-                return Ok(());
+                // An attempt archived since the pass above had its live rows deleted in the
+                // same transaction, so this pass finds whatever the empty read missed.
+                return self.send_new_archives(after_id).await;
             }
             let tasks = self.shared.store.tasks(self.job_id).await.map_err(status)?;
             finished =
@@ -199,6 +193,19 @@ impl Follower {
                 let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
             }
         }
+    }
+
+    /// Sends every archive not sent yet, each after the last of its lines sent live.
+    async fn send_new_archives(&mut self, after_id: i64) -> Result<(), Stop> {
+        let archives = self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
+        for archive in archives {
+            let key = (archive.task_id, archive.attempt);
+            if self.archived.insert(key) {
+                let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
+                self.send_archive(&archive, floor).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn send_archive(&mut self, archive: &LogArchiveRecord, floor: i64) -> Result<(), Stop> {
@@ -238,5 +245,92 @@ impl Follower {
             return Ok(());
         }
         self.tx.send(Ok(pb::LogBatch { lines })).await.map_err(|_| Stop::Gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::Mutex;
+
+    use drover_store::conformance::{job, schedule, task};
+    use drover_store::sqlite::SqliteStore;
+    use drover_store::{ArchiveStore, AttemptReport, NodeSpec, OutputLine, Store};
+    use futures::StreamExt;
+    use tokio::sync::{Notify, watch};
+
+    use super::*;
+    use crate::{ServerConfig, log_archive};
+
+    fn line(text: &str) -> OutputLine {
+        OutputLine { step: 0, stderr: false, data: text.as_bytes().to_vec() }
+    }
+
+    /// A follower that sent part of an attempt live continues from the archive after the last
+    /// line it sent when the attempt is archived (and its live rows deleted) in between.
+    #[tokio::test]
+    async fn a_follower_continues_from_the_archive_without_repeating_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            secrets: store.clone(),
+            artifacts: store.clone(),
+            blobs: Arc::new(drover_blobs::MemoryBlobStore::new()),
+            config: ServerConfig::default(),
+            changes: watch::channel(0).0,
+            schedule: Notify::new(),
+            sessions: Mutex::new(HashMap::new()),
+            reads: Default::default(),
+        });
+        let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
+        let node = NodeSpec {
+            name: "n".into(),
+            labels: BTreeMap::new(),
+            cores: 1,
+            memory: 1 << 30,
+            runtimes: vec!["process".into()],
+            lease_until_ms: i64::MAX / 2,
+        };
+        store.register_node(&node, &[], 1).await.unwrap();
+        let a = schedule(&*store, 2).await.remove(0);
+        store.append_output(a.attempt_id, a.epoch, &[line("1\n"), line("2\n")]).await.unwrap();
+
+        let mut stream = logs(shared.clone(), job_id, "", true, 0).await.unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        let texts = |b: &pb::LogBatch| {
+            b.lines.iter().map(|l| String::from_utf8_lossy(&l.data).to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(texts(&first), vec!["1\n", "2\n"]);
+
+        store.append_output(a.attempt_id, a.epoch, &[line("3\n")]).await.unwrap();
+        let report = AttemptReport {
+            attempt_id: a.attempt_id,
+            epoch: a.epoch,
+            exit_code: Some(0),
+            signal: None,
+            failure: None,
+            message: String::new(),
+            cpu_seconds: 0.0,
+            peak_memory: 0,
+        };
+        store.attempt_finished(&report, 3).await.unwrap();
+        let pending = store.unarchived_attempts(10).await.unwrap();
+        log_archive::archive_one(&shared, pending[0]).await.unwrap();
+        assert!(store.logs_after(job_id, &TaskFilter::default(), 0, 10).await.unwrap().is_empty());
+        shared.changes.send_modify(|v| *v += 1);
+
+        let mut rest = Vec::new();
+        while let Some(batch) = stream.next().await {
+            rest.extend(texts(&batch.unwrap()));
+        }
+        assert_eq!(rest, vec!["3\n"]);
+        // A new reader gets the whole attempt from the archive.
+        let mut again = Vec::new();
+        let mut stream = logs(shared, job_id, "t", false, 0).await.unwrap();
+        while let Some(batch) = stream.next().await {
+            again.extend(texts(&batch.unwrap()));
+        }
+        assert_eq!(again, vec!["1\n", "2\n", "3\n"]);
     }
 }

@@ -38,7 +38,7 @@ pub(crate) struct ArchivedLine {
 
 /// Errors of archiving one attempt.
 #[derive(Debug, thiserror::Error)]
-enum ArchiveError {
+pub(crate) enum ArchiveError {
     #[error(transparent)]
     Store(#[from] drover_store::StoreError),
     #[error(transparent)]
@@ -159,7 +159,7 @@ async fn archive_round(shared: &Shared) {
     }
 }
 
-async fn archive_one(shared: &Shared, attempt: UnarchivedAttempt) -> Result<(), ArchiveError> {
+pub(crate) async fn archive_one(shared: &Shared, attempt: UnarchivedAttempt) -> Result<(), ArchiveError> {
     // The encoder writes into a pipe the blob store reads from, so an archive never sits
     // whole in memory.
     let (mut writer, mut reader) = tokio::io::duplex(256 * 1024);
