@@ -4,6 +4,7 @@
 
 mod agent_api;
 mod client_api;
+mod completions;
 mod convert;
 mod loops;
 mod transfer;
@@ -21,7 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Timing of the server's loops and leases.
+/// Default of [`ServerConfig::completion_batch`].
+pub const DEFAULT_COMPLETION_BATCH: usize = 256;
+
+/// Timing and limits of the server's loops and leases.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// How often agents send heartbeats.
@@ -33,6 +37,10 @@ pub struct ServerConfig {
     pub lease: Duration,
     /// The longest the scheduler sleeps when nothing wakes it (retry backoffs end on this tick).
     pub schedule_tick: Duration,
+    /// Most attempt starts and finishes committed in one transaction. Updates that arrive
+    /// while a commit is in flight wait for the next one, so batches only grow under load;
+    /// 1 commits every update on its own.
+    pub completion_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +50,7 @@ impl Default for ServerConfig {
             lease: Duration::from_secs(15),
             max_upload: 10 << 30,
             schedule_tick: Duration::from_millis(250),
+            completion_batch: DEFAULT_COMPLETION_BATCH,
         }
     }
 }
@@ -85,6 +94,8 @@ pub(crate) struct Shared {
     schedule: Notify,
     /// Connected agents by node id.
     sessions: Mutex<HashMap<i64, Session>>,
+    /// The group commit of attempt starts and finishes.
+    completions: completions::Completions,
 }
 
 impl Shared {
@@ -157,6 +168,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let Backends { store, secrets, artifacts, blobs } = backends;
+    let (completions, writer) = completions::Completions::spawn(store.clone(), config.completion_batch);
     let shared = Arc::new(Shared {
         store,
         secrets,
@@ -166,6 +178,7 @@ pub async fn serve(
         changes: watch::channel(0).0,
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
+        completions,
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
@@ -179,5 +192,6 @@ pub async fn serve(
     signals.abort();
     scheduler.abort();
     reaper.abort();
+    writer.abort();
     result.map_err(ServerError::from)
 }

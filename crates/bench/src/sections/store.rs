@@ -193,16 +193,16 @@ async fn raw_runs(ctx: &Ctx, n: usize) -> Result<Vec<f64>> {
 
 /// Store and raw rates on a throwaway PostgreSQL server, one fresh database per run and kind.
 async fn postgres_runs(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-    let server = tokio::task::spawn_blocking(TempPostgres::start).await??;
+    let server = ctx.postgres().await?;
     let (mut store_rates, mut raw_rates) = (Vec::new(), Vec::new());
     for run in 0..ctx.runs {
-        let url = durable_database(&server).await?;
+        let url = durable_database(server).await?;
         let store = PostgresStore::connect(&url).await?;
         let rate = dispatch(&store, n).await?;
         eprintln!("  postgresql run {}: {rate:.0} tasks/s", run + 1);
         store_rates.push(rate);
         drop(store);
-        let url = durable_database(&server).await?;
+        let url = durable_database(server).await?;
         let pool = PgPoolOptions::new().max_connections(1).connect(&url).await?;
         sqlx::query(
             "CREATE TABLE tasks (id BIGSERIAL PRIMARY KEY, state TEXT NOT NULL, attempts INT NOT NULL DEFAULT 0, \
@@ -250,7 +250,7 @@ async fn postgres_runs(ctx: &Ctx, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
 }
 
 /// A fresh database whose sessions wait for their commit's WAL write.
-async fn durable_database(server: &TempPostgres) -> Result<String> {
+pub async fn durable_database(server: &TempPostgres) -> Result<String> {
     let url = server.create_database().await?;
     let name = url.rsplit('/').next().and_then(|n| n.split('?').next()).unwrap_or_default().to_string();
     let admin = PgPoolOptions::new().max_connections(1).connect(server.admin_url()).await?;
