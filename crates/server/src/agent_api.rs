@@ -189,11 +189,13 @@ async fn handle(
 
 /// Hands a start or finish to the group commit; its acknowledgement follows the commit.
 /// `Ok(false)` when the session can no longer acknowledge and must end.
-async fn queue(shared: &Shared, acks: &Acks, attempt_id: i64, seq: u64, update: AttemptUpdate) -> Result<bool, Status> {
-    let outcome = shared
-        .completions
-        .submit(update)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+async fn queue(
+    shared: &Shared,
+    acks: &Acks,
+    attempt_id: i64,
+    seq: u64,
+    update: AttemptUpdate,
+) -> Result<bool, Status> {
+    let outcome = shared.completions.submit(update).await.map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(acks.queued(attempt_id, seq, outcome).await.is_ok())
 }

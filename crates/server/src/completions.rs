@@ -61,7 +61,10 @@ impl Completions {
     }
 
     /// Queues an update; the receiver yields its outcome after the commit.
-    pub(crate) async fn submit(&self, update: AttemptUpdate) -> Result<oneshot::Receiver<Reply>, WriterStopped> {
+    pub(crate) async fn submit(
+        &self,
+        update: AttemptUpdate,
+    ) -> Result<oneshot::Receiver<Reply>, WriterStopped> {
         let (reply, outcome) = oneshot::channel();
         self.tx.send(Queued { update, reply }).await.map_err(|_| WriterStopped)?;
         Ok(outcome)
@@ -101,7 +104,11 @@ async fn commit(store: &dyn Store, batch: Vec<Queued>) {
         Err(error) => vec![Err(error)],
     };
     if outcomes.len() != batch.len() {
-        tracing::error!(updates = batch.len(), outcomes = outcomes.len(), "store answered a batch with the wrong count");
+        tracing::error!(
+            updates = batch.len(),
+            outcomes = outcomes.len(),
+            "store answered a batch with the wrong count"
+        );
     }
     let mut changed = false;
     let mut finished = false;

@@ -45,7 +45,8 @@ struct Config {
 
 impl Config {
     fn label(self) -> String {
-        let servers = if self.replicas == 1 { "1 replica".to_string() } else { format!("{} replicas", self.replicas) };
+        let servers =
+            if self.replicas == 1 { "1 replica".to_string() } else { format!("{} replicas", self.replicas) };
         match self.batch {
             Some(1) => format!("{servers}, --completion-batch 1"),
             Some(n) => format!("{servers}, --completion-batch {n}"),
@@ -82,7 +83,8 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
 
 /// The section's rows from the measures of the four configurations.
 fn rows(n: usize, [one, three, one_single, three_single]: [Measure; 4]) -> Vec<Row> {
-    let work = format!("{n} × `true` in {JOBS} array jobs, {AGENTS} agents, one PostgreSQL, submit → all done");
+    let work =
+        format!("{n} × `true` in {JOBS} array jobs, {AGENTS} agents, one PostgreSQL, submit → all done");
     vec![
         Row {
             section: "replicas",
