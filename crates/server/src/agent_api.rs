@@ -75,7 +75,7 @@ impl AgentSession for AgentApi {
         shared.publish(Signal::Schedule).await;
 
         let span = tracing::info_span!("agent_session", node_id, epoch);
-        let acks = Acks::spawn(shared.clone(), tx.clone());
+        let acks = Acks::spawn(shared.store.clone(), tx.clone());
         tokio::spawn(
             async move {
                 while let Some(msg) = inbound.next().await {

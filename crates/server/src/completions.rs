@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tonic::Status;
 
 use crate::convert::status;
-use crate::{Shared, now_ms};
+use crate::now_ms;
 
 /// Updates waiting for the writer; beyond this, sessions wait (backpressure on agents).
 const QUEUE: usize = 8192;
@@ -167,9 +167,9 @@ pub(crate) struct AcksStopped;
 
 impl Acks {
     /// Starts acknowledging reports of a session whose outbound stream is `out`.
-    pub(crate) fn spawn(shared: Arc<Shared>, out: mpsc::Sender<Result<pb::ServerMessage, Status>>) -> Acks {
+    pub(crate) fn spawn(store: Arc<dyn Store>, out: mpsc::Sender<Result<pb::ServerMessage, Status>>) -> Acks {
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
-        tokio::spawn(acknowledge(shared, rx, out));
+        tokio::spawn(acknowledge(store, rx, out));
         Acks { tx }
     }
 
@@ -190,7 +190,7 @@ impl Acks {
 }
 
 async fn acknowledge(
-    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Report>,
     out: mpsc::Sender<Result<pb::ServerMessage, Status>>,
 ) {
@@ -224,7 +224,7 @@ async fn acknowledge(
                 .await;
         } else if !committed_by_writer {
             // The writer publishes once per batch for its own updates.
-            shared.publish(Signal::Changed { job_id: 0 }).await;
+            publish(store.as_ref(), Signal::Changed { job_id: 0 }).await;
         }
         let _ = out.send(Ok(pb::ServerMessage { msg: Some(Out::Ack(pb::Ack { seq })) })).await;
     }

@@ -57,7 +57,7 @@ impl Config {
 
 /// Runs the section.
 pub async fn run(ctx: &Ctx) -> Vec<Row> {
-    let n = if ctx.quick { 30 } else { ctx.tasks };
+    let n = if ctx.quick { 24 } else { ctx.tasks };
     let server = match ctx.postgres().await {
         Ok(server) => server,
         Err(e) => {
@@ -201,16 +201,18 @@ impl Fleet {
             if let Some(batch) = config.batch {
                 cmd.args(["--completion-batch", &batch.to_string()]);
             }
-            let mut server = cmd
+            let server = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(log(&format!("server-{i}"))?)
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("cannot start {} server", drover.display()))?;
-            let url = banner(&mut server, dir).await?;
             children.push(server);
-            urls.push(url);
+        }
+        // Started together, the replicas migrate the fresh database once between them.
+        for server in &mut children {
+            urls.push(banner(server, dir).await?);
         }
         for i in 0..AGENTS {
             let mut list = urls.clone();

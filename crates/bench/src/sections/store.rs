@@ -39,7 +39,7 @@ const NODE_CORES: u32 = 64;
 
 /// Runs the section.
 pub async fn run(ctx: &Ctx) -> Vec<Row> {
-    let n = if ctx.quick { 200 } else { ctx.tasks.max(2000) };
+    let n = if ctx.quick { 100 } else { ctx.tasks.max(2000) };
     let sqlite = sqlite_runs(ctx, n, false).await;
     let sqlite_batched = sqlite_runs(ctx, n, true).await;
     let raw = raw_runs(ctx, n).await;

@@ -107,3 +107,65 @@ async fn a_failing_update_does_not_fail_its_batch() {
     let states: Vec<TaskState> = store.tasks(job_id).await.unwrap().iter().map(|t| t.state).collect();
     assert_eq!(states, vec![TaskState::Succeeded, TaskState::Assigned, TaskState::Succeeded]);
 }
+
+type Outbound = mpsc::Receiver<Result<drover_proto::ServerMessage, tonic::Status>>;
+
+/// An acknowledger over a real store, with the receiving end of its session's stream.
+async fn acks() -> (super::Acks, Outbound, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
+    let (out, rx) = mpsc::channel(16);
+    (super::Acks::spawn(store, out), rx, dir)
+}
+
+fn ack_seq(msg: Option<Result<drover_proto::ServerMessage, tonic::Status>>) -> Option<u64> {
+    match msg?.ok()?.msg? {
+        drover_proto::server_message::Msg::Ack(a) => Some(a.seq),
+        _ => None,
+    }
+}
+
+/// Acknowledgements are cumulative on the agent's side, so a report applied at once waits for
+/// an earlier one still being committed, and nothing is acknowledged before its commit.
+#[tokio::test]
+async fn reports_are_acknowledged_in_arrival_order_after_their_commit() {
+    let (acks, mut out, _dir) = acks().await;
+    let (commit_first, first) = oneshot::channel();
+    acks.queued(7, 1, first).await.unwrap();
+    acks.done(8, 2, Applied::Applied).await.unwrap();
+    let early = tokio::time::timeout(std::time::Duration::from_millis(200), out.recv()).await;
+    assert!(early.is_err(), "acknowledged before the commit: {early:?}");
+    commit_first.send(Ok(Applied::Applied)).unwrap();
+    assert_eq!(ack_seq(out.recv().await), Some(1));
+    assert_eq!(ack_seq(out.recv().await), Some(2));
+}
+
+/// A stale report is acknowledged (it will never apply) after telling the agent to stop the
+/// attempt; a failed commit is not acknowledged and ends the session's acknowledgements.
+#[tokio::test]
+async fn stale_reports_cancel_and_failed_commits_are_never_acknowledged() {
+    let (acks, mut out, _dir) = acks().await;
+    let (stale, outcome) = oneshot::channel();
+    acks.queued(5, 1, outcome).await.unwrap();
+    stale.send(Ok(Applied::Stale)).unwrap();
+    match out.recv().await.unwrap().unwrap().msg {
+        Some(drover_proto::server_message::Msg::Cancel(c)) => assert_eq!(c.attempt_id, 5),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    assert_eq!(ack_seq(out.recv().await), Some(1));
+    let (failed, outcome) = oneshot::channel();
+    acks.queued(6, 2, outcome).await.unwrap();
+    failed.send(Err(StoreError::NotFound { what: "attempt", id: 6 })).unwrap();
+    assert!(out.recv().await.unwrap().is_err(), "a failed commit ends the stream with an error");
+    // The acknowledger has stopped: the session learns it must end.
+    let mut stopped = false;
+    for seq in 3..10 {
+        if acks.done(9, seq, Applied::Applied).await.is_err() {
+            stopped = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(stopped, "reports are still accepted after a failed commit");
+    assert!(out.recv().await.is_none(), "no acknowledgement follows a failed commit");
+}
