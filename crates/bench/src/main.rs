@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, anyhow};
 use clap::{Parser, ValueEnum};
+use drover_store::pg_test::TempPostgres;
 
 use crate::report::Row;
 
@@ -69,16 +70,19 @@ pub enum Section {
     Footprint,
     /// Durable dispatch rate of the store.
     Store,
+    /// 1 vs 3 server replicas on one PostgreSQL, batched vs unbatched completions.
+    Replicas,
 }
 
 impl Section {
-    const ALL: [Section; 6] = [
+    const ALL: [Section; 7] = [
         Section::Throughput,
         Section::Latency,
         Section::Placement,
         Section::Logs,
         Section::Footprint,
         Section::Store,
+        Section::Replicas,
     ];
 }
 
@@ -104,6 +108,8 @@ pub struct Ctx {
     pub scratch: PathBuf,
     /// Cores of this machine.
     pub cores: usize,
+    /// The throwaway PostgreSQL server, started on first use and shared by the sections.
+    postgres: tokio::sync::OnceCell<std::result::Result<TempPostgres, String>>,
 }
 
 impl Ctx {
@@ -115,6 +121,22 @@ impl Ctx {
         }
         std::fs::create_dir_all(&dir)?;
         Ok(dir)
+    }
+
+    /// The throwaway PostgreSQL server (`DROVER_TEST_POSTGRES`, or a private one started on
+    /// first use); the error says why there is none.
+    pub async fn postgres(&self) -> Result<&TempPostgres> {
+        let server = self
+            .postgres
+            .get_or_init(|| async {
+                match tokio::task::spawn_blocking(TempPostgres::from_env_or_start).await {
+                    Ok(Ok(server)) => Ok(server),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("starting PostgreSQL panicked: {e}")),
+                }
+            })
+            .await;
+        server.as_ref().map_err(|e| anyhow!("{e}"))
     }
 
     /// Why the Slurm peer is not measured, if it is not.
@@ -173,6 +195,7 @@ async fn run(opts: Opts) -> Result<bool> {
         drover,
         scratch,
         cores: machine::cores(),
+        postgres: tokio::sync::OnceCell::new(),
     };
     let machine = machine::describe();
     eprintln!("drover-bench: {machine}");
@@ -190,6 +213,7 @@ async fn run(opts: Opts) -> Result<bool> {
             Section::Logs => sections::logs::run(&ctx).await,
             Section::Footprint => sections::footprint::run(&ctx).await,
             Section::Store => sections::store::run(&ctx).await,
+            Section::Replicas => sections::replicas::run(&ctx).await,
         };
         eprintln!("drover-bench: {section:?} took {:.1}s", started.elapsed().as_secs_f64());
         for r in &new_rows {

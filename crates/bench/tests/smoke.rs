@@ -65,7 +65,7 @@ fn quick_benchmark_prints_a_row_for_every_section() {
     let err = err_reader.join().unwrap_or_default();
     let status = status.unwrap_or_else(|| panic!("drover-bench took over {limit:?}\nstderr:\n{err}"));
     assert!(status.success(), "drover-bench failed: {status}\nstdout:\n{out}\nstderr:\n{err}");
-    for section in ["throughput", "latency", "placement", "logs", "footprint", "store"] {
+    for section in ["throughput", "latency", "placement", "logs", "footprint", "store", "replicas"] {
         let rows: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("| {section} |"))).collect();
         assert!(!rows.is_empty(), "no row for {section}\nstdout:\n{out}\nstderr:\n{err}");
         assert!(

@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// How often agents send heartbeats (keep well under --lease).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+    /// Most attempt starts and finishes committed in one database transaction (1 commits each
+    /// on its own). Batches only fill up while a commit is in flight, so this costs no latency.
+    #[arg(long, default_value_t = drover_server::DEFAULT_COMPLETION_BATCH, value_parser = parse_batch)]
+    pub completion_batch: usize,
 }
 
 /// Options of the agent part.
@@ -133,6 +137,13 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("`{s}` is not a label; write key=value"))
+}
+
+fn parse_batch(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a batch size; give a number from 1 to 65536")),
+    }
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -207,6 +218,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig> {
         max_outputs: args.max_outputs_size,
         max_log: args.max_log_size,
         log_retention: args.log_retention,
+        completion_batch: args.completion_batch,
         ..ServerConfig::default()
     })
 }

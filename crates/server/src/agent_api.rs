@@ -8,13 +8,14 @@ use drover_proto as pb;
 use drover_proto::agent_message::Msg as In;
 use drover_proto::agent_session_server::AgentSession;
 use drover_proto::server_message::Msg as Out;
-use drover_store::{Applied, AttemptReport, NodeSpec, OutputFile, OutputLine, Signal};
+use drover_store::{AttemptReport, AttemptUpdate, NodeSpec, OutputFile, OutputLine, Signal};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::completions::Acks;
 use crate::convert::status;
 use crate::{Session, Shared, now_ms};
 
@@ -76,6 +77,7 @@ impl AgentSession for AgentApi {
         shared.publish(Signal::Schedule).await;
 
         let span = tracing::info_span!("agent_session", node_id, epoch);
+        let acks = Acks::spawn(shared.store.clone(), tx.clone());
         tokio::spawn(
             async move {
                 while let Some(msg) = inbound.next().await {
@@ -86,7 +88,7 @@ impl AgentSession for AgentApi {
                             break;
                         }
                     };
-                    match handle(&shared, node_id, epoch, msg, &tx).await {
+                    match handle(&shared, node_id, epoch, msg, &tx, &acks).await {
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => {
@@ -108,13 +110,15 @@ impl AgentSession for AgentApi {
     }
 }
 
-/// Handles one message from an agent. `Ok(false)` ends the session.
+/// Handles one message from an agent. `Ok(false)` ends the session. Starts and finishes go to
+/// the group commit and are acknowledged after it; everything else is applied here, in order.
 async fn handle(
     shared: &Shared,
     node_id: i64,
     epoch: i64,
     msg: pb::AgentMessage,
     tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    acks: &Acks,
 ) -> Result<bool, Status> {
     let now = now_ms();
     match msg.msg {
@@ -129,7 +133,8 @@ async fn handle(
         Some(In::Update(u)) => {
             let applied = match u.kind {
                 Some(pb::attempt_update::Kind::Started(_)) => {
-                    shared.store.attempt_started(u.attempt_id, u.epoch, now).await.map_err(status)?
+                    let started = AttemptUpdate::Started { attempt_id: u.attempt_id, epoch: u.epoch };
+                    return queue(shared, acks, u.attempt_id, u.seq, started).await;
                 }
                 Some(pb::attempt_update::Kind::Finished(f)) => {
                     let failure = if f.failure.is_empty() {
@@ -158,12 +163,7 @@ async fn handle(
                         cpu_seconds: f.cpu_seconds,
                         peak_memory: f.peak_memory_bytes,
                     };
-                    let applied = shared.store.attempt_finished(&report, now).await.map_err(status)?;
-                    if applied == Applied::Applied {
-                        tracing::info!(attempt_id = u.attempt_id, exit_code = ?f.exit_code, failure = %f.failure, "attempt finished");
-                        shared.publish(Signal::Schedule).await;
-                    }
-                    applied
+                    return queue(shared, acks, u.attempt_id, u.seq, AttemptUpdate::Finished(report)).await;
                 }
                 Some(pb::attempt_update::Kind::Outputs(o)) => {
                     let files: Vec<OutputFile> = o
@@ -179,7 +179,7 @@ async fn handle(
                 }
                 None => return Err(Status::invalid_argument("update without a kind")),
             };
-            after_report(shared, u.attempt_id, u.seq, applied, tx).await;
+            return Ok(acks.done(u.attempt_id, u.seq, applied).await.is_ok());
         }
         Some(In::Output(o)) => {
             let lines: Vec<OutputLine> = o
@@ -188,7 +188,7 @@ async fn handle(
                 .map(|l| OutputLine { step: l.step, stderr: l.stderr, data: l.data })
                 .collect();
             let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
-            after_report(shared, o.attempt_id, o.seq, applied, tx).await;
+            return Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok());
         }
         Some(In::FileChunk(chunk)) => shared.reads.deliver(chunk),
         Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
@@ -197,25 +197,15 @@ async fn handle(
     Ok(true)
 }
 
-/// Acknowledges a report (it is durable, or stale and never will be), tells the agent to stop
-/// an attempt the server no longer wants, and wakes watchers.
-async fn after_report(
+/// Hands a start or finish to the group commit; its acknowledgement follows the commit.
+/// `Ok(false)` when the session can no longer acknowledge and must end.
+async fn queue(
     shared: &Shared,
+    acks: &Acks,
     attempt_id: i64,
     seq: u64,
-    applied: Applied,
-    tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
-) {
-    if applied == Applied::Stale {
-        tracing::info!(attempt_id, "stale report ignored; telling the agent to stop the attempt");
-        let _ = tx
-            .send(out(Out::Cancel(pb::CancelAttempt {
-                attempt_id,
-                reason: "attempt is no longer current".into(),
-            })))
-            .await;
-    } else {
-        shared.publish(Signal::Changed { job_id: 0 }).await;
-    }
-    let _ = tx.send(out(Out::Ack(pb::Ack { seq }))).await;
+    update: AttemptUpdate,
+) -> Result<bool, Status> {
+    let outcome = shared.completions.submit(update).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(acks.queued(attempt_id, seq, outcome).await.is_ok())
 }

@@ -4,6 +4,7 @@
 
 mod agent_api;
 mod client_api;
+mod completions;
 mod convert;
 mod downloads;
 mod http;
@@ -28,7 +29,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Timing of the server's loops and leases.
+/// Default of [`ServerConfig::completion_batch`].
+pub const DEFAULT_COMPLETION_BATCH: usize = 256;
+
+/// Timing and limits of the server's loops and leases.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// How often agents send heartbeats.
@@ -48,6 +52,10 @@ pub struct ServerConfig {
     pub log_retention: Duration,
     /// How often ended attempts' logs are archived (and old archives dropped).
     pub archive_tick: Duration,
+    /// Most attempt starts and finishes committed in one transaction. Updates that arrive
+    /// while a commit is in flight wait for the next one, so batches only grow under load;
+    /// 1 commits every update on its own.
+    pub completion_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +69,7 @@ impl Default for ServerConfig {
             max_log: 64 << 20,
             log_retention: DEFAULT_RETENTION,
             archive_tick: Duration::from_secs(1),
+            completion_batch: DEFAULT_COMPLETION_BATCH,
         }
     }
 }
@@ -109,6 +118,8 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<i64, Session>>,
     /// Live file reads waiting for their agents.
     reads: live_files::Reads,
+    /// The group commit of attempt starts and finishes.
+    completions: completions::Completions,
 }
 
 impl Shared {
@@ -192,6 +203,7 @@ pub async fn serve_with_http(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let Backends { store, secrets, artifacts, blobs } = backends;
+    let (completions, writer) = completions::Completions::spawn(store.clone(), config.completion_batch);
     let shared = Arc::new(Shared {
         store,
         secrets,
@@ -202,6 +214,7 @@ pub async fn serve_with_http(
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
         reads: live_files::Reads::default(),
+        completions,
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
@@ -233,5 +246,6 @@ pub async fn serve_with_http(
             Err(_) => http.abort(),
         }
     }
+    writer.abort();
     result.map_err(ServerError::from)
 }

@@ -316,6 +316,61 @@ pub async fn usage_sums_tokens_and_compute(store: &dyn Store) {
     assert_eq!(one, vec![all[0].clone()]);
 }
 
+/// A batch of updates commits as one, but each update is fenced on its own: a repeated, stale
+/// or unknown one inside the batch is `Stale` and changes nothing, and the others apply.
+pub async fn batched_updates_are_fenced_one_by_one(store: &dyn Store) {
+    assert_eq!(store.apply_updates(&[], 1).await.unwrap(), Vec::<Applied>::new());
+    let id =
+        store.submit(&job(vec![task("a", &[]), task("b", &[]), task("c", &[])]), "", "f", 1).await.unwrap();
+    let other = store.submit(&job(vec![task("d", &[])]), "", "f", 1).await.unwrap();
+    store.register_node(&node("n9", 4, 100_000), &[], 1).await.unwrap();
+    let assigned = schedule(store, 2).await;
+    assert_eq!(assigned.len(), 4);
+    let find = |name: &str| assigned.iter().find(|x| x.plan.name == name).cloned().unwrap();
+    let (a, b, c, d) = (find("a"), find("b"), find("c"), find("d"));
+    let started = |x: &Assignment| AttemptUpdate::Started { attempt_id: x.attempt_id, epoch: x.epoch };
+    let mut wrong_epoch = done(&c, 0);
+    wrong_epoch.epoch += 1;
+    let updates = vec![
+        started(&a),
+        started(&b),
+        AttemptUpdate::Finished(done(&a, 0)),
+        AttemptUpdate::Finished(done(&a, 0)),
+        AttemptUpdate::Started { attempt_id: c.attempt_id, epoch: c.epoch + 1 },
+        AttemptUpdate::Finished(wrong_epoch),
+        AttemptUpdate::Finished(done(&d, 0)),
+        AttemptUpdate::Started { attempt_id: 999_999, epoch: 1 },
+        AttemptUpdate::Finished(done(&c, 0)),
+    ];
+    use Applied::{Applied as A, Stale as S};
+    assert_eq!(store.apply_updates(&updates, 3).await.unwrap(), vec![A, A, A, S, S, S, A, S, A]);
+    let tasks = store.tasks(id).await.unwrap();
+    assert_eq!(
+        tasks.iter().map(|t| (t.state, t.attempts)).collect::<Vec<_>>(),
+        vec![(TaskState::Succeeded, 1), (TaskState::Running, 1), (TaskState::Succeeded, 1)]
+    );
+    assert_eq!(store.job(other).await.unwrap().unwrap().state, JobState::Succeeded);
+    let events = store.events_after(id, 0, 100).await.unwrap();
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    let ended_a = events.iter().filter(|e| e.task_name == "a" && e.state == "succeeded").count();
+    assert_eq!(ended_a, 1, "a finish reported twice in one batch is recorded once");
+
+    // The same batch again, as an agent re-sends its outbox to another server after a
+    // failover: only the running attempt's repeated start is accepted, and nothing changes.
+    let last_seq = store.job(id).await.unwrap().unwrap().last_seq;
+    let again = store.apply_updates(&updates, 4).await.unwrap();
+    assert_eq!(again, vec![S, A, S, S, S, S, S, S, S]);
+    assert_eq!(store.job(id).await.unwrap().unwrap().last_seq, last_seq);
+    assert_eq!(store.tasks(id).await.unwrap(), tasks);
+
+    // Finishing the last task through a batch settles the job like a single report does.
+    assert_eq!(store.apply_updates(&[AttemptUpdate::Finished(done(&b, 0))], 5).await.unwrap(), vec![A]);
+    let j = store.job(id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!(store.events_after(id, 0, 100).await.unwrap().last().map(|e| e.kind.as_str()), Some("job"));
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -324,7 +379,8 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute);
+            reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
+            batched_updates_are_fenced_one_by_one);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

@@ -151,6 +151,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Compute and tokens per job, ordered by project and job id.
     async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>>;
+    /// Applies several attempt updates in one transaction, in order, and returns one result
+    /// per update. Each update is fenced on its own exactly as [`Store::attempt_started`] and
+    /// [`Store::attempt_finished`] fence it: a stale or repeated one is `Stale` and changes
+    /// nothing, without affecting the others. One commit for many updates is what lets one
+    /// database keep up with many agents; nothing is visible before the commit.
+    async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>>;
 
     /// Appends output lines of an attempt.
     async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied>;

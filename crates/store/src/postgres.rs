@@ -665,6 +665,46 @@ async fn requeue_undelivered(
     Ok(())
 }
 
+/// Records that an attempt started running, inside the caller's transaction.
+async fn start_attempt(conn: &mut PgConnection, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
+    let Some(a) = open_attempt(conn, attempt_id, Some(epoch), AttemptLock::Update).await? else {
+        return Ok(Applied::Stale);
+    };
+    // No job lock before the task update: this task has an open attempt, so only holders of
+    // the attempt's lock (this transaction) write it, and the job's lock, taken by `emit`
+    // last, is held for the shortest time.
+    let row = sqlx::query(
+        "WITH started AS ( \
+             UPDATE attempts SET state = 'running', started_ms = $1 WHERE id = $2 AND state = 'assigned') \
+         UPDATE tasks SET state = 'running', started_ms = $1 WHERE id = $3 AND state = 'assigned' \
+         RETURNING name, frame",
+    )
+    .bind(now_ms)
+    .bind(attempt_id)
+    .bind(a.task_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = row {
+        let mut ev =
+            Ev::task(a.job_id, a.task_id, row.try_get::<&str, _>(0)?, row.try_get(1)?, TaskState::Running);
+        ev.attempt = a.number;
+        ev.node = a.node.clone();
+        emit(conn, now_ms, vec![ev]).await?;
+    }
+    Ok(Applied::Applied)
+}
+
+/// Records how an attempt ended and settles its task, inside the caller's transaction.
+async fn finish_attempt(conn: &mut PgConnection, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
+    let Some(a) = open_attempt(conn, report.attempt_id, Some(report.epoch), AttemptLock::Update).await?
+    else {
+        tracing::debug!(attempt_id = report.attempt_id, epoch = report.epoch, "stale attempt report ignored");
+        return Ok(Applied::Stale);
+    };
+    settle_attempt(conn, &a, report, now_ms).await?;
+    Ok(Applied::Applied)
+}
+
 fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
     AttemptReport {
         attempt_id,
@@ -1310,56 +1350,45 @@ impl Store for PostgresStore {
 
     async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
         transaction!(self.pool, "attempt_started", |tx| {
-            let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Update).await? else {
-                return Ok(Applied::Stale);
-            };
-            // No job lock before the task update: this task has an open attempt, so only holders
-            // of the attempt's lock (this transaction) write it, and the job's lock, taken by
-            // `emit` last, is held for the shortest time.
-            let row = sqlx::query(
-                "WITH started AS ( \
-                     UPDATE attempts SET state = 'running', started_ms = $1 WHERE id = $2 AND state = 'assigned') \
-                 UPDATE tasks SET state = 'running', started_ms = $1 WHERE id = $3 AND state = 'assigned' \
-                 RETURNING name, frame",
-            )
-            .bind(now_ms)
-            .bind(attempt_id)
-            .bind(a.task_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = row {
-                let mut ev = Ev::task(
-                    a.job_id,
-                    a.task_id,
-                    row.try_get::<&str, _>(0)?,
-                    row.try_get(1)?,
-                    TaskState::Running,
-                );
-                ev.attempt = a.number;
-                ev.node = a.node.clone();
-                emit(&mut tx, now_ms, vec![ev]).await?;
-            }
-            Ok(Applied::Applied)
+            start_attempt(&mut tx, attempt_id, epoch, now_ms).await
         })
     }
 
     async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
-        let applied = transaction!(self.pool, "attempt_finished", |tx| {
-            let Some(a) =
-                open_attempt(&mut tx, report.attempt_id, Some(report.epoch), AttemptLock::Update).await?
-            else {
-                return Ok(Applied::Stale);
-            };
-            settle_attempt(&mut tx, &a, report, now_ms).await?;
-            Ok(Applied::Applied)
-        })?;
-        if applied == Applied::Stale {
-            tracing::debug!(
-                attempt_id = report.attempt_id,
-                epoch = report.epoch,
-                "stale attempt report ignored"
-            );
+        transaction!(self.pool, "attempt_finished", |tx| { finish_attempt(&mut tx, report, now_ms).await })
+    }
+
+    async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut attempt_ids: Vec<i64> = updates.iter().map(AttemptUpdate::attempt_id).collect();
+        attempt_ids.sort_unstable();
+        attempt_ids.dedup();
+        let applied = transaction!(self.pool, "apply_updates", |tx| {
+            // Every lock the updates need, up front and in the global order (attempts, then
+            // jobs, each by id): applied one by one, a batch would lock a job and then the next
+            // update's attempt, the reverse of what `register_node` and `expire_nodes` do.
+            let job_ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT job_id FROM attempts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&attempt_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            lock_jobs(&mut tx, &job_ids).await?;
+            let mut out = Vec::with_capacity(updates.len());
+            for update in updates {
+                out.push(match update {
+                    AttemptUpdate::Started { attempt_id, epoch } => {
+                        start_attempt(&mut tx, *attempt_id, *epoch, now_ms).await?
+                    }
+                    AttemptUpdate::Finished(report) => finish_attempt(&mut tx, report, now_ms).await?,
+                });
+            }
+            Ok(out)
+        })?;
+        let stale = applied.iter().filter(|a| **a == Applied::Stale).count();
+        tracing::debug!(updates = updates.len(), stale, "attempt updates applied in one transaction");
         Ok(applied)
     }
 

@@ -212,6 +212,36 @@ pub struct AttemptReport {
     pub peak_memory: u64,
 }
 
+/// A change of an attempt's state reported by its agent, as applied in batches by
+/// [`crate::Store::apply_updates`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptUpdate {
+    /// The attempt started running.
+    Started {
+        /// Attempt id.
+        attempt_id: i64,
+        /// Fencing epoch the agent holds.
+        epoch: i64,
+    },
+    /// The attempt ended.
+    Finished(AttemptReport),
+}
+
+impl AttemptUpdate {
+    /// The attempt the update is about.
+    pub fn attempt_id(&self) -> i64 {
+        match self {
+            AttemptUpdate::Started { attempt_id, .. } => *attempt_id,
+            AttemptUpdate::Finished(r) => r.attempt_id,
+        }
+    }
+
+    /// Whether the update ends the attempt.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, AttemptUpdate::Finished(_))
+    }
+}
+
 /// Whether a report was applied or ignored as stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {

@@ -366,6 +366,46 @@ async fn open_attempt(
     }))
 }
 
+/// Records that an attempt started running, inside the caller's transaction.
+async fn start_attempt(
+    conn: &mut SqliteConnection,
+    attempt_id: i64,
+    epoch: i64,
+    now_ms: i64,
+) -> Result<Applied> {
+    let Some(a) = open_attempt(conn, attempt_id, Some(epoch)).await? else {
+        return Ok(Applied::Stale);
+    };
+    sqlx::query("UPDATE attempts SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned'")
+        .bind(now_ms)
+        .bind(attempt_id)
+        .execute(&mut *conn)
+        .await?;
+    let row = sqlx::query(
+        "UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned' RETURNING name, frame",
+    )
+    .bind(now_ms)
+    .bind(a.task_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = row {
+        let mut ev = Ev::task(a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
+        ev.attempt = a.number;
+        ev.node = a.node.clone();
+        emit(conn, a.job_id, now_ms, vec![ev]).await?;
+    }
+    Ok(Applied::Applied)
+}
+
+/// Records how an attempt ended and settles its task, inside the caller's transaction.
+async fn finish_attempt(conn: &mut SqliteConnection, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
+    let Some(a) = open_attempt(conn, report.attempt_id, Some(report.epoch)).await? else {
+        return Ok(Applied::Stale);
+    };
+    settle_attempt(conn, &a, report, now_ms).await?;
+    Ok(Applied::Applied)
+}
+
 fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
     AttemptReport {
         attempt_id,
@@ -828,41 +868,37 @@ impl Store for SqliteStore {
 
     async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
         let mut tx = self.writer.begin().await?;
-        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
-            return Ok(Applied::Stale);
-        };
-        sqlx::query(
-            "UPDATE attempts SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned'",
-        )
-        .bind(now_ms)
-        .bind(attempt_id)
-        .execute(&mut *tx)
-        .await?;
-        let row = sqlx::query(
-            "UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned' RETURNING name, frame",
-        )
-        .bind(now_ms)
-        .bind(a.task_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = row {
-            let mut ev = Ev::task(a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
-            ev.attempt = a.number;
-            ev.node = a.node.clone();
-            emit(&mut tx, a.job_id, now_ms, vec![ev]).await?;
-        }
+        let applied = start_attempt(&mut tx, attempt_id, epoch, now_ms).await?;
         tx.commit().await?;
-        Ok(Applied::Applied)
+        Ok(applied)
     }
 
     async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
         let mut tx = self.writer.begin().await?;
-        let Some(a) = open_attempt(&mut tx, report.attempt_id, Some(report.epoch)).await? else {
-            return Ok(Applied::Stale);
-        };
-        settle_attempt(&mut tx, &a, report, now_ms).await?;
+        let applied = finish_attempt(&mut tx, report, now_ms).await?;
         tx.commit().await?;
-        Ok(Applied::Applied)
+        Ok(applied)
+    }
+
+    async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The single writer connection serialises this with every other write, so applying
+        // the updates one after the other inside one transaction is all the fencing needs:
+        // each sees what the ones before it wrote.
+        let mut tx = self.writer.begin().await?;
+        let mut out = Vec::with_capacity(updates.len());
+        for update in updates {
+            out.push(match update {
+                AttemptUpdate::Started { attempt_id, epoch } => {
+                    start_attempt(&mut tx, *attempt_id, *epoch, now_ms).await?
+                }
+                AttemptUpdate::Finished(report) => finish_attempt(&mut tx, report, now_ms).await?,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied> {

@@ -5,6 +5,7 @@ pub mod footprint;
 pub mod latency;
 pub mod logs;
 pub mod placement;
+pub mod replicas;
 pub mod store;
 pub mod throughput;
 

@@ -185,6 +185,57 @@ async fn concurrent_writers_keep_one_jobs_history_in_order() {
     assert!(logs.windows(2).all(|w| w[0].id < w[1].id));
 }
 
+/// Two replicas applying batches of the same attempts' reports in opposite orders at once (an
+/// agent re-sent its outbox to a second replica while the first was still committing): no
+/// batch fails, every attempt is settled exactly once, and each job's events stay consecutive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_settle_each_attempt_once() {
+    let url = TempPostgres::shared().url_for_new_database().await;
+    let (a, b) = (PostgresStore::connect(&url).await.unwrap(), PostgresStore::connect(&url).await.unwrap());
+    let mut jobs = Vec::new();
+    for j in 0..4 {
+        let tasks = (0..50).map(|t| task(&format!("j{j}t{t}"), &[])).collect();
+        jobs.push(a.submit(&job(tasks), "", "f", 1).await.unwrap());
+    }
+    a.register_node(&node("batches", 200), &[], 1).await.unwrap();
+    let assigned = schedule_until_idle(a.clone(), 1000).await;
+    assert_eq!(assigned.len(), 200);
+    let mut reports: Vec<AttemptUpdate> = Vec::new();
+    for x in &assigned {
+        reports.push(AttemptUpdate::Started { attempt_id: x.attempt_id, epoch: x.epoch });
+        reports.push(AttemptUpdate::Finished(done(x)));
+    }
+    let mut backwards = reports.clone();
+    backwards.reverse();
+    let apply = |store: PostgresStore, updates: Vec<AttemptUpdate>| {
+        tokio::spawn(async move {
+            let mut finished = 0;
+            for batch in updates.chunks(37) {
+                let applied = store.apply_updates(batch, 5).await.unwrap();
+                finished += batch
+                    .iter()
+                    .zip(applied)
+                    .filter(|(u, r)| u.is_finished() && *r == Applied::Applied)
+                    .count();
+            }
+            finished
+        })
+    };
+    let (fa, fb) = (apply(a.clone(), reports), apply(b.clone(), backwards));
+    let finished = fa.await.unwrap() + fb.await.unwrap();
+    assert_eq!(finished, 200, "each attempt's finish applied by exactly one replica");
+    for job_id in jobs {
+        assert_events_consecutive(&a, job_id).await;
+        assert_eq!(a.job(job_id).await.unwrap().unwrap().state, JobState::Succeeded);
+        let events = a.events_after(job_id, 0, 10_000).await.unwrap();
+        let mut settled = HashSet::new();
+        for e in events.iter().filter(|e| e.kind == "task" && e.state == "succeeded") {
+            assert!(settled.insert(e.task_id), "task {} settled twice", e.task_id);
+        }
+        assert_eq!(settled.len(), 50);
+    }
+}
+
 async fn recv_within(rx: &mut tokio::sync::broadcast::Receiver<Signal>, wanted: Signal) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -1,0 +1,273 @@
+//! Replicas: end-to-end throughput of server replicas sharing one PostgreSQL. The same fleet
+//! of agents and the same work (three array jobs of `true`, submitted to the replicas in
+//! turn) run against 1 and against 3 `drover server` replicas, each with batched attempt
+//! updates (the default) and with `--completion-batch 1` (every start and finish committed on
+//! its own). tasks/s = tasks / (first submit → every job's final event).
+//!
+//! Each configuration starts on a fresh database (with `synchronous_commit = on`, as in the
+//! store section) with fresh servers and agents; agent `i` prefers replica `i mod K` and knows
+//! them all, so with three replicas each one holds the session of one agent.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use drover_core::JobState;
+use drover_proto as pb;
+use drover_proto::drover_client::DroverClient;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use super::measure;
+use super::store::durable_database;
+use crate::Ctx;
+use crate::cluster::{Client, plan_json, submit, watch};
+use crate::report::{Better, Measure, Row};
+
+/// Agents in every configuration.
+const AGENTS: usize = 3;
+
+/// Cores each agent offers: enough that agents are never what limits the rate (`true` uses
+/// next to no CPU, so offering more than the machine has only lets more run at once).
+const AGENT_CORES: u32 = 16;
+
+/// Array jobs the tasks are split into, submitted to the replicas in turn.
+const JOBS: usize = 3;
+
+/// One server/batching configuration.
+#[derive(Clone, Copy)]
+struct Config {
+    replicas: usize,
+    batch: Option<usize>,
+}
+
+impl Config {
+    fn label(self) -> String {
+        let servers =
+            if self.replicas == 1 { "1 replica".to_string() } else { format!("{} replicas", self.replicas) };
+        match self.batch {
+            Some(1) => format!("{servers}, --completion-batch 1"),
+            Some(n) => format!("{servers}, --completion-batch {n}"),
+            None => servers,
+        }
+    }
+}
+
+/// Runs the section.
+pub async fn run(ctx: &Ctx) -> Vec<Row> {
+    let n = if ctx.quick { 24 } else { ctx.tasks };
+    let server = match ctx.postgres().await {
+        Ok(server) => server,
+        Err(e) => {
+            let why = format!("no throwaway PostgreSQL: {e:#}").replace('\n', " ");
+            return rows(n, [(); 4].map(|_| Measure::Unavailable(why.clone())));
+        }
+    };
+    let configs = [
+        Config { replicas: 1, batch: None },
+        Config { replicas: 3, batch: None },
+        Config { replicas: 1, batch: Some(1) },
+        Config { replicas: 3, batch: Some(1) },
+    ];
+    let mut measures = Vec::new();
+    for config in configs {
+        let result = config_runs(ctx, server, config, n).await;
+        measures.push(measure(&format!("replicas ({})", config.label()), result));
+    }
+    let [one, three, one_single, three_single]: [Measure; 4] =
+        measures.try_into().unwrap_or_else(|_| [(); 4].map(|_| Measure::Failed("missing runs".into())));
+    rows(n, [one, three, one_single, three_single])
+}
+
+/// The section's rows from the measures of the four configurations.
+fn rows(n: usize, [one, three, one_single, three_single]: [Measure; 4]) -> Vec<Row> {
+    let work =
+        format!("{n} × `true` in {JOBS} array jobs, {AGENTS} agents, one PostgreSQL, submit → all done");
+    vec![
+        Row {
+            section: "replicas",
+            figure: format!("3 replicas: {work}"),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: three.clone(),
+            peer: "1 replica, same database, agents and work".into(),
+            peer_value: one.clone(),
+        },
+        Row {
+            section: "replicas",
+            figure: format!("3 replicas, batched completions: {work}"),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: three,
+            peer: "3 replicas, `--completion-batch 1` (one commit per start and per finish)".into(),
+            peer_value: three_single,
+        },
+        Row {
+            section: "replicas",
+            figure: format!("1 replica, batched completions: {work}"),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: one,
+            peer: "1 replica, `--completion-batch 1`".into(),
+            peer_value: one_single,
+        },
+    ]
+}
+
+/// `ctx.runs` runs of one configuration on a fresh database and fleet; tasks/s per run.
+async fn config_runs(
+    ctx: &Ctx,
+    server: &drover_store::pg_test::TempPostgres,
+    config: Config,
+    n: usize,
+) -> Result<Vec<f64>> {
+    let database = durable_database(server).await?;
+    let dir = ctx.dir(&format!(
+        "replicas-{}-{}",
+        config.replicas,
+        config.batch.map(|b| b.to_string()).unwrap_or_else(|| "default".into())
+    ))?;
+    let fleet = Fleet::start(&ctx.drover, &dir, &database, config).await?;
+    let mut clients = Vec::new();
+    for url in &fleet.urls {
+        clients.push(connect(url).await?);
+    }
+    let plans: Vec<String> = (0..JOBS)
+        .map(|j| {
+            let size = n / JOBS + usize::from(j < n % JOBS);
+            plan_json(&format!(
+                "version: 1\nname: bench-replicas-{j}\ntasks:\n  - name: t\n    array: \"1-{}\"\n    command: [\"true\"]\n",
+                size.max(1)
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let total: usize = (0..JOBS).map(|j| (n / JOBS + usize::from(j < n % JOBS)).max(1)).sum();
+    let timeout = Duration::from_secs(60) + Duration::from_millis(50 * total as u64);
+    let mut rates = Vec::new();
+    for run in 0..ctx.runs {
+        let start = Instant::now();
+        let mut watchers = Vec::new();
+        for (j, plan) in plans.iter().enumerate() {
+            let mut client = clients[j % clients.len()].clone();
+            let job = submit(&mut client, plan).await?;
+            watchers.push(tokio::spawn(async move { (job, watch(&mut client, job, timeout).await) }));
+        }
+        let mut done = start;
+        for w in watchers {
+            let (job, watched) = w.await.map_err(|e| anyhow!("a watcher panicked: {e}"))?;
+            let watched = watched?;
+            if watched.state != JobState::Succeeded {
+                bail!("job {job} ended {} (see {})", watched.state, dir.display());
+            }
+            done = done.max(watched.done);
+        }
+        let secs = done.duration_since(start).as_secs_f64();
+        eprintln!("  {} run {}: {total} tasks in {secs:.2}s", config.label(), run + 1);
+        rates.push(total as f64 / secs);
+    }
+    Ok(rates)
+}
+
+async fn connect(url: &str) -> Result<Client> {
+    let channel = Channel::from_shared(url.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(DroverClient::new(channel))
+}
+
+/// Server replicas and agents as child processes, killed when dropped.
+struct Fleet {
+    urls: Vec<String>,
+    _children: Vec<Child>,
+}
+
+impl Fleet {
+    async fn start(drover: &Path, dir: &Path, database: &str, config: Config) -> Result<Fleet> {
+        let log = |name: &str| -> Result<std::fs::File> {
+            let path = dir.join(format!("{name}.log"));
+            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+        };
+        let mut children = Vec::new();
+        let mut urls = Vec::new();
+        for i in 0..config.replicas {
+            let mut cmd = Command::new(drover);
+            cmd.args(["server", "--listen", "127.0.0.1:0", "--database", database, "--data-dir"])
+                .arg(dir.join(format!("server-{i}")))
+                .arg("--blobs")
+                .arg(dir.join("blobs"));
+            if let Some(batch) = config.batch {
+                cmd.args(["--completion-batch", &batch.to_string()]);
+            }
+            let server = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(log(&format!("server-{i}"))?)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {} server", drover.display()))?;
+            children.push(server);
+        }
+        // Started together, the replicas migrate the fresh database once between them.
+        for server in &mut children {
+            urls.push(banner(server, dir).await?);
+        }
+        for i in 0..AGENTS {
+            let mut list = urls.clone();
+            list.rotate_left(i % urls.len());
+            let agent = Command::new(drover)
+                .args(["agent", "--server", &list.join(","), "--name", &format!("bench-agent-{i}")])
+                .args(["--cores", &AGENT_CORES.to_string(), "--no-docker", "--work-dir"])
+                .arg(dir.join(format!("agent-{i}")))
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log(&format!("agent-{i}"))?)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {} agent", drover.display()))?;
+            children.push(agent);
+        }
+        let fleet = Fleet { urls, _children: children };
+        fleet.wait_ready(dir, Duration::from_secs(30)).await?;
+        Ok(fleet)
+    }
+
+    /// Waits until every agent's node is ready (any replica sees them all: one database).
+    async fn wait_ready(&self, dir: &Path, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut client = connect(&self.urls[0]).await?;
+        loop {
+            let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            if nodes.iter().filter(|n| n.state == "ready").count() >= AGENTS {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!("{AGENTS} agents did not register within {timeout:?} (see {})", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Reads the URL a starting server prints, then keeps draining its stdout.
+async fn banner(server: &mut Child, dir: &Path) -> Result<String> {
+    let stdout = server.stdout.take().ok_or_else(|| anyhow!("server stdout missing"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let logs = PathBuf::from(dir);
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| anyhow!("a server printed nothing within 30s (see {})", logs.display()))?
+        .context("cannot read a server's banner")?
+        .ok_or_else(|| anyhow!("a server exited at once (see {})", logs.display()))?;
+    let url = line
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http://"))
+        .ok_or_else(|| anyhow!("unexpected server banner {line:?}"))?
+        .to_string();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(url)
+}
