@@ -282,6 +282,7 @@ mod tests {
             schedule: Notify::new(),
             sessions: Mutex::new(HashMap::new()),
             reads: Default::default(),
+            completions: crate::completions::Completions::spawn(store.clone(), 16).0,
         });
         let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
         let node = NodeSpec {
