@@ -313,6 +313,7 @@ impl Agent {
             network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),
             services: plan.as_ref().map(|p| p.services.clone()).unwrap_or_default(),
             secrets: a.secrets.into_iter().collect(),
+            host_ports: Vec::new(),
         };
         let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
         let io = plan.as_ref().filter(|p| !p.inputs.is_empty() || !p.outputs.is_empty()).map(|p| {

@@ -59,6 +59,33 @@ pub struct TaskSpec {
     /// the output the agent ships.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// Host endpoints the sandbox must reach even without network; the runtime makes each
+    /// reachable and sets env `DROVER_HOST_<NAME uppercased>` to the `host:port` at which the
+    /// sandbox reaches it.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
+}
+
+/// A host endpoint a sandbox must reach (see [`TaskSpec::host_ports`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// Name; the sandbox finds the endpoint in `DROVER_HOST_<NAME uppercased>`.
+    pub name: String,
+    /// Where the endpoint listens on the host.
+    pub addr: std::net::SocketAddr,
+}
+
+impl HostPort {
+    /// The variable that tells the sandbox where it reaches this endpoint: `DROVER_HOST_` and
+    /// the name uppercased, with anything but ASCII letters and digits turned into `_`.
+    pub fn env_var(&self) -> String {
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+            .collect();
+        format!("DROVER_HOST_{name}")
+    }
 }
 
 /// Which output stream a chunk came from.
