@@ -7,6 +7,7 @@ mod bad_files;
 mod docker;
 mod failures;
 mod jobs;
+mod microvm;
 mod output;
 mod replicas;
 mod stopping;

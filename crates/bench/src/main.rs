@@ -69,16 +69,19 @@ pub enum Section {
     Footprint,
     /// Durable dispatch rate of the store.
     Store,
+    /// MicroVM start: cold boot, snapshot restore, warm-pool claim.
+    Microvm,
 }
 
 impl Section {
-    const ALL: [Section; 6] = [
+    const ALL: [Section; 7] = [
         Section::Throughput,
         Section::Latency,
         Section::Placement,
         Section::Logs,
         Section::Footprint,
         Section::Store,
+        Section::Microvm,
     ];
 }
 
@@ -190,6 +193,7 @@ async fn run(opts: Opts) -> Result<bool> {
             Section::Logs => sections::logs::run(&ctx).await,
             Section::Footprint => sections::footprint::run(&ctx).await,
             Section::Store => sections::store::run(&ctx).await,
+            Section::Microvm => sections::microvm::run(&ctx).await,
         };
         eprintln!("drover-bench: {section:?} took {:.1}s", started.elapsed().as_secs_f64());
         for r in &new_rows {

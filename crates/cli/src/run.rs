@@ -73,6 +73,12 @@ pub struct NodeArgs {
     /// because checking whether KVM works boots a probe VM at start.
     #[arg(long)]
     pub microvm: bool,
+    /// Keep N booted, idle microVMs of IMAGE for tasks to claim (IMAGE=N, repeatable).
+    #[arg(long = "microvm-warm", value_name = "IMAGE=N", value_parser = parse_warm)]
+    pub microvm_warm: Vec<(String, usize)>,
+    /// Boot every microVM instead of restoring it from a per-image snapshot.
+    #[arg(long)]
+    pub microvm_no_snapshots: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
@@ -108,6 +114,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("`{s}` is not a label; write key=value"))
+}
+
+fn parse_warm(s: &str) -> Result<(String, usize), String> {
+    let (image, count) = s.rsplit_once('=').ok_or_else(|| format!("`{s}` is not IMAGE=N"))?;
+    let count = count.trim().parse().map_err(|_| format!("`{count}` in `{s}` is not a number of VMs"))?;
+    if image.trim().is_empty() {
+        return Err(format!("`{s}` names no image"));
+    }
+    Ok((image.trim().to_owned(), count))
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -234,6 +249,8 @@ async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
         let vm_config = drover_agent::runtime::microvm::MicroVmConfig {
             cache_dir: config.work_dir.join(".microvm-cache"),
             run_dir: config.work_dir.join(".vm"),
+            warm: node.microvm_warm.iter().cloned().collect(),
+            snapshots: !node.microvm_no_snapshots,
             ..Default::default()
         };
         match drover_agent::runtime::microvm::MicroVmRuntime::new(vm_config).await {

@@ -126,7 +126,8 @@ pub struct MicroVmConfig {
     pub shutdown_grace: Duration,
     /// Image for tasks that name none; `None` makes such tasks fail in `prepare`.
     pub default_image: Option<String>,
-    /// Warm VMs to keep per image (the image as tasks name it).
+    /// Warm VMs to keep per image. Docker image names are turned into image ids, which is how
+    /// tasks of shipped images name them.
     pub warm: BTreeMap<String, usize>,
     /// Warm VMs of the default image when [`MicroVmConfig::warm`] does not name it and KVM is
     /// in use; under TCG a boot costs seconds of a host CPU, so only configured pools are kept.
@@ -276,11 +277,14 @@ impl MicroVmRuntime {
         {
             booter.kernel_args = format!("tsc_early_khz={khz} tsc=reliable no_timer_check");
         }
-        let mut targets = booter.config.warm.clone();
+        let mut targets = BTreeMap::new();
+        for (image, count) in &booter.config.warm {
+            targets.insert(image::canonical_name(image).await, *count);
+        }
         if booter.accelerator == "kvm"
             && let Some(image) = &booter.config.default_image
         {
-            targets.entry(image.clone()).or_insert(booter.config.warm_default_kvm);
+            targets.entry(image::canonical_name(image).await).or_insert(booter.config.warm_default_kvm);
         }
         let snapshots = booter.config.snapshots;
         let booter = Arc::new(booter);
@@ -320,11 +324,6 @@ impl MicroVmRuntime {
     /// How the VM of an attempt prepared here came to be.
     pub fn origin(&self, attempt_id: i64) -> Option<VmOrigin> {
         self.lock().get(&attempt_id)?.origin
-    }
-
-    /// Idle warm VMs per configured image, for the node's report to the server.
-    pub fn warm_counts(&self) -> BTreeMap<String, u32> {
-        self.pool.counts()
     }
 
     /// How many times QEMU was started so far (boots and restores, warm pool included).
@@ -674,6 +673,11 @@ impl Runtime for MicroVmRuntime {
             }
         };
         Ok(Usage { cpu_seconds: usage.cpu_seconds, peak_memory_bytes: usage.peak_memory_bytes })
+    }
+
+    /// Idle warm VMs per configured image (Docker images by id).
+    fn warm_counts(&self) -> BTreeMap<String, u32> {
+        self.pool.counts()
     }
 
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {

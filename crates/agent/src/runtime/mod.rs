@@ -240,6 +240,11 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes what `prepare` and `start` left behind, except the workspace's declared outputs.
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError>;
+
+    /// Sandboxes booted ahead of tasks, idle, per image; reported to the server for placement.
+    fn warm_counts(&self) -> BTreeMap<String, u32> {
+        BTreeMap::new()
+    }
 }
 
 /// Stops a running step: `Terminate`, then `Kill` if it is still running after `grace`.
