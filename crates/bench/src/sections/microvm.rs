@@ -17,7 +17,7 @@ use super::measure;
 use crate::Ctx;
 use crate::report::{Better, Measure, Row};
 
-/// Seconds until a VM is ready, per run: cold boot, snapshot restore, warm claim.
+/// Milliseconds until a VM is ready, per run: cold boot, snapshot restore, warm claim.
 struct Starts {
     cold: Vec<f64>,
     restore: Vec<f64>,
@@ -38,7 +38,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
     let row = |figure: &str, drover: Measure, peer: &str, peer_value: Measure| Row {
         section: "microvm",
         figure: format!("{figure} ({accelerator}), prepare until ready"),
-        unit: "s",
+        unit: "ms",
         better: Better::Lower,
         drover,
         peer: peer.to_string(),
@@ -111,7 +111,7 @@ async fn starts(ctx: &Ctx) -> Result<Starts> {
     Ok(Starts { cold, restore, warm, accelerator })
 }
 
-/// Seconds `prepare` took; checks the VM came the expected way, and cleans up.
+/// Milliseconds `prepare` took; checks the VM came the expected way, and cleans up.
 async fn timed_prepare(
     runtime: &MicroVmRuntime,
     task: &TaskSpec,
@@ -123,7 +123,7 @@ async fn timed_prepare(
     let origin = runtime.origin(task.attempt_id);
     runtime.cleanup(task).await.context("cleanup")?;
     match origin {
-        Some(o) if expected(o) => Ok(took),
+        Some(o) if expected(o) => Ok(took * 1000.0),
         other => bail!("the vm came another way than measured: {other:?}"),
     }
 }

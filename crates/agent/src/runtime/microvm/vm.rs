@@ -340,7 +340,18 @@ async fn resume_incoming(qmp_socket: &Path, state: &Path, patience: Duration) ->
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let resumed = async {
-        let mut qmp = Qmp::connect(qmp_socket).await?;
+        // QEMU creates the socket file before it listens on it: retry a refused connection.
+        let mut qmp = loop {
+            match Qmp::connect(qmp_socket).await {
+                Ok(qmp) => break qmp,
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
         qmp.await_migration(deadline.saturating_duration_since(Instant::now())).await?;
         // The VM was stopped when the snapshot was saved.
         qmp.execute("cont", None).await.map(|_| ())
