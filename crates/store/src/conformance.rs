@@ -216,6 +216,29 @@ pub async fn reregistration_adopts_known_attempts(store: &dyn Store) {
     assert_eq!((c.len(), c[0].number), (1, 1));
 }
 
+/// Queued microvm tasks carry their image, which placement matches against warm VMs; other
+/// tasks carry none.
+pub async fn queued_microvm_tasks_carry_their_image(store: &dyn Store) {
+    let mut vm = task("vm", &[]);
+    vm.runtime = drover_core::RuntimeKind::Microvm;
+    vm.image = Some("sha256:abc".into());
+    let mut boxed = task("boxed", &[]);
+    boxed.runtime = drover_core::RuntimeKind::Docker;
+    boxed.image = Some("sha256:def".into());
+    store.submit(&job(vec![vm, boxed]), "src", "f.yaml", 1).await.unwrap();
+    store.register_node(&node("n1", 2, 10_000), &[], 1).await.unwrap();
+    let (_, queue) = store.placement_snapshot(2, 1000).await.unwrap();
+    let mut images: Vec<_> = queue.iter().map(|t| (t.runtime, t.image.clone())).collect();
+    images.sort();
+    assert_eq!(
+        images,
+        [
+            (drover_core::RuntimeKind::Docker, None),
+            (drover_core::RuntimeKind::Microvm, Some("sha256:abc".into()))
+        ]
+    );
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -224,7 +247,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts);
+            reregistration_adopts_known_attempts, queued_microvm_tasks_carry_their_image);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(
