@@ -475,11 +475,12 @@ impl Runtime for MicroVmRuntime {
         let Booted { vm, image_env, .. } = booted;
         let ready = async {
             let dir = vm.dir().to_path_buf();
+            // Warm and restored VMs were started before the task's CPUs were known.
+            if origin != VmOrigin::Cold && !task.cpus.is_empty() {
+                vm.pin(&task.cpus)
+                    .map_err(|source| RuntimeError::Io { context: "pin the vm".into(), source })?;
+            }
             if matches!(origin, VmOrigin::Warm { .. }) {
-                if !task.cpus.is_empty() {
-                    vm.pin(&task.cpus)
-                        .map_err(|source| RuntimeError::Io { context: "pin the warm vm".into(), source })?;
-                }
                 // The clock may have stood still in a snapshot, or drifted while the VM waited.
                 vm.session().send(&HostMessage::SetClock { unix_ms: boot::unix_ms() }).await?;
             }
@@ -795,7 +796,7 @@ async fn sweep_stale_warm_vms(run_dir: &Path) {
         let Some(number) = name.strip_prefix(pool::WARM_PREFIX) else {
             continue;
         };
-        if number.parse::<u64>().is_err() {
+        if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '-') {
             continue;
         }
         let dir = entry.path();

@@ -11,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use drover_agent::runtime::microvm::{DIR_IMAGE_PREFIX, MicroVmConfig, MicroVmRuntime, VmOrigin};
-use drover_agent::runtime::{Runtime, TaskSpec};
+use drover_agent::runtime::{Runtime, RuntimeError, TaskSpec};
 
 use super::measure;
 use crate::Ctx;
 use crate::report::{Better, Measure, Row};
+
+/// The static busybox the guest's root filesystem is made of.
+const BUSYBOX: &str = "/bin/busybox";
 
 /// Milliseconds until a VM is ready, per run: cold boot, snapshot restore, warm claim.
 struct Starts {
@@ -25,11 +28,23 @@ struct Starts {
     accelerator: String,
 }
 
+/// What the section found: figures, or why this machine cannot produce them.
+enum Outcome {
+    Measured(Starts),
+    Unavailable(String),
+}
+
 /// Runs the section.
 pub async fn run(ctx: &Ctx) -> Vec<Row> {
     let result = starts(ctx).await;
     let (cold, restore, warm, accelerator) = match result {
-        Ok(s) => (Measure::Runs(s.cold), Measure::Runs(s.restore), Measure::Runs(s.warm), s.accelerator),
+        Ok(Outcome::Measured(s)) => {
+            (Measure::Runs(s.cold), Measure::Runs(s.restore), Measure::Runs(s.warm), s.accelerator)
+        }
+        Ok(Outcome::Unavailable(why)) => {
+            let m = Measure::Unavailable(why);
+            (m.clone(), m.clone(), m, "n/a".to_string())
+        }
         Err(e) => {
             let m = measure("microvm start", Err(e));
             (m.clone(), m.clone(), m, "n/a".to_string())
@@ -51,10 +66,13 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
     ]
 }
 
-async fn starts(ctx: &Ctx) -> Result<Starts> {
+async fn starts(ctx: &Ctx) -> Result<Outcome> {
+    if !Path::new(BUSYBOX).exists() {
+        return Ok(Outcome::Unavailable(format!("no {BUSYBOX} (apt-get install busybox-static)")));
+    }
     let scratch = ctx.dir("microvm")?;
     // Socket paths in the run dir must stay short.
-    let run_root = tempfile::Builder::new().prefix("dbm-").tempdir_in("/tmp")?;
+    let run_root = tempfile::Builder::new().prefix("dbm-").tempdir_in(std::env::temp_dir())?;
     let rootfs = busybox_rootfs(&scratch.join("rootfs"))?;
     let image = format!("{DIR_IMAGE_PREFIX}{}", rootfs.display());
     let config = |name: &str| MicroVmConfig {
@@ -78,7 +96,12 @@ async fn starts(ctx: &Ctx) -> Result<Starts> {
         }
     };
 
-    let cold_runtime = MicroVmRuntime::new(config("c")).await.context("microvm runtime")?;
+    let cold_runtime = match MicroVmRuntime::new(config("c")).await {
+        Ok(runtime) => runtime,
+        // No QEMU, kernel or static guest agent here: nothing to measure, as with a missing peer.
+        Err(RuntimeError::Unavailable { reason, .. }) => return Ok(Outcome::Unavailable(reason)),
+        Err(e) => return Err(e).context("microvm runtime"),
+    };
     let accelerator = cold_runtime.accelerator().to_owned();
     let mut cold = Vec::new();
     for i in 0..runs {
@@ -108,7 +131,7 @@ async fn starts(ctx: &Ctx) -> Result<Starts> {
         warm.push(timed_prepare(&warm_runtime, &task(i), |o| matches!(o, VmOrigin::Warm { .. })).await?);
     }
     warm_runtime.shutdown_pool().await;
-    Ok(Starts { cold, restore, warm, accelerator })
+    Ok(Outcome::Measured(Starts { cold, restore, warm, accelerator }))
 }
 
 /// Milliseconds `prepare` took; checks the VM came the expected way, and cleans up.
@@ -130,10 +153,7 @@ async fn timed_prepare(
 
 /// A busybox root filesystem: applets linked in `/bin`.
 fn busybox_rootfs(root: &Path) -> Result<PathBuf> {
-    let busybox = Path::new("/bin/busybox");
-    if !busybox.exists() {
-        bail!("no /bin/busybox (apt-get install busybox-static)");
-    }
+    let busybox = Path::new(BUSYBOX);
     std::fs::create_dir_all(root.join("bin"))?;
     std::fs::create_dir_all(root.join("etc"))?;
     std::fs::copy(busybox, root.join("bin/busybox"))?;

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::boot::{Booted, Booter, Shape};
 use super::vm::{self, VmRecord};
 
-/// Names of warm VMs (and their directories): `w` and a number unique in this process.
+/// Names of warm VMs (and their directories): `w`, the agent's pid, `-` and a number.
 pub(crate) const WARM_PREFIX: &str = "w";
 
 /// An idle VM in the pool.
@@ -127,7 +127,9 @@ async fn fill(pool: Weak<Pool>, image: String) {
         if pool.closed.load(Ordering::SeqCst) || idle >= target {
             return;
         }
-        let sandbox = format!("{WARM_PREFIX}{}", NEXT.fetch_add(1, Ordering::SeqCst));
+        // The pid keeps names apart from those of an earlier agent, whose claimed VMs may still
+        // run tasks.
+        let sandbox = format!("{WARM_PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
         let dir: PathBuf = pool.booter.config.run_dir.join(&sandbox);
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let booted = if pool.snapshots {
