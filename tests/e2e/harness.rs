@@ -117,23 +117,34 @@ impl Cluster {
 
     /// Starts another agent; returns its index.
     pub fn add_agent(&mut self, cores: u32) -> usize {
+        self.add_agent_with(cores, &[], &[])
+    }
+
+    /// Starts another agent with extra arguments and environment; returns its index. A
+    /// restarted agent gets neither.
+    pub fn add_agent_with(&mut self, cores: u32, args: &[&str], env: &[(&str, &str)]) -> usize {
         let i = self.agents.len();
-        let child = self.spawn_agent(i, cores);
-        self.agents.push(Some(child));
+        let mut command = self.agent_command(i, cores);
+        command.args(args).envs(env.iter().copied());
+        self.agents.push(Some(command.spawn().expect("spawn agent")));
         i
     }
 
     fn spawn_agent(&self, i: usize, cores: u32) -> Child {
+        self.agent_command(i, cores).spawn().expect("spawn agent")
+    }
+
+    fn agent_command(&self, i: usize, cores: u32) -> Command {
         let name = format!("agent-{i}");
-        Command::new(drover_bin())
+        let mut command = Command::new(drover_bin());
+        command
             .args(["agent", "--server", &self.addr, "--name", &name, "--cores", &cores.to_string()])
             .args(["--kill-grace", "1s", "--work-dir"])
             .arg(self.path(&format!("{name}-work")))
             .env("DROVER_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(self.log_file(&name))
-            .spawn()
-            .expect("spawn agent")
+            .stderr(self.log_file(&name));
+        command
     }
 
     /// Starts agent `i` again (same name and work dir) after it was killed.
@@ -141,6 +152,14 @@ impl Cluster {
         assert!(self.agents[i].is_none(), "agent {i} is still running");
         let child = self.spawn_agent(i, cores);
         self.agents[i] = Some(child);
+    }
+
+    /// Stops agent `i` with SIGTERM, as an operator would, and waits for it to exit.
+    pub fn terminate_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            let _ = Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
+            let _ = a.wait();
+        }
     }
 
     /// Kills agent `i` with SIGKILL.

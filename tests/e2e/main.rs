@@ -11,6 +11,7 @@ mod jobs;
 mod limits;
 mod live;
 mod logs_kept;
+mod microvm;
 mod output;
 mod replicas;
 mod s3;

@@ -286,11 +286,16 @@ impl Agent {
         self.outbox.connect(tx.clone(), epoch);
         let heartbeat = Duration::from_millis(registered.heartbeat_ms.max(100));
         let beat_tx = tx.clone();
+        let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.values().cloned().collect();
         let _beats = AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
                 tick.tick().await;
-                if beat_tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat {})) }).is_err() {
+                let warm = runtimes.iter().flat_map(|r| r.warm_counts()).collect();
+                if beat_tx
+                    .send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { warm })) })
+                    .is_err()
+                {
                     return;
                 }
             }

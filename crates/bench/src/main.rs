@@ -72,6 +72,8 @@ pub enum Section {
     Store,
     /// 1 vs 3 server replicas on one PostgreSQL, batched vs unbatched completions.
     Replicas,
+    /// MicroVM start: cold boot, snapshot restore, warm-pool claim.
+    Microvm,
 }
 
 impl Section {
@@ -83,6 +85,7 @@ impl Section {
         Section::Footprint,
         Section::Store,
         Section::Replicas,
+        Section::Microvm,
     ];
 }
 
@@ -214,6 +217,7 @@ async fn run(opts: Opts) -> Result<bool> {
             Section::Footprint => sections::footprint::run(&ctx).await,
             Section::Store => sections::store::run(&ctx).await,
             Section::Replicas => sections::replicas::run(&ctx).await,
+            Section::Microvm => sections::microvm::run(&ctx).await,
         };
         eprintln!("drover-bench: {section:?} took {:.1}s", started.elapsed().as_secs_f64());
         for r in &new_rows {

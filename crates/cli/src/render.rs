@@ -119,10 +119,22 @@ pub fn job_json(job: &pb::Job) -> Value {
 
 /// The `nodes` table.
 pub fn nodes_table(nodes: &[pb::Node]) -> Table {
-    let mut t =
-        table(&["ID", "NAME", "STATE", "CORES FREE", "MEMORY FREE", "RUNNING", "LABELS", "LAST SEEN"]);
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "STATE",
+        "CORES FREE",
+        "MEMORY FREE",
+        "RUNNING",
+        "LABELS",
+        "WARM VMS",
+        "LAST SEEN",
+    ]);
     for n in nodes {
         let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut warm: Vec<String> =
+            n.warm.iter().map(|(image, count)| format!("{}={count}", short_image(image))).collect();
+        warm.sort();
         t.add_row(vec![
             n.id.to_string(),
             n.name.clone(),
@@ -131,10 +143,19 @@ pub fn nodes_table(nodes: &[pb::Node]) -> Table {
             format!("{}/{}", format_memory(n.memory_free), format_memory(n.memory)),
             n.running.to_string(),
             labels.join(","),
+            warm.join(","),
             clock(n.last_seen_ms),
         ]);
     }
     t
+}
+
+/// An image id shortened the way Docker shows it (`sha256:` and 12 hex digits); names as is.
+fn short_image(image: &str) -> &str {
+    match image.strip_prefix("sha256:") {
+        Some(hex) => &hex[..hex.len().min(12)],
+        None => image,
+    }
 }
 
 /// `nodes -o json`.
@@ -145,7 +166,8 @@ pub fn nodes_json(nodes: &[pb::Node]) -> Value {
             .map(|n| {
                 json!({"id": n.id, "name": n.name, "state": n.state, "labels": n.labels, "cores": n.cores,
                        "cores_free": n.cores_free, "memory": n.memory, "memory_free": n.memory_free,
-                       "running": n.running, "last_seen_ms": n.last_seen_ms, "runtimes": n.runtimes})
+                       "running": n.running, "last_seen_ms": n.last_seen_ms, "runtimes": n.runtimes,
+                       "warm": n.warm})
             })
             .collect(),
     )

@@ -98,6 +98,12 @@ pub struct NodeArgs {
     /// because checking whether KVM works boots a probe VM at start.
     #[arg(long)]
     pub microvm: bool,
+    /// Keep N booted, idle microVMs of IMAGE for tasks to claim (IMAGE=N, repeatable).
+    #[arg(long = "microvm-warm", value_name = "IMAGE=N", value_parser = parse_warm)]
+    pub microvm_warm: Vec<(String, usize)>,
+    /// Boot every microVM instead of restoring it from a per-image snapshot.
+    #[arg(long)]
+    pub microvm_no_snapshots: bool,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
@@ -144,6 +150,15 @@ fn parse_batch(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=65_536).contains(&n) => Ok(n),
         _ => Err(format!("`{s}` is not a batch size; give a number from 1 to 65536")),
     }
+}
+
+fn parse_warm(s: &str) -> Result<(String, usize), String> {
+    let (image, count) = s.rsplit_once('=').ok_or_else(|| format!("`{s}` is not IMAGE=N"))?;
+    let count = count.trim().parse().map_err(|_| format!("`{count}` in `{s}` is not a number of VMs"))?;
+    if image.trim().is_empty() {
+        return Err(format!("`{s}` names no image"));
+    }
+    Ok((image.trim().to_owned(), count))
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -282,6 +297,8 @@ async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
         let vm_config = drover_agent::runtime::microvm::MicroVmConfig {
             cache_dir: config.work_dir.join(".microvm-cache"),
             run_dir: config.work_dir.join(".vm"),
+            warm: node.microvm_warm.iter().cloned().collect(),
+            snapshots: !node.microvm_no_snapshots,
             ..Default::default()
         };
         match drover_agent::runtime::microvm::MicroVmRuntime::new(vm_config).await {

@@ -19,6 +19,8 @@ pub struct NodeView {
     pub free: Resources,
     /// Sandboxes the node can run.
     pub runtimes: Vec<RuntimeKind>,
+    /// Booted, idle microVMs per image that a microvm task of that image can claim.
+    pub warm: BTreeMap<String, u32>,
 }
 
 /// A queued task as placement sees it.
@@ -34,6 +36,8 @@ pub struct QueuedTask {
     pub constraints: BTreeMap<String, String>,
     /// The sandbox it needs.
     pub runtime: RuntimeKind,
+    /// The image of a microvm task, matched against the nodes' warm VMs; `None` otherwise.
+    pub image: Option<String>,
 }
 
 /// One decision: run `task_id` on `node_id`.
@@ -61,7 +65,8 @@ const MAX_INDEXES: usize = 64;
 
 /// Places queued tasks on nodes: highest priority first, then first submitted; each on the
 /// node with the most free cores among those it fits and whose labels match, so work spreads
-/// across the fleet. A task that fits nowhere is skipped, and smaller tasks behind it may still
+/// across the fleet. A microvm task prefers, among those nodes, the ones with a warm VM of its
+/// image left (each placement uses one up), since it starts there without a boot. A task that fits nowhere is skipped, and smaller tasks behind it may still
 /// run (backfill). Returns placements in the order they were decided.
 ///
 /// Cost: O(T log T) to order the queue plus O(log N) per placement in the common case, instead
@@ -100,6 +105,15 @@ fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> V
     let mut indexes: Vec<NodeIndex> = Vec::new();
     // For every node, the indexes that hold it, so a reservation updates all of them.
     let mut member_of: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    // Warm VMs not yet promised to a task, per (node, image); few nodes have any, so a scan of
+    // those is cheap.
+    let mut warm_left: HashMap<(usize, &str), u32> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            n.warm.iter().filter(|(_, c)| **c > 0).map(move |(image, c)| ((i, image.as_str()), *c))
+        })
+        .collect();
     for task in order {
         if cores_left < smallest_need.max(1) {
             break;
@@ -117,7 +131,26 @@ fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> V
             indexes.push(NodeIndex { ranked });
             Some(id)
         });
+        let warm_image = task.image.as_deref().filter(|_| task.runtime == RuntimeKind::Microvm);
+        let warm_best = warm_image.and_then(|image| {
+            warm_left
+                .iter()
+                .filter(|((i, img), left)| {
+                    *img == image
+                        && **left > 0
+                        && free[*i].fits(&task.resources)
+                        && eligible(&nodes[*i], task)
+                })
+                .map(|((i, _), _)| *i)
+                .max_by_key(|&i| rank(nodes, &free, i))
+        });
+        if let (Some(i), Some(image)) = (warm_best, warm_image)
+            && let Some(left) = warm_left.get_mut(&(i, image))
+        {
+            *left -= 1;
+        }
         let best = match group {
+            _ if warm_best.is_some() => warm_best,
             Some(g) => indexes[g]
                 .ranked
                 .iter()
@@ -161,6 +194,7 @@ mod tests {
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             free: Resources { cores, memory: 8 << 30 },
             runtimes: vec![RuntimeKind::Process],
+            warm: BTreeMap::new(),
         }
     }
 
@@ -171,6 +205,7 @@ mod tests {
             resources: Resources { cores, memory: 0 },
             constraints: BTreeMap::new(),
             runtime: RuntimeKind::Process,
+            image: None,
         }
     }
 
@@ -202,6 +237,31 @@ mod tests {
     }
 
     #[test]
+    fn microvm_tasks_prefer_nodes_with_a_warm_vm_of_their_image() {
+        let microvm = |id: i64, cores: u32, warm: &[(&str, u32)]| {
+            let mut n = node(id, cores, &[]);
+            n.runtimes.push(RuntimeKind::Microvm);
+            n.warm = warm.iter().map(|(i, c)| (i.to_string(), *c)).collect();
+            n
+        };
+        let vm_task = |id: i64, image: &str| {
+            let mut t = task(id, 0, 1);
+            t.runtime = RuntimeKind::Microvm;
+            t.image = Some(image.into());
+            t
+        };
+        let nodes = [microvm(1, 8, &[("other", 3)]), microvm(2, 2, &[("img", 1)]), microvm(3, 8, &[])];
+        // The first task takes the only warm VM of its image, on the smaller node; the second
+        // finds none left and goes where any task would (most free cores, then lowest id).
+        let plan = place(&nodes, &[vm_task(1, "img"), vm_task(2, "img")]);
+        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2 }, Placement { task_id: 2, node_id: 1 }]);
+        // A process task ignores warm VMs.
+        let mut p = task(3, 0, 1);
+        p.image = Some("img".into());
+        assert_eq!(place(&nodes, &[p]), vec![Placement { task_id: 3, node_id: 1 }]);
+    }
+
+    #[test]
     fn big_task_does_not_block_small_ones() {
         let plan = place(&[node(1, 2, &[])], &[task(1, 0, 4), task(2, 0, 1)]);
         assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1 }]);
@@ -221,20 +281,33 @@ mod tests {
         let mut plan = Vec::new();
         let mut cores_left: u64 = free.iter().map(|r| r.cores as u64).sum();
         let smallest_need = order.iter().map(|t| t.resources.cores).min().unwrap_or(0) as u64;
+        let mut warm: Vec<BTreeMap<String, u32>> = nodes.iter().map(|n| n.warm.clone()).collect();
         for task in order {
             if cores_left < smallest_need.max(1) {
                 break;
             }
-            let best = nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, n)| {
-                    free[*i].fits(&task.resources)
-                        && n.runtimes.contains(&task.runtime)
-                        && matches_constraints(&n.labels, &task.constraints)
+            let candidates: Vec<usize> = (0..nodes.len())
+                .filter(|&i| {
+                    free[i].fits(&task.resources)
+                        && nodes[i].runtimes.contains(&task.runtime)
+                        && matches_constraints(&nodes[i].labels, &task.constraints)
                 })
+                .collect();
+            let image = task.image.as_ref().filter(|_| task.runtime == RuntimeKind::Microvm);
+            let has_warm = |i: &usize| image.is_some_and(|img| warm[*i].get(img).is_some_and(|c| *c > 0));
+            let pool: Vec<usize> = if candidates.iter().any(has_warm) {
+                candidates.iter().copied().filter(has_warm).collect()
+            } else {
+                candidates
+            };
+            let best = pool
+                .into_iter()
+                .map(|i| (i, &nodes[i]))
                 .max_by_key(|(i, n)| (free[*i].cores, free[*i].memory, Reverse(n.id)));
             if let Some((i, node)) = best {
+                if let Some(count) = image.and_then(|img| warm[i].get_mut(img)) {
+                    *count = count.saturating_sub(1);
+                }
                 free[i] = free[i].minus(&task.resources);
                 cores_left -= task.resources.cores as u64;
                 plan.push(Placement { task_id: task.id, node_id: node.id });
@@ -271,8 +344,13 @@ mod tests {
             proptest::option::of(prop_oneof![Just("a"), Just("b")]),
             any::<bool>(),
             any::<bool>(),
+            proptest::collection::btree_map(
+                prop_oneof![Just("x".to_string()), Just("y".to_string())],
+                0u32..3,
+                0..2,
+            ),
         )
-            .prop_map(|(id, cores, memory, zone, gpu, docker)| {
+            .prop_map(|(id, cores, memory, zone, gpu, docker, warm)| {
                 let mut labels = BTreeMap::new();
                 if let Some(z) = zone {
                     labels.insert("zone".to_string(), z.to_string());
@@ -284,7 +362,10 @@ mod tests {
                 if docker {
                     runtimes.push(RuntimeKind::Docker);
                 }
-                NodeView { id, labels, free: Resources { cores, memory }, runtimes }
+                if !warm.is_empty() {
+                    runtimes.push(RuntimeKind::Microvm);
+                }
+                NodeView { id, labels, free: Resources { cores, memory }, runtimes, warm }
             })
     }
 
@@ -296,8 +377,9 @@ mod tests {
             proptest::option::of(prop_oneof![Just("a"), Just("b"), Just("c")]),
             proptest::bool::weighted(0.2),
             prop_oneof![Just(RuntimeKind::Process), Just(RuntimeKind::Docker), Just(RuntimeKind::Microvm)],
+            proptest::option::of(prop_oneof![Just("x".to_string()), Just("y".to_string())]),
         )
-            .prop_map(|(priority, cores, memory, zone, gpu, runtime)| {
+            .prop_map(|(priority, cores, memory, zone, gpu, runtime, image)| {
                 let mut constraints = BTreeMap::new();
                 if let Some(z) = zone {
                     constraints.insert("zone".to_string(), z.to_string());
@@ -305,7 +387,14 @@ mod tests {
                 if gpu {
                     constraints.insert("gpu".to_string(), "true".to_string());
                 }
-                QueuedTask { id: 0, priority, resources: Resources { cores, memory }, constraints, runtime }
+                QueuedTask {
+                    id: 0,
+                    priority,
+                    resources: Resources { cores, memory },
+                    constraints,
+                    runtime,
+                    image,
+                }
             })
     }
 

@@ -1,4 +1,5 @@
-//! What PID 1 does before serving: filesystems, kernel modules, loopback, ports; and at the end,
+//! What PID 1 does before serving: filesystems, kernel modules, loopback and the user-mode
+//! network interface if there is one, ports; and at the end,
 //! powering off.
 
 use std::ffi::CString;
@@ -6,6 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use drover_guest::net;
 use drover_guest::protocol::{GUEST_WORKSPACE, PORT_NAMES};
 
 use crate::log;
@@ -13,7 +15,7 @@ use crate::log;
 /// Where the host puts the guest's kernel modules, loaded in file-name order.
 const MODULE_DIR: &str = "/.drover/modules";
 
-/// Mounts the basic filesystems, loads the shipped modules and brings `lo` up.
+/// Mounts the basic filesystems, loads the shipped modules and brings the interfaces up.
 pub(crate) fn setup_system() -> std::io::Result<()> {
     for (source, target, fstype, options) in [
         ("proc", "/proc", "proc", ""),
@@ -31,8 +33,13 @@ pub(crate) fn setup_system() -> std::io::Result<()> {
     }
     std::fs::create_dir_all(GUEST_WORKSPACE)?;
     load_modules(Path::new(MODULE_DIR));
-    if let Err(error) = loopback_up() {
+    if let Err(error) = inet_socket().and_then(|socket| interface_up(&socket, "lo")) {
         log!("cannot bring lo up: {error}");
+    }
+    if Path::new("/sys/class/net").join(net::INTERFACE).exists()
+        && let Err(error) = network_up()
+    {
+        log!("cannot configure {}: {error}", net::INTERFACE);
     }
     Ok(())
 }
@@ -69,21 +76,64 @@ fn load_modules(dir: &Path) {
     }
 }
 
-fn loopback_up() -> std::io::Result<()> {
+/// Configures the user-mode network interface when the VM has one (see [`drover_guest::net`]):
+/// its address on the connected /24, where the forwards live; no default route, since the
+/// forwards are the only destinations there are.
+fn network_up() -> std::io::Result<()> {
+    let socket = inet_socket()?;
+    let mask = u32::MAX << (32 - u32::from(net::PREFIX_LEN));
+    set_address(&socket, net::INTERFACE, libc::SIOCSIFADDR, u32::from(net::GUEST_ADDR))?;
+    set_address(&socket, net::INTERFACE, libc::SIOCSIFNETMASK, mask)?;
+    interface_up(&socket, net::INTERFACE)
+}
+
+fn inet_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket creation; the result is checked.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn interface_request(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is a plain C struct (name array and a union of integers) for which all-zero
     // bytes are valid.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *slot = *byte as libc::c_char;
+    for (slot, byte) in request.ifr_name.iter_mut().take(libc::IFNAMSIZ - 1).zip(name.bytes()) {
+        *slot = byte as libc::c_char;
     }
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    request
+}
+
+/// Sets an IPv4 address-valued setting (`SIOCSIFADDR`, `SIOCSIFNETMASK`) of an interface.
+fn set_address(socket: &OwnedFd, name: &str, request_code: libc::Ioctl, address: u32) -> std::io::Result<()> {
+    let mut request = interface_request(name);
+    let sockaddr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: address.to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in fits in the sockaddr of the union and is plain data.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (&raw const sockaddr).cast::<u8>(),
+            (&raw mut request.ifr_ifru.ifru_addr).cast::<u8>(),
+            std::mem::size_of::<libc::sockaddr_in>(),
+        );
+    }
+    // SAFETY: the ioctl reads the ifreq we pass, which is valid.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(socket), request_code, &request) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn interface_up(socket: &OwnedFd, name: &str) -> std::io::Result<()> {
+    let mut request = interface_request(name);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass, which is valid.
     unsafe {
         if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) < 0 {
@@ -141,6 +191,18 @@ fn open_port(device: &Path) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets the wall clock to `unix_ms`.
+pub(crate) fn set_clock(unix_ms: u64) {
+    let time = libc::timespec {
+        tv_sec: (unix_ms / 1000) as libc::time_t,
+        tv_nsec: ((unix_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: clock_settime reads the timespec we pass, which is valid.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &time) } != 0 {
+        log!("cannot set the clock: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// Milliseconds since the guest kernel booted.

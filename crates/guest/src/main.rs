@@ -5,6 +5,10 @@
 //! then serves the host over the virtio-serial ports named in `protocol::PORT_NAMES` with the frames of
 //! [`drover_guest::protocol`].
 //!
+//! On the host, QEMU starts `drover-guest relay SOCKET` for each connection the guest opens to
+//! one of its network forwards (see [`drover_guest::net`]), with the connection as stdin and
+//! stdout; the relay joins it to the Unix socket the host serves for that forward.
+//!
 //! Threads, not async: one reader and one writer per port, one main loop that owns the
 //! workspace, one reaper (PID 1 must reap every orphan), and per step a supervisor plus one
 //! reader per output stream. Everything the guest says goes through [`Outbox::broadcast`], so
@@ -12,6 +16,7 @@
 //! which the host receives them.
 
 mod init;
+mod relay;
 mod steps;
 mod sync;
 
@@ -39,6 +44,12 @@ const PORT_QUEUE: usize = 256;
 const PORT_POLL_MS: i32 = 200;
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let [_, mode, socket] = args.as_slice()
+        && mode == "relay"
+    {
+        std::process::exit(relay::run(std::path::Path::new(socket)));
+    }
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
         eprintln!(
@@ -120,6 +131,12 @@ fn main_loop(events: &Receiver<Event>, outbox: &Outbox, steps: &steps::Steps) {
                         message: format!("workspace write failed: {error}"),
                     });
                 }
+            }
+            HostMessage::SetClock { unix_ms } => {
+                init::set_clock(unix_ms);
+                // A restored guest may have missed the host's connection; this tells it.
+                let hello = GuestMessage::Hello { version: PROTOCOL_VERSION, uptime_ms: init::uptime_ms() };
+                outbox.send_to(port, &hello);
             }
             HostMessage::Shutdown => {
                 log!("shutdown requested");

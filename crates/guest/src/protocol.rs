@@ -87,6 +87,12 @@ pub enum HostMessage {
         /// Its target, as is.
         target: String,
     },
+    /// Set the guest's wall clock: a VM restored from a snapshot would otherwise run with the
+    /// time of its snapshot. Answered with [`GuestMessage::Hello`] on the same port.
+    SetClock {
+        /// Milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
     /// Stop everything and power the VM off.
     Shutdown,
 }

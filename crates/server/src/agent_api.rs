@@ -72,7 +72,7 @@ impl AgentSession for AgentApi {
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(node_id, Session { epoch, tx: tx.clone() });
+            .insert(node_id, Session { epoch, tx: tx.clone(), warm: Default::default() });
         shared.publish(Signal::Changed { job_id: 0 }).await;
         shared.publish(Signal::Schedule).await;
 
@@ -122,7 +122,12 @@ async fn handle(
 ) -> Result<bool, Status> {
     let now = now_ms();
     match msg.msg {
-        Some(In::Heartbeat(_)) => {
+        Some(In::Heartbeat(beat)) => {
+            if let Some(session) = shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&node_id)
+                && session.epoch == epoch
+            {
+                session.warm = beat.warm.into_iter().collect();
+            }
             let until = now + shared.config.lease.as_millis() as i64;
             if !shared.store.renew_lease(node_id, epoch, until, now).await.map_err(status)? {
                 tracing::warn!("heartbeat from a stale session; the agent must register again");

@@ -217,8 +217,15 @@ impl Drover for ClientApi {
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = self.0.store.nodes().await.map_err(status)?;
-        Ok(Response::new(pb::ListNodesResponse { nodes: nodes.into_iter().map(convert::node).collect() }))
+        let mut nodes: Vec<pb::Node> =
+            self.0.store.nodes().await.map_err(status)?.into_iter().map(convert::node).collect();
+        let sessions = self.0.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for node in &mut nodes {
+            if let Some(session) = sessions.get(&node.id) {
+                node.warm = session.warm.clone().into_iter().collect();
+            }
+        }
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 }
 

@@ -117,6 +117,8 @@ pub(crate) fn node(n: NodeRecord) -> pb::Node {
         running: n.running,
         last_seen_ms: n.last_seen_ms,
         runtimes: n.runtimes,
+        // Filled in from the agent's session by the replica that holds it.
+        warm: Default::default(),
     }
 }
 

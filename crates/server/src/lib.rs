@@ -101,6 +101,9 @@ pub struct Backends {
 struct Session {
     epoch: i64,
     tx: mpsc::Sender<Result<ServerMessage, tonic::Status>>,
+    /// Idle microVMs per image, from the agent's last heartbeat. Kept with the session rather
+    /// than in the store: only the replica holding the session places work on the node.
+    warm: std::collections::BTreeMap<String, u32>,
 }
 
 /// State shared by the API handlers and the loops.

@@ -44,6 +44,11 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
     {
         let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
         nodes.retain(|n| sessions.contains_key(&n.id));
+        for node in &mut nodes {
+            if let Some(session) = sessions.get(&node.id) {
+                node.warm = session.warm.clone();
+            }
+        }
     }
     if queue.is_empty() {
         return Ok(0);

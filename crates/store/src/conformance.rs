@@ -371,6 +371,29 @@ pub async fn batched_updates_are_fenced_one_by_one(store: &dyn Store) {
     assert_eq!(store.events_after(id, 0, 100).await.unwrap().last().map(|e| e.kind.as_str()), Some("job"));
 }
 
+/// Queued microvm tasks carry their image, which placement matches against warm VMs; other
+/// tasks carry none.
+pub async fn queued_microvm_tasks_carry_their_image(store: &dyn Store) {
+    let mut vm = task("vm", &[]);
+    vm.runtime = drover_core::RuntimeKind::Microvm;
+    vm.image = Some("sha256:abc".into());
+    let mut boxed = task("boxed", &[]);
+    boxed.runtime = drover_core::RuntimeKind::Docker;
+    boxed.image = Some("sha256:def".into());
+    store.submit(&job(vec![vm, boxed]), "src", "f.yaml", 1).await.unwrap();
+    store.register_node(&node("n1", 2, 10_000), &[], 1).await.unwrap();
+    let (_, queue) = store.placement_snapshot(2, 1000).await.unwrap();
+    let mut images: Vec<_> = queue.iter().map(|t| (t.runtime, t.image.clone())).collect();
+    images.sort();
+    assert_eq!(
+        images,
+        [
+            (drover_core::RuntimeKind::Docker, None),
+            (drover_core::RuntimeKind::Microvm, Some("sha256:abc".into()))
+        ]
+    );
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -380,7 +403,7 @@ macro_rules! store_conformance {
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
             reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
-            batched_updates_are_fenced_one_by_one);
+            batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

@@ -1138,6 +1138,8 @@ impl Store for PostgresStore {
                 },
                 // Runtimes this server does not know (a newer agent) are ignored.
                 runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
+                // Warm VMs are reported over the agent's session; the server adds them.
+                warm: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         if nodes.iter().all(|n| n.free.cores == 0) {
@@ -1145,7 +1147,8 @@ impl Store for PostgresStore {
         }
         // A plain read: replicas may see the same tasks; the claim in `assign` decides.
         let rows = sqlx::query(
-            "SELECT id, priority, cores, memory, constraints, runtime FROM tasks \
+            "SELECT id, priority, cores, memory, constraints, runtime, \
+             CASE WHEN runtime = 'microvm' THEN plan::jsonb ->> 'image' END FROM tasks \
              WHERE state = 'queued' AND not_before_ms <= $1 ORDER BY priority DESC, id LIMIT $2",
         )
         .bind(now_ms)
@@ -1161,6 +1164,7 @@ impl Store for PostgresStore {
                     resources: Resources { cores: get_u32(r, 2)?, memory: get_u64(r, 3)? },
                     constraints: json::<BTreeMap<String, String>>("constraints", r.try_get::<&str, _>(4)?)?,
                     runtime: runtime_kind(r.try_get::<&str, _>(5)?)?,
+                    image: r.try_get::<Option<String>, _>(6)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -762,6 +762,8 @@ impl Store for SqliteStore {
                 },
                 // Runtimes this server does not know (a newer agent) are ignored.
                 runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
+                // Warm VMs are reported over the agent's session; the server adds them.
+                warm: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let live: Vec<i64> =
@@ -774,7 +776,8 @@ impl Store for SqliteStore {
             return Ok((nodes, Vec::new()));
         }
         let rows = sqlx::query(
-            "SELECT id, priority, cores, memory, constraints, runtime FROM tasks \
+            "SELECT id, priority, cores, memory, constraints, runtime, \
+             CASE WHEN runtime = 'microvm' THEN json_extract(plan, '$.image') END FROM tasks \
              WHERE state = 'queued' AND not_before_ms <= ? ORDER BY priority DESC, id LIMIT ?",
         )
         .bind(now_ms)
@@ -793,6 +796,7 @@ impl Store for SqliteStore {
                     },
                     constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
                     runtime: runtime_kind(r.get::<&str, _>(5))?,
+                    image: r.get::<Option<String>, _>(6),
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -16,7 +16,18 @@
 //!   workspace is copied into the guest (`/workspace`) after boot, and the guest sends back
 //!   what each step changed before it reports the step's end. When `wait` returns, the host
 //!   workspace holds the step's results.
-//! - **Network**: QEMU gets no network device at all; inside, only `lo` exists.
+//! - **Network**: by default QEMU gets no network device at all; inside, only `lo` exists. A
+//!   task with `network: { egress: [...] }` or with host ports gets one virtio-net device on
+//!   QEMU user-mode networking with `restrict=on`, so the guest reaches nothing but a few
+//!   fixed forwards (`guestfwd`) to Unix sockets in the VM directory (`drover_guest::net`): an
+//!   HTTP proxy that connects only to the allow-list (`HTTP(S)_PROXY` is set for the steps;
+//!   `microvm/proxy.rs`), and the task's host ports (`DROVER_HOST_<NAME>`). `bridge` and `full`
+//!   are refused.
+//! - **Warm pool and snapshots**: the runtime keeps booted, idle VMs per configured image
+//!   ([`MicroVmConfig::warm`]; `microvm/pool.rs`) and restores VMs from a per-image snapshot
+//!   instead of booting them when [`MicroVmConfig::snapshots`] is on (`microvm/boot.rs`). Warm
+//!   and restored VMs have the network device (restricted, forwards unserved) so that any task
+//!   of the image and default size can take one.
 //! - **Accelerator**: KVM when a real probe boot succeeds within
 //!   [`MicroVmConfig::kvm_probe_timeout`] (KVM may hang under nested virtualisation), TCG
 //!   otherwise; see [`MicroVmRuntime::accelerator`].
@@ -37,20 +48,28 @@
 //! Under TCG the guest kernel is told the host TSC frequency (`tsc_early_khz`): its own PIT
 //! calibration fails on a loaded host and then hangs the boot.
 
+mod boot;
+mod forward;
 mod image;
 mod lines;
+mod pool;
+mod proxy;
+mod qmp;
 mod session;
 mod vm;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use drover_guest::protocol::{GUEST_WORKSPACE, HostMessage, StartErrorKind, StepState};
 
+use self::boot::{Booted, Booter, Shape};
+use self::forward::Forwards;
 pub use self::image::DIR_IMAGE_PREFIX;
+use self::pool::Pool;
 use self::session::{Session, StartFailure};
 use self::vm::VmRecord;
 pub use self::vm::{Vm, VmSpec};
@@ -61,7 +80,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 
 /// Modules the guest needs for its ports, in load order (dependencies first). Those not found
 /// in the kernel's `modules.dep` are assumed built in.
-const GUEST_MODULES: [&str; 4] = ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"];
+const GUEST_MODULES: [&str; 7] =
+    ["virtio_ring", "virtio", "virtio_mmio", "virtio_console", "failover", "net_failover", "virtio_net"];
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -106,6 +126,15 @@ pub struct MicroVmConfig {
     pub shutdown_grace: Duration,
     /// Image for tasks that name none; `None` makes such tasks fail in `prepare`.
     pub default_image: Option<String>,
+    /// Warm VMs to keep per image. Docker image names are turned into image ids, which is how
+    /// tasks of shipped images name them.
+    pub warm: BTreeMap<String, usize>,
+    /// Warm VMs of the default image when [`MicroVmConfig::warm`] does not name it and KVM is
+    /// in use; under TCG a boot costs seconds of a host CPU, so only configured pools are kept.
+    pub warm_default_kvm: usize,
+    /// Whether new VMs of the pool shape are restored from a per-image snapshot instead of
+    /// booted.
+    pub snapshots: bool,
 }
 
 impl Default for MicroVmConfig {
@@ -125,29 +154,41 @@ impl Default for MicroVmConfig {
             boot_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(3),
             default_image: None,
+            warm: BTreeMap::new(),
+            warm_default_kvm: 1,
+            snapshots: true,
         }
     }
 }
 
+/// How the VM of an attempt came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmOrigin {
+    /// Booted for the attempt.
+    Cold,
+    /// Restored from the image's snapshot for the attempt.
+    Restored,
+    /// Taken from the warm pool, booted (or restored) before the attempt came.
+    Warm {
+        /// When QEMU was started for it.
+        launched_at: Instant,
+        /// When it was ready in the pool.
+        ready_at: Instant,
+    },
+}
+
 /// Runs each attempt in its own microVM.
 pub struct MicroVmRuntime {
-    config: MicroVmConfig,
-    qemu: PathBuf,
-    kernel: PathBuf,
-    agent_archive: Arc<Vec<u8>>,
-    agent_hash: String,
-    accelerator: String,
-    /// Kernel arguments added to every boot (TSC frequency under TCG).
-    kernel_args: String,
+    booter: Arc<Booter>,
+    pool: Arc<Pool>,
     vms: Mutex<HashMap<i64, Arc<Entry>>>,
-    image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for MicroVmRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MicroVmRuntime")
-            .field("kernel", &self.kernel)
-            .field("accelerator", &self.accelerator)
+            .field("kernel", &self.booter.kernel)
+            .field("accelerator", &self.booter.accelerator)
             .finish_non_exhaustive()
     }
 }
@@ -165,6 +206,14 @@ struct Entry {
     vm: Vmh,
     /// `KEY=value` environment of the image.
     image_env: Vec<String>,
+    /// The VM's name and directory under the run dir.
+    sandbox: String,
+    /// How the VM came to be; `None` for a VM found after a restart.
+    origin: Option<VmOrigin>,
+    /// The task's network forwards, served while the entry lives.
+    _forwards: Forwards,
+    /// Where steps find the forwards.
+    net_env: Vec<(String, String)>,
 }
 
 impl Entry {
@@ -220,29 +269,34 @@ impl MicroVmRuntime {
                 })?
                 .map_err(|source| RuntimeError::Io { context: "build agent archive".into(), source })?
         };
-        let agent_hash = image::short_hash(&archive);
-        let mut runtime = MicroVmRuntime {
-            qemu,
-            kernel,
-            agent_archive: Arc::new(archive),
-            agent_hash,
-            accelerator: String::new(),
-            kernel_args: String::new(),
-            vms: Mutex::default(),
-            image_locks: Mutex::default(),
-            config,
-        };
-        runtime.accelerator = runtime.choose_accelerator().await;
-        if runtime.accelerator == "tcg"
+        sweep_stale_warm_vms(&config.run_dir).await;
+        let mut booter = Booter::new(config, qemu, kernel, guest_agent.clone(), archive);
+        booter.accelerator = choose_accelerator(&booter).await;
+        if booter.accelerator == "tcg"
             && let Ok(Some(khz)) = tokio::task::spawn_blocking(tsc_khz).await
         {
-            runtime.kernel_args = format!("tsc_early_khz={khz} tsc=reliable no_timer_check");
+            booter.kernel_args = format!("tsc_early_khz={khz} tsc=reliable no_timer_check");
         }
+        let mut targets = BTreeMap::new();
+        for (image, count) in &booter.config.warm {
+            targets.insert(image::canonical_name(image).await, *count);
+        }
+        if booter.accelerator == "kvm"
+            && let Some(image) = &booter.config.default_image
+        {
+            targets.entry(image::canonical_name(image).await).or_insert(booter.config.warm_default_kvm);
+        }
+        let snapshots = booter.config.snapshots;
+        let booter = Arc::new(booter);
+        let pool = Pool::new(booter.clone(), targets, snapshots);
+        pool.refill();
+        let runtime = MicroVmRuntime { booter, pool, vms: Mutex::default() };
         tracing::info!(
-            kernel = %runtime.kernel.display(),
+            kernel = %runtime.booter.kernel.display(),
             guest_agent = %guest_agent.display(),
             modules = modules.len(),
-            accelerator = %runtime.accelerator,
+            accelerator = %runtime.booter.accelerator,
+            warm = ?runtime.pool.counts(),
             "microvm runtime ready"
         );
         Ok(runtime)
@@ -250,20 +304,38 @@ impl MicroVmRuntime {
 
     /// The accelerator VMs use: `kvm` or `tcg`.
     pub fn accelerator(&self) -> &str {
-        &self.accelerator
+        &self.booter.accelerator
     }
 
     /// The guest kernel.
     pub fn kernel(&self) -> &Path {
-        &self.kernel
+        &self.booter.kernel
     }
 
-    /// Boot time (QEMU start to guest agent hello) of the VM of an attempt booted here.
+    /// Boot time (QEMU start to guest agent hello, or to the restored guest's hello) of the VM
+    /// of an attempt booted here.
     pub fn boot_time(&self, attempt_id: i64) -> Option<Duration> {
         match &self.lock().get(&attempt_id)?.vm {
             Vmh::Owned(vm) => Some(vm.boot_time()),
             Vmh::Attached { .. } => None,
         }
+    }
+
+    /// How the VM of an attempt prepared here came to be.
+    pub fn origin(&self, attempt_id: i64) -> Option<VmOrigin> {
+        self.lock().get(&attempt_id)?.origin
+    }
+
+    /// How many times QEMU was started so far (boots and restores, warm pool included).
+    pub fn launches(&self) -> u64 {
+        self.booter.launches()
+    }
+
+    /// Stops refilling the warm pool, powers its idle VMs off and removes the snapshots.
+    /// VMs of running attempts are left alone.
+    pub async fn shutdown_pool(&self) {
+        self.pool.shutdown().await;
+        self.booter.remove_snapshots().await;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i64, Arc<Entry>>> {
@@ -278,102 +350,42 @@ impl MicroVmRuntime {
             .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
     }
 
-    /// `kvm` when asked for, or when probing finds it working; `tcg` otherwise. The probe
-    /// result is shared by every runtime of this process with the same QEMU and kernel.
-    async fn choose_accelerator(&self) -> String {
-        match self.config.accelerator {
-            Accelerator::Kvm => return "kvm".into(),
-            Accelerator::Tcg => return "tcg".into(),
-            Accelerator::Auto => {}
-        }
-        static PROBES: OnceLock<Mutex<ProbeResults>> = OnceLock::new();
-        let cell = PROBES
-            .get_or_init(Mutex::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((self.qemu.clone(), self.kernel.clone()))
-            .or_default()
-            .clone();
-        cell.get_or_init(|| self.probe_kvm()).await.clone()
-    }
-
-    async fn probe_kvm(&self) -> String {
-        if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-            tracing::info!(%error, "no usable /dev/kvm; microvms use TCG");
-            return "tcg".into();
-        }
-        let dir = self.config.run_dir.join(format!("probe-{}-{}", std::process::id(), rand::random::<u32>()));
-        let initramfs = dir.join("agent.cpio");
-        let prepared = async {
-            tokio::fs::create_dir_all(&dir).await?;
-            tokio::fs::write(&initramfs, self.agent_archive.as_slice()).await
-        };
-        if let Err(error) = prepared.await {
-            tracing::warn!(%error, "cannot prepare the KVM probe; microvms use TCG");
-            return "tcg".into();
-        }
-        let spec = VmSpec {
-            qemu: self.qemu.clone(),
-            accelerator: "kvm".into(),
-            kernel: self.kernel.clone(),
-            initramfs,
-            memory_mib: self.config.min_memory_mib,
-            vcpus: 1,
-            host_cpus: Vec::new(),
-            dir: dir.clone(),
-            kernel_args: String::new(),
-            boot_timeout: self.config.kvm_probe_timeout,
-        };
-        let chosen = match Vm::boot(&spec).await {
-            Ok(vm) => {
-                tracing::info!(boot_ms = vm.boot_time().as_millis() as u64, "KVM probe boot succeeded");
-                vm.shutdown(self.config.shutdown_grace).await;
-                "kvm"
-            }
-            Err(error) => {
-                tracing::warn!(
-                    %error,
-                    timeout_s = self.config.kvm_probe_timeout.as_secs(),
-                    "KVM probe boot failed (KVM may hang under nested virtualisation); microvms use TCG"
-                );
-                "tcg"
-            }
-        };
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        chosen.into()
-    }
-
     fn vm_dir(&self, sandbox_id: &str) -> PathBuf {
-        self.config.run_dir.join(sandbox_id)
+        self.booter.config.run_dir.join(sandbox_id)
+    }
+
+    /// The directory of an attempt's VM that this process does not know: its own, or a warm
+    /// VM's whose record names the attempt.
+    async fn find_vm_dir(&self, attempt_id: i64) -> PathBuf {
+        let own = self.vm_dir(&sandbox_id(attempt_id));
+        if own.exists() {
+            return own;
+        }
+        if let Ok(mut entries) = tokio::fs::read_dir(&self.booter.config.run_dir).await {
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let warm = entry.file_name().to_string_lossy().starts_with(pool::WARM_PREFIX);
+                if warm && vm::read_record(&entry.path()).await.is_some_and(|r| r.attempt_id == attempt_id) {
+                    return entry.path();
+                }
+            }
+        }
+        own
     }
 
     fn memory_mib(&self, task: &TaskSpec) -> u64 {
-        let mib = if task.memory_limit == 0 {
-            self.config.memory_mib
-        } else {
-            task.memory_limit.div_ceil(1024 * 1024)
-        };
-        mib.max(self.config.min_memory_mib)
+        let config = &self.booter.config;
+        let mib =
+            if task.memory_limit == 0 { config.memory_mib } else { task.memory_limit.div_ceil(1024 * 1024) };
+        mib.max(config.min_memory_mib)
     }
 
-    async fn build_initramfs(
-        &self,
-        image: &str,
-        dir: &Path,
-    ) -> Result<(PathBuf, image::ImageConfig), RuntimeError> {
-        let lock = self
-            .image_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(image.to_owned())
-            .or_default()
-            .clone();
-        let _building = lock.lock().await;
-        image::initramfs(image, &self.agent_archive, &self.agent_hash, &self.config.cache_dir, dir).await
-    }
-
-    /// The environment of a step: the image's, then the Drover base, then the task's.
-    fn step_env(task: &TaskSpec, image_env: &[String]) -> Vec<(String, String)> {
+    /// The environment of a step: the image's, then the Drover base and the network forwards,
+    /// then the task's.
+    fn step_env(
+        task: &TaskSpec,
+        image_env: &[String],
+        net_env: &[(String, String)],
+    ) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = image_env
             .iter()
             .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
@@ -395,6 +407,9 @@ impl MicroVmRuntime {
         for (key, value) in base {
             set(key, value);
         }
+        for (key, value) in net_env {
+            set(key, value.clone());
+        }
         for (key, value) in task.env.iter().chain(&task.secrets) {
             set(key, value.clone());
         }
@@ -412,63 +427,103 @@ impl Runtime for MicroVmRuntime {
         if self.lock().contains_key(&task.attempt_id) {
             return Ok(());
         }
-        let image = task.image.clone().or_else(|| self.config.default_image.clone()).ok_or_else(|| {
-            RuntimeError::Io {
-                context: "choose the vm image".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "the task names no image and the microvm runtime has no default image",
-                ),
-            }
-        })?;
+        let image =
+            task.image.clone().or_else(|| self.booter.config.default_image.clone()).ok_or_else(|| {
+                RuntimeError::Io {
+                    context: "choose the vm image".into(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "the task names no image and the microvm runtime has no default image",
+                    ),
+                }
+            })?;
+        let network = forward::needs_network(task)?;
         tokio::fs::create_dir_all(&task.workspace).await.map_err(|source| RuntimeError::Io {
             context: format!("create workspace {}", task.workspace.display()),
             source,
         })?;
-        let dir = self.vm_dir(&sandbox_id(task.attempt_id));
-        if let Some(stale) = vm::read_record(&dir).await {
-            vm::stop_recorded(&dir, &stale).await;
-        }
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|source| RuntimeError::Io { context: format!("create {}", dir.display()), source })?;
-        let (initramfs, image_config) = self.build_initramfs(&image, &dir).await?;
-        let spec = VmSpec {
-            qemu: self.qemu.clone(),
-            accelerator: self.accelerator.clone(),
-            kernel: self.kernel.clone(),
-            initramfs,
+        let shape = Shape {
             memory_mib: self.memory_mib(task),
-            vcpus: if task.cpus.is_empty() { self.config.vcpus } else { task.cpus.len() },
+            vcpus: if task.cpus.is_empty() { self.booter.config.vcpus } else { task.cpus.len() },
             host_cpus: task.cpus.clone(),
-            dir: dir.clone(),
-            kernel_args: self.kernel_args.clone(),
-            boot_timeout: self.config.boot_timeout,
+            network,
         };
-        let vm = Vm::boot(&spec).await?;
-        let record =
-            VmRecord { attempt_id: task.attempt_id, workspace: task.workspace.clone(), qemu_pid: vm.pid() };
+        let (booted, sandbox, origin) = match self.pool.claim(&image, &shape) {
+            Some(warm) => {
+                let origin = VmOrigin::Warm { launched_at: warm.booted.launched_at, ready_at: warm.ready_at };
+                (warm.booted, warm.sandbox, origin)
+            }
+            None => {
+                let sandbox = sandbox_id(task.attempt_id);
+                let dir = self.vm_dir(&sandbox);
+                if let Some(stale) = vm::read_record(&dir).await {
+                    vm::stop_recorded(&dir, &stale).await;
+                }
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                let restorable = self.booter.config.snapshots
+                    && Shape { host_cpus: Vec::new(), network: true, ..shape.clone() }
+                        == self.booter.pool_shape();
+                let booted = if restorable {
+                    self.booter.restore(&image, &dir).await?
+                } else {
+                    self.booter.cold(&image, &dir, &shape).await?
+                };
+                let origin = booted.origin;
+                (booted, sandbox, origin)
+            }
+        };
+        let Booted { vm, image_env, .. } = booted;
         let ready = async {
+            let dir = vm.dir().to_path_buf();
+            // Warm and restored VMs were started before the task's CPUs were known.
+            if origin != VmOrigin::Cold && !task.cpus.is_empty() {
+                vm.pin(&task.cpus)
+                    .map_err(|source| RuntimeError::Io { context: "pin the vm".into(), source })?;
+            }
+            if matches!(origin, VmOrigin::Warm { .. }) {
+                // The clock may have stood still in a snapshot, or drifted while the VM waited.
+                vm.session().send(&HostMessage::SetClock { unix_ms: boot::unix_ms() }).await?;
+            }
+            let record = VmRecord {
+                attempt_id: task.attempt_id,
+                workspace: task.workspace.clone(),
+                qemu_pid: vm.pid(),
+            };
             vm::write_record(&dir, &record).await?;
+            let (forwards, net_env) = Forwards::start(&dir, task)?;
             vm.session().set_workspace(task.workspace.clone());
-            vm.session().upload_workspace(&task.workspace).await
+            vm.session().upload_workspace(&task.workspace).await?;
+            Ok::<_, RuntimeError>((forwards, net_env))
         };
-        if let Err(error) = ready.await {
-            vm.shutdown(self.config.shutdown_grace).await;
-            return Err(error);
-        }
+        let (forwards, net_env) = match ready.await {
+            Ok(ready) => ready,
+            Err(error) => {
+                vm.shutdown(self.booter.config.shutdown_grace).await;
+                let _ = tokio::fs::remove_dir_all(vm.dir()).await;
+                return Err(error);
+            }
+        };
         tracing::info!(
+            job_id = task.job_id,
+            task_id = task.task_id,
             attempt_id = task.attempt_id,
             image,
+            sandbox,
+            origin = ?origin,
             boot_ms = vm.boot_time().as_millis() as u64,
-            memory_mib = spec.memory_mib,
-            vcpus = spec.vcpus,
+            network,
             "microvm prepared"
         );
         self.lock().insert(
             task.attempt_id,
-            Arc::new(Entry { vm: Vmh::Owned(Box::new(vm)), image_env: image_config.env }),
+            Arc::new(Entry {
+                vm: Vmh::Owned(Box::new(vm)),
+                image_env,
+                sandbox,
+                origin: Some(origin),
+                _forwards: forwards,
+                net_env,
+            }),
         );
         Ok(())
     }
@@ -494,7 +549,7 @@ impl Runtime for MicroVmRuntime {
         let run = HostMessage::Run {
             step,
             argv: argv.clone(),
-            env: Self::step_env(task, &entry.image_env),
+            env: Self::step_env(task, &entry.image_env, &entry.net_env),
             cwd: GUEST_WORKSPACE.into(),
             user,
         };
@@ -512,7 +567,7 @@ impl Runtime for MicroVmRuntime {
                     // Guest pids mean nothing on the host.
                     pid: None,
                     pid_start_ticks: None,
-                    sandbox_id: Some(sandbox_id(task.attempt_id)),
+                    sandbox_id: Some(entry.sandbox.clone()),
                 })
             }
             Err(StartFailure::Guest(kind, message)) => {
@@ -556,8 +611,14 @@ impl Runtime for MicroVmRuntime {
                         return Ok(false);
                     }
                 };
-                let entry =
-                    Arc::new(Entry { vm: Vmh::Attached { session, dir, record }, image_env: Vec::new() });
+                let entry = Arc::new(Entry {
+                    vm: Vmh::Attached { session, dir, record },
+                    image_env: Vec::new(),
+                    sandbox: id.to_owned(),
+                    origin: None,
+                    _forwards: Forwards::default(),
+                    net_env: Vec::new(),
+                });
                 self.lock().entry(handle.attempt_id).or_insert(entry).clone()
             }
         };
@@ -615,11 +676,19 @@ impl Runtime for MicroVmRuntime {
         Ok(Usage { cpu_seconds: usage.cpu_seconds, peak_memory_bytes: usage.peak_memory_bytes })
     }
 
+    /// Idle warm VMs per configured image (Docker images by id).
+    fn warm_counts(&self) -> BTreeMap<String, u32> {
+        self.pool.counts()
+    }
+
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
         let entry = self.lock().remove(&task.attempt_id);
-        let dir = self.vm_dir(&sandbox_id(task.attempt_id));
+        let dir = match &entry {
+            Some(entry) => self.vm_dir(&entry.sandbox),
+            None => self.find_vm_dir(task.attempt_id).await,
+        };
         match entry.as_deref().map(|e| &e.vm) {
-            Some(Vmh::Owned(vm)) => vm.shutdown(self.config.shutdown_grace).await,
+            Some(Vmh::Owned(vm)) => vm.shutdown(self.booter.config.shutdown_grace).await,
             Some(Vmh::Attached { session, dir, record }) => {
                 let _ = session.send(&HostMessage::Shutdown).await;
                 vm::stop_recorded(dir, record).await;
@@ -630,6 +699,8 @@ impl Runtime for MicroVmRuntime {
                 }
             }
         }
+        // The forwards stop serving before their sockets' directory goes.
+        drop(entry);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -637,9 +708,118 @@ impl Runtime for MicroVmRuntime {
                 return Err(RuntimeError::Io { context: format!("remove {}", dir.display()), source });
             }
         }
-        tracing::debug!(attempt_id = task.attempt_id, "microvm cleaned up");
+        tracing::debug!(
+            job_id = task.job_id,
+            task_id = task.task_id,
+            attempt_id = task.attempt_id,
+            "microvm cleaned up"
+        );
         Ok(())
     }
+}
+
+/// `kvm` when asked for, or when probing finds it working; `tcg` otherwise. The probe
+/// result is shared by every runtime of this process with the same QEMU and kernel.
+async fn choose_accelerator(booter: &Booter) -> String {
+    match booter.config.accelerator {
+        Accelerator::Kvm => return "kvm".into(),
+        Accelerator::Tcg => return "tcg".into(),
+        Accelerator::Auto => {}
+    }
+    static PROBES: OnceLock<Mutex<ProbeResults>> = OnceLock::new();
+    let cell = PROBES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((booter.qemu.clone(), booter.kernel.clone()))
+        .or_default()
+        .clone();
+    cell.get_or_init(|| probe_kvm(booter)).await.clone()
+}
+
+async fn probe_kvm(booter: &Booter) -> String {
+    if let Err(error) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        tracing::info!(%error, "no usable /dev/kvm; microvms use TCG");
+        return "tcg".into();
+    }
+    let dir = booter.config.run_dir.join(format!("probe-{}-{}", std::process::id(), rand::random::<u32>()));
+    let initramfs = dir.join("agent.cpio");
+    let prepared = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::write(&initramfs, booter.agent_archive.as_slice()).await
+    };
+    if let Err(error) = prepared.await {
+        tracing::warn!(%error, "cannot prepare the KVM probe; microvms use TCG");
+        return "tcg".into();
+    }
+    let spec = VmSpec {
+        qemu: booter.qemu.clone(),
+        accelerator: "kvm".into(),
+        kernel: booter.kernel.clone(),
+        initramfs,
+        memory_mib: booter.config.min_memory_mib,
+        vcpus: 1,
+        host_cpus: Vec::new(),
+        dir: dir.clone(),
+        kernel_args: String::new(),
+        boot_timeout: booter.config.kvm_probe_timeout,
+        relay: None,
+        incoming: None,
+    };
+    let chosen = match Vm::boot(&spec).await {
+        Ok(vm) => {
+            tracing::info!(boot_ms = vm.boot_time().as_millis() as u64, "KVM probe boot succeeded");
+            vm.shutdown(booter.config.shutdown_grace).await;
+            "kvm"
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                timeout_s = booter.config.kvm_probe_timeout.as_secs(),
+                "KVM probe boot failed (KVM may hang under nested virtualisation); microvms use TCG"
+            );
+            "tcg"
+        }
+    };
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    chosen.into()
+}
+
+/// Stops the warm VMs an earlier agent process left behind (their records name no attempt),
+/// sparing those of this process.
+async fn sweep_stale_warm_vms(run_dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(run_dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(number) = name.strip_prefix(pool::WARM_PREFIX) else {
+            continue;
+        };
+        if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit() || c == '-') {
+            continue;
+        }
+        let dir = entry.path();
+        let Some(record) = vm::read_record(&dir).await else {
+            continue;
+        };
+        if record.attempt_id != 0 || record.qemu_pid.is_some_and(is_our_child) {
+            continue;
+        }
+        tracing::info!(dir = %dir.display(), "stopping a warm microvm of an earlier agent");
+        vm::stop_recorded(&dir, &record).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    }
+}
+
+/// Whether `pid` is a child of this process.
+fn is_our_child(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok())
+        })
+        .is_some_and(|parent| parent == std::process::id())
 }
 
 /// Name of an attempt's VM (and of its directory under the run dir).

@@ -59,20 +59,33 @@ pub struct TaskSpec {
     /// the output the agent ships.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
-    /// Host endpoints the sandbox must reach even without network (the LLM metering proxy).
-    /// The runtime makes each reachable and sets `DROVER_HOST_<NAME uppercased>` to the
-    /// `host:port` at which the sandbox reaches it.
+    /// Host endpoints the sandbox must reach even without network; the runtime makes each
+    /// reachable and sets env `DROVER_HOST_<NAME uppercased>` to the `host:port` at which the
+    /// sandbox reaches it.
     #[serde(default)]
     pub host_ports: Vec<HostPort>,
 }
 
-/// A service on the host that a sandbox reaches by name, see [`TaskSpec::host_ports`].
+/// A host endpoint a sandbox must reach (see [`TaskSpec::host_ports`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostPort {
-    /// Short name; becomes the `DROVER_HOST_<NAME>` variable.
+    /// Name; the sandbox finds the endpoint in `DROVER_HOST_<NAME uppercased>`.
     pub name: String,
-    /// Where the service listens on the host.
+    /// Where the endpoint listens on the host.
     pub addr: std::net::SocketAddr,
+}
+
+impl HostPort {
+    /// The variable that tells the sandbox where it reaches this endpoint: `DROVER_HOST_` and
+    /// the name uppercased, with anything but ASCII letters and digits turned into `_`.
+    pub fn env_var(&self) -> String {
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+            .collect();
+        format!("DROVER_HOST_{name}")
+    }
 }
 
 /// Which output stream a chunk came from.
@@ -229,6 +242,11 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes what `prepare` and `start` left behind, except the workspace's declared outputs.
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError>;
+
+    /// Sandboxes booted ahead of tasks, idle, per image; reported to the server for placement.
+    fn warm_counts(&self) -> BTreeMap<String, u32> {
+        BTreeMap::new()
+    }
 }
 
 /// Stops a running step: `Terminate`, then `Kill` if it is still running after `grace`.

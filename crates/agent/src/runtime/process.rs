@@ -517,12 +517,10 @@ fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
         ("DROVER_ATTEMPT_ID".into(), task.attempt_id.to_string()),
         ("DROVER_WORKSPACE".into(), task.workspace.display().to_string()),
     ];
+    // A process shares the host's network: each endpoint is reachable where it listens.
+    env.extend(task.host_ports.iter().map(|port| (port.env_var(), port.addr.to_string())));
     env.retain(|(k, _)| !task.env.contains_key(k));
     env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    // A plain process shares the host's network: host services are reachable as they are.
-    for port in &task.host_ports {
-        env.push((format!("DROVER_HOST_{}", port.name.to_ascii_uppercase()), port.addr.to_string()));
-    }
     env
 }
 
@@ -569,6 +567,7 @@ fn cpu_set(cpus: &[usize]) -> std::io::Result<Option<nix::sched::CpuSet>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::HostPort;
     use crate::runtime::conformance;
 
     conformance::runtime_conformance_tests!(ProcessRuntime::new());
@@ -601,6 +600,19 @@ mod tests {
             ..Default::default()
         };
         assert!(step_env(&task).contains(&("DROVER_HOST_LLM".to_owned(), "127.0.0.1:4100".to_owned())));
+    }
+
+    #[test]
+    fn host_ports_are_reachable_where_they_listen() {
+        let task = TaskSpec {
+            host_ports: vec![HostPort {
+                name: "llm-proxy".into(),
+                addr: "127.0.0.1:4567".parse().expect("addr"),
+            }],
+            ..Default::default()
+        };
+        let env = step_env(&task);
+        assert!(env.contains(&("DROVER_HOST_LLM_PROXY".to_owned(), "127.0.0.1:4567".to_owned())), "{env:?}");
     }
 
     #[test]

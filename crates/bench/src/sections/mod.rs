@@ -4,6 +4,7 @@
 pub mod footprint;
 pub mod latency;
 pub mod logs;
+pub mod microvm;
 pub mod placement;
 pub mod replicas;
 pub mod store;

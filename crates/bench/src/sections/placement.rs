@@ -50,7 +50,13 @@ pub fn fleet(nodes: usize) -> Vec<NodeView> {
             if rng.chance(50) {
                 runtimes.push(RuntimeKind::Docker);
             }
-            NodeView { id: i as i64 + 1, labels, free: Resources { cores: 256, memory: 1 << 40 }, runtimes }
+            NodeView {
+                id: i as i64 + 1,
+                labels,
+                free: Resources { cores: 256, memory: 1 << 40 },
+                runtimes,
+                warm: BTreeMap::new(),
+            }
         })
         .collect()
 }
@@ -73,6 +79,7 @@ pub fn queue(tasks: usize) -> Vec<QueuedTask> {
                 resources: Resources { cores: if rng.chance(10) { 2 } else { 1 }, memory: 1 << 30 },
                 constraints,
                 runtime: if rng.chance(10) { RuntimeKind::Docker } else { RuntimeKind::Process },
+                image: None,
             }
         })
         .collect()

@@ -123,6 +123,11 @@ pub(super) enum Networking {
 /// with `Bridge` or `Full` it also routes out. Egress allow-lists need a filtering proxy that
 /// this runtime does not have yet, so they are refused rather than silently widened or dropped.
 pub(super) fn networking(task: &TaskSpec) -> Result<Networking, String> {
+    if !task.host_ports.is_empty() {
+        // A container reaches the host only through the bridge gateway, which would also
+        // open everything else listening there; refuse until that is filtered.
+        return Err("the docker runtime cannot expose host ports to containers yet; use the process or microvm runtime".into());
+    }
     let services = !task.services.is_empty();
     match (&task.network, services) {
         (NetworkPolicy::None, false) => Ok(Networking::None),
@@ -257,6 +262,10 @@ mod tests {
         assert_eq!(networking(&task), Ok(Networking::Attempt { internal: false }));
         task.network = NetworkPolicy::Egress { allow: vec!["example.com".into()] };
         assert!(networking(&task).is_err());
+        task.network = NetworkPolicy::None;
+        task.host_ports =
+            vec![crate::runtime::HostPort { name: "llm".into(), addr: "127.0.0.1:9".parse().expect("addr") }];
+        assert!(networking(&task).is_err_and(|e| e.contains("host ports")));
     }
 
     #[test]

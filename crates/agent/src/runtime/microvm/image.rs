@@ -451,6 +451,18 @@ async fn docker_initramfs(
 }
 
 /// Runs a `docker` CLI command and returns its stdout.
+/// The id (`sha256:...`) of a Docker image, which is how tasks of shipped images name it;
+/// `dir:` images and images Docker does not know stay as they are.
+pub(crate) async fn canonical_name(image: &str) -> String {
+    if image.starts_with(DIR_IMAGE_PREFIX) || image.starts_with("sha256:") {
+        return image.to_owned();
+    }
+    match docker(&["image", "inspect", "--format", "{{.Id}}", image]).await {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+        Ok(_) | Err(_) => image.to_owned(),
+    }
+}
+
 async fn docker(args: &[&str]) -> Result<String, RuntimeError> {
     let context = format!("docker {}", args.first().copied().unwrap_or_default());
     let output = tokio::process::Command::new("docker")

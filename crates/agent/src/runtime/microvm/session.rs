@@ -67,11 +67,14 @@ impl Drop for Session {
 }
 
 impl Session {
-    /// Connects to a port's socket and waits for the guest's hello.
+    /// Connects to a port's socket and waits for the guest's hello. `nudge` is sent first: a
+    /// guest restored from a snapshot may not notice the new connection, but it answers a
+    /// [`HostMessage::SetClock`] with a hello.
     pub(crate) async fn connect(
         socket: &Path,
         workspace: Option<PathBuf>,
         patience: Duration,
+        nudge: Option<&HostMessage>,
     ) -> Result<Session, RuntimeError> {
         let io = |context: &str, source| RuntimeError::Io {
             context: format!("{context} {}", socket.display()),
@@ -91,7 +94,10 @@ impl Session {
                 Err(error) => return Err(io("connect to guest port", error)),
             }
         };
-        let (mut read, write) = stream.into_split();
+        let (mut read, mut write) = stream.into_split();
+        if let Some(nudge) = nudge {
+            write.write_all(&encode(nudge)).await.map_err(|error| io("nudge guest on", error))?;
+        }
         let mut decoder = FrameDecoder::new();
         let mut buffer = vec![0u8; 64 * 1024];
         let hello = tokio::time::timeout(patience, async {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::runtime::conformance::{self, finish, run_step, sh, start, stream_text};
 use crate::runtime::{Stream, stop_gracefully};
+use drover_core::NetworkPolicy;
 
 /// The static guest agent, built once per test process.
 fn guest_agent() -> PathBuf {
@@ -97,6 +98,8 @@ fn config() -> MicroVmConfig {
         cache_dir: shared_dir().join("cache"),
         run_dir: shared_dir().join("vm"),
         memory_mib: 192,
+        // Tests that restore from snapshots say so; the rest boot cold.
+        snapshots: false,
         ..Default::default()
     }
 }
@@ -193,7 +196,10 @@ async fn cancel_stops_the_vm_and_leaves_no_qemu_behind() {
     assert_eq!(status.signal, Some(15), "{status:?}");
     runtime.cleanup(&task).await.expect("cleanup");
     assert!(qemu_processes(&needle).is_empty(), "qemu survived cleanup");
-    assert!(!runtime.config.run_dir.join(sandbox_id(task.attempt_id)).exists(), "vm directory left behind");
+    assert!(
+        !runtime.booter.config.run_dir.join(sandbox_id(task.attempt_id)).exists(),
+        "vm directory left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,6 +293,170 @@ async fn ensure_docker_test_image(image: &str) {
     assert!(import.wait().await.expect("docker import").success());
 }
 
+/// A loopback HTTP server answering every request with `body`; returns its address.
+async fn http_server(body: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_reaches_only_the_allow_list_and_host_ports() {
+    let runtime = test_runtime().await;
+    let allowed = http_server("allowed-body").await;
+    let other = http_server("other-body").await;
+    let endpoint = http_server("endpoint-body").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = busybox_task(
+        dir.path(),
+        vec![sh(&format!(
+            "wget -q -O - http://{allowed}/; echo; echo allowed=$?; \
+             wget -q -O - http://{other}/ 2>/dev/null; echo other=$?; \
+             nc -w 3 10.0.2.2 {port} </dev/null 2>/dev/null; echo direct=$?; \
+             echo host=$DROVER_HOST_LLM; wget -q -Y off -O - http://$DROVER_HOST_LLM/; echo",
+            port = allowed.port()
+        ))],
+    );
+    task.network = NetworkPolicy::Egress { allow: vec![allowed.to_string()] };
+    task.host_ports = vec![crate::runtime::HostPort { name: "llm".into(), addr: endpoint }];
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    assert!(status.success(), "{status:?} {chunks:?}");
+    let out = stream_text(&chunks, Stream::Stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["allowed-body", "allowed=0"], "{out}");
+    assert!(lines[2].starts_with("other=") && lines[2] != "other=0", "{out}");
+    assert!(lines[3].starts_with("direct=") && lines[3] != "direct=0", "{out}");
+    assert_eq!(
+        lines[4..],
+        [format!("host={}", drover_guest::net::host_port(0)).as_str(), "endpoint-body"],
+        "{out}"
+    );
+    runtime.cleanup(&task).await.expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_device_without_egress_or_host_ports() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = busybox_task(dir.path(), vec![sh("ls /sys/class/net; echo proxy=$HTTP_PROXY")]);
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "lo\nproxy=\n");
+    runtime.cleanup(&task).await.expect("cleanup");
+}
+
+#[test]
+fn bridge_and_full_networks_are_refused() {
+    let mut task = conformance::task(Path::new("/ws"), vec![]);
+    task.network = NetworkPolicy::Full;
+    assert!(forward::needs_network(&task).is_err());
+    task.network = NetworkPolicy::Bridge;
+    assert!(forward::needs_network(&task).is_err());
+    task.network = NetworkPolicy::None;
+    assert!(!forward::needs_network(&task).expect("none"));
+}
+
+/// Waits until the pool holds `count` idle VMs of `image`.
+async fn await_warm(runtime: &MicroVmRuntime, image: &str, count: u32) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while runtime.warm_counts().get(image).copied().unwrap_or(0) < count {
+        assert!(Instant::now() < deadline, "the warm pool never filled: {:?}", runtime.warm_counts());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_claims_a_warm_vm_booted_before_it_came_and_cancel_leaves_no_qemu() {
+    let _ = test_runtime().await;
+    let image = format!("{DIR_IMAGE_PREFIX}{}", busybox_rootfs().display());
+    let run_dir = shared_dir().join("pool");
+    let config = MicroVmConfig { warm: [(image.clone(), 1)].into(), run_dir: run_dir.clone(), ..config() };
+    let runtime = MicroVmRuntime::new(config).await.expect("runtime");
+    await_warm(&runtime, &image, 1).await;
+    let launches = runtime.launches();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("in.txt"), "warm input\n").expect("input");
+    let task = busybox_task(dir.path(), vec![sh("cat in.txt; echo ready; sleep 600")]);
+    let assigned = Instant::now();
+    runtime.prepare(&task).await.expect("prepare");
+    match runtime.origin(task.attempt_id) {
+        Some(VmOrigin::Warm { launched_at, ready_at }) => {
+            assert!(launched_at < ready_at && ready_at < assigned, "the claimed vm was booted for the task");
+        }
+        other => panic!("expected a warm vm, got {other:?}"),
+    }
+    let (handle, mut rx) = start(&runtime, &task, 0).await;
+    let chunks = conformance::await_output(&mut rx, "ready").await;
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "warm input\nready\n");
+    let sandbox = handle.sandbox_id.clone().expect("sandbox id");
+    assert!(sandbox.starts_with(pool::WARM_PREFIX), "{sandbox}");
+    let needle = format!("/{sandbox}/");
+    assert_eq!(qemu_processes(&needle).len(), 1);
+
+    // Cancel: the step stops, cleanup powers the claimed VM off; the pool refills on its own.
+    let status = stop_gracefully(&runtime, &handle, Duration::from_secs(1)).await.expect("stop");
+    assert_eq!(status.signal, Some(15), "{status:?}");
+    runtime.cleanup(&task).await.expect("cleanup");
+    assert!(qemu_processes(&needle).is_empty(), "qemu of the claimed vm survived cleanup");
+    await_warm(&runtime, &image, 1).await;
+    assert_eq!(runtime.launches(), launches + 1, "one refill boot after the claim");
+
+    runtime.shutdown_pool().await;
+    assert!(qemu_processes(&format!("{}/", run_dir.display())).is_empty(), "warm vms survived shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_restored_from_a_snapshot_runs_a_task_with_the_current_time() {
+    let _ = test_runtime().await;
+    let run_dir = shared_dir().join("snap");
+    let runtime =
+        MicroVmRuntime::new(MicroVmConfig { snapshots: true, run_dir: run_dir.clone(), ..config() })
+            .await
+            .expect("runtime");
+    for round in 0..2 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("in.txt"), format!("round {round}\n")).expect("input");
+        let task = busybox_task(dir.path(), vec![sh("cat in.txt; date +%s; echo out > out.txt")]);
+        runtime.prepare(&task).await.expect("prepare");
+        assert_eq!(runtime.origin(task.attempt_id), Some(VmOrigin::Restored));
+        let (handle, mut rx) = start(&runtime, &task, 0).await;
+        let (status, chunks) = finish(&runtime, &handle, &mut rx).await;
+        assert!(status.success(), "{status:?} {chunks:?}");
+        let out = stream_text(&chunks, Stream::Stdout);
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some(format!("round {round}").as_str()));
+        let guest_time: u64 = lines.next().and_then(|t| t.parse().ok()).expect("date");
+        let host_time = boot::unix_ms() / 1000;
+        assert!(guest_time.abs_diff(host_time) < 60, "guest clock {guest_time}, host {host_time}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).expect("synced"), "out\n");
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(qemu_processes(&format!("/{}/", sandbox_id(task.attempt_id))).is_empty());
+    }
+    runtime.shutdown_pool().await;
+    assert!(qemu_processes(&format!("{}/", run_dir.display())).is_empty());
+}
+
 #[test]
 fn users_and_versions_parse() {
     assert_eq!(numeric_user("1000"), Some((1000, 1000)));
@@ -303,8 +473,11 @@ fn step_env_layers_image_base_and_task() {
     let mut task = conformance::task(Path::new("/host/ws"), vec![]);
     task.env.insert("PATH".into(), "/custom".into());
     task.secrets.insert("TOKEN".into(), "s3cret".into());
-    let env =
-        MicroVmRuntime::step_env(&task, &["PATH=/image/bin".into(), "LANG=C".into(), "HOME=/root".into()]);
+    let env = MicroVmRuntime::step_env(
+        &task,
+        &["PATH=/image/bin".into(), "LANG=C".into(), "HOME=/root".into()],
+        &[],
+    );
     let get = |key: &str| env.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
     assert_eq!(get("PATH"), ["/custom"]);
     assert_eq!(get("LANG"), ["C"]);

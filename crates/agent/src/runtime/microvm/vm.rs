@@ -4,19 +4,21 @@
 //!
 //! Each VM lives in its own directory: `p0.sock` and `p1.sock` (the guest agent's ports, QEMU
 //! listening), `qmp.sock` (QEMU's control socket), `console.log` (kernel and guest agent log),
-//! `qemu.log` (QEMU's stderr) and `vm.json` (what a restarted agent needs to find it again).
+//! `qemu.log` (QEMU's stderr), `vm.json` (what a restarted agent needs to find it again) and,
+//! when the VM has a network device, the forward sockets the host serves (`egress.sock`,
+//! `hpN.sock`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::process::Child;
 
+use super::qmp::{self, Qmp};
 use super::session::Session;
 use crate::runtime::RuntimeError;
+use drover_guest::net;
 use drover_guest::protocol::HostMessage;
 
 /// Socket of the port the booting host uses.
@@ -52,6 +54,11 @@ pub struct VmSpec {
     pub kernel_args: String,
     /// How long the guest agent may take to greet the host.
     pub boot_timeout: Duration,
+    /// The static guest agent, when the VM gets its network device: QEMU runs it as the
+    /// `relay` of each forward (see [`drover_guest::net`]). `None` = no network device at all.
+    pub relay: Option<PathBuf>,
+    /// A snapshot's state file to restore instead of booting.
+    pub incoming: Option<PathBuf>,
 }
 
 /// What a restarted agent needs to find a VM: kept as `vm.json` in the VM's directory.
@@ -68,6 +75,7 @@ pub(crate) struct VmRecord {
 /// A booted VM with its boot session.
 pub struct Vm {
     dir: PathBuf,
+    initramfs: PathBuf,
     child: tokio::sync::Mutex<Option<Child>>,
     pid: Option<u32>,
     session: Session,
@@ -129,8 +137,16 @@ impl Vm {
         let pid = child.id();
         tracing::debug!(dir = %spec.dir.display(), pid, accelerator = %spec.accelerator, "qemu started");
 
+        let ready = async {
+            if let Some(state) = &spec.incoming {
+                resume_incoming(&spec.dir.join(QMP_SOCKET), state, spec.boot_timeout).await?;
+            }
+            let nudge =
+                spec.incoming.as_ref().map(|_| HostMessage::SetClock { unix_ms: super::boot::unix_ms() });
+            connect_when_ready(&socket, spec.boot_timeout, nudge.as_ref()).await
+        };
         let session = tokio::select! {
-            session = connect_when_ready(&socket, spec.boot_timeout) => session,
+            session = ready => session,
             exited = child.wait() => {
                 let log = tail(&spec.dir.join("qemu.log")).await;
                 let status = exited.map(|s| s.to_string()).unwrap_or_default();
@@ -154,12 +170,14 @@ impl Vm {
             dir = %spec.dir.display(),
             pid,
             accelerator = %spec.accelerator,
+            restored = spec.incoming.is_some(),
             boot_ms = boot_time.as_millis() as u64,
             guest_uptime_ms = session.guest_uptime.as_millis() as u64,
             "microvm booted"
         );
         Ok(Vm {
             dir: spec.dir.clone(),
+            initramfs: spec.initramfs.clone(),
             child: tokio::sync::Mutex::new(Some(child)),
             pid,
             session,
@@ -193,6 +211,57 @@ impl Vm {
         &self.dir
     }
 
+    /// The initramfs the VM booted from.
+    pub fn initramfs(&self) -> &Path {
+        &self.initramfs
+    }
+
+    /// Pins every QEMU thread (vCPUs included) to `cpus`, for a VM booted before its task
+    /// reserved them.
+    pub(crate) fn pin(&self, cpus: &[usize]) -> std::io::Result<()> {
+        let Some(pid) = self.pid else {
+            return Ok(());
+        };
+        let mut set = nix::sched::CpuSet::new();
+        for &cpu in cpus {
+            set.set(cpu).map_err(std::io::Error::from)?;
+        }
+        for thread in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            if let Some(tid) = thread.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) {
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+                    .map_err(std::io::Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the idle VM as a snapshot in `state` and ends it. The session is closed first, so
+    /// the guest's ports are unconnected in the snapshot and every restored VM greets its new
+    /// host.
+    pub(crate) async fn save_snapshot(self, state: &Path) -> Result<(), RuntimeError> {
+        let Vm { dir, child, session, .. } = self;
+        drop(session);
+        // The guest notices the closed port within its poll interval.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let partial = state.with_extension("partial");
+        let saved = async {
+            let mut qmp = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
+            qmp.execute("stop", None).await?;
+            let uri = format!("exec:cat > {}", qmp::shell_quote(&partial));
+            qmp.execute("migrate", Some(serde_json::json!({ "uri": uri }))).await?;
+            qmp.await_migration(Duration::from_secs(120)).await?;
+            let _ = qmp.execute("quit", None).await;
+            tokio::fs::rename(&partial, state).await
+        };
+        let result = saved.await;
+        if let Some(mut process) = child.lock().await.take()
+            && tokio::time::timeout(Duration::from_secs(2), process.wait()).await.is_err()
+        {
+            let _ = process.kill().await;
+        }
+        result.map_err(|source| RuntimeError::Io { context: format!("snapshot {}", dir.display()), source })
+    }
+
     /// Powers the VM off: asks the guest, then QEMU (QMP `quit`), then kills QEMU; waits for
     /// the process to end either way, so no QEMU process is left behind.
     pub async fn shutdown(&self, grace: Duration) {
@@ -205,7 +274,7 @@ impl Vm {
         }
         if tokio::time::timeout(grace, process.wait()).await.is_err() {
             tracing::debug!(dir = %self.dir.display(), "guest did not power off in time; quitting qemu");
-            let _ = qmp_quit(&self.dir.join(QMP_SOCKET)).await;
+            let _ = qmp::quit(&self.dir.join(QMP_SOCKET)).await;
             if tokio::time::timeout(Duration::from_secs(2), process.wait()).await.is_err() {
                 tracing::warn!(dir = %self.dir.display(), pid = self.pid, "killing qemu");
                 let _ = process.kill().await;
@@ -232,7 +301,7 @@ pub(crate) async fn read_record(dir: &Path) -> Option<VmRecord> {
 /// Stops a VM this process did not start (found through its record): QMP `quit`, then
 /// SIGKILL by pid if that process is still the QEMU of this directory.
 pub(crate) async fn stop_recorded(dir: &Path, record: &VmRecord) {
-    let _ = qmp_quit(&dir.join(QMP_SOCKET)).await;
+    let _ = qmp::quit(&dir.join(QMP_SOCKET)).await;
     let Some(pid) = record.qemu_pid else {
         return;
     };
@@ -264,8 +333,40 @@ fn is_qemu_of(pid: u32, dir: &Path) -> bool {
     !zombie && String::from_utf8_lossy(&cmdline).contains(&*needle.to_string_lossy())
 }
 
+/// Waits for QEMU to load a snapshot's state, then lets the VM run on.
+async fn resume_incoming(qmp_socket: &Path, state: &Path, patience: Duration) -> Result<(), RuntimeError> {
+    let deadline = Instant::now() + patience;
+    while !qmp_socket.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let resumed = async {
+        // QEMU creates the socket file before it listens on it: retry a refused connection.
+        let mut qmp = loop {
+            match Qmp::connect(qmp_socket).await {
+                Ok(qmp) => break qmp,
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        qmp.await_migration(deadline.saturating_duration_since(Instant::now())).await?;
+        // The VM was stopped when the snapshot was saved.
+        qmp.execute("cont", None).await.map(|_| ())
+    };
+    resumed
+        .await
+        .map_err(|source| RuntimeError::Io { context: format!("restore {}", state.display()), source })
+}
+
 /// Connects to a port socket once QEMU created it, and waits for the guest's hello.
-async fn connect_when_ready(socket: &Path, patience: Duration) -> Result<Session, RuntimeError> {
+async fn connect_when_ready(
+    socket: &Path,
+    patience: Duration,
+    nudge: Option<&HostMessage>,
+) -> Result<Session, RuntimeError> {
     let deadline = Instant::now() + patience;
     while !socket.exists() {
         if Instant::now() > deadline {
@@ -276,12 +377,12 @@ async fn connect_when_ready(socket: &Path, patience: Duration) -> Result<Session
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Session::connect(socket, None, deadline.saturating_duration_since(Instant::now())).await
+    Session::connect(socket, None, deadline.saturating_duration_since(Instant::now()), nudge).await
 }
 
 /// Connects to a running VM's attach port.
 pub(crate) async fn attach_session(dir: &Path, workspace: PathBuf) -> Result<Session, RuntimeError> {
-    Session::connect(&dir.join(ATTACH_PORT), Some(workspace), Duration::from_secs(5)).await
+    Session::connect(&dir.join(ATTACH_PORT), Some(workspace), Duration::from_secs(5), None).await
 }
 
 fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
@@ -316,26 +417,29 @@ fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
             ]);
     }
     command.args(["-qmp", &format!("unix:{},server=on,wait=off", path(QMP_SOCKET))]);
+    if let Some(relay) = &spec.relay {
+        command.args(["-netdev", &netdev(dir, relay), "-device", "virtio-net-device,netdev=net0"]);
+    }
+    if let Some(state) = &spec.incoming {
+        command.args(["-incoming", &format!("exec:cat {}", qmp::shell_quote(state))]);
+    }
     command
 }
 
-/// Asks QEMU to quit over QMP.
-async fn qmp_quit(socket: &Path) -> std::io::Result<()> {
-    let stream = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(socket))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "qmp connect"))??;
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    let exchange = async {
-        lines.next_line().await?; // greeting
-        write.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
-        lines.next_line().await?;
-        write.write_all(b"{\"execute\":\"quit\"}\n").await?;
-        lines.next_line().await.map(|_| ())
+/// The restricted user-mode network: the guest reaches nothing but the forwards, each relayed
+/// to its Unix socket in the VM directory.
+fn netdev(dir: &Path, relay: &Path) -> String {
+    let forward = |guest: std::net::SocketAddrV4, socket: &str| {
+        let command = format!("{} relay {}", qmp::shell_quote(relay), qmp::shell_quote(&dir.join(socket)));
+        // QEMU option values escape commas by doubling them.
+        format!(",guestfwd=tcp:{guest}-cmd:{}", command.replace(',', ",,"))
     };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "qmp quit"))?
+    let mut netdev = String::from("user,id=net0,restrict=on");
+    netdev.push_str(&forward(net::egress_proxy(), net::EGRESS_SOCKET));
+    for slot in 0..net::HOST_PORT_SLOTS {
+        netdev.push_str(&forward(net::host_port(slot), &net::host_port_socket(slot)));
+    }
+    netdev
 }
 
 /// Last lines of a log file, for error messages.

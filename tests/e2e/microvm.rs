@@ -1,0 +1,122 @@
+//! MicroVM tasks end to end: an agent started with `--microvm` (QEMU, TCG where KVM does not
+//! work) runs a task of a Docker image in a VM booted from the image, and its output and exit
+//! code come back through the server. Needs `qemu-system-x86`, `linux-image-cloud-amd64`, a
+//! Docker engine; the static guest agent is built into `target/guest-static`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{BUSYBOX, Cluster, ensure_busybox_image, task};
+
+const T: Duration = Duration::from_secs(300);
+
+/// The static guest agent, built once per test process (or `$DROVER_GUEST_AGENT`).
+fn guest_agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("DROVER_GUEST_AGENT") {
+                return PathBuf::from(path);
+            }
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"))
+                .join("guest-static");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            // Its own target dir: the flags differ from the workspace build.
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--release", "-p", "drover-guest", "--target", "x86_64-unknown-linux-gnu"])
+                .arg("--manifest-path")
+                .arg(workspace.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .status()
+                .expect("run cargo to build the guest agent");
+            assert!(status.success(), "building the static guest agent failed");
+            target.join("x86_64-unknown-linux-gnu/release/drover-guest")
+        })
+        .clone()
+}
+
+/// The node's report, once `ready` holds for it.
+fn wait_for_node(c: &Cluster, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let nodes: Value = serde_json::from_str(&c.ok(&["nodes", "-o", "json"])).expect("nodes json");
+        if let Some(node) = nodes.as_array().and_then(|a| a.first()).filter(|n| ready(n)) {
+            return node.clone();
+        }
+        assert!(start.elapsed() < T, "never saw {what}: {nodes:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_microvm_task_runs_through_the_cli_and_its_output_and_exit_code_come_back() {
+    ensure_busybox_image();
+    let guest = guest_agent();
+    let mut c = Stopping(Cluster::start(0, 1));
+    let warm = format!("{BUSYBOX}=1");
+    c.0.add_agent_with(
+        1,
+        &["--microvm", "--microvm-warm", &warm],
+        &[("DROVER_GUEST_AGENT", &guest.display().to_string())],
+    );
+    wait_for_node(&c, "the microvm runtime", |n| {
+        n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
+    });
+    // The agent reports its warm VM (keyed by the image id, as shipped tasks name it).
+    let node =
+        wait_for_node(&c, "a warm vm", |n| n["warm"].as_object().is_some_and(|w| w.values().any(|c| c == 1)));
+    let table = c.ok(&["nodes"]);
+    assert!(table.contains("WARM VMS") && table.contains("=1"), "{table}");
+    assert!(node["warm"].as_object().is_some_and(|w| w.keys().all(|k| k.starts_with("sha256:"))), "{node:#}");
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: vm
+tasks:
+  - name: vm
+    runtime: microvm
+    image: {BUSYBOX}
+    steps:
+      - "echo hello from $(uname -s) pid1=$(cat /proc/1/comm); ls /sys/class/net | tr '\n' ' '; echo"
+      - "echo made-in-vm > result.txt; echo to-stderr >&2; exit 7"
+"#
+    ));
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "failed", "{status:#}");
+    let t = task(&status, "vm");
+    assert_eq!(t["exit_code"], 7, "{status:#}");
+    let out = c.drover(&["logs", &job.to_string(), "vm"]);
+    assert!(out.status.success());
+    let (logs, errors) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(logs.contains("hello from Linux pid1=init"), "{logs}");
+    assert_eq!(errors, "to-stderr\n");
+    // The task claimed the warm VM, which has the restricted network device (reaching nothing
+    // unless the task has egress or host ports; the runtime's own tests check that).
+    assert!(logs.contains("eth0 lo"), "{logs}");
+}
+
+/// Stops the agent with SIGTERM however the test ends, so that it powers its warm VMs off
+/// (the cluster's own teardown kills agents outright).
+struct Stopping(Cluster);
+
+impl std::ops::Deref for Stopping {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.0.terminate_agent(0);
+    }
+}
