@@ -77,7 +77,7 @@ pub enum Section {
 }
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Throughput,
         Section::Latency,
         Section::Placement,
