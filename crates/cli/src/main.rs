@@ -27,11 +27,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server and one local agent in one process (data under ./.drover by default).
-    Up(run::UpArgs),
+    Up(Box<run::UpArgs>),
     /// Run the server: the API for clients and agents, the scheduler and the store.
-    Server(run::ServerArgs),
+    Server(Box<run::ServerArgs>),
     /// Run an agent: register this machine with a server and run the tasks it is given.
-    Agent(run::AgentArgs),
+    Agent(Box<run::AgentArgs>),
     /// Check a job file without submitting it.
     Validate(jobs::ValidateArgs),
     /// Submit a job file; prints the job id.
@@ -81,9 +81,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(a) => run::up(a).await,
-            Command::Server(a) => run::server(a).await,
-            Command::Agent(a) => run::agent(a).await,
+            Command::Up(a) => run::up(*a).await,
+            Command::Server(a) => run::server(*a).await,
+            Command::Agent(a) => run::agent(*a).await,
             Command::Validate(a) => jobs::validate(a),
             Command::Submit(a) => jobs::submit(a).await,
             Command::Ps(a) => jobs::ps(a).await,
