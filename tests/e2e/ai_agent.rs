@@ -15,11 +15,11 @@ use serde_json::Value;
 use crate::harness::{Cluster, task};
 
 const T: Duration = Duration::from_secs(90);
-const REAL_KEY: &str = "sk-ant-real-key-only-the-node-may-see";
+pub(crate) const REAL_KEY: &str = "sk-ant-real-key-only-the-node-may-see";
 
 /// A fake Anthropic Messages API on loopback: every call reports 8 input and 5 output tokens.
 /// Returns its base URL and the `x-api-key` of every call it got.
-fn fake_llm() -> (String, Arc<Mutex<Vec<String>>>) {
+pub(crate) fn fake_llm() -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let keys = Arc::new(Mutex::new(Vec::new()));
@@ -54,7 +54,7 @@ fn fake_llm() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, keys)
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@localhost", "-c", "init.defaultBranch=main"])
         .args(args)
@@ -66,7 +66,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A repository with one commit and an empty bare repository to push to, in the scratch dir.
-fn repos(c: &Cluster) {
+pub(crate) fn repos(c: &Cluster) {
     let origin = c.path("origin");
     std::fs::create_dir_all(&origin).unwrap();
     git(&origin, &["init", "-q"]);
@@ -76,7 +76,7 @@ fn repos(c: &Cluster) {
     git(&c.path(""), &["init", "-q", "--bare", "remote.git"]);
 }
 
-fn set_secret(c: &Cluster, name: &str, value: &str) {
+pub(crate) fn set_secret(c: &Cluster, name: &str, value: &str) {
     let mut child = c.command(&["secrets", "set", name]).stdin(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());

@@ -120,3 +120,67 @@ impl Drop for Stopping {
         self.0.terminate_agent(0);
     }
 }
+
+/// An AI-agent task in a microVM: the repository is checked out on the node, the stand-in agent
+/// runs inside the VM and reaches the LLM only through the node's metering proxy (the VM has
+/// no other way out), and its edits come back as the patch artifact and a pushed branch.
+#[test]
+fn an_agent_task_runs_in_a_microvm_and_reaches_the_llm_only_through_the_proxy() {
+    use crate::ai_agent::{REAL_KEY, fake_llm, git, repos, set_secret};
+
+    ensure_busybox_image();
+    let guest = guest_agent();
+    let mut c = Stopping(Cluster::start(0, 1));
+    c.0.add_agent_with(1, &["--microvm"], &[("DROVER_GUEST_AGENT", &guest.display().to_string())]);
+    wait_for_node(&c, "the microvm runtime", |n| {
+        n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
+    });
+    repos(&c);
+    let (llm, keys) = fake_llm();
+    // The host as user-mode networking would show it to the guest, were it not restricted.
+    let llm_port = llm.rsplit(':').next().unwrap_or_default().to_owned();
+    set_secret(&c, "LLM_KEY", REAL_KEY);
+    // busybox wget ignores NO_PROXY, hence `-Y off` for the proxy's host port.
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: vm-agent
+tasks:
+  - name: fix
+    runtime: microvm
+    image: {BUSYBOX}
+    agent:
+      command: |
+        set -e
+        wget -q -Y off -O reply.json --header "x-api-key: $ANTHROPIC_API_KEY" --header 'content-type: application/json' --post-data '{{"model":"m","max_tokens":10,"messages":[]}}' "$ANTHROPIC_BASE_URL/v1/messages"
+        cat > prompt-seen.txt
+        env | sort > env.txt
+        cat /proc/1/comm > pid1.txt
+        if wget -q -T 3 -Y off -O /dev/null "http://10.0.2.2:{llm_port}/v1/messages" 2>/dev/null; then echo reached > direct.txt; fi
+        echo "fixed in the vm" >> README
+        echo "agent done"
+      prompt: "Add a line to README"
+      repo: "file://{{{{ params.dir }}}}/origin"
+      budget: {{ tokens: 1000 }}
+      upstream: "{llm}"
+      key_secret: LLM_KEY
+      push: {{ remote: "file://{{{{ params.dir }}}}/remote.git", branch: drover/vm }}
+"#
+    ));
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(c.ok(&["logs", &job.to_string(), "fix"]), "agent done\n");
+    assert_eq!(*keys.lock().unwrap(), vec![REAL_KEY.to_owned()], "the upstream gets the real key, once");
+
+    let patch = c.ok(&["artifacts", "get", &job.to_string(), "fix", "agent.patch", "-o", "-"]);
+    assert!(patch.contains("+fixed in the vm"), "{patch}");
+    assert!(patch.contains("+init"), "the agent ran in the VM, under the guest agent: {patch}");
+    assert!(patch.contains("+Add a line to README"), "the prompt arrives on stdin: {patch}");
+    assert!(patch.contains("+ANTHROPIC_BASE_URL=http://10.0.2.100:"), "{patch}");
+    assert!(!patch.contains("direct.txt"), "the VM reached the upstream without the proxy: {patch}");
+    assert!(!patch.contains(REAL_KEY), "the real key reached the VM: {patch}");
+    assert_eq!(git(&c.path("remote.git"), &["show", "drover/vm:README"]), "hello\nfixed in the vm\n");
+    let usage: Value = serde_json::from_str(&c.ok(&["usage", "--job", &job.to_string(), "--json"])).unwrap();
+    assert_eq!(usage["jobs"][0]["input_tokens"], 8, "{usage:#}");
+    assert_eq!(usage["jobs"][0]["output_tokens"], 5, "{usage:#}");
+}
