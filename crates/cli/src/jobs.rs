@@ -164,11 +164,15 @@ pub fn validate(args: ValidateArgs) -> Result<ExitCode> {
     match compile_file(&args.file, &args.params)? {
         Ok((job, _, filename)) => {
             let frames = job.tasks.iter().filter(|t| t.frame.is_some()).count();
-            println!(
-                "{filename}: ok, job `{}` with {} tasks ({frames} array frames)",
-                job.name,
-                job.tasks.len()
-            );
+            let tasks = job.tasks.len();
+            let plural =
+                |n: usize, word: &str| if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") };
+            let frames = if frames == 0 {
+                String::new()
+            } else {
+                format!(", {} among them", plural(frames, "array frame"))
+            };
+            println!("{filename}: ok, job `{}` with {}{frames}", job.name, plural(tasks, "task"));
             Ok(ExitCode::SUCCESS)
         }
         Err(code) => Ok(code),

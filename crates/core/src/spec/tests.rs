@@ -669,9 +669,8 @@ tasks:
       - { from: "prepare:out/model.bin" }
       - { path: "./configs/{{ params.who }}.toml", to: "conf/{{ params.who }}.toml" }
   - name: fix
-    runtime: docker
+    runtime: microvm
     build: {}
-    network: bridge
     depends_on: [train]
     outputs_on_failure: true
     agent:
@@ -760,13 +759,13 @@ fn sandboxes_plan() -> JobPlan {
         steps: vec![agent_command.clone()],
         env,
         depends_on: vec!["train".into()],
-        runtime: RuntimeKind::Docker,
+        runtime: RuntimeKind::Microvm,
         build: Some(BuildSpec {
             dockerfile: "Dockerfile".into(),
             context: ".".into(),
             args: BTreeMap::new(),
         }),
-        network: NetworkPolicy::Bridge,
+        network: NetworkPolicy::default(),
         agent: Some(AgentSpec {
             command: agent_command,
             prompt: "Fix the failing test for ada".into(),
@@ -821,7 +820,7 @@ fn sandbox_fields_in_json_compile_to_the_same_plan() {
        {"from": "prepare:out/model.bin"},
        {"path": "./configs/{{ params.who }}.toml", "to": "conf/{{ params.who }}.toml"}
      ]},
-    {"name": "fix", "runtime": "docker", "build": {}, "network": "bridge", "depends_on": ["train"],
+    {"name": "fix", "runtime": "microvm", "build": {}, "depends_on": ["train"],
      "outputs_on_failure": true,
      "agent": {"command": ["my-agent", "--yes"], "prompt": "Fix the failing test for {{ params.who }}",
                "repo": "https://git.example.com/x.git", "budget": 200000,
@@ -1206,7 +1205,19 @@ fn agent_with_runtime_process() {
         5,
         5,
         "tasks[0].agent",
-        "an agent task needs runtime `microvm` or `docker`",
+        "an agent task needs runtime `microvm`",
+    );
+    assert!(e.hint.unwrap().contains("runtime: microvm"));
+}
+
+#[test]
+fn agent_in_a_container_is_refused() {
+    let e = assert_error(
+        &format!("{TASK}    runtime: docker\n    image: x\n    agent: {{ command: a, prompt: p }}\n"),
+        7,
+        5,
+        "tasks[0].agent",
+        "an agent task cannot run with `runtime: docker`: containers cannot reach the node's LLM proxy",
     );
     assert!(e.hint.unwrap().contains("runtime: microvm"));
 }

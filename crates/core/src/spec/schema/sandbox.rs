@@ -58,6 +58,18 @@ impl Reader<'_> {
     pub(super) fn check_runtime(&mut self, t: &Fields<'_>, field: &str, runtime: Option<RuntimeKind>) {
         let Some(runtime) = runtime else { return };
         let explicit = t.get("runtime").is_some();
+        // A container has no network, so it cannot reach the node's metering proxy, and an
+        // agent without its LLM is useless: refuse it here rather than at run time.
+        if runtime == RuntimeKind::Docker
+            && let Some(e) = t.entry("agent")
+        {
+            self.problems.add(
+                e.key_pos,
+                &join(field, "agent"),
+                "an agent task cannot run with `runtime: docker`: containers cannot reach the node's LLM proxy",
+                Some("set `runtime: microvm` (or `runtime: process` for a trusted agent)".to_owned()),
+            );
+        }
         if runtime == RuntimeKind::Process {
             let set_runtime = if explicit {
                 "set `runtime: docker` or `runtime: microvm`"
@@ -80,11 +92,12 @@ impl Reader<'_> {
                 self.problems.add(
                     e.key_pos,
                     &join(field, "agent"),
-                    "an agent task needs runtime `microvm` or `docker`",
-                    Some(format!(
-                        "agents run sandboxed unless `runtime: process` is set explicitly; {set_runtime} and \
-                         give an `image`"
-                    )),
+                    "an agent task needs runtime `microvm`",
+                    Some(
+                        "agents run sandboxed unless `runtime: process` is set explicitly; set `runtime: \
+                         microvm` and give an `image`"
+                            .to_owned(),
+                    ),
                 );
             }
         } else {
