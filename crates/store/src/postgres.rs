@@ -195,6 +195,22 @@ fn get_u64(row: &PgRow, index: usize) -> Result<u64> {
     u64::try_from(value).map_err(|e| corrupt("count", e))
 }
 
+/// A log line read with the columns `l.id, l.task_id, t.name, t.frame, l.attempt, l.step,
+/// l.stderr, l.data`, in that order (every log query selects them so).
+fn log_record(r: &PgRow) -> Result<LogRecord> {
+    Ok(LogRecord {
+        id: r.try_get(0)?,
+        task_id: r.try_get(1)?,
+        task_name: r.try_get(2)?,
+        frame: r.try_get(3)?,
+        attempt: get_u32(r, 4)?,
+        step: get_u32(r, 5)?,
+        stderr: r.try_get(6)?,
+        data: r.try_get(7)?,
+    })
+}
+
+
 fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
     let value: i64 = row.try_get(index)?;
     u32::try_from(value).map_err(|e| corrupt("count", e))
@@ -1499,18 +1515,7 @@ impl Store for PostgresStore {
         q.push(" ORDER BY l.id LIMIT ").push_bind(i64::from(limit));
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| {
-                Ok(LogRecord {
-                    id: r.try_get(0)?,
-                    task_id: r.try_get(1)?,
-                    task_name: r.try_get(2)?,
-                    frame: r.try_get(3)?,
-                    attempt: get_u32(r, 4)?,
-                    step: get_u32(r, 5)?,
-                    stderr: r.try_get(6)?,
-                    data: r.try_get(7)?,
-                })
-            })
+            .map(log_record)
             .collect()
     }
 

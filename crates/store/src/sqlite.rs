@@ -997,16 +997,7 @@ impl Store for SqliteStore {
         let rows = q.build().fetch_all(&self.reader).await?;
         Ok(rows
             .iter()
-            .map(|r| LogRecord {
-                id: r.get(0),
-                task_id: r.get(1),
-                task_name: r.get(2),
-                frame: r.get(3),
-                attempt: r.get::<i64, _>(4) as u32,
-                step: r.get::<i64, _>(5) as u32,
-                stderr: r.get(6),
-                data: r.get(7),
-            })
+            .map(log_record)
             .collect())
     }
 
@@ -1136,6 +1127,22 @@ impl SecretStore for SqliteStore {
             .await?
             .rows_affected();
         Ok(n > 0)
+    }
+}
+
+
+/// A log line read with the columns `l.id, l.task_id, t.name, t.frame, l.attempt, l.step,
+/// l.stderr, l.data`, in that order (every log query selects them so).
+fn log_record(r: &sqlx::sqlite::SqliteRow) -> LogRecord {
+    LogRecord {
+        id: r.get(0),
+        task_id: r.get(1),
+        task_name: r.get(2),
+        frame: r.get(3),
+        attempt: r.get::<i64, _>(4) as u32,
+        step: r.get::<i64, _>(5) as u32,
+        stderr: r.get(6),
+        data: r.get(7),
     }
 }
 

@@ -63,18 +63,7 @@ impl ArchiveStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(LogRecord {
-                    id: r.try_get(0)?,
-                    task_id: r.try_get(1)?,
-                    task_name: r.try_get(2)?,
-                    frame: r.try_get(3)?,
-                    attempt: get_u32(r, 4)?,
-                    step: get_u32(r, 5)?,
-                    stderr: r.try_get(6)?,
-                    data: r.try_get(7)?,
-                })
-            })
+            .map(super::log_record)
             .collect()
     }
 

@@ -57,16 +57,7 @@ impl ArchiveStore for SqliteStore {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| LogRecord {
-                id: r.get(0),
-                task_id: r.get(1),
-                task_name: r.get(2),
-                frame: r.get(3),
-                attempt: r.get::<i64, _>(4) as u32,
-                step: r.get::<i64, _>(5) as u32,
-                stderr: r.get(6),
-                data: r.get(7),
-            })
+            .map(super::log_record)
             .collect())
     }
 
