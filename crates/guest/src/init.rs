@@ -205,6 +205,33 @@ pub(crate) fn set_clock(unix_ms: u64) {
     }
 }
 
+/// Credits `seed` to the kernel's entropy pool and forces the CRNG to reseed from it at once,
+/// so that VMs restored from one snapshot stop sharing their random state. A plain write to
+/// `/dev/urandom` would only mix the bytes in, and the CRNG would keep its old key until its
+/// next scheduled reseed.
+pub(crate) fn reseed_random(seed: &[u8]) {
+    // `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }`
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    // RNDADDENTROPY = _IOW('R', 0x03, int[2]); RNDRESEEDCRNG = _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let Ok(random) = std::fs::OpenOptions::new().write(true).open("/dev/urandom") else {
+        log!("cannot open /dev/urandom to reseed: {}", std::io::Error::last_os_error());
+        return;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&random);
+    // SAFETY: `info` is a valid rand_pool_info of `seed.len()` bytes and outlives the call;
+    // RNDRESEEDCRNG takes no argument. Both need CAP_SYS_ADMIN, which PID 1 has.
+    let added = unsafe { libc::ioctl(fd, RNDADDENTROPY as _, info.as_ptr()) };
+    let reseeded = unsafe { libc::ioctl(fd, RNDRESEEDCRNG as _) };
+    if added != 0 || reseeded != 0 {
+        log!("reseeding the random number generator failed: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Milliseconds since the guest kernel booted.
 pub(crate) fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")

@@ -132,8 +132,11 @@ fn main_loop(events: &Receiver<Event>, outbox: &Outbox, steps: &steps::Steps) {
                     });
                 }
             }
-            HostMessage::SetClock { unix_ms } => {
+            HostMessage::SetClock { unix_ms, seed } => {
                 init::set_clock(unix_ms);
+                if !seed.is_empty() {
+                    init::reseed_random(&seed);
+                }
                 // A restored guest may have missed the host's connection; this tells it.
                 let hello = GuestMessage::Hello { version: PROTOCOL_VERSION, uptime_ms: init::uptime_ms() };
                 outbox.send_to(port, &hello);

@@ -87,11 +87,17 @@ pub enum HostMessage {
         /// Its target, as is.
         target: String,
     },
-    /// Set the guest's wall clock: a VM restored from a snapshot would otherwise run with the
-    /// time of its snapshot. Answered with [`GuestMessage::Hello`] on the same port.
+    /// Set the guest's wall clock and reseed its random number generator: a VM restored from a
+    /// snapshot would otherwise run with the time of its snapshot, and every VM restored from
+    /// the same snapshot would draw the same "random" numbers. Answered with
+    /// [`GuestMessage::Hello`] on the same port.
     SetClock {
         /// Milliseconds since the Unix epoch.
         unix_ms: u64,
+        /// Fresh random bytes from the host, mixed into the guest's pool before a forced
+        /// reseed. Empty from hosts that send none.
+        #[serde(default, with = "base64_bytes")]
+        seed: Vec<u8>,
     },
     /// Stop everything and power the VM off.
     Shutdown,

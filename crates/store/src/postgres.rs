@@ -210,7 +210,6 @@ fn log_record(r: &PgRow) -> Result<LogRecord> {
     })
 }
 
-
 fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
     let value: i64 = row.try_get(index)?;
     u32::try_from(value).map_err(|e| corrupt("count", e))
@@ -1514,9 +1513,7 @@ impl Store for PostgresStore {
         }
         q.push(" ORDER BY l.id LIMIT ").push_bind(i64::from(limit));
         let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(log_record)
-            .collect()
+        rows.iter().map(log_record).collect()
     }
 
     async fn publish(&self, signal: Signal) -> Result<()> {

@@ -995,10 +995,7 @@ impl Store for SqliteStore {
         }
         q.push(" ORDER BY l.id LIMIT ").push_bind(limit as i64);
         let rows = q.build().fetch_all(&self.reader).await?;
-        Ok(rows
-            .iter()
-            .map(log_record)
-            .collect())
+        Ok(rows.iter().map(log_record).collect())
     }
 
     async fn publish(&self, signal: Signal) -> Result<()> {
@@ -1129,7 +1126,6 @@ impl SecretStore for SqliteStore {
         Ok(n > 0)
     }
 }
-
 
 /// A log line read with the columns `l.id, l.task_id, t.name, t.frame, l.attempt, l.step,
 /// l.stderr, l.data`, in that order (every log query selects them so).

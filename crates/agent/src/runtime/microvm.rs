@@ -482,7 +482,7 @@ impl Runtime for MicroVmRuntime {
             }
             if matches!(origin, VmOrigin::Warm { .. }) {
                 // The clock may have stood still in a snapshot, or drifted while the VM waited.
-                vm.session().send(&HostMessage::SetClock { unix_ms: boot::unix_ms() }).await?;
+                vm.session().send(&boot::catch_up_message()).await?;
             }
             let record = VmRecord {
                 attempt_id: task.attempt_id,

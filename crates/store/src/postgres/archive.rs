@@ -62,9 +62,7 @@ impl ArchiveStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(super::log_record)
-            .collect()
+        rows.iter().map(super::log_record).collect()
     }
 
     async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {

@@ -55,10 +55,7 @@ impl ArchiveStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        Ok(rows
-            .iter()
-            .map(super::log_record)
-            .collect())
+        Ok(rows.iter().map(super::log_record).collect())
     }
 
     async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {

@@ -228,3 +228,13 @@ async fn create_dir(dir: &Path) -> Result<(), RuntimeError> {
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+/// The message that brings a VM that waited (in a pool or a snapshot) up to date: the host's
+/// time, and fresh random bytes so that VMs restored from one snapshot do not share their
+/// random state.
+pub(crate) fn catch_up_message() -> drover_guest::protocol::HostMessage {
+    drover_guest::protocol::HostMessage::SetClock {
+        unix_ms: unix_ms(),
+        seed: rand::random::<[u8; 32]>().to_vec(),
+    }
+}

@@ -427,17 +427,20 @@ async fn a_task_claims_a_warm_vm_booted_before_it_came_and_cancel_leaves_no_qemu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_restored_from_a_snapshot_runs_a_task_with_the_current_time() {
+async fn vms_restored_from_a_snapshot_run_tasks_with_the_current_time_and_their_own_randomness() {
     let _ = test_runtime().await;
     let run_dir = shared_dir().join("snap");
     let runtime =
         MicroVmRuntime::new(MicroVmConfig { snapshots: true, run_dir: run_dir.clone(), ..config() })
             .await
             .expect("runtime");
+    let mut randoms = Vec::new();
     for round in 0..2 {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("in.txt"), format!("round {round}\n")).expect("input");
-        let task = busybox_task(dir.path(), vec![sh("cat in.txt; date +%s; echo out > out.txt")]);
+        let script = "cat in.txt; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                      echo out > out.txt";
+        let task = busybox_task(dir.path(), vec![sh(script)]);
         runtime.prepare(&task).await.expect("prepare");
         assert_eq!(runtime.origin(task.attempt_id), Some(VmOrigin::Restored));
         let (handle, mut rx) = start(&runtime, &task, 0).await;
@@ -449,12 +452,17 @@ async fn a_vm_restored_from_a_snapshot_runs_a_task_with_the_current_time() {
         let guest_time: u64 = lines.next().and_then(|t| t.parse().ok()).expect("date");
         let host_time = boot::unix_ms() / 1000;
         assert!(guest_time.abs_diff(host_time) < 60, "guest clock {guest_time}, host {host_time}");
+        let random = lines.next().expect("random bytes").to_owned();
+        assert_eq!(random.len(), 32, "{out}");
+        randoms.push(random);
         assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).expect("synced"), "out\n");
         runtime.cleanup(&task).await.expect("cleanup");
         assert!(qemu_processes(&format!("/{}/", sandbox_id(task.attempt_id))).is_empty());
     }
     runtime.shutdown_pool().await;
     assert!(qemu_processes(&format!("{}/", run_dir.display())).is_empty());
+    // Both VMs resumed the same memory image; the host's seed sets them apart.
+    assert_ne!(randoms[0], randoms[1], "two restored VMs drew the same random bytes");
 }
 
 #[test]

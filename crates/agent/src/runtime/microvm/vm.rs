@@ -141,8 +141,7 @@ impl Vm {
             if let Some(state) = &spec.incoming {
                 resume_incoming(&spec.dir.join(QMP_SOCKET), state, spec.boot_timeout).await?;
             }
-            let nudge =
-                spec.incoming.as_ref().map(|_| HostMessage::SetClock { unix_ms: super::boot::unix_ms() });
+            let nudge = spec.incoming.as_ref().map(|_| super::boot::catch_up_message());
             connect_when_ready(&socket, spec.boot_timeout, nudge.as_ref()).await
         };
         let session = tokio::select! {
