@@ -37,6 +37,11 @@ pub(crate) async fn scheduler(shared: Arc<Shared>) {
 }
 
 async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreError> {
+    // A replica without agent sessions could place nothing: leave the queue to the others
+    // rather than read it on every signal.
+    if shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        return Ok(0);
+    }
     let now = now_ms();
     let (mut nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH).await?;
     // Only nodes with a live session here can receive work; after a server restart, nodes keep
