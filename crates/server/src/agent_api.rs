@@ -151,13 +151,6 @@ async fn handle(
                                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
                         )
                     };
-                    if f.input_tokens > 0 || f.output_tokens > 0 {
-                        shared
-                            .store
-                            .attempt_tokens(u.attempt_id, u.epoch, f.input_tokens, f.output_tokens)
-                            .await
-                            .map_err(status)?;
-                    }
                     let report = AttemptReport {
                         attempt_id: u.attempt_id,
                         epoch: u.epoch,
@@ -167,6 +160,8 @@ async fn handle(
                         message: f.message,
                         cpu_seconds: f.cpu_seconds,
                         peak_memory: f.peak_memory_bytes,
+                        input_tokens: f.input_tokens,
+                        output_tokens: f.output_tokens,
                     };
                     return queue(shared, acks, u.attempt_id, u.seq, AttemptUpdate::Finished(report)).await;
                 }

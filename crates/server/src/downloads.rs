@@ -314,6 +314,8 @@ mod tests {
             message: String::new(),
             cpu_seconds: 0.0,
             peak_memory: 0,
+            input_tokens: 0,
+            output_tokens: 0,
         };
         store.attempt_finished(&report, 3).await.unwrap();
         let pending = store.unarchived_attempts(10).await.unwrap();

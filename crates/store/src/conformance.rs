@@ -54,6 +54,8 @@ fn done(attempt: &Assignment, code: i32) -> AttemptReport {
         message: String::new(),
         cpu_seconds: 0.5,
         peak_memory: 1 << 20,
+        input_tokens: 0,
+        output_tokens: 0,
     }
 }
 
@@ -295,7 +297,9 @@ pub async fn usage_sums_tokens_and_compute(store: &dyn Store) {
     store.attempt_started(retry[0].attempt_id, retry[0].epoch, 3_000).await.unwrap();
     store.attempt_tokens(retry[0].attempt_id, retry[0].epoch, 7, 3).await.unwrap();
     store.attempt_finished(&done(&retry[0], 0), 3_500).await.unwrap();
-    store.attempt_finished(&done(tb, 0), 1_500).await.unwrap();
+    // Tokens may also arrive with the end itself, in the same transaction.
+    let with_tokens = AttemptReport { input_tokens: 30, output_tokens: 6, ..done(tb, 0) };
+    store.apply_updates(&[AttemptUpdate::Finished(with_tokens)], 1_500).await.unwrap();
     store.attempt_tokens(tc.attempt_id, tc.epoch, 1, 1).await.unwrap();
 
     let all = store.usage(&UsageFilter::default()).await.unwrap();
@@ -304,7 +308,7 @@ pub async fn usage_sums_tokens_and_compute(store: &dyn Store) {
         vec![("default", first), ("team", second)]
     );
     let u = &all[0];
-    assert_eq!((u.tasks, u.attempts, u.input_tokens, u.output_tokens), (2, 3, 107, 23));
+    assert_eq!((u.tasks, u.attempts, u.input_tokens, u.output_tokens), (2, 3, 137, 29));
     assert!((u.cpu_seconds - 1.5).abs() < 1e-9, "{}", u.cpu_seconds);
     assert!((u.wall_seconds - 3.0).abs() < 1e-9, "{}", u.wall_seconds);
     let c = &all[1];

@@ -614,7 +614,8 @@ async fn settle_attempt(
     sqlx::query(
         "WITH ended AS ( \
              UPDATE attempts SET state = 'ended', ended_ms = $1, exit_code = $2, signal = $3, failure = $4, \
-             message = $5, cpu_seconds = $6, peak_memory = $7 WHERE id = $8) \
+             message = $5, cpu_seconds = $6, peak_memory = $7, input_tokens = GREATEST(input_tokens, $15), \
+             output_tokens = GREATEST(output_tokens, $16) WHERE id = $8) \
          UPDATE tasks SET state = $9, reason = $10, not_before_ms = $11, ended_ms = $12, exit_code = $2, \
          failure = $13, cpu_seconds = $6, peak_memory = $7 WHERE id = $14",
     )
@@ -632,6 +633,8 @@ async fn settle_attempt(
     .bind(ended)
     .bind(failure.map(|f| f.as_str()))
     .bind(attempt.task_id)
+    .bind(i64::try_from(report.input_tokens).unwrap_or(i64::MAX))
+    .bind(i64::try_from(report.output_tokens).unwrap_or(i64::MAX))
     .execute(&mut *conn)
     .await?;
     let mut ev = Ev::task(attempt.job_id, attempt.task_id, &name, frame, state);
@@ -730,6 +733,8 @@ fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
         message: message.to_string(),
         cpu_seconds: 0.0,
         peak_memory: 0,
+        input_tokens: 0,
+        output_tokens: 0,
     }
 }
 

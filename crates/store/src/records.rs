@@ -192,7 +192,7 @@ pub struct Assignment {
 }
 
 /// An agent's report that an attempt ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AttemptReport {
     /// Attempt id.
     pub attempt_id: i64,
@@ -210,6 +210,11 @@ pub struct AttemptReport {
     pub cpu_seconds: f64,
     /// Peak memory used.
     pub peak_memory: u64,
+    /// LLM input tokens the attempt's metering proxy counted (agent tasks), recorded in the
+    /// same transaction as the end so that usage never lags the task's state.
+    pub input_tokens: u64,
+    /// LLM output tokens, likewise.
+    pub output_tokens: u64,
 }
 
 /// A change of an attempt's state reported by its agent, as applied in batches by

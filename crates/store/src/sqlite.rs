@@ -245,7 +245,8 @@ async fn settle_attempt(
 ) -> Result<()> {
     sqlx::query(
         "UPDATE attempts SET state = 'ended', ended_ms = ?, exit_code = ?, signal = ?, failure = ?, message = ?, \
-         cpu_seconds = ?, peak_memory = ? WHERE id = ?",
+         cpu_seconds = ?, peak_memory = ?, input_tokens = MAX(input_tokens, ?), \
+         output_tokens = MAX(output_tokens, ?) WHERE id = ?",
     )
     .bind(now_ms)
     .bind(report.exit_code)
@@ -254,6 +255,8 @@ async fn settle_attempt(
     .bind(&report.message)
     .bind(report.cpu_seconds)
     .bind(report.peak_memory as i64)
+    .bind(i64::try_from(report.input_tokens).unwrap_or(i64::MAX))
+    .bind(i64::try_from(report.output_tokens).unwrap_or(i64::MAX))
     .bind(attempt.id)
     .execute(&mut *conn)
     .await?;
@@ -416,6 +419,8 @@ fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
         message: message.to_string(),
         cpu_seconds: 0.0,
         peak_memory: 0,
+        input_tokens: 0,
+        output_tokens: 0,
     }
 }
 

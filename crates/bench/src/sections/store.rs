@@ -177,6 +177,8 @@ fn success(attempt_id: i64, epoch: i64) -> AttemptReport {
         message: String::new(),
         cpu_seconds: 0.0,
         peak_memory: 0,
+        input_tokens: 0,
+        output_tokens: 0,
     }
 }
 

@@ -40,6 +40,8 @@ fn finished(a: &Assignment) -> AttemptUpdate {
         message: String::new(),
         cpu_seconds: 0.0,
         peak_memory: 0,
+        input_tokens: 0,
+        output_tokens: 0,
     })
 }
 

@@ -43,6 +43,8 @@ fn done(a: &Assignment) -> AttemptReport {
         message: String::new(),
         cpu_seconds: 0.0,
         peak_memory: 0,
+        input_tokens: 0,
+        output_tokens: 0,
     }
 }
 
