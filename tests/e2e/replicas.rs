@@ -274,3 +274,57 @@ fn postgresql_restart_mid_run_loses_nothing_acknowledged() {
         assert_eq!(status["tasks"].as_array().unwrap().len(), n);
     }
 }
+
+/// A running task's file can only be read through the replica its agent is connected to; a
+/// client that asks another replica first is sent on and still gets the file.
+#[test]
+fn a_live_download_through_the_wrong_replica_reaches_the_right_one() {
+    let pg = TempPostgres::shared();
+    let database = runtime().block_on(pg.url_for_new_database());
+    // One agent, which prefers (and so connects to) replica 0.
+    let fleet = Fleet::start(database, 2, 1);
+    let (first, second) = (fleet.servers[0].0.clone(), fleet.servers[1].0.clone());
+    let release = fleet.dir.path().join("release");
+    let path = fleet.dir.path().join("live.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\nname: live\ntasks:\n  - name: grow\n    command: \"echo ready > state.txt; \
+             while [ ! -e {} ]; do sleep 0.1; done\"\n",
+            release.display()
+        ),
+    )
+    .unwrap();
+    let out = fleet.drover(&second, &["submit", "-o", "json", &path.display().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"].as_i64().unwrap();
+    let id = job.to_string();
+    let get =
+        |servers: &str| fleet.drover(servers, &["artifacts", "get", &id, "grow", "state.txt", "-o", "-"]);
+    let start = Instant::now();
+    // Replica 1 alone cannot serve it, and says where the problem is.
+    loop {
+        let out = get(&second);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if err.contains("not connected to this server") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no clear refusal from replica 1: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Asking replica 1 first, knowing both, gets the file from replica 0 (once the task has
+    // written it).
+    let out = loop {
+        let out = get(&format!("{second},{first}"));
+        if out.status.success() {
+            break out;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!err.contains("not connected to this server"), "not sent on to replica 0: {err}");
+        assert!(start.elapsed() < Duration::from_secs(60), "the file never arrived: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ready\n");
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(fleet.wait_final(job, Duration::from_secs(60))["state"], "succeeded");
+}

@@ -8,8 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::{InputSource, JobPlan};
 use drover_proto as pb;
+use drover_proto::drover_client::DroverClient;
 use sha2::{Digest as _, Sha256};
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
 use crate::client::{ServerOpt, connect, rpc_error};
 use crate::images::{progress, upload};
@@ -83,7 +85,7 @@ pub async fn artifacts(args: ArtifactsArgs) -> Result<ExitCode> {
         }
         ArtifactsCommand::Get { job, task, path, out } => {
             let req = pb::GetArtifactRequest { job_id: job, task: task.clone(), path: path.clone() };
-            let mut stream = client.get_artifact(req).await.map_err(rpc_error)?.into_inner();
+            let mut stream = open_download(&args.server, &mut client, req).await?;
             let file_name =
                 Path::new(&path).file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "artifact".into());
             let mut sink: Box<dyn Write> = match out.as_deref() {
@@ -173,4 +175,30 @@ fn digest_file(path: &Path) -> Result<(String, u64)> {
     let mut hash = Sha256::new();
     let size = std::io::copy(&mut f, &mut hash)?;
     Ok((format!("sha256:{}", hex::encode(hash.finalize())), size))
+}
+
+/// Opens a download. A file of a running task can only be read by the replica its agent is
+/// connected to; a replica that says so sends the client on to the other addresses it knows.
+async fn open_download(
+    opt: &ServerOpt,
+    client: &mut DroverClient<Channel>,
+    req: pb::GetArtifactRequest,
+) -> Result<tonic::Streaming<pb::BlobChunk>> {
+    let elsewhere = |s: &tonic::Status| {
+        s.code() == tonic::Code::Unavailable && s.message().contains("not connected to this server")
+    };
+    let mut last = match client.get_artifact(req.clone()).await {
+        Ok(response) => return Ok(response.into_inner()),
+        Err(status) if elsewhere(&status) => status,
+        Err(status) => return Err(rpc_error(status)),
+    };
+    for addr in opt.server.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let Ok(mut other) = connect(&ServerOpt { server: addr.to_owned() }).await else { continue };
+        match other.get_artifact(req.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if elsewhere(&status) => last = status,
+            Err(status) => return Err(rpc_error(status)),
+        }
+    }
+    Err(rpc_error(last))
 }
