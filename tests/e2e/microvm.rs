@@ -68,9 +68,12 @@ fn a_microvm_task_runs_through_the_cli_and_its_output_and_exit_code_come_back() 
         &["--microvm", "--microvm-warm", &warm],
         &[("DROVER_GUEST_AGENT", &guest.display().to_string())],
     );
-    wait_for_node(&c, "the microvm runtime", |n| {
+    let node = wait_for_node(&c, "the microvm runtime", |n| {
         n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
     });
+    // The node says which accelerator its VMs use, as a label constraints can name.
+    let accelerator = node["labels"]["drover.microvm"].as_str().unwrap_or_default();
+    assert!(matches!(accelerator, "kvm" | "tcg"), "{node:#}");
     // The agent reports its warm VM (keyed by the image id, as shipped tasks name it).
     let node =
         wait_for_node(&c, "a warm vm", |n| n["warm"].as_object().is_some_and(|w| w.values().any(|c| c == 1)));

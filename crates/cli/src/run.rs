@@ -104,6 +104,10 @@ pub struct NodeArgs {
     /// Boot every microVM instead of restoring it from a per-image snapshot.
     #[arg(long)]
     pub microvm_no_snapshots: bool,
+    /// Guest kernel for microVMs (default: the newest /boot/vmlinuz-*; its modules must be in
+    /// /lib/modules/VERSION).
+    #[arg(long, value_name = "PATH")]
+    pub microvm_kernel: Option<PathBuf>,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub kill_grace: Duration,
@@ -271,7 +275,7 @@ fn agent_config(node: &NodeArgs, servers: Vec<String>, default_work: PathBuf) ->
 }
 
 /// The runtimes this node can offer: always the process runtime; docker when an engine answers.
-async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
+async fn build_agent(node: &NodeArgs, mut config: AgentConfig) -> Result<Agent> {
     let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(ProcessRuntime::new())];
     let mut docker = None;
     if !node.no_docker {
@@ -299,11 +303,14 @@ async fn build_agent(node: &NodeArgs, config: AgentConfig) -> Result<Agent> {
             run_dir: config.work_dir.join(".vm"),
             warm: node.microvm_warm.iter().cloned().collect(),
             snapshots: !node.microvm_no_snapshots,
+            kernel: node.microvm_kernel.clone(),
             ..Default::default()
         };
         match drover_agent::runtime::microvm::MicroVmRuntime::new(vm_config).await {
             Ok(vm) => {
                 tracing::info!(accelerator = vm.accelerator(), "microvm runtime ready");
+                // Shown by `drover nodes`, and a constraint can ask for KVM-backed VMs.
+                config.labels.insert("drover.microvm".into(), vm.accelerator().to_owned());
                 runtimes.push(Arc::new(vm));
             }
             Err(e) => tracing::warn!(error = %e, "not offering the microvm runtime"),
