@@ -3,8 +3,7 @@
 //! code come back through the server. Needs `qemu-system-x86`, `linux-image-cloud-amd64`, a
 //! Docker engine; the static guest agent is built into `target/guest-static`.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -15,33 +14,7 @@ const T: Duration = Duration::from_secs(300);
 
 /// The static guest agent, built once per test process (or `$DROVER_GUEST_AGENT`).
 fn guest_agent() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("DROVER_GUEST_AGENT") {
-                return PathBuf::from(path);
-            }
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace.join("target"))
-                .join("guest-static");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            // Its own target dir: the flags differ from the workspace build.
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--release", "-p", "drover-guest", "--target", "x86_64-unknown-linux-gnu"])
-                .arg("--manifest-path")
-                .arg(workspace.join("Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .status()
-                .expect("run cargo to build the guest agent");
-            assert!(status.success(), "building the static guest agent failed");
-            target.join("x86_64-unknown-linux-gnu/release/drover-guest")
-        })
-        .clone()
+    drover_agent::test_support::static_guest_agent().expect("the static guest agent")
 }
 
 /// The node's report, once `ready` holds for it.

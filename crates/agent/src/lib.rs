@@ -15,5 +15,7 @@ pub mod outbox;
 pub mod proxy;
 pub mod reservation;
 pub mod runtime;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 pub use agent::{Agent, AgentConfig, AgentError};

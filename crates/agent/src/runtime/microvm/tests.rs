@@ -14,34 +14,7 @@ use drover_core::NetworkPolicy;
 
 /// The static guest agent, built once per test process.
 fn guest_agent() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("DROVER_GUEST_AGENT") {
-                return PathBuf::from(path);
-            }
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace.join("target"))
-                .join("guest-static");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            // A separate target dir: the flags differ from the workspace build, and the outer
-            // `cargo test` may still hold the lock of the main one.
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--release", "-p", "drover-guest", "--target", "x86_64-unknown-linux-gnu"])
-                .arg("--manifest-path")
-                .arg(workspace.join("Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .status()
-                .expect("run cargo to build the guest agent");
-            assert!(status.success(), "building the static guest agent failed");
-            target.join("x86_64-unknown-linux-gnu/release/drover-guest")
-        })
-        .clone()
+    crate::test_support::static_guest_agent().expect("the static guest agent")
 }
 
 /// A directory shared by every runtime of this test process (the attach test needs two
