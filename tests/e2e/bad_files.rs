@@ -113,6 +113,7 @@ fn examples_validate() {
 fn unreachable_server_says_how_to_start_one() {
     let out = std::process::Command::new(crate::harness::drover_bin())
         .args(["ps", "--server", "127.0.0.1:1"])
+        .env("DROVER_CREDENTIALS", "/nonexistent/credentials")
         .output()
         .unwrap();
     assert!(!out.status.success());

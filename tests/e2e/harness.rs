@@ -24,12 +24,16 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// The server's address, `127.0.0.1:PORT`.
     pub addr: String,
+    /// The server's URL: `http://` + addr, or `https://` + addr with `--tls on`.
+    pub url: String,
     server: Option<Child>,
     agents: Vec<Option<Child>>,
     server_starts: usize,
     /// More arguments and environment for the server, from [`Cluster::start_with`].
     server_args: Vec<String>,
     server_env: Vec<(String, String)>,
+    /// The operator key the server wrote on its first start; every CLI call carries it.
+    pub key: String,
 }
 
 impl Cluster {
@@ -49,11 +53,13 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             addr: "127.0.0.1:0".into(),
+            url: String::new(),
             server: None,
             agents: Vec::new(),
             server_starts: 0,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
             server_env: server_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            key: String::new(),
         };
         c.start_server();
         for _ in 0..agents {
@@ -101,10 +107,17 @@ impl Cluster {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("server says where it listens");
         let url = line.trim().rsplit(' ').next().unwrap_or_default().to_string();
-        assert!(url.starts_with("http://"), "unexpected server banner: {line:?}");
-        self.addr = url.trim_start_matches("http://").to_string();
+        assert!(
+            url.starts_with("http://") || url.starts_with("https://"),
+            "unexpected server banner: {line:?}"
+        );
+        self.addr = url.trim_start_matches("http://").trim_start_matches("https://").to_string();
+        self.url = url;
         self.server = Some(child);
         self.server_starts += 1;
+        if self.key.is_empty() {
+            self.key = operator_key(&self.path("server-data"));
+        }
     }
 
     /// Kills the server with SIGKILL (no chance to clean up).
@@ -136,14 +149,17 @@ impl Cluster {
 
     fn agent_command(&self, i: usize, cores: u32) -> Command {
         let name = format!("agent-{i}");
+        let work = self.path(&format!("{name}-work"));
         let mut command = Command::new(drover_bin());
         command
-            .args(["agent", "--server", &self.addr, "--name", &name, "--cores", &cores.to_string()])
+            .args(["agent", "--server", &self.url, "--name", &name, "--cores", &cores.to_string()])
             .args(["--kill-grace", "1s", "--work-dir"])
-            .arg(self.path(&format!("{name}-work")))
-            .env("DROVER_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(self.log_file(&name));
+            .arg(&work);
+        // A new agent enrolls with a fresh join token; a restarted one finds its credential.
+        if !work.join(".node-credential.json").exists() {
+            command.args(["--join", &self.join_token()]);
+        }
+        command.env("DROVER_LOG", "info").stdout(Stdio::null()).stderr(self.log_file(&name));
         command
     }
 
@@ -170,14 +186,26 @@ impl Cluster {
         }
     }
 
-    /// Runs the CLI against this cluster.
+    /// A single-use join token for one more agent.
+    pub fn join_token(&self) -> String {
+        let out = self.ok(&["nodes", "token", "create", "-o", "json"]);
+        let v: Value = serde_json::from_str(&out).expect("token create -o json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// Runs the CLI against this cluster, as the operator.
     pub fn drover(&self, args: &[&str]) -> Output {
-        Command::new(drover_bin())
-            .args(args)
-            .env("DROVER_SERVER", &self.addr)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run drover")
+        self.command(args).output().expect("run drover")
+    }
+
+    /// Runs the CLI against this cluster with another key (`None`: no key at all).
+    pub fn drover_as(&self, key: Option<&str>, args: &[&str]) -> Output {
+        let mut command = self.command(args);
+        command.env_remove("DROVER_KEY");
+        if let Some(key) = key {
+            command.env("DROVER_KEY", key);
+        }
+        command.output().expect("run drover")
     }
 
     /// Runs the CLI and insists that it succeeds; returns stdout.
@@ -196,7 +224,14 @@ impl Cluster {
     /// A command that would run the CLI against this cluster, for tests that manage the child.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(drover_bin());
-        c.args(args).env("DROVER_SERVER", &self.addr).current_dir(self.dir.path());
+        c.args(args)
+            .env("DROVER_SERVER", &self.url)
+            .env("DROVER_KEY", &self.key)
+            .env("DROVER_CREDENTIALS", self.path("credentials"))
+            .current_dir(self.dir.path());
+        if self.url.starts_with("https://") {
+            c.env("DROVER_CA", self.path("server-data/tls/ca.pem"));
+        }
         c
     }
 
@@ -302,6 +337,21 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// The first operator key a server wrote into its data directory, waiting for the file.
+pub fn operator_key(data_dir: &Path) -> String {
+    let path = data_dir.join("operator.key");
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && !text.trim().is_empty()
+        {
+            return text.trim().to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

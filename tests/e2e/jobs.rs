@@ -186,7 +186,7 @@ tasks:
     let mut agent = c
         .command(&["agent", "--name", "gpu-node", "--labels", "gpu=true", "--cores", "1", "--work-dir"])
         .arg(c.path("gpu-work"))
-        .args(["--server", &c.addr])
+        .args(["--server", &c.addr, "--join", &c.join_token()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -24,11 +24,16 @@ fn with_http_api() -> (Cluster, String) {
     (c, format!("{base}/v1"))
 }
 
-/// A GET with a real HTTP client: status, Content-Length header, body.
-pub fn http_get(url: &str) -> (u16, Option<u64>, Vec<u8>) {
+/// A GET with a real HTTP client carrying `key`: status, Content-Length header, body.
+pub fn http_get(key: &str, url: &str) -> (u16, Option<u64>, Vec<u8>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let resp = reqwest::get(url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let resp = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
         let status = resp.status().as_u16();
         let length = resp
             .headers()
@@ -121,10 +126,11 @@ tasks:
     assert!(!String::from_utf8_lossy(&leak.stdout).contains("must never be read"));
 
     // The HTTP API serves the same live file (length unknown while it grows) and refusals.
-    let (code, length, body) = http_get(&format!("{api}/jobs/{job}/tasks/grow/artifacts/progress.txt"));
+    let (code, length, body) =
+        http_get(&c.key, &format!("{api}/jobs/{job}/tasks/grow/artifacts/progress.txt"));
     assert_eq!((code, length), (200, None));
     assert!(assert_counting(&String::from_utf8_lossy(&body)) >= 5);
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/tasks/grow/artifacts/leak.txt"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/tasks/grow/artifacts/leak.txt"));
     assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
     let err: Value = serde_json::from_slice(&body).unwrap();
     assert!(err["error"].as_str().unwrap().contains("outside the workspace"), "{err}");
@@ -139,16 +145,17 @@ tasks:
     let last = String::from_utf8_lossy(&out.stdout).to_string();
     let n = assert_counting(&last);
     assert!(n >= assert_counting(&second) && last.starts_with(&second[..second.rfind('\n').unwrap() + 1]));
-    let (code, length, body) = http_get(&format!("{api}/jobs/{job}/tasks/grow/artifacts/progress.txt"));
+    let (code, length, body) =
+        http_get(&c.key, &format!("{api}/jobs/{job}/tasks/grow/artifacts/progress.txt"));
     assert_eq!((code, length), (200, Some(body.len() as u64)));
     assert_eq!(String::from_utf8_lossy(&body), last);
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/tasks/grow/artifacts/big.txt"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/tasks/grow/artifacts/big.txt"));
     assert_eq!(code, 200);
     assert!(body == expected_big.as_bytes());
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/tasks/grow/artifacts/leak.txt"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/tasks/grow/artifacts/leak.txt"));
     assert_eq!(code, 404, "{}", String::from_utf8_lossy(&body));
 
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}"));
     assert_eq!(code, 200);
     let j: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
@@ -156,13 +163,13 @@ tasks:
         (Some("succeeded"), Some("grow")),
         "{j}"
     );
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/artifacts"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/artifacts"));
     assert_eq!(code, 200);
     let list: Value = serde_json::from_slice(&body).unwrap();
     let mut paths: Vec<&str> = list.as_array().unwrap().iter().map(|a| a["path"].as_str().unwrap()).collect();
     paths.sort();
     assert_eq!(paths, vec!["big.txt", "progress.txt"]);
-    let (code, _, _) = http_get(&format!("{api}/jobs/999999"));
+    let (code, _, _) = http_get(&c.key, &format!("{api}/jobs/999999"));
     assert_eq!(code, 404);
 }
 
@@ -179,13 +186,13 @@ tasks:
 "#,
     );
     c.wait_done(job, T);
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/tasks/say/logs"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/tasks/say/logs"));
     assert_eq!((code, String::from_utf8_lossy(&body).as_ref()), (200, "hello\nworld\n"));
-    let (code, _, body) = http_get(&format!("{api}/jobs/{job}/tasks/nope/logs"));
+    let (code, _, body) = http_get(&c.key, &format!("{api}/jobs/{job}/tasks/nope/logs"));
     assert_eq!(code, 404);
     let err: Value = serde_json::from_slice(&body).unwrap();
     assert!(err["error"].as_str().unwrap().contains("no task `nope`"), "{err}");
-    let (code, _, _) = http_get(&format!("{api}/jobs/latest/tasks/say/logs"));
+    let (code, _, _) = http_get(&c.key, &format!("{api}/jobs/latest/tasks/say/logs"));
     assert_eq!(code, 400, "a job id is a number");
 }
 

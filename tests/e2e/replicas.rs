@@ -16,22 +16,29 @@ struct Fleet {
     database: String,
     servers: Vec<(String, Option<Child>)>,
     agents: Vec<Child>,
+    /// The operator key the first replica wrote (the others find keys in the shared store).
+    key: String,
 }
 
 impl Fleet {
     fn start(database: String, servers: usize, agents: usize) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let mut fleet = Fleet { dir, database, servers: Vec::new(), agents: Vec::new() };
+        let mut fleet = Fleet { dir, database, servers: Vec::new(), agents: Vec::new(), key: String::new() };
         for i in 0..servers {
             let (addr, child) = fleet.spawn_server(i, "127.0.0.1:0");
             fleet.servers.push((addr, Some(child)));
+            if i == 0 {
+                fleet.key = crate::harness::operator_key(&fleet.dir.path().join("server-0"));
+            }
         }
         for i in 0..agents {
             // Each agent prefers a different replica, and knows them all.
             let mut list: Vec<String> = fleet.servers.iter().map(|(a, _)| a.clone()).collect();
             list.rotate_left(i % servers);
+            let token = fleet.join_token();
             let child = Command::new(drover_bin())
                 .args(["agent", "--server", &list.join(","), "--name", &format!("agent-{i}"), "--cores", "2"])
+                .args(["--join", &token])
                 .args(["--no-docker", "--work-dir"])
                 .arg(fleet.dir.path().join(format!("agent-{i}")))
                 .stdout(Stdio::null())
@@ -72,8 +79,26 @@ impl Fleet {
         self.servers.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(",")
     }
 
+    fn command(&self, server: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(drover_bin());
+        c.args(args)
+            .env("DROVER_SERVER", server)
+            .env("DROVER_KEY", &self.key)
+            .env("DROVER_CREDENTIALS", self.dir.path().join("credentials"));
+        c
+    }
+
     fn drover(&self, server: &str, args: &[&str]) -> std::process::Output {
-        Command::new(drover_bin()).args(args).env("DROVER_SERVER", server).output().unwrap()
+        self.command(server, args).output().unwrap()
+    }
+
+    fn join_token(&self) -> String {
+        let out = self.drover(&self.all_servers(), &["nodes", "token", "create", "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn submit(&self, server: &str, name: &str, frames: usize) -> i64 {
@@ -108,9 +133,7 @@ impl Fleet {
     /// nobody reads would fill up and stall the watcher).
     fn watch(&self, server: &str, job: i64) -> Child {
         let transcript = std::fs::File::create(self.dir.path().join(format!("watch-{job}.txt"))).unwrap();
-        Command::new(drover_bin())
-            .args(["watch", &job.to_string()])
-            .env("DROVER_SERVER", server)
+        self.command(server, &["watch", &job.to_string()])
             .stdout(transcript)
             .stderr(self.log(&format!("watch-{job}")))
             .spawn()

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use drover_proto as pb;
 use drover_proto::agent_message::Msg;
-use drover_proto::agent_session_client::AgentSessionClient;
 use drover_proto::server_message::Msg as In;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -22,6 +21,7 @@ use crate::attempt::{self, StopReason};
 use crate::files::ServerLink;
 use crate::images::ImageFetcher;
 use crate::journal::Journal;
+use crate::link::{Link, LinkError};
 use crate::outbox::Outbox;
 use crate::reservation::CoreSet;
 use crate::runtime::{Runtime, TaskSpec};
@@ -43,7 +43,15 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Time between SIGTERM and SIGKILL when a task is stopped.
     pub kill_grace: Duration,
+    /// A single-use join token to enroll with, when the agent holds no credential yet.
+    pub join: Option<String>,
+    /// How to check the servers' certificates (`--ca`); without it the CA the agent enrolled
+    /// with, or the fingerprint its join token pins.
+    pub trust: Option<drover_tls::Trust>,
 }
+
+/// Where an agent keeps its node credential, inside its work directory.
+pub const CREDENTIAL_FILE: &str = ".node-credential.json";
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +59,30 @@ pub enum AgentError {
     /// The configuration cannot work.
     #[error("invalid agent configuration: {0}")]
     Config(String),
+    /// The server refused the agent (no credential, a revoked one, a bad join token), or the
+    /// agent's enrollment cannot be used.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The connection broke or the server went away: connect again.
+    Broken(String),
+    /// The server refused this agent's credential: connecting again cannot help.
+    Refused(String),
+}
+
+impl SessionEnd {
+    fn from_status(s: &tonic::Status) -> SessionEnd {
+        match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                SessionEnd::Refused(s.message().to_owned())
+            }
+            _ => SessionEnd::Broken(s.message().to_owned()),
+        }
+    }
 }
 
 /// Aborts a background task when the session that owns it ends (or is dropped mid-way).
@@ -125,6 +157,8 @@ pub struct Agent {
     limits: Limits,
     /// Where agent tasks' LLM calls go when their job names no upstream.
     llm_upstream: Option<String>,
+    /// The way to the servers, with the node's credential.
+    link: Arc<Link>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,7 +186,13 @@ impl Agent {
             return Err(AgentError::Config("a node needs at least one core".into()));
         }
         let physical = crate::monitor::detect_cores();
+        let link = Arc::new(Link::new(
+            config.servers.clone(),
+            config.trust.clone(),
+            config.work_dir.join(CREDENTIAL_FILE),
+        ));
         Ok(Agent {
+            link,
             journal: Journal::new(config.work_dir.join(".journal")),
             images: None,
             cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
@@ -174,12 +214,31 @@ impl Agent {
 
     /// Lets the agent load images shipped with jobs into this Docker engine.
     pub fn with_images(mut self, docker: Arc<crate::runtime::docker::DockerRuntime>) -> Agent {
-        self.images = Some(Arc::new(ImageFetcher::new(docker, self.config.servers.clone())));
+        self.images = Some(Arc::new(ImageFetcher::new(docker, self.link.clone())));
         self
     }
 
-    /// Runs sessions until `shutdown` resolves, reconnecting whenever a session breaks.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Makes sure the agent holds its node credential, exchanging the join token for one if
+    /// it has none yet; retries while no server answers, gives up when one refuses.
+    pub async fn enroll(&self) -> Result<(), AgentError> {
+        let mut failures = 0u32;
+        loop {
+            match self.link.enroll(&self.config.name, self.config.join.as_deref()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "cannot enroll yet; trying again");
+                    failures += 1;
+                    tokio::time::sleep(backoff(failures)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs sessions until `shutdown` resolves, reconnecting whenever a session breaks. Ends
+    /// with an error when a server refuses the agent's credential (never enrolled, or
+    /// revoked): its tasks are stopped, since the server handed them on.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
         let this = Arc::new(self);
         let (resumable, leftovers) = this.journal.recover(&this.runtimes).await;
         // Containers of this agent that no journal entry explains (a crash between creating a
@@ -220,21 +279,29 @@ impl Agent {
         tokio::pin!(shutdown);
         let mut failures = 0u32;
         let mut server_index = 0usize;
+        let mut outcome = Ok(());
         loop {
             let url = this.config.servers[server_index % this.config.servers.len()].clone();
             let session = this.clone().session(url.clone());
             tokio::select! {
                 _ = &mut shutdown => break,
                 result = session => {
+                    this.outbox.disconnect();
                     match result {
                         Ok(()) => failures = 0,
-                        Err(e) => {
+                        Err(SessionEnd::Refused(why)) => {
+                            tracing::error!(server = %url, error = %why, "the server refused this agent");
+                            outcome = Err(AgentError::Link(LinkError::Refused(format!(
+                                "{why} (enroll this node with `drover agent --join TOKEN`; an operator makes one with `drover nodes token create`)"
+                            ))));
+                            break;
+                        }
+                        Err(SessionEnd::Broken(e)) => {
                             tracing::warn!(server = %url, error = %e, "session with server failed");
                             failures += 1;
                             server_index += 1;
                         }
                     }
-                    this.outbox.disconnect();
                 }
             }
             tokio::select! {
@@ -243,17 +310,27 @@ impl Agent {
             }
         }
         this.outbox.disconnect();
+        // A refused agent's tasks were handed on by the server: stop them for good and wait
+        // until they are gone. A shutdown leaves that to the next start's recovery.
+        let reason = if outcome.is_err() { StopReason::Cancel } else { StopReason::Shutdown };
         let stops: Vec<_> = lock(&this.running).values().map(|r| r.stop.clone()).collect();
         for s in stops {
-            let _ = s.send(StopReason::Shutdown);
+            let _ = s.send(reason);
         }
+        if outcome.is_err() {
+            let deadline = tokio::time::Instant::now() + this.config.kill_grace + Duration::from_secs(5);
+            while !lock(&this.running).is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        outcome
     }
 
     /// One session: register, then serve until the stream breaks. `Ok` when the server ended
     /// it cleanly (and a fresh session should start at once).
-    async fn session(self: Arc<Self>, url: String) -> Result<(), String> {
-        let mut client = AgentSessionClient::connect(url.clone()).await.map_err(|e| e.to_string())?;
-        client = client.max_decoding_message_size(64 << 20);
+    async fn session(self: Arc<Self>, url: String) -> Result<(), SessionEnd> {
+        let mut client =
+            self.link.session_client(&url).await.map_err(|e| SessionEnd::Broken(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut known: Vec<i64> = lock(&self.running).keys().copied().collect();
         known.extend(self.outbox.attempts());
@@ -268,17 +345,18 @@ impl Agent {
             attempts: known,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) }).map_err(|e| e.to_string())?;
+        tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) })
+            .map_err(|e| SessionEnd::Broken(e.to_string()))?;
         let mut inbound = client
             .session(UnboundedReceiverStream::new(rx))
             .await
-            .map_err(|e| e.message().to_string())?
+            .map_err(|e| SessionEnd::from_status(&e))?
             .into_inner();
         let registered = match inbound.next().await {
             Some(Ok(pb::ServerMessage { msg: Some(In::Registered(r)) })) => r,
-            Some(Ok(_)) => return Err("server did not answer Register".into()),
-            Some(Err(e)) => return Err(e.message().to_string()),
-            None => return Err("server closed the session".into()),
+            Some(Ok(_)) => return Err(SessionEnd::Broken("server did not answer Register".into())),
+            Some(Err(e)) => return Err(SessionEnd::from_status(&e)),
+            None => return Err(SessionEnd::Broken("server closed the session".into())),
         };
         let epoch = registered.epoch;
         self.limits.set(&registered);
@@ -304,8 +382,8 @@ impl Agent {
             match inbound.next().await {
                 Some(Ok(pb::ServerMessage { msg: Some(m) })) => self.handle(m, &tx),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break Err(e.message().to_string()),
-                None => break Err("server closed the session".into()),
+                Some(Err(e)) => break Err(SessionEnd::from_status(&e)),
+                None => break Err(SessionEnd::Broken("server closed the session".into())),
             }
         }
     }
@@ -404,7 +482,7 @@ impl Agent {
                     inputs: p.inputs.clone(),
                     outputs,
                     outputs_on_failure: p.outputs_on_failure,
-                    link: ServerLink::new(self.config.servers.clone()),
+                    link: ServerLink::new(self.link.clone()),
                     max_outputs: self.limits.max_outputs(),
                 }
             });

@@ -8,10 +8,11 @@ use std::path::{Component, Path, PathBuf};
 
 use drover_core::{InputSource, InputSpec};
 use drover_proto as pb;
-use drover_proto::drover_client::DroverClient;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+
+use crate::link::Link;
 
 /// Bytes per upload message.
 const CHUNK: usize = 1 << 20;
@@ -19,27 +20,26 @@ const CHUNK: usize = 1 << 20;
 const LIVE_CHUNK: usize = 256 * 1024;
 
 /// How the agent reaches a server for file transfers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerLink {
-    servers: Vec<String>,
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for ServerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerLink").field("servers", &self.link.servers()).finish()
+    }
 }
 
 impl ServerLink {
-    /// A link that tries `servers` in order.
-    pub fn new(servers: Vec<String>) -> ServerLink {
-        ServerLink { servers }
+    /// File transfers through `link`.
+    pub fn new(link: Arc<Link>) -> ServerLink {
+        ServerLink { link }
     }
 
-    /// A client of the first server that answers.
-    pub async fn client(&self) -> Result<DroverClient<Channel>, String> {
-        let mut last = "no server address".to_string();
-        for s in &self.servers {
-            match DroverClient::connect(s.clone()).await {
-                Ok(c) => return Ok(c.max_decoding_message_size(64 << 20)),
-                Err(e) => last = format!("{s}: {e}"),
-            }
-        }
-        Err(last)
+    /// A client of the first server that answers, carrying the node's credential.
+    pub async fn client(&self) -> Result<crate::link::Client, String> {
+        self.link.client().await.map_err(|e| e.to_string())
     }
 }
 
@@ -92,7 +92,7 @@ pub async fn fetch_inputs(link: &ServerLink, workspace: &Path, inputs: &[InputSp
 async fn download_blob(link: &ServerLink, digest: &str) -> Result<Vec<u8>, String> {
     let mut client = link.client().await?;
     let mut stream = client
-        .get_blob(pb::BlobRef { digest: digest.to_string(), size: 0 })
+        .get_blob(pb::BlobRef { digest: digest.to_string(), ..Default::default() })
         .await
         .map_err(|e| e.message().to_string())?
         .into_inner();

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use drover_proto as pb;
-use drover_proto::drover_client::DroverClient;
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 
@@ -16,15 +15,15 @@ use crate::runtime::docker::DockerRuntime;
 /// Fetches and loads images, once per image even when several tasks want it at the same time.
 pub struct ImageFetcher {
     docker: Arc<DockerRuntime>,
-    servers: Vec<String>,
+    link: Arc<crate::link::Link>,
     /// One lock per image, so concurrent tasks wait for one load instead of loading it twice.
     loading: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl ImageFetcher {
     /// A fetcher that loads into `docker`, downloading from the first server that answers.
-    pub fn new(docker: Arc<DockerRuntime>, servers: Vec<String>) -> ImageFetcher {
-        ImageFetcher { docker, servers, loading: Mutex::new(HashMap::new()) }
+    pub fn new(docker: Arc<DockerRuntime>, link: Arc<crate::link::Link>) -> ImageFetcher {
+        ImageFetcher { docker, link, loading: Mutex::new(HashMap::new()) }
     }
 
     /// The Docker runtime images are loaded into.
@@ -43,26 +42,20 @@ impl ImageFetcher {
             return Ok(());
         }
         tracing::info!(image, blob, "fetching image archive from the server");
-        let mut last = String::from("no server address");
-        for server in &self.servers {
-            match self.fetch(server, blob).await {
-                Ok(()) => {
-                    if self.docker.has_image(image).await {
-                        tracing::info!(image, "image loaded");
-                        return Ok(());
-                    }
-                    return Err(format!("archive {blob} did not contain image {image}"));
-                }
-                Err(e) => last = e,
+        match self.fetch(blob).await {
+            Ok(()) if self.docker.has_image(image).await => {
+                tracing::info!(image, "image loaded");
+                Ok(())
             }
+            Ok(()) => Err(format!("archive {blob} did not contain image {image}")),
+            Err(e) => Err(format!("cannot fetch image {image} from the server: {e}")),
         }
-        Err(format!("cannot fetch image {image} from the server: {last}"))
     }
 
-    async fn fetch(&self, server: &str, blob: &str) -> Result<(), String> {
-        let mut client = DroverClient::connect(server.to_string()).await.map_err(|e| e.to_string())?;
+    async fn fetch(&self, blob: &str) -> Result<(), String> {
+        let mut client = self.link.client().await.map_err(|e| e.to_string())?;
         let stream = client
-            .get_blob(pb::BlobRef { digest: blob.to_string(), size: 0 })
+            .get_blob(pb::BlobRef { digest: blob.to_string(), ..Default::default() })
             .await
             .map_err(|e| e.message().to_string())?
             .into_inner()

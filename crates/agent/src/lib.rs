@@ -9,6 +9,7 @@ pub mod attempt;
 pub mod files;
 pub mod images;
 pub mod journal;
+pub mod link;
 pub mod log_cap;
 pub mod monitor;
 pub mod outbox;
@@ -18,4 +19,4 @@ pub mod runtime;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 
-pub use agent::{Agent, AgentConfig, AgentError};
+pub use agent::{Agent, AgentConfig, AgentError, CREDENTIAL_FILE};

@@ -1,6 +1,10 @@
 //! A Drover cluster made of the real binary: one `drover server` and one `drover agent` as child
 //! processes on a loopback port, driven through the gRPC client API. The children are killed when
 //! the cluster is dropped.
+//!
+//! Authorization is on, as users run it: the bench reads the operator key the server writes on
+//! its first start, every call carries it, and the agent enrolls with a join token made through
+//! the API.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,14 +16,19 @@ use anyhow::{Context, Result, anyhow, bail};
 use drover_core::JobState;
 use drover_core::spec::{TemplateContext, compile};
 use drover_proto as pb;
+use drover_proto::Bearer;
 use drover_proto::drover_client::DroverClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// The client type used throughout.
-pub type Client = DroverClient<Channel>;
+/// The client type used throughout: every call carries the operator key.
+pub type Client = DroverClient<InterceptedService<Channel, Bearer>>;
+
+/// The file a server writes its first operator key to, in its data directory.
+const OPERATOR_KEY: &str = "operator.key";
 
 /// A running server and agent.
 pub struct Cluster {
@@ -27,6 +36,8 @@ pub struct Cluster {
     pub url: String,
     /// Scratch directory of this cluster (data, work dirs, daemon logs).
     pub dir: PathBuf,
+    /// The operator key the server wrote on its first start.
+    key: String,
     server: Child,
     agent: Child,
 }
@@ -45,32 +56,21 @@ impl Cluster {
             let path = dir.join(name);
             std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
         };
+        let data_dir = dir.join("server-data");
         let mut server = Command::new(drover)
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("server-data"))
+            .arg(&data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log("server.log")?)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {} server", drover.display()))?;
-        let stdout = server.stdout.take().ok_or_else(|| anyhow!("server stdout missing"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| anyhow!("the server printed nothing within 30s (see {}/server.log)", dir.display()))?
-            .context("cannot read the server's banner")?
-            .ok_or_else(|| anyhow!("the server exited at once (see {}/server.log)", dir.display()))?;
-        let url = banner
-            .rsplit(' ')
-            .next()
-            .filter(|u| u.starts_with("http://"))
-            .ok_or_else(|| anyhow!("unexpected server banner {banner:?}"))?
-            .to_string();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let url = banner(&mut server, dir).await?;
+        let key = operator_key(std::slice::from_ref(&data_dir)).await?;
+        let token = join_token(&mut connect(&url, &key).await?).await?;
         let agent = Command::new(drover)
-            .args(["agent", "--server", &url, "--name", "bench-agent", "--cores"])
+            .args(["agent", "--server", &url, "--join", &token, "--name", "bench-agent", "--cores"])
             .arg(agent.cores.to_string())
             .arg("--work-dir")
             .arg(dir.join("agent-work"))
@@ -81,7 +81,7 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {} agent", drover.display()))?;
-        let cluster = Cluster { url, dir: dir.to_path_buf(), server, agent };
+        let cluster = Cluster { url, dir: dir.to_path_buf(), key, server, agent };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -96,13 +96,14 @@ impl Cluster {
         self.agent.id().ok_or_else(|| anyhow!("the agent has exited"))
     }
 
+    /// The operator key, for `drover` commands run against the cluster (as `DROVER_KEY`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// A new client connection.
     pub async fn client(&self) -> Result<Client> {
-        let channel = Channel::from_shared(self.url.clone())?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {}", self.url))?;
-        Ok(DroverClient::new(channel).max_decoding_message_size(256 << 20))
+        connect(&self.url, &self.key).await
     }
 
     async fn wait_ready(&self, timeout: Duration) -> Result<()> {
@@ -121,6 +122,73 @@ impl Cluster {
     }
 }
 
+/// Reads the URL a starting server prints (`drover server listening on URL`), then keeps
+/// draining its stdout so the server never blocks on a full pipe. `dir` holds its log.
+pub async fn banner(server: &mut Child, dir: &Path) -> Result<String> {
+    let stdout = server.stdout.take().ok_or_else(|| anyhow!("server stdout missing"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| anyhow!("a server printed nothing within 30s (see {})", dir.display()))?
+        .context("cannot read a server's banner")?
+        .ok_or_else(|| anyhow!("a server exited at once (see {})", dir.display()))?;
+    let url = line
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http://"))
+        .ok_or_else(|| anyhow!("unexpected server banner {line:?}"))?
+        .to_string();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(url)
+}
+
+/// The first operator key, from whichever of these server data directories has one. A server
+/// writes it (before its banner) only when it finds no key in the store, so of replicas sharing
+/// one database usually only the first does; replicas started together can race and each write
+/// one, and then any of them works. After every banner at least one directory holds a key.
+pub async fn operator_key(data_dirs: &[PathBuf]) -> Result<String> {
+    let timeout = Duration::from_secs(30);
+    let start = Instant::now();
+    loop {
+        for dir in data_dirs {
+            let path = dir.join(OPERATOR_KEY);
+            match tokio::fs::read_to_string(&path).await {
+                Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            }
+        }
+        if start.elapsed() > timeout {
+            let dirs: Vec<String> = data_dirs.iter().map(|d| d.display().to_string()).collect();
+            bail!(
+                "no {OPERATOR_KEY} appeared in {} within {timeout:?} (was a server started with --no-auth?)",
+                dirs.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client of the server at `url` whose calls carry `key`.
+pub async fn connect(url: &str, key: &str) -> Result<Client> {
+    let bearer = Bearer::new(Some(key))?;
+    let channel = Channel::from_shared(url.to_string())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(DroverClient::with_interceptor(channel, bearer).max_decoding_message_size(256 << 20))
+}
+
+/// A single-use join token that enrolls one agent, valid for the server's default lifetime.
+pub async fn join_token(client: &mut Client) -> Result<String> {
+    let resp = client
+        .create_join_token(pb::CreateJoinTokenRequest { labels: Default::default(), expires_in_ms: 0 })
+        .await
+        .context("cannot create a join token")?;
+    Ok(resp.into_inner().token)
+}
+
 /// Compiles a job file's text into the plan `Submit` takes, as JSON.
 pub fn plan_json(yaml: &str) -> Result<String> {
     let ctx = TemplateContext { env: BTreeMap::new(), params: BTreeMap::new() };
@@ -135,6 +203,7 @@ pub async fn submit(client: &mut Client, plan_json: &str) -> Result<i64> {
             plan_json: plan_json.to_string(),
             source: String::new(),
             filename: "bench.yaml".into(),
+            ..Default::default()
         })
         .await?;
     Ok(resp.into_inner().job_id)

@@ -8,12 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::{InputSource, JobPlan};
 use drover_proto as pb;
-use drover_proto::drover_client::DroverClient;
 use sha2::{Digest as _, Sha256};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
-use crate::client::{ServerOpt, connect, rpc_error};
+use crate::client::{Client, ServerOpt, connect, rpc_error};
 use crate::images::{progress, upload};
 use crate::jobs::Format;
 
@@ -126,13 +124,15 @@ fn create(path: &Path) -> Result<std::fs::File> {
 /// uploaded blob. Directories travel as tar archives.
 pub async fn upload_inputs(opt: &ServerOpt, job: &mut JobPlan, job_dir: &Path) -> Result<()> {
     let mut done: BTreeMap<String, (String, bool)> = BTreeMap::new();
+    let project = job.project.clone();
     for task in &mut job.tasks {
         for input in &mut task.inputs {
             let InputSource::Path(p) = &input.source else { continue };
             if !done.contains_key(p) {
                 let local = job_dir.join(p);
-                let uploaded =
-                    upload_path(opt, &local).await.with_context(|| format!("input {}", local.display()))?;
+                let uploaded = upload_path(opt, &project, &local)
+                    .await
+                    .with_context(|| format!("input {}", local.display()))?;
                 done.insert(p.clone(), uploaded);
             }
             let (digest, directory) = done[p].clone();
@@ -142,7 +142,7 @@ pub async fn upload_inputs(opt: &ServerOpt, job: &mut JobPlan, job_dir: &Path) -
     Ok(())
 }
 
-async fn upload_path(opt: &ServerOpt, local: &Path) -> Result<(String, bool)> {
+async fn upload_path(opt: &ServerOpt, project: &str, local: &Path) -> Result<(String, bool)> {
     let meta = std::fs::metadata(local).map_err(|e| anyhow!("cannot read {}: {e}", local.display()))?;
     let directory = meta.is_dir();
     let (file, _keep): (PathBuf, Option<tempfile::NamedTempFile>) = if directory {
@@ -157,12 +157,12 @@ async fn upload_path(opt: &ServerOpt, local: &Path) -> Result<(String, bool)> {
     };
     let (digest, size) = digest_file(&file)?;
     let mut client = connect(opt).await?;
-    let stat =
-        client.stat_blob(pb::BlobRef { digest: digest.clone(), size }).await.map_err(rpc_error)?.into_inner();
+    let blob = pb::BlobRef { digest: digest.clone(), size, project: project.to_owned() };
+    let stat = client.stat_blob(blob).await.map_err(rpc_error)?.into_inner();
     if stat.exists {
         eprintln!("input {} is already on the server", local.display());
     } else {
-        upload(opt, &file, &digest, size, &format!("input {}", local.display())).await?;
+        upload(opt, project, &file, &digest, size, &format!("input {}", local.display())).await?;
     }
     if size == 0 && !directory {
         bail!("{} is empty", local.display());
@@ -181,7 +181,7 @@ fn digest_file(path: &Path) -> Result<(String, u64)> {
 /// connected to; a replica that says so sends the client on to the other addresses it knows.
 async fn open_download(
     opt: &ServerOpt,
-    client: &mut DroverClient<Channel>,
+    client: &mut Client,
     req: pb::GetArtifactRequest,
 ) -> Result<tonic::Streaming<pb::BlobChunk>> {
     let elsewhere = |s: &tonic::Status| {
@@ -192,8 +192,8 @@ async fn open_download(
         Err(status) if elsewhere(&status) => status,
         Err(status) => return Err(rpc_error(status)),
     };
-    for addr in opt.server.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let Ok(mut other) = connect(&ServerOpt { server: addr.to_owned() }).await else { continue };
+    for target in opt.targets()? {
+        let Ok(mut other) = crate::client::connect_target(&target).await else { continue };
         match other.get_artifact(req.clone()).await {
             Ok(response) => return Ok(response.into_inner()),
             Err(status) if elsewhere(&status) => last = status,

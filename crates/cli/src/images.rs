@@ -41,6 +41,7 @@ struct Shipped {
 /// rewrites those tasks to run the shipped image by id.
 pub async fn ship(opt: &ServerOpt, job: &mut JobPlan, job_dir: &Path) -> Result<()> {
     let mut shipped: BTreeMap<Source, Shipped> = BTreeMap::new();
+    let project = job.project.clone();
     for task in &mut job.tasks {
         if task.runtime == RuntimeKind::Process {
             continue;
@@ -53,7 +54,7 @@ pub async fn ship(opt: &ServerOpt, job: &mut JobPlan, job_dir: &Path) -> Result<
             }
         };
         if !shipped.contains_key(&source) {
-            let s = ship_one(opt, &source, job_dir).await?;
+            let s = ship_one(opt, &project, &source, job_dir).await?;
             shipped.insert(source.clone(), s);
         }
         let s = &shipped[&source];
@@ -83,7 +84,7 @@ fn docker(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-async fn ship_one(opt: &ServerOpt, source: &Source, job_dir: &Path) -> Result<Shipped> {
+async fn ship_one(opt: &ServerOpt, project: &str, source: &Source, job_dir: &Path) -> Result<Shipped> {
     let image_id = match source {
         Source::Named(name) => docker(&["image", "inspect", "--format", "{{.Id}}", name]).map_err(|e| {
             anyhow!("{e}\n  hint: the image must exist locally (build it, or use `build:` in the job file)")
@@ -92,12 +93,12 @@ async fn ship_one(opt: &ServerOpt, source: &Source, job_dir: &Path) -> Result<Sh
     };
     let (archive, digest, size) = archive(&image_id)?;
     let mut client = connect(opt).await?;
-    let stat =
-        client.stat_blob(pb::BlobRef { digest: digest.clone(), size }).await.map_err(rpc_error)?.into_inner();
+    let blob = pb::BlobRef { digest: digest.clone(), size, project: project.to_owned() };
+    let stat = client.stat_blob(blob).await.map_err(rpc_error)?.into_inner();
     if stat.exists {
         eprintln!("image {} is already on the server ({digest})", short(&image_id));
     } else {
-        upload(opt, &archive, &digest, size, &format!("image {}", short(&image_id))).await?;
+        upload(opt, project, &archive, &digest, size, &format!("image {}", short(&image_id))).await?;
     }
     Ok(Shipped { image_id, blob: digest })
 }
@@ -214,14 +215,22 @@ pub fn progress(size: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Uploads a file as a blob with the given digest, showing progress.
-pub async fn upload(opt: &ServerOpt, path: &Path, digest: &str, size: u64, what: &str) -> Result<()> {
+/// Uploads a file as a blob of `project` with the given digest, showing progress.
+pub async fn upload(
+    opt: &ServerOpt,
+    project: &str,
+    path: &Path,
+    digest: &str,
+    size: u64,
+    what: &str,
+) -> Result<()> {
     let mut client = connect(opt).await?;
     let bar = progress(size, &format!("uploading {what}"));
     let mut file =
         tokio::fs::File::open(path).await.with_context(|| format!("cannot open {}", path.display()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let first = pb::BlobChunk { digest: digest.to_string(), size, data: Vec::new() };
+    let first =
+        pb::BlobChunk { digest: digest.to_string(), size, data: Vec::new(), project: project.to_owned() };
     let reader_bar = bar.clone();
     let reader = tokio::spawn(async move {
         if tx.send(first).await.is_err() {

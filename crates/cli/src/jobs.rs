@@ -130,8 +130,10 @@ pub struct CancelArgs {
 /// Arguments of `nodes`.
 #[derive(clap::Args)]
 pub struct NodesArgs {
+    #[command(subcommand)]
+    pub command: Option<crate::access::NodesCommand>,
     /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t)]
+    #[arg(long, short = 'o', value_enum, default_value_t, global = true)]
     pub output: Format,
     #[command(flatten)]
     pub server: ServerOpt,
@@ -186,11 +188,24 @@ pub async fn send_job(opt: &ServerOpt, mut job: JobPlan, source: String, filenam
     let job_dir = if job_dir.as_os_str().is_empty() { PathBuf::from(".") } else { job_dir };
     crate::images::ship(opt, &mut job, &job_dir).await?;
     crate::artifacts::upload_inputs(opt, &mut job, &job_dir).await?;
-    let job = &job;
+    let request = submit_request(&job, source, filename)?;
     let mut client = connect(opt).await?;
-    let plan_json = serde_json::to_string(job)?;
-    let resp = client.submit(pb::SubmitRequest { plan_json, source, filename }).await.map_err(rpc_error)?;
+    let resp = client.submit(request).await.map_err(rpc_error)?;
     Ok(resp.into_inner().job_id)
+}
+
+/// zstd level for plans: fast, and within the 8 MiB window the server's decoder allows.
+const PLAN_ZSTD_LEVEL: i32 = 3;
+
+/// The submit request for a compiled job. The plan goes as zstd-compressed JSON in
+/// `plan_zstd` (`plan_json` stays empty): plans repeat themselves from task to task, so even
+/// 100,000 tasks compress to a few megabytes, well within the server's message limit. The
+/// JSON is streamed into the compressor, never held whole.
+fn submit_request(job: &JobPlan, source: String, filename: String) -> Result<pb::SubmitRequest> {
+    let mut encoder = zstd::Encoder::new(Vec::new(), PLAN_ZSTD_LEVEL).context("cannot compress the plan")?;
+    serde_json::to_writer(&mut encoder, job).context("cannot encode the plan")?;
+    let plan_zstd = encoder.finish().context("cannot compress the plan")?;
+    Ok(pb::SubmitRequest { plan_json: String::new(), source, filename, plan_zstd })
 }
 
 /// Prints a finished job's task table and output, for `up --submit`.
@@ -400,14 +415,24 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `drover nodes`.
+/// `drover nodes`: the list, or one of its subcommands.
 pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
-    let mut client = connect(&args.server).await?;
+    match args.command {
+        None => list_nodes(&mut connect(&args.server).await?, args.output).await,
+        Some(command) => crate::access::nodes(command, args.output, &args.server).await,
+    }
+}
+
+/// `drover nodes ls`.
+pub async fn list_nodes(client: &mut crate::client::Client, output: Format) -> Result<ExitCode> {
     let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner().nodes;
-    match args.output {
+    match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&render::nodes_json(&nodes))?),
         Format::Human if nodes.is_empty() => {
-            println!("no nodes have registered; start one with `drover agent --server URL`")
+            println!(
+                "no nodes have registered; enroll one with `drover nodes token create` and \
+                 `drover agent --server URL --join TOKEN`"
+            )
         }
         Format::Human => println!("{}", render::nodes_table(&nodes)),
     }

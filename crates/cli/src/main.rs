@@ -1,7 +1,11 @@
 //! `drover`: one binary that is the server, the agent and the client.
 
+mod access;
+mod args;
 mod artifacts;
 mod client;
+mod config;
+mod credentials;
 mod images;
 mod jobs;
 mod render;
@@ -27,11 +31,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a server and one local agent in one process (data under ./.drover by default).
-    Up(Box<run::UpArgs>),
+    Up(Box<args::UpArgs>),
     /// Run the server: the API for clients and agents, the scheduler and the store.
-    Server(Box<run::ServerArgs>),
-    /// Run an agent: register this machine with a server and run the tasks it is given.
-    Agent(Box<run::AgentArgs>),
+    Server(Box<args::ServerCommand>),
+    /// Run an agent: enroll this machine with a server (--join TOKEN, once) and run the tasks
+    /// it is given.
+    Agent(Box<args::AgentArgs>),
     /// Check a job file without submitting it.
     Validate(jobs::ValidateArgs),
     /// Submit a job file; prints the job id.
@@ -54,6 +59,24 @@ enum Command {
     Secrets(secrets::SecretsArgs),
     /// Show compute time and LLM tokens used, per project and per job.
     Usage(usage::UsageArgs),
+    /// Manage API keys (create, list, revoke).
+    Keys(access::KeysArgs),
+    /// Manage projects (create, list).
+    Projects(access::ProjectsArgs),
+    /// Check an API key against a server and store it (and the server's CA) for later commands.
+    Login(access::LoginArgs),
+    /// Show the effective configuration of server and agent.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the configuration the given file, DROVER_* variables and flags make, as TOML,
+    /// with secrets elided.
+    Print(Box<args::PrintArgs>),
 }
 
 fn init_tracing(default: &str) {
@@ -65,6 +88,7 @@ fn init_tracing(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    drover_tls::install_crypto_provider();
     // `up --submit` is a demo: the job's progress is the output, the daemons' logs are noise.
     let daemon = match &cli.command {
         Command::Up(a) => a.submit.is_none(),
@@ -95,6 +119,10 @@ fn main() -> ExitCode {
             Command::Secrets(a) => secrets::secrets(a).await,
             Command::Artifacts(a) => artifacts::artifacts(a).await,
             Command::Usage(a) => usage::usage(a).await,
+            Command::Keys(a) => access::keys(a).await,
+            Command::Projects(a) => access::projects(a).await,
+            Command::Login(a) => access::login(a).await,
+            Command::Config { command: ConfigCommand::Print(a) } => run::config_print(*a),
         }
     });
     match result {

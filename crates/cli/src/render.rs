@@ -15,6 +15,15 @@ pub fn clock(ms: i64) -> String {
     format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
+/// A Unix time in milliseconds as an RFC 3339 UTC timestamp, `-` for none.
+pub fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 fn task_name(name: &str, frame: Option<i64>) -> String {
     match frame {
         Some(f) => format!("{name}[{f}]"),
@@ -22,7 +31,8 @@ fn task_name(name: &str, frame: Option<i64>) -> String {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+/// A table with Drover's look and the given header.
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
     t

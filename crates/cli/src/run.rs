@@ -1,7 +1,6 @@
-//! `up`, `server` and `agent`: the long-running modes.
+//! `up`, `server` and `agent`: the long-running modes, and `config print`.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,200 +10,81 @@ use anyhow::{Context, Result, anyhow, bail};
 use drover_agent::runtime::docker::DockerRuntime;
 use drover_agent::runtime::process::ProcessRuntime;
 use drover_agent::{Agent, AgentConfig, monitor};
-use drover_server::{Backends, ServerConfig};
+use drover_server::{Backends, ServerConfig, TlsSettings};
 use drover_store::sqlite::SqliteStore;
+use drover_tls::Trust;
 use tokio::net::TcpListener;
 
+use crate::args::{AgentArgs, PrintArgs, ServerCommand, UpArgs};
 use crate::client::ServerOpt;
+use crate::config::{AgentSettings, Config, Overrides, ServerSettings};
+use crate::credentials::{self, CredentialsFile, ServerCredentials};
 use crate::jobs;
 
-/// Options of the server part.
-#[derive(clap::Args, Clone, Debug)]
-pub struct ServerArgs {
-    /// Address to listen on for clients and agents.
-    #[arg(long, default_value = "127.0.0.1:7370", env = "DROVER_LISTEN")]
-    pub listen: SocketAddr,
-    /// Directory for the database (and, later, blobs).
-    #[arg(long, default_value = ".drover", env = "DROVER_DATA_DIR")]
-    pub data_dir: PathBuf,
-    /// The database: postgres://user:pass@host/db (several servers may share it), or
-    /// sqlite://PATH. Default: SQLite at <data dir>/drover.db.
-    #[arg(long, env = "DROVER_DATABASE")]
-    pub database: Option<String>,
-    /// Where blobs (image archives, inputs, outputs, logs) live: a directory, file:///path,
-    /// or s3://bucket/prefix (endpoint and region from --s3-endpoint and --s3-region,
-    /// credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default: <data dir>/blobs.
-    #[arg(long, env = "DROVER_BLOBS")]
-    pub blobs: Option<String>,
-    /// S3 endpoint for s3:// blob stores (default: AWS_ENDPOINT_URL, else AWS itself).
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    pub s3_endpoint: Option<String>,
-    /// S3 region for s3:// blob stores (default: AWS_REGION).
-    #[arg(long, env = "AWS_REGION")]
-    pub s3_region: Option<String>,
-    /// Largest upload a client may send, like 10GiB.
-    #[arg(long, default_value = "10GiB", value_parser = parse_memory)]
-    pub max_upload: u64,
-    /// Most bytes of outputs one task may keep, like 10GiB; outputs past it are not kept and
-    /// the task's reason says which.
-    #[arg(long, default_value = "10GiB", value_parser = parse_memory)]
-    pub max_outputs_size: u64,
-    /// Most output one attempt may log, like 64MiB; past it the beginning and the end are kept
-    /// and a line says how much was cut.
-    #[arg(long, default_value = "64MiB", value_parser = parse_memory)]
-    pub max_log_size: u64,
-    /// How long the logs of ended attempts are kept, like 30days; they are archived to the blob
-    /// store when the attempt ends and deleted after this.
-    #[arg(long, default_value = "30days", value_parser = humantime::parse_duration)]
-    pub log_retention: Duration,
-    /// Also serve the HTTP API (JSON and downloads) on this address, like 127.0.0.1:7371.
-    #[arg(long, env = "DROVER_HTTP")]
-    pub http: Option<SocketAddr>,
-    /// How long a node may stay silent before it is marked down and its tasks retried elsewhere.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    pub lease: Duration,
-    /// How often agents send heartbeats (keep well under --lease).
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    pub heartbeat: Duration,
-    /// Most attempt starts and finishes committed in one database transaction (1 commits each
-    /// on its own). Batches only fill up while a commit is in flight, so this costs no latency.
-    #[arg(long, default_value_t = drover_server::DEFAULT_COMPLETION_BATCH, value_parser = parse_batch)]
-    pub completion_batch: usize,
+/// Name of the first operator key in the data directory.
+const OPERATOR_KEY: &str = "operator.key";
+
+/// Reads the configuration of a command: the file, then its flags and variables.
+fn load_config(file: Option<&Path>, set: impl FnOnce(&mut Overrides)) -> Result<Config> {
+    let mut overrides = Overrides::default();
+    set(&mut overrides);
+    Ok(crate::config::load(file, overrides)?)
 }
 
-/// Options of the agent part.
-#[derive(clap::Args, Clone, Debug)]
-pub struct NodeArgs {
-    /// Node name, stable across restarts (default: the host name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Labels for task constraints: k=v,k2=v2.
-    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
-    pub labels: Vec<(String, String)>,
-    /// Cores to offer (default: all this machine has).
-    #[arg(long)]
-    pub cores: Option<u32>,
-    /// Memory to offer, like 8GiB (default: all this machine has).
-    #[arg(long, value_parser = parse_memory)]
-    pub memory: Option<u64>,
-    /// Directory for task workspaces (default: <data dir>/work, or ./.drover/agent/work).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Do not offer the docker runtime even when a Docker engine is reachable.
-    #[arg(long)]
-    pub no_docker: bool,
-    /// Offer the microvm runtime (QEMU microVMs; needs qemu-system-x86, a guest kernel and the
-    /// static drover-guest binary next to drover or in DROVER_GUEST_AGENT). Off by default
-    /// because checking whether KVM works boots a probe VM at start.
-    #[arg(long)]
-    pub microvm: bool,
-    /// Keep N booted, idle microVMs of IMAGE for tasks to claim (IMAGE=N, repeatable).
-    #[arg(long = "microvm-warm", value_name = "IMAGE=N", value_parser = parse_warm)]
-    pub microvm_warm: Vec<(String, usize)>,
-    /// Boot every microVM instead of restoring it from a per-image snapshot.
-    #[arg(long)]
-    pub microvm_no_snapshots: bool,
-    /// Guest kernel for microVMs (default: the newest /boot/vmlinuz-*; its modules must be in
-    /// /lib/modules/VERSION).
-    #[arg(long, value_name = "PATH")]
-    pub microvm_kernel: Option<PathBuf>,
-    /// Time between SIGTERM and SIGKILL when a task is stopped.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub kill_grace: Duration,
-    /// LLM API that agent tasks' metering proxies forward to when their job names no
-    /// `upstream`, like https://api.anthropic.com.
-    #[arg(long, env = "DROVER_LLM_UPSTREAM", value_name = "URL")]
-    pub llm_upstream: Option<String>,
-}
-
-/// `drover agent`.
-#[derive(clap::Args, Clone, Debug)]
-pub struct AgentArgs {
-    /// Server address(es), comma-separated; tried in turn when one stops answering.
-    #[arg(long, env = "DROVER_SERVER", value_delimiter = ',', required = true)]
-    pub server: Vec<String>,
-    #[command(flatten)]
-    pub node: NodeArgs,
-}
-
-/// `drover up`.
-#[derive(clap::Args, Clone, Debug)]
-pub struct UpArgs {
-    #[command(flatten)]
-    pub server: ServerArgs,
-    #[command(flatten)]
-    pub node: NodeArgs,
-    /// Submit this job file once up, watch it, and exit with its result.
-    #[arg(long, value_name = "FILE")]
-    pub submit: Option<PathBuf>,
-    /// Template parameters for --submit: K=V.
-    #[arg(long = "param", value_parser = jobs::parse_param)]
-    pub params: Vec<(String, String)>,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("`{s}` is not a label; write key=value"))
-}
-
-fn parse_batch(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
-        _ => Err(format!("`{s}` is not a batch size; give a number from 1 to 65536")),
-    }
-}
-
-fn parse_warm(s: &str) -> Result<(String, usize), String> {
-    let (image, count) = s.rsplit_once('=').ok_or_else(|| format!("`{s}` is not IMAGE=N"))?;
-    let count = count.trim().parse().map_err(|_| format!("`{count}` in `{s}` is not a number of VMs"))?;
-    if image.trim().is_empty() {
-        return Err(format!("`{s}` names no image"));
-    }
-    Ok((image.trim().to_owned(), count))
-}
-
-fn parse_memory(s: &str) -> Result<u64, String> {
-    drover_core::resources::parse_memory(s).map_err(|e| e.to_string())
-}
-
-/// Opens the database and blob store the server arguments name.
-async fn open_backends(args: &ServerArgs) -> Result<Backends> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
-    let blobs_url = match &args.blobs {
+/// Opens the database and blob store the server settings name.
+async fn open_backends(s: &ServerSettings) -> Result<Backends> {
+    std::fs::create_dir_all(&s.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", s.data_dir.display()))?;
+    let blobs_url = match &s.blobs {
         Some(url) => url.clone(),
-        None => args.data_dir.join("blobs").display().to_string(),
+        None => s.data_dir.join("blobs").display().to_string(),
     };
     let mut s3 = drover_blobs::S3Options::from_env();
-    if let Some(endpoint) = &args.s3_endpoint {
+    if let Some(endpoint) = &s.s3_endpoint {
         s3.allow_http = endpoint.starts_with("http://");
         s3.endpoint = Some(endpoint.clone());
     }
-    if let Some(region) = &args.s3_region {
+    if let Some(region) = &s.s3_region {
         s3.region = Some(region.clone());
     }
     let blobs = drover_blobs::open_blob_store(&blobs_url, &s3)
         .map_err(|e| anyhow!("cannot open the blob store {blobs_url}: {e}"))?;
-    match args.database.as_deref() {
+    match s.database.as_deref() {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let store = drover_store::postgres::PostgresStore::connect(url)
                 .await
                 .map_err(|e| anyhow!("cannot open the PostgreSQL database: {e}"))?;
             let store = Arc::new(store);
-            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+            Ok(Backends {
+                store: store.clone(),
+                secrets: store.clone(),
+                artifacts: store.clone(),
+                access: store,
+                blobs,
+            })
         }
         Some(url) => {
             let Some(path) = url.strip_prefix("sqlite://") else {
-                bail!("--database `{url}` is neither postgres://... nor sqlite://PATH");
+                bail!("server.database `{url}` is neither postgres://... nor sqlite://PATH");
             };
             let store = open_sqlite(Path::new(path)).await?;
-            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+            Ok(Backends {
+                store: store.clone(),
+                secrets: store.clone(),
+                artifacts: store.clone(),
+                access: store,
+                blobs,
+            })
         }
         None => {
-            let store = open_sqlite(&args.data_dir.join("drover.db")).await?;
-            Ok(Backends { store: store.clone(), secrets: store.clone(), artifacts: store, blobs })
+            let store = open_sqlite(&s.data_dir.join("drover.db")).await?;
+            Ok(Backends {
+                store: store.clone(),
+                secrets: store.clone(),
+                artifacts: store.clone(),
+                access: store,
+                blobs,
+            })
         }
     }
 }
@@ -226,19 +106,140 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-fn server_config(args: &ServerArgs) -> Result<ServerConfig> {
-    if args.heartbeat >= args.lease {
-        bail!("--heartbeat ({:?}) must be shorter than --lease ({:?})", args.heartbeat, args.lease);
+/// The names a server-made certificate must cover: what clients may dial. For a wildcard
+/// address, every address of this machine and its host name.
+fn certificate_names(s: &ServerSettings) -> Vec<String> {
+    let mut names =
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned(), monitor::hostname()];
+    let mut add_ip = |ip: IpAddr| names.push(ip.to_string());
+    for addr in std::iter::once(s.listen).chain(s.http) {
+        if addr.ip().is_unspecified() {
+            if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
+                for ifa in interfaces {
+                    let Some(a) = ifa.address else { continue };
+                    if let Some(v4) = a.as_sockaddr_in() {
+                        add_ip(IpAddr::V4(v4.ip()));
+                    } else if let Some(v6) = a.as_sockaddr_in6()
+                        && !v6.ip().is_unicast_link_local()
+                    {
+                        add_ip(IpAddr::V6(v6.ip()));
+                    }
+                }
+            }
+        } else {
+            add_ip(addr.ip());
+        }
     }
-    Ok(ServerConfig {
-        heartbeat: args.heartbeat,
-        lease: args.lease,
-        max_upload: args.max_upload,
-        max_outputs: args.max_outputs_size,
-        max_log: args.max_log_size,
-        log_retention: args.log_retention,
-        completion_batch: args.completion_batch,
+    names.extend(s.tls_names.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The listeners' TLS, when the configuration asks for it: the given certificate, or the
+/// server-made CA in `<data dir>/tls` (created on first start). Prints where the CA is and its
+/// fingerprint, which clients pin.
+fn server_tls(config: &Config) -> Result<Option<TlsSettings>> {
+    if !config.server_tls() {
+        return Ok(None);
+    }
+    let s = &config.server;
+    let identity = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => drover_tls::load_server_identity(cert, key)?,
+        _ => {
+            let dir = s.data_dir.join("tls");
+            let (identity, created) = drover_tls::ensure_server_identity(&dir, &certificate_names(s))?;
+            if created {
+                eprintln!("made a certificate authority for this server in {}", dir.display());
+            }
+            identity
+        }
+    };
+    let tls_config = drover_tls::server_config(&identity)?;
+    let (ca_pem, ca_fingerprint) = match (identity.ca_pem.clone(), identity.ca_fingerprint.clone()) {
+        (Some(pem), Some(fp)) => (pem, fp),
+        _ => (String::new(), String::new()),
+    };
+    if !ca_fingerprint.is_empty() {
+        eprintln!("tls on; clients trust the CA {} (sha256:{ca_fingerprint})", ca_file(s).display());
+    }
+    Ok(Some(TlsSettings { config: tls_config, ca_pem, ca_fingerprint }))
+}
+
+/// Where clients on this machine find the server's CA certificate.
+fn ca_file(s: &ServerSettings) -> PathBuf {
+    let path = match &s.tls_cert {
+        Some(cert) => cert.clone(),
+        None => s.data_dir.join("tls").join("ca.pem"),
+    };
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
+    let s = &config.server;
+    ServerConfig {
+        heartbeat: s.heartbeat,
+        lease: s.lease,
+        max_upload: s.max_upload,
+        max_outputs: s.max_outputs_size,
+        max_log: s.max_log_size,
+        log_retention: s.log_retention,
+        completion_batch: s.completion_batch,
+        auth: !s.no_auth,
+        tls,
         ..ServerConfig::default()
+    }
+}
+
+/// A server ready to serve: its store and blobs opened, its listeners bound, its first
+/// operator key written.
+struct Prepared {
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    backends: Backends,
+    config: ServerConfig,
+    /// `http://` or `https://` and the address it listens on.
+    url: String,
+}
+
+async fn prepare_server(config: &Config) -> Result<Prepared> {
+    let s = &config.server;
+    let tls = server_tls(config)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let backends = open_backends(s).await?;
+    if !s.no_auth {
+        let path = s.data_dir.join(OPERATOR_KEY);
+        if let Some(path) = drover_server::auth::first_operator_key(&*backends.access, &path).await? {
+            eprintln!(
+                "wrote the first operator key to {} (readable by you only; it is not shown again)",
+                path.display()
+            );
+        }
+    }
+    let listener = bind(s.listen).await?;
+    let addr = listener.local_addr()?;
+    let http = match s.http {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    if let Some(http) = &http {
+        eprintln!("http api on {scheme}://{}", http.local_addr()?);
+    }
+    tracing::info!(%addr, data_dir = %s.data_dir.display(), tls = tls.is_some(), auth = !s.no_auth, "drover server listening");
+    // A wildcard address is reached through loopback from this machine.
+    let local = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    Ok(Prepared {
+        listener,
+        http,
+        backends,
+        config: server_config(config, tls),
+        url: format!("{scheme}://{local}"),
     })
 }
 
@@ -258,24 +259,31 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn agent_config(node: &NodeArgs, servers: Vec<String>, default_work: PathBuf) -> AgentConfig {
+fn agent_config(
+    a: &AgentSettings,
+    servers: Vec<String>,
+    default_work: PathBuf,
+    trust: Option<Trust>,
+) -> AgentConfig {
     AgentConfig {
-        servers: servers.iter().map(|s| crate::client::normalize(s)).collect(),
-        name: node.name.clone().unwrap_or_else(monitor::hostname),
-        labels: node.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
-        cores: node.cores.unwrap_or_else(monitor::detect_cores),
-        memory: node.memory.unwrap_or_else(monitor::detect_memory),
+        servers,
+        name: a.name.clone().unwrap_or_else(monitor::hostname),
+        labels: a.labels.clone(),
+        cores: a.cores.unwrap_or_else(monitor::detect_cores),
+        memory: a.memory.unwrap_or_else(monitor::detect_memory),
         // Absolute, because container runtimes bind-mount workspaces by path.
         work_dir: {
-            let dir = node.work_dir.clone().unwrap_or(default_work);
+            let dir = a.work_dir.clone().unwrap_or(default_work);
             std::path::absolute(&dir).unwrap_or(dir)
         },
-        kill_grace: node.kill_grace,
+        kill_grace: a.kill_grace,
+        join: a.join.clone(),
+        trust,
     }
 }
 
 /// The runtimes this node can offer: always the process runtime; docker when an engine answers.
-async fn build_agent(node: &NodeArgs, mut config: AgentConfig) -> Result<Agent> {
+async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Agent> {
     let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(ProcessRuntime::new())];
     let mut docker = None;
     if !node.no_docker {
@@ -301,7 +309,7 @@ async fn build_agent(node: &NodeArgs, mut config: AgentConfig) -> Result<Agent> 
         let vm_config = drover_agent::runtime::microvm::MicroVmConfig {
             cache_dir: config.work_dir.join(".microvm-cache"),
             run_dir: config.work_dir.join(".vm"),
-            warm: node.microvm_warm.iter().cloned().collect(),
+            warm: node.microvm_warm.clone(),
             snapshots: !node.microvm_no_snapshots,
             kernel: node.microvm_kernel.clone(),
             ..Default::default()
@@ -326,36 +334,61 @@ async fn build_agent(node: &NodeArgs, mut config: AgentConfig) -> Result<Agent> 
 }
 
 /// `drover server`.
-pub async fn server(args: ServerArgs) -> Result<ExitCode> {
-    let config = server_config(&args)?;
-    let backends = open_backends(&args).await?;
-    let listener = bind(args.listen).await?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), "drover server listening");
-    let http = match args.http {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    if let Some(http) = &http {
-        eprintln!("http api on http://{}", http.local_addr()?);
-    }
-    println!("drover server listening on http://{addr}");
-    drover_server::serve_with_http(listener, http, backends, config, shutdown_signal()).await?;
+pub async fn server(args: ServerCommand) -> Result<ExitCode> {
+    let config = load_config(args.config.config.as_deref(), |o| args.server.overrides(o))?;
+    let p = prepare_server(&config).await?;
+    // The first line on stdout says where the server is, for scripts that start it.
+    println!("drover server listening on {}", p.url);
+    drover_server::serve_with_http(p.listener, p.http, p.backends, p.config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `drover agent`.
 pub async fn agent(args: AgentArgs) -> Result<ExitCode> {
-    let config = agent_config(&args.node, args.server.clone(), PathBuf::from(".drover/agent/work"));
-    tracing::info!(name = %config.name, cores = config.cores, memory = config.memory, servers = ?config.servers, "drover agent starting");
-    let agent = build_agent(&args.node, config).await?;
-    agent.run(shutdown_signal()).await;
+    let config = load_config(args.config.config.as_deref(), |o| args.overrides(o))?;
+    let a = &config.agent;
+    if a.servers.is_empty() {
+        bail!("the agent needs a server: pass --server URL (or set [agent] servers in the config file)");
+    }
+    let trust = a.ca.as_deref().map(Trust::parse).transpose().map_err(|e| anyhow!("--ca: {e}"))?;
+    let pinned =
+        a.join.as_deref().and_then(drover_core::access::Credential::parse).and_then(|c| c.ca_fingerprint);
+    let has_trust = trust.is_some() || pinned.is_some();
+    let servers = a.servers.iter().map(|s| crate::client::normalize(s, has_trust)).collect();
+    let agent_config = agent_config(a, servers, PathBuf::from(".drover/agent/work"), trust);
+    tracing::info!(name = %agent_config.name, cores = agent_config.cores, memory = agent_config.memory, servers = ?agent_config.servers, "drover agent starting");
+    let agent = build_agent(a, agent_config).await?;
+    agent.enroll().await?;
+    agent.run(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stores the operator key of `up`'s data directory as the credentials of `url`, so client
+/// commands on this machine just work.
+fn install_operator_key(s: &ServerSettings, url: &str, tls: bool) -> Result<Option<PathBuf>> {
+    let key_path = s.data_dir.join(OPERATOR_KEY);
+    let key = match std::fs::read_to_string(&key_path) {
+        Ok(k) => k.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", key_path.display())),
+    };
+    let Some(path) = credentials::default_path() else { return Ok(None) };
+    let mut file = CredentialsFile::load(&path)?;
+    let ca = tls.then(|| ca_file(s).display().to_string());
+    let creds = ServerCredentials { key, ca };
+    if file.servers.get(url) != Some(&creds) {
+        file.set(url, creds, false);
+        file.save(&path)?;
+    }
+    Ok(Some(path))
 }
 
 /// `drover up`: a server and one local agent in one process.
 pub async fn up(args: UpArgs) -> Result<ExitCode> {
-    let config = server_config(&args.server)?;
+    let config = load_config(args.config.config.as_deref(), |o| {
+        args.server.overrides(o);
+        args.node.overrides(o);
+    })?;
     // Validate the job before starting anything, so a typo fails fast.
     let job = match &args.submit {
         Some(path) => match jobs::compile_file(path, &args.params)? {
@@ -364,38 +397,63 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         },
         None => None,
     };
-    let backends = open_backends(&args.server).await?;
-    let listener = bind(args.server.listen).await?;
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    let s = config.server.clone();
+    let p = prepare_server(&config).await?;
+    let url = p.url.clone();
+    let access = p.backends.access.clone();
+    let tls = p.config.tls.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
-    let http = match args.server.http {
-        Some(addr) => Some(bind(addr).await?),
-        None => None,
-    };
-    if let Some(http) = &http {
-        eprintln!("http api on http://{}", http.local_addr()?);
+    let server = tokio::spawn(drover_server::serve_with_http(
+        p.listener,
+        p.http,
+        p.backends,
+        p.config,
+        stopped(stop_rx.clone()),
+    ));
+
+    // The local agent enrolls like any other, with a token made here, once: later starts find
+    // its credential in its work dir.
+    let fingerprint = tls.as_ref().map(|t| t.ca_fingerprint.clone()).filter(|f| !f.is_empty());
+    let trust =
+        tls.as_ref().filter(|t| !t.ca_pem.is_empty()).map(|t| Trust::CaPem(t.ca_pem.clone().into_bytes()));
+    let mut agent_config =
+        agent_config(&config.agent, vec![url.clone()], s.data_dir.join("work"), trust.clone());
+    let enrolled = agent_config.work_dir.join(drover_agent::CREDENTIAL_FILE).exists();
+    if !enrolled && !s.no_auth {
+        let (token, _) = drover_server::auth::issue_join_token(
+            &*access,
+            fingerprint.clone(),
+            Default::default(),
+            Duration::from_secs(600),
+            "drover up",
+        )
+        .await?;
+        agent_config.join = Some(token);
     }
-    let server = tokio::spawn(drover_server::serve_with_http(listener, http, backends, config, server_stop));
-    let agent_config = agent_config(&args.node, vec![url.clone()], args.server.data_dir.join("work"));
-    let agent = build_agent(&args.node, agent_config).await?;
-    let agent_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
+    let agent = build_agent(&config.agent, agent_config).await?;
+    agent.enroll().await?;
+    let agent = tokio::spawn(agent.run(stopped(stop_rx.clone())));
+
+    let credentials = if s.no_auth { None } else { install_operator_key(&s, &url, tls.is_some())? };
+    eprintln!("drover is up: server and local agent on {url}, data in {}", s.data_dir.display());
+    let opt = ServerOpt { server: Some(url.clone()), ..Default::default() };
+    let opt = match &credentials {
+        Some(path) => {
+            eprintln!("the operator key is in {}; `drover` commands on this machine use it", path.display());
+            opt
         }
+        // Without a credentials file, `--submit` still reads the key directly.
+        None => ServerOpt {
+            key: std::fs::read_to_string(s.data_dir.join(OPERATOR_KEY)).ok().map(|k| k.trim().to_owned()),
+            ca: tls.is_some().then(|| ca_file(&s).display().to_string()),
+            ..opt
+        },
     };
-    let agent = tokio::spawn(agent.run(agent_stop));
-    eprintln!("drover is up: server and local agent on {url}, data in {}", args.server.data_dir.display());
     let code = match job {
         Some((job, source, filename)) => {
-            let opt = ServerOpt { server: url.clone() };
             let tasks = job.tasks.len();
             let job_id = jobs::send_job(&opt, job, source, filename).await?;
             eprintln!("submitted job {job_id} ({tasks} tasks)");
@@ -407,20 +465,25 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
             eprintln!(
                 "\nthe job and its logs are kept in {}: run `drover up` again to browse them \
                  (`drover ps --all`, `drover status {job_id}`, `drover logs {job_id}`)",
-                args.server.data_dir.display()
+                s.data_dir.display()
             );
             code
         }
         None => {
-            eprintln!(
-                "submit a job from another terminal:  drover submit examples/hello.yaml --watch --server {url}"
-            );
+            eprintln!("submit a job from another terminal:  drover submit examples/hello.yaml --watch");
+            if !s.no_auth {
+                print_remote_hints(&*access, &s, tls.as_ref(), fingerprint).await?;
+            }
             shutdown_signal().await;
             ExitCode::SUCCESS
         }
     };
     let _ = stop_tx.send(true);
-    let _ = agent.await;
+    match agent.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the local agent stopped with an error"),
+        Ok(Ok(())) => {}
+        Err(e) => tracing::warn!(error = %e, "the local agent task failed"),
+    }
     // Clients still streaming (a `watch` in another terminal) would hold the server open.
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(r)) => r?,
@@ -428,4 +491,46 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         Err(_) => tracing::warn!("server did not stop within 5s; exiting anyway"),
     }
     Ok(code)
+}
+
+/// Tells how to serve other machines and, when this server already does, prints the command
+/// that adds a remote agent, with a fresh single-use token.
+async fn print_remote_hints(
+    access: &dyn drover_store::AccessStore,
+    s: &ServerSettings,
+    tls: Option<&TlsSettings>,
+    fingerprint: Option<String>,
+) -> Result<()> {
+    let port = s.listen.port();
+    if drover_tls::is_loopback(&s.listen) {
+        // A token printed now would not carry the CA that a network listener makes.
+        eprintln!(
+            "to serve other machines, start with --listen 0.0.0.0:{port} (TLS turns on, with a CA made in {}); \
+             it then prints the command that adds a remote agent",
+            s.data_dir.join("tls").display()
+        );
+        return Ok(());
+    }
+    let ttl = Duration::from_secs(3600);
+    let (token, _) =
+        drover_server::auth::issue_join_token(access, fingerprint, Default::default(), ttl, "drover up")
+            .await?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!(
+        "add a remote agent (single-use token, valid for 1 hour; more with `drover nodes token create`):\n  \
+         drover agent --server {scheme}://{}:{port} --join {token}",
+        monitor::hostname()
+    );
+    Ok(())
+}
+
+/// `drover config print`: the effective configuration, secrets elided.
+pub fn config_print(args: PrintArgs) -> Result<ExitCode> {
+    let config = load_config(args.config.config.as_deref(), |o| {
+        args.server.overrides(o);
+        args.link.overrides(o);
+        args.node.overrides(o);
+    })?;
+    print!("{}", config.to_toml_elided()?);
+    Ok(ExitCode::SUCCESS)
 }

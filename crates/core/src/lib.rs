@@ -3,14 +3,17 @@
 //! function that the server applies.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod dag;
 pub mod job;
+pub mod limits;
 pub mod outcome;
 pub mod placement;
 pub mod resources;
 pub mod spec;
 pub mod state;
 
+pub use access::Role;
 pub use job::{
     AgentSpec, BuildSpec, Command, ExitCodes, HealthCheck, InputSource, InputSpec, JobPlan, LlmProvider,
     NetworkPolicy, PushSpec, RetryPolicy, RuntimeKind, ServiceSpec, TaskPlan,

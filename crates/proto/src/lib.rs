@@ -8,3 +8,10 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+mod bearer;
+pub use bearer::{BadCredential, Bearer};
+
+/// The encoded `FileDescriptorSet` of `proto/drover.proto`: every service and method, for tests
+/// and tools that must cover all of them.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::{self, Caller};
 use crate::completions::Acks;
 use crate::convert::status;
 use crate::{Session, Shared, now_ms};
@@ -36,6 +37,7 @@ impl AgentSession for AgentApi {
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<OutStream>, Status> {
         let shared = self.0.clone();
+        let caller = auth::caller(&shared, &req).await?;
         let mut inbound = req.into_inner();
         let first = inbound
             .next()
@@ -44,11 +46,31 @@ impl AgentSession for AgentApi {
         let Some(In::Register(reg)) = first.msg else {
             return Err(Status::invalid_argument("the first message of a session must be Register"));
         };
+        let forced = match &caller {
+            Caller::Node { name, labels, .. } if *name == reg.name => labels.clone(),
+            Caller::Node { name, .. } => {
+                tracing::warn!(credential_node = %name, asked = %reg.name, "refused a registration under another node's name");
+                return Err(Status::permission_denied(format!(
+                    "this credential belongs to node `{name}`; it cannot register `{}`",
+                    reg.name
+                )));
+            }
+            Caller::Open => Default::default(),
+            Caller::Key { .. } => {
+                return Err(Status::permission_denied(
+                    "an API key cannot register a node; enroll the agent with `drover agent --join TOKEN`",
+                ));
+            }
+        };
+        check_registration(&reg)?;
         let lease = shared.config.lease;
         let now = now_ms();
+        let mut labels: std::collections::BTreeMap<String, String> = reg.labels.into_iter().collect();
+        // The operator's labels from the join token win over what the agent says of itself.
+        labels.extend(forced);
         let spec = NodeSpec {
             name: reg.name.clone(),
-            labels: reg.labels.into_iter().collect(),
+            labels,
             cores: reg.cores,
             memory: reg.memory,
             runtimes: reg.runtimes,
@@ -68,11 +90,28 @@ impl AgentSession for AgentApi {
         })))
         .await
         .map_err(|_| Status::cancelled("session closed"))?;
-        shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node_id, Session { epoch, tx: tx.clone(), warm: Default::default() });
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let session = Session {
+            name: reg.name.clone(),
+            stop: stop.clone(),
+            epoch,
+            tx: tx.clone(),
+            warm: Default::default(),
+        };
+        shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(node_id, session);
+        // A revocation that raced this registration marked the node down before
+        // `register_node` brought it back; look once more now that the session is findable.
+        if let Caller::Node { credential_id, .. } = &caller
+            && shared
+                .access
+                .node_credential(credential_id)
+                .await
+                .map_err(status)?
+                .is_none_or(|c| c.revoked_ms.is_some())
+        {
+            shared.end_session(node_id, "the node's credential was revoked");
+            let _ = shared.access.revoke_node(&reg.name, now_ms()).await;
+        }
         shared.publish(Signal::Changed { job_id: 0 }).await;
         shared.publish(Signal::Schedule).await;
 
@@ -80,7 +119,12 @@ impl AgentSession for AgentApi {
         let acks = Acks::spawn(shared.store.clone(), tx.clone());
         tokio::spawn(
             async move {
-                while let Some(msg) = inbound.next().await {
+                loop {
+                    let msg = tokio::select! {
+                        msg = inbound.next() => msg,
+                        _ = stop.notified() => break,
+                    };
+                    let Some(msg) = msg else { break };
                     let msg = match msg {
                         Ok(m) => m,
                         Err(e) => {
@@ -107,6 +151,11 @@ impl AgentSession for AgentApi {
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        crate::access_api::join(&self.0, req.into_inner()).await.map(Response::new)
     }
 }
 
@@ -135,7 +184,11 @@ async fn handle(
                 return Ok(false);
             }
         }
-        Some(In::Update(u)) => {
+        Some(In::Update(mut u)) => {
+            // The session's epoch, not the one the message names: epochs are unique across
+            // nodes, so the store's fence then accepts the update only if the attempt was
+            // assigned to this very node (and this registration of it).
+            u.epoch = epoch;
             let applied = match u.kind {
                 Some(pb::attempt_update::Kind::Started(_)) => {
                     let started = AttemptUpdate::Started { attempt_id: u.attempt_id, epoch: u.epoch };
@@ -181,7 +234,13 @@ async fn handle(
             };
             return Ok(acks.done(u.attempt_id, u.seq, applied).await.is_ok());
         }
-        Some(In::Output(o)) => {
+        Some(In::Output(mut o)) => {
+            o.epoch = epoch;
+            if o.lines.len() > MAX_LINES_PER_BATCH {
+                return Err(Status::invalid_argument(format!(
+                    "an output batch carries at most {MAX_LINES_PER_BATCH} lines"
+                )));
+            }
             let lines: Vec<OutputLine> = o
                 .lines
                 .into_iter()
@@ -190,11 +249,41 @@ async fn handle(
             let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
             return Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok());
         }
-        Some(In::FileChunk(chunk)) => shared.reads.deliver(chunk),
+        Some(In::FileChunk(chunk)) => shared.reads.deliver(node_id, chunk),
         Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
         None => {}
     }
     Ok(true)
+}
+
+/// Most output lines in one message; agents send far fewer.
+const MAX_LINES_PER_BATCH: usize = 10_000;
+/// Most labels, runtimes and listed attempts a registration may carry.
+const MAX_LABELS: usize = 128;
+const MAX_RUNTIMES: usize = 16;
+const MAX_KNOWN_ATTEMPTS: usize = 100_000;
+
+/// Refuses a registration whose fields are out of bounds, before anything is stored.
+fn check_registration(reg: &pb::Register) -> Result<(), Status> {
+    let bad = |why: String| Err(Status::invalid_argument(format!("registration refused: {why}")));
+    if !crate::access_api::valid_node_name(&reg.name) {
+        return bad(format!("`{}` is not a node name; use letters, digits, `.`, `-` and `_`", reg.name));
+    }
+    if reg.cores == 0 {
+        return bad("a node needs at least one core".into());
+    }
+    if reg.labels.len() > MAX_LABELS
+        || reg.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 63 || v.len() > 255)
+    {
+        return bad(format!("at most {MAX_LABELS} labels, keys up to 63 bytes and values up to 255"));
+    }
+    if reg.runtimes.len() > MAX_RUNTIMES || reg.runtimes.iter().any(|r| r.is_empty() || r.len() > 32) {
+        return bad(format!("at most {MAX_RUNTIMES} runtimes with short names"));
+    }
+    if reg.attempts.len() > MAX_KNOWN_ATTEMPTS {
+        return bad(format!("at most {MAX_KNOWN_ATTEMPTS} attempts may be listed"));
+    }
+    Ok(())
 }
 
 /// Hands a start or finish to the group commit; its acknowledgement follows the commit.

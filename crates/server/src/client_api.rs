@@ -4,15 +4,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_core::JobPlan;
+use drover_core::{JobPlan, Role};
 use drover_proto as pb;
 use drover_proto::drover_server::Drover;
 use drover_store::Signal;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::access_api::{self, no_project, require_project};
+use crate::auth::{self, Caller};
 use crate::convert::{self, status};
 use crate::downloads::{self, no_job, task_filter};
 use crate::{Shared, now_ms, transfer};
@@ -28,10 +30,10 @@ pub(crate) struct ClientApi(pub(crate) Arc<Shared>);
 impl Drover for ClientApi {
     #[tracing::instrument(skip_all)]
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
-        let plan: JobPlan = serde_json::from_str(&req.plan_json)
-            .map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
-        plan.validate().map_err(|e| Status::invalid_argument(format!("job plan is not valid: {e}")))?;
+        let plan = crate::intake::decode_plan(&req)?;
+        require_project(&self.0, &caller, &plan.project, Role::Submitter).await?;
         self.check_references(&plan).await?;
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
@@ -42,8 +44,9 @@ impl Drover for ClientApi {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&req).await?;
         let id = req.into_inner().job_id;
-        let job = self.0.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
+        let job = visible_job(&self.0, &caller, id, Role::Viewer).await?;
         let tasks = self.0.store.tasks(id).await.map_err(status)?;
         Ok(Response::new(convert::job(job, tasks)))
     }
@@ -52,18 +55,22 @@ impl Drover for ClientApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.require_person()?;
         let req = req.into_inner();
         let limit = if req.limit == 0 { 50 } else { req.limit.min(10_000) };
-        let jobs = self.0.store.list_jobs(limit, req.all).await.map_err(status)?;
+        let projects = caller.visible().filter();
+        let jobs = self.0.store.list_jobs(limit, req.all, projects.as_deref()).await.map_err(status)?;
         Ok(Response::new(pb::ListJobsResponse { jobs: jobs.into_iter().map(convert::summary).collect() }))
     }
 
     type WatchStream = BoxStream<pb::Event>;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let shared = self.0.clone();
-        shared.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
+        visible_job(&shared, &caller, req.job_id, Role::Viewer).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut changes = shared.changes.subscribe();
@@ -105,9 +112,11 @@ impl Drover for ClientApi {
 
     #[tracing::instrument(skip_all)]
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let id = req.into_inner().job_id;
+        visible_job(&self.0, &caller, id, Role::Submitter).await?;
         let open = self.0.store.cancel_job(id, now_ms()).await.map_err(status)?;
-        tracing::info!(job_id = id, running = open.len(), "job cancelled");
+        tracing::info!(job_id = id, running = open.len(), by = %caller.who(), "job cancelled");
         for a in &open {
             // The node's session may be held by another server; the signal reaches it there.
             self.0.publish(Signal::Cancel { attempt_id: a.attempt_id, node_id: a.node_id }).await;
@@ -121,7 +130,9 @@ impl Drover for ClientApi {
     type LogsStream = BoxStream<pb::LogBatch>;
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
+        visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
         let stream = downloads::logs(self.0.clone(), req.job_id, &req.task, req.follow, req.after_id).await?;
         Ok(Response::new(stream))
     }
@@ -130,12 +141,40 @@ impl Drover for ClientApi {
         &self,
         req: Request<tonic::Streaming<pb::BlobChunk>>,
     ) -> Result<Response<pb::BlobRef>, Status> {
-        let stored = transfer::put(&self.0.blobs, req.into_inner(), self.0.config.max_upload).await?;
+        let caller = self.caller(&req).await?;
+        let mut stream = req.into_inner();
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty upload"))??;
+        // Agents upload outputs (their records name the project); everyone else uploads for a
+        // project they can submit to, which then holds the blob.
+        let project = match &caller {
+            Caller::Node { .. } => None,
+            _ if first.project.is_empty() => {
+                return Err(Status::invalid_argument("an upload names its project in its first chunk"));
+            }
+            _ => {
+                require_project(&self.0, &caller, &first.project, Role::Submitter).await?;
+                Some(first.project.clone())
+            }
+        };
+        let stored = transfer::put(&self.0.blobs, first, stream, self.0.config.max_upload).await?;
+        if let Some(project) = project {
+            self.0
+                .access
+                .add_project_blob(&project, &stored.digest, stored.size, now_ms())
+                .await
+                .map_err(status)?;
+        }
         Ok(Response::new(stored))
     }
 
     async fn stat_blob(&self, req: Request<pb::BlobRef>) -> Result<Response<pb::BlobStat>, Status> {
-        let digest = transfer::digest(&req.into_inner().digest)?;
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let digest = transfer::digest(&req.digest)?;
+        // A blob the caller cannot reach answers as a missing one: a digest alone tells nothing.
+        if !self.may_read_blob(&caller, &req.project, &req.digest).await? {
+            return Ok(Response::new(pb::BlobStat { exists: false, size: 0 }));
+        }
         let size = self.0.blobs.stat(&digest).await.map_err(transfer::blob_status)?;
         Ok(Response::new(pb::BlobStat { exists: size.is_some(), size: size.unwrap_or(0) }))
     }
@@ -143,7 +182,12 @@ impl Drover for ClientApi {
     type GetBlobStream = BoxStream<pb::BlobChunk>;
 
     async fn get_blob(&self, req: Request<pb::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
-        let digest = transfer::digest(&req.into_inner().digest)?;
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let digest = transfer::digest(&req.digest)?;
+        if !self.may_read_blob(&caller, &req.project, &req.digest).await? {
+            return Err(transfer::blob_status(drover_blobs::BlobError::NotFound { digest }));
+        }
         Ok(Response::new(transfer::get(&self.0.blobs, &digest).await?))
     }
 
@@ -151,8 +195,10 @@ impl Drover for ClientApi {
         &self,
         req: Request<pb::SetSecretRequest>,
     ) -> Result<Response<pb::SetSecretResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        require_project(&self.0, &caller, &project, Role::Admin).await?;
         if !drover_store::valid_secret_name(&req.name) {
             return Err(Status::invalid_argument(format!(
                 "`{}` is not a secret name; use capitals, digits and `_`, like DB_PASSWORD",
@@ -161,7 +207,7 @@ impl Drover for ClientApi {
         }
         let created =
             self.0.secrets.set_secret(&project, &req.name, &req.value, now_ms()).await.map_err(status)?;
-        tracing::info!(project = %project, name = %req.name, created, "secret set");
+        tracing::info!(project = %project, name = %req.name, created, by = %caller.who(), "secret set");
         Ok(Response::new(pb::SetSecretResponse { created }))
     }
 
@@ -169,8 +215,10 @@ impl Drover for ClientApi {
         &self,
         req: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        require_project(&self.0, &caller, &project, Role::Submitter).await?;
         let names = self.0.secrets.secret_names(&project).await.map_err(status)?;
         Ok(Response::new(pb::ListSecretsResponse { names }))
     }
@@ -179,23 +227,39 @@ impl Drover for ClientApi {
         &self,
         req: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
+        require_project(&self.0, &caller, &project, Role::Admin).await?;
         let deleted = self.0.secrets.delete_secret(&project, &req.name).await.map_err(status)?;
+        tracing::info!(project = %project, name = %req.name, deleted, by = %caller.who(), "secret deleted");
         Ok(Response::new(pb::DeleteSecretResponse { deleted }))
     }
 
     async fn usage(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
-        crate::usage::usage(&self.0, req.into_inner()).await.map(Response::new)
+        let caller = self.caller(&req).await?;
+        caller.require_person()?;
+        let mut req = req.into_inner();
+        if req.job_id != 0 {
+            visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
+        }
+        if !req.project.is_empty() {
+            let project = req.project.clone();
+            caller.require(&project, Role::Viewer, || no_project(&project))?;
+        } else if let auth::Visible::One(project) = caller.visible() {
+            req.project = project;
+        }
+        crate::usage::usage(&self.0, req).await.map(Response::new)
     }
 
     async fn list_artifacts(
         &self,
         req: Request<pb::ListArtifactsRequest>,
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let filter = task_filter(&req.task)?;
-        self.0.store.job(req.job_id).await.map_err(status)?.ok_or_else(|| no_job(req.job_id))?;
+        visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
         let artifacts = self.0.artifacts.artifacts(req.job_id, &filter).await.map_err(status)?;
         Ok(Response::new(pb::ListArtifactsResponse {
             artifacts: artifacts.into_iter().map(convert::artifact).collect(),
@@ -208,15 +272,19 @@ impl Drover for ClientApi {
         &self,
         req: Request<pb::GetArtifactRequest>,
     ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
+        visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
         let download = downloads::artifact(&self.0, req.job_id, &req.task, &req.path).await?;
         Ok(Response::new(download.chunks))
     }
 
     async fn list_nodes(
         &self,
-        _req: Request<pb::ListNodesRequest>,
+        req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        // Every person may see the fleet (what it offers is not any project's data).
+        self.caller(&req).await?.require_person()?;
         let mut nodes: Vec<pb::Node> =
             self.0.store.nodes().await.map_err(status)?.into_iter().map(convert::node).collect();
         let sessions = self.0.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -227,9 +295,120 @@ impl Drover for ClientApi {
         }
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        Ok(Response::new(access_api::who_am_i(&self.caller(&req).await?)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::create_key(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::list_keys(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::revoke_key(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_project(
+        &self,
+        req: Request<pb::CreateProjectRequest>,
+    ) -> Result<Response<pb::CreateProjectResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::create_project(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_projects(
+        &self,
+        req: Request<pb::ListProjectsRequest>,
+    ) -> Result<Response<pb::ListProjectsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::list_projects(&self.0, &caller).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::create_join_token(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn revoke_node(
+        &self,
+        req: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        access_api::revoke_node(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+}
+
+/// A job the caller may act on with role `need`; another project's job answers as a missing one.
+pub(crate) async fn visible_job(
+    shared: &Shared,
+    caller: &Caller,
+    job_id: i64,
+    need: Role,
+) -> Result<drover_store::JobRecord, Status> {
+    let job = shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
+    caller.require(&job.project, need, || no_job(job_id))?;
+    Ok(job)
 }
 
 impl ClientApi {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        auth::caller(&self.0, req).await
+    }
+
+    /// Whether the caller may read blob `digest`: a person through a project it can see that
+    /// holds the blob, an agent when it runs a task of a project that holds it.
+    async fn may_read_blob(&self, caller: &Caller, project: &str, digest: &str) -> Result<bool, Status> {
+        match caller {
+            Caller::Node { name, .. } => {
+                let Some(node_id) = self.node_id(name).await? else { return Ok(false) };
+                self.0.access.node_may_read_blob(node_id, digest).await.map_err(status)
+            }
+            _ if caller.role_in(project).is_none() => Ok(false),
+            _ => Ok(self.0.access.blob_projects(digest).await.map_err(status)?.iter().any(|p| p == project)),
+        }
+    }
+
+    /// The id of the node named `name`: from its session when this server holds it, else from
+    /// the store (an agent may fetch files from another replica than the one it registered with).
+    async fn node_id(&self, name: &str) -> Result<Option<i64>, Status> {
+        let local = {
+            let sessions = self.0.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions.iter().find(|(_, s)| s.name == name).map(|(id, _)| *id)
+        };
+        if local.is_some() {
+            return Ok(local);
+        }
+        let nodes = self.0.store.nodes().await.map_err(status)?;
+        Ok(nodes.into_iter().find(|n| n.name == name).map(|n| n.id))
+    }
+
     /// Refuses a job that names secrets its project lacks or images the server does not have,
     /// before anything is stored.
     async fn check_references(&self, plan: &JobPlan) -> Result<(), Status> {
@@ -250,13 +429,21 @@ impl ClientApi {
                 )));
             }
         }
-        let blobs: std::collections::BTreeSet<&str> =
-            plan.tasks.iter().filter_map(|t| t.image_blob.as_deref()).collect();
-        for blob in blobs {
+        // Every blob the job names must be one its project holds: naming another project's
+        // digest must not make an agent fetch it into this job's workspace.
+        let images = plan.tasks.iter().filter_map(|t| t.image_blob.as_deref()).map(|b| (b, "image archive"));
+        let inputs = plan.tasks.iter().flat_map(|t| &t.inputs).filter_map(|i| match &i.source {
+            drover_core::InputSource::Blob { digest, .. } => Some((digest.as_str(), "input")),
+            _ => None,
+        });
+        let blobs: std::collections::BTreeMap<&str, &str> = images.chain(inputs).collect();
+        for (blob, what) in blobs {
             let digest = transfer::digest(blob)?;
-            if self.0.blobs.stat(&digest).await.map_err(transfer::blob_status)?.is_none() {
+            let held = self.0.access.blob_projects(blob).await.map_err(status)?.contains(&plan.project);
+            if !held || self.0.blobs.stat(&digest).await.map_err(transfer::blob_status)?.is_none() {
                 return Err(Status::failed_precondition(format!(
-                    "image archive {blob} was never uploaded; submit with the drover CLI, which uploads it"
+                    "{what} {blob} was never uploaded to project `{}`; submit with the drover CLI, which uploads it",
+                    plan.project
                 )));
             }
         }

@@ -276,6 +276,7 @@ mod tests {
             store: store.clone(),
             secrets: store.clone(),
             artifacts: store.clone(),
+            access: store.clone(),
             blobs: Arc::new(drover_blobs::MemoryBlobStore::new()),
             config: ServerConfig::default(),
             changes: watch::channel(0).0,

@@ -1,5 +1,6 @@
 //! The HTTP API: read-only JSON and downloads for scripts and browsers, the same data the gRPC
-//! client API serves.
+//! client API serves, with the same credentials (`Authorization: Bearer drv_...`) and the
+//! same authorization.
 //!
 //! - `GET /v1/jobs/{id}`: the job and its tasks;
 //! - `GET /v1/jobs/{id}/artifacts[?task=NAME]`: kept outputs;
@@ -10,39 +11,68 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
+use drover_core::Role;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tonic::{Code, Status};
 
 use crate::Shared;
+use crate::auth::{self, Caller};
+use crate::client_api::visible_job;
 use crate::convert::{self, status};
-use crate::downloads::{self, no_job, task_filter};
+use crate::downloads::{self, task_filter};
 
 /// Serves the HTTP API on `listener` until `shutdown` resolves.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: drover_tls::Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
+    if let Ok(addr) = axum::serve::Listener::local_addr(&listener) {
         tracing::info!(%addr, "http api listening");
     }
     axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
 }
 
+/// Every route, with its handler. The router is built from this list, and the authorization
+/// test walks it, so a route added here without a test case fails that test.
+pub(crate) fn routes() -> Vec<(&'static str, MethodRouter<Arc<Shared>>)> {
+    vec![
+        ("/v1/jobs/{id}", get(job)),
+        ("/v1/jobs/{id}/artifacts", get(artifacts)),
+        ("/v1/jobs/{id}/tasks/{task}/artifacts/{*path}", get(artifact)),
+        ("/v1/jobs/{id}/tasks/{task}/logs", get(logs)),
+    ]
+}
+
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/v1/jobs/{id}", get(job))
-        .route("/v1/jobs/{id}/artifacts", get(artifacts))
-        .route("/v1/jobs/{id}/tasks/{task}/artifacts/{*path}", get(artifact))
-        .route("/v1/jobs/{id}/tasks/{task}/logs", get(logs))
-        .with_state(shared)
+    routes().into_iter().fold(Router::new(), |r, (path, handler)| r.route(path, handler)).with_state(shared)
+}
+
+/// The caller of an HTTP request, from its `Authorization: Bearer` header.
+struct Authed(Caller);
+
+impl FromRequestParts<Arc<Shared>> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Authed, ApiError> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| ApiError(Status::unauthenticated("the authorization header is not text")))?,
+            ),
+            None => None,
+        };
+        let caller = auth::authenticate(&*shared.access, shared.config.auth, header).await?;
+        caller.require_person()?;
+        Ok(Authed(caller))
+    }
 }
 
 /// An API error as HTTP: the gRPC code mapped to a status, the message as JSON.
@@ -58,6 +88,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = match self.0.code() {
             Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
             Code::InvalidArgument => StatusCode::BAD_REQUEST,
             Code::FailedPrecondition => StatusCode::CONFLICT,
             Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
@@ -68,8 +100,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn job(State(shared): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
-    let job = shared.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
+async fn job(
+    State(shared): State<Arc<Shared>>,
+    Authed(caller): Authed,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let job = visible_job(&shared, &caller, id, Role::Viewer).await?;
     let tasks = shared.store.tasks(id).await.map_err(status)?;
     let job = convert::job(job, tasks);
     let tasks: Vec<Value> = job
@@ -94,11 +130,12 @@ struct TaskQuery {
 
 async fn artifacts(
     State(shared): State<Arc<Shared>>,
+    Authed(caller): Authed,
     Path(id): Path<i64>,
     Query(q): Query<TaskQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let filter = task_filter(&q.task)?;
-    shared.store.job(id).await.map_err(status)?.ok_or_else(|| no_job(id))?;
+    visible_job(&shared, &caller, id, Role::Viewer).await?;
     let list = shared.artifacts.artifacts(id, &filter).await.map_err(status)?;
     let list: Vec<Value> = list
         .into_iter()
@@ -112,8 +149,10 @@ async fn artifacts(
 
 async fn artifact(
     State(shared): State<Arc<Shared>>,
+    Authed(caller): Authed,
     Path((id, task, path)): Path<(i64, String, String)>,
 ) -> Result<Response, ApiError> {
+    visible_job(&shared, &caller, id, Role::Viewer).await?;
     let download = downloads::artifact(&shared, id, &task, &path).await?;
     // A broken download (a corrupted blob, an agent gone mid-way) aborts the body, so the
     // client sees a failed transfer rather than a short file.
@@ -129,8 +168,10 @@ async fn artifact(
 
 async fn logs(
     State(shared): State<Arc<Shared>>,
+    Authed(caller): Authed,
     Path((id, task)): Path<(i64, String)>,
 ) -> Result<Response, ApiError> {
+    visible_job(&shared, &caller, id, Role::Viewer).await?;
     let stream = downloads::logs(shared, id, &task, false, 0).await?;
     let body = Body::from_stream(stream.map(|batch| {
         batch

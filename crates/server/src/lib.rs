@@ -2,12 +2,15 @@
 //! the pure placement function, and the lease reaper.
 #![warn(missing_docs)]
 
+mod access_api;
 mod agent_api;
+pub mod auth;
 mod client_api;
 mod completions;
 mod convert;
 mod downloads;
 mod http;
+mod intake;
 mod live_files;
 mod log_archive;
 mod loops;
@@ -15,6 +18,12 @@ mod transfer;
 mod usage;
 
 pub use log_archive::DEFAULT_RETENTION;
+
+/// The paths of every HTTP API route, as the router is built from them: what tests walk to
+/// cover each route.
+pub fn http_route_paths() -> Vec<&'static str> {
+    http::routes().into_iter().map(|(path, _)| path).collect()
+}
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,10 +33,9 @@ use drover_blobs::BlobStore;
 use drover_proto::ServerMessage;
 use drover_proto::agent_session_server::AgentSessionServer;
 use drover_proto::drover_server::DroverServer;
-use drover_store::{ArtifactStore, SecretStore, Signal, Store};
+use drover_store::{AccessStore, ArtifactStore, SecretStore, Signal, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Default of [`ServerConfig::completion_batch`].
 pub const DEFAULT_COMPLETION_BATCH: usize = 256;
@@ -56,6 +64,22 @@ pub struct ServerConfig {
     /// while a commit is in flight wait for the next one, so batches only grow under load;
     /// 1 commits every update on its own.
     pub completion_batch: usize,
+    /// Whether every call must carry a credential. Off only with `--no-auth`, which the
+    /// binary allows on loopback addresses alone.
+    pub auth: bool,
+    /// TLS for both listeners; `None` serves plain text (loopback only, the binary checks).
+    pub tls: Option<TlsSettings>,
+}
+
+/// The server's TLS: what its listeners present, and the CA that clients and agents trust.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// The rustls configuration of both listeners.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The CA certificate (PEM) that issued the server's certificate; enrolled agents get it.
+    pub ca_pem: String,
+    /// SHA-256 of the CA certificate (hex), pinned in join tokens.
+    pub ca_fingerprint: String,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +94,8 @@ impl Default for ServerConfig {
             log_retention: DEFAULT_RETENTION,
             archive_tick: Duration::from_secs(1),
             completion_batch: DEFAULT_COMPLETION_BATCH,
+            auth: true,
+            tls: None,
         }
     }
 }
@@ -95,10 +121,16 @@ pub struct Backends {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// Content-addressed blobs: image archives, inputs, outputs.
     pub blobs: Arc<dyn BlobStore>,
+    /// Projects, keys, join tokens, node credentials.
+    pub access: Arc<dyn AccessStore>,
 }
 
 /// The sender half of a connected agent's session.
 struct Session {
+    /// The node's name, as its credential binds it.
+    name: String,
+    /// Ends the session's receiving loop (the node's credential was revoked).
+    stop: Arc<Notify>,
     epoch: i64,
     tx: mpsc::Sender<Result<ServerMessage, tonic::Status>>,
     /// Idle microVMs per image, from the agent's last heartbeat. Kept with the session rather
@@ -112,6 +144,7 @@ pub(crate) struct Shared {
     secrets: Arc<dyn SecretStore>,
     artifacts: Arc<dyn ArtifactStore>,
     blobs: Arc<dyn BlobStore>,
+    access: Arc<dyn AccessStore>,
     config: ServerConfig,
     /// Bumped after every committed change; watch and log streams wait on it.
     changes: watch::Sender<u64>,
@@ -148,6 +181,18 @@ impl Shared {
                 };
                 self.send_to_node(node_id, msg).await;
             }
+            Signal::NodeRevoked { node_id } => self.end_session(node_id, "the node's credential was revoked"),
+        }
+    }
+
+    /// Ends a node's session at once, if this server holds it: the agent gets `why` as an
+    /// `unauthenticated` error and nothing more it sends is read.
+    fn end_session(&self, node_id: i64, why: &str) {
+        let session = self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&node_id);
+        if let Some(session) = session {
+            tracing::warn!(node_id, name = %session.name, why, "ending agent session");
+            session.stop.notify_one();
+            let _ = session.tx.try_send(Err(tonic::Status::unauthenticated(why.to_owned())));
         }
     }
 
@@ -164,21 +209,6 @@ impl Shared {
             tracing::debug!(node_id, "agent session closed while sending");
         }
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: the agent protocol is many small messages,
-/// and waiting for the peer's delayed ACK added tens of milliseconds to every dispatch.
-fn incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot disable Nagle on a connection");
-            }
-        })
-    })
 }
 
 /// Milliseconds since the Unix epoch.
@@ -205,13 +235,15 @@ pub async fn serve_with_http(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Backends { store, secrets, artifacts, blobs } = backends;
+    let Backends { store, secrets, artifacts, blobs, access } = backends;
+    let tls = config.tls.as_ref().map(|t| t.config.clone());
     let (completions, writer) = completions::Completions::spawn(store.clone(), config.completion_batch);
     let shared = Arc::new(Shared {
         store,
         secrets,
         artifacts,
         blobs,
+        access,
         config,
         changes: watch::channel(0).0,
         schedule: Notify::new(),
@@ -225,15 +257,22 @@ pub async fn serve_with_http(
     let archiver = tokio::spawn(log_archive::archiver(shared.clone()));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = http.map(|listener| {
+        let listener = drover_tls::Listener::new(listener, tls.clone());
         tokio::spawn(http::serve(shared.clone(), listener, async {
             let _ = http_stopped.await;
         }))
     });
+    if !shared.config.auth {
+        tracing::warn!("authorization is off (--no-auth): anyone who reaches this server may do anything");
+    }
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(DroverServer::new(client_api::ClientApi(shared.clone())))
+        .add_service(
+            DroverServer::new(client_api::ClientApi(shared.clone()))
+                .max_decoding_message_size(intake::MAX_SUBMIT_MESSAGE),
+        )
         .add_service(AgentSessionServer::new(agent_api::AgentApi(shared.clone())))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(drover_tls::incoming(listener, tls), shutdown)
         .await;
     signals.abort();
     scheduler.abort();

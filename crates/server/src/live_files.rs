@@ -32,18 +32,24 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A live download in flight: its chunks, in order, as the agent sends them.
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
 
+/// A live read waiting for chunks: the node asked, and where its chunks go.
+struct Waiting {
+    node_id: i64,
+    tx: mpsc::Sender<pb::FileChunk>,
+}
+
 /// Live reads waiting for chunks from agents, by request id.
 #[derive(Default)]
 pub(crate) struct Reads {
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, mpsc::Sender<pb::FileChunk>>>,
+    waiting: Mutex<HashMap<u64, Waiting>>,
 }
 
 impl Reads {
-    fn open(&self) -> (u64, mpsc::Receiver<pb::FileChunk>) {
+    fn open(&self, node_id: i64) -> (u64, mpsc::Receiver<pb::FileChunk>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(CHUNKS_PER_WINDOW + 2);
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Waiting { node_id, tx });
         (id, rx)
     }
 
@@ -51,10 +57,27 @@ impl Reads {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
-    /// Hands a chunk from an agent to the download waiting for it. Never blocks the agent's
-    /// session: a window always fits the channel, and chunks of finished downloads are dropped.
-    pub(crate) fn deliver(&self, chunk: pb::FileChunk) {
-        let tx = self.waiting.lock().unwrap_or_else(|e| e.into_inner()).get(&chunk.request_id).cloned();
+    /// Hands a chunk from node `node_id`'s agent to the download waiting for it. Only the node
+    /// that was asked may answer: a chunk from any other node is dropped. Never blocks the
+    /// agent's session: a window always fits the channel, and chunks of finished downloads
+    /// are dropped.
+    pub(crate) fn deliver(&self, node_id: i64, chunk: pb::FileChunk) {
+        let tx = {
+            let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            match waiting.get(&chunk.request_id) {
+                Some(w) if w.node_id != node_id => {
+                    tracing::warn!(
+                        node_id,
+                        asked = w.node_id,
+                        request_id = chunk.request_id,
+                        "dropped a live read chunk from a node that was not asked"
+                    );
+                    return;
+                }
+                Some(w) => Some(w.tx.clone()),
+                None => None,
+            }
+        };
         match tx {
             Some(tx) => {
                 if tx.try_send(chunk).is_err() {
@@ -96,7 +119,7 @@ pub(crate) async fn read(
             attempt.task_name
         )));
     };
-    let (id, mut chunks) = shared.reads.open();
+    let (id, mut chunks) = shared.reads.open(attempt.node_id);
     let registration = Registration { shared: shared.clone(), id };
     let attempt_id = attempt.attempt_id;
     let path = path.to_string();
@@ -131,6 +154,7 @@ pub(crate) async fn read(
                 digest: String::new(),
                 size: if first_chunk { chunk.size } else { 0 },
                 data: chunk.data,
+                project: String::new(),
             };
             first_chunk = false;
             if tx.send(Ok(out)).await.is_err() {
@@ -165,5 +189,21 @@ async fn next_chunk(chunks: &mut mpsc::Receiver<pb::FileChunk>) -> Result<pb::Fi
             "the agent did not answer within {}s; it may be gone",
             AGENT_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_node_asked_may_answer_a_live_read() {
+        let reads = Reads::default();
+        let (id, mut rx) = reads.open(7);
+        let chunk = |data: &[u8]| pb::FileChunk { request_id: id, data: data.to_vec(), ..Default::default() };
+        reads.deliver(8, chunk(b"forged"));
+        reads.deliver(7, chunk(b"real"));
+        assert_eq!(rx.try_recv().unwrap().data, b"real");
+        assert!(rx.try_recv().is_err(), "the other node's chunk was dropped");
     }
 }

@@ -35,13 +35,14 @@ pub(crate) fn digest(text: &str) -> Result<Digest, Status> {
     text.parse().map_err(|e: BlobError| Status::invalid_argument(e.to_string()))
 }
 
-/// Stores an uploaded stream. The first message may carry the expected digest.
+/// Stores an upload: its `first` message (read by the caller, which authorizes the upload by
+/// it; it may carry the expected digest) and the rest of the stream.
 pub(crate) async fn put(
     blobs: &Arc<dyn BlobStore>,
+    first: pb::BlobChunk,
     mut stream: Streaming<pb::BlobChunk>,
     max_size: u64,
 ) -> Result<pb::BlobRef, Status> {
-    let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty upload"))??;
     let expected = if first.digest.is_empty() { None } else { Some(digest(&first.digest)?) };
     if first.size > max_size {
         return Err(Status::resource_exhausted(format!(
@@ -69,7 +70,7 @@ pub(crate) async fn put(
     pump.abort();
     let info = stored?;
     tracing::info!(digest = %info.digest, size = info.size, "blob stored");
-    Ok(pb::BlobRef { digest: info.digest.to_string(), size: info.size })
+    Ok(pb::BlobRef { digest: info.digest.to_string(), size: info.size, project: String::new() })
 }
 
 /// A download stream of a stored blob, verified as it is read.
@@ -92,6 +93,7 @@ pub(crate) async fn get(
                         digest: if first { name.clone() } else { String::new() },
                         size: if first { size.unwrap_or(0) } else { 0 },
                         data: buf[..n].to_vec(),
+                        project: String::new(),
                     };
                     first = false;
                     if tx.send(Ok(msg)).await.is_err() {

@@ -68,13 +68,15 @@ pub trait ArchiveStore: Send + Sync + 'static {
     async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>>;
 
     /// Records that an ended attempt's log is stored as the blob `digest` and deletes its live
-    /// rows, in one transaction. Recording an attempt twice keeps the first archive.
+    /// rows, in one transaction; the job's project then holds the blob (see
+    /// [`crate::AccessStore::blob_projects`]). Recording an attempt twice keeps the first archive.
     async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()>;
 
     /// The archived logs of a job's tasks, in attempt order.
     async fn log_archives(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LogArchiveRecord>>;
 
     /// Forgets up to `limit` archives made before `before_ms` and returns the digests no
-    /// archive or artifact refers to any more (the blobs the caller may delete).
+    /// archive or artifact refers to any more (the blobs the caller may delete); no project
+    /// holds those any more.
     async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>>;
 }

@@ -41,7 +41,8 @@ pub struct OutputFile {
 /// sessions and the log archiver touch it (log archives are an attempt's artifact too).
 #[async_trait]
 pub trait ArtifactStore: crate::ArchiveStore {
-    /// Records the outputs of an attempt that is still open (fenced like every report).
+    /// Records the outputs of an attempt that is still open (fenced like every report); the
+    /// job's project then holds their blobs (see [`crate::AccessStore::blob_projects`]).
     async fn record_outputs(
         &self,
         attempt_id: i64,

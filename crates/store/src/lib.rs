@@ -7,6 +7,7 @@
 //! streams never miss or reorder a change.
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod archive;
 pub mod artifacts;
 pub mod conformance;
@@ -22,6 +23,9 @@ use async_trait::async_trait;
 use drover_core::JobPlan;
 use drover_core::placement::{NodeView, Placement, QueuedTask};
 
+pub use access::{
+    AccessStore, JoinTokenRecord, KeyRecord, NodeCredentialRecord, ProjectRecord, Redeemed, RevokedNode,
+};
 pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use records::*;
@@ -73,6 +77,11 @@ pub enum Signal {
         /// Node running it.
         node_id: i64,
     },
+    /// The node's credential was revoked: the server holding its session ends it at once.
+    NodeRevoked {
+        /// The node.
+        node_id: i64,
+    },
 }
 
 /// Being the one server that runs a singleton loop (the lease reaper, the autoscaler).
@@ -98,8 +107,14 @@ pub trait Store: Send + Sync + 'static {
     /// The tasks of a job, in submit order.
     async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>>;
 
-    /// Recent jobs, newest first; without `include_final`, only jobs still queued or running.
-    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>>;
+    /// Recent jobs, newest first; without `include_final`, only jobs still queued or running;
+    /// with `projects`, only jobs of those projects.
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        include_final: bool,
+        projects: Option<&[String]>,
+    ) -> Result<Vec<JobSummary>>;
 
     /// Events of a job with a sequence number above `after_seq`, in order.
     async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>>;
@@ -109,9 +124,10 @@ pub trait Store: Send + Sync + 'static {
     /// the agent reports). `NotFound` if there is no such job.
     async fn cancel_job(&self, job_id: i64, now_ms: i64) -> Result<Vec<OpenAttempt>>;
 
-    /// Registers (or re-registers) a node by name and starts a new epoch. Open attempts on the
-    /// node that the agent does not list in `known_attempts` are lost; listed ones are adopted
-    /// into the new epoch.
+    /// Registers (or re-registers) a node by name and starts a new epoch, one that no node ever
+    /// had (epochs are unique across nodes and grow), so an attempt's `(id, epoch)` names the
+    /// one node session it belongs to. Open attempts on the node that the agent does not list
+    /// in `known_attempts` are lost; listed ones are adopted into the new epoch.
     async fn register_node(
         &self,
         node: &NodeSpec,

@@ -17,7 +17,8 @@
 //!   ids are committed in increasing order and `logs_after` cursors never skip a line.
 //!
 //! To never deadlock, writers take row locks in one order: **nodes → attempts → jobs (by id)
-//! → tasks**. Locks of several rows of one table are taken in one statement ordered by id.
+//! → tasks** (revoking a node locks its credentials right after the node). Locks of several
+//! rows of one table are taken in one statement ordered by id.
 //! One refinement keeps the job lock (which serialises a job's writers) short: a task with an
 //! open attempt is only ever written by the holder of that attempt's lock (`cancel_job`,
 //! `assign` and dependency release touch only waiting or queued tasks), so `attempt_started`
@@ -215,7 +216,8 @@ fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
     u32::try_from(value).map_err(|e| corrupt("count", e))
 }
 
-// Declared after `transaction!`, which it uses.
+// Declared after `transaction!`, which they use.
+mod access;
 mod archive;
 
 /// An event about to be appended.
@@ -738,6 +740,40 @@ fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
     }
 }
 
+/// Ends every open attempt of nodes that went away (their lease ran out, or they were revoked)
+/// and settles each as lost with `why(node_id)` as the message: its task is retried or fails
+/// as its retry policy says. The caller holds the nodes' row locks (first in the lock order);
+/// this takes the attempts' and then their jobs'. Returns the attempts ended, in id order.
+async fn lose_node_attempts(
+    conn: &mut PgConnection,
+    node_ids: &[i64],
+    why: &(dyn Fn(i64) -> String + Sync),
+    now_ms: i64,
+) -> Result<Vec<i64>> {
+    let open: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, epoch, job_id, node_id FROM attempts WHERE node_id = ANY($1) AND state <> 'ended' \
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(node_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let jobs: Vec<i64> = open.iter().map(|(_, _, job_id, _)| *job_id).collect();
+    lock_jobs(conn, &jobs).await?;
+    for (attempt_id, epoch, _, node_id) in &open {
+        if let Some(a) = open_attempt(conn, *attempt_id, None, AttemptLock::Update).await? {
+            let report = lost_report(*attempt_id, *epoch, &why(*node_id));
+            settle_attempt(conn, &a, &report, now_ms).await?;
+        } else {
+            sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = $1 WHERE id = $2")
+                .bind(now_ms)
+                .bind(attempt_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(open.into_iter().map(|(id, ..)| id).collect())
+}
+
 /// Nodes with their reservations; with `live_at`, only ready nodes whose lease lasts until then.
 async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRecord>> {
     let filter = if live_at.is_some() { "WHERE n.state = 'ready' AND n.lease_until_ms >= $1" } else { "" };
@@ -907,8 +943,15 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>> {
-        let filter = if include_final { "" } else { "WHERE state IN ('queued', 'running')" };
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        include_final: bool,
+        projects: Option<&[String]>,
+    ) -> Result<Vec<JobSummary>> {
+        let state = if include_final { "TRUE" } else { "state IN ('queued', 'running')" };
+        let project = if projects.is_some() { "project = ANY($2)" } else { "TRUE" };
+        let filter = format!("WHERE {state} AND {project}");
         // The newest jobs first, then their task counts: aggregates only over `limit` jobs.
         let sql = format!(
             "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
@@ -919,7 +962,11 @@ impl Store for PostgresStore {
              LEFT JOIN tasks t ON t.job_id = j.id \
              GROUP BY j.id, j.name, j.project, j.state, j.created_ms ORDER BY j.id DESC"
         );
-        let rows = sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let mut query = sqlx::query(&sql).bind(i64::from(limit));
+        if let Some(p) = projects {
+            query = query.bind(p.to_vec());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok(JobSummary {
@@ -1023,12 +1070,15 @@ impl Store for PostgresStore {
         let runtimes = to_json("runtimes", &node.runtimes)?;
         let known: HashSet<i64> = known_attempts.iter().copied().collect();
         let reg = transaction!(self.pool, "register_node", |tx| {
+            // Epochs come from one sequence, so no two registrations of any nodes share one and
+            // an attempt's (id, epoch) names the one node session it belongs to. A retried
+            // transaction draws a new value; gaps are harmless.
             let (node_id, epoch): (i64, i64) = sqlx::query_as(
                 "INSERT INTO nodes (name, state, labels, cores, memory, runtimes, epoch, lease_until_ms, last_seen_ms) \
-                 VALUES ($1, 'ready', $2, $3, $4, $5, 1, $6, $7) \
+                 VALUES ($1, 'ready', $2, $3, $4, $5, nextval('node_epochs'), $6, $7) \
                  ON CONFLICT (name) DO UPDATE SET state = 'ready', labels = excluded.labels, \
                  cores = excluded.cores, memory = excluded.memory, runtimes = excluded.runtimes, \
-                 epoch = nodes.epoch + 1, lease_until_ms = excluded.lease_until_ms, \
+                 epoch = excluded.epoch, lease_until_ms = excluded.lease_until_ms, \
                  last_seen_ms = excluded.last_seen_ms \
                  RETURNING id, epoch",
             )
@@ -1110,29 +1160,11 @@ impl Store for PostgresStore {
             }
             let names: HashMap<i64, &str> = expired.iter().map(|(id, name)| (*id, name.as_str())).collect();
             let node_ids: Vec<i64> = expired.iter().map(|(id, _)| *id).collect();
-            let open: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-                "SELECT id, epoch, job_id, node_id FROM attempts WHERE node_id = ANY($1) AND state <> 'ended' \
-                 ORDER BY id FOR NO KEY UPDATE",
-            )
-            .bind(&node_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let jobs: Vec<i64> = open.iter().map(|(_, _, job_id, _)| *job_id).collect();
-            lock_jobs(&mut tx, &jobs).await?;
-            for (attempt_id, epoch, _, node_id) in &open {
-                if let Some(a) = open_attempt(&mut tx, *attempt_id, None, AttemptLock::Update).await? {
-                    let name = names.get(node_id).copied().unwrap_or_default();
-                    let report =
-                        lost_report(*attempt_id, *epoch, &format!("node {name} went silent past its lease"));
-                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
-                } else {
-                    sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = $1 WHERE id = $2")
-                        .bind(now_ms)
-                        .bind(attempt_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
+            let why = |node_id: i64| {
+                let name = names.get(&node_id).copied().unwrap_or_default();
+                format!("node {name} went silent past its lease")
+            };
+            lose_node_attempts(&mut tx, &node_ids, &why, now_ms).await?;
             Ok(expired)
         })?;
         for (node_id, name) in &expired {
@@ -1549,6 +1581,9 @@ impl ArtifactStore for PostgresStore {
         files: &[OutputFile],
         now_ms: i64,
     ) -> Result<Applied> {
+        // Each blob once, by digest (the order its ownership rows are written in).
+        let blobs: BTreeMap<&str, i64> =
+            files.iter().map(|f| (f.digest.as_str(), i64::try_from(f.size).unwrap_or(i64::MAX))).collect();
         transaction!(self.pool, "record_outputs", |tx| {
             let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {
                 return Ok(Applied::Stale);
@@ -1565,6 +1600,24 @@ impl ArtifactStore for PostgresStore {
                 .bind(&f.path)
                 .bind(f.size as i64)
                 .bind(&f.digest)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if !blobs.is_empty() {
+                // The job's project now holds the blobs (what lets its keys download them).
+                // Rows in digest order: two transactions adding overlapping sets wait for each
+                // other in one order instead of deadlocking.
+                sqlx::query(
+                    "INSERT INTO project_blobs (project, digest, size, created_ms) \
+                     SELECT j.project, u.digest, u.size, $4 FROM jobs j, \
+                         UNNEST($2::TEXT[], $3::BIGINT[]) AS u(digest, size) \
+                     WHERE j.id = $1 ORDER BY u.digest \
+                     ON CONFLICT (project, digest) DO NOTHING",
+                )
+                .bind(a.job_id)
+                .bind(blobs.keys().collect::<Vec<_>>())
+                .bind(blobs.values().copied().collect::<Vec<i64>>())
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;

@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
+mod access;
 mod archive;
 
 use crate::artifacts::{ArtifactStore, OutputFile};
@@ -424,6 +425,34 @@ fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
     }
 }
 
+/// Ends every open attempt of a node that went away (its lease ran out, or it was revoked)
+/// and settles each as lost with `why` as the message: its task is retried or fails as its
+/// retry policy says. Returns the attempts ended, in id order.
+async fn lose_node_attempts(
+    conn: &mut SqliteConnection,
+    node_id: i64,
+    why: &str,
+    now_ms: i64,
+) -> Result<Vec<i64>> {
+    let open: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, epoch FROM attempts WHERE node_id = ? AND state != 'ended' ORDER BY id")
+            .bind(node_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    for (attempt_id, epoch) in &open {
+        if let Some(a) = open_attempt(conn, *attempt_id, None).await? {
+            settle_attempt(conn, &a, &lost_report(*attempt_id, *epoch, why), now_ms).await?;
+        } else {
+            sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = ? WHERE id = ?")
+                .bind(now_ms)
+                .bind(attempt_id)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(open.into_iter().map(|(id, _)| id).collect())
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64> {
@@ -534,15 +563,35 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn list_jobs(&self, limit: u32, include_final: bool) -> Result<Vec<JobSummary>> {
-        let filter = if include_final { "" } else { "WHERE j.state IN ('queued', 'running')" };
+    async fn list_jobs(
+        &self,
+        limit: u32,
+        include_final: bool,
+        projects: Option<&[String]>,
+    ) -> Result<Vec<JobSummary>> {
+        if projects.is_some_and(|p| p.is_empty()) {
+            return Ok(Vec::new());
+        }
+        let mut conditions = Vec::new();
+        if !include_final {
+            conditions.push("j.state IN ('queued', 'running')".to_owned());
+        }
+        if let Some(p) = projects {
+            conditions.push(format!("j.project IN ({})", vec!["?"; p.len()].join(", ")));
+        }
+        let filter =
+            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
         let sql = format!(
             "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
              SUM(t.state IN ('succeeded','warning','failed','skipped','cancelled')), \
              SUM(t.state IN ('assigned','running')), SUM(t.state = 'failed') \
              FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id {filter} GROUP BY j.id ORDER BY j.id DESC LIMIT ?"
         );
-        let rows = sqlx::query(&sql).bind(limit as i64).fetch_all(&self.reader).await?;
+        let mut query = sqlx::query(&sql);
+        for p in projects.unwrap_or_default() {
+            query = query.bind(p);
+        }
+        let rows = query.bind(limit as i64).fetch_all(&self.reader).await?;
         rows.iter()
             .map(|r| {
                 Ok(JobSummary {
@@ -635,11 +684,14 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> Result<NodeRegistration> {
         let mut tx = self.writer.begin().await?;
+        // Epochs are unique across nodes, not just per node, so an attempt's (id, epoch) names
+        // one node session: the next one is above every epoch ever handed out. The single
+        // writer makes reading the maximum and writing it one step (nodes are never deleted).
         let row = sqlx::query(
             "INSERT INTO nodes (name, state, labels, cores, memory, runtimes, epoch, lease_until_ms, last_seen_ms) \
-             VALUES (?, 'ready', ?, ?, ?, ?, 1, ?, ?) \
+             VALUES (?, 'ready', ?, ?, ?, ?, (SELECT COALESCE(MAX(epoch), 0) + 1 FROM nodes), ?, ?) \
              ON CONFLICT (name) DO UPDATE SET state = 'ready', labels = excluded.labels, cores = excluded.cores, \
-             memory = excluded.memory, runtimes = excluded.runtimes, epoch = nodes.epoch + 1, \
+             memory = excluded.memory, runtimes = excluded.runtimes, epoch = excluded.epoch, \
              lease_until_ms = excluded.lease_until_ms, last_seen_ms = excluded.last_seen_ms \
              RETURNING id, epoch",
         )
@@ -701,24 +753,8 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         for (node_id, name) in &expired {
-            let open: Vec<(i64, i64)> =
-                sqlx::query_as("SELECT id, epoch FROM attempts WHERE node_id = ? AND state != 'ended'")
-                    .bind(node_id)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            for (attempt_id, epoch) in open {
-                if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
-                    let report =
-                        lost_report(attempt_id, epoch, &format!("node {name} went silent past its lease"));
-                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
-                } else {
-                    sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = ? WHERE id = ?")
-                        .bind(now_ms)
-                        .bind(attempt_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
+            lose_node_attempts(&mut tx, *node_id, &format!("node {name} went silent past its lease"), now_ms)
+                .await?;
         }
         tx.commit().await?;
         Ok(expired.into_iter().map(|(id, _)| id).collect())
@@ -1044,6 +1080,17 @@ impl ArtifactStore for SqliteStore {
             .bind(f.size as i64)
             .bind(&f.digest)
             .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            // The job's project now holds the blob (what lets its keys download it).
+            sqlx::query(
+                "INSERT INTO project_blobs (project, digest, size, created_ms) \
+                 SELECT project, ?, ?, ? FROM jobs WHERE id = ? ON CONFLICT (project, digest) DO NOTHING",
+            )
+            .bind(&f.digest)
+            .bind(f.size as i64)
+            .bind(now_ms)
+            .bind(a.job_id)
             .execute(&mut *tx)
             .await?;
         }

@@ -148,6 +148,10 @@ async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
         let job = submit(&mut client, &plan).await?;
         let mut reader = Command::new(&ctx.drover)
             .args(["logs", &job.to_string(), "-f", "--server", &cluster.url])
+            // The key through the environment, not argv, where `ps` would show it; and no
+            // credentials file of the user's, so the command uses exactly this key.
+            .env("DROVER_KEY", cluster.key())
+            .env("DROVER_CREDENTIALS", cluster.dir.join("credentials"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

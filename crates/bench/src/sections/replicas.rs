@@ -6,24 +6,23 @@
 //!
 //! Each configuration starts on a fresh database (with `synchronous_commit = on`, as in the
 //! store section) with fresh servers and agents; agent `i` prefers replica `i mod K` and knows
-//! them all, so with three replicas each one holds the session of one agent.
+//! them all, so with three replicas each one holds the session of one agent. Authorization is on:
+//! the first replica to start writes the operator key (the others find it in the store), every
+//! client carries it, and each agent enrolls with its own join token.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::JobState;
 use drover_proto as pb;
-use drover_proto::drover_client::DroverClient;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
 
 use super::measure;
 use super::store::durable_database;
 use crate::Ctx;
-use crate::cluster::{Client, plan_json, submit, watch};
+use crate::cluster::{banner, connect, join_token, operator_key, plan_json, submit, watch};
 use crate::report::{Better, Measure, Row};
 
 /// Agents in every configuration.
@@ -132,7 +131,7 @@ async fn config_runs(
     let fleet = Fleet::start(&ctx.drover, &dir, &database, config).await?;
     let mut clients = Vec::new();
     for url in &fleet.urls {
-        clients.push(connect(url).await?);
+        clients.push(connect(url, &fleet.key).await?);
     }
     let plans: Vec<String> = (0..JOBS)
         .map(|j| {
@@ -170,17 +169,11 @@ async fn config_runs(
     Ok(rates)
 }
 
-async fn connect(url: &str) -> Result<Client> {
-    let channel = Channel::from_shared(url.to_string())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    Ok(DroverClient::new(channel))
-}
-
 /// Server replicas and agents as child processes, killed when dropped.
 struct Fleet {
     urls: Vec<String>,
+    /// The operator key, written by whichever replica started first.
+    key: String,
     _children: Vec<Child>,
 }
 
@@ -192,10 +185,11 @@ impl Fleet {
         };
         let mut children = Vec::new();
         let mut urls = Vec::new();
-        for i in 0..config.replicas {
+        let data_dirs: Vec<_> = (0..config.replicas).map(|i| dir.join(format!("server-{i}"))).collect();
+        for (i, data_dir) in data_dirs.iter().enumerate() {
             let mut cmd = Command::new(drover);
             cmd.args(["server", "--listen", "127.0.0.1:0", "--database", database, "--data-dir"])
-                .arg(dir.join(format!("server-{i}")))
+                .arg(data_dir)
                 .arg("--blobs")
                 .arg(dir.join("blobs"));
             if let Some(batch) = config.batch {
@@ -214,11 +208,22 @@ impl Fleet {
         for server in &mut children {
             urls.push(banner(server, dir).await?);
         }
+        let key = operator_key(&data_dirs).await?;
+        let mut client = connect(&urls[0], &key).await?;
         for i in 0..AGENTS {
             let mut list = urls.clone();
             list.rotate_left(i % urls.len());
+            let token = join_token(&mut client).await?;
             let agent = Command::new(drover)
-                .args(["agent", "--server", &list.join(","), "--name", &format!("bench-agent-{i}")])
+                .args([
+                    "agent",
+                    "--server",
+                    &list.join(","),
+                    "--join",
+                    &token,
+                    "--name",
+                    &format!("bench-agent-{i}"),
+                ])
                 .args(["--cores", &AGENT_CORES.to_string(), "--no-docker", "--work-dir"])
                 .arg(dir.join(format!("agent-{i}")))
                 .current_dir(dir)
@@ -230,7 +235,7 @@ impl Fleet {
                 .with_context(|| format!("cannot start {} agent", drover.display()))?;
             children.push(agent);
         }
-        let fleet = Fleet { urls, _children: children };
+        let fleet = Fleet { urls, key, _children: children };
         fleet.wait_ready(dir, Duration::from_secs(30)).await?;
         Ok(fleet)
     }
@@ -238,7 +243,7 @@ impl Fleet {
     /// Waits until every agent's node is ready (any replica sees them all: one database).
     async fn wait_ready(&self, dir: &Path, timeout: Duration) -> Result<()> {
         let start = Instant::now();
-        let mut client = connect(&self.urls[0]).await?;
+        let mut client = connect(&self.urls[0], &self.key).await?;
         loop {
             let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
             if nodes.iter().filter(|n| n.state == "ready").count() >= AGENTS {
@@ -250,24 +255,4 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// Reads the URL a starting server prints, then keeps draining its stdout.
-async fn banner(server: &mut Child, dir: &Path) -> Result<String> {
-    let stdout = server.stdout.take().ok_or_else(|| anyhow!("server stdout missing"))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let logs = PathBuf::from(dir);
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .map_err(|_| anyhow!("a server printed nothing within 30s (see {})", logs.display()))?
-        .context("cannot read a server's banner")?
-        .ok_or_else(|| anyhow!("a server exited at once (see {})", logs.display()))?;
-    let url = line
-        .rsplit(' ')
-        .next()
-        .filter(|u| u.starts_with("http://"))
-        .ok_or_else(|| anyhow!("unexpected server banner {line:?}"))?
-        .to_string();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(url)
 }

@@ -1,8 +1,13 @@
 //! From a checked [`JobSpec`] to a [`JobPlan`]: cross-task checks (unique names, known
 //! dependencies and artifact producers, no cycles), template rendering with the checks on
 //! rendered paths and URLs, and one task per frame of array tasks.
+//!
+//! Everything here is linear in the size of the job (a dependency chain of 20,000 tasks or an
+//! array of 100,000 frames compiles in a second or two even unoptimised), and expansion stops
+//! once the plan passes [`MAX_PLAN_BYTES`], so a small file cannot make the compiler hold
+//! gigabytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::TemplateContext;
 use super::error::{Pos, Problems, closest};
@@ -10,11 +15,26 @@ use super::schema::{At, JobSpec, RawAgent, RawInput, RawService, RawSource, Step
 use super::template::Renderer;
 use crate::job::{
     AgentSpec, BuildSpec, Command, HealthCheck, InputSource, InputSpec, JobPlan, PlanError, PushSpec,
-    ServiceSpec, TaskPlan,
+    ServiceSpec, TaskPlan, outside_workspace, url_problem,
 };
+use crate::limits::MAX_PLAN_BYTES;
+
+/// At most this many task names are listed in the hint for an unknown name.
+const NAMES_IN_HINT: usize = 10;
 
 /// Builds the plan, recording problems; the plan is only meaningful if none were recorded.
 pub(crate) fn build(spec: &JobSpec, ctx: &TemplateContext, problems: &mut Problems) -> JobPlan {
+    build_within(spec, ctx, problems, MAX_PLAN_BYTES)
+}
+
+/// [`build`], stopping once the plan's JSON passes `max_bytes` (a parameter so that tests need
+/// not build hundreds of megabytes).
+pub(crate) fn build_within(
+    spec: &JobSpec,
+    ctx: &TemplateContext,
+    problems: &mut Problems,
+    max_bytes: usize,
+) -> JobPlan {
     let mut params = spec.params.clone();
     params.extend(ctx.params.iter().map(|(k, v)| (k.clone(), v.clone())));
     let renderer = Renderer::new(&ctx.env, &params);
@@ -28,10 +48,16 @@ pub(crate) fn build(spec: &JobSpec, ctx: &TemplateContext, problems: &mut Proble
     let mut tasks = Vec::new();
     // For each planned task, the index of the file task it came from.
     let mut origin = Vec::new();
-    for (i, task) in spec.tasks.iter().enumerate() {
+    // Bytes of the plan's JSON so far, against what the server accepts.
+    let mut plan_bytes = 0;
+    // A job with problems already is refused, its plan thrown away: the first frame of each
+    // array is enough to check the templates, and spares expanding a job that is refused
+    // for having too many tasks.
+    let frames_wanted = if problems.is_empty() { usize::MAX } else { 1 };
+    'tasks: for (i, task) in spec.tasks.iter().enumerate() {
         let Some(task_name) = &task.name else { continue };
         let frames: Vec<Option<i64>> = match &task.frames {
-            Some(frames) => frames.iter().copied().map(Some).collect(),
+            Some(frames) => frames.iter().take(frames_wanted).copied().map(Some).collect(),
             None => vec![None],
         };
         for frame in frames {
@@ -39,6 +65,20 @@ pub(crate) fn build(spec: &JobSpec, ctx: &TemplateContext, problems: &mut Proble
             let Some(plan) = plan_task(spec, task, &task_name.value, frame, &renderer, problems) else {
                 break;
             };
+            plan_bytes += json_len(&plan);
+            if plan_bytes > max_bytes {
+                let field = task_name.field.strip_suffix(".name").unwrap_or(&task_name.field);
+                problems.add(
+                    task_name.pos,
+                    field,
+                    format!(
+                        "the job's plan is larger than {} MiB, the most the server accepts",
+                        max_bytes >> 20
+                    ),
+                    Some("use fewer frames, or move long scripts and values into input files".into()),
+                );
+                break 'tasks;
+            }
             tasks.push(plan);
             origin.push(i);
         }
@@ -54,6 +94,24 @@ pub(crate) fn build(spec: &JobSpec, ctx: &TemplateContext, problems: &mut Proble
         check_plan(spec, &plan, &origin, problems);
     }
     plan
+}
+
+/// Bytes of `plan` as JSON, counted without keeping them.
+fn json_len(plan: &TaskPlan) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Cannot fail: every map in a plan has string keys, and counting does no I/O.
+    let _ = serde_json::to_writer(&mut count, plan);
+    count.0
 }
 
 /// Renders one templated value, recording a problem at its position if it fails.
@@ -122,12 +180,9 @@ fn plan_task(
     let services = task.services.iter().map(|s| r.service(s)).collect();
     let outputs = task.outputs.iter().flatten().map(|o| r.output(o)).collect();
     let inputs = r.inputs(&task.inputs);
-    let mut depends_on: Vec<String> = Vec::new();
-    for dep in task.dependencies() {
-        if !depends_on.contains(&dep.value) {
-            depends_on.push(dep.value.clone());
-        }
-    }
+    let mut seen = HashSet::new();
+    let depends_on: Vec<String> =
+        task.dependencies().filter(|d| seen.insert(d.value.as_str())).map(|d| d.value.clone()).collect();
     r.ok.then(|| TaskPlan {
         name: name.to_string(),
         frame,
@@ -265,6 +320,7 @@ impl TaskRender<'_> {
     /// to stay inside the workspace and not to collide.
     fn inputs(&mut self, inputs: &[RawInput]) -> Vec<InputSpec> {
         let mut planned: Vec<InputSpec> = Vec::with_capacity(inputs.len());
+        let mut places: HashSet<String> = HashSet::with_capacity(inputs.len());
         for input in inputs {
             // `base` is `None` when the source did not render, `Some(None)` when it has no
             // usable base name.
@@ -325,26 +381,13 @@ impl TaskRender<'_> {
                 }
             };
             if let Some(to) = &to
-                && planned.iter().any(|p| &p.to == to)
+                && !places.insert(to.clone())
             {
                 self.reject(at, format!("two inputs are placed at `{to}`"), "give one of them another `to`");
             }
             planned.push(InputSpec { source, to: to.unwrap_or_default() });
         }
         planned
-    }
-}
-
-/// Why `path` does not name a place inside the task workspace, if it does not.
-fn outside_workspace(path: &str) -> Option<&'static str> {
-    if path.trim().is_empty() {
-        Some("is empty")
-    } else if path.starts_with('/') {
-        Some("is an absolute path")
-    } else if path.split('/').any(|part| part == "..") {
-        Some("leaves the workspace with `..`")
-    } else {
-        None
     }
 }
 
@@ -362,47 +405,30 @@ fn url_base_name(url: &str) -> Option<String> {
     base_name(path)
 }
 
-/// What is wrong with an input URL, if anything: agents fetch http and https only.
-fn url_problem(url: &str) -> Option<(String, &'static str)> {
-    let example = "write an http or https URL, like `https://example.com/data.tar`";
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return Some((format!("`{url}` is not a URL"), example));
-    };
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return Some((
-            format!("unsupported URL scheme `{scheme}`"),
-            "inputs are fetched over `http` or `https`; fetch other sources in a step",
-        ));
-    }
-    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    if host.is_empty() || url.chars().any(char::is_whitespace) {
-        return Some((format!("`{url}` is not a URL"), example));
-    }
-    None
-}
-
 /// Unique task names, and dependencies that name another existing task.
 fn check_names(spec: &JobSpec, problems: &mut Problems) {
-    let mut first: HashMap<&str, Pos> = HashMap::new();
+    // The first task of each name.
+    let mut by_name: HashMap<&str, &TaskSpec> = HashMap::with_capacity(spec.tasks.len());
     for task in &spec.tasks {
         let Some(name) = &task.name else { continue };
-        if let Some(pos) = first.get(name.value.as_str()) {
-            problems.add(
+        match by_name.get(name.value.as_str()).and_then(|t| t.name.as_ref()) {
+            Some(first) => problems.add(
                 name.pos,
                 &name.field,
                 format!("duplicate task name `{}`", name.value),
                 Some(format!(
                     "task names must be unique; the first `{}` is on line {}",
-                    name.value, pos.line
+                    name.value, first.pos.line
                 )),
-            );
-        } else {
-            first.insert(&name.value, name.pos);
+            ),
+            None => {
+                by_name.insert(&name.value, task);
+            }
         }
     }
     // With a task unreadable or unnamed, an unknown name may just be that task's.
     let complete = spec.tasks.len() == spec.task_count && spec.tasks.iter().all(|t| t.name.is_some());
+    let mut unknown = Unknown { spec, suggested: 0 };
     for task in &spec.tasks {
         for dep in &task.depends_on {
             if task.name.as_ref().is_some_and(|n| n.value == dep.value) {
@@ -412,13 +438,8 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                     format!("task `{}` depends on itself", dep.value),
                     Some("remove it from its own `depends_on`".into()),
                 );
-            } else if complete && !first.contains_key(dep.value.as_str()) {
-                let names: Vec<&str> =
-                    spec.tasks.iter().filter_map(|t| t.name.as_ref()).map(|n| n.value.as_str()).collect();
-                let hint = match closest(&dep.value, names.iter().copied()) {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => format!("tasks of this job: {}", names.join(", ")),
-                };
+            } else if complete && !by_name.contains_key(dep.value.as_str()) {
+                let hint = unknown.hint(&dep.value, "tasks of this job");
                 problems.add(dep.pos, &dep.field, format!("unknown task `{}`", dep.value), Some(hint));
             }
         }
@@ -435,9 +456,7 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                 );
                 continue;
             }
-            let found =
-                spec.tasks.iter().find(|t| t.name.as_ref().is_some_and(|n| n.value == producer.value));
-            match found {
+            match by_name.get(producer.value.as_str()) {
                 Some(t) if t.outputs.is_none() => problems.add(
                     producer.pos,
                     &producer.field,
@@ -449,12 +468,7 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                 ),
                 Some(_) => {}
                 None if complete => {
-                    let names: Vec<&str> =
-                        spec.tasks.iter().filter_map(|t| t.name.as_ref()).map(|n| n.value.as_str()).collect();
-                    let hint = match closest(&producer.value, names.iter().copied()) {
-                        Some(s) => format!("did you mean `{s}`?"),
-                        None => format!("`from` names a task of this job: {}", names.join(", ")),
-                    };
+                    let hint = unknown.hint(&producer.value, "`from` names a task of this job");
                     problems.add(
                         producer.pos,
                         &producer.field,
@@ -464,6 +478,35 @@ fn check_names(spec: &JobSpec, problems: &mut Problems) {
                 }
                 None => {}
             }
+        }
+    }
+}
+
+/// Hints for unknown task names: the likely typo, or the names there are.
+struct Unknown<'a> {
+    spec: &'a JobSpec,
+    /// Names a suggestion was looked for so far.
+    suggested: usize,
+}
+
+impl Unknown<'_> {
+    /// Looking for a typo compares with every task name; in a generated job of thousands of
+    /// tasks with a wrong name everywhere, the first few suggestions are enough.
+    const MAX_SUGGESTIONS: usize = 20;
+
+    fn hint(&mut self, name: &str, listing: &str) -> String {
+        let names = self.spec.tasks.iter().filter_map(|t| t.name.as_ref()).map(|n| n.value.as_str());
+        self.suggested += 1;
+        if self.suggested <= Self::MAX_SUGGESTIONS
+            && let Some(s) = closest(name, names.clone())
+        {
+            return format!("did you mean `{s}`?");
+        }
+        let count = names.clone().count();
+        let shown: Vec<&str> = names.take(NAMES_IN_HINT).collect();
+        match count - shown.len() {
+            0 => format!("{listing}: {}", shown.join(", ")),
+            more => format!("{listing}: {} and {more} more", shown.join(", ")),
         }
     }
 }

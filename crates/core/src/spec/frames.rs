@@ -2,67 +2,106 @@
 
 use std::collections::HashSet;
 
-/// Most frames one array task may expand to.
-pub(crate) const MAX_FRAMES: u64 = 1_000_000;
+use crate::limits::MAX_FRAMES;
+
+/// Why a frame range was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    /// The text is not a frame range.
+    Syntax(String),
+    /// The range is well formed but has more than [`MAX_FRAMES`] frames.
+    TooMany(String),
+}
 
 /// Parses a frame range like `1-100`, `1-9x2`, `1,5,7`, `1-3,10-20x5`, `7` into its frames, in
 /// the order written. Items are separated by commas; each is a frame number, or `A-B`
 /// (inclusive), optionally with a step `xS`. Frames must be non-negative, ranges must count up,
-/// no frame may appear twice, and the total is capped at 1,000,000 frames.
+/// no frame may appear twice, and the total is capped at [`MAX_FRAMES`].
 pub fn parse_frames(text: &str) -> Result<Vec<i64>, String> {
+    frames(text).map_err(|e| match e {
+        FrameError::Syntax(m) | FrameError::TooMany(m) => m,
+    })
+}
+
+/// [`parse_frames`], telling a range over the limit apart. The frames are counted before any
+/// is made, so a range over the limit costs nothing.
+pub(crate) fn frames(text: &str) -> Result<Vec<i64>, FrameError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("frame range is empty".into());
+        return Err(FrameError::Syntax("frame range is empty".into()));
     }
+    expand_ranges(text, count(text)?)
+}
+
+/// The items of a frame range, counted.
+struct Ranges {
+    /// First frame, last frame and step of each item, in the order written.
+    items: Vec<(i64, i64, i64)>,
+    /// Frames of all items together.
+    total: usize,
+}
+
+/// The ranges of `text` and how many frames they hold in all.
+fn count(text: &str) -> Result<Ranges, FrameError> {
+    let syntax = FrameError::Syntax;
     let mut items = Vec::new();
     let mut total: u64 = 0;
     for item in text.split(',') {
         let item = item.trim();
         if item.is_empty() {
-            return Err(format!("frame range `{text}` has an empty item"));
+            return Err(syntax(format!("frame range `{text}` has an empty item")));
         }
         let (range, step) = match item.split_once('x') {
             Some((range, step)) => (range.trim(), Some(step.trim())),
             None => (item, None),
         };
         let (first, last) = match range.split_once('-') {
-            Some((a, b)) => {
-                (number(a.trim(), item, "the first frame")?, number(b.trim(), item, "the last frame")?)
-            }
+            Some((a, b)) => (
+                number(a.trim(), item, "the first frame").map_err(syntax)?,
+                number(b.trim(), item, "the last frame").map_err(syntax)?,
+            ),
             None if step.is_some() => {
-                return Err(format!("`{item}` has a step but no range; write it like `1-9x2`"));
+                return Err(syntax(format!("`{item}` has a step but no range; write it like `1-9x2`")));
             }
             None => {
-                let n = number(range, item, "a frame number")?;
+                let n = number(range, item, "a frame number").map_err(syntax)?;
                 (n, n)
             }
         };
         let step = match step {
-            Some(s) => number(s, item, "the step after `x`")?,
+            Some(s) => number(s, item, "the step after `x`").map_err(syntax)?,
             None => 1,
         };
         if step == 0 {
-            return Err(format!("`{item}` has step 0; the step must be at least 1"));
+            return Err(syntax(format!("`{item}` has step 0; the step must be at least 1")));
         }
         if last < first {
-            return Err(format!(
+            return Err(syntax(format!(
                 "`{item}` counts down; write the smaller frame first, like `{last}-{first}`"
-            ));
+            )));
         }
-        // Both ends are non-negative i64, so the difference fits in u64.
+        // Both ends are non-negative i64, so the difference fits in u64, and the running total
+        // stays far from overflow because it is checked after every item.
         total += (last - first) as u64 / step as u64 + 1;
-        if total > MAX_FRAMES {
-            return Err(format!("frame range `{text}` has more than {MAX_FRAMES} frames"));
+        if total > MAX_FRAMES as u64 {
+            return Err(FrameError::TooMany(format!(
+                "frame range `{text}` has more than {MAX_FRAMES} frames, the most one array task may have"
+            )));
         }
         items.push((first, last, step));
     }
-    let mut frames = Vec::with_capacity(total as usize);
-    let mut seen = HashSet::with_capacity(total as usize);
+    Ok(Ranges { items, total: total as usize })
+}
+
+/// The frames of the counted ranges, in order, refusing a frame written twice.
+fn expand_ranges(text: &str, Ranges { items, total }: Ranges) -> Result<Vec<i64>, FrameError> {
+    let mut frames = Vec::with_capacity(total);
+    let mut seen = HashSet::with_capacity(total);
     for (first, last, step) in items {
         let mut f = first;
         while f <= last {
             if !seen.insert(f) {
-                return Err(format!("frame {f} appears twice in `{text}`"));
+                return Err(FrameError::Syntax(format!("frame {f} appears twice in `{text}`")));
             }
             frames.push(f);
             match f.checked_add(step) {
@@ -98,7 +137,8 @@ mod tests {
         assert_eq!(parse_frames("1-3,10-20x5").unwrap(), vec![1, 2, 3, 10, 15, 20]);
         assert_eq!(parse_frames(" 7 ").unwrap(), vec![7]);
         assert_eq!(parse_frames("0-2, 9").unwrap(), vec![0, 1, 2, 9]);
-        assert_eq!(parse_frames("1-1000000").unwrap().len(), 1_000_000);
+        assert_eq!(parse_frames("1-100000").unwrap().len(), MAX_FRAMES);
+        assert_eq!(parse_frames("0-199998x2").unwrap().len(), MAX_FRAMES);
     }
 
     #[test]
@@ -111,8 +151,17 @@ mod tests {
         assert!(err("1-9x").contains("missing the step after `x`"), "{}", err("1-9x"));
         assert!(err("1-9x0").contains("step 0"), "{}", err("1-9x0"));
         assert!(err("3x2").contains("no range"), "{}", err("3x2"));
-        assert!(err("1-1000001").contains("more than 1000000 frames"));
-        assert!(err("1-600000,600001-1200000").contains("more than 1000000 frames"));
+        assert!(err("1-100001").contains("more than 100000 frames"));
+        assert!(err("1-60000,60001-120000").contains("more than 100000 frames"));
+        assert_eq!(
+            frames("1-1000000"),
+            Err(FrameError::TooMany(
+                "frame range `1-1000000` has more than 100000 frames, the most one array task may have"
+                    .into()
+            ))
+        );
+        // Counted, not made: the largest range is refused at once.
+        assert!(matches!(frames("0-9223372036854775806"), Err(FrameError::TooMany(_))));
         assert!(err("").contains("empty"));
         assert!(err("1,,2").contains("empty item"));
         assert!(err("1-3,2").contains("frame 2 appears twice"));

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::job::JobPlan;
+use crate::limits::MAX_SOURCE_BYTES;
 
 mod error;
 mod expand;
@@ -34,11 +35,26 @@ pub struct TemplateContext {
 }
 
 /// Parses (YAML, or JSON when the file name ends in .json or the text starts with `{`),
-/// validates, renders templates, expands arrays.
+/// validates, renders templates, expands arrays. The plan it returns has passed
+/// [`JobPlan::validate`], so the server accepts it; the limits of [`crate::limits`] apply.
 ///
 /// `file` is only used to name the file in errors and to pick the format.
 pub fn compile(source: &str, file: &str, ctx: &TemplateContext) -> Result<JobPlan, SpecErrors> {
     let mut problems = error::Problems::new(file);
+    if source.len() > MAX_SOURCE_BYTES {
+        // The server keeps the text with the job and refuses a larger one.
+        problems.add(
+            error::Pos::START,
+            "",
+            format!(
+                "the job file is {} bytes, more than the limit of {} MiB",
+                source.len(),
+                MAX_SOURCE_BYTES >> 20
+            ),
+            Some("use arrays and templates to describe many similar tasks, or split the job".into()),
+        );
+        return Err(problems.into_errors());
+    }
     let by_extension = file.ends_with(".json");
     let json = by_extension || source.trim_start_matches('\u{feff}').trim_start().starts_with('{');
     let parsed = if json { tree::parse_json(source) } else { tree::parse_yaml(source) };

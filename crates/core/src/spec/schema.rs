@@ -5,14 +5,15 @@
 //! one concern each: `sandbox` (runtime, image, build, user, network, services, secrets),
 //! `files` (inputs and outputs) and `agent` (AI-agent tasks).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use super::error::{Pos, Problems, closest};
-use super::frames::parse_frames;
+use super::frames::{FrameError, frames};
 use super::tree::{Entry, Node, Value};
-use crate::job::{ExitCodes, NetworkPolicy, RetryPolicy, RuntimeKind};
+use crate::job::{ExitCodes, NetworkPolicy, RetryPolicy, RuntimeKind, task_name_suggestion, valid_task_name};
+use crate::limits::MAX_TASKS;
 use crate::resources::{Resources, parse_memory};
 use crate::state::FailureClass;
 
@@ -206,7 +207,7 @@ pub(crate) enum StepSpec {
 
 /// Reads the whole job, recording every problem in `problems`.
 pub(crate) fn read_job(root: &Node, problems: &mut Problems) -> JobSpec {
-    let mut r = Reader { problems, positions: HashMap::new() };
+    let mut r = Reader { problems, positions: HashMap::new(), planned: 0 };
     let mut job = JobSpec { project: "default".into(), ..JobSpec::default() };
     let Some(top) = r.mapping(root, "", JOB_FIELDS) else {
         return job;
@@ -314,6 +315,9 @@ impl<'n> Fields<'n> {
 struct Reader<'p> {
     problems: &'p mut Problems,
     positions: HashMap<String, Pos>,
+    /// Tasks the job expands to so far (one per frame of an array task), against
+    /// [`MAX_TASKS`].
+    planned: usize,
 }
 
 impl Reader<'_> {
@@ -581,9 +585,12 @@ impl Reader<'_> {
         }
         if let Some(n) = t.get("array") {
             // A bad range expands to no frames, so its templates are not checked against a
-            // frame-less context.
-            task.frames = Some(self.frames(n, &f("array")).unwrap_or_default());
+            // frame-less context. Past the job's limit no more frames are made: the job is
+            // refused anyway, and they would only cost memory.
+            let frames = if self.planned > MAX_TASKS { None } else { self.frames(n, &f("array")) };
+            task.frames = Some(frames.unwrap_or_default());
         }
+        self.count_planned(&t, &field, task.frames.as_ref().map_or(1, Vec::len));
         if let Some(n) = t.get("depends_on") {
             task.depends_on = self.depends_on(n, &f("depends_on"));
         }
@@ -620,13 +627,8 @@ impl Reader<'_> {
 
     fn task_name(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let name = self.non_empty_string(node, field, "task name")?;
-        let ok = name.value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !ok {
-            let suggestion: String = name
-                .value
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '.') { c } else { '-' })
-                .collect();
+        if !valid_task_name(&name.value) {
+            let suggestion = task_name_suggestion(&name.value);
             self.problems.add(
                 node.pos,
                 field,
@@ -780,11 +782,39 @@ impl Reader<'_> {
         policy
     }
 
+    /// Counts a task's `planned` tasks (its frames, or 1) towards the job's [`MAX_TASKS`],
+    /// reporting the task that goes past it.
+    fn count_planned(&mut self, t: &Fields<'_>, field: &str, planned: usize) {
+        let before = self.planned;
+        self.planned = before.saturating_add(planned);
+        if before <= MAX_TASKS && self.planned > MAX_TASKS {
+            let (pos, at) = match t.get("array") {
+                Some(n) => (n.pos, join(field, "array")),
+                None => (t.pos, field.to_string()),
+            };
+            self.problems.add(
+                pos,
+                &at,
+                format!("the job expands to more than {MAX_TASKS} tasks, the most one job may have"),
+                Some("split it into several jobs".into()),
+            );
+        }
+    }
+
     fn frames(&mut self, node: &Node, field: &str) -> Option<Vec<i64>> {
         match &node.value {
-            Value::Str(s) => match parse_frames(s) {
+            Value::Str(s) => match frames(s) {
                 Ok(frames) => Some(frames),
-                Err(e) => {
+                Err(FrameError::TooMany(e)) => {
+                    self.problems.add(
+                        node.pos,
+                        field,
+                        e,
+                        Some("split it into several array tasks, or the job into several jobs".into()),
+                    );
+                    None
+                }
+                Err(FrameError::Syntax(e)) => {
                     self.problems.add(
                         node.pos,
                         field,
@@ -796,6 +826,15 @@ impl Reader<'_> {
                     None
                 }
             },
+            Value::Int(i) if *i < 0 => {
+                self.problems.add(
+                    node.pos,
+                    field,
+                    format!("frame {i} is negative"),
+                    Some("frames are 0 or more".into()),
+                );
+                None
+            }
             Value::Int(i) => Some(vec![*i]),
             _ => {
                 self.wrong_type(node, field, "a frame range like `1-100` or a frame number");
@@ -817,11 +856,12 @@ impl Reader<'_> {
             return Vec::new();
         };
         let mut names: Vec<At<String>> = Vec::new();
+        let mut seen = HashSet::new();
         for (k, item) in items.iter().enumerate() {
             let path = format!("{field}[{k}]");
             self.positions.insert(path.clone(), item.pos);
             if let Some(name) = self.string(item, &path)
-                && !names.iter().any(|n| n.value == name.value)
+                && seen.insert(name.value.clone())
             {
                 names.push(name);
             }

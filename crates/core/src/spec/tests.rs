@@ -1421,3 +1421,143 @@ fn sandbox_examples_compile_to_what_their_comments_say() {
     );
     assert!(spec.prompt.starts_with("Issue 1: "), "{}", spec.prompt);
 }
+
+/// Runs `f` on a thread with a small stack, to show that nothing recurses per task.
+fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new().stack_size(512 << 10).spawn(f).unwrap().join().unwrap()
+}
+
+/// A JSON job file of `n` listed tasks, each depending on the one before.
+fn json_chain(n: usize) -> String {
+    let tasks: Vec<String> = (0..n)
+        .map(|i| match i {
+            0 => r#"{"name": "t0", "command": "true"}"#.to_string(),
+            _ => format!(r#"{{"name": "t{i}", "command": "true", "depends_on": ["t{}"]}}"#, i - 1),
+        })
+        .collect();
+    format!("{{\"version\": 1, \"name\": \"chain\", \"tasks\": [\n{}\n]}}\n", tasks.join(",\n"))
+}
+
+#[test]
+fn a_generated_chain_of_20000_tasks_compiles_on_a_small_stack() {
+    let source = json_chain(20_000);
+    let (plan, elapsed) = on_small_stack(move || {
+        let start = std::time::Instant::now();
+        (compile(&source, "chain.json", &ctx()), start.elapsed())
+    });
+    let plan = plan.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.tasks.len(), 20_000);
+    assert_eq!(plan.tasks[19_999].depends_on, vec!["t19998".to_string()]);
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+}
+
+#[test]
+fn a_cycle_closing_a_long_chain_is_placed_in_the_file() {
+    let source = json_chain(20_000).replacen(
+        r#"{"name": "t0", "command": "true"}"#,
+        r#"{"name": "t0", "command": "true", "depends_on": ["t19999"]}"#,
+        1,
+    );
+    let errs = on_small_stack(move || errors(&source, "chain.json"));
+    assert_eq!(errs.len(), 1, "{}", SpecErrors(errs.clone()));
+    assert_eq!((errs[0].line, errs[0].field.as_str()), (2, "tasks[0].depends_on[0]"));
+    assert!(errs[0].message.starts_with("dependency cycle: t0 -> t19999 -> t19998"), "{}", errs[0]);
+}
+
+#[test]
+fn an_array_of_100000_frames_compiles() {
+    let source =
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: 1-100000\n    command: render {{ frame }}\n";
+    let start = std::time::Instant::now();
+    let plan = ok(source);
+    assert_eq!(plan.tasks.len(), 100_000);
+    assert_eq!(plan.tasks[99_999].steps, vec![Command::Shell("render 100000".into())]);
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_range_over_the_frame_limit_is_refused_before_any_frame_is_made() {
+    let start = std::time::Instant::now();
+    let e = assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: 1-1000000\n    command: echo {{ frame }}\n",
+        5,
+        12,
+        "tasks[0].array",
+        "frame range `1-1000000` has more than 100000 frames, the most one array task may have",
+    );
+    assert_eq!(e.hint.as_deref(), Some("split it into several array tasks, or the job into several jobs"));
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+}
+
+#[test]
+fn arrays_past_the_task_limit_are_refused() {
+    let array =
+        |name: &str| format!("  - name: {name}\n    array: 0-99999\n    command: echo {{{{ frame }}}}\n");
+    let source = format!("version: 1\nname: j\ntasks:\n{}{}{}", array("a"), array("b"), array("c"));
+    let start = std::time::Instant::now();
+    let e = assert_error(&source, 11, 12, "tasks[2].array", "the job expands to more than 200000 tasks");
+    assert_eq!(e.hint.as_deref(), Some("split it into several jobs"));
+    // Refused without expanding the arrays that fit.
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_negative_frame_number_is_refused() {
+    assert_error(
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: -3\n    command: x\n",
+        5,
+        12,
+        "tasks[0].array",
+        "frame -3 is negative",
+    );
+}
+
+#[test]
+fn expansion_stops_at_the_plan_size_limit() {
+    let source =
+        "version: 1\nname: j\ntasks:\n  - name: r\n    array: 1-100000\n    command: render {{ frame }}\n";
+    let mut problems = super::error::Problems::new("job.yaml");
+    let root = super::tree::parse_yaml(source).unwrap();
+    let spec = super::schema::read_job(&root, &mut problems);
+    let plan = super::expand::build_within(&spec, &ctx(), &mut problems, 1 << 20);
+    assert!(plan.tasks.len() < 10_000, "{}", plan.tasks.len());
+    let errs = problems.into_errors().0;
+    assert_eq!(errs.len(), 1, "{}", SpecErrors(errs.clone()));
+    assert_eq!((errs[0].line, errs[0].field.as_str()), (4, "tasks[0]"));
+    assert_eq!(errs[0].message, "the job's plan is larger than 1 MiB, the most the server accepts");
+}
+
+#[test]
+fn a_job_file_over_the_source_limit_is_refused_unread() {
+    let source = format!("version: 1\n#{}\n", "x".repeat(crate::limits::MAX_SOURCE_BYTES));
+    let e = assert_error(&source, 1, 1, "", "the job file is 16777229 bytes, more than the limit of 16 MiB");
+    assert!(e.hint.unwrap().contains("arrays and templates"));
+}
+
+#[test]
+fn the_project_name_rule_of_the_server_applies() {
+    let e = assert_error(
+        "version: 1\nname: j\nproject: Team FX\ntasks:\n  - name: a\n    command: x\n",
+        3,
+        10,
+        "project",
+        "project `Team FX` may only use lowercase letters, digits and `-`",
+    );
+    assert_eq!(e.hint.as_deref(), Some("rename it, like `team-fx`"));
+}
+
+#[test]
+fn long_name_lists_in_hints_are_cut() {
+    let mut source = String::from("version: 1\nname: j\ntasks:\n");
+    for i in 0..30 {
+        source.push_str(&format!("  - name: task-{i}\n    command: x\n"));
+    }
+    source.push_str("  - name: last\n    command: x\n    depends_on: [zzzzzzzzzzzz]\n");
+    let e = assert_error(&source, 66, 18, "tasks[30].depends_on[0]", "unknown task `zzzzzzzzzzzz`");
+    assert_eq!(
+        e.hint.as_deref(),
+        Some(
+            "tasks of this job: task-0, task-1, task-2, task-3, task-4, task-5, task-6, task-7, task-8, task-9 and 21 more"
+        )
+    );
+}

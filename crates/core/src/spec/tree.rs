@@ -15,6 +15,12 @@ use super::error::Pos;
 /// "billion laughs" documents.
 const MAX_NODES: usize = 1_000_000;
 
+/// Deepest nesting of values, counting the levels an alias brings along. A job file needs
+/// fewer than ten; the parser stops at a few hundred on its own, but aliases that nest into
+/// each other can build a tree thousands of levels deep out of a short file, and cloning or
+/// dropping such a tree recurses once per level.
+const MAX_DEPTH: usize = 64;
+
 /// A value with the position where it starts.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Node {
@@ -63,14 +69,6 @@ impl Node {
             Value::Float(f) => Some(f.to_string()),
             Value::Bool(b) => Some(b.to_string()),
             Value::Null | Value::Seq(_) | Value::Map(_) => None,
-        }
-    }
-
-    fn count(&self) -> usize {
-        1 + match &self.value {
-            Value::Seq(items) => items.iter().map(Node::count).sum(),
-            Value::Map(entries) => entries.iter().map(|e| 1 + e.value.count()).sum(),
-            _ => 0,
         }
     }
 }
@@ -125,16 +123,52 @@ pub(crate) fn parse_yaml(source: &str) -> Result<Node, SyntaxError> {
         .ok_or_else(|| syntax(Pos::START, "the job file is empty", Some("start it with `version: 1`")))
 }
 
-/// A collection still being read.
+/// A collection still being read, with the [`Shape`] of what it holds so far.
 enum Open {
-    Seq { pos: Pos, anchor: usize, items: Vec<Node> },
-    Map { pos: Pos, anchor: usize, entries: Vec<Entry>, keys: HashSet<String>, key: Option<(String, Pos)> },
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<Node>,
+        shape: Shape,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<Entry>,
+        keys: HashSet<String>,
+        key: Option<(String, Pos)>,
+        shape: Shape,
+    },
+}
+
+/// How many values a node holds (itself included; a mapping's keys count too) and how many
+/// levels deep it is, tracked while the tree is built so that neither needs a recursive walk.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shape {
+    size: usize,
+    depth: usize,
+}
+
+impl Shape {
+    /// A scalar.
+    const LEAF: Shape = Shape { size: 1, depth: 1 };
+
+    /// The collection holding what `self` counted, once closed.
+    fn closed(self) -> Shape {
+        Shape { size: self.size + 1, depth: self.depth + 1 }
+    }
+
+    /// Takes a completed child (and its key, if in a mapping) into account.
+    fn add(&mut self, child: Shape, keyed: bool) {
+        self.size += child.size + usize::from(keyed);
+        self.depth = self.depth.max(child.depth);
+    }
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Open>,
-    anchors: HashMap<usize, Node>,
+    anchors: HashMap<usize, (Node, Shape)>,
     documents: usize,
     nodes: usize,
     root: Option<Node>,
@@ -174,11 +208,11 @@ impl Builder {
                 } else {
                     Value::Str(text.into_owned())
                 };
-                self.finish(Node { pos, value }, anchor)?;
+                self.finish(Node { pos, value }, Shape::LEAF, anchor)?;
             }
             Event::SequenceStart(_, anchor, _) => {
                 self.check_not_key(pos)?;
-                self.stack.push(Open::Seq { pos, anchor, items: Vec::new() });
+                self.stack.push(Open::Seq { pos, anchor, items: Vec::new(), shape: Shape::default() });
             }
             Event::MappingStart(_, anchor, _) => {
                 self.check_not_key(pos)?;
@@ -188,27 +222,30 @@ impl Builder {
                     entries: Vec::new(),
                     keys: HashSet::new(),
                     key: None,
+                    shape: Shape::default(),
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(Open::Seq { pos, anchor, items }) => {
-                    self.finish(Node { pos, value: Value::Seq(items) }, anchor)?
+                Some(Open::Seq { pos, anchor, items, shape }) => {
+                    self.finish(Node { pos, value: Value::Seq(items) }, shape.closed(), anchor)?
                 }
-                Some(Open::Map { pos, anchor, entries, .. }) => {
-                    self.finish(Node { pos, value: Value::Map(entries) }, anchor)?
+                Some(Open::Map { pos, anchor, entries, shape, .. }) => {
+                    self.finish(Node { pos, value: Value::Map(entries) }, shape.closed(), anchor)?
                 }
                 None => return Err(syntax(pos, "unbalanced YAML structure", None)),
             },
             Event::Alias(id) => {
                 self.check_not_key(pos)?;
-                let Some(size) = self.anchors.get(&id).map(Node::count) else {
+                let Some(shape) = self.anchors.get(&id).map(|(_, shape)| *shape) else {
                     return Err(syntax(pos, "alias refers to an unknown anchor", None));
                 };
                 // The alias event itself was counted as one node above.
-                self.spend(size.saturating_sub(1), pos)?;
-                if let Some(target) = self.anchors.get(&id) {
+                self.spend(shape.size.saturating_sub(1), pos)?;
+                // Checked before the copy, which recurses once per level.
+                self.check_depth(shape, pos)?;
+                if let Some((target, _)) = self.anchors.get(&id) {
                     let node = Node { pos, value: target.value.clone() };
-                    self.finish(node, 0)?;
+                    self.finish(node, shape, 0)?;
                 }
             }
             _ => {}
@@ -229,6 +266,19 @@ impl Builder {
         Ok(())
     }
 
+    /// Refuses a node `shape.depth` levels deep at the current level if the whole would nest
+    /// deeper than [`MAX_DEPTH`].
+    fn check_depth(&self, shape: Shape, pos: Pos) -> Result<(), SyntaxError> {
+        if self.stack.len() + shape.depth > MAX_DEPTH {
+            return Err(syntax(
+                pos,
+                format!("the document nests deeper than {MAX_DEPTH} levels"),
+                Some("a job file needs only a few levels; check for aliases that nest into each other"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Mapping keys must be plain names, not lists, mappings or aliases.
     fn check_not_key(&self, pos: Pos) -> Result<(), SyntaxError> {
         if let Some(Open::Map { key: None, .. }) = self.stack.last() {
@@ -237,18 +287,23 @@ impl Builder {
         Ok(())
     }
 
-    /// Attaches a completed node to its parent (or makes it the root).
-    fn finish(&mut self, node: Node, anchor: usize) -> Result<(), SyntaxError> {
+    /// Attaches a completed node of `shape` to its parent (or makes it the root).
+    fn finish(&mut self, node: Node, shape: Shape, anchor: usize) -> Result<(), SyntaxError> {
+        self.check_depth(shape, node.pos)?;
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), shape));
         }
         match self.stack.last_mut() {
             None => self.root = Some(node),
-            Some(Open::Seq { items, .. }) => items.push(node),
-            Some(Open::Map { entries, key, .. }) => {
+            Some(Open::Seq { items, shape: parent, .. }) => {
+                items.push(node);
+                parent.add(shape, false);
+            }
+            Some(Open::Map { entries, key, shape: parent, .. }) => {
                 // check_not_key and the scalar-key path guarantee a pending key here.
                 if let Some((key, key_pos)) = key.take() {
                     entries.push(Entry { key, key_pos, value: node });
+                    parent.add(shape, true);
                 }
             }
         }
@@ -348,6 +403,27 @@ mod tests {
         }
         let e = parse_yaml(&laughs).unwrap_err();
         assert!(e.message.contains("expands to more than"), "{e:?}");
+    }
+
+    #[test]
+    fn aliases_cannot_nest_deeper_than_the_limit() {
+        let mut chain = String::from("a0: &a0 [x]\n");
+        for i in 1..2000 {
+            chain.push_str(&format!("a{i}: &a{i} [*a{}]\n", i - 1));
+        }
+        // A small stack proves that the refusal comes before any deep copy or drop.
+        let e = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || parse_yaml(&chain).unwrap_err())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(e.message, format!("the document nests deeper than {MAX_DEPTH} levels"));
+        assert_eq!(e.pos.line, MAX_DEPTH - 1, "{e:?}");
+        let nested = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse_yaml(&nested).unwrap_err().message.contains("nests deeper"));
+        let fits = format!("a: {}1{}\n", "[".repeat(MAX_DEPTH - 2), "]".repeat(MAX_DEPTH - 2));
+        assert!(parse_yaml(&fits).is_ok());
     }
 
     #[test]

@@ -82,6 +82,18 @@ impl ArchiveStore for PostgresStore {
                     .bind(attempt_id)
                     .execute(&mut *tx)
                     .await?;
+                // The archive belongs to the job's project, like the job's artifacts.
+                sqlx::query(
+                    "INSERT INTO project_blobs (project, digest, size, created_ms) \
+                     SELECT j.project, $1, $2, $3 FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.id = $4 \
+                     ON CONFLICT (project, digest) DO NOTHING",
+                )
+                .bind(digest)
+                .bind(size as i64)
+                .bind(now_ms)
+                .bind(attempt_id)
+                .execute(&mut *tx)
+                .await?;
             }
             Ok(())
         })
@@ -151,6 +163,11 @@ impl ArchiveStore for PostgresStore {
                     unused.push(d);
                 }
             }
+            // The caller deletes these blobs, so no project holds them any more.
+            sqlx::query("DELETE FROM project_blobs WHERE digest = ANY($1)")
+                .bind(&unused)
+                .execute(&mut *tx)
+                .await?;
             Ok(unused)
         })
     }

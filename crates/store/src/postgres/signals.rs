@@ -20,12 +20,13 @@ pub(super) const CHANNEL: &str = "drover_signals";
 /// Longest pause between attempts to reconnect the listener.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Encodes a signal as a short NOTIFY payload: `c:<job>`, `s`, `x:<attempt>:<node>`.
+/// Encodes a signal as a short NOTIFY payload: `c:<job>`, `s`, `x:<attempt>:<node>`, `r:<node>`.
 pub(super) fn encode(signal: Signal) -> String {
     match signal {
         Signal::Changed { job_id } => format!("c:{job_id}"),
         Signal::Schedule => "s".to_string(),
         Signal::Cancel { attempt_id, node_id } => format!("x:{attempt_id}:{node_id}"),
+        Signal::NodeRevoked { node_id } => format!("r:{node_id}"),
     }
 }
 
@@ -35,6 +36,7 @@ pub(super) fn decode(payload: &str) -> Option<Signal> {
     let signal = match (parts.next()?, parts.next(), parts.next()) {
         ("c", Some(job), None) => Signal::Changed { job_id: job.parse().ok()? },
         ("s", None, None) => Signal::Schedule,
+        ("r", Some(node), None) => Signal::NodeRevoked { node_id: node.parse().ok()? },
         ("x", Some(attempt), Some(node)) => {
             Signal::Cancel { attempt_id: attempt.parse().ok()?, node_id: node.parse().ok()? }
         }
@@ -142,10 +144,11 @@ mod tests {
             Signal::Changed { job_id: 0 },
             Signal::Schedule,
             Signal::Cancel { attempt_id: 7, node_id: 3 },
+            Signal::NodeRevoked { node_id: 5 },
         ] {
             assert_eq!(decode(&encode(s)), Some(s));
         }
-        for bad in ["", "c", "c:", "c:x", "s:1", "x:1", "x:1:2:3", "q:1"] {
+        for bad in ["", "c", "c:", "c:x", "s:1", "x:1", "x:1:2:3", "q:1", "r", "r:", "r:x", "r:1:2"] {
             assert_eq!(decode(bad), None, "{bad}");
         }
     }

@@ -256,7 +256,12 @@ async fn publish_reaches_every_replica() {
     let url = TempPostgres::shared().url_for_new_database().await;
     let (a, b) = (PostgresStore::connect(&url).await.unwrap(), PostgresStore::connect(&url).await.unwrap());
     let (mut at_a, mut at_b) = (a.subscribe(), b.subscribe());
-    for s in [Signal::Changed { job_id: 7 }, Signal::Schedule, Signal::Cancel { attempt_id: 3, node_id: 9 }] {
+    for s in [
+        Signal::Changed { job_id: 7 },
+        Signal::Schedule,
+        Signal::Cancel { attempt_id: 3, node_id: 9 },
+        Signal::NodeRevoked { node_id: 4 },
+    ] {
         a.publish(s).await.unwrap();
         recv_within(&mut at_b, s).await;
         recv_within(&mut at_a, s).await;

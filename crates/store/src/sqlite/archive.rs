@@ -75,6 +75,18 @@ impl ArchiveStore for SqliteStore {
                 .bind(attempt_id)
                 .execute(&mut *tx)
                 .await?;
+            // The archive belongs to the job's project, like the job's artifacts.
+            sqlx::query(
+                "INSERT INTO project_blobs (project, digest, size, created_ms) \
+                 SELECT j.project, ?, ?, ? FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.id = ? \
+                 ON CONFLICT (project, digest) DO NOTHING",
+            )
+            .bind(digest)
+            .bind(size as i64)
+            .bind(now_ms)
+            .bind(attempt_id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -135,6 +147,8 @@ impl ArchiveStore for SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
             if used.is_none() {
+                // The caller deletes the blob, so no project holds it any more.
+                sqlx::query("DELETE FROM project_blobs WHERE digest = ?").bind(&d).execute(&mut *tx).await?;
                 unused.push(d);
             }
         }

@@ -2,7 +2,7 @@
 //! repository it works on, its token budget and where to push its changes.
 
 use super::{At, RawAgent, Reader, join, quoted};
-use crate::job::LlmProvider;
+use crate::job::{LlmProvider, valid_branch, valid_secret_name, valid_upstream};
 use crate::spec::error::closest;
 use crate::spec::tree::{Node, Value};
 
@@ -87,11 +87,7 @@ impl Reader<'_> {
     /// `upstream`: the LLM API's base URL, http or https.
     fn upstream(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let url = self.non_empty_string(node, field, "upstream")?;
-        let v = url.value.to_ascii_lowercase();
-        let ok = (v.starts_with("http://") || v.starts_with("https://"))
-            && !url.value.chars().any(char::is_whitespace)
-            && v.split_once("://").is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
-        if !ok {
+        if !valid_upstream(&url.value) {
             self.problems.add(
                 node.pos,
                 field,
@@ -107,9 +103,7 @@ impl Reader<'_> {
     fn key_secret(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let name = self.non_empty_string(node, field, "key_secret")?;
         let v = &name.value;
-        let ok = v.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
-            && v.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-        if !ok {
+        if !valid_secret_name(v) {
             self.problems.add(
                 node.pos,
                 field,
@@ -172,16 +166,9 @@ impl Reader<'_> {
     fn branch(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let b = self.non_empty_string(node, field, "branch")?;
         let v = &b.value;
-        let bad = v.starts_with('-')
-            || v.starts_with('/')
-            || v.ends_with('/')
-            || v.ends_with(".lock")
-            || v.contains("..")
-            || v.contains("//")
-            || v.contains("@{")
-            || v.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
-        // A template renders later; only check names written out.
-        if bad && !v.contains("{{") {
+        // A template renders later; only check names written out (the plan's check covers
+        // the rendered name).
+        if !valid_branch(v) && !v.contains("{{") {
             self.problems.add(
                 node.pos,
                 field,

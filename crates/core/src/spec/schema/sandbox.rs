@@ -1,11 +1,13 @@
 //! The task fields that choose and shape the sandbox: `runtime`, `image`, `build`, `user`,
 //! `network`, `services` and `secrets`, and the rules that tie them to the runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::{At, Fields, RawBuild, RawHealthCheck, RawService, Reader, TaskSpec, join, quoted};
-use crate::job::{NetworkPolicy, RuntimeKind};
+use crate::job::{
+    MAX_DNS_LABEL, NetworkPolicy, RuntimeKind, egress_problem, valid_secret_name, valid_service_name,
+};
 use crate::spec::error::{Pos, closest};
 use crate::spec::tree::{Node, Value};
 
@@ -21,9 +23,6 @@ const HEALTHCHECK_FIELDS: &[&str] = &["command", "interval", "timeout", "retries
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_RETRIES: u32 = 30;
-
-/// Longest DNS label.
-const MAX_LABEL: usize = 63;
 
 impl Reader<'_> {
     /// Reads `runtime`, `image`, `build`, `user`, `network`, `services` and `secrets`.
@@ -348,17 +347,13 @@ impl Reader<'_> {
     fn service_name(&mut self, node: &Node, field: &str) -> Option<At<String>> {
         let name = self.non_empty_string(node, field, "service name")?;
         let v = &name.value;
-        let ok = v.len() <= MAX_LABEL
-            && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !v.starts_with('-')
-            && !v.ends_with('-');
-        if !ok {
+        if !valid_service_name(v) {
             let mut suggestion: String = v
                 .to_ascii_lowercase()
                 .chars()
                 .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' })
                 .collect();
-            suggestion = suggestion.trim_matches('-').chars().take(MAX_LABEL).collect();
+            suggestion = suggestion.trim_matches('-').chars().take(MAX_DNS_LABEL).collect();
             if suggestion.is_empty() {
                 suggestion = "db".into();
             }
@@ -367,7 +362,7 @@ impl Reader<'_> {
                 field,
                 format!(
                     "service name `{v}` must be a DNS label: lowercase letters, digits and `-`, \
-                     at most {MAX_LABEL} characters"
+                     at most {MAX_DNS_LABEL} characters"
                 ),
                 Some(format!("rename it, like `{suggestion}`")),
             );
@@ -408,9 +403,7 @@ impl Reader<'_> {
         let names = self.list(node, field, "secret names", "secrets: [DB_PASSWORD]", |r, item, path| {
             let name = r.non_empty_string(item, path, "secret name")?;
             let v = &name.value;
-            let ok = v.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
-                && v.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-            if !ok {
+            if !valid_secret_name(v) {
                 let mut suggestion: String = v
                     .to_ascii_uppercase()
                     .chars()
@@ -432,67 +425,7 @@ impl Reader<'_> {
             }
             Some(name)
         });
-        let mut unique: Vec<At<String>> = Vec::with_capacity(names.len());
-        for name in names {
-            if !unique.iter().any(|n| n.value == name.value) {
-                unique.push(name);
-            }
-        }
-        unique
-    }
-}
-
-/// What is wrong with an egress destination (`host` or `host:port`, IPv6 in brackets), if
-/// anything: the message and a hint.
-fn egress_problem(text: &str) -> Option<(String, &'static str)> {
-    let bare =
-        "write a host name or address, optionally with a port, like `api.example.com` or `10.0.0.1:443`";
-    if text.contains("://") {
-        return Some((format!("egress destination `{text}` has a scheme"), bare));
-    }
-    if text.contains('/') || text.chars().any(char::is_whitespace) {
-        return Some((format!("egress destination `{text}` is not a host"), bare));
-    }
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((host, "")) => (host, None),
-            Some((host, tail)) => match tail.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Some((format!("egress destination `{text}` is not a host"), bare)),
-            },
-            None => return Some((format!("egress destination `{text}` lacks its closing `]`"), bare)),
-        }
-    } else if text.matches(':').count() == 1 {
-        text.split_once(':').map_or((text, None), |(h, p)| (h, Some(p)))
-    } else {
-        // No colon, or a bare IPv6 address.
-        (text, None)
-    };
-    if host.is_empty() {
-        return Some((format!("egress destination `{text}` has no host"), bare));
-    }
-    if let Some(port) = port
-        && !matches!(port.parse::<u16>(), Ok(p) if p > 0)
-    {
-        return Some((
-            format!("`{port}` in egress destination `{text}` is not a port from 1 to 65535"),
-            bare,
-        ));
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::egress_problem;
-
-    #[test]
-    fn egress_destinations() {
-        for ok in ["api.example.com", "10.0.0.1:443", "[::1]:8080", "::1", "[fe80::1]", "*.example.com"] {
-            assert_eq!(egress_problem(ok), None, "{ok}");
-        }
-        for bad in ["https://x.com", "x.com/path", ":443", "x.com:0", "x.com:http", "[::1", "[::1]x", "a b"] {
-            assert!(egress_problem(bad).is_some(), "{bad}");
-        }
+        let mut seen = HashSet::with_capacity(names.len());
+        names.into_iter().filter(|n| seen.insert(n.value.clone())).collect()
     }
 }

@@ -1,0 +1,326 @@
+//! [`AccessStore`] on SQLite.
+//!
+//! Every write runs on the single writer connection (see the module header of
+//! [`crate::sqlite`]), so a check and the write it guards, such as "the token is unused" and
+//! spending it, are one step without further locking.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use super::{SqliteStore, json, lose_node_attempts, parse_word, to_json};
+use crate::Result;
+use crate::access::{
+    AccessStore, JoinTokenRecord, KeyRecord, NodeCredentialRecord, ProjectRecord, Redeemed, RevokedNode,
+};
+
+/// Columns of [`key_record`], in its order.
+const KEY_COLUMNS: &str =
+    "id, secret_sha256, project, role, name, created_ms, expires_ms, revoked_ms, created_by";
+
+/// A key read with [`KEY_COLUMNS`].
+fn key_record(r: &SqliteRow) -> Result<KeyRecord> {
+    Ok(KeyRecord {
+        id: r.try_get(0)?,
+        secret_sha256: r.try_get(1)?,
+        project: r.try_get(2)?,
+        role: parse_word("key role", r.try_get::<&str, _>(3)?)?,
+        name: r.try_get(4)?,
+        created_ms: r.try_get(5)?,
+        expires_ms: r.try_get(6)?,
+        revoked_ms: r.try_get(7)?,
+        created_by: r.try_get(8)?,
+    })
+}
+
+#[async_trait]
+impl AccessStore for SqliteStore {
+    async fn create_project(&self, name: &str, now_ms: i64) -> Result<bool> {
+        let n = sqlx::query(
+            "INSERT INTO projects (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn projects(&self) -> Result<Vec<ProjectRecord>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT name, created_ms FROM projects ORDER BY name")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.into_iter().map(|(name, created_ms)| ProjectRecord { name, created_ms }).collect())
+    }
+
+    async fn create_key(&self, key: &KeyRecord) -> Result<()> {
+        insert_key(&self.writer, key, false).await.map(|_| ())
+    }
+
+    async fn create_first_key(&self, key: &KeyRecord) -> Result<bool> {
+        insert_key(&self.writer, key, true).await
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?");
+        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.reader).await?;
+        row.as_ref().map(key_record).transpose()
+    }
+
+    async fn keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>> {
+        let filter = if project.is_some() { "WHERE project = ?" } else { "" };
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys {filter} ORDER BY created_ms, id");
+        let mut query = sqlx::query(&sql);
+        if let Some(project) = project {
+            query = query.bind(project);
+        }
+        query.fetch_all(&self.reader).await?.iter().map(key_record).collect()
+    }
+
+    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<bool> {
+        let n = sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
+            .bind(now_ms)
+            .bind(id)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn create_join_token(&self, token: &JoinTokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO join_tokens (id, secret_sha256, labels, created_ms, expires_ms, used_ms, used_by, \
+             created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(&token.secret_sha256)
+        .bind(to_json("labels", &token.labels)?)
+        .bind(token.created_ms)
+        .bind(token.expires_ms)
+        .bind(token.used_ms)
+        .bind(&token.used_by)
+        .bind(&token.created_by)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRecord>> {
+        let row = sqlx::query(
+            "SELECT id, secret_sha256, labels, created_ms, expires_ms, used_ms, used_by, created_by \
+             FROM join_tokens WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| {
+            Ok(JoinTokenRecord {
+                id: r.try_get(0)?,
+                secret_sha256: r.try_get(1)?,
+                labels: json::<BTreeMap<String, String>>("labels", r.try_get::<&str, _>(2)?)?,
+                created_ms: r.try_get(3)?,
+                expires_ms: r.try_get(4)?,
+                used_ms: r.try_get(5)?,
+                used_by: r.try_get(6)?,
+                created_by: r.try_get(7)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn redeem_join_token(
+        &self,
+        token_id: &str,
+        credential: &NodeCredentialRecord,
+        now_ms: i64,
+    ) -> Result<Redeemed> {
+        let labels = to_json("labels", &credential.labels)?;
+        // Read on the writer connection inside the transaction: the reader pool could see a
+        // state older than the writer's last commit.
+        let mut tx = self.writer.begin().await?;
+        let token: Option<(i64, Option<i64>)> =
+            sqlx::query_as("SELECT expires_ms, used_ms FROM join_tokens WHERE id = ?")
+                .bind(token_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        // Returning early drops the transaction: nothing was written.
+        match token {
+            None => return Ok(Redeemed::Unknown),
+            Some((_, Some(_))) => return Ok(Redeemed::AlreadyUsed),
+            Some((expires_ms, None)) if expires_ms <= now_ms => return Ok(Redeemed::Expired),
+            Some(_) => {}
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO node_credentials (id, secret_sha256, node_name, labels, created_ms, revoked_ms) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_name) WHERE revoked_ms IS NULL DO NOTHING",
+        )
+        .bind(&credential.id)
+        .bind(&credential.secret_sha256)
+        .bind(&credential.node_name)
+        .bind(&labels)
+        .bind(credential.created_ms)
+        .bind(credential.revoked_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            // Another credential in force holds the name; the token stays unused.
+            return Ok(Redeemed::NameTaken);
+        }
+        sqlx::query("UPDATE join_tokens SET used_ms = ?, used_by = ? WHERE id = ?")
+            .bind(now_ms)
+            .bind(&credential.node_name)
+            .bind(token_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Redeemed::Enrolled)
+    }
+
+    async fn node_credential(&self, id: &str) -> Result<Option<NodeCredentialRecord>> {
+        let row = sqlx::query(
+            "SELECT id, secret_sha256, node_name, labels, created_ms, revoked_ms FROM node_credentials WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| {
+            Ok(NodeCredentialRecord {
+                id: r.try_get(0)?,
+                secret_sha256: r.try_get(1)?,
+                node_name: r.try_get(2)?,
+                labels: json::<BTreeMap<String, String>>("labels", r.try_get::<&str, _>(3)?)?,
+                created_ms: r.try_get(4)?,
+                revoked_ms: r.try_get(5)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn revoke_node(&self, name: &str, now_ms: i64) -> Result<Option<RevokedNode>> {
+        let mut tx = self.writer.begin().await?;
+        let credentials = sqlx::query(
+            "UPDATE node_credentials SET revoked_ms = ? WHERE node_name = ? AND revoked_ms IS NULL",
+        )
+        .bind(now_ms)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let node_id: Option<i64> =
+            sqlx::query_scalar("UPDATE nodes SET state = 'down' WHERE name = ? RETURNING id")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(node_id) = node_id else {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM node_credentials WHERE node_name = ? LIMIT 1")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            return Ok(known.map(|_| RevokedNode {
+                node_id: None,
+                credentials: u32::try_from(credentials).unwrap_or(u32::MAX),
+                lost: Vec::new(),
+            }));
+        };
+        let lost =
+            lose_node_attempts(&mut tx, node_id, &format!("node {name} was revoked by an operator"), now_ms)
+                .await?;
+        tx.commit().await?;
+        tracing::warn!(node_id, node = %name, credentials, lost = lost.len(), "node revoked; marked down");
+        Ok(Some(RevokedNode {
+            node_id: Some(node_id),
+            credentials: u32::try_from(credentials).unwrap_or(u32::MAX),
+            lost,
+        }))
+    }
+
+    async fn add_project_blob(&self, project: &str, digest: &str, size: u64, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO project_blobs (project, digest, size, created_ms) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (project, digest) DO NOTHING",
+        )
+        .bind(project)
+        .bind(digest)
+        .bind(i64::try_from(size).unwrap_or(i64::MAX))
+        .bind(now_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn blob_projects(&self, digest: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT project FROM project_blobs WHERE digest = ? ORDER BY project")
+            .bind(digest)
+            .fetch_all(&self.reader)
+            .await?)
+    }
+
+    async fn node_may_read_blob(&self, node_id: i64, digest: &str) -> Result<bool> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             JOIN project_blobs b ON b.project = j.project AND b.digest = ? \
+             WHERE a.node_id = ? AND a.state != 'ended' LIMIT 1",
+        )
+        .bind(digest)
+        .bind(node_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(found.is_some())
+    }
+}
+
+/// Inserts a key; with `once`, nothing happens (and `false` comes back) when a key the schema
+/// allows only once (the bootstrap key) exists already.
+async fn insert_key(pool: &sqlx::SqlitePool, key: &KeyRecord, once: bool) -> Result<bool> {
+    let sql = format!(
+        "INSERT INTO api_keys (id, secret_sha256, project, role, name, created_ms, expires_ms, revoked_ms, \
+         created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?){}",
+        if once { " ON CONFLICT DO NOTHING" } else { "" }
+    );
+    let done = sqlx::query(&sql)
+        .bind(&key.id)
+        .bind(&key.secret_sha256)
+        .bind(&key.project)
+        .bind(key.role.as_str())
+        .bind(&key.name)
+        .bind(key.created_ms)
+        .bind(key.expires_ms)
+        .bind(key.revoked_ms)
+        .bind(&key.created_by)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::migrate::Migrator;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+
+    use super::SqliteStore;
+
+    /// The first migration of identities, which backfills what older servers stored.
+    const ACCESS_MIGRATION: i64 = 7;
+
+    #[tokio::test]
+    async fn upgraded_database_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("drover.db");
+        crate::conformance::copy_migrations_before("sqlite", ACCESS_MIGRATION, &dir.path().join("old"));
+        let pool =
+            SqlitePool::connect_with(SqliteConnectOptions::new().filename(&db).create_if_missing(true))
+                .await
+                .unwrap();
+        Migrator::new(dir.path().join("old")).await.unwrap().run(&pool).await.unwrap();
+        sqlx::raw_sql(crate::conformance::LEGACY_ROWS).execute(&pool).await.unwrap();
+        pool.close().await;
+        let store = SqliteStore::open(&db).await.unwrap();
+        crate::conformance::upgraded_store_keeps_working(&store).await;
+    }
+}
