@@ -55,38 +55,31 @@ async fn open_backends(s: &ServerSettings) -> Result<Backends> {
                 .await
                 .map_err(|e| anyhow!("cannot open the PostgreSQL database: {e}"))?;
             let store = Arc::new(store);
-            Ok(Backends {
-                store: store.clone(),
-                secrets: store.clone(),
-                artifacts: store.clone(),
-                access: store,
-                blobs,
-            })
+            Ok(backends(store, blobs))
         }
         Some(url) => {
             let Some(path) = url.strip_prefix("sqlite://") else {
                 bail!("server.database `{url}` is neither postgres://... nor sqlite://PATH");
             };
             let store = open_sqlite(Path::new(path)).await?;
-            Ok(Backends {
-                store: store.clone(),
-                secrets: store.clone(),
-                artifacts: store.clone(),
-                access: store,
-                blobs,
-            })
+            Ok(backends(store, blobs))
         }
         None => {
             let store = open_sqlite(&s.data_dir.join("drover.db")).await?;
-            Ok(Backends {
-                store: store.clone(),
-                secrets: store.clone(),
-                artifacts: store.clone(),
-                access: store,
-                blobs,
-            })
+            Ok(backends(store, blobs))
         }
     }
+}
+
+/// One store serving every part of the server's state.
+fn backends<S>(store: Arc<S>, blobs: Arc<dyn drover_blobs::BlobStore>) -> Backends
+where
+    S: drover_store::Store
+        + drover_store::SecretStore
+        + drover_store::ArtifactStore
+        + drover_store::AccessStore,
+{
+    Backends { store: store.clone(), secrets: store.clone(), artifacts: store.clone(), access: store, blobs }
 }
 
 async fn open_sqlite(path: &Path) -> Result<Arc<SqliteStore>> {

@@ -71,7 +71,7 @@ struct World {
     /// An `alpha` key that cases try to revoke.
     victim_key: String,
     store: Arc<SqliteStore>,
-    _server: common::Server,
+    server: common::Server,
 }
 
 /// An id no object has.
@@ -178,7 +178,7 @@ impl World {
             alpha_blob,
             victim_key,
             store,
-            _server: server,
+            server,
         }
     }
 
@@ -811,25 +811,8 @@ fn cases(w: &World) -> Vec<Case> {
 /// Opens an agent session as node `name`, carrying `caller`'s credential; `Ok` once the
 /// server answered `Registered`.
 async fn session_as(w: &World, caller: &str, name: &str) -> Result<String, Status> {
-    let channel = Channel::from_shared(w.url.clone()).unwrap().connect().await.unwrap();
-    let mut agents = AgentSessionClient::with_interceptor(channel, Bearer::new(w.key(caller)).unwrap());
-    let register = pb::Register {
-        name: name.into(),
-        cores: 1,
-        memory: 1 << 30,
-        runtimes: vec!["process".into()],
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Register(register)) }).await.unwrap();
-    let mut inbound = agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    match inbound.next().await {
-        Some(Ok(pb::ServerMessage { msg: Some(pb::server_message::Msg::Registered(r)) })) => {
-            Ok(format!("node {}", r.node_id))
-        }
-        Some(Err(s)) => Err(s),
-        other => panic!("unexpected answer to Register: {other:?}"),
-    }
+    let session = w.server.session(w.key(caller), name).await?;
+    Ok(format!("node {}", session.node_id))
 }
 
 fn outcome(result: &Result<String, Status>) -> Outcome {

@@ -98,7 +98,7 @@ pub fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
 
 /// A tonic Channel to `url`.
 ///
-/// `http://` connects in plain text; `https://` needs `trust` (else [`TlsError::NoTrust`]) and
+/// `http://` connects in plain text, to loopback addresses only; `https://` needs `trust` (else [`TlsError::NoTrust`]) and
 /// connects through a hyper-rustls connector built from [`client_config`], HTTP/2 only.
 /// `connect_timeout` bounds TCP connect plus TLS handshake. TCP_NODELAY is on, and HTTP/2
 /// keepalive PINGs every 10 s (even while idle) close a connection unanswered for 20 s.
@@ -122,6 +122,11 @@ pub async fn channel(
             .keep_alive_while_idle(true)
     };
     let connected = match uri.scheme_str() {
+        // Credentials never cross a network in plain text: a server off this machine always
+        // has TLS (it refuses to listen otherwise), so `http://` to one is a mistake.
+        Some("http") if !crate::url_is_loopback(url) => {
+            return Err(invalid("plain text is for loopback addresses only; use https:// and --ca"));
+        }
         Some("http") => endpoint(uri).connect().await,
         Some("https") => {
             let trust = trust.ok_or_else(|| TlsError::NoTrust { url: url.to_owned() })?;

@@ -222,6 +222,11 @@ async fn clients_refuse_servers_they_do_not_trust() {
     assert!(matches!(err, TlsError::NoTrust { .. }), "{err}");
     assert!(err.to_string().contains("--ca"), "{err}");
 
+    // Plain text off loopback is refused before any connection is made (a documentation
+    // address: nothing is dialed).
+    let err = channel("http://192.0.2.1:7370", None, TIMEOUT).await.unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
+
     // The refused handshakes did not disturb the server.
     let channel = channel(&url, Some(&pin_trust(&identity)), TIMEOUT).await.unwrap();
     assert_eq!(get_path(&channel, "/hello").await.0, http::StatusCode::OK);
