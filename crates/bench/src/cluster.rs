@@ -51,6 +51,16 @@ pub struct AgentOptions {
 impl Cluster {
     /// Starts a server and one agent under `dir` and waits until the agent's node is ready.
     pub async fn start(drover: &Path, dir: &Path, agent: AgentOptions) -> Result<Cluster> {
+        Cluster::start_with(drover, dir, agent, &[]).await
+    }
+
+    /// [`Cluster::start`] with more arguments for the server.
+    pub async fn start_with(
+        drover: &Path,
+        dir: &Path,
+        agent: AgentOptions,
+        server_args: &[String],
+    ) -> Result<Cluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let log = |name: &str| -> Result<std::fs::File> {
             let path = dir.join(name);
@@ -60,6 +70,7 @@ impl Cluster {
         let mut server = Command::new(drover)
             .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
+            .args(server_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log("server.log")?)

@@ -117,7 +117,11 @@ async fn read_delays(child: &mut tokio::process::Child, lines: usize, timeout: D
 async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
     let bytes = ctx.log_bytes;
     let dir = ctx.dir("logs-drover")?;
-    let cluster = Cluster::start(&ctx.drover, &dir, AgentOptions { cores: ctx.cores as u32 }).await?;
+    // The whole output is the measure: the per-attempt log cap (64 MiB by default) must not
+    // cut its middle.
+    let cap = vec!["--max-log-size".to_string(), (bytes * 2).max(64 << 20).to_string()];
+    let agent = AgentOptions { cores: ctx.cores as u32 };
+    let cluster = Cluster::start_with(&ctx.drover, &dir, agent, &cap).await?;
     let mut client = cluster.client().await?;
     let text = "x".repeat(LINE - 1);
     let plan = plan_json(&format!(
