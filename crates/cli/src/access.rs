@@ -167,12 +167,33 @@ enum ProjectsCommand {
     },
     /// List the projects you have a role in.
     Ls,
+    /// Show a project's settings, quotas and budget, and what it uses now.
+    Show {
+        /// The project.
+        name: String,
+    },
+    /// Change settings: runtimes, images, networks, llm_upstreams, containers_as_root,
+    /// max_priority, quota.cores, quota.memory, quota.tasks, quota.gpus, quota.stored_bytes,
+    /// budget (like 500/month); `none` clears one. Admins may tighten, operators loosen.
+    Set {
+        /// The project.
+        name: String,
+        /// KEY=VALUE, one or more (lists are comma-separated: images=reg.example.com/*,build:*).
+        #[arg(required = true, value_parser = crate::tenants::parse_setting)]
+        settings: Vec<(String, String)>,
+    },
 }
 
 /// `drover projects ...`.
 pub async fn projects(args: ProjectsArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
     match args.command {
+        ProjectsCommand::Show { name } => {
+            return crate::tenants::project_show(&mut client, name, args.output).await;
+        }
+        ProjectsCommand::Set { name, settings } => {
+            return crate::tenants::project_set(&mut client, name, settings, args.output).await;
+        }
         ProjectsCommand::Create { name } => {
             let req = pb::CreateProjectRequest { name: name.clone() };
             let created = client.create_project(req).await.map_err(rpc_error)?.into_inner().created;
@@ -291,12 +312,40 @@ pub struct LoginArgs {
     /// Make this server the default of later commands (the first login always does).
     #[arg(long)]
     default: bool,
+    /// Sign in through the identity provider the server trusts (OpenID Connect device flow)
+    /// instead of with an API key: open the URL shown, enter the code, and the token is stored.
+    #[arg(long)]
+    oidc: bool,
+    /// The identity provider's issuer URL (with --oidc; your operator has it).
+    #[arg(long, env = "DROVER_OIDC_ISSUER")]
+    issuer: Option<String>,
+    /// The client id drover has at the identity provider (with --oidc).
+    #[arg(long, env = "DROVER_OIDC_CLIENT_ID")]
+    client_id: Option<String>,
+    /// The scopes to ask the identity provider for (with --oidc); some providers put groups
+    /// into tokens only when asked, like `openid groups`.
+    #[arg(long, default_value = "openid")]
+    scope: String,
     #[command(flatten)]
     server: ServerOpt,
 }
 
+/// How to trust the server, as the credentials file keeps it: a CA given as a file is stored
+/// by its absolute path, so later commands find it from any directory.
+fn stored_ca(opt: &ServerOpt) -> Option<String> {
+    match opt.ca.as_deref() {
+        Some(ca) if !ca.starts_with("sha256:") => {
+            Some(std::path::absolute(ca).map(|p| p.display().to_string()).unwrap_or_else(|_| ca.to_owned()))
+        }
+        other => other.map(str::to_owned),
+    }
+}
+
 /// `drover login`: checks a key against a server and stores it in the credentials file.
 pub async fn login(args: LoginArgs) -> Result<ExitCode> {
+    if args.oidc {
+        return login_oidc(args).await;
+    }
     let mut opt = args.server.clone();
     if opt.key.is_none() {
         if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
@@ -317,18 +366,11 @@ pub async fn login(args: LoginArgs) -> Result<ExitCode> {
     if me.kind == "node" {
         bail!("that is a node credential; log in with an API key (drv_...)");
     }
-    // A CA given as a file is stored by its absolute path, so later commands find it from
-    // any directory.
-    let ca = match opt.ca.as_deref() {
-        Some(ca) if !ca.starts_with("sha256:") => {
-            Some(std::path::absolute(ca).map(|p| p.display().to_string()).unwrap_or_else(|_| ca.to_owned()))
-        }
-        other => other.map(str::to_owned),
-    };
+    let ca = stored_ca(&opt);
     let path =
         credentials::default_path().ok_or_else(|| anyhow!("no home directory; set DROVER_CREDENTIALS"))?;
     let mut file = CredentialsFile::load(&path)?;
-    file.set(&target.url, ServerCredentials { key, ca }, args.default);
+    file.set(&target.url, ServerCredentials { key, ca, ..ServerCredentials::default() }, args.default);
     file.save(&path)?;
     let scope =
         if me.project.is_empty() { "every project".to_owned() } else { format!("project {}", me.project) };
@@ -340,4 +382,63 @@ pub async fn login(args: LoginArgs) -> Result<ExitCode> {
         path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `drover login --oidc`: the device flow at the identity provider, then the token checked
+/// against the server and stored in the credentials file.
+async fn login_oidc(args: LoginArgs) -> Result<ExitCode> {
+    let issuer = args.issuer.ok_or_else(|| {
+        anyhow!(
+            "--oidc needs the identity provider's --issuer URL (or DROVER_OIDC_ISSUER); ask your operator"
+        )
+    })?;
+    let client_id = args.client_id.ok_or_else(|| {
+        anyhow!("--oidc needs drover's --client-id at the identity provider (or DROVER_OIDC_CLIENT_ID)")
+    })?;
+    // A key from --key or DROVER_KEY is not what this login is about.
+    let opt = ServerOpt { key: None, ..args.server };
+    let target = opt.targets()?.into_iter().next().ok_or_else(|| anyhow!("--server names no server"))?;
+    let tokens = crate::oidc::device_flow(&issuer, &client_id, &args.scope).await?;
+    // The first token the server takes is kept: the ID token, else an access token that is a
+    // JWT (for servers whose audience is an API rather than this client).
+    let mut refusal = None;
+    for token in tokens.candidates() {
+        let target = crate::client::Target { key: Some(token.clone()), ..target.clone() };
+        let mut client =
+            connect_target(&target).await.map_err(|e| anyhow!("cannot reach the drover server at {e}"))?;
+        let me = match client.who_am_i(pb::WhoAmIRequest {}).await {
+            Ok(me) => me.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                refusal.get_or_insert(s);
+                continue;
+            }
+            Err(s) => return Err(rpc_error(s)),
+        };
+        let expires_ms = crate::oidc::expiry_ms(&token);
+        let path = credentials::default_path()
+            .ok_or_else(|| anyhow!("no home directory; set DROVER_CREDENTIALS"))?;
+        let mut file = CredentialsFile::load(&path)?;
+        let creds =
+            ServerCredentials { ca: stored_ca(&opt), token: Some(token), expires_ms, ..Default::default() };
+        file.set(&target.url, creds, args.default);
+        file.save(&path)?;
+        let scope = if me.project.is_empty() {
+            "every project".to_owned()
+        } else {
+            format!("project {}", me.project)
+        };
+        let until = expires_ms.map(|ms| format!(", until {}", render::time(ms))).unwrap_or_default();
+        println!(
+            "logged in to {} as {} ({} of {scope}{until}); saved in {}",
+            target.url,
+            me.id,
+            me.role,
+            path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    Err(match refusal {
+        Some(s) => rpc_error(s),
+        None => anyhow!("the identity provider handed out no token drover can use (no ID token)"),
+    })
 }

@@ -2,7 +2,8 @@
 //!
 //! Where a command goes and what it carries, each from the first place that has it:
 //! - server: `--server`, `DROVER_SERVER`, the credentials file's default, `127.0.0.1:7370`;
-//! - key: `--key`, `DROVER_KEY`, the credentials file's key for that server;
+//! - key: `--key`, `DROVER_KEY`, the credentials file's key (or `drover login --oidc` token)
+//!   for that server;
 //! - trust: `--ca`, `DROVER_CA`, the credentials file's `ca` for that server.
 
 use std::time::Duration;
@@ -88,7 +89,7 @@ impl ServerOpt {
             let trust = ca.as_deref().map(Trust::parse).transpose().map_err(|e| anyhow!("--ca: {e}"))?;
             targets.push(Target {
                 url: normalize(addr, trust.is_some()),
-                key: self.key.clone().or_else(|| stored.map(|s| s.key)),
+                key: self.key.clone().or_else(|| stored.and_then(|s| s.bearer())),
                 trust,
             });
         }

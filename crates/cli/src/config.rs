@@ -15,6 +15,12 @@
 //! [agent]
 //! servers = ["https://farm.example.com:7370"]
 //! cores = 8
+//!
+//! [oidc]                    # optional: people sign in with `drover login --oidc`
+//! issuer = "https://login.example.com/realms/farm"
+//! client_id = "drover"
+//! [oidc.roles]              # claim value (a group) = "operator" or "PROJECT:ROLE"
+//! fx-artists = "fx:submitter"
 //! ```
 
 use std::collections::BTreeMap;
@@ -22,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_server::auth::oidc::{OidcConfig, RoleGrant};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -197,6 +204,48 @@ impl Default for AgentSettings {
     }
 }
 
+/// `[oidc]`: people sign in through an OpenID Connect identity provider (`drover login
+/// --oidc`), besides API keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSection {
+    /// The provider's issuer URL, exactly as its tokens' `iss` claim writes it; https (http on
+    /// loopback only).
+    pub issuer: String,
+    /// The `aud` tokens must carry; default `client_id` (the audience of ID tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// The token claim whose values map to roles: a string or an array of strings, looked up
+    /// as a dotted path (`realm_access.roles`) when no claim has the whole name.
+    #[serde(default = "default_oidc_claim")]
+    pub claim: String,
+    /// The client id people's `drover login --oidc` uses (the server only shows it in its log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Claim value → `operator` or `PROJECT:ROLE` (`fx-artists = "fx:submitter"`). Every value
+    /// a person's token carries adds its grant; the strongest role per project wins.
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleGrant>,
+}
+
+fn default_oidc_claim() -> String {
+    drover_server::auth::oidc::DEFAULT_CLAIM.to_owned()
+}
+
+impl OidcSection {
+    /// The server's view of the section.
+    pub fn server_config(&self) -> OidcConfig {
+        OidcConfig {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone().or_else(|| self.client_id.clone()).unwrap_or_default(),
+            claim: self.claim.clone(),
+            roles: self.roles.clone(),
+            client_id: self.client_id.clone(),
+            refetch_interval: drover_server::auth::oidc::DEFAULT_REFETCH_INTERVAL,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +259,72 @@ pub struct Config {
     /// `[agent]`.
     #[serde(default)]
     pub agent: AgentSettings,
+    /// `[oidc]`: sign-in through an identity provider; absent, only API keys are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcSection>,
+    /// `[prices]`: what work costs (per core-hour, GiB-hour, GPU-hour, 1k LLM input and
+    /// output tokens, GiB-month stored). Recorded at start; work is priced at the prices in
+    /// force when it was assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prices: Option<drover_core::tenancy::PriceTable>,
+    /// `[projects.NAME]`: project settings as `drover projects set` takes them (`quota.cores =
+    /// 40`, `images = ["reg.example.com/*"]`, `budget = "500/month"`), applied at every server
+    /// start over what is stored; a project named here is created if missing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub projects: BTreeMap<String, BTreeMap<String, SettingValue>>,
+}
+
+/// A project setting's value in the config file: text, a number, a flag, a list, or a table of
+/// more settings (`[projects.fx.quota]` holding `cores = 40`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SettingValue {
+    /// `true` or `false`.
+    Flag(bool),
+    /// A whole number.
+    Integer(i64),
+    /// A number with a fraction.
+    Number(f64),
+    /// Text.
+    Text(String),
+    /// A list, joined with commas.
+    List(Vec<String>),
+    /// Nested settings, named `parent.child`.
+    Table(BTreeMap<String, SettingValue>),
+}
+
+impl SettingValue {
+    /// Flattens into `(key, value text)` pairs as `drover projects set` takes them.
+    fn flatten(&self, key: &str, out: &mut Vec<(String, String)>) {
+        match self {
+            SettingValue::Flag(b) => out.push((key.to_owned(), b.to_string())),
+            SettingValue::Integer(n) => out.push((key.to_owned(), n.to_string())),
+            SettingValue::Number(n) => out.push((key.to_owned(), n.to_string())),
+            SettingValue::Text(t) => out.push((key.to_owned(), t.clone())),
+            SettingValue::List(items) => out.push((key.to_owned(), items.join(","))),
+            SettingValue::Table(t) => {
+                for (k, v) in t {
+                    v.flatten(&format!("{key}.{k}"), out);
+                }
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The settings of `[projects.NAME]`, as `(project, [(key, value)])`.
+    pub fn project_settings(&self) -> Vec<(String, Vec<(String, String)>)> {
+        self.projects
+            .iter()
+            .map(|(name, settings)| {
+                let mut pairs = Vec::new();
+                for (k, v) in settings {
+                    v.flatten(k, &mut pairs);
+                }
+                (name.clone(), pairs)
+            })
+            .collect()
+    }
 }
 
 fn default_version() -> u32 {
@@ -218,7 +333,14 @@ fn default_version() -> u32 {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { version: VERSION, server: ServerSettings::default(), agent: AgentSettings::default() }
+        Config {
+            version: VERSION,
+            server: ServerSettings::default(),
+            agent: AgentSettings::default(),
+            oidc: None,
+            prices: None,
+            projects: BTreeMap::new(),
+        }
     }
 }
 
@@ -228,6 +350,14 @@ pub enum ConfigError {
     /// The file, a variable or a flag holds a value of the wrong shape.
     #[error("{0}")]
     Invalid(String),
+    /// A key built from names in the file (a project's setting) is wrong.
+    #[error("configuration key `{key}`: {message}")]
+    Named {
+        /// The key, like `projects.fx.quota.cores`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// The values are well-formed but do not work together.
     #[error("configuration key `{key}`: {message}")]
     Rule {
@@ -303,6 +433,29 @@ impl Config {
     /// Checks the rules that tie keys together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let rule = |key, message: String| Err(ConfigError::Rule { key, message });
+        for (project, pairs) in self.project_settings() {
+            let named = |key: &str, message: String| ConfigError::Named {
+                key: format!("projects.{project}.{key}"),
+                message,
+            };
+            if !drover_core::access::valid_project_name(&project) {
+                return Err(named(
+                    "",
+                    "is not a project name: 1 to 63 lowercase letters, digits and `-`".into(),
+                ));
+            }
+            let mut settings = drover_core::tenancy::ProjectSettings::default();
+            for (key, value) in pairs {
+                settings.set(&key, &value).map_err(|e| named(&key, e.0))?;
+            }
+        }
+        if let Some(p) = &self.prices {
+            let all =
+                [p.core_hour, p.gib_hour, p.gpu_hour, p.input_tokens_1k, p.output_tokens_1k, p.gib_month];
+            if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return rule("prices", "prices are numbers, 0 or more".into());
+            }
+        }
         if self.version != VERSION {
             return rule(
                 "version",
@@ -346,6 +499,27 @@ impl Config {
         }
         if s.tls == TlsMode::Off && s.tls_cert.is_some() {
             return rule("server.tls", "off contradicts tls_cert; drop one of them".into());
+        }
+        if let Some(o) = &self.oidc {
+            if let Err(e) = drover_server::auth::oidc::check_issuer(&o.issuer) {
+                return rule("oidc.issuer", e.to_string());
+            }
+            if o.audience.as_deref().or(o.client_id.as_deref()).is_none_or(str::is_empty) {
+                return rule(
+                    "oidc.audience",
+                    "give the audience tokens carry, or client_id (its default)".into(),
+                );
+            }
+            if o.claim.is_empty() {
+                return rule("oidc.claim", "name the claim whose values map to roles, like groups".into());
+            }
+            if o.roles.is_empty() {
+                return rule(
+                    "oidc.roles",
+                    "maps no claim value to a role, so nobody could sign in; add one like fx-artists = \"fx:submitter\""
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -499,6 +673,38 @@ mod tests {
         assert!(load(Some(Path::new("/nonexistent/drover.toml")), Overrides::default()).is_err());
         let (_dir, path) = file("version = 2\n");
         assert!(load(Some(&path), Overrides::default()).unwrap_err().to_string().contains("`version`"));
+    }
+
+    #[test]
+    fn oidc_section_is_checked() {
+        let section = "[oidc]\nissuer = \"http://127.0.0.1:9000\"\nclient_id = \"drover\"\n";
+        let (_dir, path) =
+            file(&format!("{section}[oidc.roles]\nfx-team = \"fx:submitter\"\nops = \"operator\"\n"));
+        let config = load(Some(&path), Overrides::default()).unwrap();
+        let server = config.oidc.as_ref().unwrap().server_config();
+        assert_eq!((server.audience.as_str(), server.claim.as_str()), ("drover", "groups"));
+        assert_eq!(server.roles["ops"], RoleGrant::Operator);
+        let back: Config = toml::from_str(&config.to_toml_elided().unwrap()).unwrap();
+        assert_eq!(back, config, "printed oidc reads back the same");
+        // Bad role strings name their key and the file.
+        let (_dir, path) = file(&format!("{section}[oidc.roles]\nfx-team = \"fx\"\n"));
+        let err = load(Some(&path), Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("`oidc.roles.fx-team`") && err.contains("PROJECT:ROLE"), "{err}");
+        for (text, key) in [
+            (
+                "[oidc]\nissuer = \"http://idp.example.com\"\nclient_id = \"d\"\n[oidc.roles]\na = \"operator\"\n",
+                "`oidc.issuer`",
+            ),
+            (
+                "[oidc]\nissuer = \"https://idp.example.com\"\n[oidc.roles]\na = \"operator\"\n",
+                "`oidc.audience`",
+            ),
+            (section, "`oidc.roles`"),
+        ] {
+            let (_dir, path) = file(text);
+            let err = load(Some(&path), Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

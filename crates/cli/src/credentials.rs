@@ -8,6 +8,10 @@
 //! [servers."http://127.0.0.1:7370"]
 //! key = "drv_..."
 //! ca = "/home/me/.drover/tls/ca.pem"   # optional
+//!
+//! [servers."https://farm:7370"]          # signed in with `drover login --oidc`
+//! token = "eyJ..."
+//! expires_ms = 1767225600000
 //! ```
 
 use std::collections::BTreeMap;
@@ -20,11 +24,30 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerCredentials {
-    /// The API key, `drv_<id>_<secret>`.
+    /// The API key, `drv_<id>_<secret>`; empty when signed in through an identity provider.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
     /// How to trust the server: a CA file or `sha256:<fingerprint>`; absent for plain text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// The identity provider's token (a JWT) that `drover login --oidc` got, sent as the bearer
+    /// when there is no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// When `token` expires (ms since the epoch), if it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+}
+
+impl ServerCredentials {
+    /// What to send as the bearer: the key, else the token.
+    pub fn bearer(&self) -> Option<String> {
+        match &self.token {
+            _ if !self.key.is_empty() => Some(self.key.clone()),
+            Some(token) => Some(token.clone()),
+            None => None,
+        }
+    }
 }
 
 /// The whole file.
@@ -100,16 +123,24 @@ mod tests {
         let path = dir.path().join("drover/credentials");
         assert_eq!(CredentialsFile::load(&path).unwrap(), CredentialsFile::default());
         let mut file = CredentialsFile::default();
-        file.set("http://127.0.0.1:7370", ServerCredentials { key: "drv_a_b".into(), ca: None }, false);
+        let key = |k: &str| ServerCredentials { key: k.into(), ..Default::default() };
+        file.set("http://127.0.0.1:7370", key("drv_a_b"), false);
         file.set(
             "https://farm:7370",
-            ServerCredentials { key: "drv_c_d".into(), ca: Some("/ca.pem".into()) },
+            ServerCredentials { ca: Some("/ca.pem".into()), ..key("drv_c_d") },
             false,
         );
+        let signed_in =
+            ServerCredentials { token: Some("eyJ.a.b".into()), expires_ms: Some(5), ..Default::default() };
+        file.set("https://idp-farm:7370", signed_in.clone(), false);
         assert_eq!(file.default.as_deref(), Some("http://127.0.0.1:7370"));
         file.save(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(CredentialsFile::load(&path).unwrap(), file);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("key = \"\""), "no empty key is written");
+        assert_eq!(signed_in.bearer().as_deref(), Some("eyJ.a.b"));
+        assert_eq!(key("drv_a_b").bearer().as_deref(), Some("drv_a_b"));
+        assert_eq!(ServerCredentials::default().bearer(), None);
         std::fs::write(&path, "nonsense = [").unwrap();
         assert!(CredentialsFile::load(&path).unwrap_err().to_string().contains("not valid"));
     }

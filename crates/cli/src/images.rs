@@ -58,6 +58,8 @@ pub async fn ship(opt: &ServerOpt, job: &mut JobPlan, job_dir: &Path) -> Result<
             shipped.insert(source.clone(), s);
         }
         let s = &shipped[&source];
+        // The name as written stays with the plan, for the project's image settings.
+        task.image_name = task.image_ref();
         task.image = Some(s.image_id.clone());
         task.image_blob = Some(s.blob.clone());
         task.build = None;

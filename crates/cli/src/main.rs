@@ -8,9 +8,11 @@ mod config;
 mod credentials;
 mod images;
 mod jobs;
+mod oidc;
 mod render;
 mod run;
 mod secrets;
+mod tenants;
 mod usage;
 
 use std::process::ExitCode;
@@ -63,7 +65,10 @@ enum Command {
     Keys(access::KeysArgs),
     /// Manage projects (create, list).
     Projects(access::ProjectsArgs),
-    /// Check an API key against a server and store it (and the server's CA) for later commands.
+    /// Show who changed what: submits, cancels, keys, secrets, projects, nodes.
+    Audit(tenants::AuditArgs),
+    /// Check an API key against a server, or sign in through its identity provider (--oidc),
+    /// and store the credential (and the server's CA) for later commands.
     Login(access::LoginArgs),
     /// Show the effective configuration of server and agent.
     Config {
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             Command::Keys(a) => access::keys(a).await,
             Command::Projects(a) => access::projects(a).await,
             Command::Login(a) => access::login(a).await,
+            Command::Audit(a) => tenants::audit(a).await,
             Command::Config { command: ConfigCommand::Print(a) } => run::config_print(*a),
         }
     });

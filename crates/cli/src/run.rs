@@ -77,9 +77,17 @@ where
     S: drover_store::Store
         + drover_store::SecretStore
         + drover_store::ArtifactStore
-        + drover_store::AccessStore,
+        + drover_store::AccessStore
+        + drover_store::TenantStore,
 {
-    Backends { store: store.clone(), secrets: store.clone(), artifacts: store.clone(), access: store, blobs }
+    Backends {
+        store: store.clone(),
+        secrets: store.clone(),
+        artifacts: store.clone(),
+        access: store.clone(),
+        tenants: store,
+        blobs,
+    }
 }
 
 async fn open_sqlite(path: &Path) -> Result<Arc<SqliteStore>> {
@@ -180,6 +188,7 @@ fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
         completion_batch: s.completion_batch,
         auth: !s.no_auth,
         tls,
+        oidc: config.oidc.as_ref().map(crate::config::OidcSection::server_config),
         ..ServerConfig::default()
     }
 }
@@ -200,6 +209,7 @@ async fn prepare_server(config: &Config) -> Result<Prepared> {
     let tls = server_tls(config)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let backends = open_backends(s).await?;
+    apply_tenancy(config, &backends).await?;
     if !s.no_auth {
         let path = s.data_dir.join(OPERATOR_KEY);
         if let Some(path) = drover_server::auth::first_operator_key(&*backends.access, &path).await? {
@@ -234,6 +244,29 @@ async fn prepare_server(config: &Config) -> Result<Prepared> {
         config: server_config(config, tls),
         url: format!("{scheme}://{local}"),
     })
+}
+
+/// Records the config file's prices and applies its `[projects.NAME]` settings (creating the
+/// projects it names), so the file stays the record of what an operator set there.
+async fn apply_tenancy(config: &Config, backends: &Backends) -> Result<()> {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+            as i64;
+    if let Some(prices) = &config.prices {
+        let version = backends.tenants.record_prices(prices, now).await?;
+        tracing::info!(version, "prices in force");
+    }
+    for (project, pairs) in config.project_settings() {
+        if backends.access.create_project(&project, now).await? {
+            tracing::info!(project = %project, "project created from the config file");
+        }
+        let mut settings = backends.tenants.project_settings(&project).await?.unwrap_or_default();
+        for (key, value) in &pairs {
+            settings.set(key, value).map_err(|e| anyhow!("projects.{project}.{key}: {e}"))?;
+        }
+        backends.tenants.set_project_settings(&project, &settings).await?;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -368,7 +401,7 @@ fn install_operator_key(s: &ServerSettings, url: &str, tls: bool) -> Result<Opti
     let Some(path) = credentials::default_path() else { return Ok(None) };
     let mut file = CredentialsFile::load(&path)?;
     let ca = tls.then(|| ca_file(s).display().to_string());
-    let creds = ServerCredentials { key, ca };
+    let creds = ServerCredentials { key, ca, ..ServerCredentials::default() };
     if file.servers.get(url) != Some(&creds) {
         file.set(url, creds, false);
         file.save(&path)?;

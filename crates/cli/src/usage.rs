@@ -1,4 +1,5 @@
-//! `drover usage`: compute time and LLM tokens per project and per job.
+//! `drover usage`: compute time, LLM tokens and cost per project and per job (and per task
+//! with `--job`).
 
 use std::process::ExitCode;
 
@@ -42,6 +43,9 @@ pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
         println!("no jobs match");
     } else {
         println!("{}\n{}", rows_table(&resp.projects, false), rows_table(&resp.jobs, true));
+        if !resp.tasks.is_empty() {
+            println!("{}", tasks_table(&resp.tasks));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -51,7 +55,7 @@ fn rows_table(rows: &[pb::UsageRow], jobs: bool) -> Table {
     let mut t = Table::new();
     let mut header = vec!["PROJECT"];
     header.extend(if jobs { ["JOB", "NAME"].as_slice() } else { ["JOBS"].as_slice() });
-    header.extend(["TASKS", "ATTEMPTS", "CPU s", "WALL s", "INPUT TOKENS", "OUTPUT TOKENS"]);
+    header.extend(["TASKS", "ATTEMPTS", "CPU s", "WALL s", "INPUT TOKENS", "OUTPUT TOKENS", "COST"]);
     t.load_preset(UTF8_BORDERS_ONLY).set_content_arrangement(ContentArrangement::Dynamic).set_header(header);
     for r in rows {
         let mut row = vec![r.project.clone()];
@@ -67,15 +71,31 @@ fn rows_table(rows: &[pb::UsageRow], jobs: bool) -> Table {
             format!("{:.2}", r.wall_seconds),
             r.input_tokens.to_string(),
             r.output_tokens.to_string(),
+            format!("{:.2}", r.cost),
         ]);
         t.add_row(row);
     }
     t
 }
 
+/// Per-task rows of one job.
+fn tasks_table(rows: &[pb::UsageRow]) -> Table {
+    let mut t = crate::render::table(&["TASK", "ATTEMPTS", "CPU s (latest)", "COST"]);
+    for r in rows {
+        t.add_row([
+            r.task_name.clone(),
+            r.attempts.to_string(),
+            format!("{:.2}", r.cpu_seconds),
+            format!("{:.2}", r.cost),
+        ]);
+    }
+    t
+}
+
 fn row_json(r: &pb::UsageRow) -> Value {
     json!({"project": r.project, "tasks": r.tasks, "attempts": r.attempts, "cpu_seconds": r.cpu_seconds,
-           "wall_seconds": r.wall_seconds, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens})
+           "wall_seconds": r.wall_seconds, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+           "cost": r.cost})
 }
 
 /// `usage --json`: `{"projects": [...], "jobs": [...]}`.
@@ -99,5 +119,10 @@ fn usage_json(resp: &pb::UsageResponse) -> Value {
             v
         })
         .collect();
-    json!({"projects": projects, "jobs": jobs})
+    let tasks: Vec<Value> = resp
+        .tasks
+        .iter()
+        .map(|r| json!({"task_id": r.task_id, "task": r.task_name, "attempts": r.attempts, "cost": r.cost}))
+        .collect();
+    json!({"projects": projects, "jobs": jobs, "tasks": tasks})
 }

@@ -76,6 +76,11 @@ pub struct TaskPlan {
     /// and uploaded it) the content digest `sha256:...` of the uploaded image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The image as the job file names it, or `build:DOCKERFILE` for one built at submit:
+    /// kept when the client ships the image and `image` becomes its id, so that project
+    /// settings can check what was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_name: Option<String>,
     /// Digest (`sha256:...`) of the image archive the client uploaded (a zstd-compressed
     /// `docker save` of `image`); agents that lack the image fetch and load it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,6 +137,7 @@ impl Default for TaskPlan {
             constraints: BTreeMap::new(),
             runtime: RuntimeKind::Process,
             image: None,
+            image_name: None,
             image_blob: None,
             build: None,
             user: None,
@@ -347,6 +353,15 @@ impl TaskPlan {
             Some(f) => format!("{}[{}]", self.name, f),
             None => self.name.clone(),
         }
+    }
+
+    /// The image as asked for: [`TaskPlan::image_name`] once shipped, `build:DOCKERFILE`
+    /// before a build, else the image as written (a `dir:` image of a microVM, say).
+    pub fn image_ref(&self) -> Option<String> {
+        self.image_name
+            .clone()
+            .or_else(|| self.build.as_ref().map(|b| format!("build:{}", b.dockerfile)))
+            .or_else(|| self.image.clone())
     }
 }
 

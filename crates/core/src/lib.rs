@@ -12,6 +12,7 @@ pub mod placement;
 pub mod resources;
 pub mod spec;
 pub mod state;
+pub mod tenancy;
 
 pub use access::Role;
 pub use job::{

@@ -38,6 +38,63 @@ pub struct QueuedTask {
     pub runtime: RuntimeKind,
     /// The image of a microvm task, matched against the nodes' warm VMs; `None` otherwise.
     pub image: Option<String>,
+    /// The project of the task's job, whose quota it counts against.
+    pub project: String,
+}
+
+/// What a project may still take this round, under its quota; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Room {
+    /// Cores: (in use, limit).
+    pub cores: Option<(u64, u64)>,
+    /// Memory bytes: (in use, limit).
+    pub memory: Option<(u64, u64)>,
+    /// Tasks: (in use, limit).
+    pub tasks: Option<(u64, u64)>,
+}
+
+impl Room {
+    /// Why a task needing `need` does not fit (the quota and its use, like
+    /// `project quota: cores 40/40`), or `None` when it fits.
+    pub fn refuses(&self, need: &Resources) -> Option<String> {
+        let over = |what: &str, limit: Option<(u64, u64)>, more: u64| match limit {
+            Some((used, max)) if used + more > max => Some(format!("project quota: {what} {used}/{max}")),
+            _ => None,
+        };
+        over("cores", self.cores, u64::from(need.cores))
+            .or_else(|| {
+                over("memory", self.memory, need.memory).map(|_| {
+                    let (used, max) = self.memory.unwrap_or_default();
+                    format!(
+                        "project quota: memory {}/{}",
+                        crate::resources::format_memory(used),
+                        crate::resources::format_memory(max)
+                    )
+                })
+            })
+            .or_else(|| over("tasks", self.tasks, 1))
+    }
+
+    /// Counts a placed task against the room.
+    fn take(&mut self, need: &Resources) {
+        let add = |limit: &mut Option<(u64, u64)>, more: u64| {
+            if let Some((used, _)) = limit {
+                *used += more;
+            }
+        };
+        add(&mut self.cores, u64::from(need.cores));
+        add(&mut self.memory, need.memory);
+        add(&mut self.tasks, 1);
+    }
+}
+
+/// A placement round's decisions, and the tasks a project's quota kept waiting (with why).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placed {
+    /// Where tasks go, in the order decided.
+    pub placements: Vec<Placement>,
+    /// Tasks that would have been considered but their project's quota is full.
+    pub held: Vec<(i64, String)>,
 }
 
 /// One decision: run `task_id` on `node_id`.
@@ -75,7 +132,14 @@ const MAX_INDEXES: usize = 64;
 /// (free cores, then free memory, then lowest id), so the best node is the index's largest entry.
 /// Only when that node lacks the memory the task needs does the search walk down the index.
 pub fn place(nodes: &[NodeView], queue: &[QueuedTask]) -> Vec<Placement> {
-    place_with(nodes, queue, MAX_INDEXES)
+    place_with(nodes, queue, &BTreeMap::new(), MAX_INDEXES).placements
+}
+
+/// [`place`] within projects' quotas: a task whose project has no room left for it (see
+/// [`Room`]) is not placed and is listed in [`Placed::held`] with the reason; tasks of projects
+/// without an entry in `rooms` have no limit.
+pub fn place_within(nodes: &[NodeView], queue: &[QueuedTask], rooms: &BTreeMap<String, Room>) -> Placed {
+    place_with(nodes, queue, rooms, MAX_INDEXES)
 }
 
 /// A node's position in an index: larger is better. The node's position in `nodes` breaks the
@@ -91,8 +155,16 @@ struct NodeIndex {
     ranked: BTreeSet<Rank>,
 }
 
-/// [`place`] with a configurable cap on the number of indexes (tests use 0 to exercise the scan).
-fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> Vec<Placement> {
+/// [`place_within`] with a configurable cap on the number of indexes (tests use 0 to exercise
+/// the scan).
+fn place_with(
+    nodes: &[NodeView],
+    queue: &[QueuedTask],
+    rooms: &BTreeMap<String, Room>,
+    max_indexes: usize,
+) -> Placed {
+    let mut rooms = rooms.clone();
+    let mut held = Vec::new();
     let mut free: Vec<Resources> = nodes.iter().map(|n| n.free).collect();
     let mut order: Vec<&QueuedTask> = queue.iter().collect();
     // Stable, so tasks with equal keys keep their queue order.
@@ -117,6 +189,12 @@ fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> V
     for task in order {
         if cores_left < smallest_need.max(1) {
             break;
+        }
+        if let Some(room) = rooms.get(&task.project)
+            && let Some(reason) = room.refuses(&task.resources)
+        {
+            held.push((task.id, reason));
+            continue;
         }
         let group = *groups.entry((task.runtime, &task.constraints)).or_insert_with(|| {
             if indexes.len() >= max_indexes {
@@ -172,10 +250,13 @@ fn place_with(nodes: &[NodeView], queue: &[QueuedTask], max_indexes: usize) -> V
                 indexes[g].ranked.insert(after);
             }
             cores_left -= task.resources.cores as u64;
+            if let Some(room) = rooms.get_mut(&task.project) {
+                room.take(&task.resources);
+            }
             plan.push(Placement { task_id: task.id, node_id: nodes[i].id });
         }
     }
-    plan
+    Placed { placements: plan, held }
 }
 
 /// Whether a node can ever take a task: it offers the task's runtime and carries its labels.
@@ -206,7 +287,33 @@ mod tests {
             constraints: BTreeMap::new(),
             runtime: RuntimeKind::Process,
             image: None,
+            project: "p".into(),
         }
+    }
+
+    #[test]
+    fn quotas_hold_a_projects_tasks_and_leave_others_alone() {
+        let mut a = task(1, 0, 2);
+        a.project = "a".into();
+        let mut a2 = task(2, 0, 1);
+        a2.project = "a".into();
+        let b = task(3, 0, 1);
+        let rooms = BTreeMap::from([("a".to_string(), Room { cores: Some((1, 2)), ..Room::default() })]);
+        let placed = place_within(&[node(1, 8, &[])], &[a, a2, b], &rooms);
+        // Task 1 needs 2 cores with 1 of 2 in use; task 2 takes the last core; task 3's project
+        // has no quota.
+        assert_eq!(placed.placements.iter().map(|p| p.task_id).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(placed.held, vec![(1, "project quota: cores 1/2".to_string())]);
+        let full = Room { tasks: Some((3, 3)), ..Room::default() };
+        assert_eq!(
+            full.refuses(&Resources { cores: 1, memory: 0 }).as_deref(),
+            Some("project quota: tasks 3/3")
+        );
+        let mem = Room { memory: Some((1 << 30, 1 << 30)), ..Room::default() };
+        assert_eq!(
+            mem.refuses(&Resources { cores: 1, memory: 1 }).as_deref(),
+            Some("project quota: memory 1GiB/1GiB")
+        );
     }
 
     #[test]
@@ -394,6 +501,7 @@ mod tests {
                     constraints,
                     runtime,
                     image,
+                    project: String::new(),
                 }
             })
     }
@@ -426,7 +534,7 @@ mod tests {
         ) {
             // Ids may repeat, as may (priority, id) pairs: ties must break the same way too.
             let queue: Vec<QueuedTask> = tasks.into_iter().map(|(mut t, id)| { t.id = id; t }).collect();
-            prop_assert_eq!(place_with(&nodes, &queue, max_indexes), reference_place(&nodes, &queue));
+            prop_assert_eq!(place_with(&nodes, &queue, &BTreeMap::new(), max_indexes).placements, reference_place(&nodes, &queue));
         }
     }
 }

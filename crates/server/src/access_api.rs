@@ -10,6 +10,9 @@ use drover_proto as pb;
 use drover_store::{KeyRecord, NodeCredentialRecord, Redeemed, Signal};
 use tonic::Status;
 
+use std::net::SocketAddr;
+
+use crate::audit::{self, Change};
 use crate::auth::{self, Caller, mint};
 use crate::convert::status;
 use crate::{Shared, now_ms};
@@ -85,13 +88,18 @@ pub(crate) fn who_am_i(caller: &Caller) -> pb::WhoAmIResponse {
         Caller::Open => {
             pb::WhoAmIResponse { kind: "anonymous".into(), role: "operator".into(), ..Default::default() }
         }
-        Caller::Key { id, role, project } => pb::WhoAmIResponse {
-            kind: "key".into(),
-            id: id.clone(),
-            role: role.to_string(),
-            project: project.clone().unwrap_or_default(),
-            node: String::new(),
-        },
+        Caller::Person { id, grants } => {
+            // The single-valued fields show the strongest grant (a key holds only one).
+            let (role, project) = if grants.operator {
+                (Role::Operator.to_string(), String::new())
+            } else {
+                let strongest = grants.projects.iter().max_by_key(|(_, r)| **r);
+                strongest.map(|(p, r)| (r.to_string(), p.clone())).unwrap_or_default()
+            };
+            // `id` is `key <id>` or `oidc <subject>`: the kind, then who.
+            let (kind, id) = id.split_once(' ').unwrap_or(("key", id));
+            pb::WhoAmIResponse { kind: kind.into(), id: id.to_owned(), role, project, node: String::new() }
+        }
         Caller::Node { credential_id, name, .. } => pb::WhoAmIResponse {
             kind: "node".into(),
             id: credential_id.clone(),
@@ -105,6 +113,7 @@ pub(crate) fn who_am_i(caller: &Caller) -> pb::WhoAmIResponse {
 pub(crate) async fn create_key(
     shared: &Shared,
     caller: &Caller,
+    from: Option<SocketAddr>,
     req: pb::CreateKeyRequest,
 ) -> Result<pb::CreateKeyResponse, Status> {
     caller.require_person()?;
@@ -152,6 +161,13 @@ pub(crate) async fn create_key(
     };
     shared.access.create_key(&record).await.map_err(status)?;
     tracing::info!(key_id = %record.id, role = %role, project = ?record.project, by = %caller.who(), "api key created");
+    let change = Change {
+        project: record.project.clone(),
+        action: "key.create",
+        target: record.id.clone(),
+        detail: format!("{role} {}", record.name),
+    };
+    audit::record(shared, caller, from, change).await;
     Ok(pb::CreateKeyResponse { key: Some(key_message(record)), secret: credential.to_text() })
 }
 
@@ -162,10 +178,18 @@ pub(crate) async fn list_keys(
     req: pb::ListKeysRequest,
 ) -> Result<pb::ListKeysResponse, Status> {
     caller.require_person()?;
-    let project = match (caller.is_operator(), req.project.as_str(), caller) {
+    let only_project = match caller.visible() {
+        auth::Visible::Some(projects) if projects.len() == 1 => projects.into_iter().next(),
+        _ => None,
+    };
+    let project = match (caller.is_operator(), req.project.as_str(), only_project) {
         (true, "", _) => None,
-        (_, "", Caller::Key { project: Some(p), .. }) => Some(p.clone()),
-        (_, "", _) => return Err(Status::permission_denied("listing keys needs an admin or operator key")),
+        (_, "", Some(p)) => Some(p),
+        (_, "", None) => {
+            return Err(Status::permission_denied(
+                "listing keys needs an operator key, or --project naming a project you administer",
+            ));
+        }
         (_, p, _) => Some(p.to_owned()),
     };
     if let Some(p) = &project {
@@ -179,6 +203,7 @@ pub(crate) async fn list_keys(
 pub(crate) async fn revoke_key(
     shared: &Shared,
     caller: &Caller,
+    from: Option<SocketAddr>,
     req: pb::RevokeKeyRequest,
 ) -> Result<pb::RevokeKeyResponse, Status> {
     caller.require_person()?;
@@ -192,6 +217,15 @@ pub(crate) async fn revoke_key(
     }
     let revoked = shared.access.revoke_key(&id, now_ms()).await.map_err(status)?;
     tracing::info!(key_id = %id, revoked, by = %caller.who(), "api key revoked");
+    if revoked {
+        let change = Change {
+            project: key.project.clone(),
+            action: "key.revoke",
+            target: id.clone(),
+            detail: String::new(),
+        };
+        audit::record(shared, caller, from, change).await;
+    }
     Ok(pb::RevokeKeyResponse { revoked })
 }
 
@@ -199,6 +233,7 @@ pub(crate) async fn revoke_key(
 pub(crate) async fn create_project(
     shared: &Shared,
     caller: &Caller,
+    from: Option<SocketAddr>,
     req: pb::CreateProjectRequest,
 ) -> Result<pb::CreateProjectResponse, Status> {
     caller.require_operator("creating a project")?;
@@ -210,6 +245,9 @@ pub(crate) async fn create_project(
     }
     let created = shared.access.create_project(&req.name, now_ms()).await.map_err(status)?;
     tracing::info!(project = %req.name, created, by = %caller.who(), "project created");
+    if created {
+        audit::record(shared, caller, from, Change::of(&req.name, "project.create", &req.name)).await;
+    }
     Ok(pb::CreateProjectResponse { created })
 }
 
@@ -252,6 +290,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Status> {
 pub(crate) async fn create_join_token(
     shared: &Shared,
     caller: &Caller,
+    from: Option<SocketAddr>,
     req: pb::CreateJoinTokenRequest,
 ) -> Result<pb::CreateJoinTokenResponse, Status> {
     caller.require_operator("creating a join token")?;
@@ -264,11 +303,16 @@ pub(crate) async fn create_join_token(
         }
         ms => Duration::from_millis(ms),
     };
+    let labels_text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let fingerprint = shared.config.tls.as_ref().map(|t| t.ca_fingerprint.clone());
     let (token, expires_ms) =
         auth::issue_join_token(&*shared.access, fingerprint.clone(), labels, ttl, &caller.who())
             .await
             .map_err(status)?;
+    let token_id = drover_core::access::Credential::parse(&token).map(|c| c.id).unwrap_or_default();
+    let change = Change::cluster("token.create", token_id)
+        .detail(format!("labels [{}], expires {expires_ms}", labels_text.join(",")));
+    audit::record(shared, caller, from, change).await;
     Ok(pb::CreateJoinTokenResponse { token, expires_ms, ca_fingerprint: fingerprint.unwrap_or_default() })
 }
 
@@ -277,6 +321,7 @@ pub(crate) async fn create_join_token(
 pub(crate) async fn revoke_node(
     shared: &Shared,
     caller: &Caller,
+    from: Option<SocketAddr>,
     req: pb::RevokeNodeRequest,
 ) -> Result<pb::RevokeNodeResponse, Status> {
     caller.require_operator("revoking a node")?;
@@ -288,6 +333,8 @@ pub(crate) async fn revoke_node(
     if let Some(node_id) = revoked.node_id {
         shared.publish(Signal::NodeRevoked { node_id }).await;
     }
+    let detail = format!("{} credential(s), {} attempt(s) lost", revoked.credentials, revoked.lost.len());
+    audit::record(shared, caller, from, Change::cluster("node.revoke", &req.name).detail(detail)).await;
     shared.publish(Signal::Changed { job_id: 0 }).await;
     shared.publish(Signal::Schedule).await;
     Ok(pb::RevokeNodeResponse { credentials: revoked.credentials, lost: revoked.lost.len() as u32 })
@@ -300,7 +347,11 @@ pub(crate) fn valid_node_name(name: &str) -> bool {
 }
 
 /// `Join`: spends a join token and returns a credential bound to the node name.
-pub(crate) async fn join(shared: &Shared, req: pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
+pub(crate) async fn join(
+    shared: &Shared,
+    from: Option<SocketAddr>,
+    req: pb::JoinRequest,
+) -> Result<pb::JoinResponse, Status> {
     let refused = |why: &str| {
         Status::permission_denied(format!(
             "join token refused: {why}; ask an operator for a new one (`drover nodes token create`)"
@@ -341,6 +392,18 @@ pub(crate) async fn join(shared: &Shared, req: pb::JoinRequest) -> Result<pb::Jo
         }
     }
     tracing::info!(node = %req.name, token_id = %record.id, credential_id = %credential.id, "node enrolled");
+    let joined = Caller::Node {
+        credential_id: credential.id.clone(),
+        name: req.name.clone(),
+        labels: record.labels.clone(),
+    };
+    audit::record(
+        shared,
+        &joined,
+        from,
+        Change::cluster("node.join", &req.name).detail(format!("token {}", record.id)),
+    )
+    .await;
     Ok(pb::JoinResponse {
         credential: node_credential.to_text(),
         name: req.name,

@@ -56,7 +56,7 @@ impl AgentSession for AgentApi {
                 )));
             }
             Caller::Open => Default::default(),
-            Caller::Key { .. } => {
+            Caller::Person { .. } => {
                 return Err(Status::permission_denied(
                     "an API key cannot register a node; enroll the agent with `drover agent --join TOKEN`",
                 ));
@@ -155,7 +155,8 @@ impl AgentSession for AgentApi {
 
     #[tracing::instrument(skip_all)]
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
-        crate::access_api::join(&self.0, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        crate::access_api::join(&self.0, from, req.into_inner()).await.map(Response::new)
     }
 }
 
@@ -224,6 +225,20 @@ async fn handle(
                         .into_iter()
                         .map(|f| OutputFile { path: f.path, size: f.size, digest: f.digest })
                         .collect();
+                    if let Some(refused) = outputs_over_quota(shared, u.attempt_id, &files).await? {
+                        // Not kept: the task's log says why, where its owner looks first.
+                        let line = OutputLine {
+                            step: 0,
+                            stderr: true,
+                            data: format!("drover: {refused}\n").into_bytes(),
+                        };
+                        let applied = shared
+                            .store
+                            .append_output(u.attempt_id, u.epoch, &[line])
+                            .await
+                            .map_err(status)?;
+                        return Ok(acks.done(u.attempt_id, u.seq, applied).await.is_ok());
+                    }
                     shared
                         .artifacts
                         .record_outputs(u.attempt_id, u.epoch, &files, now)
@@ -254,6 +269,25 @@ async fn handle(
         None => {}
     }
     Ok(true)
+}
+
+/// Why an attempt's outputs may not be kept (its project's stored-bytes quota), if so.
+async fn outputs_over_quota(
+    shared: &Shared,
+    attempt_id: i64,
+    files: &[OutputFile],
+) -> Result<Option<String>, Status> {
+    let Some(project) = shared.tenants.attempt_project(attempt_id).await.map_err(status)? else {
+        return Ok(None);
+    };
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    match crate::tenancy::check_storage(shared, &project, total).await {
+        Ok(()) => Ok(None),
+        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+            Ok(Some(format!("outputs not kept ({} files): {}", files.len(), s.message())))
+        }
+        Err(s) => Err(s),
+    }
 }
 
 /// Most output lines in one message; agents send far fewer.

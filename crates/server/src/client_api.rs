@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::access_api::{self, no_project, require_project};
+use crate::audit::{self, Change};
 use crate::auth::{self, Caller};
 use crate::convert::{self, status};
 use crate::downloads::{self, no_job, task_filter};
@@ -31,13 +32,18 @@ impl Drover for ClientApi {
     #[tracing::instrument(skip_all)]
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
         let caller = self.caller(&req).await?;
+        let from = req.remote_addr();
         let req = req.into_inner();
         let plan = crate::intake::decode_plan(&req)?;
         require_project(&self.0, &caller, &plan.project, Role::Submitter).await?;
+        crate::tenancy::check_submit(&self.0, &plan).await?;
         self.check_references(&plan).await?;
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
-        tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, "job submitted");
+        tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, by = %caller.who(), "job submitted");
+        let what = format!("{} ({} tasks)", plan.name, plan.tasks.len());
+        audit::record(&self.0, &caller, from, Change::of(&plan.project, "job.submit", job_id).detail(what))
+            .await;
         self.0.publish(Signal::Changed { job_id }).await;
         self.0.publish(Signal::Schedule).await;
         Ok(Response::new(pb::SubmitResponse { job_id, tasks: plan.tasks.len() as u32 }))
@@ -113,10 +119,12 @@ impl Drover for ClientApi {
     #[tracing::instrument(skip_all)]
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let caller = self.caller(&req).await?;
+        let from = req.remote_addr();
         let id = req.into_inner().job_id;
-        visible_job(&self.0, &caller, id, Role::Submitter).await?;
+        let job = visible_job(&self.0, &caller, id, Role::Submitter).await?;
         let open = self.0.store.cancel_job(id, now_ms()).await.map_err(status)?;
         tracing::info!(job_id = id, running = open.len(), by = %caller.who(), "job cancelled");
+        audit::record(&self.0, &caller, from, Change::of(&job.project, "job.cancel", id)).await;
         for a in &open {
             // The node's session may be held by another server; the signal reaches it there.
             self.0.publish(Signal::Cancel { attempt_id: a.attempt_id, node_id: a.node_id }).await;
@@ -156,8 +164,21 @@ impl Drover for ClientApi {
                 Some(first.project.clone())
             }
         };
+        if let Some(project) = &project {
+            // The announced size is checked before anything is stored (unless the project holds
+            // the announced blob already), the real one after.
+            let held = !first.digest.is_empty()
+                && self.0.access.blob_projects(&first.digest).await.map_err(status)?.contains(project);
+            if !held {
+                crate::tenancy::check_storage(&self.0, project, first.size).await?;
+            }
+        }
         let stored = transfer::put(&self.0.blobs, first, stream, self.0.config.max_upload).await?;
         if let Some(project) = project {
+            let held = self.0.access.blob_projects(&stored.digest).await.map_err(status)?.contains(&project);
+            if !held {
+                crate::tenancy::check_storage(&self.0, &project, stored.size).await?;
+            }
             self.0
                 .access
                 .add_project_blob(&project, &stored.digest, stored.size, now_ms())
@@ -196,6 +217,7 @@ impl Drover for ClientApi {
         req: Request<pb::SetSecretRequest>,
     ) -> Result<Response<pb::SetSecretResponse>, Status> {
         let caller = self.caller(&req).await?;
+        let from = req.remote_addr();
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
         require_project(&self.0, &caller, &project, Role::Admin).await?;
@@ -208,6 +230,7 @@ impl Drover for ClientApi {
         let created =
             self.0.secrets.set_secret(&project, &req.name, &req.value, now_ms()).await.map_err(status)?;
         tracing::info!(project = %project, name = %req.name, created, by = %caller.who(), "secret set");
+        audit::record(&self.0, &caller, from, Change::of(&project, "secret.set", &req.name)).await;
         Ok(Response::new(pb::SetSecretResponse { created }))
     }
 
@@ -228,26 +251,31 @@ impl Drover for ClientApi {
         req: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
         let caller = self.caller(&req).await?;
+        let from = req.remote_addr();
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
         require_project(&self.0, &caller, &project, Role::Admin).await?;
         let deleted = self.0.secrets.delete_secret(&project, &req.name).await.map_err(status)?;
         tracing::info!(project = %project, name = %req.name, deleted, by = %caller.who(), "secret deleted");
+        if deleted {
+            audit::record(&self.0, &caller, from, Change::of(&project, "secret.delete", &req.name)).await;
+        }
         Ok(Response::new(pb::DeleteSecretResponse { deleted }))
     }
 
     async fn usage(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
         let caller = self.caller(&req).await?;
         caller.require_person()?;
-        let mut req = req.into_inner();
+        let req = req.into_inner();
         if req.job_id != 0 {
             visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
         }
         if !req.project.is_empty() {
             let project = req.project.clone();
             caller.require(&project, Role::Viewer, || no_project(&project))?;
-        } else if let auth::Visible::One(project) = caller.visible() {
-            req.project = project;
+        } else if let auth::Visible::Some(projects) = caller.visible() {
+            // Only the caller's projects: one filter per project, summed rows kept apart.
+            return usage_of_projects(&self.0, &projects).await.map(Response::new);
         }
         crate::usage::usage(&self.0, req).await.map(Response::new)
     }
@@ -309,7 +337,8 @@ impl Drover for ClientApi {
         req: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::create_key(&self.0, &caller, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        access_api::create_key(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
     }
 
     async fn list_keys(
@@ -326,7 +355,8 @@ impl Drover for ClientApi {
         req: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::revoke_key(&self.0, &caller, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        access_api::revoke_key(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all)]
@@ -335,7 +365,8 @@ impl Drover for ClientApi {
         req: Request<pb::CreateProjectRequest>,
     ) -> Result<Response<pb::CreateProjectResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::create_project(&self.0, &caller, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        access_api::create_project(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
     }
 
     async fn list_projects(
@@ -352,7 +383,8 @@ impl Drover for ClientApi {
         req: Request<pb::CreateJoinTokenRequest>,
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::create_join_token(&self.0, &caller, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        access_api::create_join_token(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all)]
@@ -361,8 +393,44 @@ impl Drover for ClientApi {
         req: Request<pb::RevokeNodeRequest>,
     ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::revoke_node(&self.0, &caller, req.into_inner()).await.map(Response::new)
+        let from = req.remote_addr();
+        access_api::revoke_node(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
     }
+
+    async fn get_project(
+        &self,
+        req: Request<pb::GetProjectRequest>,
+    ) -> Result<Response<pb::ProjectInfo>, Status> {
+        let caller = self.caller(&req).await?;
+        crate::projects_api::get(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_project_settings(
+        &self,
+        req: Request<pb::SetProjectSettingsRequest>,
+    ) -> Result<Response<pb::ProjectInfo>, Status> {
+        let caller = self.caller(&req).await?;
+        let from = req.remote_addr();
+        crate::projects_api::set(&self.0, &caller, from, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        audit::list(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+}
+
+/// Usage of several projects, each queried on its own and the answers joined.
+async fn usage_of_projects(shared: &Shared, projects: &[String]) -> Result<pb::UsageResponse, Status> {
+    let mut all = pb::UsageResponse::default();
+    for project in projects {
+        let req = pb::UsageRequest { project: project.clone(), job_id: 0 };
+        let part = crate::usage::usage(shared, req).await?;
+        all.projects.extend(part.projects);
+        all.jobs.extend(part.jobs);
+    }
+    Ok(all)
 }
 
 /// A job the caller may act on with role `need`; another project's job answers as a missing one.

@@ -277,6 +277,8 @@ mod tests {
             secrets: store.clone(),
             artifacts: store.clone(),
             access: store.clone(),
+            tenants: store.clone(),
+            policy: Default::default(),
             blobs: Arc::new(drover_blobs::MemoryBlobStore::new()),
             config: ServerConfig::default(),
             changes: watch::channel(0).0,
@@ -284,6 +286,7 @@ mod tests {
             sessions: Mutex::new(HashMap::new()),
             reads: Default::default(),
             completions: crate::completions::Completions::spawn(store.clone(), 16).0,
+            oidc: None,
         });
         let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
         let node = NodeSpec {

@@ -69,7 +69,8 @@ impl FromRequestParts<Arc<Shared>> for Authed {
             ),
             None => None,
         };
-        let caller = auth::authenticate(&*shared.access, shared.config.auth, header).await?;
+        let caller =
+            auth::authenticate(&*shared.access, shared.config.auth, shared.oidc.as_ref(), header).await?;
         caller.require_person()?;
         Ok(Authed(caller))
     }

@@ -4,6 +4,7 @@
 
 mod access_api;
 mod agent_api;
+mod audit;
 pub mod auth;
 mod client_api;
 mod completions;
@@ -14,6 +15,8 @@ mod intake;
 mod live_files;
 mod log_archive;
 mod loops;
+mod projects_api;
+mod tenancy;
 mod transfer;
 mod usage;
 
@@ -33,7 +36,7 @@ use drover_blobs::BlobStore;
 use drover_proto::ServerMessage;
 use drover_proto::agent_session_server::AgentSessionServer;
 use drover_proto::drover_server::DroverServer;
-use drover_store::{AccessStore, ArtifactStore, SecretStore, Signal, Store};
+use drover_store::{AccessStore, ArtifactStore, SecretStore, Signal, Store, TenantStore};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -69,6 +72,8 @@ pub struct ServerConfig {
     pub auth: bool,
     /// TLS for both listeners; `None` serves plain text (loopback only, the binary checks).
     pub tls: Option<TlsSettings>,
+    /// Sign-in through an OpenID Connect identity provider, besides API keys.
+    pub oidc: Option<auth::oidc::OidcConfig>,
 }
 
 /// The server's TLS: what its listeners present, and the CA that clients and agents trust.
@@ -96,6 +101,7 @@ impl Default for ServerConfig {
             completion_batch: DEFAULT_COMPLETION_BATCH,
             auth: true,
             tls: None,
+            oidc: None,
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct Backends {
     pub blobs: Arc<dyn BlobStore>,
     /// Projects, keys, join tokens, node credentials.
     pub access: Arc<dyn AccessStore>,
+    /// Project settings, holdings, prices, the audit trail.
+    pub tenants: Arc<dyn TenantStore>,
 }
 
 /// The sender half of a connected agent's session.
@@ -145,6 +153,9 @@ pub(crate) struct Shared {
     artifacts: Arc<dyn ArtifactStore>,
     blobs: Arc<dyn BlobStore>,
     access: Arc<dyn AccessStore>,
+    tenants: Arc<dyn TenantStore>,
+    /// Projects' settings and budget state, as the scheduler last read them.
+    policy: tenancy::PolicyCache,
     config: ServerConfig,
     /// Bumped after every committed change; watch and log streams wait on it.
     changes: watch::Sender<u64>,
@@ -156,6 +167,8 @@ pub(crate) struct Shared {
     reads: live_files::Reads,
     /// The group commit of attempt starts and finishes.
     completions: completions::Completions,
+    /// The verifier of identity provider tokens, when `[oidc]` is configured.
+    oidc: Option<auth::oidc::Oidc>,
 }
 
 impl Shared {
@@ -235,21 +248,25 @@ pub async fn serve_with_http(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Backends { store, secrets, artifacts, blobs, access } = backends;
+    let Backends { store, secrets, artifacts, blobs, access, tenants } = backends;
     let tls = config.tls.as_ref().map(|t| t.config.clone());
     let (completions, writer) = completions::Completions::spawn(store.clone(), config.completion_batch);
+    let oidc = config.oidc.clone().map(auth::oidc::Oidc::new);
     let shared = Arc::new(Shared {
         store,
         secrets,
         artifacts,
         blobs,
         access,
+        tenants,
+        policy: Default::default(),
         config,
         changes: watch::channel(0).0,
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
         reads: live_files::Reads::default(),
         completions,
+        oidc,
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));

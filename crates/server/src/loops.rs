@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drover_core::placement::place;
+use drover_core::placement::place_within;
 use drover_proto::{ServerMessage, server_message};
 use tracing::Instrument;
 
@@ -43,7 +43,17 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
         return Ok(0);
     }
     let now = now_ms();
-    let (mut nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH).await?;
+    let limits = shared.policy.round(shared).await?;
+    // Projects held whole (a spent budget, a full quota) stay out of the round, and their
+    // queued tasks say why; projects no longer held lose the reason.
+    for (project, reason) in &limits.held {
+        shared.tenants.set_project_queue_reason(project, reason).await?;
+    }
+    for project in &limits.free {
+        shared.tenants.set_project_queue_reason(project, "").await?;
+    }
+    let skip: Vec<String> = limits.held.keys().cloned().collect();
+    let (mut nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH, &skip).await?;
     // Only nodes with a live session here can receive work; after a server restart, nodes keep
     // their leases in the store until their agents reconnect.
     {
@@ -58,7 +68,11 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
     if queue.is_empty() {
         return Ok(0);
     }
-    let plan = place(&nodes, &queue);
+    let placed = place_within(&nodes, &queue, &limits.rooms);
+    if !placed.held.is_empty() {
+        shared.tenants.set_queue_reasons(&placed.held).await?;
+    }
+    let plan = placed.placements;
     if plan.is_empty() {
         return Ok(0);
     }

@@ -6,10 +6,11 @@ use drover_proto as pb;
 use drover_store::{JobUsage, UsageFilter};
 use tonic::Status;
 
-use crate::Shared;
 use crate::convert::status;
+use crate::{Shared, now_ms, tenancy};
 
-/// Answers a `Usage` request from the store's per-job sums.
+/// Answers a `Usage` request from the store's per-job sums, priced per attempt at the prices
+/// in force when it was assigned; asked about one job, also per task.
 pub(crate) async fn usage(shared: &Shared, req: pb::UsageRequest) -> Result<pb::UsageResponse, Status> {
     let filter = UsageFilter {
         project: (!req.project.is_empty()).then_some(req.project),
@@ -22,10 +23,45 @@ pub(crate) async fn usage(shared: &Shared, req: pb::UsageRequest) -> Result<pb::
     {
         return Err(Status::not_found(format!("no job {job_id}")));
     }
-    Ok(pb::UsageResponse { projects: per_project(&jobs), jobs: jobs.iter().map(job_row).collect() })
+    let metered = shared.tenants.metered(&filter, now_ms()).await.map_err(status)?;
+    let prices = shared.tenants.price_versions().await.map_err(status)?;
+    let mut job_cost: BTreeMap<i64, f64> = BTreeMap::new();
+    let mut task_cost: BTreeMap<i64, f64> = BTreeMap::new();
+    for job in &metered {
+        for (task_id, used) in &job.tasks {
+            let cost = tenancy::cost(used, &prices);
+            *job_cost.entry(job.job_id).or_default() += cost;
+            task_cost.insert(*task_id, cost);
+        }
+    }
+    let rows: Vec<pb::UsageRow> =
+        jobs.iter().map(|u| job_row(u, job_cost.get(&u.job_id).copied().unwrap_or(0.0))).collect();
+    let tasks = match filter.job_id {
+        Some(job_id) => shared
+            .store
+            .tasks(job_id)
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|t| pb::UsageRow {
+                job_id,
+                task_id: t.id,
+                task_name: match t.frame {
+                    Some(f) => format!("{}[{f}]", t.name),
+                    None => t.name.clone(),
+                },
+                attempts: t.attempts,
+                cpu_seconds: t.cpu_seconds,
+                cost: task_cost.get(&t.id).copied().unwrap_or(0.0),
+                ..Default::default()
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(pb::UsageResponse { projects: per_project(&rows), jobs: rows, tasks })
 }
 
-fn job_row(u: &JobUsage) -> pb::UsageRow {
+fn job_row(u: &JobUsage, cost: f64) -> pb::UsageRow {
     pb::UsageRow {
         project: u.project.clone(),
         job_id: u.job_id,
@@ -37,11 +73,13 @@ fn job_row(u: &JobUsage) -> pb::UsageRow {
         input_tokens: u.input_tokens,
         output_tokens: u.output_tokens,
         jobs: 1,
+        cost,
+        ..Default::default()
     }
 }
 
 /// Sums job rows by project, in project order.
-fn per_project(jobs: &[JobUsage]) -> Vec<pb::UsageRow> {
+fn per_project(jobs: &[pb::UsageRow]) -> Vec<pb::UsageRow> {
     let mut projects: BTreeMap<&str, pb::UsageRow> = BTreeMap::new();
     for u in jobs {
         let row = projects
@@ -54,6 +92,7 @@ fn per_project(jobs: &[JobUsage]) -> Vec<pb::UsageRow> {
         row.wall_seconds += u.wall_seconds;
         row.input_tokens = row.input_tokens.saturating_add(u.input_tokens);
         row.output_tokens = row.output_tokens.saturating_add(u.output_tokens);
+        row.cost += u.cost;
     }
     projects.into_values().collect()
 }
@@ -78,7 +117,9 @@ mod tests {
 
     #[test]
     fn projects_sum_their_jobs() {
-        let rows = per_project(&[job("a", 1, 10), job("a", 2, 100), job("b", 3, 4)]);
+        let jobs =
+            [job_row(&job("a", 1, 10), 1.0), job_row(&job("a", 2, 100), 0.5), job_row(&job("b", 3, 4), 0.0)];
+        let rows = per_project(&jobs);
         let got: Vec<_> = rows
             .iter()
             .map(|r| (r.project.as_str(), r.jobs, r.tasks, r.input_tokens, r.output_tokens))
@@ -86,5 +127,6 @@ mod tests {
         assert_eq!(got, vec![("a", 2, 4, 110, 55), ("b", 1, 2, 4, 2)]);
         assert_eq!(rows[0].cpu_seconds, 3.0);
         assert_eq!(rows[0].wall_seconds, 4.0);
+        assert_eq!(rows[0].cost, 1.5);
     }
 }

@@ -19,6 +19,7 @@ use drover_store::conformance::{job, schedule, task};
 use drover_store::sqlite::SqliteStore;
 use drover_store::{
     AccessStore, ArtifactStore, AttemptReport, NodeSpec, OutputFile, OutputLine, SecretStore, Store,
+    TenantStore,
 };
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -423,6 +424,33 @@ fn submit<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
     .boxed()
 }
 
+fn get_project<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
+    async move {
+        let mut c = w.client(caller).await;
+        status_of(c.get_project(pb::GetProjectRequest { name: project }).await).map(|p| p.name)
+    }
+    .boxed()
+}
+
+fn set_settings<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
+    async move {
+        let mut c = w.client(caller).await;
+        let settings = vec![pb::SettingValue { key: "quota.cores".into(), value: "100".into() }];
+        status_of(c.set_project_settings(pb::SetProjectSettingsRequest { project, settings }).await)
+            .map(|p| p.name)
+    }
+    .boxed()
+}
+
+fn audit_of<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
+    async move {
+        let mut c = w.client(caller).await;
+        let req = pb::AuditRequest { project, ..Default::default() };
+        status_of(c.audit(req).await).map(|r| format!("{} records", r.entries.len()))
+    }
+    .boxed()
+}
+
 fn cases(w: &World) -> Vec<Case> {
     let alpha = |w: &World| w.alpha_job;
     let stuck = |w: &World| w.cancel_job;
@@ -775,6 +803,26 @@ fn cases(w: &World) -> Vec<Case> {
                 }
                 .boxed()
             })),
+        },
+        Case {
+            expect: |caller| if caller == "node" { Denied } else { alpha_reader(caller) },
+            ..by_project("Drover/GetProject", "read alpha's settings and use", get_project, alpha_reader)
+        },
+        Case {
+            expect: |caller| if caller == "node" { Denied } else { alpha_admin(caller) },
+            unchanged: Some(call(|w, _| {
+                async move {
+                    let settings = w.store.project_settings("alpha").await.unwrap().unwrap();
+                    assert_eq!(settings.quota.cores, None, "a refused caller changed a setting");
+                    Ok(String::new())
+                }
+                .boxed()
+            })),
+            ..by_project("Drover/SetProjectSettings", "set alpha's quota", set_settings, alpha_admin)
+        },
+        Case {
+            expect: |caller| if caller == "node" { Denied } else { alpha_admin(caller) },
+            ..by_project("Drover/Audit", "read alpha's audit trail", audit_of, alpha_admin)
         },
         Case {
             target: "AgentSession/Session",

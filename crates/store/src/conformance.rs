@@ -12,7 +12,9 @@ use drover_core::{
 use crate::*;
 
 mod access;
+mod tenancy;
 pub use access::*;
+pub use tenancy::*;
 
 /// A one-step task with no dependencies.
 pub fn task(name: &str, deps: &[&str]) -> TaskPlan {
@@ -64,7 +66,7 @@ fn done(attempt: &Assignment, code: i32) -> AttemptReport {
 
 /// Places and assigns whatever fits right now.
 pub async fn schedule(store: &dyn Store, now: i64) -> Vec<Assignment> {
-    let (nodes, queue) = store.placement_snapshot(now, 1000).await.unwrap();
+    let (nodes, queue) = store.placement_snapshot(now, 1000, &[]).await.unwrap();
     store.assign(&place(&nodes, &queue), now).await.unwrap()
 }
 
@@ -389,7 +391,7 @@ pub async fn queued_microvm_tasks_carry_their_image(store: &dyn Store) {
     boxed.image = Some("sha256:def".into());
     store.submit(&job(vec![vm, boxed]), "src", "f.yaml", 1).await.unwrap();
     store.register_node(&node("n1", 2, 10_000), &[], 1).await.unwrap();
-    let (_, queue) = store.placement_snapshot(2, 1000).await.unwrap();
+    let (_, queue) = store.placement_snapshot(2, 1000, &[]).await.unwrap();
     let mut images: Vec<_> = queue.iter().map(|t| (t.runtime, t.image.clone())).collect();
     images.sort();
     assert_eq!(
@@ -413,7 +415,11 @@ macro_rules! store_conformance {
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             projects_exist_once, api_keys_are_kept_and_revoked, join_tokens_enrol_one_node,
             concurrent_redemptions_enrol_once, revoking_a_node_settles_its_attempts, blobs_belong_to_projects,
-            epochs_are_unique_across_nodes, jobs_are_listed_by_project, one_first_operator_key);
+            epochs_are_unique_across_nodes, jobs_are_listed_by_project, one_first_operator_key,
+            project_settings_round_trip, holdings_follow_attempts, stored_bytes_count_each_projects_blobs,
+            queue_reasons_mark_held_tasks, clearing_holds_keeps_retry_reasons, placement_skips_held_projects,
+            prices_are_versioned, concurrent_price_records_agree, metering_counts_reserved_time,
+            audit_trail_filters);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

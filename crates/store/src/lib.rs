@@ -17,6 +17,7 @@ pub mod postgres;
 mod records;
 pub mod secrets;
 pub mod sqlite;
+pub mod tenancy;
 mod usage;
 
 use async_trait::async_trait;
@@ -30,6 +31,7 @@ pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use records::*;
 pub use secrets::{SecretStore, valid_secret_name};
+pub use tenancy::{AuditFilter, AuditRecord, Holding, JobMetered, TenantStore};
 pub use usage::{JobUsage, UsageFilter};
 
 /// Errors of the store.
@@ -146,11 +148,19 @@ pub trait Store: Send + Sync + 'static {
     async fn nodes(&self) -> Result<Vec<NodeRecord>>;
 
     /// What placement needs: ready nodes with live leases and their free resources, and up to
-    /// `limit` queued tasks whose backoff has passed.
-    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)>;
+    /// `limit` queued tasks whose backoff has passed, leaving out tasks of `skip_projects` (held
+    /// whole by a quota or a budget, so they do not crowd out the others).
+    async fn placement_snapshot(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        skip_projects: &[String],
+    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)>;
 
     /// Applies a placement plan: each task still queued on a node still ready gets a new
-    /// attempt. Returns what to send to the agents.
+    /// attempt, metered under the latest price version (see [`TenantStore::record_prices`]),
+    /// and loses its reason (a hold's or a retry's no longer applies once it runs). Returns
+    /// what to send to the agents.
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>>;
 
     /// Records that an attempt started running.

@@ -23,6 +23,9 @@
 //! open attempt is only ever written by the holder of that attempt's lock (`cancel_job`,
 //! `assign` and dependency release touch only waiting or queued tasks), so `attempt_started`
 //! updates such a task before `emit` takes the job's lock.
+//! Queue reasons (`tenancy`) are the one write to tasks without the job's lock: a reason is
+//! not a state and appends no event, and those writes lock only task rows, in id order with
+//! `SKIP LOCKED`, so they never wait for another writer and cannot be part of a deadlock.
 //! Should PostgreSQL still abort a transaction as a deadlock victim or serialization failure,
 //! it is run again (see `transaction!`).
 //!
@@ -219,6 +222,7 @@ fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
 // Declared after `transaction!`, which they use.
 mod access;
 mod archive;
+mod tenancy;
 
 /// An event about to be appended.
 #[derive(Default)]
@@ -1177,7 +1181,12 @@ impl Store for PostgresStore {
         node_records(&self.pool, None).await
     }
 
-    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
+    async fn placement_snapshot(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        skip_projects: &[String],
+    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
         let nodes = node_records(&self.pool, Some(now_ms))
             .await?
             .into_iter()
@@ -1199,12 +1208,15 @@ impl Store for PostgresStore {
         }
         // A plain read: replicas may see the same tasks; the claim in `assign` decides.
         let rows = sqlx::query(
-            "SELECT id, priority, cores, memory, constraints, runtime, \
-             CASE WHEN runtime = 'microvm' THEN plan::jsonb ->> 'image' END FROM tasks \
-             WHERE state = 'queued' AND not_before_ms <= $1 ORDER BY priority DESC, id LIMIT $2",
+            "SELECT t.id, t.priority, t.cores, t.memory, t.constraints, t.runtime, \
+             CASE WHEN t.runtime = 'microvm' THEN t.plan::jsonb ->> 'image' END, j.project \
+             FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.state = 'queued' AND t.not_before_ms <= $1 AND NOT (j.project = ANY($3)) \
+             ORDER BY t.priority DESC, t.id LIMIT $2",
         )
         .bind(now_ms)
         .bind(i64::from(limit))
+        .bind(skip_projects)
         .fetch_all(&self.pool)
         .await?;
         let queue = rows
@@ -1217,6 +1229,7 @@ impl Store for PostgresStore {
                     constraints: json::<BTreeMap<String, String>>("constraints", r.try_get::<&str, _>(4)?)?,
                     runtime: runtime_kind(r.try_get::<&str, _>(5)?)?,
                     image: r.try_get::<Option<String>, _>(6)?,
+                    project: r.try_get(7)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1322,7 +1335,9 @@ impl Store for PostgresStore {
             if claimed.is_empty() {
                 return Ok(Vec::new());
             }
-            // 5. One attempt per claimed task, made current (fencing).
+            // 5. One attempt per claimed task, made current (fencing), metered against the
+            // latest price table (`record_prices` commits a new version whole, so this reads
+            // either the old latest or the new one).
             let n = claimed.len();
             let (mut a_task, mut a_job, mut a_number, mut a_node, mut a_epoch, mut a_cores, mut a_memory) = (
                 Vec::with_capacity(n),
@@ -1346,8 +1361,10 @@ impl Store for PostgresStore {
             }
             let made: Vec<(i64, i64)> = sqlx::query_as(
                 "WITH made AS ( \
-                     INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms) \
-                     SELECT u.task_id, u.job_id, u.number, u.node_id, u.epoch, 'assigned', u.cores, u.memory, $8 \
+                     INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
+                                           price_version) \
+                     SELECT u.task_id, u.job_id, u.number, u.node_id, u.epoch, 'assigned', u.cores, u.memory, $8, \
+                            (SELECT COALESCE(MAX(version), 0) FROM prices) \
                      FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], \
                                  $7::BIGINT[]) AS u(task_id, job_id, number, node_id, epoch, cores, memory) \
                      RETURNING id, task_id) \

@@ -22,6 +22,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 mod access;
 mod archive;
+mod tenancy;
 
 use crate::artifacts::{ArtifactStore, OutputFile};
 use crate::secrets::SecretStore;
@@ -788,7 +789,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn placement_snapshot(&self, now_ms: i64, limit: u32) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
+    async fn placement_snapshot(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        skip_projects: &[String],
+    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
         let nodes = self
             .nodes()
             .await?
@@ -816,15 +822,22 @@ impl Store for SqliteStore {
         if nodes.iter().all(|n| n.free.cores == 0) {
             return Ok((nodes, Vec::new()));
         }
-        let rows = sqlx::query(
-            "SELECT id, priority, cores, memory, constraints, runtime, \
-             CASE WHEN runtime = 'microvm' THEN json_extract(plan, '$.image') END FROM tasks \
-             WHERE state = 'queued' AND not_before_ms <= ? ORDER BY priority DESC, id LIMIT ?",
-        )
-        .bind(now_ms)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT t.id, t.priority, t.cores, t.memory, t.constraints, t.runtime, \
+             CASE WHEN t.runtime = 'microvm' THEN json_extract(t.plan, '$.image') END, j.project \
+             FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.state = 'queued' AND t.not_before_ms <= ",
+        );
+        q.push_bind(now_ms);
+        if !skip_projects.is_empty() {
+            q.push(" AND j.project NOT IN (");
+            let mut list = q.separated(", ");
+            for p in skip_projects {
+                list.push_bind(p);
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY t.priority DESC, t.id LIMIT ").push_bind(limit as i64);
+        let rows = q.build().fetch_all(&self.reader).await?;
         let queue = rows
             .iter()
             .map(|r| {
@@ -838,6 +851,7 @@ impl Store for SqliteStore {
                     constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
                     runtime: runtime_kind(r.get::<&str, _>(5))?,
                     image: r.get::<Option<String>, _>(6),
+                    project: r.get(7),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -846,6 +860,9 @@ impl Store for SqliteStore {
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
         let mut tx = self.writer.begin().await?;
+        // The price table in force now; each new attempt is metered against it for good.
+        let price_version: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM prices").fetch_one(&mut *tx).await?;
         let mut out = Vec::with_capacity(plan.len());
         let mut events: BTreeMap<i64, Vec<Ev>> = BTreeMap::new();
         for p in plan {
@@ -869,8 +886,8 @@ impl Store for SqliteStore {
             let job_id: i64 = task.get(0);
             let number = task.get::<i64, _>(4) as u32;
             let attempt_id: i64 = sqlx::query_scalar(
-                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms) \
-                 VALUES (?, ?, ?, ?, ?, 'assigned', ?, ?, ?) RETURNING id",
+                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
+                 price_version) VALUES (?, ?, ?, ?, ?, 'assigned', ?, ?, ?, ?) RETURNING id",
             )
             .bind(p.task_id)
             .bind(job_id)
@@ -880,6 +897,7 @@ impl Store for SqliteStore {
             .bind(task.get::<i64, _>(5))
             .bind(task.get::<i64, _>(6))
             .bind(now_ms)
+            .bind(price_version)
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query("UPDATE tasks SET current_attempt = ? WHERE id = ?")

@@ -80,6 +80,7 @@ pub fn queue(tasks: usize) -> Vec<QueuedTask> {
                 constraints,
                 runtime: if rng.chance(10) { RuntimeKind::Docker } else { RuntimeKind::Process },
                 image: None,
+                project: String::new(),
             }
         })
         .collect()

@@ -136,7 +136,7 @@ pub async fn dispatch(store: &dyn Store, n: usize, batched: bool) -> Result<f64>
     let start = Instant::now();
     let mut finished = 0usize;
     while finished < n {
-        let (nodes, queue) = store.placement_snapshot(now_ms(), 5000).await?;
+        let (nodes, queue) = store.placement_snapshot(now_ms(), 5000, &[]).await?;
         let plan = place(&nodes, &queue);
         if plan.is_empty() {
             bail!("nothing placeable with {finished} of {n} tasks done");

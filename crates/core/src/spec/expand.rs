@@ -196,6 +196,8 @@ fn plan_task(
         constraints: task.constraints.clone(),
         runtime: task.runtime.unwrap_or_default(),
         image,
+        // Set by the client when it ships the image and `image` becomes its id.
+        image_name: None,
         // Set by the client once it has uploaded the image; a job file never names a blob.
         image_blob: None,
         build,

@@ -11,6 +11,7 @@
 
 mod bootstrap;
 pub(crate) mod mint;
+pub mod oidc;
 
 pub use bootstrap::{BootstrapError, first_operator_key, issue_join_token};
 
@@ -25,19 +26,38 @@ use crate::now_ms;
 /// Most bytes of an `authorization` header: a bearer credential is well under this.
 const MAX_AUTHORIZATION: usize = 512;
 
+/// What a person (or script) may do: the operator role, and roles in projects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Grants {
+    /// The cluster operator: every role everywhere.
+    pub(crate) operator: bool,
+    /// Roles by project.
+    pub(crate) projects: std::collections::BTreeMap<String, Role>,
+}
+
+impl Grants {
+    /// The grants of one API key.
+    pub(crate) fn of_key(role: Role, project: Option<String>) -> Grants {
+        match (role, project) {
+            (Role::Operator, _) => Grants { operator: true, ..Grants::default() },
+            (role, Some(p)) => Grants { operator: false, projects: [(p, role)].into() },
+            // A project role without a project grants nothing (the store never holds one).
+            (_, None) => Grants::default(),
+        }
+    }
+}
+
 /// The identity behind a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Caller {
     /// Authorization is off (`--no-auth`): the caller may do everything.
     Open,
-    /// An API key.
-    Key {
-        /// The key's id.
+    /// A person or script: an API key (`id` is `key <id>`) or, later, a signed-in person.
+    Person {
+        /// Who, for logs and records.
         id: String,
-        /// Its role.
-        role: Role,
-        /// Its project; `None` for operator keys.
-        project: Option<String>,
+        /// What they may do.
+        grants: Grants,
     },
     /// An enrolled agent.
     Node {
@@ -55,10 +75,8 @@ pub(crate) enum Caller {
 pub(crate) enum Visible {
     /// Every project.
     All,
-    /// This one project.
-    One(String),
-    /// None (nodes).
-    None,
+    /// These projects (possibly none).
+    Some(Vec<String>),
 }
 
 impl Visible {
@@ -66,8 +84,7 @@ impl Visible {
     pub(crate) fn filter(&self) -> Option<Vec<String>> {
         match self {
             Visible::All => None,
-            Visible::One(p) => Some(vec![p.clone()]),
-            Visible::None => Some(Vec::new()),
+            Visible::Some(p) => Some(p.clone()),
         }
     }
 }
@@ -77,23 +94,27 @@ impl Caller {
     pub(crate) fn role_in(&self, project: &str) -> Option<Role> {
         match self {
             Caller::Open => Some(Role::Operator),
-            Caller::Key { role: Role::Operator, .. } => Some(Role::Operator),
-            Caller::Key { role, project: Some(p), .. } if p == project => Some(*role),
-            Caller::Key { .. } | Caller::Node { .. } => None,
+            Caller::Person { grants, .. } if grants.operator => Some(Role::Operator),
+            Caller::Person { grants, .. } => grants.projects.get(project).copied(),
+            Caller::Node { .. } => None,
         }
     }
 
     /// Whether the caller is the cluster's operator.
     pub(crate) fn is_operator(&self) -> bool {
-        matches!(self, Caller::Open | Caller::Key { role: Role::Operator, .. })
+        match self {
+            Caller::Open => true,
+            Caller::Person { grants, .. } => grants.operator,
+            Caller::Node { .. } => false,
+        }
     }
 
     /// The projects the caller can see.
     pub(crate) fn visible(&self) -> Visible {
         match self {
-            Caller::Open | Caller::Key { role: Role::Operator, .. } => Visible::All,
-            Caller::Key { project: Some(p), .. } => Visible::One(p.clone()),
-            Caller::Key { project: None, .. } | Caller::Node { .. } => Visible::None,
+            _ if self.is_operator() => Visible::All,
+            Caller::Person { grants, .. } => Visible::Some(grants.projects.keys().cloned().collect()),
+            _ => Visible::Some(Vec::new()),
         }
     }
 
@@ -109,7 +130,7 @@ impl Caller {
             None => Err(hidden()),
             Some(role) if role >= need => Ok(()),
             Some(role) => Err(Status::permission_denied(format!(
-                "this needs the {need} role in project `{project}`; your key is a {role} there"
+                "this needs the {need} role in project `{project}`; you are a {role} there"
             ))),
         }
     }
@@ -135,7 +156,7 @@ impl Caller {
     pub(crate) fn who(&self) -> String {
         match self {
             Caller::Open => "anonymous".into(),
-            Caller::Key { id, .. } => format!("key {id}"),
+            Caller::Person { id, .. } => id.clone(),
             Caller::Node { name, .. } => format!("node {name}"),
         }
     }
@@ -162,14 +183,21 @@ pub(crate) fn bearer(header: Option<&str>) -> Result<Credential, Status> {
     Credential::parse(token).ok_or_else(|| unauthenticated("the credential is not a drover key"))
 }
 
-/// Who is calling, from the `authorization` header's value (`None` when absent).
+/// Who is calling, from the `authorization` header's value (`None` when absent). With `oidc`,
+/// a bearer that is a JWT rather than a Drover credential is an identity provider's token.
 pub(crate) async fn authenticate(
     access: &dyn AccessStore,
     enabled: bool,
+    oidc: Option<&oidc::Oidc>,
     header: Option<&str>,
 ) -> Result<Caller, Status> {
     if !enabled {
         return Ok(Caller::Open);
+    }
+    if let Some(oidc) = oidc
+        && let Some(token) = oidc::bearer_jwt(header)
+    {
+        return oidc.verify(token).await;
     }
     let credential = bearer(header)?;
     match credential.kind {
@@ -184,7 +212,10 @@ pub(crate) async fn authenticate(
             if key.expires_ms.is_some_and(|e| e <= now_ms()) {
                 return Err(unauthenticated(&format!("key {} expired", key.id)));
             }
-            Ok(Caller::Key { id: key.id, role: key.role, project: key.project })
+            Ok(Caller::Person {
+                id: format!("key {}", key.id),
+                grants: Grants::of_key(key.role, key.project),
+            })
         }
         CredentialKind::Node => {
             let cred = access.node_credential(&credential.id).await.map_err(status)?;
@@ -212,7 +243,7 @@ pub(crate) async fn caller<T>(shared: &crate::Shared, req: &tonic::Request<T>) -
         Some(v) => Some(v.to_str().map_err(|_| unauthenticated("the authorization header is not text"))?),
         None => None,
     };
-    authenticate(&*shared.access, shared.config.auth, header).await
+    authenticate(&*shared.access, shared.config.auth, shared.oidc.as_ref(), header).await
 }
 
 #[cfg(test)]
@@ -220,7 +251,7 @@ mod tests {
     use super::*;
 
     fn key(role: Role, project: Option<&str>) -> Caller {
-        Caller::Key { id: "k".into(), role, project: project.map(str::to_owned) }
+        Caller::Person { id: "key k".into(), grants: Grants::of_key(role, project.map(str::to_owned)) }
     }
 
     #[test]
@@ -244,7 +275,7 @@ mod tests {
         let node = Caller::Node { credential_id: "c".into(), name: "n".into(), labels: Default::default() };
         assert_eq!(node.require("a", Role::Viewer, hidden).unwrap_err().code(), tonic::Code::NotFound);
         assert!(node.require_person().is_err());
-        assert_eq!(node.visible(), Visible::None);
+        assert_eq!(node.visible(), Visible::Some(Vec::new()));
         assert!(Caller::Open.require("x", Role::Admin, hidden).is_ok());
     }
 

@@ -40,6 +40,11 @@ pub struct Server {
 impl Server {
     /// Starts a server with authorization on.
     pub async fn start() -> Server {
+        Server::start_with(|_| {}).await
+    }
+
+    /// [`Server::start`] with the configuration changed by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> Server {
         drover_tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
@@ -56,14 +61,16 @@ impl Server {
             secrets: store.clone(),
             artifacts: store.clone(),
             access: store.clone(),
+            tenants: store.clone(),
             blobs: blobs.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             heartbeat: Duration::from_millis(200),
             schedule_tick: Duration::from_millis(50),
             ..ServerConfig::default()
         };
+        tweak(&mut config);
         tokio::spawn(drover_server::serve_with_http(listener, Some(http), backends, config, async {
             let _ = stopped.await;
         }));

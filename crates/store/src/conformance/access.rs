@@ -291,15 +291,22 @@ INSERT INTO secrets (project, name, value, updated_ms) VALUES ('vault', 'KEY', '
 ";
 
 /// A store migrated from a database holding [`LEGACY_ROWS`] knows every project its jobs and
-/// secrets name, which projects hold the old artifacts and logs, and hands out epochs above
-/// the old ones.
-pub async fn upgraded_store_keeps_working<S: Store + AccessStore>(store: &S) {
+/// secrets name (with default settings), which projects hold the old artifacts and logs,
+/// meters old attempts under price version 0, and hands out epochs above the old ones.
+pub async fn upgraded_store_keeps_working<S: Store + AccessStore + TenantStore>(store: &S) {
     let projects: Vec<(String, i64)> =
         store.projects().await.unwrap().into_iter().map(|p| (p.name, p.created_ms)).collect();
     let expected = [("default", 0), ("legacy", 150), ("vault", 0)];
     assert_eq!(projects, expected.map(|(n, t)| (n.to_string(), t)));
     assert_eq!(store.blob_projects("sha256:oldout").await.unwrap(), ["legacy"]);
     assert_eq!(store.blob_projects("sha256:oldlog").await.unwrap(), ["legacy"]);
+    let settings = store.all_project_settings().await.unwrap();
+    assert!(
+        settings.values().all(|s| *s == drover_core::tenancy::ProjectSettings::default()),
+        "{settings:?}"
+    );
+    let old = store.metered(&UsageFilter { project: None, job_id: Some(2) }, 1_000).await.unwrap();
+    assert_eq!(old[0].tasks[&1].keys().copied().collect::<Vec<_>>(), [0]);
     let reg = store.register_node(&node("old-node", 1, 100_000), &[], 400).await.unwrap();
     assert_eq!((reg.node_id, reg.epoch), (1, 8));
 }

@@ -52,7 +52,7 @@ fn done(a: &Assignment) -> AttemptReport {
 async fn schedule_until_idle(store: PostgresStore, limit: u32) -> Vec<Assignment> {
     let mut all = Vec::new();
     loop {
-        let (nodes, queue) = store.placement_snapshot(10, limit).await.unwrap();
+        let (nodes, queue) = store.placement_snapshot(10, limit, &[]).await.unwrap();
         let plan = place(&nodes, &queue);
         if plan.is_empty() {
             return all;
@@ -423,7 +423,7 @@ async fn mixed_concurrent_writers_keep_state_consistent() {
         let (stop, tx) = (stop.clone(), tx.clone());
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (nodes, queue) = store.placement_snapshot(10, 50).await.unwrap();
+                let (nodes, queue) = store.placement_snapshot(10, 50, &[]).await.unwrap();
                 for x in store.assign(&place(&nodes, &queue), 10).await.unwrap() {
                     let _ = tx.send(x);
                 }
