@@ -43,6 +43,14 @@ pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
         println!("no jobs match");
     } else {
         println!("{}\n{}", rows_table(&resp.projects, false), rows_table(&resp.jobs, true));
+        for p in resp.projects.iter().filter(|p| p.stored_bytes > 0) {
+            println!(
+                "project {} stores {} ({:.2} per month at current prices)",
+                p.project,
+                drover_core::resources::format_memory(p.stored_bytes),
+                p.storage_cost_month
+            );
+        }
         if !resp.tasks.is_empty() {
             println!("{}", tasks_table(&resp.tasks));
         }
@@ -106,6 +114,8 @@ fn usage_json(resp: &pb::UsageResponse) -> Value {
         .map(|r| {
             let mut v = row_json(r);
             v["jobs"] = json!(r.jobs);
+            v["stored_bytes"] = json!(r.stored_bytes);
+            v["storage_cost_month"] = json!(r.storage_cost_month);
             v
         })
         .collect();

@@ -58,7 +58,14 @@ pub(crate) async fn usage(shared: &Shared, req: pb::UsageRequest) -> Result<pb::
             .collect(),
         None => Vec::new(),
     };
-    Ok(pb::UsageResponse { projects: per_project(&rows), jobs: rows, tasks })
+    let mut projects = per_project(&rows);
+    let current = prices.last_key_value().map(|(_, p)| *p).unwrap_or_default();
+    for row in &mut projects {
+        row.stored_bytes = shared.tenants.stored_bytes(&row.project).await.map_err(status)?;
+        row.storage_cost_month =
+            current.storage_cost(row.stored_bytes, std::time::Duration::from_secs(30 * 86_400));
+    }
+    Ok(pb::UsageResponse { projects, jobs: rows, tasks })
 }
 
 fn job_row(u: &JobUsage, cost: f64) -> pb::UsageRow {

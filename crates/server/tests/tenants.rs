@@ -242,6 +242,7 @@ async fn cost_follows_usage_at_the_prices_in_force_when_the_work_ran() {
         gib_hour: 0.5,
         input_tokens_1k: 0.01,
         output_tokens_1k: 0.1,
+        gib_month: 3.0,
         ..Default::default()
     };
     server.store.record_prices(&prices, 0).await.unwrap();
@@ -280,6 +281,15 @@ async fn cost_follows_usage_at_the_prices_in_force_when_the_work_ran() {
     assert_eq!(usage.tasks.len(), 1);
     assert!((usage.tasks[0].cost - expected).abs() < 1e-9);
     assert_eq!(usage.tasks[0].task_name, "t");
+    // Storage is priced per month at the current prices.
+    let digest = format!("sha256:{}", "1".repeat(64));
+    drover_store::AccessStore::add_project_blob(&*server.store, "default", &digest, 1 << 30, 5)
+        .await
+        .unwrap();
+    let usage =
+        op.usage(pb::UsageRequest { project: "default".into(), job_id: 0 }).await.unwrap().into_inner();
+    assert_eq!(usage.projects[0].stored_bytes, 1 << 30);
+    assert!((usage.projects[0].storage_cost_month - 3.0).abs() < 1e-9, "{usage:#?}");
 }
 
 #[tokio::test]
