@@ -82,6 +82,12 @@ pub(crate) fn set_secret(c: &Cluster, name: &str, value: &str) {
     assert!(child.wait().unwrap().success());
 }
 
+/// Lets the default project's agents reach the stand-in LLM, which speaks plain HTTP on
+/// loopback (projects allow https upstreams only by default).
+pub(crate) fn allow_loopback_llm(c: &Cluster) {
+    c.ok(&["projects", "set", "default", "llm_upstreams=https://*,http://127.0.0.1:*"]);
+}
+
 /// The stand-in coding agent: one LLM call through the proxy, then it edits the checkout and
 /// leaves what it saw (prompt on stdin, environment) as files, which end up in the patch.
 const FAKE_AGENT: &str = r#"#!/bin/sh
@@ -101,6 +107,7 @@ fn an_agent_task_leaves_a_patch_and_a_pushed_branch_and_never_sees_the_key() {
     let (llm, keys) = fake_llm();
     std::fs::write(c.path("fake-agent.sh"), FAKE_AGENT).unwrap();
     set_secret(&c, "LLM_KEY", REAL_KEY);
+    allow_loopback_llm(&c);
     let job = c.submit(&format!(
         r#"
 version: 1
@@ -153,6 +160,7 @@ fn a_spent_budget_refuses_calls_and_fails_the_task_with_budget() {
     let c = Cluster::start(1, 2);
     let (llm, keys) = fake_llm();
     set_secret(&c, "LLM_KEY", REAL_KEY);
+    allow_loopback_llm(&c);
     // Each call costs 13 tokens against a budget of 20: the third call is refused with 429.
     let job = c.submit(&format!(
         r#"
