@@ -39,24 +39,17 @@ fn no_key(id: &str) -> Status {
     Status::not_found(format!("key {id} not found; `drover keys ls` lists keys"))
 }
 
-/// Whether a project exists.
-async fn project_exists(shared: &Shared, name: &str) -> Result<bool, Status> {
-    Ok(shared.access.projects().await.map_err(status)?.iter().any(|p| p.name == name))
-}
-
 /// Requires `need` in `project`, and that the project exists: a missing project and one the
-/// caller cannot see get the same answer.
+/// caller cannot see get the same answer. Returns the project's settings (one lookup serves
+/// both).
 pub(crate) async fn require_project(
     shared: &Shared,
     caller: &Caller,
     project: &str,
     need: Role,
-) -> Result<(), Status> {
+) -> Result<drover_core::tenancy::ProjectSettings, Status> {
     caller.require(project, need, || no_project(project))?;
-    if !project_exists(shared, project).await? {
-        return Err(no_project(project));
-    }
-    Ok(())
+    shared.tenants.project_settings(project).await.map_err(status)?.ok_or_else(|| no_project(project))
 }
 
 fn lifetime(ms: u64, what: &str) -> Result<Option<i64>, Status> {

@@ -35,8 +35,8 @@ impl Drover for ClientApi {
         let from = req.remote_addr();
         let req = req.into_inner();
         let plan = crate::intake::decode_plan(&req)?;
-        require_project(&self.0, &caller, &plan.project, Role::Submitter).await?;
-        crate::tenancy::check_submit(&self.0, &plan).await?;
+        let settings = require_project(&self.0, &caller, &plan.project, Role::Submitter).await?;
+        crate::tenancy::check_submit(&self.0, &plan, &settings).await?;
         self.check_references(&plan).await?;
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;

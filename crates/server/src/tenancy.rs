@@ -154,9 +154,12 @@ fn full(room: &Room) -> Option<String> {
     })
 }
 
-/// Refuses a plan that breaks its project's settings or whose project has spent its budget.
-pub(crate) async fn check_submit(shared: &Shared, plan: &JobPlan) -> Result<(), Status> {
-    let settings = shared.tenants.project_settings(&plan.project).await.map_err(status)?.unwrap_or_default();
+/// Refuses a plan that breaks its project's `settings` or whose project has spent its budget.
+pub(crate) async fn check_submit(
+    shared: &Shared,
+    plan: &JobPlan,
+    settings: &ProjectSettings,
+) -> Result<(), Status> {
     settings.check(plan).map_err(|v| Status::failed_precondition(v.to_string()))?;
     if let Some(budget) = settings.budget {
         let spent = period_spend(shared, &plan.project, budget.period).await?;
