@@ -196,3 +196,17 @@ tasks:
     let _ = agent.wait();
     assert_eq!(task(&status, "picky")["node"], "gpu-node");
 }
+
+/// A process task gets the secrets it names, as a container does, and they never reach its log.
+#[test]
+fn a_process_task_gets_its_secrets_masked_in_the_log() {
+    let c = Cluster::start(1, 1);
+    crate::ai_agent::set_secret(&c, "API_TOKEN", "s3cret-value");
+    let job = c.submit(
+        "version: 1\nname: secret\ntasks:\n  - name: t\n    secrets: [API_TOKEN]\n    command: 'test \"$API_TOKEN\" = s3cret-value && echo \"got $API_TOKEN\"'\n",
+    );
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    let logs = c.ok(&["logs", &job.to_string()]);
+        assert!(logs.contains("got ***") && !logs.contains("s3cret-value"), "{logs}");
+}

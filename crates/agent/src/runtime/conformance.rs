@@ -285,14 +285,19 @@ pub async fn many_lines_none_lost(runtime: &dyn Runtime, adjust: Adjust) {
 /// The task's variables and the `DROVER_*` variables are visible to the step.
 pub async fn environment(runtime: &dyn Runtime, adjust: Adjust) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let script = r#"printf '%s\n' "$GREETING" "$DROVER_JOB_ID" "$DROVER_TASK_ID" "$DROVER_ATTEMPT_ID" "$DROVER_WORKSPACE""#;
+    let script = r#"printf '%s\n' "$GREETING" "$DROVER_JOB_ID" "$DROVER_TASK_ID" "$DROVER_ATTEMPT_ID" "$DROVER_WORKSPACE" "$API_TOKEN" "$SHADOWED""#;
     let mut task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     task.env.insert("GREETING".into(), "hello, world".into());
+    // Secrets reach the steps too, and win over a variable of the same name.
+    task.secrets.insert("API_TOKEN".into(), "s3cret".into());
+    task.env.insert("SHADOWED".into(), "from env".into());
+    task.secrets.insert("SHADOWED".into(), "from secrets".into());
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
     let out = stream_text(&chunks, Stream::Stdout);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 5, "{out}");
+    assert_eq!(lines.len(), 7, "{out}");
+    assert_eq!(lines[5..], ["s3cret", "from secrets"], "{out}");
     let ids = [task.job_id.to_string(), task.task_id.to_string(), task.attempt_id.to_string()];
     assert_eq!(lines[..4], ["hello, world", ids[0].as_str(), ids[1].as_str(), ids[2].as_str()]);
     assert!(!lines[4].is_empty(), "DROVER_WORKSPACE is empty");

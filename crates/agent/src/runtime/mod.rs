@@ -6,6 +6,19 @@
 //! plain data that the agent can persist, so that after a restart `attach` can find a step that
 //! is still running.
 
+/// The environment of a step: `base` (what the runtime itself sets), then the task's variables,
+/// then its secrets; a later layer wins over an earlier one. The one rule every runtime
+/// follows, so a secret reaches a process task exactly as it reaches a container.
+pub(crate) fn layered_env(base: Vec<(String, String)>, task: &TaskSpec) -> Vec<(String, String)> {
+    let overridden = |k: &str| task.env.contains_key(k) || task.secrets.contains_key(k);
+    let mut env: Vec<(String, String)> = base.into_iter().filter(|(k, _)| !overridden(k)).collect();
+    env.extend(
+        task.env.iter().filter(|(k, _)| !task.secrets.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())),
+    );
+    env.extend(task.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env
+}
+
 #[cfg(test)]
 pub mod conformance;
 pub mod docker;

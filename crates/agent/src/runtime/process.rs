@@ -507,7 +507,8 @@ fn join_cgroup_in_child(procs: &std::ffi::CStr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The environment of a step: a minimal base, then the task's variables (which win).
+/// The environment of a step: a minimal base, then the task's variables and secrets (see
+/// [`super::layered_env`]).
 fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into())),
@@ -519,9 +520,7 @@ fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     ];
     // A process shares the host's network: each endpoint is reachable where it listens.
     env.extend(task.host_ports.iter().map(|port| (port.env_var(), port.addr.to_string())));
-    env.retain(|(k, _)| !task.env.contains_key(k));
-    env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
+    super::layered_env(env, task)
 }
 
 /// Finds the program of argv[0] before forking, so that a missing binary is a clean

@@ -187,22 +187,18 @@ pub(super) fn task_container(task: &TaskSpec, image: &str, net: &Networking) -> 
     }
 }
 
-/// The environment of a step: a base, then the task's variables, then its secrets (which win).
-/// Passed per `exec` rather than on the container, so secrets never show in `docker inspect`.
+/// The environment of a step: a base, then the task's variables, then its secrets (see
+/// [`crate::runtime::layered_env`]). Passed per `exec` rather than on the container, so secrets
+/// never show in `docker inspect`.
 pub(super) fn step_env(task: &TaskSpec) -> Vec<String> {
-    let mut env: Vec<(String, String)> = vec![
+    let env: Vec<(String, String)> = vec![
         ("HOME".into(), WORKSPACE.into()),
         ("DROVER_JOB_ID".into(), task.job_id.to_string()),
         ("DROVER_TASK_ID".into(), task.task_id.to_string()),
         ("DROVER_ATTEMPT_ID".into(), task.attempt_id.to_string()),
         ("DROVER_WORKSPACE".into(), WORKSPACE.into()),
     ];
-    env.retain(|(k, _)| !task.env.contains_key(k) && !task.secrets.contains_key(k));
-    env.extend(
-        task.env.iter().filter(|(k, _)| !task.secrets.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())),
-    );
-    env.extend(task.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    crate::runtime::layered_env(env, task).into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 /// Docker reports a process killed by signal N as exit code 128 + N, the same as a shell that
