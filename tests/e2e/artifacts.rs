@@ -125,3 +125,22 @@ tasks:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("corrupt") || stderr.contains("does not match"), "{stderr}");
 }
+
+/// An empty output (like the patch of an AI agent that changed nothing) is kept as an empty
+/// artifact, not a failed upload.
+#[test]
+fn an_empty_output_is_kept_as_an_empty_artifact() {
+    let c = Cluster::start(1, 1);
+    let job = c.submit("version: 1\nname: empty\ntasks:\n  - name: t\n    outputs: [empty.txt]\n    command: ': > empty.txt'\n");
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "t")["reason"], "", "{status:#}");
+    let list: serde_json::Value =
+        serde_json::from_str(&c.ok(&["artifacts", "ls", &job.to_string(), "-o", "json"])).unwrap();
+    let files = list.as_array().unwrap();
+    assert_eq!(
+        (files.len(), files[0]["path"].as_str(), files[0]["size"].as_u64()),
+        (1, Some("empty.txt"), Some(0)),
+        "{list}"
+    );
+}

@@ -208,5 +208,5 @@ fn a_process_task_gets_its_secrets_masked_in_the_log() {
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");
     let logs = c.ok(&["logs", &job.to_string()]);
-        assert!(logs.contains("got ***") && !logs.contains("s3cret-value"), "{logs}");
+    assert!(logs.contains("got ***") && !logs.contains("s3cret-value"), "{logs}");
 }

@@ -264,11 +264,14 @@ pub async fn upload_outputs(
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let sender = tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
+            let mut first = true;
             loop {
                 let n = file.read(&mut buf).await?;
-                if n == 0 {
+                // An empty file is still one (empty) message: an upload needs a first message.
+                if n == 0 && !first {
                     return Ok::<(), std::io::Error>(());
                 }
+                first = false;
                 if tx.send(pb::BlobChunk { data: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
                     return Ok(());
                 }
