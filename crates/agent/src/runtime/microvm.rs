@@ -26,8 +26,9 @@
 //! - **Warm pool and snapshots**: the runtime keeps booted, idle VMs per configured image
 //!   ([`MicroVmConfig::warm`]; `microvm/pool.rs`) and restores VMs from a per-image snapshot
 //!   instead of booting them when [`MicroVmConfig::snapshots`] is on (`microvm/boot.rs`). Warm
-//!   and restored VMs have the network device (restricted, forwards unserved) so that any task
-//!   of the image and default size can take one.
+//!   VMs have no network device, like the default `network: none`, and serve tasks that need
+//!   none; snapshots come in both kinds (with the restricted device for tasks with egress or
+//!   host ports, without for the others), each taken on first use.
 //! - **Accelerator**: KVM when a real probe boot succeeds within
 //!   [`MicroVmConfig::kvm_probe_timeout`] (KVM may hang under nested virtualisation), TCG
 //!   otherwise; see [`MicroVmRuntime::accelerator`].
@@ -461,10 +462,9 @@ impl Runtime for MicroVmRuntime {
                 }
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 let restorable = self.booter.config.snapshots
-                    && Shape { host_cpus: Vec::new(), network: true, ..shape.clone() }
-                        == self.booter.pool_shape();
+                    && Shape { host_cpus: Vec::new(), ..shape.clone() } == self.booter.pool_shape(network);
                 let booted = if restorable {
-                    self.booter.restore(&image, &dir).await?
+                    self.booter.restore(&image, network, &dir).await?
                 } else {
                     self.booter.cold(&image, &dir, &shape).await?
                 };

@@ -52,6 +52,9 @@ struct Snapshot {
     image_env: Vec<String>,
 }
 
+/// A snapshot taken once, by the first VM that needs it.
+type SnapshotCell = Arc<tokio::sync::OnceCell<Snapshot>>;
+
 /// Everything needed to boot VMs, shared by the runtime and its warm pool.
 pub(crate) struct Booter {
     pub config: MicroVmConfig,
@@ -65,7 +68,8 @@ pub(crate) struct Booter {
     /// Kernel arguments added to every boot (TSC frequency under TCG).
     pub kernel_args: String,
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    snapshots: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Snapshot>>>>,
+    /// Snapshots by image and whether the VM has its network device.
+    snapshots: Mutex<HashMap<(String, bool), SnapshotCell>>,
     launches: AtomicU64,
 }
 
@@ -98,14 +102,14 @@ impl Booter {
         self.launches.load(Ordering::SeqCst)
     }
 
-    /// The shape of warm and restored VMs: the default size, with the network device so that
-    /// any task can claim them.
-    pub fn pool_shape(&self) -> Shape {
+    /// The shape of warm and restored VMs: the default size, with the network device or
+    /// without (a task without egress or host ports gets a VM that has none).
+    pub fn pool_shape(&self, network: bool) -> Shape {
         Shape {
             memory_mib: self.config.memory_mib.max(self.config.min_memory_mib),
             vcpus: self.config.vcpus.max(1),
             host_cpus: Vec::new(),
-            network: true,
+            network,
         }
     }
 
@@ -153,35 +157,36 @@ impl Booter {
         Ok(Booted { vm, image_env: config.env, origin: VmOrigin::Cold, launched_at })
     }
 
-    /// Restores a VM of `image` (pool shape) in `dir` from the image's snapshot, taking the
-    /// snapshot first if there is none yet.
-    pub async fn restore(&self, image: &str, dir: &Path) -> Result<Booted, RuntimeError> {
-        let snapshot = self.snapshot(image).await?;
+    /// Restores a VM of `image` (pool shape, with the network device or without) in `dir` from
+    /// the matching snapshot, taking that snapshot first if there is none yet.
+    pub async fn restore(&self, image: &str, network: bool, dir: &Path) -> Result<Booted, RuntimeError> {
+        let snapshot = self.snapshot(image, network).await?;
         create_dir(dir).await?;
-        let spec =
-            self.spec(dir, snapshot.initramfs.clone(), &self.pool_shape(), Some(snapshot.state.clone()));
+        let shape = self.pool_shape(network);
+        let spec = self.spec(dir, snapshot.initramfs.clone(), &shape, Some(snapshot.state.clone()));
         // The boot session sets the clock, which stopped when the snapshot was saved.
         let (vm, launched_at) = self.launch(&spec).await?;
         Ok(Booted { vm, image_env: snapshot.image_env, origin: VmOrigin::Restored, launched_at })
     }
 
-    /// The image's snapshot, taken on first use.
-    async fn snapshot(&self, image: &str) -> Result<Snapshot, RuntimeError> {
+    /// The image's snapshot with or without the network device, taken on first use.
+    async fn snapshot(&self, image: &str, network: bool) -> Result<Snapshot, RuntimeError> {
         let cell = self
             .snapshots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(image.to_owned())
+            .entry((image.to_owned(), network))
             .or_default()
             .clone();
-        cell.get_or_try_init(|| self.take_snapshot(image)).await.cloned()
+        cell.get_or_try_init(|| self.take_snapshot(image, network)).await.cloned()
     }
 
-    async fn take_snapshot(&self, image: &str) -> Result<Snapshot, RuntimeError> {
-        let dir = self.config.run_dir.join(format!("s-{}", image::short_hash(image.as_bytes())));
+    async fn take_snapshot(&self, image: &str, network: bool) -> Result<Snapshot, RuntimeError> {
+        let flavour = if network { "net" } else { "nonet" };
+        let dir = self.config.run_dir.join(format!("s-{}-{flavour}", image::short_hash(image.as_bytes())));
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let began = Instant::now();
-        let booted = self.cold(image, &dir, &self.pool_shape()).await?;
+        let booted = self.cold(image, &dir, &self.pool_shape(network)).await?;
         let initramfs = booted.vm.dir().join("snapshot-initramfs.cpio");
         // The initramfs may be the image cache's shared file or the VM's own; keep a copy that
         // no other VM's cleanup removes.
@@ -198,6 +203,7 @@ impl Booter {
         let size = tokio::fs::metadata(&state).await.map(|m| m.len()).unwrap_or_default();
         tracing::info!(
             image,
+            network,
             took_ms = began.elapsed().as_millis() as u64,
             bytes = size,
             "microvm snapshot taken"

@@ -1,9 +1,10 @@
 //! The warm pool: booted, idle VMs per image, so that a task claims one instead of booting.
 //!
-//! Warm VMs have the pool shape ([`Booter::pool_shape`]): the default memory and vCPUs and the
-//! restricted network device, whose forwards lead nowhere until a task's are served. A task
-//! claims a warm VM when its image and size match; the VM is then pinned to the task's CPUs and
-//! is the task's alone (never returned to the pool). Every claim starts a background refill;
+//! Warm VMs have the pool shape ([`Booter::pool_shape`]): the default memory and vCPUs and no
+//! network device, like the default `network: none`. A task claims a warm VM when its image and
+//! size match and it needs no network (egress or host ports); the VM is then pinned to the
+//! task's CPUs and is the task's alone (never returned to the pool). Tasks that need the network
+//! are restored from a snapshot that has the device, or booted. Every claim starts a background refill;
 //! refills restore from the image's snapshot when snapshots are on, and boot cold otherwise.
 
 use std::collections::{BTreeMap, HashMap};
@@ -88,8 +89,8 @@ impl Pool {
 
     /// Takes an idle VM of `image` if one fits `shape`, and starts a refill.
     pub fn claim(self: &Arc<Self>, image: &str, shape: &Shape) -> Option<WarmVm> {
-        let pool = self.booter.pool_shape();
-        if shape.memory_mib != pool.memory_mib || shape.vcpus != pool.vcpus {
+        let pool = self.booter.pool_shape(false);
+        if shape.memory_mib != pool.memory_mib || shape.vcpus != pool.vcpus || shape.network != pool.network {
             return None;
         }
         let claimed = lock(&self.idle).get_mut(image).and_then(Vec::pop);
@@ -133,9 +134,9 @@ async fn fill(pool: Weak<Pool>, image: String) {
         let dir: PathBuf = pool.booter.config.run_dir.join(&sandbox);
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let booted = if pool.snapshots {
-            pool.booter.restore(&image, &dir).await
+            pool.booter.restore(&image, false, &dir).await
         } else {
-            pool.booter.cold(&image, &dir, &pool.booter.pool_shape()).await
+            pool.booter.cold(&image, &dir, &pool.booter.pool_shape(false)).await
         };
         let booted = match booted {
             Ok(booted) => booted,

@@ -370,7 +370,8 @@ async fn a_task_claims_a_warm_vm_booted_before_it_came_and_cancel_leaves_no_qemu
 
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("in.txt"), "warm input\n").expect("input");
-    let task = busybox_task(dir.path(), vec![sh("cat in.txt; echo ready; sleep 600")]);
+    // `network: none`: the warm VM has no network device either.
+    let task = busybox_task(dir.path(), vec![sh("cat in.txt; ls /sys/class/net; echo ready; sleep 600")]);
     let assigned = Instant::now();
     runtime.prepare(&task).await.expect("prepare");
     match runtime.origin(task.attempt_id) {
@@ -381,7 +382,7 @@ async fn a_task_claims_a_warm_vm_booted_before_it_came_and_cancel_leaves_no_qemu
     }
     let (handle, mut rx) = start(&runtime, &task, 0).await;
     let chunks = conformance::await_output(&mut rx, "ready").await;
-    assert_eq!(stream_text(&chunks, Stream::Stdout), "warm input\nready\n");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "warm input\nlo\nready\n");
     let sandbox = handle.sandbox_id.clone().expect("sandbox id");
     assert!(sandbox.starts_with(pool::WARM_PREFIX), "{sandbox}");
     let needle = format!("/{sandbox}/");
@@ -412,7 +413,7 @@ async fn vms_restored_from_a_snapshot_run_tasks_with_the_current_time_and_their_
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("in.txt"), format!("round {round}\n")).expect("input");
         let script = "cat in.txt; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
-                      echo out > out.txt";
+                      ls /sys/class/net | tr '\\n' ' '; echo; echo out > out.txt";
         let task = busybox_task(dir.path(), vec![sh(script)]);
         runtime.prepare(&task).await.expect("prepare");
         assert_eq!(runtime.origin(task.attempt_id), Some(VmOrigin::Restored));
@@ -428,10 +429,26 @@ async fn vms_restored_from_a_snapshot_run_tasks_with_the_current_time_and_their_
         let random = lines.next().expect("random bytes").to_owned();
         assert_eq!(random.len(), 32, "{out}");
         randoms.push(random);
+        assert_eq!(
+            lines.next(),
+            Some("lo "),
+            "a restored vm of a `network: none` task has no network device"
+        );
         assert_eq!(std::fs::read_to_string(dir.path().join("out.txt")).expect("synced"), "out\n");
         runtime.cleanup(&task).await.expect("cleanup");
         assert!(qemu_processes(&format!("/{}/", sandbox_id(task.attempt_id))).is_empty());
     }
+    // A task with egress is restored from the other snapshot, which has the device.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = busybox_task(dir.path(), vec![sh("ls /sys/class/net | tr '\\n' ' '")]);
+    task.network = NetworkPolicy::Egress { allow: vec!["example.invalid:443".into()] };
+    runtime.prepare(&task).await.expect("prepare");
+    assert_eq!(runtime.origin(task.attempt_id), Some(VmOrigin::Restored));
+    let (handle, mut rx) = start(&runtime, &task, 0).await;
+    let (status, chunks) = finish(&runtime, &handle, &mut rx).await;
+    assert!(status.success(), "{status:?} {chunks:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "eth0 lo ");
+    runtime.cleanup(&task).await.expect("cleanup");
     runtime.shutdown_pool().await;
     assert!(qemu_processes(&format!("{}/", run_dir.display())).is_empty());
     // Both VMs resumed the same memory image; the host's seed sets them apart.
