@@ -367,3 +367,17 @@ fn readme_up_submit_runs_the_example_with_authorization_on() {
     assert_eq!(mode(&dir.path().join(".drover/operator.key")), 0o600);
     assert_eq!(mode(&dir.path().join("credentials")), 0o600);
 }
+
+/// Secrets are sealed in the database with the server's key file, made on first start (0600).
+#[test]
+fn secrets_are_sealed_in_the_database() {
+    let c = Cluster::start(0, 1);
+    crate::ai_agent::set_secret(&c, "DB_PASSWORD", "correct-horse-battery");
+    assert_eq!(mode(&c.path("server-data/secrets.key")), 0o600);
+    let needle = b"correct-horse-battery";
+    for file in ["drover.db", "drover.db-wal"] {
+        let bytes = std::fs::read(c.path(&format!("server-data/{file}"))).unwrap_or_default();
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle), "the secret is readable in {file}");
+    }
+    assert_eq!(c.ok(&["secrets", "ls"]).trim(), "DB_PASSWORD");
+}

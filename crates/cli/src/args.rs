@@ -120,6 +120,11 @@ pub struct ServerArgs {
     /// and benchmarks; the server warns at start.
     #[arg(long, env = "DROVER_NO_AUTH")]
     pub no_auth: bool,
+    /// The key file that seals project secrets in the database (`<id> <base64 key>` per line;
+    /// the first seals, all open). Default: <data dir>/secrets.key, made on first start.
+    /// Replicas sharing a database need the same file.
+    #[arg(long, env = "DROVER_SECRETS_KEY", value_name = "FILE")]
+    pub secrets_key: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -145,6 +150,7 @@ impl ServerArgs {
         o.set(s, "tls_key", text(&self.tls_key));
         o.set(s, "tls_names", (!self.tls_names.is_empty()).then(|| self.tls_names.clone()));
         o.flag(s, "no_auth", self.no_auth);
+        o.set(s, "secrets_key", text(&self.secrets_key));
     }
 }
 

@@ -106,6 +106,10 @@ pub struct ServerSettings {
     pub tls_names: Vec<String>,
     /// Turn authorization off (loopback only; for tests and benchmarks).
     pub no_auth: bool,
+    /// The key file that seals project secrets at rest; default `<data_dir>/secrets.key`,
+    /// made on first start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets_key: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -130,6 +134,7 @@ impl Default for ServerSettings {
             tls_key: None,
             tls_names: Vec::new(),
             no_auth: false,
+            secrets_key: None,
         }
     }
 }

@@ -208,7 +208,8 @@ async fn prepare_server(config: &Config) -> Result<Prepared> {
     let s = &config.server;
     let tls = server_tls(config)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let backends = open_backends(s).await?;
+    let mut backends = open_backends(s).await?;
+    seal_secrets(s, &mut backends).await?;
     apply_tenancy(config, &backends).await?;
     if !s.no_auth {
         let path = s.data_dir.join(OPERATOR_KEY);
@@ -244,6 +245,36 @@ async fn prepare_server(config: &Config) -> Result<Prepared> {
         config: server_config(config, tls),
         url: format!("{scheme}://{local}"),
     })
+}
+
+/// Puts the secret key file's seal on the backends' secrets, making the key file on first
+/// start when none is configured, and seals again whatever is in plain text or under an older
+/// key (which completes a rotation).
+async fn seal_secrets(s: &ServerSettings, backends: &mut Backends) -> Result<()> {
+    use drover_server::sealed::{SealedSecrets, SecretKeys};
+    let (path, create) = match &s.secrets_key {
+        Some(path) => (path.clone(), false),
+        None => (s.data_dir.join("secrets.key"), true),
+    };
+    let (keys, created) = SecretKeys::load_or_create(&path, create)?;
+    if created {
+        eprintln!("made the key that seals project secrets: {} (keep it, and back it up)", path.display());
+        let shared_db = s.database.as_deref().is_some_and(|d| d.starts_with("postgres"));
+        if shared_db {
+            tracing::warn!(path = %path.display(), "replicas sharing this database need this same secrets key file (--secrets-key)");
+        }
+    }
+    let sealed = SealedSecrets::new(backends.secrets.clone(), keys);
+    let projects: Vec<String> = backends.access.projects().await?.into_iter().map(|p| p.name).collect();
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()
+            as i64;
+    let resealed = sealed.reseal_all(&projects, now).await?;
+    if resealed > 0 {
+        tracing::info!(resealed, "sealed project secrets with the current key");
+    }
+    backends.secrets = Arc::new(sealed);
+    Ok(())
 }
 
 /// Records the config file's prices and applies its `[projects.NAME]` settings (creating the

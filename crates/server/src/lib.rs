@@ -16,6 +16,7 @@ mod live_files;
 mod log_archive;
 mod loops;
 mod projects_api;
+pub mod sealed;
 mod tenancy;
 mod transfer;
 mod usage;
