@@ -507,3 +507,24 @@ async fn cold_boot_times() {
     boots.sort();
     eprintln!("{} cold boots: {boots:?}, median {:?}", runtime.accelerator(), boots[boots.len() / 2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_under_its_seccomp_sandbox() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let task = busybox_task(dir.path(), vec![sh("true")]);
+    runtime.prepare(&task).await.expect("prepare");
+    let pids = qemu_processes(&format!("/{}/", sandbox_id(task.attempt_id)));
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", pids[0])).expect("cmdline"))
+            .replace('\0', " ");
+    assert!(cmdline.contains(&format!("-sandbox {}", vm::SANDBOX)), "{cmdline}");
+    // Mode 2: a seccomp filter is in force, not only asked for.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).expect("status");
+    assert!(
+        status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
+        "{status}"
+    );
+    runtime.cleanup(&task).await.expect("cleanup");
+}

@@ -384,6 +384,9 @@ pub(crate) async fn attach_session(dir: &Path, workspace: PathBuf) -> Result<Ses
     Session::connect(&dir.join(ATTACH_PORT), Some(workspace), Duration::from_secs(5), None).await
 }
 
+/// QEMU's seccomp policy (`-sandbox`).
+pub(crate) const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny";
+
 fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
     let dir = &spec.dir;
     let path = |name: &str| dir.join(name).display().to_string();
@@ -396,6 +399,10 @@ fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
     }
     command
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        // seccomp: a guest that breaks out into QEMU cannot use obsolete system calls, gain
+        // privileges or change resource controls. Spawning stays allowed: the network relay
+        // and snapshot restores run as QEMU's children.
+        .args(["-sandbox", SANDBOX])
         .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.vcpus.max(1).to_string()])
         .arg("-kernel")
         .arg(&spec.kernel)
