@@ -30,7 +30,10 @@ fn serve_once_per_request(body: &'static str) -> u16 {
 
 #[test]
 fn a_task_consumes_another_tasks_output_and_inputs_arrive_from_disk_and_http() {
-    let c = Cluster::start(1, 2);
+    // The http input is served from this machine's loopback, which agents refuse by default.
+    let mut c = Cluster::start_with(0, 2, &[], &[]);
+    c.add_agent_with(2, &["--allow-local-urls"], &[]);
+    c.wait_for_nodes(1);
     std::fs::create_dir_all(c.path("data/nested")).unwrap();
     std::fs::write(c.path("data/a.txt"), "local file a\n").unwrap();
     std::fs::write(c.path("data/nested/b.txt"), "local file b\n").unwrap();

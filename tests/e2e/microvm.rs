@@ -75,9 +75,8 @@ tasks:
     let (logs, errors) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(logs.contains("hello from Linux pid1=init"), "{logs}");
     assert_eq!(errors, "to-stderr\n");
-    // The task claimed the warm VM, which has the restricted network device (reaching nothing
-    // unless the task has egress or host ports; the runtime's own tests check that).
-    assert!(logs.contains("eth0 lo"), "{logs}");
+    // The task (`network: none`) claimed the warm VM, which has no network device at all.
+    assert!(logs.contains("pid1=init\nlo \n"), "{logs}");
 }
 
 /// Stops the agent with SIGTERM however the test ends, so that it powers its warm VMs off

@@ -48,6 +48,8 @@ pub struct AgentConfig {
     /// How to check the servers' certificates (`--ca`); without it the CA the agent enrolled
     /// with, or the fingerprint its join token pins.
     pub trust: Option<drover_tls::Trust>,
+    /// Whether URL inputs may reach this node's loopback and link-local addresses.
+    pub allow_local_urls: bool,
 }
 
 /// Where an agent keeps its node credential, inside its work directory.
@@ -484,6 +486,10 @@ impl Agent {
                     outputs_on_failure: p.outputs_on_failure,
                     link: ServerLink::new(self.link.clone()),
                     max_outputs: self.limits.max_outputs(),
+                    policy: crate::files::InputPolicy {
+                        allow_local_urls: self.config.allow_local_urls,
+                        ..Default::default()
+                    },
                 }
             });
         self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io, ai });

@@ -14,10 +14,12 @@ use crate::ai_task::{self, AiTask};
 use crate::files::{self, ServerLink};
 use crate::journal::{Entry, Journal};
 use crate::log_cap::{LogCap, Piece};
+use crate::mask::{LineMasker, Masker};
 use crate::outbox::Outbox;
 use crate::proxy::TokenUsage;
 use crate::runtime::{
-    ExitStatus, OutputChunk, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage, stop_gracefully,
+    ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage,
+    stop_gracefully,
 };
 
 /// Lines per output batch; a batch also closes after [`BATCH_BYTES`] or [`BATCH_DELAY`].
@@ -26,6 +28,12 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// How long a line may wait for companions before it is shipped: the bound on how stale a
 /// `logs -f` reader can be.
 const BATCH_DELAY: Duration = Duration::from_millis(20);
+/// Chunks of one step's output in flight to the shipper (see [`step_sink`]).
+const STEP_QUEUE: usize = 64;
+
+/// Why a resumed attempt cannot go on to its next step: the journal keeps the names of the
+/// task's secrets but never their values.
+pub const SECRETS_GONE: &str = "the agent restarted and no longer holds the task's secrets";
 
 /// Why the agent stops an attempt early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,18 +96,19 @@ pub async fn run(
         }
         let (tx, rx) = mpsc::channel(1024);
         let llm_key = ai.as_ref().map(|a| a.llm_key.as_str());
-        let secrets: Vec<Vec<u8>> = spec
-            .secrets
-            .values()
-            .map(String::as_str)
-            .chain(llm_key)
-            .filter(|v| !v.is_empty())
-            .map(|v| v.as_bytes().to_vec())
-            .collect();
-        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, secrets, max_log));
-        let inputs = match (&resume, &io) {
-            (None, Some(io)) if !io.inputs.is_empty() => {
-                files::fetch_inputs(&io.link, &spec.workspace, &io.inputs).await
+        let secrets = spec.secrets.values().map(String::as_str).chain(llm_key);
+        let (masker, unmaskable) = match Masker::new(secrets) {
+            Ok(m) => (Arc::new(m), None),
+            // Nothing runs, so nothing can leak through the empty masker.
+            Err(e) => (Arc::new(Masker::default()), Some(e)),
+        };
+        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, masker.clone(), max_log));
+        let inputs = match (unmaskable, &resume, &io) {
+            (Some(e), ..) => Err(format!("the task's secrets cannot be masked: {e}")),
+            (None, None, Some(io)) if !io.inputs.is_empty() => {
+                files::place_inputs(&io.link, &spec.workspace, &io.inputs, &io.policy)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             _ => Ok(()),
         };
@@ -145,6 +154,8 @@ pub async fn run(
         // All output must be queued before the end is reported: the server stores output only
         // for attempts that are still open.
         let _ = shipper.await;
+        // Messages quote commands, paths and errors, any of which may carry a secret.
+        outcome.message = masker.mask_str(&outcome.message);
         tracing::info!(exit_code = ?outcome.exit_code, failure = outcome.failure, "attempt ended");
         finished(&outbox, attempt_id, &outcome).await;
         outcome
@@ -196,6 +207,8 @@ pub struct TaskIo {
     pub link: ServerLink,
     /// Most bytes of outputs kept.
     pub max_outputs: u64,
+    /// Where URL inputs may point and the limits every input meets.
+    pub policy: files::InputPolicy,
 }
 
 /// Uploads the attempt's outputs and reports them (before its end is reported, so the server
@@ -259,10 +272,37 @@ struct Steps<'a> {
     grace: Duration,
 }
 
+/// What the output shipper receives.
+#[derive(Debug)]
+enum Shipped {
+    /// A piece of a step's output.
+    Chunk(OutputChunk),
+    /// All output of this step has been delivered: what its maskers hold back can go.
+    End(usize),
+}
+
+/// A sink for one step's output. Whatever the runtime sends is passed on to the shipper, and
+/// once the runtime has dropped every copy of the sink (its output is complete) the shipper
+/// hears that the step ended, so that a tail held back for masking ships with the step's end
+/// rather than with the attempt's.
+fn step_sink(step: usize, out: &mpsc::Sender<Shipped>) -> OutputSink {
+    let (tx, mut rx) = mpsc::channel(STEP_QUEUE);
+    let out = out.clone();
+    tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if out.send(Shipped::Chunk(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let _ = out.send(Shipped::End(step)).await;
+    });
+    tx
+}
+
 async fn run_steps(
     steps: Steps<'_>,
     mut stop: watch::Receiver<StopReason>,
-    out: mpsc::Sender<OutputChunk>,
+    out: mpsc::Sender<Shipped>,
     resume: Option<Resume>,
 ) -> Outcome {
     let Steps { runtime, journal, spec, timeout, grace } = steps;
@@ -276,6 +316,9 @@ async fn run_steps(
         tokens: TokenUsage::default(),
     };
     let first = resume.as_ref().map(|r| r.step).unwrap_or(0);
+    // A resumed attempt's spec comes from the journal, which keeps secret names only: the step
+    // in flight has its secrets already, a new one could not be given them.
+    let secrets_gone = resume.is_some() && !spec.secrets.is_empty();
     let mut resumed = resume.map(|r| r.handle);
     if resumed.is_none()
         && let Err(e) = runtime.prepare(spec).await
@@ -290,7 +333,13 @@ async fn run_steps(
         }
         let handle = match resumed.take() {
             Some(h) => h,
-            None => match runtime.start(spec, step, out.clone()).await {
+            None if secrets_gone => {
+                tracing::warn!(step, "not starting the next step of a resumed attempt: its secrets are gone");
+                outcome.failure = "lost";
+                outcome.message = format!("{SECRETS_GONE}; step {} was not started", step + 1);
+                return outcome;
+            }
+            None => match runtime.start(spec, step, step_sink(step, &out)).await {
                 Ok(h) => h,
                 Err(e) => return start_failure(outcome, e),
             },
@@ -414,39 +463,18 @@ async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
     outbox.push(attempt_id, msg, 128 + o.message.len()).await;
 }
 
-/// Batches output chunks into `AttemptOutput` reports until every sender is gone.
-/// Replaces every occurrence of a secret value with `***`, so secrets never reach the server's
-/// logs. (A secret split across two chunks of an over-long line is not caught.)
-fn mask(data: Vec<u8>, secrets: &[Vec<u8>]) -> Vec<u8> {
-    let mut data = data;
-    for secret in secrets {
-        let mut out = Vec::with_capacity(data.len());
-        let mut rest = &data[..];
-        let mut found = false;
-        while let Some(i) = rest.windows(secret.len()).position(|w| w == &secret[..]) {
-            out.extend_from_slice(&rest[..i]);
-            out.extend_from_slice(b"***");
-            rest = &rest[i + secret.len()..];
-            found = true;
-        }
-        if found {
-            out.extend_from_slice(rest);
-            data = out;
-        }
-    }
-    data
-}
-
+/// Batches output into `AttemptOutput` reports until every sender is gone, masking secrets
+/// per stream of each step (see [`crate::mask`]) before the log limit applies.
 async fn ship_output(
     outbox: Arc<Outbox>,
     attempt_id: i64,
-    mut rx: mpsc::Receiver<OutputChunk>,
-    secrets: Vec<Vec<u8>>,
+    mut rx: mpsc::Receiver<Shipped>,
+    masker: Arc<Masker>,
     max_log: u64,
 ) {
     let mut cap = LogCap::new(max_log);
-    let mut lines: Vec<pb::OutputLine> = Vec::new();
-    let mut bytes = 0usize;
+    let mut streams: Streams<'_> = Streams::new(&masker);
+    let mut batch = Batch::default();
     loop {
         let first = match rx.recv().await {
             Some(c) => c,
@@ -454,14 +482,13 @@ async fn ship_output(
         };
         let flush_at = Instant::now() + BATCH_DELAY;
         let mut next = Some(first);
-        while let Some(c) = next.take() {
-            let data = if secrets.is_empty() { c.data } else { mask(c.data, &secrets) };
-            let piece = Piece { step: c.step as u32, stderr: c.stream == Stream::Stderr, data };
-            if let Some(p) = cap.admit(piece) {
-                bytes += p.data.len();
-                lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
+        while let Some(shipped) = next.take() {
+            for piece in streams.take(shipped) {
+                if let Some(p) = cap.admit(piece) {
+                    batch.add(p);
+                }
             }
-            if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
+            if batch.full() {
                 break;
             }
             next = match tokio::time::timeout_at(flush_at, rx.recv()).await {
@@ -469,38 +496,212 @@ async fn ship_output(
                 Ok(None) | Err(_) => None,
             };
         }
-        flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+        batch.flush(&outbox, attempt_id).await;
     }
-    for p in cap.finish() {
-        bytes += p.data.len();
-        lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
-        if lines.len() >= BATCH_LINES || bytes >= BATCH_BYTES {
-            flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
+    // Each step's end arrives before the channel closes (its forwarder sends it before letting
+    // go of its sender), so this finds nothing held; it is here so a tail can never be lost.
+    for piece in streams.finish_all() {
+        if let Some(p) = cap.admit(piece) {
+            batch.add(p);
+        }
+        if batch.full() {
+            batch.flush(&outbox, attempt_id).await;
         }
     }
-    flush(&outbox, attempt_id, &mut lines, &mut bytes).await;
-}
-
-async fn flush(outbox: &Outbox, attempt_id: i64, lines: &mut Vec<pb::OutputLine>, bytes: &mut usize) {
-    if lines.is_empty() {
-        return;
+    for p in cap.finish() {
+        batch.add(p);
+        if batch.full() {
+            batch.flush(&outbox, attempt_id).await;
+        }
     }
-    let msg = Msg::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines: std::mem::take(lines) });
-    outbox.push(attempt_id, msg, *bytes + 64).await;
-    *bytes = 0;
+    batch.flush(&outbox, attempt_id).await;
 }
 
+/// The maskers of an attempt's output streams, by step and stream (`true` for stderr).
+struct Streams<'m> {
+    masker: &'m Masker,
+    open: std::collections::BTreeMap<(usize, bool), LineMasker<'m>>,
+}
+
+impl<'m> Streams<'m> {
+    fn new(masker: &'m Masker) -> Self {
+        Streams { masker, open: Default::default() }
+    }
+
+    /// The pieces to ship for what arrived.
+    fn take(&mut self, shipped: Shipped) -> Vec<Piece> {
+        match shipped {
+            Shipped::Chunk(c) => {
+                let stderr = c.stream == Stream::Stderr;
+                let masker = self.masker;
+                let stream = self.open.entry((c.step, stderr)).or_insert_with(|| masker.lines());
+                pieces(c.step, stderr, stream.push(c.data))
+            }
+            Shipped::End(step) => [false, true]
+                .into_iter()
+                .filter_map(|stderr| self.open.remove(&(step, stderr)).map(|s| (stderr, s)))
+                .flat_map(|(stderr, mut s)| pieces(step, stderr, s.finish()))
+                .collect(),
+        }
+    }
+
+    /// The pieces still held back by any stream.
+    fn finish_all(&mut self) -> Vec<Piece> {
+        std::mem::take(&mut self.open)
+            .into_iter()
+            .flat_map(|((step, stderr), mut s)| pieces(step, stderr, s.finish()))
+            .collect()
+    }
+}
+
+fn pieces(step: usize, stderr: bool, data: Vec<Vec<u8>>) -> Vec<Piece> {
+    data.into_iter().map(|data| Piece { step: step as u32, stderr, data }).collect()
+}
+
+/// Output lines waiting to go out as one report.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<pb::OutputLine>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn add(&mut self, p: Piece) {
+        self.bytes += p.data.len();
+        self.lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
+    }
+
+    fn full(&self) -> bool {
+        self.lines.len() >= BATCH_LINES || self.bytes >= BATCH_BYTES
+    }
+
+    async fn flush(&mut self, outbox: &Outbox, attempt_id: i64) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.lines);
+        let msg = Msg::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines });
+        outbox.push(attempt_id, msg, self.bytes + 64).await;
+        self.bytes = 0;
+    }
+}
 #[cfg(test)]
 mod tests {
-    use super::mask;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use drover_proto::AgentMessage;
 
-    #[test]
-    fn secrets_are_masked() {
-        let secrets = vec![b"hunter2".to_vec(), b"s3cr3t".to_vec()];
+    use super::*;
+    use crate::runtime::process::ProcessRuntime;
+
+    const SECRET: &str = "first-line-Zq7\nsecond line/with+chars\nthird-Kx9";
+
+    struct Ran {
+        outcome: Outcome,
+        /// Shipped output pieces, as (stderr, text).
+        pieces: Vec<(bool, String)>,
+        /// The message of the attempt's end, as reported.
+        message: String,
+    }
+
+    async fn run_attempt(spec: TaskSpec, runtime: Arc<dyn Runtime>, resume: Option<Resume>) -> Ran {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::default());
+        let (tx, mut rx) = mpsc::unbounded_channel::<AgentMessage>();
+        outbox.connect(tx, 1);
+        let runner = Runner {
+            runtime,
+            outbox,
+            journal: Journal::new(dir.path().join("journal")),
+            grace: Duration::from_secs(1),
+            io: None,
+            max_log: 0,
+            ai: None,
+        };
+        let (_stop_tx, stop) = watch::channel(StopReason::None);
+        let outcome = run(runner, spec, Some(Duration::from_secs(30)), stop, resume).await;
+        let mut pieces = Vec::new();
+        let mut message = None;
+        while let Ok(m) = rx.try_recv() {
+            match m.msg {
+                Some(Msg::Output(o)) => pieces.extend(
+                    o.lines.into_iter().map(|l| (l.stderr, String::from_utf8_lossy(&l.data).into_owned())),
+                ),
+                Some(Msg::Update(pb::AttemptUpdate {
+                    kind: Some(pb::attempt_update::Kind::Finished(f)),
+                    ..
+                })) => message = Some(f.message),
+                _ => {}
+            }
+        }
+        Ran { outcome, pieces, message: message.expect("the end was reported") }
+    }
+
+    fn spec(dir: &std::path::Path, attempt_id: i64, steps: &[&str]) -> TaskSpec {
+        TaskSpec {
+            attempt_id,
+            steps: steps.iter().map(|s| vec!["sh".into(), "-c".into(), (*s).into()]).collect(),
+            workspace: dir.join("ws"),
+            secrets: [("S".to_owned(), SECRET.to_owned())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_in_every_stream_across_lines_and_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let steps = [
+            // Whole, and to stderr too.
+            r#"printf 'whole %s end\n' "$S"; printf 'err %s\n' "$S" >&2"#,
+            // Line by line, and in two halves with a pause between.
+            r#"printf '%s\n' "$S" | while IFS= read -r l; do echo "line: $l"; done
+               head="${S%???}"; printf 'halves %s' "$head"; sleep 0.2; printf '%s tail\n' "${S#"$head"}""#,
+            // Encoded, and a last line without newline whose end could begin the secret.
+            r#"printf 'b64 %s\n' "$(printf '%s' "$S" | base64 -w0)"; printf 'last first-line'"#,
+        ];
+        let ran = run_attempt(spec(dir.path(), 9101, &steps), Arc::new(ProcessRuntime::new()), None).await;
+        assert_eq!((ran.outcome.exit_code, ran.outcome.failure), (Some(0), ""), "{}", ran.outcome.message);
+        let stdout: String = ran.pieces.iter().filter(|(e, _)| !e).map(|(_, t)| t.as_str()).collect();
+        let stderr: String = ran.pieces.iter().filter(|(e, _)| *e).map(|(_, t)| t.as_str()).collect();
         assert_eq!(
-            mask(b"pw=hunter2 and hunter2, s3cr3t\n".to_vec(), &secrets),
-            b"pw=*** and ***, ***\n".to_vec()
+            stdout,
+            "whole *** end\nline: ***\nline: ***\nline: ***\nhalves *** tail\nb64 ***\nlast first-line"
         );
-        assert_eq!(mask(b"nothing here\n".to_vec(), &secrets), b"nothing here\n".to_vec());
+        assert_eq!(stderr, "err ***\n");
+        // Shipped line by line, as the runtime cut it.
+        let shipped: Vec<&str> = ran.pieces.iter().map(|(_, t)| t.as_str()).collect();
+        assert!(
+            shipped.iter().rev().skip(1).all(|t| t.ends_with('\n') && t.matches('\n').count() == 1),
+            "{shipped:?}"
+        );
+        assert!(!stdout.contains(&STANDARD.encode(SECRET)[4..]));
+    }
+
+    #[tokio::test]
+    async fn the_message_of_the_end_is_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), 9102, &[]);
+        spec.secrets.insert("T".into(), "tok-0123456789".into());
+        spec.steps = vec![vec!["/no/such/dir/tok-0123456789".into()]];
+        let ran = run_attempt(spec, Arc::new(ProcessRuntime::new()), None).await;
+        assert_eq!(ran.outcome.failure, "start");
+        assert!(ran.message.contains("***") && !ran.message.contains("tok-0123456789"), "{}", ran.message);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_attempt_does_not_start_a_step_without_its_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new());
+        let mut spec = spec(dir.path(), 9103, &["sleep 0.2", "touch started"]);
+        runtime.prepare(&spec).await.unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let handle = runtime.start(&spec, 0, tx).await.unwrap();
+        // As the journal gives it back after a restart: names only.
+        spec.secrets.values_mut().for_each(String::clear);
+        let ran = run_attempt(spec.clone(), runtime, Some(Resume { step: 0, handle })).await;
+        assert_eq!(ran.outcome.failure, "lost");
+        assert_eq!(ran.outcome.exit_code, Some(0), "the resumed step ran to its end");
+        assert_eq!(ran.message, format!("{SECRETS_GONE}; step 2 was not started"));
+        assert!(!spec.workspace.join("started").exists());
     }
 }

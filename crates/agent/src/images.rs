@@ -44,6 +44,9 @@ impl ImageFetcher {
         tracing::info!(image, blob, "fetching image archive from the server");
         match self.fetch(blob).await {
             Ok(()) if self.docker.has_image(image).await => {
+                if let Err(e) = self.docker.name_loaded(image).await {
+                    tracing::warn!(image, error = %e, "cannot name the loaded image");
+                }
                 tracing::info!(image, "image loaded");
                 Ok(())
             }

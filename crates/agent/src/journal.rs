@@ -5,14 +5,26 @@
 //! Reports about those attempts died with the old process, and the server hands them out again
 //! once the agent re-registers without them, so the safe recovery is to stop them: leaving them
 //! running would make the work run twice at the same time.
+//!
+//! The journal never holds a secret value: an entry keeps the names of the task's secrets with
+//! empty values, files are readable by the agent's user only (0600, in a 0700 directory), and a
+//! resumed attempt that would need the values for a new step fails instead (see
+//! [`crate::attempt::SECRETS_GONE`]). The step in flight got its secrets when it started.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
+
+/// Mode of the journal directory: the agent's user only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of an entry: it names the task's secrets and says where its sandbox runs.
+const FILE_MODE: u32 = 0o600;
 
 /// Runtimes by kind.
 pub type Runtimes = std::collections::BTreeMap<String, Arc<dyn Runtime>>;
@@ -22,7 +34,8 @@ pub type Runtimes = std::collections::BTreeMap<String, Arc<dyn Runtime>>;
 pub struct Entry {
     /// Runtime kind that runs it.
     pub runtime: String,
-    /// The attempt.
+    /// The attempt; as written to and read from the journal, its secrets have names only
+    /// (empty values).
     pub spec: TaskSpec,
     /// The step in flight, once started.
     pub handle: Option<RunHandle>,
@@ -47,15 +60,29 @@ impl Journal {
         self.dir.join(format!("attempt-{attempt_id}.json"))
     }
 
-    /// Records (or updates) an attempt. Failures are logged, not fatal: the journal only
-    /// matters after a crash.
+    /// Records (or updates) an attempt, without its secret values. Failures are logged, not
+    /// fatal: the journal only matters after a crash.
     pub async fn record(&self, entry: &Entry) {
         let write = async {
-            tokio::fs::create_dir_all(&self.dir).await?;
-            let text = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+            tokio::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&self.dir).await?;
+            // The mode above applies only to directories it creates; one an older agent made
+            // may be wider.
+            tokio::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(DIR_MODE)).await?;
+            let mut kept = entry.clone();
+            kept.spec.secrets.values_mut().for_each(String::clear);
+            let text = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
             let path = self.path(entry.spec.attempt_id);
             let tmp = path.with_extension("tmp");
-            tokio::fs::write(&tmp, text).await?;
+            // A leftover temporary file keeps its mode when reopened; start from a fresh one.
+            match tokio::fs::remove_file(&tmp).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut file =
+                tokio::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp).await?;
+            file.write_all(&text).await?;
+            file.flush().await?;
+            drop(file);
             tokio::fs::rename(&tmp, &path).await
         };
         if let Err(e) = write.await {
@@ -200,5 +227,52 @@ mod tests {
         }
         assert!(journal.leftovers().is_empty());
         drop(first);
+    }
+
+    #[tokio::test]
+    async fn entries_keep_secret_names_but_never_values_and_only_the_agent_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_dir = dir.path().join("journal");
+        let journal = Journal::new(&journal_dir);
+        let value = "multi\nline-s3cr3t-value";
+        let spec = TaskSpec {
+            attempt_id: 777,
+            secrets: [("API_TOKEN".to_owned(), value.to_owned())].into(),
+            ..Default::default()
+        };
+        let entry = Entry { runtime: "process".into(), spec, handle: None, timeout_ms: None };
+        // Twice: the second write replaces the first.
+        journal.record(&entry).await;
+        journal.record(&entry).await;
+        let path = journal_dir.join("attempt-777.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("s3cr3t") && text.contains("API_TOKEN"), "{text}");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&journal_dir), 0o700);
+        assert_eq!(std::fs::read_dir(&journal_dir).unwrap().count(), 1, "no temporary file is left");
+        let back = journal.leftovers();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].spec.secrets, [("API_TOKEN".to_owned(), String::new())].into());
+        // The caller's entry still holds the value.
+        assert_eq!(entry.spec.secrets["API_TOKEN"], value);
+    }
+
+    #[tokio::test]
+    async fn a_journal_directory_made_wider_is_narrowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal_dir = dir.path().join("journal");
+        std::fs::create_dir(&journal_dir).unwrap();
+        std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(journal_dir.join("attempt-5.tmp"), "stale").unwrap();
+        std::fs::set_permissions(journal_dir.join("attempt-5.tmp"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let spec = TaskSpec { attempt_id: 5, ..Default::default() };
+        Journal::new(&journal_dir)
+            .record(&Entry { runtime: "process".into(), spec, handle: None, timeout_ms: None })
+            .await;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&journal_dir), 0o700);
+        assert_eq!(mode(&journal_dir.join("attempt-5.json")), 0o600);
     }
 }

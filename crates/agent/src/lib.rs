@@ -6,11 +6,13 @@
 mod agent;
 pub mod ai_task;
 pub mod attempt;
+pub mod beneath;
 pub mod files;
 pub mod images;
 pub mod journal;
 pub mod link;
 pub mod log_cap;
+pub mod mask;
 pub mod monitor;
 pub mod outbox;
 pub mod proxy;

@@ -184,6 +184,15 @@ pub struct NodeArgs {
     /// Keep N booted, idle microVMs of IMAGE for tasks to claim (IMAGE=N, repeatable).
     #[arg(long = "microvm-warm", value_name = "IMAGE=N", value_parser = parse_warm)]
     pub microvm_warm: Vec<(String, usize)>,
+    /// A host directory that `dir:` microVM images may come from (repeatable); without one, no
+    /// `dir:` image is accepted.
+    #[arg(
+        long = "microvm-image-dir",
+        env = "DROVER_MICROVM_IMAGE_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub microvm_image_dirs: Vec<PathBuf>,
     /// Boot every microVM instead of restoring it from a per-image snapshot.
     #[arg(long, env = "DROVER_MICROVM_NO_SNAPSHOTS")]
     pub microvm_no_snapshots: bool,
@@ -198,6 +207,11 @@ pub struct NodeArgs {
     /// `upstream`, like https://api.anthropic.com.
     #[arg(long, env = "DROVER_LLM_UPSTREAM", value_name = "URL")]
     pub llm_upstream: Option<String>,
+    /// Let URL inputs reach this node's loopback, link-local and unspecified addresses
+    /// (127.0.0.1, 169.254.169.254, ...), for inputs served from the node itself. Off by
+    /// default, so that a job cannot read the node's local services.
+    #[arg(long, env = "DROVER_ALLOW_LOCAL_URLS")]
+    pub allow_local_urls: bool,
 }
 
 impl NodeArgs {
@@ -232,9 +246,16 @@ impl NodeArgs {
             }),
         );
         o.flag(a, "microvm_no_snapshots", self.microvm_no_snapshots);
+        o.set(
+            a,
+            "microvm_image_dirs",
+            (!self.microvm_image_dirs.is_empty())
+                .then(|| self.microvm_image_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>()),
+        );
         o.set(a, "microvm_kernel", text(&self.microvm_kernel));
         o.set(a, "kill_grace", self.kill_grace.clone());
         o.set(a, "llm_upstream", self.llm_upstream.clone());
+        o.flag(a, "allow_local_urls", self.allow_local_urls);
     }
 }
 

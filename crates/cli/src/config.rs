@@ -170,6 +170,9 @@ pub struct AgentSettings {
     pub microvm_warm: BTreeMap<String, usize>,
     /// Boot every microVM instead of restoring snapshots.
     pub microvm_no_snapshots: bool,
+    /// Host directories `dir:` microVM images may come from; none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub microvm_image_dirs: Vec<PathBuf>,
     /// Guest kernel for microVMs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub microvm_kernel: Option<PathBuf>,
@@ -179,6 +182,8 @@ pub struct AgentSettings {
     /// LLM API for agent tasks whose job names no upstream.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm_upstream: Option<String>,
+    /// Let URL inputs reach this node's loopback, link-local and unspecified addresses.
+    pub allow_local_urls: bool,
     /// A single-use join token (secret; used once, then the credential is kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
@@ -200,9 +205,11 @@ impl Default for AgentSettings {
             microvm: false,
             microvm_warm: BTreeMap::new(),
             microvm_no_snapshots: false,
+            microvm_image_dirs: Vec::new(),
             microvm_kernel: None,
             kill_grace: Duration::from_secs(10),
             llm_upstream: None,
+            allow_local_urls: false,
             join: None,
             ca: None,
         }

@@ -336,6 +336,7 @@ fn agent_config(
         kill_grace: a.kill_grace,
         join: a.join.clone(),
         trust,
+        allow_local_urls: a.allow_local_urls,
     }
 }
 
@@ -368,6 +369,7 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
             run_dir: config.work_dir.join(".vm"),
             warm: node.microvm_warm.clone(),
             snapshots: !node.microvm_no_snapshots,
+            image_dirs: node.microvm_image_dirs.clone(),
             kernel: node.microvm_kernel.clone(),
             ..Default::default()
         };
@@ -383,6 +385,8 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
     }
     let names: Vec<&str> = runtimes.iter().map(|r| r.kind()).collect();
     tracing::info!(runtimes = ?names, "runtimes available");
+    // Process-wide: the agent's configuration does not reach its input fetching yet.
+
     let agent = Agent::new(config, runtimes)?.with_llm_upstream(node.llm_upstream.clone());
     Ok(match docker {
         Some(d) => agent.with_images(d),

@@ -44,6 +44,7 @@ mod lines;
 mod services;
 #[cfg(test)]
 mod tests;
+mod untag;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -201,9 +202,28 @@ impl DockerRuntime {
     }
 
     /// Loads images from a tar stream in `docker save` format (what `docker load` reads), as
-    /// the agent does with images fetched from the server; this runtime never pulls.
+    /// the agent does with images fetched from the server; this runtime never pulls. The
+    /// archive's tags are dropped first (see [`untag`]): images arrive by id only, and
+    /// [`DockerRuntime::name_loaded`] names them after their id.
     pub async fn load_image(&self, tar: impl AsyncRead + Send + 'static) -> Result<(), RuntimeError> {
-        let reader: Pin<Box<dyn AsyncRead + Send>> = Box::pin(tar);
+        let spool = tempfile::tempfile()
+            .map_err(|source| RuntimeError::Io { context: "spool an image archive".into(), source })?;
+        let writer = spool
+            .try_clone()
+            .map_err(|source| RuntimeError::Io { context: "spool an image archive".into(), source })?;
+        let input = tokio_util::io::SyncIoBridge::new(Box::pin(tar) as Pin<Box<dyn AsyncRead + Send>>);
+        tokio::task::spawn_blocking(move || untag::strip_tags(input, std::io::BufWriter::new(writer)))
+            .await
+            .map_err(|e| RuntimeError::Io {
+                context: "untag an image archive".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| RuntimeError::Io { context: "untag an image archive".into(), source })?;
+        let mut spool = tokio::fs::File::from_std(spool);
+        tokio::io::AsyncSeekExt::seek(&mut spool, std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|source| RuntimeError::Io { context: "read the untagged archive".into(), source })?;
+        let reader: Pin<Box<dyn AsyncRead + Send>> = Box::pin(spool);
         let body = futures::stream::unfold(Some(reader), |reader| async move {
             let mut reader = reader?;
             let mut buf = vec![0u8; 64 * 1024];
@@ -222,6 +242,17 @@ impl DockerRuntime {
             item.map_err(|e| api_error("load image", e))?;
         }
         Ok(())
+    }
+
+    /// Names a loaded image after its id (`drover/loaded:<hex>`), so it is not a dangling
+    /// image that a prune removes, and no name anyone chose is touched.
+    pub async fn name_loaded(&self, image_id: &str) -> Result<(), RuntimeError> {
+        let hex = image_id.strip_prefix("sha256:").unwrap_or(image_id);
+        let options = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo("drover/loaded")
+            .tag(hex)
+            .build();
+        self.docker.tag_image(image_id, Some(options)).await.map_err(|e| api_error("name a loaded image", e))
     }
 
     /// Removes every container and network this runtime created (label `drover.managed=true`)

@@ -136,6 +136,9 @@ pub struct MicroVmConfig {
     /// Whether new VMs of the pool shape are restored from a per-image snapshot instead of
     /// booted.
     pub snapshots: bool,
+    /// Host directories `dir:` images may come from (their own trees included); empty: no
+    /// `dir:` image is accepted. A job must not be able to copy any host directory into a VM.
+    pub image_dirs: Vec<PathBuf>,
 }
 
 impl Default for MicroVmConfig {
@@ -158,6 +161,7 @@ impl Default for MicroVmConfig {
             warm: BTreeMap::new(),
             warm_default_kvm: 1,
             snapshots: true,
+            image_dirs: Vec::new(),
         }
     }
 }

@@ -80,6 +80,7 @@ async fn starts(ctx: &Ctx) -> Result<Outcome> {
         run_dir: run_root.path().join(name),
         memory_mib: 192,
         snapshots: false,
+        image_dirs: vec![scratch.clone()],
         ..Default::default()
     };
     let runs = ctx.runs.max(3);

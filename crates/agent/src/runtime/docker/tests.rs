@@ -379,3 +379,50 @@ async fn unreachable_engine_is_unavailable() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+/// `docker` on the host, for what the runtime's API does not cover in tests.
+fn docker_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker").args(args).output().expect("run docker");
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An archive that carries another image's name loads by id only: the name keeps pointing
+/// where it did, and the loaded image gets a name made from its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaded_archive_never_retags_a_name_in_use() {
+    let runtime = test_runtime().await;
+    let unique = unique_attempt_id();
+    let victim = format!("drover-test/victim-{unique}:1");
+    let intruder = format!("drover-test/intruder-{unique}:1");
+    docker_cli(&["tag", TEST_IMAGE, &victim]);
+    let victim_id = docker_cli(&["image", "inspect", "--format", "{{.Id}}", &victim]);
+    // Another image, saved under the victim's name.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {TEST_IMAGE}\nRUN echo {unique} > /intruder\n"),
+    )
+    .expect("dockerfile");
+    docker_cli(&["build", "-q", "-t", &intruder, &dir.path().display().to_string()]);
+    let intruder_id = docker_cli(&["image", "inspect", "--format", "{{.Id}}", &intruder]);
+    docker_cli(&["tag", &intruder, &victim]);
+    let archive = dir.path().join("archive.tar");
+    docker_cli(&["save", "-o", &archive.display().to_string(), &victim]);
+    docker_cli(&["tag", TEST_IMAGE, &victim]);
+    docker_cli(&["rmi", &intruder]);
+    assert!(!runtime.has_image(&intruder_id).await, "the intruder image is gone before the load");
+
+    let file = tokio::fs::File::open(&archive).await.expect("archive");
+    runtime.load_image(file).await.expect("load");
+    assert!(runtime.has_image(&intruder_id).await, "the archive's image was loaded");
+    assert_eq!(
+        docker_cli(&["image", "inspect", "--format", "{{.Id}}", &victim]),
+        victim_id,
+        "the name moved"
+    );
+    runtime.name_loaded(&intruder_id).await.expect("name");
+    let named = format!("drover/loaded:{}", intruder_id.trim_start_matches("sha256:"));
+    assert_eq!(docker_cli(&["image", "inspect", "--format", "{{.Id}}", &named]), intruder_id);
+    let _ = std::process::Command::new("docker").args(["rmi", &victim, &named]).output();
+}

@@ -115,6 +115,9 @@ impl Booter {
 
     /// Builds (or takes from the cache) the initramfs of `image`, one build per image at a time.
     pub async fn initramfs(&self, image: &str, dir: &Path) -> Result<(PathBuf, ImageConfig), RuntimeError> {
+        if let Some(path) = image.strip_prefix(image::DIR_IMAGE_PREFIX) {
+            allowed_dir_image(Path::new(path), &self.config.image_dirs)?;
+        }
         let lock = self
             .image_locks
             .lock()
@@ -221,6 +224,31 @@ impl Booter {
                 let _ = tokio::fs::remove_dir_all(dir).await;
             }
         }
+    }
+}
+
+/// Refuses a `dir:` image outside the operator's image directories. Both sides are resolved
+/// first, so neither `..` nor a symlink leads out of them.
+fn allowed_dir_image(path: &Path, roots: &[PathBuf]) -> Result<(), RuntimeError> {
+    let refused = |why: String| RuntimeError::Io {
+        context: format!("use image dir:{}", path.display()),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+    };
+    let resolved = std::fs::canonicalize(path).map_err(|e| refused(format!("it cannot be read: {e}")))?;
+    let inside =
+        roots.iter().filter_map(|r| std::fs::canonicalize(r).ok()).any(|root| resolved.starts_with(root));
+    if inside {
+        Ok(())
+    } else if roots.is_empty() {
+        Err(refused(
+            "this node takes no `dir:` images (an operator allows directories with --microvm-image-dir)"
+                .into(),
+        ))
+    } else {
+        Err(refused(format!(
+            "it is outside the directories this node takes `dir:` images from ({})",
+            roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        )))
     }
 }
 

