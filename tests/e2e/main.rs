@@ -19,6 +19,7 @@ mod oidc;
 mod output;
 mod replicas;
 mod s3;
+mod sandbox;
 mod security;
 mod stopping;
 mod tenants;

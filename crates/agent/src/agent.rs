@@ -458,6 +458,7 @@ impl Agent {
                 .join(format!("attempt-{attempt_id}")),
             cpus: pin,
             memory_limit: a.memory,
+            pids_limit: plan.as_ref().map_or(0, |p| u64::from(p.resources.pids)),
             image: plan.as_ref().and_then(|p| p.image.clone()),
             user: plan.as_ref().and_then(|p| p.user.clone()),
             network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),

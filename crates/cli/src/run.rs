@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use drover_agent::runtime::docker::DockerRuntime;
-use drover_agent::runtime::process::ProcessRuntime;
+use drover_agent::runtime::process::{ProcessConfig, ProcessRuntime};
 use drover_agent::{Agent, AgentConfig, monitor};
 use drover_server::{Backends, ServerConfig, TlsSettings};
 use drover_store::sqlite::SqliteStore;
@@ -342,16 +342,30 @@ fn agent_config(
 
 /// The runtimes this node can offer: always the process runtime; docker when an engine answers.
 async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Agent> {
-    let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(ProcessRuntime::new())];
+    // Containers and cgroups are scoped by the agent's work dir: stable across its restarts,
+    // distinct from any other agent sharing the host.
+    let scope = {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(config.work_dir.display().to_string().as_bytes());
+        hex::encode(&digest[..6])
+    };
+    let process =
+        ProcessRuntime::with_config(ProcessConfig { scope: scope.clone(), ..ProcessConfig::default() });
+    let enforces: Vec<&str> = process.enforces().iter().map(|l| l.name()).collect();
+    tracing::info!(
+        enforces = %if enforces.is_empty() { "nothing".to_owned() } else { enforces.join(",") },
+        cgroups = %process.describe_cgroups(),
+        "process sandbox: limits this node enforces on process tasks"
+    );
+    // The labels placement matches tasks' limits against; set here, after the operator's
+    // labels, so that a label cannot claim enforcement the node lacks.
+    config.labels.retain(|k, _| !k.starts_with(drover_core::enforce::LABEL_PREFIX));
+    for limit in process.enforces() {
+        config.labels.insert(limit.label(), drover_core::enforce::ENFORCED.to_owned());
+    }
+    let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(process)];
     let mut docker = None;
     if !node.no_docker {
-        // Containers are scoped by the agent's work dir: stable across its restarts, distinct
-        // from any other agent sharing the engine.
-        let scope = {
-            use sha2::Digest as _;
-            let digest = sha2::Sha256::digest(config.work_dir.display().to_string().as_bytes());
-            hex::encode(&digest[..6])
-        };
         match DockerRuntime::connect_scoped(&scope).await {
             Ok(d) => {
                 // Leftovers of this agent's earlier run are found through its journal; a sweep

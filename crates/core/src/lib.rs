@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod dag;
+pub mod enforce;
 pub mod job;
 pub mod limits;
 pub mod outcome;

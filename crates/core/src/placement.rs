@@ -3,7 +3,7 @@
 //! store transaction; nothing here does I/O, so it can be property-tested and benchmarked alone.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::job::RuntimeKind;
 use crate::resources::Resources;
@@ -256,7 +256,36 @@ fn place_with(
             plan.push(Placement { task_id: task.id, node_id: nodes[i].id });
         }
     }
+    held.extend(unplaceable(nodes, queue, &plan, &held));
     Placed { placements: plan, held }
+}
+
+/// The tasks of `queue` that no node can take whatever its load (no node offers their runtime
+/// or carries their labels), with why, so that they do not wait without a word. Tasks already
+/// placed or held are skipped; the answer is worked out once per (runtime, constraints).
+fn unplaceable(
+    nodes: &[NodeView],
+    queue: &[QueuedTask],
+    placed: &[Placement],
+    held: &[(i64, String)],
+) -> Vec<(i64, String)> {
+    let decided: HashSet<i64> =
+        placed.iter().map(|p| p.task_id).chain(held.iter().map(|(id, _)| *id)).collect();
+    let mut verdicts: HashMap<(RuntimeKind, &BTreeMap<String, String>), Option<String>> = HashMap::new();
+    let mut out = Vec::new();
+    for task in queue.iter().filter(|t| !decided.contains(&t.id)) {
+        let verdict = verdicts.entry((task.runtime, &task.constraints)).or_insert_with(|| {
+            let offering = nodes.iter().filter(|n| n.runtimes.contains(&task.runtime));
+            if offering.clone().next().is_none() {
+                return Some(format!("no ready node offers the {} runtime", task.runtime.as_str()));
+            }
+            crate::enforce::why_unplaceable(&task.constraints, offering.map(|n| &n.labels))
+        });
+        if let Some(reason) = verdict {
+            out.push((task.id, reason.clone()));
+        }
+    }
+    out
 }
 
 /// Whether a node can ever take a task: it offers the task's runtime and carries its labels.
@@ -273,7 +302,7 @@ mod tests {
         NodeView {
             id,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            free: Resources { cores, memory: 8 << 30 },
+            free: Resources { cores, memory: 8 << 30, pids: 0 },
             runtimes: vec![RuntimeKind::Process],
             warm: BTreeMap::new(),
         }
@@ -283,12 +312,28 @@ mod tests {
         QueuedTask {
             id,
             priority,
-            resources: Resources { cores, memory: 0 },
+            resources: Resources { cores, memory: 0, pids: 0 },
             constraints: BTreeMap::new(),
             runtime: RuntimeKind::Process,
             image: None,
             project: "p".into(),
         }
+    }
+
+    #[test]
+    fn a_task_no_node_can_take_waits_with_the_reason() {
+        let nodes = vec![node(1, 4, &[("drover.enforces.memory", "yes")])];
+        let mut pids = task(1, 0, 1);
+        pids.constraints.insert("drover.enforces.pids".into(), "yes".into());
+        let mut memory = task(2, 0, 1);
+        memory.constraints.insert("drover.enforces.memory".into(), "yes".into());
+        let mut docker = task(3, 0, 1);
+        docker.runtime = RuntimeKind::Docker;
+        let placed = place_within(&nodes, &[pids, memory, docker], &BTreeMap::new());
+        assert_eq!(placed.placements, vec![Placement { task_id: 2, node_id: 1 }]);
+        assert_eq!(placed.held.len(), 2, "{:?}", placed.held);
+        assert!(placed.held[0].1.contains("enforce a pids limit"), "{:?}", placed.held);
+        assert_eq!(placed.held[1], (3, "no ready node offers the docker runtime".to_string()));
     }
 
     #[test]
@@ -306,12 +351,12 @@ mod tests {
         assert_eq!(placed.held, vec![(1, "project quota: cores 1/2".to_string())]);
         let full = Room { tasks: Some((3, 3)), ..Room::default() };
         assert_eq!(
-            full.refuses(&Resources { cores: 1, memory: 0 }).as_deref(),
+            full.refuses(&Resources { cores: 1, memory: 0, pids: 0 }).as_deref(),
             Some("project quota: tasks 3/3")
         );
         let mem = Room { memory: Some((1 << 30, 1 << 30)), ..Room::default() };
         assert_eq!(
-            mem.refuses(&Resources { cores: 1, memory: 1 }).as_deref(),
+            mem.refuses(&Resources { cores: 1, memory: 1, pids: 0 }).as_deref(),
             Some("project quota: memory 1GiB/1GiB")
         );
     }
@@ -472,7 +517,7 @@ mod tests {
                 if !warm.is_empty() {
                     runtimes.push(RuntimeKind::Microvm);
                 }
-                NodeView { id, labels, free: Resources { cores, memory }, runtimes, warm }
+                NodeView { id, labels, free: Resources { cores, memory, pids: 0 }, runtimes, warm }
             })
     }
 
@@ -497,7 +542,7 @@ mod tests {
                 QueuedTask {
                     id: 0,
                     priority,
-                    resources: Resources { cores, memory },
+                    resources: Resources { cores, memory, pids: 0 },
                     constraints,
                     runtime,
                     image,

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Cores and memory; a task's request or a node's capacity.
+/// Cores and memory, and a task's process limit; a task's request or a node's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
@@ -11,11 +11,19 @@ pub struct Resources {
     /// Bytes of memory; 0 reserves none.
     #[serde(default)]
     pub memory: u64,
+    /// Most processes and threads the task may have at once; 0 = the node's default. A limit,
+    /// not a reservation: placement never counts it against a node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pids: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { cores: 1, memory: 0 }
+        Resources { cores: 1, memory: 0, pids: 0 }
     }
 }
 
@@ -30,6 +38,7 @@ impl Resources {
         Resources {
             cores: self.cores.saturating_sub(need.cores),
             memory: self.memory.saturating_sub(need.memory),
+            pids: self.pids,
         }
     }
 }

@@ -57,6 +57,10 @@ fn decode_within(req: &pb::SubmitRequest, max_bytes: usize) -> Result<JobPlan, S
     };
     plan.validate().map_err(not_valid)?;
     check_uploaded(&plan)?;
+    let mut plan = plan;
+    // Limits only some nodes can enforce become constraints, so that placement never sends a
+    // task where its limit would not hold.
+    drover_core::enforce::require(&mut plan);
     Ok(plan)
 }
 
@@ -187,6 +191,15 @@ mod tests {
     fn plain_json_is_accepted() {
         let p = plan(3);
         assert_eq!(decode_plan(&json(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn process_limits_become_constraints_on_enforcing_nodes() {
+        let mut p = plan(2);
+        p.tasks[1].resources.pids = 64;
+        let decoded = decode_plan(&json(&p)).unwrap();
+        assert!(decoded.tasks[0].constraints.is_empty());
+        assert_eq!(decoded.tasks[1].constraints.get("drover.enforces.pids").map(String::as_str), Some("yes"));
     }
 
     #[test]

@@ -249,7 +249,7 @@ async fn cost_follows_usage_at_the_prices_in_force_when_the_work_ran() {
     // One attempt of 1 core and 1 GiB for exactly one hour, with 2,000 input and 500 output
     // tokens, driven through the store so its times are exact.
     let mut plan = job(vec![task("t", &[])]);
-    plan.tasks[0].resources = drover_core::Resources { cores: 1, memory: 1 << 30 };
+    plan.tasks[0].resources = drover_core::Resources { cores: 1, memory: 1 << 30, pids: 0 };
     let job_id = server.store.submit(&plan, "", "f", 1).await.unwrap();
     let n = drover_store::NodeSpec {
         name: "n".into(),

@@ -23,7 +23,7 @@ pub fn task(name: &str, deps: &[&str]) -> TaskPlan {
         frame: None,
         steps: vec![Command::Shell("true".into())],
         env: BTreeMap::new(),
-        resources: Resources { cores: 1, memory: 0 },
+        resources: Resources { cores: 1, memory: 0, pids: 0 },
         timeout: None,
         retries: RetryPolicy::default(),
         depends_on: deps.iter().map(|s| s.to_string()).collect(),

@@ -1196,6 +1196,7 @@ impl Store for PostgresStore {
                 free: Resources {
                     cores: n.cores.saturating_sub(n.cores_used),
                     memory: n.memory.saturating_sub(n.memory_used),
+                    pids: 0,
                 },
                 // Runtimes this server does not know (a newer agent) are ignored.
                 runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
@@ -1225,7 +1226,7 @@ impl Store for PostgresStore {
                 Ok(QueuedTask {
                     id: r.try_get(0)?,
                     priority: r.try_get(1)?,
-                    resources: Resources { cores: get_u32(r, 2)?, memory: get_u64(r, 3)? },
+                    resources: Resources { cores: get_u32(r, 2)?, memory: get_u64(r, 3)?, pids: 0 },
                     constraints: json::<BTreeMap<String, String>>("constraints", r.try_get::<&str, _>(4)?)?,
                     runtime: runtime_kind(r.try_get::<&str, _>(5)?)?,
                     image: r.try_get::<Option<String>, _>(6)?,
@@ -1255,7 +1256,7 @@ impl Store for PostgresStore {
             .await?;
             let mut nodes: HashMap<i64, LockedNode> = HashMap::with_capacity(rows.len());
             for r in &rows {
-                let free = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)? };
+                let free = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)?, pids: 0 };
                 nodes.insert(r.try_get(0)?, LockedNode { epoch: r.try_get(1)?, name: r.try_get(2)?, free });
             }
             // What they have reserved, read by a statement of its own: its snapshot is taken
@@ -1272,7 +1273,7 @@ impl Store for PostgresStore {
                 if let Some(node) = nodes.get_mut(&node_id) {
                     let cores = u32::try_from(cores).unwrap_or(u32::MAX);
                     let memory = u64::try_from(memory).unwrap_or(u64::MAX);
-                    node.free = node.free.minus(&Resources { cores, memory });
+                    node.free = node.free.minus(&Resources { cores, memory, pids: 0 });
                 }
             }
             // 2. Admit placements that still fit, in plan order (the snapshot may be stale:
@@ -1290,6 +1291,7 @@ impl Store for PostgresStore {
                     let need = Resources {
                         cores: u32::try_from(cores).unwrap_or(u32::MAX),
                         memory: u64::try_from(memory).unwrap_or(u64::MAX),
+                        pids: 0,
                     };
                     (id, (job_id, need))
                 })

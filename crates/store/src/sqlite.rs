@@ -806,6 +806,7 @@ impl Store for SqliteStore {
                 free: Resources {
                     cores: n.cores.saturating_sub(n.cores_used),
                     memory: n.memory.saturating_sub(n.memory_used),
+                    pids: 0,
                 },
                 // Runtimes this server does not know (a newer agent) are ignored.
                 runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
@@ -847,6 +848,7 @@ impl Store for SqliteStore {
                     resources: Resources {
                         cores: r.get::<i64, _>(2) as u32,
                         memory: r.get::<i64, _>(3) as u64,
+                        pids: 0,
                     },
                     constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
                     runtime: runtime_kind(r.get::<&str, _>(5))?,

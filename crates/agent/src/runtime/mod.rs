@@ -56,6 +56,9 @@ pub struct TaskSpec {
     pub cpus: Vec<usize>,
     /// Memory limit in bytes; 0 = none.
     pub memory_limit: u64,
+    /// Most processes and threads; 0 = the runtime's default.
+    #[serde(default)]
+    pub pids_limit: u64,
     /// Image for the container and VM runtimes: a local image reference or `sha256:` digest.
     #[serde(default)]
     pub image: Option<String>,
@@ -216,6 +219,9 @@ pub enum RuntimeError {
         /// Why.
         reason: String,
     },
+    /// A limit the task asked for cannot be enforced here; the task does not run without it.
+    #[error("{0}")]
+    Limit(String),
     /// An I/O error in the runtime's own work (workspace, /proc, pipes).
     #[error("{context}: {source}")]
     Io {

@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use self::cgroup::{AttemptCgroup, StepCgroup};
+use self::cgroup::{AttemptCgroup, Cgroups, Limits, StepCgroup};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
 
 /// How long output may keep flowing after the step's leader exited. Background processes that
@@ -39,10 +39,38 @@ const ATTACH_POLL: Duration = Duration::from_millis(100);
 /// PATH used when neither the task nor the agent has one.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
+/// Limits every process task gets, whatever it asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessConfig {
+    /// Most processes and threads of a task that sets no `resources.pids` (a fork bomb stops
+    /// there); 0 = no default. Applied where the pids controller is usable.
+    pub default_pids: u64,
+    /// Open files per process (soft and hard `RLIMIT_NOFILE`), capped at the agent's own hard
+    /// limit.
+    pub open_files: u64,
+    /// Names this agent's cgroups apart from other agents' on the same host; stable across
+    /// restarts (the CLI derives it from the work dir), so a restarted agent finds its own.
+    pub scope: String,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig { default_pids: 8192, open_files: 65536, scope: "local".into() }
+    }
+}
+
 /// Runs steps as child processes of the agent, each in its own process group.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProcessRuntime {
     state: Arc<Mutex<State>>,
+    config: ProcessConfig,
+    cgroups: Cgroups,
+}
+
+impl Default for ProcessRuntime {
+    fn default() -> Self {
+        Self::with_config(ProcessConfig::default())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -100,9 +128,26 @@ impl LiveMax {
 }
 
 impl ProcessRuntime {
-    /// Creates a runtime with no steps running.
+    /// Creates a runtime with no steps running and the default limits.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Creates a runtime with `config`; finds which cgroup controllers it can use.
+    pub fn with_config(config: ProcessConfig) -> Self {
+        let cgroups = Cgroups::probe(&config.scope);
+        ProcessRuntime { state: Arc::default(), config, cgroups }
+    }
+
+    /// The limits this node enforces on process tasks (reported at start and turned into node
+    /// labels, so that tasks needing one are placed only where it holds).
+    pub fn enforces(&self) -> Vec<drover_core::enforce::Limit> {
+        self.cgroups.enforces()
+    }
+
+    /// The cgroup controllers in use, in words for the agent's start-up line.
+    pub fn describe_cgroups(&self) -> String {
+        self.cgroups.describe()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -119,15 +164,38 @@ impl ProcessRuntime {
             .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
     }
 
-    fn attempt_cgroup(&self, task: &TaskSpec) -> Option<Arc<AttemptCgroup>> {
-        if task.memory_limit == 0 {
-            return None;
-        }
+    /// The attempt's cgroup, made on its first step. A limit the task asked for that cannot
+    /// be set is an error: the task never runs without it. Without any limit asked for, a
+    /// failure only costs accounting and the default pids limit, so the step runs anyway.
+    fn attempt_cgroup(&self, task: &TaskSpec) -> Result<Option<Arc<AttemptCgroup>>, RuntimeError> {
         if let Some(known) = self.lock().cgroups.get(&task.attempt_id) {
-            return known.clone();
+            return Ok(known.clone());
         }
-        let created = AttemptCgroup::create(task.attempt_id, task.memory_limit).map(Arc::new);
-        self.lock().cgroups.entry(task.attempt_id).or_insert(created).clone()
+        let asked = task.memory_limit > 0 || task.pids_limit > 0;
+        if !asked && !self.cgroups.any() {
+            return Ok(None);
+        }
+        let limits = Limits {
+            memory: task.memory_limit,
+            pids: if task.pids_limit > 0 { task.pids_limit } else { self.config.default_pids },
+            cores: task.cpus.len() as u32,
+        };
+        let created = match self.cgroups.create(task.attempt_id, limits) {
+            Ok(cgroup) => Some(Arc::new(cgroup)),
+            Err(error) => {
+                if let Some(partial) = self.cgroups.existing(task.attempt_id) {
+                    let attempt_id = task.attempt_id;
+                    tokio::spawn(async move { partial.remove().await });
+                    tracing::debug!(attempt_id, "removing a half-made cgroup");
+                }
+                if asked {
+                    return Err(RuntimeError::Limit(error.to_string()));
+                }
+                tracing::warn!(attempt_id = task.attempt_id, %error, "running without a cgroup");
+                None
+            }
+        };
+        Ok(self.lock().cgroups.entry(task.attempt_id).or_insert(created).clone())
     }
 }
 
@@ -160,7 +228,7 @@ impl Runtime for ProcessRuntime {
         let program =
             resolve_program(&argv[0], search_path.as_deref(), &task.workspace).map_err(start_error)?;
         let cpus = cpu_set(&task.cpus).map_err(start_error)?;
-        let cgroup = match self.attempt_cgroup(task) {
+        let cgroup = match self.attempt_cgroup(task)? {
             Some(attempt) => match attempt.step(step) {
                 Ok(leaf) => Some(Arc::new(leaf)),
                 Err(error) => {
@@ -182,17 +250,24 @@ impl Runtime for ProcessRuntime {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let join_cgroup = cgroup.clone();
+        let rlimits = rlimits(&self.config);
         // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-        // calls are allowed. setsid, sched_setaffinity, open, write and close are all raw
-        // syscalls; the CpuSet and the cgroup path were built before fork, so nothing allocates.
+        // calls are allowed. setsid, sched_setaffinity, setrlimit, open, write and close are all
+        // raw syscalls; the CpuSet, the limits and the cgroup paths were built before fork, so
+        // nothing allocates.
         unsafe {
             command.pre_exec(move || {
                 nix::unistd::setsid()?;
                 if let Some(cpus) = &cpus {
                     nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)?;
                 }
+                for (resource, value) in &rlimits {
+                    nix::sys::resource::setrlimit(*resource, *value, *value)?;
+                }
                 if let Some(cgroup) = &join_cgroup {
-                    join_cgroup_in_child(cgroup.procs_path())?;
+                    for procs in cgroup.procs_paths() {
+                        join_cgroup_in_child(procs)?;
+                    }
                 }
                 Ok(())
             });
@@ -319,7 +394,7 @@ impl Runtime for ProcessRuntime {
                 }
             }
         }
-        if let Some(cgroup) = cgroup.or_else(|| AttemptCgroup::existing(task.attempt_id).map(Arc::new)) {
+        if let Some(cgroup) = cgroup.or_else(|| self.cgroups.existing(task.attempt_id).map(Arc::new)) {
             cgroup.remove().await;
         }
         Ok(())
@@ -487,6 +562,14 @@ fn rusage_usage(rusage: &libc::rusage) -> Usage {
     }
 }
 
+/// The rlimits every step gets: no core dumps (a dump of a task's memory would land in its
+/// workspace, secrets and all), and the configured open files within the agent's own hard limit.
+fn rlimits(config: &ProcessConfig) -> Vec<(nix::sys::resource::Resource, u64)> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let hard = getrlimit(Resource::RLIMIT_NOFILE).map(|(_, hard)| hard).unwrap_or(config.open_files);
+    vec![(Resource::RLIMIT_CORE, 0), (Resource::RLIMIT_NOFILE, config.open_files.min(hard))]
+}
+
 /// Moves the calling (forked, not yet exec'd) process into a cgroup. Async-signal-safe.
 fn join_cgroup_in_child(procs: &std::ffi::CStr) -> std::io::Result<()> {
     // SAFETY: `procs` is a valid NUL-terminated path; open, write and close are
@@ -641,15 +724,57 @@ mod tests {
         task.memory_limit = 20 * 1024 * 1024;
         let runtime = ProcessRuntime::new();
         runtime.prepare(&task).await.expect("prepare");
-        if runtime.attempt_cgroup(&task).is_none() {
-            eprintln!("no writable memory cgroup here; skipping");
+        if !cgroups_required(&runtime, drover_core::enforce::Limit::Memory) {
             return;
         }
         let (status, _) = conformance::run_step(&runtime, &task, 0).await;
         assert!(!status.success(), "{status:?}");
         assert!(status.oom, "{status:?}");
         runtime.cleanup(&task).await.expect("cleanup");
-        assert!(AttemptCgroup::existing(task.attempt_id).is_none());
+        assert!(runtime.cgroups.existing(task.attempt_id).is_none());
+    }
+
+    /// Whether this host can enforce `limit`. In CI it must (the test then runs, never skips);
+    /// elsewhere a host without the controller skips with a line saying so.
+    fn cgroups_required(runtime: &ProcessRuntime, limit: drover_core::enforce::Limit) -> bool {
+        if runtime.enforces().contains(&limit) {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to enforce {} limits; cgroups here: {}",
+            limit.name(),
+            runtime.describe_cgroups()
+        );
+        eprintln!("no usable {} cgroup controller here; skipping", limit.name());
+        false
+    }
+
+    #[tokio::test]
+    async fn a_fork_bomb_stops_at_the_pids_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Each shell forks itself twice in the background, forever; the limit stops the growth,
+        // the step ends on its own, and cleanup kills whatever still lives.
+        let bomb = "b() { b & b & }; b; sleep 2; exit 3";
+        let mut task = conformance::task(dir.path(), vec![conformance::sh(bomb)]);
+        task.attempt_id = conformance::unique_attempt_id();
+        task.pids_limit = 32;
+        let runtime = ProcessRuntime::new();
+        runtime.prepare(&task).await.expect("prepare");
+        if !cgroups_required(&runtime, drover_core::enforce::Limit::Pids) {
+            return;
+        }
+        let (status, chunks) = conformance::run_step(&runtime, &task, 0).await;
+        let text: String = chunks.iter().map(|c| String::from_utf8_lossy(&c.data)).collect();
+        assert_eq!(status.code, Some(3), "{status:?} {text}");
+        assert!(text.to_lowercase().contains("fork"), "{text}");
+        let cgroup = runtime.lock().cgroups.get(&task.attempt_id).cloned().flatten().expect("cgroup");
+        assert!(cgroup.pids_refused() > 0, "the pids limit refused forks");
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(
+            runtime.cgroups.existing(task.attempt_id).is_none(),
+            "cgroup removed, so nothing is left in it"
+        );
     }
 
     #[tokio::test]

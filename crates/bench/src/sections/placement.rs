@@ -53,7 +53,7 @@ pub fn fleet(nodes: usize) -> Vec<NodeView> {
             NodeView {
                 id: i as i64 + 1,
                 labels,
-                free: Resources { cores: 256, memory: 1 << 40 },
+                free: Resources { cores: 256, memory: 1 << 40, pids: 0 },
                 runtimes,
                 warm: BTreeMap::new(),
             }
@@ -76,7 +76,7 @@ pub fn queue(tasks: usize) -> Vec<QueuedTask> {
             QueuedTask {
                 id: i as i64 + 1,
                 priority: (rng.next() % 3) as i32,
-                resources: Resources { cores: if rng.chance(10) { 2 } else { 1 }, memory: 1 << 30 },
+                resources: Resources { cores: if rng.chance(10) { 2 } else { 1 }, memory: 1 << 30, pids: 0 },
                 constraints,
                 runtime: if rng.chance(10) { RuntimeKind::Docker } else { RuntimeKind::Process },
                 image: None,

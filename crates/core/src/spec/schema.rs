@@ -46,7 +46,9 @@ const TASK_FIELDS: &[&str] = &[
     "inputs",
     "agent",
 ];
-const RESOURCE_FIELDS: &[&str] = &["cores", "memory"];
+const RESOURCE_FIELDS: &[&str] = &["cores", "memory", "pids"];
+/// Most processes a task may ask for: the kernel's own ceiling (`pid_max` is at most 2^22).
+const MAX_PIDS: i64 = 1 << 22;
 const RETRY_FIELDS: &[&str] = &["count", "backoff", "on"];
 const EXIT_CODE_FIELDS: &[&str] = &["warning", "skip"];
 const FAILURE_CLASSES: &[&str] = &["exit", "timeout", "lost", "oom", "start", "budget", "cancelled"];
@@ -717,6 +719,12 @@ impl Reader<'_> {
                     Err(_) => self.problems.add(n.pos, &path, "memory cannot be negative", None),
                 },
                 _ => self.wrong_type(n, &path, "a memory size like `512MiB`"),
+            }
+        }
+        if let Some(n) = r.get("pids") {
+            let path = join(field, "pids");
+            if let Some(p) = self.int_in(n, &path, "a whole number of processes", 1, MAX_PIDS) {
+                res.pids = p as u32;
             }
         }
         res

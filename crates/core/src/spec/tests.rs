@@ -106,7 +106,7 @@ fn full_plan() -> JobPlan {
     let prepare = TaskPlan {
         steps: vec![Command::Argv(vec!["/bin/sh".into(), "-c".into(), "echo hello".into()])],
         env: map(&[("QUALITY", "high"), ("SHARED", "task"), ("A", "b")]),
-        resources: Resources { cores: 2, memory: 256 << 20 },
+        resources: Resources { cores: 2, memory: 256 << 20, pids: 0 },
         timeout: Some(Duration::from_secs(30 * 60)),
         retries: RetryPolicy {
             count: 2,
@@ -123,7 +123,7 @@ fn full_plan() -> JobPlan {
             Command::Shell(format!("make frame={frame}")),
             Command::Argv(vec!["ls".into(), "-l".into(), "7".into()]),
         ],
-        resources: Resources { cores: 1, memory: 1024 },
+        resources: Resources { cores: 1, memory: 1024, pids: 0 },
         retries: RetryPolicy { count: 4, ..RetryPolicy::default() },
         depends_on: vec!["prepare".into()],
         ..base_task("render")

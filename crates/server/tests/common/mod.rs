@@ -110,8 +110,6 @@ impl Server {
 
     /// Opens an agent session carrying `credential` that registers as `name`.
     pub async fn session(&self, credential: Option<&str>, name: &str) -> Result<Session, Status> {
-        let channel = Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap();
-        let mut agents = AgentSessionClient::with_interceptor(channel, Bearer::new(credential).unwrap());
         let register = pb::Register {
             name: name.into(),
             cores: 1,
@@ -119,6 +117,17 @@ impl Server {
             runtimes: vec!["process".into()],
             ..Default::default()
         };
+        self.session_registering(credential, register).await
+    }
+
+    /// Opens an agent session carrying `credential` that sends `register`.
+    pub async fn session_registering(
+        &self,
+        credential: Option<&str>,
+        register: pb::Register,
+    ) -> Result<Session, Status> {
+        let channel = Channel::from_shared(self.url.clone()).unwrap().connect().await.unwrap();
+        let mut agents = AgentSessionClient::with_interceptor(channel, Bearer::new(credential).unwrap());
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Register(register)) }).await.unwrap();
         let mut inbound = agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();

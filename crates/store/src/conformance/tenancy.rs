@@ -18,7 +18,7 @@ fn big_node(name: &str, cores: u32) -> NodeSpec {
 
 /// A task reserving `cores` and `memory`.
 fn sized(name: &str, cores: u32, memory: u64) -> TaskPlan {
-    TaskPlan { resources: Resources { cores, memory }, ..task(name, &[]) }
+    TaskPlan { resources: Resources { cores, memory, pids: 0 }, ..task(name, &[]) }
 }
 
 /// A job of `tasks` in `project`.

@@ -1,21 +1,31 @@
-//! Memory limits and accounting through cgroups, feature-detected.
+//! Limits, accounting and clean kills of process tasks through cgroups, feature-detected.
 //!
-//! Layout: `<agent's own cgroup>/drover-<attempt>/step-<n>`. The attempt cgroup carries the
-//! memory limit, so it covers every step and any survivor of an earlier step; each step runs in
-//! its own leaf so that its peak memory, CPU time and OOM kills can be read separately.
+//! Layout: `<agent's own cgroup>/drover-<attempt>/step-<n>` in every hierarchy that holds a
+//! controller we use. The attempt cgroup carries the limits (memory, pids, CPU quota), so they
+//! cover every step and any survivor of an earlier step; each step runs in its own leaf so that
+//! its peak memory, CPU time and OOM kills can be read separately.
 //!
-//! Nodes mount either a unified (v2) hierarchy or a hybrid where the memory controller lives
-//! on v1, and containers often see cgroupfs read-only. Every probe failure means "no cgroup":
-//! the step then runs without a limit (logged at debug level), never fails because of it.
+//! Nodes mount either a unified (v2) hierarchy or a hybrid where some controllers live on v1
+//! (on many hosts memory, pids and cpu are v1 controllers), and containers often see cgroupfs
+//! read-only. [`Cgroups::probe`] finds, at start, each controller the agent can really use
+//! (it creates a probe cgroup and writes its limit file); the agent reports the resulting
+//! [`Cgroups::enforces`] so that tasks needing a limit are only placed where it holds.
+//!
+//! Cleanup kills the whole attempt cgroup, which reaches processes that left the step's process
+//! group: `cgroup.kill` on v2, or the freezer (freeze, SIGKILL everything, thaw) so that nothing
+//! forks between the listing and the kill.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drover_core::enforce::Limit;
+
 /// Which cgroup interface a directory belongs to; the file names differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Version {
     /// Legacy per-controller hierarchy (`memory.limit_in_bytes`, ...).
     V1,
@@ -23,177 +33,479 @@ pub(crate) enum Version {
     V2,
 }
 
-/// The cgroup of one attempt.
-#[derive(Debug)]
-pub(crate) struct AttemptCgroup {
-    dir: PathBuf,
-    version: Version,
+/// A cgroup controller the process runtime uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Controller {
+    /// Memory limit, peak and OOM kills.
+    Memory,
+    /// Most processes.
+    Pids,
+    /// CPU quota (and, on v2, CPU time).
+    Cpu,
+    /// CPU time on v1.
+    Cpuacct,
+    /// Freezing for a race-free kill on v1.
+    Freezer,
 }
 
-/// The leaf cgroup one step runs in.
+impl Controller {
+    const ALL: [Controller; 5] =
+        [Controller::Memory, Controller::Pids, Controller::Cpu, Controller::Cpuacct, Controller::Freezer];
+
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+            Controller::Cpuacct => "cpuacct",
+            Controller::Freezer => "freezer",
+        }
+    }
+}
+
+/// One hierarchy directory under which attempt cgroups are made, with the controllers used in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hierarchy {
+    version: Version,
+    /// The agent's own cgroup in this hierarchy.
+    parent: PathBuf,
+    controllers: Vec<Controller>,
+}
+
+/// The controllers this agent can use, found once at start.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cgroups {
+    hierarchies: Vec<Hierarchy>,
+    /// Part of every attempt cgroup's name, so that agents sharing a host (whose attempt ids
+    /// come from different servers) never share a cgroup.
+    scope: String,
+}
+
+/// The limits of one attempt; 0 means none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Memory in bytes.
+    pub memory: u64,
+    /// Most processes and threads.
+    pub pids: u64,
+    /// Cores' worth of CPU time per period.
+    pub cores: u32,
+}
+
+/// The cgroups of one attempt, one directory per hierarchy.
+#[derive(Debug)]
+pub(crate) struct AttemptCgroup {
+    dirs: Vec<(Hierarchy, PathBuf)>,
+}
+
+/// The leaf cgroups one step runs in.
 #[derive(Debug)]
 pub(crate) struct StepCgroup {
-    dir: PathBuf,
-    version: Version,
-    /// `cgroup.procs` as a C string, built before fork so that the child can join without
-    /// allocating.
-    procs: CString,
+    dirs: Vec<(Hierarchy, PathBuf)>,
+    /// Each leaf's `cgroup.procs` as a C string, built before fork so that the child can join
+    /// without allocating.
+    procs: Vec<CString>,
+}
+
+/// A limit a task asked for that this node cannot enforce.
+#[derive(Debug, thiserror::Error)]
+#[error("this node cannot enforce a {} limit (no usable {} cgroup controller)", .0.name(), .0.name())]
+pub(crate) struct Unenforceable(pub Limit);
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl Cgroups {
+    /// Finds the controllers this process can create cgroups in and set limits of.
+    pub fn probe(scope: &str) -> Cgroups {
+        let (Ok(membership), Ok(mountinfo)) =
+            (std::fs::read_to_string("/proc/self/cgroup"), std::fs::read_to_string("/proc/self/mountinfo"))
+        else {
+            return Cgroups { hierarchies: Vec::new(), scope: scope.to_owned() };
+        };
+        let mut found: BTreeMap<(Version, PathBuf), Vec<Controller>> = BTreeMap::new();
+        for controller in Controller::ALL {
+            if let Some((version, parent)) = locate(&membership, &mountinfo, controller)
+                && usable(version, &parent, controller)
+            {
+                found.entry((version, parent)).or_default().push(controller);
+            }
+        }
+        let hierarchies = found
+            .into_iter()
+            .map(|((version, parent), controllers)| Hierarchy { version, parent, controllers })
+            .collect();
+        Cgroups { hierarchies, scope: scope.to_owned() }
+    }
+
+    fn dir_name(&self, attempt_id: i64) -> String {
+        format!("drover-{}-{attempt_id}", self.scope)
+    }
+
+    fn has(&self, controller: Controller) -> bool {
+        self.hierarchies.iter().any(|h| h.controllers.contains(&controller))
+    }
+
+    /// The limits tasks can count on here.
+    pub fn enforces(&self) -> Vec<Limit> {
+        Limit::ALL
+            .into_iter()
+            .filter(|l| match l {
+                Limit::Memory => self.has(Controller::Memory),
+                Limit::Pids => self.has(Controller::Pids),
+            })
+            .collect()
+    }
+
+    /// What the node's process sandbox does with cgroups, in words for the start-up line.
+    pub fn describe(&self) -> String {
+        if self.hierarchies.is_empty() {
+            return "no usable cgroup controller".into();
+        }
+        self.hierarchies
+            .iter()
+            .map(|h| {
+                let names: Vec<&str> = h.controllers.iter().map(|c| c.name()).collect();
+                format!("{} ({:?})", names.join(","), h.version)
+            })
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    /// Whether there is any controller at all, so that a cgroup is worth creating.
+    pub fn any(&self) -> bool {
+        !self.hierarchies.is_empty()
+    }
+
+    /// Creates the attempt's cgroups with `limits`. Fails with [`Unenforceable`] when a limit
+    /// asked for has no controller here, and with the I/O error when a cgroup cannot be made.
+    pub fn create(&self, attempt_id: i64, limits: Limits) -> Result<AttemptCgroup, CreateError> {
+        if limits.memory > 0 && !self.has(Controller::Memory) {
+            return Err(CreateError::Unenforceable(Unenforceable(Limit::Memory)));
+        }
+        if limits.pids > 0 && !self.has(Controller::Pids) {
+            return Err(CreateError::Unenforceable(Unenforceable(Limit::Pids)));
+        }
+        let name = self.dir_name(attempt_id);
+        let mut attempt = AttemptCgroup { dirs: Vec::with_capacity(self.hierarchies.len()) };
+        for h in &self.hierarchies {
+            let dir = h.parent.join(&name);
+            make_dir(&dir)?;
+            // Pushed before configuring, so that a failure below still removes the directory.
+            attempt.dirs.push((h.clone(), dir.clone()));
+            configure(h, &dir, limits)?;
+        }
+        Ok(attempt)
+    }
+
+    /// Finds the cgroups an earlier agent process created for `attempt_id`, so that cleanup
+    /// after a restart removes them too.
+    pub fn existing(&self, attempt_id: i64) -> Option<AttemptCgroup> {
+        let name = self.dir_name(attempt_id);
+        let dirs: Vec<_> = self
+            .hierarchies
+            .iter()
+            .map(|h| (h.clone(), h.parent.join(&name)))
+            .filter(|(_, dir)| dir.is_dir())
+            .collect();
+        (!dirs.is_empty()).then_some(AttemptCgroup { dirs })
+    }
+}
+
+/// Why an attempt's cgroup could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CreateError {
+    /// A limit has no controller here.
+    #[error(transparent)]
+    Unenforceable(#[from] Unenforceable),
+    /// The cgroup filesystem refused.
+    #[error("cannot set up the task's cgroup: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Writes the attempt's limits into its directory of hierarchy `h`.
+fn configure(h: &Hierarchy, dir: &Path, limits: Limits) -> io::Result<()> {
+    let v2 = h.version == Version::V2;
+    if v2 {
+        // Leaves only get the controllers' files if the attempt delegates them.
+        let wanted: Vec<String> = h
+            .controllers
+            .iter()
+            .filter(|c| matches!(c, Controller::Memory | Controller::Pids | Controller::Cpu))
+            .map(|c| format!("+{}", c.name()))
+            .collect();
+        if !wanted.is_empty() {
+            std::fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))?;
+        }
+    }
+    for controller in &h.controllers {
+        match controller {
+            Controller::Memory if limits.memory > 0 => {
+                let bytes = limits.memory.to_string();
+                if v2 {
+                    std::fs::write(dir.join("memory.max"), &bytes)?;
+                    // No swap, so swapping cannot stretch the limit.
+                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                } else {
+                    std::fs::write(dir.join("memory.limit_in_bytes"), &bytes)?;
+                    // Only exists with swap accounting; its absence is fine.
+                    let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &bytes);
+                }
+            }
+            Controller::Pids if limits.pids > 0 => {
+                std::fs::write(dir.join("pids.max"), limits.pids.to_string())?
+            }
+            Controller::Cpu if limits.cores > 0 => {
+                let quota = u64::from(limits.cores) * CPU_PERIOD_US;
+                if v2 {
+                    std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+                } else {
+                    std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                    std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl AttemptCgroup {
-    /// Creates the attempt's cgroup with memory limit `limit` (bytes). `None` when no writable
-    /// memory controller is available.
-    pub fn create(attempt_id: i64, limit: u64) -> Option<Self> {
-        let name = attempt_dir_name(attempt_id);
-        let mut last_error = None;
-        for version in [Version::V2, Version::V1] {
-            let Some(parent) = own_cgroup_dir(version) else {
-                continue;
-            };
-            match Self::create_in(&parent.join(&name), version, limit) {
-                Ok(cgroup) => return Some(cgroup),
-                Err(error) => last_error = Some((version, error)),
-            }
-        }
-        match last_error {
-            Some((version, error)) => tracing::debug!(
-                attempt_id,
-                ?version,
-                %error,
-                "cannot create a memory cgroup; memory limit not enforced"
-            ),
-            None => tracing::debug!(attempt_id, "no memory cgroup controller; memory limit not enforced"),
-        }
-        None
-    }
-
-    fn create_in(dir: &Path, version: Version, limit: u64) -> io::Result<Self> {
-        if version == Version::V2 {
-            // Children only get memory.* files if the parent delegates the controller.
-            let parent = dir.parent().ok_or_else(|| io::Error::other("cgroup at root"))?;
-            enable_memory_controller(parent)?;
-        }
-        match std::fs::create_dir(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let cgroup = AttemptCgroup { dir: dir.to_path_buf(), version };
-        let configured = match version {
-            Version::V2 => std::fs::write(dir.join("memory.max"), limit.to_string())
-                .and_then(|()| enable_memory_controller(dir)),
-            Version::V1 => std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).map(|()| {
-                // Also cap memory+swap so swapping cannot stretch the limit. The file only
-                // exists with swap accounting; its absence is fine.
-                let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
-            }),
-        };
-        match configured {
-            Ok(()) => Ok(cgroup),
-            Err(e) => {
-                let _ = std::fs::remove_dir(dir);
-                Err(e)
-            }
-        }
-    }
-
-    /// Finds the cgroup an earlier agent process created for `attempt_id`, so that cleanup
-    /// after a restart removes it too.
-    pub fn existing(attempt_id: i64) -> Option<Self> {
-        let name = attempt_dir_name(attempt_id);
-        [Version::V2, Version::V1].into_iter().find_map(|version| {
-            let dir = own_cgroup_dir(version)?.join(&name);
-            dir.is_dir().then_some(AttemptCgroup { dir, version })
-        })
-    }
-
-    /// Creates (or reuses) the leaf cgroup for step `step`.
+    /// Creates (or reuses) the leaf cgroups for step `step`.
     pub fn step(&self, step: usize) -> io::Result<StepCgroup> {
-        let dir = self.dir.join(format!("step-{step}"));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+        let mut dirs = Vec::with_capacity(self.dirs.len());
+        let mut procs = Vec::with_capacity(self.dirs.len());
+        for (h, attempt_dir) in &self.dirs {
+            let dir = attempt_dir.join(format!("step-{step}"));
+            make_dir(&dir)?;
+            procs.push(
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?,
+            );
+            dirs.push((h.clone(), dir));
         }
-        let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?;
-        Ok(StepCgroup { dir, version: self.version, procs })
+        Ok(StepCgroup { dirs, procs })
     }
 
-    /// SIGKILLs every process still in the attempt's cgroups (including ones that left the
-    /// step's process group with `setsid`), then removes the cgroups. A cgroup can only be
-    /// removed once its processes have fully exited, which takes a moment after SIGKILL.
+    /// Kills every process still in the attempt's cgroups (including ones that left the step's
+    /// process group with `setsid`), then removes the cgroups. A cgroup can only be removed once
+    /// its processes have fully exited, which takes a moment after SIGKILL.
     pub async fn remove(&self) {
-        let leaves: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.path())
-            .collect();
-        for dir in leaves.iter().chain(std::iter::once(&self.dir)) {
-            for pid in procs_of(dir) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        self.kill_all().await;
+        for (_, dir) in &self.dirs {
+            for leaf in subdirs(dir) {
+                remove_with_retry(&leaf).await;
             }
-        }
-        for dir in leaves.iter().chain(std::iter::once(&self.dir)) {
             remove_with_retry(dir).await;
         }
     }
+
+    /// SIGKILLs everything in the attempt's cgroups without a race against forks.
+    async fn kill_all(&self) {
+        // v2's cgroup.kill does it in one write (Linux 5.14+).
+        if let Some((_, dir)) = self.dirs.iter().find(|(h, _)| h.version == Version::V2)
+            && std::fs::write(dir.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        if let Some((dir, f)) = self.dirs.iter().find_map(|(h, dir)| Freezer::of(h).map(|f| (dir, f)))
+            && std::fs::write(dir.join(f.control), f.frozen).is_ok()
+        {
+            // Frozen processes cannot fork; a frozen process still dies of SIGKILL once thawed.
+            f.wait_frozen(dir).await;
+            self.signal_members();
+            let _ = std::fs::write(dir.join(f.control), f.thawed);
+            return;
+        }
+        // No freezer: kill until empty; a fork between listing and killing is caught next round.
+        for _ in 0..50 {
+            if self.signal_members() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How many forks the pids limit refused so far.
+    #[cfg(test)]
+    pub fn pids_refused(&self) -> u64 {
+        // Kernels differ in which cgroup counts the refusal: the one whose limit was hit, or
+        // the one of the process that forked.
+        let Some((_, dir)) = self.dirs.iter().find(|(h, _)| h.controllers.contains(&Controller::Pids)) else {
+            return 0;
+        };
+        subdirs(dir)
+            .iter()
+            .chain(std::iter::once(dir))
+            .filter_map(|d| keyed_value::<u64>(&d.join("pids.events"), "max"))
+            .sum()
+    }
+
+    /// Sends SIGKILL to every member of every cgroup of the attempt; returns how many there were.
+    fn signal_members(&self) -> usize {
+        let mut pids: Vec<i32> = Vec::new();
+        for (_, dir) in &self.dirs {
+            for d in subdirs(dir).iter().chain(std::iter::once(dir)) {
+                pids.extend(procs_of(d));
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for &pid in &pids {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        pids.len()
+    }
 }
 
-impl StepCgroup {
-    /// Path of `cgroup.procs`; writing `0` to it moves the writer into the cgroup.
-    pub fn procs_path(&self) -> &std::ffi::CStr {
-        &self.procs
-    }
+/// How a hierarchy freezes a cgroup: v1's freezer controller or v2's `cgroup.freeze`.
+struct Freezer {
+    control: &'static str,
+    frozen: &'static str,
+    thawed: &'static str,
+    /// The file that says when freezing finished, and what it then contains.
+    state: &'static str,
+    done: &'static str,
+}
 
-    /// Peak memory of the step's processes, in bytes.
-    pub fn peak_memory(&self) -> Option<u64> {
-        let file = match self.version {
-            Version::V2 => "memory.peak",
-            Version::V1 => "memory.max_usage_in_bytes",
-        };
-        read_trimmed(&self.dir.join(file))?.parse().ok()
-    }
-
-    /// CPU time of the step's processes, in seconds. Only v2 keeps it next to the memory
-    /// controller; v1's cpuacct is a separate hierarchy that we do not manage.
-    pub fn cpu_seconds(&self) -> Option<f64> {
-        match self.version {
-            Version::V2 => {
-                let usec: u64 = keyed_value(&self.dir.join("cpu.stat"), "usage_usec")?;
-                Some(usec as f64 / 1e6)
-            }
+impl Freezer {
+    fn of(h: &Hierarchy) -> Option<Freezer> {
+        match h.version {
+            Version::V1 if h.controllers.contains(&Controller::Freezer) => Some(Freezer {
+                control: "freezer.state",
+                frozen: "FROZEN",
+                thawed: "THAWED",
+                state: "freezer.state",
+                done: "FROZEN",
+            }),
+            Version::V2 => Some(Freezer {
+                control: "cgroup.freeze",
+                frozen: "1",
+                thawed: "0",
+                state: "cgroup.events",
+                done: "frozen 1",
+            }),
             Version::V1 => None,
         }
     }
 
-    /// Whether the kernel OOM-killed a process of the step.
-    pub fn oom_killed(&self) -> bool {
-        let file = match self.version {
-            Version::V2 => "memory.events",
-            Version::V1 => "memory.oom_control",
-        };
-        keyed_value(&self.dir.join(file), "oom_kill").is_some_and(|n: u64| n > 0)
+    async fn wait_frozen(&self, dir: &Path) {
+        let file = dir.join(self.state);
+        for _ in 0..100 {
+            if std::fs::read_to_string(&file).is_ok_and(|s| s.contains(self.done)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tracing::debug!(file = %file.display(), "cgroup did not report frozen; killing anyway");
     }
 }
 
-fn attempt_dir_name(attempt_id: i64) -> String {
-    format!("drover-{attempt_id}")
+impl StepCgroup {
+    /// Paths of the leaves' `cgroup.procs`; writing `0` to one moves the writer into it.
+    pub fn procs_paths(&self) -> &[CString] {
+        &self.procs
+    }
+
+    fn dir_of(&self, controller: Controller) -> Option<(Version, &Path)> {
+        self.dirs
+            .iter()
+            .find(|(h, _)| h.controllers.contains(&controller))
+            .map(|(h, d)| (h.version, d.as_path()))
+    }
+
+    /// Peak memory of the step's processes, in bytes.
+    pub fn peak_memory(&self) -> Option<u64> {
+        let (version, dir) = self.dir_of(Controller::Memory)?;
+        let file = match version {
+            Version::V2 => "memory.peak",
+            Version::V1 => "memory.max_usage_in_bytes",
+        };
+        read_trimmed(&dir.join(file))?.parse().ok()
+    }
+
+    /// CPU time of the step's processes, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        if let Some((Version::V2, dir)) = self.dir_of(Controller::Cpu) {
+            let usec: u64 = keyed_value(&dir.join("cpu.stat"), "usage_usec")?;
+            return Some(usec as f64 / 1e6);
+        }
+        let (_, dir) = self.dir_of(Controller::Cpuacct)?;
+        let ns: u64 = read_trimmed(&dir.join("cpuacct.usage"))?.parse().ok()?;
+        Some(ns as f64 / 1e9)
+    }
+
+    /// Whether the kernel OOM-killed a process of the step.
+    pub fn oom_killed(&self) -> bool {
+        let Some((version, dir)) = self.dir_of(Controller::Memory) else {
+            return false;
+        };
+        let file = match version {
+            Version::V2 => "memory.events",
+            Version::V1 => "memory.oom_control",
+        };
+        keyed_value(&dir.join(file), "oom_kill").is_some_and(|n: u64| n > 0)
+    }
 }
 
-fn enable_memory_controller(dir: &Path) -> io::Result<()> {
+fn make_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a cgroup with a limit of `controller` can be made under `parent` (tried for real).
+fn usable(version: Version, parent: &Path, controller: Controller) -> bool {
+    if version == Version::V2 && enable_controller(parent, controller).is_err() {
+        return false;
+    }
+    let probe = parent.join(format!("drover-probe-{}", std::process::id()));
+    if make_dir(&probe).is_err() {
+        return false;
+    }
+    let file = match (controller, version) {
+        (Controller::Memory, Version::V2) => Some("memory.max"),
+        (Controller::Memory, Version::V1) => Some("memory.limit_in_bytes"),
+        (Controller::Pids, _) => Some("pids.max"),
+        (Controller::Cpu, Version::V2) => Some("cpu.max"),
+        (Controller::Cpu, Version::V1) => Some("cpu.cfs_quota_us"),
+        (Controller::Cpuacct, _) => None,
+        (Controller::Freezer, _) => None,
+    };
+    let value = match controller {
+        Controller::Memory => "1073741824",
+        Controller::Pids => "100",
+        _ if version == Version::V2 => "max 100000",
+        _ => "-1",
+    };
+    let ok = match file {
+        Some(file) => std::fs::write(probe.join(file), value).is_ok(),
+        None => probe.join("cgroup.procs").exists(),
+    };
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+fn enable_controller(dir: &Path, controller: Controller) -> io::Result<()> {
     let enabled = read_trimmed(&dir.join("cgroup.subtree_control")).unwrap_or_default();
-    if enabled.split_whitespace().any(|c| c == "memory") {
+    if enabled.split_whitespace().any(|c| c == controller.name()) {
         return Ok(());
     }
     // Fails with EBUSY when `dir` has processes of its own (the "no internal processes" rule),
     // which is the usual case for the agent's own cgroup unless it was delegated one.
-    std::fs::write(dir.join("cgroup.subtree_control"), "+memory")
+    std::fs::write(dir.join("cgroup.subtree_control"), format!("+{}", controller.name()))
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
 }
 
 fn procs_of(dir: &Path) -> Vec<i32> {
@@ -232,31 +544,29 @@ fn keyed_value<T: std::str::FromStr>(path: &Path, key: &str) -> Option<T> {
     })
 }
 
-/// Directory of the agent's own cgroup in the hierarchy that has the memory controller
-/// (`V1`) or in the unified hierarchy (`V2`), if such a hierarchy is mounted here.
-fn own_cgroup_dir(version: Version) -> Option<PathBuf> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let dir = own_dir_from(&membership, &mountinfo, version)?;
-    if version == Version::V2 {
-        // A unified hierarchy without the memory controller (hybrid setups bind it to v1).
-        let available = read_trimmed(&dir.join("cgroup.controllers"))?;
-        if !available.split_whitespace().any(|c| c == "memory") {
-            return None;
-        }
+/// Where `controller` lives for this process: the unified hierarchy when it offers the
+/// controller, else the v1 hierarchy mounted with it. `membership` is `/proc/self/cgroup`,
+/// `mountinfo` is `/proc/self/mountinfo`.
+fn locate(membership: &str, mountinfo: &str, controller: Controller) -> Option<(Version, PathBuf)> {
+    if let Some(dir) = own_dir_from(membership, mountinfo, Version::V2, controller.name())
+        && read_trimmed(&dir.join("cgroup.controllers"))
+            .is_some_and(|c| c.split_whitespace().any(|c| c == controller.name()))
+    {
+        // v2 has no cpuacct or freezer controllers: CPU time and freezing come with the cgroup.
+        return Some((Version::V2, dir));
     }
-    Some(dir)
+    own_dir_from(membership, mountinfo, Version::V1, controller.name()).map(|dir| (Version::V1, dir))
 }
 
-/// The pure part of [`own_cgroup_dir`]: `membership` is `/proc/self/cgroup`, `mountinfo` is
-/// `/proc/self/mountinfo`.
-fn own_dir_from(membership: &str, mountinfo: &str, version: Version) -> Option<PathBuf> {
+/// The agent's own cgroup directory in the unified hierarchy (`V2`) or in the v1 hierarchy
+/// that carries `controller`, if such a hierarchy is mounted here.
+fn own_dir_from(membership: &str, mountinfo: &str, version: Version, controller: &str) -> Option<PathBuf> {
     let own_path = membership.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         let wanted = match version {
             Version::V2 => id == "0" && controllers.is_empty(),
-            Version::V1 => controllers.split(',').any(|c| c == "memory"),
+            Version::V1 => controllers.split(',').any(|c| c == controller),
         };
         wanted.then_some(path)
     })?;
@@ -268,7 +578,7 @@ fn own_dir_from(membership: &str, mountinfo: &str, version: Version) -> Option<P
         let (fs_type, _source, options) = (after.next()?, after.next()?, after.next()?);
         let matches = match version {
             Version::V2 => fs_type == "cgroup2",
-            Version::V1 => fs_type == "cgroup" && options.split(',').any(|o| o == "memory"),
+            Version::V1 => fs_type == "cgroup" && options.split(',').any(|o| o == controller),
         };
         if !matches {
             return None;
@@ -302,22 +612,28 @@ fn unescape(field: &str) -> String {
 mod tests {
     use super::*;
 
-    const HYBRID_CGROUP: &str = "4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+    const HYBRID_CGROUP: &str = "8:pids:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
     const HYBRID_MOUNTS: &str = "\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
 32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
 
     #[test]
-    fn finds_v1_memory_and_v2_dirs_in_a_hybrid_mount() {
+    fn finds_v1_controllers_and_the_v2_dir_in_a_hybrid_mount() {
         assert_eq!(
-            own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V1),
+            own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V1, "memory"),
             Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))
         );
         assert_eq!(
-            own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V2),
+            own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V1, "pids"),
+            Some(PathBuf::from("/sys/fs/cgroup/pids/"))
+        );
+        assert_eq!(own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V1, "freezer"), None);
+        assert_eq!(
+            own_dir_from(HYBRID_CGROUP, HYBRID_MOUNTS, Version::V2, "memory"),
             Some(PathBuf::from("/sys/fs/cgroup/unified/"))
         );
     }
@@ -326,13 +642,25 @@ mod tests {
     fn strips_the_mount_root_of_namespaced_mounts() {
         let cgroup = "0::/kubepods/pod1/ctr\n";
         let mounts = "50 40 0:40 /kubepods/pod1 /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n";
-        assert_eq!(own_dir_from(cgroup, mounts, Version::V2), Some(PathBuf::from("/sys/fs/cgroup/ctr")));
-        assert_eq!(own_dir_from(cgroup, mounts, Version::V1), None);
+        assert_eq!(
+            own_dir_from(cgroup, mounts, Version::V2, "memory"),
+            Some(PathBuf::from("/sys/fs/cgroup/ctr"))
+        );
+        assert_eq!(own_dir_from(cgroup, mounts, Version::V1, "memory"), None);
     }
 
     #[test]
     fn unescapes_mountinfo_fields() {
         assert_eq!(unescape(r"/mnt/with\040space"), "/mnt/with space");
         assert_eq!(unescape(r"/plain"), "/plain");
+    }
+
+    #[test]
+    fn a_limit_without_its_controller_is_refused_not_dropped() {
+        let none = Cgroups::default();
+        assert!(none.enforces().is_empty());
+        let err = none.create(1, Limits { memory: 1 << 20, ..Limits::default() }).expect_err("refused");
+        assert!(err.to_string().contains("cannot enforce a memory limit"), "{err}");
+        assert!(none.create(1, Limits { cores: 1, ..Limits::default() }).is_ok());
     }
 }
