@@ -49,7 +49,7 @@ impl Cluster {
         server_args: &[&str],
         server_env: &[(&str, &str)],
     ) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = scratch_dir();
         let mut c = Cluster {
             dir,
             addr: "127.0.0.1:0".into(),
@@ -69,7 +69,7 @@ impl Cluster {
         c
     }
 
-    /// A path inside the scratch directory.
+    /// A path inside the scratch directory (tasks may read and write there too).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -444,4 +444,15 @@ pub fn ensure_busybox_image() {
         .expect("docker import");
     assert!(tar.wait().expect("tar").success(), "tar of the busybox root failed");
     assert!(import.status.success(), "docker import failed: {}", String::from_utf8_lossy(&import.stderr));
+}
+
+/// A scratch directory that process tasks can use too: they run as uids of their own and get a
+/// private `/tmp`, so it lies outside `/tmp` and is world-writable (sticky, like `/tmp`). What
+/// the server and agents keep there is theirs: the server's data dir is private to it, and each
+/// agent's work dir is hidden from its tasks.
+pub fn scratch_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod scratch dir");
+    dir
 }

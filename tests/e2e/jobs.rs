@@ -8,6 +8,7 @@ const T: Duration = Duration::from_secs(60);
 
 #[test]
 fn dag_of_three_runs_in_dependency_order() {
+    // Each task runs as a uid of its own: they share the file by making it writable to all.
     let c = Cluster::start(1, 4);
     let job = c.submit(
         r#"
@@ -16,12 +17,12 @@ name: dag
 tasks:
   - name: c
     depends_on: [b]
-    command: "echo c >> {{ params.dir }}/order"
+    command: "umask 0; echo c >> {{ params.dir }}/order"
   - name: a
-    command: "sleep 0.3; echo a >> {{ params.dir }}/order"
+    command: "sleep 0.3; umask 0; echo a >> {{ params.dir }}/order"
   - name: b
     depends_on: [a]
-    command: "echo b >> {{ params.dir }}/order"
+    command: "umask 0; echo b >> {{ params.dir }}/order"
 "#,
     );
     let status = c.wait_done(job, T);
@@ -78,6 +79,7 @@ tasks:
   - name: flaky
     retries: { count: 3, backoff: 100ms }
     command: |
+      umask 0
       n=$(cat {{ params.dir }}/count 2>/dev/null || echo 0)
       n=$((n + 1))
       echo $n > {{ params.dir }}/count

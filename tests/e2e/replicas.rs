@@ -22,7 +22,7 @@ struct Fleet {
 
 impl Fleet {
     fn start(database: String, servers: usize, agents: usize) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::harness::scratch_dir();
         let mut fleet = Fleet { dir, database, servers: Vec::new(), agents: Vec::new(), key: String::new() };
         for i in 0..servers {
             let (addr, child) = fleet.spawn_server(i, "127.0.0.1:0");

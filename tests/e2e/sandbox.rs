@@ -90,3 +90,85 @@ tasks:
     let t = task(&status, "hog");
     assert_eq!((t["state"].as_str(), t["failure"].as_str()), (Some("failed"), Some("oom")), "{status:#}");
 }
+
+#[test]
+fn a_process_task_cannot_read_the_journal_another_workspace_or_the_database() {
+    let mut c = Cluster::start(0, 2);
+    let server_data = c.path("server-data");
+    c.add_agent_with(2, &["--hide-from-tasks", &server_data.display().to_string()], &[]);
+    c.wait_for_nodes(1);
+    let work = c.path("agent-0-work");
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: neighbours
+tasks:
+  - name: victim
+    command: "echo victim-secret > secret.txt; sleep 4"
+  - name: intruder
+    command: |
+      sleep 1
+      id -u
+      cat {work}/.journal && echo LEAK-journal
+      cat {work}/.node-credential.json && echo LEAK-credential
+      cat {work}/job-*/attempt-*/secret.txt && echo LEAK-workspace
+      ls -A {data} | grep . && echo LEAK-listed-data
+      cat {data}/drover.db > /dev/null && echo LEAK-database
+      echo planted > {work}/planted && echo LEAK-write
+      echo done
+"#,
+        work = work.display(),
+        data = server_data.display(),
+    ));
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    let out = c.drover(&["logs", &job.to_string(), "intruder"]);
+    let logs = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(logs.contains("done"), "{logs}");
+    assert!(!logs.contains("LEAK") && !logs.contains("victim-secret"), "{logs}");
+    let uid: u32 = logs.lines().find_map(|l| l.trim().parse().ok()).expect("the task's uid");
+    assert_ne!(uid, 0, "tasks never run as root");
+    assert!(!work.join("planted").exists());
+    // The node is unchanged: its journal and credential are still the agent's alone.
+    use std::os::unix::fs::MetadataExt;
+    for file in [".journal", ".node-credential.json"] {
+        if let Ok(meta) = std::fs::metadata(work.join(file)) {
+            assert_eq!((meta.uid(), meta.mode() & 0o077), (0, 0), "{file}");
+        }
+    }
+}
+
+#[test]
+fn a_named_account_runs_the_task_only_where_project_and_node_allow_it() {
+    let mut c = Cluster::start(0, 2);
+    c.add_agent_with(2, &["--run-as", "nobody"], &[]);
+    c.wait_for_nodes(1);
+    let job_file = c.job_file(
+        "artist.yaml",
+        "version: 1\nname: artist\ntasks:\n  - name: frame\n    user: nobody\n    command: id -un\n",
+    );
+    // The project does not allow it yet: the submit is refused, naming the setting.
+    let refused = c.drover(&["submit", &job_file.display().to_string()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("run_as"), "{refused:?}");
+    c.ok(&["projects", "set", "default", "run_as=nobody"]);
+    let job = c
+        .submit("version: 1\nname: artist\ntasks:\n  - name: frame\n    user: nobody\n    command: id -un\n");
+    let status = c.wait_done(job, T);
+    if status["state"] != "succeeded" && !running_as_root() {
+        // An agent that is not root cannot switch accounts; the task says so.
+        return;
+    }
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    let out = c.drover(&["logs", &job.to_string(), "frame"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "nobody");
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next() == Some("0")))
+        })
+        .unwrap_or(false)
+}

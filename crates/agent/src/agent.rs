@@ -459,6 +459,7 @@ impl Agent {
             cpus: pin,
             memory_limit: a.memory,
             pids_limit: plan.as_ref().map_or(0, |p| u64::from(p.resources.pids)),
+            allow_root: a.allow_root,
             image: plan.as_ref().and_then(|p| p.image.clone()),
             user: plan.as_ref().and_then(|p| p.user.clone()),
             network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),

@@ -173,7 +173,7 @@ enum ProjectsCommand {
         name: String,
     },
     /// Change settings: runtimes, images, networks, llm_upstreams, containers_as_root,
-    /// max_priority, quota.cores, quota.memory, quota.tasks, quota.gpus, quota.stored_bytes,
+    /// run_as (accounts process tasks' `user:` may name), max_priority, quota.cores, quota.memory, quota.tasks, quota.gpus, quota.stored_bytes,
     /// budget (like 500/month); `none` clears one. Admins may tighten, operators loosen.
     Set {
         /// The project.

@@ -212,6 +212,32 @@ pub struct NodeArgs {
     /// default, so that a job cannot read the node's local services.
     #[arg(long, env = "DROVER_ALLOW_LOCAL_URLS")]
     pub allow_local_urls: bool,
+    /// Uids handed out to process tasks, one per running task, when the agent runs as root
+    /// (FIRST-LAST) [default: 1000000-1065535].
+    #[arg(long, env = "DROVER_TASK_UIDS", value_name = "FIRST-LAST", value_parser = parse_uid_range)]
+    pub task_uids: Option<String>,
+    /// Accounts (names or uids; `*` matches any run of characters) a process task's `user:`
+    /// may name on this node; the task's project must allow them too. Default: none.
+    #[arg(long, env = "DROVER_RUN_AS", value_delimiter = ',', value_name = "ACCOUNT")]
+    pub run_as: Vec<String>,
+    /// A directory process tasks must not see (repeatable), like a database's; the agent's
+    /// work dir is always hidden but for the task's own workspace.
+    #[arg(
+        long = "hide-from-tasks",
+        env = "DROVER_HIDE_FROM_TASKS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub hide_from_tasks: Vec<PathBuf>,
+    /// Most processes and threads of a process task that sets no `resources.pids`
+    /// [default: 8192].
+    #[arg(long, env = "DROVER_TASK_PIDS")]
+    pub task_pids: Option<u64>,
+}
+
+/// Checks `FIRST-LAST` uid ranges: at least one uid, never root.
+fn parse_uid_range(s: &str) -> Result<String, String> {
+    crate::config::uid_range(s).map(|_| s.to_owned())
 }
 
 impl NodeArgs {
@@ -256,6 +282,15 @@ impl NodeArgs {
         o.set(a, "kill_grace", self.kill_grace.clone());
         o.set(a, "llm_upstream", self.llm_upstream.clone());
         o.flag(a, "allow_local_urls", self.allow_local_urls);
+        o.set(a, "task_uids", self.task_uids.clone());
+        o.set(a, "run_as", (!self.run_as.is_empty()).then(|| self.run_as.clone()));
+        o.set(
+            a,
+            "hide_from_tasks",
+            (!self.hide_from_tasks.is_empty())
+                .then(|| self.hide_from_tasks.iter().map(|d| d.display().to_string()).collect::<Vec<_>>()),
+        );
+        o.set(a, "task_pids", self.task_pids);
     }
 }
 

@@ -184,6 +184,16 @@ pub struct AgentSettings {
     pub llm_upstream: Option<String>,
     /// Let URL inputs reach this node's loopback, link-local and unspecified addresses.
     pub allow_local_urls: bool,
+    /// Uids handed out to process tasks when the agent runs as root, as `FIRST-LAST`.
+    pub task_uids: String,
+    /// Accounts a process task's `user:` may name on this node.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub run_as: Vec<String>,
+    /// Directories process tasks must not see, besides the agent's work dir.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hide_from_tasks: Vec<PathBuf>,
+    /// Most processes and threads of a process task that sets none.
+    pub task_pids: u64,
     /// A single-use join token (secret; used once, then the credential is kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
@@ -210,6 +220,10 @@ impl Default for AgentSettings {
             kill_grace: Duration::from_secs(10),
             llm_upstream: None,
             allow_local_urls: false,
+            task_uids: "1000000-1065535".into(),
+            run_as: Vec::new(),
+            hide_from_tasks: Vec::new(),
+            task_pids: 8192,
             join: None,
             ca: None,
         }
@@ -474,6 +488,9 @@ impl Config {
                 format!("version {} is not known; this drover reads version {VERSION}", self.version),
             );
         }
+        if let Err(message) = uid_range(&self.agent.task_uids) {
+            return rule("agent.task_uids", message);
+        }
         let s = &self.server;
         if s.heartbeat >= s.lease {
             return rule(
@@ -634,6 +651,18 @@ mod opt_size {
     }
 }
 
+/// Reads a `FIRST-LAST` uid range (both included): at least one uid, and never root.
+pub fn uid_range(text: &str) -> Result<std::ops::Range<u32>, String> {
+    let bad = || format!("`{text}` is not a uid range like 1000000-1065535");
+    let (first, last) = text.split_once('-').ok_or_else(bad)?;
+    let first: u32 = first.trim().parse().map_err(|_| bad())?;
+    let last: u32 = last.trim().parse().map_err(|_| bad())?;
+    if first == 0 || last < first || last == u32::MAX {
+        return Err(format!("`{text}`: the range must not include root (0) and must end below 4294967295"));
+    }
+    Ok(first..last + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,5 +769,13 @@ mod tests {
         assert!(text.contains("postgres://drover:<elided>@db/drover"), "{text}");
         let back: Config = toml::from_str(&Config::default().to_toml_elided().unwrap()).unwrap();
         assert_eq!(back, Config::default(), "printed defaults read back the same");
+    }
+
+    #[test]
+    fn uid_ranges_exclude_root_and_read_both_ends() {
+        assert_eq!(uid_range("1000-1002"), Ok(1000..1003));
+        assert!(uid_range("0-10").is_err());
+        assert!(uid_range("10-5").is_err());
+        assert!(uid_range("lots").is_err());
     }
 }

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::DirBuilderExt as _;
+
 use anyhow::{Context, Result, anyhow, bail};
 use drover_agent::runtime::docker::DockerRuntime;
 use drover_agent::runtime::process::{ProcessConfig, ProcessRuntime};
@@ -33,8 +35,15 @@ fn load_config(file: Option<&Path>, set: impl FnOnce(&mut Overrides)) -> Result<
 
 /// Opens the database and blob store the server settings name.
 async fn open_backends(s: &ServerSettings) -> Result<Backends> {
-    std::fs::create_dir_all(&s.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", s.data_dir.display()))?;
+    if !s.data_dir.exists() {
+        // The database, the keys and the blobs: nobody else's business, tasks of a local
+        // agent included.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&s.data_dir)
+            .with_context(|| format!("cannot create the data directory {}", s.data_dir.display()))?;
+    }
     let blobs_url = match &s.blobs {
         Some(url) => url.clone(),
         None => s.data_dir.join("blobs").display().to_string(),
@@ -349,14 +358,26 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
         let digest = sha2::Sha256::digest(config.work_dir.display().to_string().as_bytes());
         hex::encode(&digest[..6])
     };
-    let process =
-        ProcessRuntime::with_config(ProcessConfig { scope: scope.clone(), ..ProcessConfig::default() });
+    let isolation = drover_agent::runtime::process::Isolation {
+        uids: crate::config::uid_range(&node.task_uids).map_err(|e| anyhow!("agent.task_uids: {e}"))?,
+        run_as: node.run_as.clone(),
+        state_dir: config.work_dir.clone(),
+        hide: node.hide_from_tasks.clone(),
+    };
+    std::fs::create_dir_all(&config.work_dir)?;
+    let process = ProcessRuntime::with_config(ProcessConfig {
+        scope: scope.clone(),
+        default_pids: node.task_pids,
+        isolation: Some(isolation),
+        ..ProcessConfig::default()
+    });
     let enforces: Vec<&str> = process.enforces().iter().map(|l| l.name()).collect();
     tracing::info!(
         enforces = %if enforces.is_empty() { "nothing".to_owned() } else { enforces.join(",") },
         cgroups = %process.describe_cgroups(),
         "process sandbox: limits this node enforces on process tasks"
     );
+    tracing::info!("process sandbox: {}", process.describe_confinement());
     // The labels placement matches tasks' limits against; set here, after the operator's
     // labels, so that a label cannot claim enforcement the node lacks.
     config.labels.retain(|k, _| !k.starts_with(drover_core::enforce::LABEL_PREFIX));
@@ -508,7 +529,10 @@ pub async fn up(args: UpArgs) -> Result<ExitCode> {
         .await?;
         agent_config.join = Some(token);
     }
-    let agent = build_agent(&config.agent, agent_config).await?;
+    // The server's data (its database above all) shares this machine: tasks must not see it.
+    let mut node = config.agent.clone();
+    node.hide_from_tasks.push(s.data_dir.clone());
+    let agent = build_agent(&node, agent_config).await?;
     agent.enroll().await?;
     let agent = tokio::spawn(agent.run(stopped(stop_rx.clone())));
 

@@ -51,6 +51,8 @@ fn show(info: &pb::ProjectInfo, output: Format) -> Result<()> {
     ]);
     t.add_row(["llm_upstreams".into(), settings.llm_upstreams.join(", "), String::new()]);
     t.add_row(["containers_as_root".into(), settings.containers_as_root.to_string(), String::new()]);
+    let run_as = if settings.run_as.is_empty() { "(none)".to_owned() } else { settings.run_as.join(", ") };
+    t.add_row(["run_as".into(), run_as, String::new()]);
     t.add_row(["max_priority".into(), limit(settings.max_priority.map(|p| p.to_string())), String::new()]);
     t.add_row(["quota.cores".into(), limit(q.cores.map(|c| c.to_string())), info.cores_used.to_string()]);
     t.add_row(["quota.memory".into(), limit(q.memory.map(format_memory)), format_memory(info.memory_used)]);

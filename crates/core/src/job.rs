@@ -165,6 +165,21 @@ pub enum RuntimeKind {
     Microvm,
 }
 
+/// Whether `user` (`name`, `uid` or `uid:gid`) is root.
+pub fn is_root_user(user: &str) -> bool {
+    let name = user.split(':').next().unwrap_or(user).trim();
+    name == "root" || name == "0"
+}
+
+impl TaskPlan {
+    /// Whether a container of this task (its own or a service) asks to run as root.
+    pub fn wants_root_container(&self) -> bool {
+        let root = |user: &Option<String>| user.as_deref().is_some_and(is_root_user);
+        (self.runtime == RuntimeKind::Docker && root(&self.user))
+            || self.services.iter().any(|s| root(&s.user))
+    }
+}
+
 impl RuntimeKind {
     /// The lowercase name agents advertise.
     pub fn as_str(self) -> &'static str {
@@ -224,6 +239,10 @@ pub struct ServiceSpec {
     /// Paths mounted as tmpfs inside the service.
     #[serde(default)]
     pub tmpfs: Vec<String>,
+    /// User the service runs as (`uid`, `uid:gid` or a name); an unprivileged default when
+    /// absent, and root only where the project allows containers as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// How to tell that the service is ready; without one it counts as ready once started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthCheck>,
@@ -1817,6 +1836,7 @@ mod tests {
             command: None,
             env: BTreeMap::new(),
             tmpfs: Vec::new(),
+            user: None,
             healthcheck: None,
         }
     }

@@ -143,6 +143,10 @@ pub struct ProjectSettings {
     pub llm_upstreams: Vec<String>,
     /// Whether containers may run as root (`user: root` or `user: 0`).
     pub containers_as_root: bool,
+    /// Patterns of the node accounts a process task's `user:` may name (the render farm runs
+    /// frames as the submitting artist); empty: none, so process tasks run as a fresh
+    /// unprivileged uid of their own. Nodes must allow the account too (`--run-as`).
+    pub run_as: Vec<String>,
     /// Highest job priority allowed.
     pub max_priority: Option<i32>,
     /// Limits on what it holds at once.
@@ -160,6 +164,7 @@ impl Default for ProjectSettings {
             // Agents' keys travel to the upstream: only over TLS unless allowed otherwise.
             llm_upstreams: vec!["https://*".into()],
             containers_as_root: false,
+            run_as: Vec::new(),
             max_priority: None,
             quota: Quota::default(),
             budget: None,
@@ -198,11 +203,6 @@ pub fn pattern_matches(pattern: &str, text: &str) -> bool {
         }
     }
     remaining.ends_with(last)
-}
-
-fn is_root(user: &str) -> bool {
-    let name = user.split(':').next().unwrap_or(user).trim();
-    name == "root" || name == "0"
 }
 
 fn list<T: fmt::Display>(items: &[T]) -> String {
@@ -262,15 +262,29 @@ impl ProjectSettings {
                     );
                 }
             }
-            if t.runtime == RuntimeKind::Docker
-                && t.user.as_deref().is_some_and(is_root)
-                && !self.containers_as_root
-            {
+            if t.wants_root_container() && !self.containers_as_root {
                 return bad(
                     "containers_as_root",
-                    format!(
-                        "task `{name}` would run its container as root, which this project does not allow"
-                    ),
+                    format!("task `{name}` would run a container as root, which this project does not allow"),
+                );
+            }
+            if t.runtime == RuntimeKind::Process
+                && let Some(user) = t.user.as_deref()
+                && !self.run_as.iter().any(|p| pattern_matches(p, user))
+            {
+                return bad(
+                    "run_as",
+                    if self.run_as.is_empty() {
+                        format!(
+                            "task `{name}` would run as `{user}`, and this project lets process tasks run \
+                             as no named account; drop `user:` to run as a fresh unprivileged user"
+                        )
+                    } else {
+                        format!(
+                            "task `{name}` would run as `{user}`, which matches none of {}",
+                            list(&self.run_as)
+                        )
+                    },
                 );
             }
             if let Some(upstream) = t.agent.as_ref().and_then(|a| a.upstream.as_deref())
@@ -337,6 +351,7 @@ impl ProjectSettings {
                 }
             }
             "llm_upstreams" => self.llm_upstreams = if cleared { Vec::new() } else { items().collect() },
+            "run_as" => self.run_as = if cleared { Vec::new() } else { items().collect() },
             "containers_as_root" => {
                 self.containers_as_root = match value {
                     "true" | "yes" => true,
@@ -434,6 +449,7 @@ impl ProjectSettings {
             ("networks", wider(&self.networks, &before.networks)),
             ("llm_upstreams", more(&self.llm_upstreams, &before.llm_upstreams)),
             ("containers_as_root", self.containers_as_root && !before.containers_as_root),
+            ("run_as", more(&self.run_as, &before.run_as)),
             ("max_priority", higher(self.max_priority, before.max_priority)),
             ("quota.cores", higher(q.cores, b.cores)),
             ("quota.memory", higher(q.memory, b.memory)),
@@ -448,12 +464,13 @@ impl ProjectSettings {
 }
 
 /// Every key [`ProjectSettings::set`] takes.
-pub const SETTING_KEYS: [&str; 12] = [
+pub const SETTING_KEYS: [&str; 13] = [
     "runtimes",
     "images",
     "networks",
     "llm_upstreams",
     "containers_as_root",
+    "run_as",
     "max_priority",
     "quota.cores",
     "quota.memory",
@@ -598,6 +615,16 @@ mod tests {
         let mut s = ProjectSettings::default();
         s.set("containers_as_root", "true").unwrap();
         assert_eq!(s.check(&plan(vec![t])), Ok(()));
+
+        let mut t = task("t");
+        t.user = Some("artist".into());
+        let mut s = ProjectSettings::default();
+        assert_eq!(s.check(&plan(vec![t.clone()])).unwrap_err().setting, "run_as");
+        s.set("run_as", "art*").unwrap();
+        assert_eq!(s.check(&plan(vec![t.clone()])), Ok(()));
+        t.user = Some("root".into());
+        assert!(s.check(&plan(vec![t])).unwrap_err().message.contains("matches none of `art*`"));
+        assert_eq!(s.loosens(&ProjectSettings::default()), Some("run_as"));
 
         let mut s = ProjectSettings::default();
         s.set("max_priority", "10").unwrap();

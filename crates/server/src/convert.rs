@@ -140,5 +140,7 @@ pub(crate) fn assign_message(a: &Assignment) -> pb::Assign {
         plan_json: serde_json::to_string(&a.plan).unwrap_or_default(),
         secrets: Default::default(),
         llm_key: String::new(),
+        // Set by the dispatcher from the project's settings when the plan asks for root.
+        allow_root: false,
     }
 }

@@ -102,6 +102,9 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
             let mut found = resolve_secrets(shared, a.job_id, std::slice::from_ref(&key)).await;
             assign.llm_key = found.remove(&key).unwrap_or_default();
         }
+        if a.plan.wants_root_container() {
+            assign.allow_root = allows_root(shared, a.job_id).await;
+        }
         let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign)) };
         shared.send_to_node(node_id, msg).await;
     }
@@ -163,6 +166,26 @@ async fn resolve_secrets(
         Err(e) => {
             tracing::error!(job_id, error = %e, "cannot resolve secrets");
             Default::default()
+        }
+    }
+}
+
+/// Whether the project of `job_id` lets containers run as root; `false` when it cannot be
+/// told, so that the agent refuses rather than runs root unchecked.
+async fn allows_root(shared: &Shared, job_id: i64) -> bool {
+    let project = match shared.store.job(job_id).await {
+        Ok(Some(job)) => job.project,
+        Ok(None) => return false,
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "cannot read the job to check containers_as_root");
+            return false;
+        }
+    };
+    match shared.tenants.project_settings(&project).await {
+        Ok(settings) => settings.unwrap_or_default().containers_as_root,
+        Err(e) => {
+            tracing::error!(job_id, error = %e, "cannot read project settings");
+            false
         }
     }
 }

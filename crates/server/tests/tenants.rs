@@ -91,6 +91,9 @@ async fn each_setting_refuses_a_violating_submit_by_name_and_stores_nothing() {
     p.tasks[0].user = Some("root".into());
     cases.push(("containers_as_root", p));
     let mut p = base();
+    p.tasks[0].user = Some("artist".into());
+    cases.push(("run_as", p));
+    let mut p = base();
     p.priority = 11;
     cases.push(("max_priority", p));
     for (setting, plan) in cases {
@@ -331,9 +334,10 @@ async fn a_spent_budget_refuses_submits_and_holds_queued_tasks() {
     assert_eq!(tasks[0].state, TaskState::Queued);
     let info = op.get_project(pb::GetProjectRequest { name: "fx".into() }).await.unwrap().into_inner();
     assert!(info.budget_spent >= 0.3, "{info:?}");
-    // Raising the budget releases the held task's reason.
+    // Raising the budget releases the hold; the task then waits for a node with its label,
+    // and says so.
     set(&server, "fx", &[("budget", "1000/day")]).await.unwrap();
-    wait_task(&server, later, |t| t[0].reason.is_empty()).await;
+    wait_task(&server, later, |t| t[0].reason == "no ready node has the label pool=none-yet").await;
 }
 
 #[tokio::test]

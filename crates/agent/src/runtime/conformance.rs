@@ -5,7 +5,7 @@
 //! coreutils/busybox only, so a busybox container image or a minimal VM passes too. Each check
 //! uses its own temporary workspace and a process-unique attempt id.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,20 @@ macro_rules! runtime_conformance_tests {
     };
 }
 pub(crate) use runtime_conformance_tests;
+
+/// Where the checks' workspaces go: outside `/tmp`, because a confined process task gets a
+/// private `/tmp` that would hide a workspace beneath it; and one directory for all, so that a
+/// confined runtime can treat it as the agent's work dir (see [`scratch_base`]).
+pub fn scratch_base() -> PathBuf {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/conformance-work");
+    let _ = std::fs::create_dir_all(&base);
+    std::fs::canonicalize(&base).unwrap_or(base)
+}
+
+/// A fresh workspace directory under [`scratch_base`], removed when dropped.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in(scratch_base()).expect("scratch workspace")
+}
 
 /// Generous bound for things that should take milliseconds; only hit when a check fails.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -202,7 +216,7 @@ fn alive_in_group(pgid: i32) -> Vec<i32> {
 
 /// A step that exits 0 is reported as success.
 pub async fn exit_code_zero(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("exit 0")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: Some(0), signal: None, oom: false });
@@ -212,7 +226,7 @@ pub async fn exit_code_zero(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// A step's exit code is reported as is.
 pub async fn exit_code_nonzero(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("exit 7")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: Some(7), signal: None, oom: false });
@@ -222,7 +236,7 @@ pub async fn exit_code_nonzero(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// A step killed by a signal reports the signal and no code.
 pub async fn killed_by_signal(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("kill -KILL $$")]));
     let (status, _) = run_step(runtime, &task, 0).await;
     assert_eq!(status, ExitStatus { code: None, signal: Some(9), oom: false });
@@ -231,7 +245,7 @@ pub async fn killed_by_signal(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// Lines of stdout and stderr arrive in order, tagged with their stream and step.
 pub async fn output_streams_in_order(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done";
     let task = adjusted(adjust, task(dir.path(), vec![sh("true"), sh(script)]));
     let (status, chunks) = run_step(runtime, &task, 1).await;
@@ -253,7 +267,7 @@ pub async fn output_streams_in_order(runtime: &dyn Runtime, adjust: Adjust) {
 /// to exactly the original.
 pub async fn long_line_is_split(runtime: &dyn Runtime, adjust: Adjust) {
     const LEN: usize = 200 * 1024;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     // The numbers 1..50000 written back to back: deterministic, and any lost or reordered
     // piece shows.
     let script = format!("seq 1 50000 | tr -d '\\n' | head -c {LEN}");
@@ -269,7 +283,7 @@ pub async fn long_line_is_split(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// 100,000 short lines all arrive, in order.
 pub async fn many_lines_none_lost(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("seq 1 100000")]));
     let (status, chunks) = run_step(runtime, &task, 0).await;
     assert!(status.success(), "{status:?}");
@@ -284,7 +298,7 @@ pub async fn many_lines_none_lost(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// The task's variables and the `DROVER_*` variables are visible to the step.
 pub async fn environment(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let script = r#"printf '%s\n' "$GREETING" "$DROVER_JOB_ID" "$DROVER_TASK_ID" "$DROVER_ATTEMPT_ID" "$DROVER_WORKSPACE" "$API_TOKEN" "$SHADOWED""#;
     let mut task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     task.env.insert("GREETING".into(), "hello, world".into());
@@ -307,7 +321,7 @@ pub async fn environment(runtime: &dyn Runtime, adjust: Adjust) {
 /// The step runs in the workspace: `DROVER_WORKSPACE` is its working directory, and files it
 /// writes there appear in the task's workspace.
 pub async fn working_directory(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let script = r#"echo here > cwd-marker; pwd -P; cd "$DROVER_WORKSPACE" && pwd -P"#;
     let task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     let (status, chunks) = run_step(runtime, &task, 0).await;
@@ -323,7 +337,7 @@ pub async fn working_directory(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// A program that does not exist fails `start` with [`RuntimeError::Start`].
 pub async fn missing_binary(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![vec!["drover-no-such-program-here".into()]]));
     runtime.prepare(&task).await.expect("prepare");
     let (tx, _rx) = mpsc::channel(1);
@@ -336,7 +350,7 @@ pub async fn missing_binary(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// `wait` can be called concurrently and again after the end, always with the same answer.
 pub async fn wait_is_repeatable(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("sleep 0.3; exit 3")]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, _rx) = start(runtime, &task, 0).await;
@@ -355,7 +369,7 @@ pub async fn wait_is_repeatable(runtime: &dyn Runtime, adjust: Adjust) {
 /// must never write it.
 pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime, adjust: Adjust) {
     const SURVIVOR_DELAY: Duration = Duration::from_secs(2);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let script = "(sleep 2; echo survived > survivor) & sleep 60 & echo ready; sleep 60; wait";
     let task = adjusted(adjust, task(dir.path(), vec![sh(script)]));
     runtime.prepare(&task).await.expect("prepare");
@@ -385,7 +399,7 @@ pub async fn stop_gracefully_ends_the_whole_group(runtime: &dyn Runtime, adjust:
 
 /// A step that ignores SIGTERM is killed once the grace period is over.
 pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh(r#"trap "" TERM; echo ready; sleep 60"#)]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(runtime, &task, 0).await;
@@ -406,7 +420,7 @@ pub async fn kill_after_grace_when_term_is_ignored(runtime: &dyn Runtime, adjust
 
 /// `stats` on a running busy loop shows CPU time.
 pub async fn live_cpu_stats(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("while :; do :; done")]));
     runtime.prepare(&task).await.expect("prepare");
     let (handle, _rx) = start(runtime, &task, 0).await;
@@ -428,7 +442,7 @@ pub async fn live_cpu_stats(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// After a step that touched 50 MB, its peak memory is well above 10 MB.
 pub async fn peak_memory(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     // dd reads into one buffer of bs bytes, so all of it becomes resident.
     let task = adjusted(
         adjust,
@@ -445,7 +459,7 @@ pub async fn peak_memory(runtime: &dyn Runtime, adjust: Adjust) {
 
 /// A task pinned to CPU 0 can only run there.
 pub async fn cpu_pinning(runtime: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let mut task = adjusted(adjust, task(dir.path(), vec![sh("grep Cpus_allowed_list /proc/self/status")]));
     task.cpus = vec![0];
     let (status, chunks) = run_step(runtime, &task, 0).await;
@@ -459,7 +473,7 @@ pub async fn cpu_pinning(runtime: &dyn Runtime, adjust: Adjust) {
 /// A runtime created after an "agent restart" finds a step the first one started, and refuses
 /// handles whose process is gone or whose start time does not match.
 pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime, adjust: Adjust) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch();
     let task = adjusted(adjust, task(dir.path(), vec![sh("echo ready; sleep 60")]));
     first.prepare(&task).await.expect("prepare");
     let (handle, mut rx) = start(first, &task, 0).await;

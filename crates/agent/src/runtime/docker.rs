@@ -485,6 +485,7 @@ impl Runtime for DockerRuntime {
             start_error("docker", "a docker task needs an image (set `image` on the task)".into())
         })?;
         let net = config::networking(task).map_err(|reason| start_error(image, reason))?;
+        config::check_root(task)?;
         let context = || format!("prepare workspace {}", task.workspace.display());
         tokio::fs::create_dir_all(&task.workspace)
             .await

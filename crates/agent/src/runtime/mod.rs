@@ -59,6 +59,10 @@ pub struct TaskSpec {
     /// Most processes and threads; 0 = the runtime's default.
     #[serde(default)]
     pub pids_limit: u64,
+    /// Whether the task's project lets its containers run as root; a container runtime
+    /// refuses `user: root` (of the task or a service) without it.
+    #[serde(default)]
+    pub allow_root: bool,
     /// Image for the container and VM runtimes: a local image reference or `sha256:` digest.
     #[serde(default)]
     pub image: Option<String>,

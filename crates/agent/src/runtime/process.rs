@@ -7,8 +7,11 @@
 //! Memory limits use a per-attempt cgroup when a writable memory controller exists.
 
 mod cgroup;
+mod confine;
 mod lines;
 mod proc_stat;
+
+pub use confine::Isolation;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -51,11 +54,14 @@ pub struct ProcessConfig {
     /// Names this agent's cgroups apart from other agents' on the same host; stable across
     /// restarts (the CLI derives it from the work dir), so a restarted agent finds its own.
     pub scope: String,
+    /// How tasks are confined when the agent runs as root; `None` runs them as the agent's
+    /// own user, as an unprivileged agent has to.
+    pub isolation: Option<Isolation>,
 }
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        ProcessConfig { default_pids: 8192, open_files: 65536, scope: "local".into() }
+        ProcessConfig { default_pids: 8192, open_files: 65536, scope: "local".into(), isolation: None }
     }
 }
 
@@ -65,6 +71,10 @@ pub struct ProcessRuntime {
     state: Arc<Mutex<State>>,
     config: ProcessConfig,
     cgroups: Cgroups,
+    /// Task uids, when tasks are confined.
+    uids: Option<confine::UidPool>,
+    /// Whether mount namespaces work here (tried at start).
+    namespaces: bool,
 }
 
 impl Default for ProcessRuntime {
@@ -79,6 +89,8 @@ struct State {
     /// `None` records that cgroup creation was tried and failed, so later steps of the same
     /// attempt do not probe again.
     cgroups: HashMap<i64, Option<Arc<AttemptCgroup>>>,
+    /// Who each confined attempt runs as.
+    identities: HashMap<i64, confine::Identity>,
 }
 
 /// What the runtime knows about one step, started here or attached after a restart.
@@ -136,7 +148,12 @@ impl ProcessRuntime {
     /// Creates a runtime with `config`; finds which cgroup controllers it can use.
     pub fn with_config(config: ProcessConfig) -> Self {
         let cgroups = Cgroups::probe(&config.scope);
-        ProcessRuntime { state: Arc::default(), config, cgroups }
+        // Confinement needs root: only root can hand out uids and make mount namespaces.
+        let root = nix::unistd::geteuid().is_root();
+        let config = ProcessConfig { isolation: config.isolation.filter(|_| root), ..config };
+        let uids = config.isolation.as_ref().map(|i| confine::UidPool::new(i.uids.clone()));
+        let namespaces = config.isolation.is_some() && confine::namespaces_work();
+        ProcessRuntime { state: Arc::default(), config, cgroups, uids, namespaces }
     }
 
     /// The limits this node enforces on process tasks (reported at start and turned into node
@@ -148,6 +165,81 @@ impl ProcessRuntime {
     /// The cgroup controllers in use, in words for the agent's start-up line.
     pub fn describe_cgroups(&self) -> String {
         self.cgroups.describe()
+    }
+
+    /// How tasks are confined, in words for the agent's start-up line.
+    pub fn describe_confinement(&self) -> String {
+        match (&self.config.isolation, self.namespaces) {
+            (None, _) => "tasks run as the agent's own user (it is not root)".into(),
+            (Some(i), true) => format!(
+                "each task runs as its own uid ({}-{}) in a mount namespace that hides the agent's state",
+                i.uids.start,
+                i.uids.end.saturating_sub(1)
+            ),
+            (Some(i), false) => format!(
+                "each task runs as its own uid ({}-{}); no mount namespaces here, so file permissions \
+                 alone keep the agent's state from tasks",
+                i.uids.start,
+                i.uids.end.saturating_sub(1)
+            ),
+        }
+    }
+
+    /// The identity an attempt's steps run as, chosen on its first step: the account its job
+    /// names, or a fresh uid. `None` when tasks are not confined.
+    fn identity(&self, task: &TaskSpec) -> Result<Option<confine::Identity>, RuntimeError> {
+        let start_error = |message: String| RuntimeError::Start {
+            command: task.steps.first().and_then(|s| s.first()).cloned().unwrap_or_default(),
+            source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, message),
+        };
+        let (Some(isolation), Some(uids)) = (&self.config.isolation, &self.uids) else {
+            return match &task.user {
+                Some(user) => Err(start_error(format!(
+                    "cannot run as `{user}`: this node's agent does not run as root"
+                ))),
+                None => Ok(None),
+            };
+        };
+        if let Some(known) = self.lock().identities.get(&task.attempt_id) {
+            return Ok(Some(*known));
+        }
+        let identity = match &task.user {
+            Some(user) => confine::named_identity(user, &isolation.run_as).map_err(start_error)?,
+            None => {
+                let uid = uids.take(task.attempt_id).ok_or_else(|| {
+                    start_error("every task uid of this node is in use; widen --task-uids".into())
+                })?;
+                confine::Identity { uid, gid: uid }
+            }
+        };
+        // The workspace (inputs included) and the private /tmp become the task's own.
+        let tmp = self.tmp_dir(task.attempt_id);
+        let owned = std::fs::create_dir_all(&tmp)
+            .and_then(|()| confine::give_tree(&tmp, identity))
+            .and_then(|()| confine::give_tree(&task.workspace, identity))
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))?;
+                std::fs::set_permissions(&task.workspace, std::fs::Permissions::from_mode(0o700))
+            });
+        if let Err(source) = owned {
+            if task.user.is_none() {
+                uids.give_back(identity.uid);
+            }
+            return Err(RuntimeError::Io {
+                context: format!("give the workspace to uid {}", identity.uid),
+                source,
+            });
+        }
+        self.lock().identities.insert(task.attempt_id, identity);
+        Ok(Some(identity))
+    }
+
+    /// The private `/tmp` of an attempt, inside the agent's (hidden) state.
+    fn tmp_dir(&self, attempt_id: i64) -> PathBuf {
+        let base =
+            self.config.isolation.as_ref().map_or_else(std::env::temp_dir, |i| i.state_dir.join(".tmp"));
+        base.join(format!("attempt-{attempt_id}"))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -239,6 +331,29 @@ impl Runtime for ProcessRuntime {
             None => None,
         };
 
+        let confinement = match self.identity(task)? {
+            Some(identity) => {
+                let isolation = self.config.isolation.as_ref().ok_or_else(|| RuntimeError::Io {
+                    context: "confine the step".into(),
+                    source: std::io::Error::other("an identity without isolation settings"),
+                })?;
+                let tmp = self.tmp_dir(task.attempt_id);
+                Some(
+                    confine::Confinement::prepare(
+                        identity,
+                        &task.workspace,
+                        &tmp,
+                        isolation,
+                        self.namespaces,
+                    )
+                    .map_err(|source| RuntimeError::Io {
+                        context: "prepare the step's confinement".into(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
         let mut command = std::process::Command::new(&program);
         command
             .arg0(&argv[0])
@@ -268,6 +383,10 @@ impl Runtime for ProcessRuntime {
                     for procs in cgroup.procs_paths() {
                         join_cgroup_in_child(procs)?;
                     }
+                }
+                // Last: joining cgroups and mounting need the root the task is about to lose.
+                if let Some(confinement) = &confinement {
+                    confinement.apply()?;
                 }
                 Ok(())
             });
@@ -332,6 +451,10 @@ impl Runtime for ProcessRuntime {
             Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup: None });
         tokio::spawn(supervise_attached(state.clone(), ticks, tx, handle.attempt_id));
         self.lock().steps.insert((handle.attempt_id, handle.step), state);
+        // A confined step keeps its uid: no new task may get it while this one runs.
+        if let (Some(uids), Some(uid)) = (&self.uids, proc_stat::uid_of(pid)) {
+            uids.claim(uid);
+        }
         tracing::info!(attempt_id = handle.attempt_id, step = handle.step, pid, "attached to running step");
         Ok(true)
     }
@@ -396,6 +519,19 @@ impl Runtime for ProcessRuntime {
         }
         if let Some(cgroup) = cgroup.or_else(|| self.cgroups.existing(task.attempt_id).map(Arc::new)) {
             cgroup.remove().await;
+        }
+        // Only now, with every process of the attempt gone, may its uid go to another task.
+        let identity = self.lock().identities.remove(&task.attempt_id);
+        if let (Some(uids), Some(identity), None) = (&self.uids, identity, &task.user) {
+            uids.give_back(identity.uid);
+        }
+        if self.config.isolation.is_some() {
+            let tmp = self.tmp_dir(task.attempt_id);
+            if let Err(e) = tokio::fs::remove_dir_all(&tmp).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(attempt_id = task.attempt_id, error = %e, "cannot remove the task's /tmp");
+            }
         }
         Ok(())
     }
@@ -653,6 +789,79 @@ mod tests {
     use crate::runtime::conformance;
 
     conformance::runtime_conformance_tests!(ProcessRuntime::new());
+
+    /// The same contract holds for confined tasks (when the tests run as root, as in CI).
+    mod confined {
+        use super::*;
+
+        pub(super) fn runtime() -> ProcessRuntime {
+            ProcessRuntime::with_config(ProcessConfig {
+                isolation: Some(Isolation {
+                    uids: Isolation::DEFAULT_UIDS,
+                    run_as: Vec::new(),
+                    state_dir: conformance::scratch_base(),
+                    hide: Vec::new(),
+                }),
+                ..ProcessConfig::default()
+            })
+        }
+
+        conformance::runtime_conformance_tests!(runtime());
+    }
+
+    #[tokio::test]
+    async fn a_confined_task_cannot_reach_the_agent_state_other_workspaces_or_hidden_paths() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root, so confinement must be tested");
+            eprintln!("not root: tasks cannot be confined here; skipping");
+            return;
+        }
+        // The agent's state under /tmp (as a work dir in a scratch checkout would be), which
+        // the task's private /tmp covers; the confined conformance suite covers the other case.
+        let state = tempfile::tempdir().expect("state dir");
+        let hidden = conformance::scratch();
+        std::fs::write(state.path().join(".journal"), "journal-secret\n").expect("journal");
+        std::fs::create_dir_all(state.path().join("job-1/attempt-1")).expect("other workspace");
+        std::fs::write(state.path().join("job-1/attempt-1/theirs.txt"), "other-task\n").expect("theirs");
+        std::fs::write(hidden.path().join("drover.db"), "database-rows\n").expect("db");
+        let runtime = ProcessRuntime::with_config(ProcessConfig {
+            isolation: Some(Isolation {
+                uids: Isolation::DEFAULT_UIDS,
+                run_as: Vec::new(),
+                state_dir: state.path().to_path_buf(),
+                hide: vec![hidden.path().to_path_buf()],
+            }),
+            ..ProcessConfig::default()
+        });
+        let workspace = state.path().join("job-2/attempt-2");
+        let marker = format!("drover-confined-{}", std::process::id());
+        let script = format!(
+            "id -u; cat {state}/.journal && echo LEAK-journal; \
+             cat {state}/job-1/attempt-1/theirs.txt && echo LEAK-other; \
+             cat {hidden}/drover.db && echo LEAK-db; \
+             echo planted > {state}/planted && echo LEAK-write; \
+             echo mine > mine.txt && echo wrote-workspace; \
+             echo private > /tmp/{marker} && cat /tmp/{marker}",
+            state = state.path().display(),
+            hidden = hidden.path().display(),
+        );
+        let mut task = conformance::task(&workspace, vec![conformance::sh(&script)]);
+        task.attempt_id = conformance::unique_attempt_id();
+        runtime.prepare(&task).await.expect("prepare");
+        let (status, chunks) = conformance::run_step(&runtime, &task, 0).await;
+        let out: String = chunks.iter().map(|c| String::from_utf8_lossy(&c.data)).collect();
+        assert_eq!(status.code, Some(0), "{out}");
+        let uid: u32 = out.lines().next().and_then(|l| l.trim().parse().ok()).expect("uid line");
+        assert!(Isolation::DEFAULT_UIDS.contains(&uid), "{out}");
+        assert!(!out.contains("LEAK"), "{out}");
+        assert!(out.contains("wrote-workspace") && out.contains("private"), "{out}");
+        assert!(!state.path().join("planted").exists());
+        assert!(!Path::new("/tmp").join(&marker).exists(), "/tmp of the task is private");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(workspace.join("mine.txt")).expect("mine").uid(), uid);
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(!runtime.tmp_dir(task.attempt_id).exists(), "the private /tmp is removed");
+    }
 
     #[test]
     fn task_env_wins_over_the_base() {

@@ -259,6 +259,7 @@ impl TaskRender<'_> {
             command: s.command.as_ref().map(|c| self.command(c)),
             env: self.map(&s.env),
             tmpfs: s.tmpfs.clone(),
+            user: s.user.as_ref().map(|u| self.text(u)),
             healthcheck: s.healthcheck.as_ref().map(|h| HealthCheck {
                 command: self.command(&h.command),
                 interval: h.interval,

@@ -152,6 +152,7 @@ pub(crate) struct RawService {
     pub env: BTreeMap<String, At<String>>,
     /// Absolute paths inside the service container; not templated.
     pub tmpfs: Vec<String>,
+    pub user: Option<At<String>>,
     pub healthcheck: Option<RawHealthCheck>,
 }
 

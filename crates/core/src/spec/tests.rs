@@ -701,6 +701,7 @@ fn sandboxes_plan() -> JobPlan {
                 command: Some(Command::Argv(vec!["postgres".into(), "-c".into(), "fsync=off".into()])),
                 env: map(&[("POSTGRES_PASSWORD", "ada")]),
                 tmpfs: vec!["/var/lib/postgresql/data".into()],
+                user: None,
                 healthcheck: Some(HealthCheck {
                     command: Command::Shell("pg_isready".into()),
                     interval: Duration::from_secs(2),
@@ -714,6 +715,7 @@ fn sandboxes_plan() -> JobPlan {
                 command: None,
                 env: BTreeMap::new(),
                 tmpfs: vec![],
+                user: None,
                 healthcheck: Some(HealthCheck {
                     command: Command::Argv(vec!["redis-cli".into(), "ping".into()]),
                     interval: Duration::from_secs(1),

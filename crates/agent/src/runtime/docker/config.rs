@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use drover_core::NetworkPolicy;
 
-use crate::runtime::{ExitStatus, TaskSpec};
+use crate::runtime::{ExitStatus, RuntimeError, TaskSpec};
 
 /// Label keys put on everything the runtime creates.
 pub(super) const LABEL_MANAGED: &str = "drover.managed";
@@ -143,6 +143,45 @@ pub(super) fn networking(task: &TaskSpec) -> Result<Networking, String> {
     }
 }
 
+/// What every container of a task gets, its services' included: no capabilities, no privilege
+/// gain, and the task's memory, CPU and pids limits.
+pub(super) fn confined(task: &TaskSpec) -> HostConfig {
+    let memory = i64::try_from(task.memory_limit).unwrap_or(i64::MAX);
+    let pids =
+        if task.pids_limit > 0 { i64::try_from(task.pids_limit).unwrap_or(i64::MAX) } else { PIDS_LIMIT };
+    HostConfig {
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        // Swap equal to memory means no swap at all, so the OOM killer acts at the limit.
+        memory: (memory > 0).then_some(memory),
+        memory_swap: (memory > 0).then_some(memory),
+        cpuset_cpus: (!task.cpus.is_empty())
+            .then(|| task.cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
+        pids_limit: Some(pids),
+        ..Default::default()
+    }
+}
+
+/// Refuses a task whose container or a service would run as root when its project does not
+/// allow it: the server checked at submit, and the node checks again on what it is given.
+pub(super) fn check_root(task: &TaskSpec) -> Result<(), RuntimeError> {
+    if task.allow_root {
+        return Ok(());
+    }
+    let task_user = task.user.iter().map(|u| ("the task", u.as_str()));
+    let services = task.services.iter().filter_map(|s| s.user.as_deref().map(|u| (s.name.as_str(), u)));
+    match task_user.chain(services).find(|(_, u)| drover_core::job::is_root_user(u)) {
+        Some((who, _)) => Err(RuntimeError::Start {
+            command: who.to_owned(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "running a container as root needs the project setting containers_as_root",
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The create request of the task container: hardened by default (no network unless asked,
 /// read-only root, writable `/tmp` and workspace only, unprivileged user, no capabilities, no
 /// privilege gain, memory/CPU/pids limits).
@@ -152,12 +191,9 @@ pub(super) fn task_container(task: &TaskSpec, image: &str, net: &Networking) -> 
         Networking::DefaultBridge => "bridge".to_owned(),
         Networking::Attempt { .. } => network_name(task.attempt_id),
     };
-    let memory = i64::try_from(task.memory_limit).unwrap_or(i64::MAX);
     let host_config = HostConfig {
         init: Some(true),
         readonly_rootfs: Some(true),
-        cap_drop: Some(vec!["ALL".into()]),
-        security_opt: Some(vec!["no-new-privileges".into()]),
         network_mode: Some(network_mode),
         mounts: Some(vec![Mount {
             target: Some(WORKSPACE.into()),
@@ -168,13 +204,7 @@ pub(super) fn task_container(task: &TaskSpec, image: &str, net: &Networking) -> 
         }]),
         // runc gives a tmpfs the mode of the directory it covers (1777 for a normal /tmp).
         tmpfs: Some([("/tmp".to_owned(), "rw,nosuid,nodev,exec".to_owned())].into()),
-        // Swap equal to memory means no swap at all, so the OOM killer acts at the limit.
-        memory: (memory > 0).then_some(memory),
-        memory_swap: (memory > 0).then_some(memory),
-        cpuset_cpus: (!task.cpus.is_empty())
-            .then(|| task.cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
-        pids_limit: Some(PIDS_LIMIT),
-        ..Default::default()
+        ..confined(task)
     };
     ContainerCreateBody {
         image: Some(image.to_owned()),

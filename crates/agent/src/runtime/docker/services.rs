@@ -38,18 +38,16 @@ async fn start_one(
     let name = config::service_container_name(task.attempt_id, &service.name);
     let mut labels = config::labels(task, Role::Service);
     labels.insert(LABEL_SERVICE.into(), service.name.clone());
-    // Services are arbitrary images (databases, brokers) that often need to chown their data
-    // or switch users at start, so they keep docker's default capability set; they still
-    // cannot gain privileges and only see the attempt's network.
+    // The same confinement as the steps: no capabilities, no privilege gain, the task's limits,
+    // an unprivileged user unless the service names one, and only the attempt's network.
     let host_config = HostConfig {
         network_mode: Some(network.to_owned()),
-        security_opt: Some(vec!["no-new-privileges".into()]),
         tmpfs: Some(service.tmpfs.iter().map(|path| (path.clone(), String::new())).collect()),
-        pids_limit: Some(config::PIDS_LIMIT),
-        ..Default::default()
+        ..config::confined(task)
     };
     let body = ContainerCreateBody {
         image: Some(service.image.clone()),
+        user: Some(service.user.clone().unwrap_or_else(|| config::DEFAULT_USER.to_owned())),
         cmd: service.command.as_ref().map(drover_core::Command::to_argv),
         env: Some(service.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         labels: Some(labels),

@@ -101,7 +101,7 @@ async fn labelled(runtime: &DockerRuntime, label: &str) -> (usize, usize) {
 
 fn http_service(name: &str, delay: &str) -> ServiceSpec {
     let script = format!(
-        "echo starting; sleep {delay}; mkdir -p /www && echo ready > /www/index.html && httpd -f -p 8080 -h /www"
+        "echo starting; sleep {delay}; mkdir -p /tmp/www && echo ready > /tmp/www/index.html && httpd -f -p 8080 -h /tmp/www"
     );
     ServiceSpec {
         name: name.to_owned(),
@@ -109,6 +109,7 @@ fn http_service(name: &str, delay: &str) -> ServiceSpec {
         command: Some(Command::Shell(script)),
         env: Default::default(),
         tmpfs: vec![],
+        user: None,
         healthcheck: Some(HealthCheck {
             command: Command::Argv(vec![
                 "wget".into(),
@@ -425,4 +426,54 @@ async fn a_loaded_archive_never_retags_a_name_in_use() {
     let named = format!("drover/loaded:{}", intruder_id.trim_start_matches("sha256:"));
     assert_eq!(docker_cli(&["image", "inspect", "--format", "{{.Id}}", &named]), intruder_id);
     let _ = std::process::Command::new("docker").args(["rmi", &victim, &named]).output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_get_the_steps_limits_capabilities_and_user() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = task(dir.path(), vec![sh("wget -q -O - http://web:8080/")]);
+    task.network = NetworkPolicy::Bridge;
+    task.memory_limit = 96 << 20;
+    task.pids_limit = 77;
+    task.cpus = vec![0];
+    task.services = vec![http_service("web", "0")];
+    runtime.prepare(&task).await.expect("prepare");
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    assert_eq!(status.code, Some(0), "{}", stdout(&chunks));
+    let name = config::service_container_name(task.attempt_id, "web");
+    let inspected = runtime.docker.inspect_container(&name, None).await.expect("inspect service");
+    let host = inspected.host_config.expect("host config");
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(host.memory, Some(96 << 20));
+    assert_eq!(host.pids_limit, Some(77));
+    assert_eq!(host.cpuset_cpus.as_deref(), Some("0"));
+    assert!(host.security_opt.unwrap_or_default().iter().any(|o| o == "no-new-privileges"));
+    assert_eq!(inspected.config.and_then(|c| c.user).as_deref(), Some(config::DEFAULT_USER));
+    runtime.cleanup(&task).await.expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_in_a_container_needs_the_projects_leave() {
+    let runtime = test_runtime().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut task = task(dir.path(), vec![sh("id -u")]);
+    task.user = Some("0".into());
+    let err = runtime.prepare(&task).await.expect_err("root refused without the setting");
+    assert!(err.to_string().contains("containers_as_root"), "{err}");
+    let mut service = http_service("web", "0");
+    service.user = Some("root".into());
+    let mut with_service = task.clone();
+    with_service.user = None;
+    with_service.network = NetworkPolicy::Bridge;
+    with_service.services = vec![service];
+    let err = runtime.prepare(&with_service).await.expect_err("a root service is refused too");
+    assert!(err.to_string().contains("containers_as_root"), "{err}");
+    let label = format!("{LABEL_ATTEMPT}={}", task.attempt_id);
+    assert_eq!(labelled(&runtime, &label).await, (0, 0), "nothing was created");
+    task.allow_root = true;
+    runtime.prepare(&task).await.expect("prepare with the setting");
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    assert_eq!((status.code, stdout(&chunks).trim()), (Some(0), "0"));
+    runtime.cleanup(&task).await.expect("cleanup");
 }

@@ -27,6 +27,15 @@ impl ProcStat {
     }
 }
 
+/// The real uid of process `pid`, from `/proc/PID/status`.
+pub(crate) fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Parses the text of `/proc/PID/stat`. The comm field (2) is free text in parentheses that may
 /// itself contain spaces and parentheses, so the fixed fields are counted from the *last* `)`.
 pub(crate) fn parse(text: &str) -> Option<ProcStat> {

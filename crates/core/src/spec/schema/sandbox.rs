@@ -15,7 +15,7 @@ const RUNTIMES: &[&str] = &["process", "docker", "microvm"];
 const NETWORK_MODES: &[&str] = &["none", "bridge", "full"];
 const NETWORK_FIELDS: &[&str] = &["egress"];
 const BUILD_FIELDS: &[&str] = &["dockerfile", "context", "args"];
-const SERVICE_FIELDS: &[&str] = &["name", "image", "command", "env", "tmpfs", "healthcheck"];
+const SERVICE_FIELDS: &[&str] = &["name", "image", "command", "env", "tmpfs", "user", "healthcheck"];
 const HEALTHCHECK_FIELDS: &[&str] = &["command", "interval", "timeout", "retries"];
 
 /// Defaults of a service health check: probe every second, give each probe five seconds, and
@@ -340,7 +340,8 @@ impl Reader<'_> {
             None => Vec::new(),
         };
         let healthcheck = m.get("healthcheck").and_then(|n| self.healthcheck(n, &f("healthcheck")));
-        Some(RawService { name: name?, image: image?, command, env, tmpfs, healthcheck })
+        let user = m.get("user").and_then(|n| self.user(n, &f("user")));
+        Some(RawService { name: name?, image: image?, command, env, tmpfs, user, healthcheck })
     }
 
     /// A DNS label: what the steps use as the service's host name.
