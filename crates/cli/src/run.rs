@@ -349,6 +349,26 @@ fn agent_config(
     }
 }
 
+/// The addresses the servers' URLs resolve to (containers must reach none of them); names that
+/// do not resolve now are skipped with a warning.
+async fn server_addresses(servers: &[String]) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    for server in servers {
+        let Ok(url) = reqwest::Url::parse(server) else { continue };
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else { continue };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match tokio::net::lookup_host((host, port)).await {
+            Ok(found) => out.extend(found.map(|a| a.ip())),
+            Err(e) => {
+                tracing::warn!(server, error = %e, "cannot resolve a server at start; containers are not kept off its address")
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The runtimes this node can offer: always the process runtime; docker when an engine answers.
 async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Agent> {
     // Containers and cgroups are scoped by the agent's work dir: stable across its restarts,
@@ -391,7 +411,7 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
             Ok(d) => {
                 // Leftovers of this agent's earlier run are found through its journal; a sweep
                 // of every Drover container here would also hit other agents sharing the engine.
-                let d = Arc::new(d);
+                let d = Arc::new(d.with_servers(server_addresses(&config.servers).await));
                 runtimes.push(d.clone());
                 docker = Some(d);
             }

@@ -40,6 +40,7 @@
 
 mod cgroup;
 mod config;
+mod firewall;
 mod lines;
 mod services;
 #[cfg(test)]
@@ -100,6 +101,8 @@ type ExecOutput = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::E
 pub struct DockerRuntime {
     docker: Docker,
     state: Arc<Mutex<State>>,
+    /// Addresses of the Drover servers, which no container may reach.
+    servers: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +182,12 @@ impl DockerRuntime {
         Self::connect_client(Docker::connect_with_defaults()).await
     }
 
+    /// Names the addresses of the Drover servers, which no container may reach.
+    pub fn with_servers(mut self, servers: Vec<std::net::IpAddr>) -> DockerRuntime {
+        self.servers = servers;
+        self
+    }
+
     /// [`DockerRuntime::connect`] with a given client.
     async fn connect_client(
         client: Result<Docker, bollard::errors::Error>,
@@ -193,7 +202,7 @@ impl DockerRuntime {
             .ping()
             .await
             .map_err(|e| unavailable(format!("the docker engine does not answer pings: {e}")))?;
-        Ok(DockerRuntime { docker, state: Arc::default() })
+        Ok(DockerRuntime { docker, state: Arc::default(), servers: Vec::new() })
     }
 
     /// Whether `reference` (a name with tag, or an image id) is present on this node.
@@ -282,6 +291,11 @@ impl DockerRuntime {
             if let Some(id) = &network.id {
                 tracing::info!(network = %id, "removing orphaned network");
                 self.remove_network(id).await?;
+                if let Some(bridge) =
+                    network.options.as_ref().and_then(|o| o.get("com.docker.network.bridge.name"))
+                {
+                    firewall::unseal(bridge).await;
+                }
                 removed += 1;
             }
         }
@@ -347,18 +361,22 @@ impl DockerRuntime {
         let attempt_id = task.attempt_id;
         if let Networking::Attempt { internal } = net {
             let name = config::network_name(attempt_id);
+            let bridge = config::bridge_name(attempt_id);
             let request = NetworkCreateRequest {
                 name: name.clone(),
                 driver: Some("bridge".into()),
                 internal: Some(*internal),
                 labels: Some(config::labels(task, config::Role::Task)),
+                options: Some([("com.docker.network.bridge.name".to_owned(), bridge.clone())].into()),
                 ..Default::default()
             };
             self.docker
                 .create_network(request)
                 .await
                 .map_err(|e| api_error(format!("create network {name}"), e))?;
-            tracing::debug!(attempt_id, network = %name, internal, "network created");
+            // Sealed before any container joins it.
+            firewall::seal(&bridge, &self.servers).await.map_err(|reason| start_error(image, reason))?;
+            tracing::debug!(attempt_id, network = %name, bridge, internal, "network created and sealed");
             services::start_all(&self.docker, task, &name).await?;
         }
         let name = config::container_name(attempt_id);
@@ -469,6 +487,8 @@ impl DockerRuntime {
                 tracing::warn!(attempt_id, network = %id, error = %e, "cannot remove network");
                 first_error.get_or_insert(e);
             }
+            // Also when the network was made by an earlier agent process.
+            firewall::unseal(&config::bridge_name(attempt_id)).await;
         }
         first_error.map_or(Ok(()), Err)
     }

@@ -69,6 +69,14 @@ pub(super) fn network_name(attempt_id: i64) -> String {
     format!("drover-{}-{attempt_id}", scope())
 }
 
+/// Name of the bridge interface of the per-attempt network: at most 15 characters (the kernel's
+/// limit), unique per agent scope and attempt, so firewall rules can name it.
+pub(super) fn bridge_name(attempt_id: i64) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{}/{attempt_id}", scope()).as_bytes());
+    format!("drv{}", &hex::encode(digest)[..12])
+}
+
 /// Name of a service container: the service name reduced to what Docker allows in names.
 pub(super) fn service_container_name(attempt_id: i64, service: &str) -> String {
     let safe: String = service
@@ -111,8 +119,6 @@ pub(super) fn labels(task: &TaskSpec, role: Role) -> HashMap<String, String> {
 pub(super) enum Networking {
     /// No interface but loopback.
     None,
-    /// Docker's default bridge (full egress).
-    DefaultBridge,
     /// A network of the attempt's own. `internal` networks have no route out: services are
     /// reachable by name, nothing else is.
     Attempt { internal: bool },
@@ -132,10 +138,9 @@ pub(super) fn networking(task: &TaskSpec) -> Result<Networking, String> {
     match (&task.network, services) {
         (NetworkPolicy::None, false) => Ok(Networking::None),
         (NetworkPolicy::None, true) => Ok(Networking::Attempt { internal: true }),
-        (NetworkPolicy::Bridge, _) | (NetworkPolicy::Full, true) => {
-            Ok(Networking::Attempt { internal: false })
-        }
-        (NetworkPolicy::Full, false) => Ok(Networking::DefaultBridge),
+        // Full egress on a network of the attempt's own rather than Docker's default bridge, so
+        // that its bridge can be sealed off the node (see `firewall`).
+        (NetworkPolicy::Bridge | NetworkPolicy::Full, _) => Ok(Networking::Attempt { internal: false }),
         (NetworkPolicy::Egress { .. }, _) => {
             Err("the docker runtime cannot enforce egress allow-lists yet; use network none, bridge or full"
                 .into())
@@ -188,7 +193,6 @@ pub(super) fn check_root(task: &TaskSpec) -> Result<(), RuntimeError> {
 pub(super) fn task_container(task: &TaskSpec, image: &str, net: &Networking) -> ContainerCreateBody {
     let network_mode = match net {
         Networking::None => "none".to_owned(),
-        Networking::DefaultBridge => "bridge".to_owned(),
         Networking::Attempt { .. } => network_name(task.attempt_id),
     };
     let host_config = HostConfig {
@@ -283,7 +287,7 @@ mod tests {
     fn networking_follows_policy_and_services() {
         let mut task = sample();
         task.network = NetworkPolicy::Full;
-        assert_eq!(networking(&task), Ok(Networking::DefaultBridge));
+        assert_eq!(networking(&task), Ok(Networking::Attempt { internal: false }));
         task.network = NetworkPolicy::Bridge;
         assert_eq!(networking(&task), Ok(Networking::Attempt { internal: false }));
         task.network = NetworkPolicy::Egress { allow: vec!["example.com".into()] };

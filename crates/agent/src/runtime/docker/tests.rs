@@ -477,3 +477,85 @@ async fn root_in_a_container_needs_the_projects_leave() {
     assert_eq!((status.code, stdout(&chunks).trim()), (Some(0), "0"));
     runtime.cleanup(&task).await.expect("cleanup");
 }
+
+/// Runs `script` in a plain container of the test image (not a Drover one) on `network` and
+/// returns what it printed.
+async fn run_plain(runtime: &DockerRuntime, network: &str, script: &str) -> String {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    use bollard::query_parameters::{
+        CreateContainerOptionsBuilder, LogsOptionsBuilder, WaitContainerOptions,
+    };
+    use futures::StreamExt;
+    let name = format!("drover-test-plain-{}", unique_attempt_id());
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec!["/bin/sh".into(), "-c".into(), script.into()]),
+        host_config: Some(HostConfig { network_mode: Some(network.into()), ..Default::default() }),
+        ..Default::default()
+    };
+    let options = CreateContainerOptionsBuilder::default().name(&name).build();
+    runtime.docker.create_container(Some(options), body).await.expect("create plain container");
+    runtime.docker.start_container(&name, None).await.expect("start plain container");
+    let _ = runtime.docker.wait_container(&name, None::<WaitContainerOptions>).collect::<Vec<_>>().await;
+    let logs = LogsOptionsBuilder::default().stdout(true).stderr(true).build();
+    let text: String = runtime
+        .docker
+        .logs(&name, Some(logs))
+        .filter_map(|chunk| async move { chunk.ok().map(|c| c.to_string()) })
+        .collect::<Vec<_>>()
+        .await
+        .concat();
+    let _ = runtime.remove_container(&name).await;
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_network_reaches_neither_the_node_nor_its_servers() {
+    let runtime = test_runtime().await;
+    // A port on every address of this node, standing for a Drover server's, and a network of
+    // the test's own whose gateway is one of the node's addresses.
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    let network = format!("drover-test-gw-{}", unique_attempt_id());
+    let request = bollard::models::NetworkCreateRequest {
+        name: network.clone(),
+        driver: Some("bridge".into()),
+        ..Default::default()
+    };
+    runtime.docker.create_network(request).await.expect("create test network");
+    let inspected = runtime.docker.inspect_network(&network, None).await.expect("inspect network");
+    let gateway = inspected
+        .ipam
+        .and_then(|i| i.config)
+        .and_then(|c| c.into_iter().find_map(|c| c.gateway))
+        .expect("the test network's gateway");
+    // Without Drover's rules, a container reaches the node through the gateway.
+    let probe = format!("nc -w 3 {gateway} {port} </dev/null && echo reached");
+    let plain = run_plain(&runtime, &network, &probe).await;
+    assert!(plain.contains("reached"), "the control container should reach the node: {plain}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = format!(
+        "nc -w 3 {gateway} {port} </dev/null && echo LEAK-node; \
+         own=$(ip route | awk '/default/ {{print $3}}'); echo own-gateway=$own; \
+         nc -w 3 $own {port} </dev/null && echo LEAK-own-gateway; echo checked"
+    );
+    let mut task = task(dir.path(), vec![sh(&script)]);
+    task.network = NetworkPolicy::Full;
+    runtime.prepare(&task).await.expect("prepare");
+    let (status, chunks) = run_step(&runtime, &task, 0).await;
+    let out = stdout(&chunks);
+    assert_eq!(status.code, Some(0), "{out}");
+    assert!(out.contains("checked") && out.contains("own-gateway=1"), "{out}");
+    assert!(!out.contains("LEAK"), "{out}");
+    runtime.cleanup(&task).await.expect("cleanup");
+    let _ = runtime.docker.remove_network(&network).await;
+    let rules = std::process::Command::new("iptables").args(["-S", "INPUT"]).output().expect("iptables");
+    let bridge = config::bridge_name(task.attempt_id);
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains(&bridge), "rules removed with the network");
+}
