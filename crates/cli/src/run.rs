@@ -389,6 +389,8 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
         scope: scope.clone(),
         default_pids: node.task_pids,
         isolation: Some(isolation),
+        // Beside the journal: a restarted agent finds its steps' output and exit status there.
+        steps_dir: Some(config.work_dir.join(".steps")),
         ..ProcessConfig::default()
     });
     let enforces: Vec<&str> = process.enforces().iter().map(|l| l.name()).collect();

@@ -10,14 +10,14 @@ mod cgroup;
 mod confine;
 mod lines;
 mod proc_stat;
+mod supervisor;
+mod tail;
 
 pub use confine::Isolation;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -57,11 +57,20 @@ pub struct ProcessConfig {
     /// How tasks are confined when the agent runs as root; `None` runs them as the agent's
     /// own user, as an unprivileged agent has to.
     pub isolation: Option<Isolation>,
+    /// Where steps' supervisors keep their output and exit status (kept across agent
+    /// restarts, out of the tasks' reach); default a directory in the system's temp dir.
+    pub steps_dir: Option<PathBuf>,
 }
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        ProcessConfig { default_pids: 8192, open_files: 65536, scope: "local".into(), isolation: None }
+        ProcessConfig {
+            default_pids: 8192,
+            open_files: 65536,
+            scope: "local".into(),
+            isolation: None,
+            steps_dir: None,
+        }
     }
 }
 
@@ -75,6 +84,8 @@ pub struct ProcessRuntime {
     uids: Option<confine::UidPool>,
     /// Whether mount namespaces work here (tried at start).
     namespaces: bool,
+    /// See [`ProcessConfig::steps_dir`].
+    steps_dir: PathBuf,
 }
 
 impl Default for ProcessRuntime {
@@ -153,7 +164,16 @@ impl ProcessRuntime {
         let config = ProcessConfig { isolation: config.isolation.filter(|_| root), ..config };
         let uids = config.isolation.as_ref().map(|i| confine::UidPool::new(i.uids.clone()));
         let namespaces = config.isolation.is_some() && confine::namespaces_work();
-        ProcessRuntime { state: Arc::default(), config, cgroups, uids, namespaces }
+        let steps_dir = config
+            .steps_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("drover-steps-{}", nix::unistd::geteuid())));
+        // Created lazily would race between steps; a failure shows at the first step's start.
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&steps_dir);
+        }
+        ProcessRuntime { state: Arc::default(), config, cgroups, uids, namespaces, steps_dir }
     }
 
     /// The limits this node enforces on process tasks (reported at start and turned into node
@@ -354,74 +374,60 @@ impl Runtime for ProcessRuntime {
             }
             None => None,
         };
-        let mut command = std::process::Command::new(&program);
-        command
-            .arg0(&argv[0])
-            .args(&argv[1..])
-            .current_dir(&task.workspace)
-            .env_clear()
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let files = supervisor::StepFiles::new(&self.steps_dir, task.attempt_id, step);
+        files.remove();
+        let plan =
+            supervisor::Plan::new(&program, argv, &env, &task.workspace, &files).map_err(start_error)?;
         let join_cgroup = cgroup.clone();
         let rlimits = rlimits(&self.config);
-        // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-        // calls are allowed. setsid, sched_setaffinity, setrlimit, open, write and close are all
-        // raw syscalls; the CpuSet, the limits and the cgroup paths were built before fork, so
-        // nothing allocates.
-        unsafe {
-            command.pre_exec(move || {
-                nix::unistd::setsid()?;
-                if let Some(cpus) = &cpus {
-                    nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)?;
-                }
-                for (resource, value) in &rlimits {
-                    nix::sys::resource::setrlimit(*resource, *value, *value)?;
-                }
-                if let Some(cgroup) = &join_cgroup {
-                    for procs in cgroup.procs_paths() {
-                        join_cgroup_in_child(procs)?;
-                    }
-                }
-                // Last: joining cgroups and mounting need the root the task is about to lose.
-                if let Some(confinement) = &confinement {
-                    confinement.apply()?;
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(start_error)?;
-        let pid = child.id() as i32;
-        // The child cannot have been reaped yet (only we reap it), so its stat is readable
-        // even if it already exited.
-        let start_ticks = proc_stat::read(pid).map(|s| s.start_ticks);
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            unreachable!("stdout and stderr were configured as pipes")
-        };
-        // Dropping the std Child neither kills nor reaps it; the supervisor below reaps it.
-        drop(child);
-        tracing::info!(attempt_id = task.attempt_id, step, pid, program = %program.display(), "step started");
-
-        let readers = match (
-            tokio::process::ChildStdout::from_std(stdout),
-            tokio::process::ChildStderr::from_std(stderr),
-        ) {
-            (Ok(stdout), Ok(stderr)) => vec![
-                tokio::spawn(pump_logged(stdout, Stream::Stdout, step, out.clone(), task.attempt_id, pid)),
-                tokio::spawn(pump_logged(stderr, Stream::Stderr, step, out, task.attempt_id, pid)),
-            ],
-            (Err(source), _) | (_, Err(source)) => {
-                // Not expected (the pipes are fresh), but the child must not outlive the error.
-                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                tokio::task::spawn_blocking(move || wait4_blocking(pid));
-                return Err(RuntimeError::Io { context: "register output pipes".into(), source });
+        // Runs in the forked step before exec, where only async-signal-safe calls are allowed:
+        // sched_setaffinity, setrlimit, open, write, close, mount and the identity calls are raw
+        // system calls, and the CpuSet, the limits, the cgroup paths and the confinement were
+        // built before the fork, so nothing allocates.
+        let setup = move || -> std::io::Result<()> {
+            if let Some(cpus) = &cpus {
+                nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)?;
             }
+            for (resource, value) in &rlimits {
+                nix::sys::resource::setrlimit(*resource, *value, *value)?;
+            }
+            if let Some(cgroup) = &join_cgroup {
+                for procs in cgroup.procs_paths() {
+                    join_cgroup_in_child(procs)?;
+                }
+            }
+            // Last: joining cgroups and mounting need the root the task is about to lose.
+            if let Some(confinement) = &confinement {
+                confinement.apply()?;
+            }
+            Ok(())
         };
-
+        let launched = tokio::task::spawn_blocking(move || supervisor::launch(&plan, &setup))
+            .await
+            .map_err(|e| start_error(std::io::Error::other(e)))?
+            .map_err(start_error)?;
+        let pid = launched.step;
+        let start_ticks = proc_stat::read(pid).map(|s| s.start_ticks);
+        tracing::info!(attempt_id = task.attempt_id, step, pid, supervisor = launched.supervisor, program = %program.display(), "step started");
+        let ended = tail::Ended::default();
+        let readers =
+            follow_output(&files, (0, 0), &ended, step, out, task.attempt_id, pid).map_err(|source| {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                RuntimeError::Io { context: "follow the step's output".into(), source }
+            })?;
         let (tx, rx) = watch::channel(None);
         let state = Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup });
-        tokio::spawn(supervise_child(state.clone(), readers, tx, task.attempt_id, step));
+        let supervisor = Some(launched.supervisor);
+        tokio::spawn(supervise_step(
+            state.clone(),
+            supervisor,
+            files,
+            readers,
+            ended,
+            tx,
+            task.attempt_id,
+            step,
+        ));
         self.lock().steps.insert((task.attempt_id, step), state);
         Ok(RunHandle {
             attempt_id: task.attempt_id,
@@ -433,9 +439,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
-        // The old pipes died with the previous agent process; nothing will be streamed.
-        drop(out);
-        let (Some(pid), Some(ticks)) = (handle.pid, handle.pid_start_ticks) else {
+        let Some(pid) = handle.pid else {
             return Ok(false);
         };
         if let Ok(known) = self.step_state(handle)
@@ -443,13 +447,33 @@ impl Runtime for ProcessRuntime {
         {
             return Ok(known.finished.borrow().is_none());
         }
-        if pid <= 0 || !is_same_process(pid, ticks) {
+        // The step's supervisor outlived the previous agent process: the status file says how
+        // the step ended (once it did), and the output files hold what it wrote, shipped on from
+        // where the previous process got to.
+        let files = supervisor::StepFiles::new(&self.steps_dir, handle.attempt_id, handle.step);
+        let recorded = supervisor::read_status(&files.status()).is_some();
+        // A step that ended at once may have been reaped before its start time was read.
+        let running = handle.pid_start_ticks.is_some_and(|ticks| is_same_process(pid, ticks));
+        if pid <= 0 || !(recorded || running) {
             return Ok(false);
         }
+        let ended = tail::Ended::default();
+        let readers =
+            follow_output(&files, files.shipped(), &ended, handle.step, out, handle.attempt_id, pid)
+                .map_err(|source| RuntimeError::Io { context: "follow the step's output".into(), source })?;
         let (tx, rx) = watch::channel(None);
         let state =
             Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup: None });
-        tokio::spawn(supervise_attached(state.clone(), ticks, tx, handle.attempt_id));
+        tokio::spawn(supervise_step(
+            state.clone(),
+            None,
+            files,
+            readers,
+            ended,
+            tx,
+            handle.attempt_id,
+            handle.step,
+        ));
         self.lock().steps.insert((handle.attempt_id, handle.step), state);
         // A confined step keeps its uid: no new task may get it while this one runs.
         if let (Some(uids), Some(uid)) = (&self.uids, proc_stat::uid_of(pid)) {
@@ -520,6 +544,9 @@ impl Runtime for ProcessRuntime {
         if let Some(cgroup) = cgroup.or_else(|| self.cgroups.existing(task.attempt_id).map(Arc::new)) {
             cgroup.remove().await;
         }
+        for step in 0..task.steps.len().max(1) {
+            supervisor::StepFiles::new(&self.steps_dir, task.attempt_id, step).remove();
+        }
         // Only now, with every process of the attempt gone, may its uid go to another task.
         let identity = self.lock().identities.remove(&task.attempt_id);
         if let (Some(uids), Some(identity), None) = (&self.uids, identity, &task.user) {
@@ -566,37 +593,102 @@ fn unknown_status() -> ExitStatus {
     ExitStatus { code: None, signal: None, oom: false }
 }
 
-/// Reaps our child, waits for its output to drain, and publishes how it ended.
-async fn supervise_child(
+/// Follows a step's output files from `from` (stdout, stderr offsets): one reader per stream,
+/// each recording how far the lines it handed on reach.
+fn follow_output(
+    files: &supervisor::StepFiles,
+    from: (u64, u64),
+    ended: &tail::Ended,
+    step: usize,
+    out: OutputSink,
+    attempt_id: i64,
+    pid: i32,
+) -> std::io::Result<Vec<(JoinHandle<()>, lines::Shipped)>> {
+    let mut readers = Vec::with_capacity(2);
+    for (path, offset, stream) in
+        [(files.stdout(), from.0, Stream::Stdout), (files.stderr(), from.1, Stream::Stderr)]
+    {
+        let reader = tail::Tail::open(&path, offset, ended.clone())?;
+        let shipped = lines::Shipped::from(offset);
+        let (sink, progress) = (out.clone(), shipped.clone());
+        let task = tokio::spawn(async move {
+            if let Err(error) = lines::pump_tracked(reader, stream, step, sink, &progress).await {
+                tracing::warn!(attempt_id, pid, ?stream, %error, "reading step output failed");
+            }
+        });
+        readers.push((task, shipped));
+    }
+    Ok(readers)
+}
+
+/// How often the offsets of shipped output are written down while a step runs: after an agent
+/// restart, output is shipped on from there (so at most this much is shipped twice).
+const RECORD_SHIPPED: Duration = Duration::from_millis(200);
+
+/// Waits for a step's end (reaping its supervisor when it is our child, else watching for the
+/// status file), lets its output drain, and publishes how it ended.
+#[allow(clippy::too_many_arguments)]
+async fn supervise_step(
     state: Arc<StepState>,
-    readers: Vec<JoinHandle<()>>,
+    supervisor: Option<i32>,
+    files: supervisor::StepFiles,
+    readers: Vec<(JoinHandle<()>, lines::Shipped)>,
+    ended: tail::Ended,
     tx: watch::Sender<Option<Finished>>,
     attempt_id: i64,
     step: usize,
 ) {
     let pid = state.pid;
-    let waited = tokio::task::spawn_blocking(move || wait4_blocking(pid)).await;
-    let (status, rusage) = match waited {
-        Ok(Ok((raw, rusage))) => (decode_status(raw), rusage_usage(&rusage)),
-        Ok(Err(error)) => {
-            tracing::warn!(attempt_id, pid, %error, "wait4 failed; exit status unknown");
-            (unknown_status(), Usage::default())
+    let offsets: Vec<lines::Shipped> = readers.iter().map(|(_, s)| s.clone()).collect();
+    let record = {
+        let (files, offsets) = (files.clone(), offsets.clone());
+        move || files.record_shipped(offsets[0].get(), offsets[1].get())
+    };
+    let status_file = files.status();
+    let mut ticker = tokio::time::interval(RECORD_SHIPPED);
+    let wait = async {
+        match supervisor {
+            Some(supervisor) => {
+                let _ = tokio::task::spawn_blocking(move || wait4_blocking(supervisor)).await;
+            }
+            None => loop {
+                // Not our child: the status file appears when the step ends; a step gone
+                // without one lost its supervisor too.
+                tokio::time::sleep(ATTACH_POLL).await;
+                if status_file.exists() || !proc_stat::read(pid).is_some_and(|s| s.alive()) {
+                    break;
+                }
+            },
         }
-        Err(error) => {
-            tracing::warn!(attempt_id, pid, %error, "wait4 task failed; exit status unknown");
+    };
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            () = &mut wait => break,
+            _ = ticker.tick() => record(),
+        }
+    }
+    let recorded = supervisor::read_status(&files.status());
+    ended.set();
+    let (handles, _): (Vec<_>, Vec<_>) = readers.into_iter().unzip();
+    let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
+    if tokio::time::timeout(DRAIN_AFTER_EXIT, futures::future::join_all(handles)).await.is_err() {
+        tracing::debug!(
+            attempt_id,
+            pid,
+            "output still being read after the step ended; no longer reading it"
+        );
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+    record();
+    let (mut status, rusage) = match recorded {
+        Some(ended) => (decode_status(ended.raw), ended.usage),
+        None => {
+            tracing::warn!(attempt_id, pid, "the step's supervisor left no status; exit status unknown");
             (unknown_status(), Usage::default())
         }
     };
-
-    let aborts: Vec<_> = readers.iter().map(JoinHandle::abort_handle).collect();
-    let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, futures::future::join_all(readers)).await;
-    if drained.is_err() {
-        tracing::debug!(attempt_id, pid, "output still open after the step exited; no longer reading it");
-        aborts.iter().for_each(tokio::task::AbortHandle::abort);
-    }
-
     let mut usage = larger(rusage, state.live.get());
-    let mut status = status;
     if let Some(cgroup) = &state.cgroup {
         usage = larger(usage, cgroup_usage(cgroup));
         status.oom = cgroup.oom_killed();
@@ -615,42 +707,8 @@ async fn supervise_child(
     let _ = tx.send(Some(Finished { status, usage }));
 }
 
-/// Watches a process that is not our child (found by `attach`) until it disappears.
-async fn supervise_attached(
-    state: Arc<StepState>,
-    ticks: u64,
-    tx: watch::Sender<Option<Finished>>,
-    attempt_id: i64,
-) {
-    let pid = state.pid;
-    let mut interval = tokio::time::interval(ATTACH_POLL);
-    loop {
-        interval.tick().await;
-        let still_there =
-            tokio::task::spawn_blocking(move || is_same_process(pid, ticks)).await.unwrap_or(false);
-        if !still_there {
-            break;
-        }
-    }
-    tracing::info!(attempt_id, pid, "attached step ended; exit status unknown");
-    let _ = tx.send(Some(Finished { status: unknown_status(), usage: state.live.get() }));
-}
-
 fn is_same_process(pid: i32, ticks: u64) -> bool {
     proc_stat::read(pid).is_some_and(|s| s.alive() && s.start_ticks == ticks)
-}
-
-async fn pump_logged<R: tokio::io::AsyncRead + Unpin>(
-    reader: R,
-    stream: Stream,
-    step: usize,
-    sink: OutputSink,
-    attempt_id: i64,
-    pid: i32,
-) {
-    if let Err(error) = lines::pump(reader, stream, step, sink).await {
-        tracing::warn!(attempt_id, pid, ?stream, %error, "reading step output failed");
-    }
 }
 
 fn signal_group(pgid: i32, signal: Signal) -> std::io::Result<()> {
@@ -687,15 +745,6 @@ fn decode_status(raw: libc::c_int) -> ExitStatus {
         status.signal = Some(libc::WTERMSIG(raw));
     }
     status
-}
-
-fn rusage_usage(rusage: &libc::rusage) -> Usage {
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Usage {
-        cpu_seconds: seconds(rusage.ru_utime) + seconds(rusage.ru_stime),
-        // ru_maxrss is in KiB on Linux.
-        peak_memory_bytes: (rusage.ru_maxrss.max(0) as u64) * 1024,
-    }
 }
 
 /// The rlimits every step gets: no core dumps (a dump of a task's memory would land in its
@@ -984,6 +1033,44 @@ mod tests {
             runtime.cgroups.existing(task.attempt_id).is_none(),
             "cgroup removed, so nothing is left in it"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_restart_loses_neither_output_nor_exit_status() {
+        let dir = conformance::scratch();
+        let mut task = conformance::task(
+            dir.path(),
+            vec![conformance::sh("echo before; sleep 1; echo after; echo oops >&2; exit 7")],
+        );
+        task.attempt_id = conformance::unique_attempt_id();
+        let first = ProcessRuntime::new();
+        first.prepare(&task).await.expect("prepare");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let handle = first.start(&task, 0, tx).await.expect("start");
+        let before = rx.recv().await.expect("first line");
+        assert_eq!(before.data, b"before\n");
+        // Long enough for the shipped offset to be written down; then the agent "dies": its
+        // sink goes away and a new runtime, knowing only the persisted handle, takes over.
+        tokio::time::sleep(RECORD_SHIPPED * 2).await;
+        drop(rx);
+        let second = ProcessRuntime::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        assert!(second.attach(&handle, tx).await.expect("attach"), "the step is found again");
+        let status = second.wait(&handle).await.expect("wait");
+        assert_eq!((status.code, status.signal), (Some(7), None), "the exit status survived");
+        let mut after = Vec::new();
+        while let Ok(chunk) = rx.try_recv() {
+            after.push(String::from_utf8_lossy(&chunk.data).into_owned());
+        }
+        after.sort();
+        assert_eq!(after, ["after\n", "oops\n"], "output goes on where it stopped, none twice");
+        // Even once it ended, a newcomer still gets the status from the supervisor's record.
+        let third = ProcessRuntime::new();
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        assert!(third.attach(&handle, tx).await.expect("attach after the end"));
+        assert_eq!(third.wait(&handle).await.expect("wait").code, Some(7));
+        third.cleanup(&task).await.expect("cleanup");
+        drop(first);
     }
 
     #[tokio::test]

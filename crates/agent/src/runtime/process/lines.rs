@@ -1,6 +1,9 @@
 //! Turning a byte stream into [`OutputChunk`]s: one per line, newline kept, lines longer than
 //! [`MAX_LINE`] cut into pieces, and a last line without newline still sent.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 
 use crate::runtime::{MAX_LINE, OutputChunk, OutputSink, Stream};
@@ -9,16 +12,51 @@ use crate::runtime::{MAX_LINE, OutputChunk, OutputSink, Stream};
 ///
 /// When the sink is closed the rest is still read and dropped: the child must never block on a
 /// full pipe just because nobody listens any more.
+#[cfg(test)]
 pub(crate) async fn pump<R: AsyncRead + Unpin>(
     reader: R,
     stream: Stream,
     step: usize,
     sink: OutputSink,
 ) -> std::io::Result<u64> {
+    pump_tracked(reader, stream, step, sink, &Shipped::default()).await
+}
+
+/// How far into a stream the lines handed on reach: the offset after the last one sent.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Shipped(Arc<AtomicU64>);
+
+impl Shipped {
+    /// Starts counting at `offset` (a stream read from there on).
+    pub fn from(offset: u64) -> Shipped {
+        Shipped(Arc::new(AtomicU64::new(offset)))
+    }
+
+    /// The offset after the last line handed on.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// [`pump`] that also records in `shipped` how far the lines handed to `sink` reach.
+pub(crate) async fn pump_tracked<R: AsyncRead + Unpin>(
+    reader: R,
+    stream: Stream,
+    step: usize,
+    sink: OutputSink,
+    shipped: &Shipped,
+) -> std::io::Result<u64> {
     let mut reader = BufReader::with_capacity(MAX_LINE, reader);
     split(&mut reader, |data| {
         let tx = sink.clone();
-        async move { tx.send(OutputChunk { stream, step, data }).await.is_ok() }
+        let (counter, len) = (shipped.0.clone(), data.len() as u64);
+        async move {
+            let sent = tx.send(OutputChunk { stream, step, data }).await.is_ok();
+            if sent {
+                counter.fetch_add(len, Ordering::Relaxed);
+            }
+            sent
+        }
     })
     .await
 }

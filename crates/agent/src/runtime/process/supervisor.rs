@@ -1,0 +1,431 @@
+//! The per-step supervisor: a small process between the agent and the step that outlives the
+//! agent (like slurmstepd or containerd's shim), so that an agent restart loses neither the
+//! step's output nor its exit status.
+//!
+//! The agent forks the supervisor; the supervisor starts a session of its own, forks the step,
+//! closes everything it inherited from the agent, waits for the step and writes how it ended
+//! (wait status and rusage) to a status file, atomically (written aside, then renamed). The
+//! step writes its output straight to two files, which the agent tails. Both files and the
+//! status live in the agent's state directory, out of the task's reach.
+//!
+//! No `exec` separates the supervisor from the agent, so both forked processes run only raw
+//! system calls on data built before the fork: after a fork in a multi-threaded process nothing
+//! that may allocate or take a lock is safe.
+
+use std::ffi::{CString, c_int};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::runtime::Usage;
+
+/// The files of one step in the agent's state directory.
+#[derive(Debug, Clone)]
+pub(crate) struct StepFiles {
+    base: PathBuf,
+}
+
+impl StepFiles {
+    /// The files of step `step` of attempt `attempt_id` under `dir`.
+    pub fn new(dir: &Path, attempt_id: i64, step: usize) -> StepFiles {
+        StepFiles { base: dir.join(format!("attempt-{attempt_id}-step-{step}")) }
+    }
+
+    /// Standard output of the step.
+    pub fn stdout(&self) -> PathBuf {
+        self.base.with_extension("out")
+    }
+
+    /// Standard error of the step.
+    pub fn stderr(&self) -> PathBuf {
+        self.base.with_extension("err")
+    }
+
+    /// How the step ended, once it did.
+    pub fn status(&self) -> PathBuf {
+        self.base.with_extension("status")
+    }
+
+    fn status_tmp(&self) -> PathBuf {
+        self.base.with_extension("status.tmp")
+    }
+
+    fn shipped_file(&self) -> PathBuf {
+        self.base.with_extension("shipped")
+    }
+
+    /// How far into standard output and standard error the lines handed on reached, as last
+    /// written down; (0, 0) when nothing was.
+    pub fn shipped(&self) -> (u64, u64) {
+        let text = std::fs::read_to_string(self.shipped_file()).unwrap_or_default();
+        let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
+        (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
+    }
+
+    /// Writes down how far the lines handed on reached (aside, then renamed, so a crash leaves
+    /// the old record or the new one).
+    pub fn record_shipped(&self, stdout: u64, stderr: u64) {
+        let tmp = self.base.with_extension("shipped.tmp");
+        if std::fs::write(&tmp, format!("{stdout} {stderr}\n")).is_ok() {
+            let _ = std::fs::rename(&tmp, self.shipped_file());
+        }
+    }
+
+    /// Removes every file of the step.
+    pub fn remove(&self) {
+        let files = [self.stdout(), self.stderr(), self.status(), self.status_tmp(), self.shipped_file()];
+        for path in files {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// How a step ended, as its supervisor recorded it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Ended {
+    /// The raw wait status.
+    pub raw: c_int,
+    /// CPU time and peak memory from the step's rusage (descendants it waited for included).
+    pub usage: Usage,
+}
+
+/// Reads a status file; `None` while the step runs (the file appears whole, by rename).
+pub(crate) fn read_status(path: &Path) -> Option<Ended> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<i64>().ok());
+    let (raw, utime, stime, maxrss) = (fields.next()??, fields.next()??, fields.next()??, fields.next()??);
+    Some(Ended {
+        raw: c_int::try_from(raw).ok()?,
+        usage: Usage {
+            cpu_seconds: (utime.max(0) + stime.max(0)) as f64 / 1e6,
+            peak_memory_bytes: (maxrss.max(0) as u64) * 1024,
+        },
+    })
+}
+
+/// Everything the supervisor and the step need, built before the fork.
+pub(crate) struct Plan {
+    program: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    cwd: CString,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    devnull: OwnedFd,
+    status_tmp: CString,
+    status: CString,
+}
+
+// SAFETY: the raw pointers point into the CStrings the plan owns, which never move or change
+// while it lives; the plan is only read.
+unsafe impl Send for Plan {}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a path, argument or variable")
+    })
+}
+
+impl Plan {
+    /// Prepares running `program` with `argv` (argv[0] included) and `env` in `cwd`, its
+    /// output going to the step's files.
+    pub fn new(
+        program: &Path,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &Path,
+        files: &StepFiles,
+    ) -> io::Result<Plan> {
+        let argv: Vec<CString> = argv.iter().map(|a| cstring(a.as_bytes())).collect::<io::Result<_>>()?;
+        let envp: Vec<CString> =
+            env.iter().map(|(k, v)| cstring(format!("{k}={v}").as_bytes())).collect::<io::Result<_>>()?;
+        let pointers = |list: &[CString]| {
+            list.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect::<Vec<_>>()
+        };
+        let output = |path: PathBuf| -> io::Result<OwnedFd> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)?;
+            Ok(OwnedFd::from(file))
+        };
+        let devnull = OwnedFd::from(std::fs::File::open("/dev/null")?);
+        Ok(Plan {
+            program: cstring(program.as_os_str().as_bytes())?,
+            argv_ptrs: pointers(&argv),
+            _argv: argv,
+            envp_ptrs: pointers(&envp),
+            _envp: envp,
+            cwd: cstring(cwd.as_os_str().as_bytes())?,
+            stdout: output(files.stdout())?,
+            stderr: output(files.stderr())?,
+            devnull,
+            status_tmp: cstring(files.status_tmp().as_os_str().as_bytes())?,
+            status: cstring(files.status().as_os_str().as_bytes())?,
+        })
+    }
+}
+
+/// The two processes of a started step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Launched {
+    /// The supervisor, a child of the agent (reap it).
+    pub supervisor: i32,
+    /// The step: leader of its own process group.
+    pub step: i32,
+}
+
+/// Forks the supervisor, which forks the step. `setup` runs in the step before exec and must be
+/// async-signal-safe (see the module documentation). Blocks until the step has exec'd or failed
+/// to; a failure before exec is the error returned.
+pub(crate) fn launch(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync)) -> io::Result<Launched> {
+    let report = pipe()?;
+    let exec_error = pipe()?;
+    // SAFETY: fork in a multi-threaded process; both children only make raw system calls on
+    // memory prepared before the fork (the plan, the pipes) until they exec or _exit.
+    let supervisor = unsafe { libc::fork() };
+    if supervisor < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if supervisor == 0 {
+        // SAFETY: see above; never returns.
+        unsafe { supervise(plan, setup, report.1.as_raw_fd(), exec_error.1.as_raw_fd()) }
+    }
+    drop(report.1);
+    drop(exec_error.1);
+    let mut pid = [0u8; 4];
+    if let Err(e) = read_exact(&report.0, &mut pid) {
+        reap(supervisor);
+        return Err(io::Error::other(format!("the step's supervisor failed to start it: {e}")));
+    }
+    let step = i32::from_ne_bytes(pid);
+    let mut errno = [0u8; 4];
+    match read_exact(&exec_error.0, &mut errno) {
+        // The pipe closed on exec: the step runs.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Launched { supervisor, step }),
+        Ok(()) => {
+            reap(supervisor);
+            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+        }
+        Err(e) => {
+            reap(supervisor);
+            Err(e)
+        }
+    }
+}
+
+fn reap(pid: i32) {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child with a valid out pointer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } == -1
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn read_exact(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: reads into the unfilled part of `buf`.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), buf.len() - done) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    Ok(())
+}
+
+/// The supervisor, in the forked child. Async-signal-safe; never returns.
+unsafe fn supervise(
+    plan: &Plan,
+    setup: &(dyn Fn() -> io::Result<()> + Sync),
+    report: c_int,
+    exec_error: c_int,
+) -> ! {
+    // SAFETY (whole body): raw system calls on descriptors and strings prepared before the fork.
+    unsafe {
+        libc::setsid();
+        // Signals as a fresh process has them: the agent's handlers and mask mean nothing here.
+        // A write to the report pipe after the agent died must not kill the supervisor.
+        reset_signals();
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let step = libc::fork();
+        if step == 0 {
+            libc::close(report);
+            run_step(plan, setup, exec_error);
+        }
+        if step < 0 {
+            libc::_exit(1);
+        }
+        let pid = step.to_ne_bytes();
+        libc::write(report, pid.as_ptr().cast(), pid.len());
+        // Nothing of the agent's stays open here (its sockets, its files), and the supervisor's
+        // own standard streams go nowhere.
+        let null = plan.devnull.as_raw_fd();
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        close_from(3);
+        let mut status: c_int = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        while libc::wait4(step, &mut status, 0, &mut usage) == -1 && *libc::__errno_location() == libc::EINTR
+        {
+        }
+        let micros = |t: libc::timeval| t.tv_sec.saturating_mul(1_000_000).saturating_add(t.tv_usec);
+        let mut line = [0u8; 96];
+        let mut at = 0;
+        for (i, n) in [status as i64, micros(usage.ru_utime), micros(usage.ru_stime), usage.ru_maxrss as i64]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                line[at] = b' ';
+                at += 1;
+            }
+            at += write_int(&mut line[at..], n);
+        }
+        line[at] = b'\n';
+        at += 1;
+        let fd = libc::open(
+            plan.status_tmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o600,
+        );
+        if fd >= 0 {
+            libc::write(fd, line.as_ptr().cast(), at);
+            libc::fsync(fd);
+            libc::close(fd);
+            libc::rename(plan.status_tmp.as_ptr(), plan.status.as_ptr());
+        }
+        libc::_exit(0)
+    }
+}
+
+/// The step, in the supervisor's forked child: standard streams, setup, exec. On failure the
+/// errno goes to the agent through `exec_error`.
+unsafe fn run_step(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync), exec_error: c_int) -> ! {
+    // SAFETY (whole body): raw system calls on data prepared before the fork.
+    unsafe {
+        let fail = |errno: c_int| -> ! {
+            let bytes = errno.to_ne_bytes();
+            libc::write(exec_error, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        };
+        libc::setpgid(0, 0);
+        if libc::dup2(plan.devnull.as_raw_fd(), 0) < 0
+            || libc::dup2(plan.stdout.as_raw_fd(), 1) < 0
+            || libc::dup2(plan.stderr.as_raw_fd(), 2) < 0
+        {
+            fail(*libc::__errno_location());
+        }
+        if libc::chdir(plan.cwd.as_ptr()) != 0 {
+            fail(*libc::__errno_location());
+        }
+        if let Err(e) = setup() {
+            fail(e.raw_os_error().unwrap_or(libc::EPERM));
+        }
+        libc::execve(plan.program.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+        fail(*libc::__errno_location())
+    }
+}
+
+/// Every signal back to its default action and unblocked.
+unsafe fn reset_signals() {
+    // SAFETY: sigset manipulation on a local, and signal/sigprocmask system calls.
+    unsafe {
+        for signal in 1..32 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// Closes every descriptor from `first` on.
+unsafe fn close_from(first: c_int) {
+    // SAFETY: close_range and close only close descriptors of this process.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) != 0 {
+            // Kernels before 5.9: close them one by one.
+            let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(1024, 1 << 16) as c_int;
+            for fd in first..max {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// Writes `n` in decimal into `buf`; returns the number of bytes written. Allocation-free.
+fn write_int(buf: &mut [u8], n: i64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut v = n.unsigned_abs();
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut at = 0;
+    if n < 0 {
+        buf[0] = b'-';
+        at = 1;
+    }
+    for i in 0..len {
+        buf[at + i] = digits[len - 1 - i];
+    }
+    at + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_are_written_without_allocating() {
+        let mut buf = [0u8; 24];
+        let n = write_int(&mut buf, -1234);
+        assert_eq!(&buf[..n], b"-1234");
+        let n = write_int(&mut buf, 0);
+        assert_eq!(&buf[..n], b"0");
+        let n = write_int(&mut buf, i64::MIN);
+        assert_eq!(&buf[..n], i64::MIN.to_string().as_bytes());
+    }
+
+    #[test]
+    fn status_files_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s");
+        assert_eq!(read_status(&path), None);
+        std::fs::write(&path, "768 1500000 500000 2048\n").expect("write");
+        let ended = read_status(&path).expect("status");
+        assert_eq!(ended.raw, 768);
+        assert!((ended.usage.cpu_seconds - 2.0).abs() < 1e-9);
+        assert_eq!(ended.usage.peak_memory_bytes, 2 << 20);
+        std::fs::write(&path, "garbage").expect("write");
+        assert_eq!(read_status(&path), None);
+    }
+}

@@ -1,0 +1,137 @@
+//! Reading a step's output file while the step still writes it, as an [`AsyncRead`] that the
+//! line splitter consumes like a pipe: data as it arrives, end of file once the step has ended
+//! and everything it wrote was read.
+
+use std::future::Future;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::Notify;
+
+/// Shortest and longest pause between reads that found nothing new; the pause doubles while
+/// the file stays quiet, so an idle step costs little and a chatty one is read at once.
+const FIRST_PAUSE: Duration = Duration::from_millis(2);
+const LONGEST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Tells a [`Tail`] that its step ended (no more data will come).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Ended {
+    flag: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl Ended {
+    /// Marks the step as ended and wakes the reader.
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// A growing file read from `offset` on.
+pub(crate) struct Tail {
+    file: std::fs::File,
+    ended: Ended,
+    pause: Duration,
+    waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Set once a read after the end found nothing: the file is complete.
+    drained: bool,
+}
+
+impl Tail {
+    /// Opens `path` for reading from `offset`.
+    pub fn open(path: &Path, offset: u64, ended: Ended) -> io::Result<Tail> {
+        let mut file = std::fs::File::open(path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(Tail { file, ended, pause: FIRST_PAUSE, waiting: None, drained: false })
+    }
+}
+
+impl AsyncRead for Tail {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.drained {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(waiting) = &mut this.waiting {
+                match waiting.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.waiting = None,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // Read the flag before reading the file: data written before the step ended is in
+            // the file by then, so an empty read after it means the file is complete.
+            let ended = this.ended.is_set();
+            // A read of a regular file from the page cache does not block for long.
+            match this.file.read(buf.initialize_unfilled()) {
+                Ok(0) if ended => this.drained = true,
+                Ok(0) => {
+                    let (pause, wake) = (this.pause, this.ended.wake.clone());
+                    this.pause = (this.pause * 2).min(LONGEST_PAUSE);
+                    this.waiting = Some(Box::pin(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = wake.notified() => {}
+                        }
+                    }));
+                }
+                Ok(n) => {
+                    buf.advance(n);
+                    this.pause = FIRST_PAUSE;
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_what_arrives_and_ends_once_the_writer_ended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out");
+        let mut writer = std::fs::File::create(&path).expect("create");
+        writer.write_all(b"skip:").expect("write");
+        let ended = Ended::default();
+        let mut tail = Tail::open(&path, 5, ended.clone()).expect("open");
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            tail.read_to_end(&mut all).await.map(|_| all)
+        });
+        for part in [&b"one\n"[..], b"two\n", b"three"] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            writer.write_all(part).expect("write");
+        }
+        ended.set();
+        let all = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("ends")
+            .expect("task")
+            .expect("read");
+        assert_eq!(all, b"one\ntwo\nthree");
+    }
+}
