@@ -10,13 +10,14 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use drover_guest::procs;
 use drover_guest::protocol::{
     GuestMessage, MAX_CHUNK, OutputStream, StartErrorKind, StepExit, StepState, StepUsage,
 };
@@ -91,7 +92,7 @@ impl Steps {
         };
         let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(DEFAULT_PATH);
         let cwd = Path::new(cwd);
-        let program = match resolve_program(name, path, cwd) {
+        let program = match procs::resolve_program(name, path, cwd) {
             Ok(program) => program,
             Err(error) => {
                 self.outbox.broadcast(&failed(kind_of(&error), error.to_string()));
@@ -284,22 +285,13 @@ fn zeroed_rusage() -> libc::rusage {
 }
 
 fn decode_status(raw: libc::c_int) -> StepExit {
-    let mut exit = StepExit { code: None, signal: None, oom: false };
-    if libc::WIFEXITED(raw) {
-        exit.code = Some(libc::WEXITSTATUS(raw));
-    } else if libc::WIFSIGNALED(raw) {
-        exit.signal = Some(libc::WTERMSIG(raw));
-    }
-    exit
+    let status = procs::decode_wait(raw);
+    StepExit { code: status.code, signal: status.signal, oom: false }
 }
 
 fn rusage_usage(rusage: &libc::rusage) -> StepUsage {
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    StepUsage {
-        cpu_seconds: seconds(rusage.ru_utime) + seconds(rusage.ru_stime),
-        // ru_maxrss is in KiB on Linux.
-        peak_memory_bytes: (rusage.ru_maxrss.max(0) as u64) * 1024,
-    }
+    let (cpu_seconds, peak_memory_bytes) = procs::rusage_totals(rusage);
+    StepUsage { cpu_seconds, peak_memory_bytes }
 }
 
 fn larger(a: StepUsage, b: StepUsage) -> StepUsage {
@@ -311,34 +303,8 @@ fn larger(a: StepUsage, b: StepUsage) -> StepUsage {
 
 /// CPU time and resident memory of the live members of process group `pgid`, from `/proc`.
 fn group_usage(pgid: i32) -> StepUsage {
-    // SAFETY: sysconf has no memory arguments.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // SAFETY: as above.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    let mut usage = StepUsage::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return usage;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the command: [0] state, [2] pgrp, [11..=14] utime stime cutime cstime, [21] rss.
-        if fields.len() < 22 || fields[2] != pgid.to_string() {
-            continue;
-        }
-        let number = |i: usize| fields[i].parse::<u64>().unwrap_or(0);
-        usage.cpu_seconds += (number(11) + number(12) + number(13) + number(14)) as f64 / ticks;
-        usage.peak_memory_bytes += number(21) * page;
-    }
-    usage
+    let group = procs::group_usage(pgid);
+    StepUsage { cpu_seconds: group.cpu_seconds, peak_memory_bytes: group.rss_bytes }
 }
 
 /// The kernel's OOM-kill counter, to tell whether one happened during a step.
@@ -357,32 +323,6 @@ fn kind_of(error: &std::io::Error) -> StartErrorKind {
     }
 }
 
-/// Finds argv[0] before forking, so a missing program is a clean `StartFailed`.
-fn resolve_program(name: &str, search_path: &str, cwd: &Path) -> std::io::Result<PathBuf> {
-    if name.contains('/') {
-        let path = cwd.join(name);
-        return if is_executable(&path) {
-            Ok(path)
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} is not an executable file", path.display()),
-            ))
-        };
-    }
-    search_path
-        .split(':')
-        .filter(|dir| !dir.is_empty())
-        .map(|dir| cwd.join(dir).join(name))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} not found in PATH")))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,8 +335,8 @@ mod tests {
 
     #[test]
     fn resolves_programs_in_path() {
-        assert!(resolve_program("sh", "/usr/bin:/bin", Path::new("/")).is_ok());
-        let missing = resolve_program("drover-no-such-program", "/bin", Path::new("/")).unwrap_err();
+        assert!(procs::resolve_program("sh", "/usr/bin:/bin", Path::new("/")).is_ok());
+        let missing = procs::resolve_program("drover-no-such-program", "/bin", Path::new("/")).unwrap_err();
         assert_eq!(kind_of(&missing), StartErrorKind::NotFound);
     }
 

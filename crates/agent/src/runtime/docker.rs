@@ -41,7 +41,6 @@
 mod cgroup;
 mod config;
 mod firewall;
-mod lines;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -69,7 +68,8 @@ use tokio::sync::watch;
 
 use self::cgroup::{ContainerCgroup, Reading};
 use self::config::{LABEL_ATTEMPT, LABEL_MANAGED, LABEL_ROLE, Networking};
-use self::lines::LineSplitter;
+use super::lines::LineSplitter;
+use super::steps::StepTable;
 use super::{
     ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream as OutStream,
     TaskSpec, Usage,
@@ -101,13 +101,13 @@ type ExecOutput = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::E
 pub struct DockerRuntime {
     docker: Docker,
     state: Arc<Mutex<State>>,
+    steps: Arc<StepTable<StepState>>,
     /// Addresses of the Drover servers, which no container may reach.
     servers: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    steps: HashMap<(i64, usize), Arc<StepState>>,
     attempts: HashMap<i64, Arc<AttemptInfo>>,
 }
 
@@ -202,7 +202,7 @@ impl DockerRuntime {
             .ping()
             .await
             .map_err(|e| unavailable(format!("the docker engine does not answer pings: {e}")))?;
-        Ok(DockerRuntime { docker, state: Arc::default(), servers: Vec::new() })
+        Ok(DockerRuntime { docker, state: Arc::default(), steps: Arc::default(), servers: Vec::new() })
     }
 
     /// Whether `reference` (a name with tag, or an image id) is present on this node.
@@ -303,16 +303,11 @@ impl DockerRuntime {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Every update is a single insert or remove, so a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        super::steps::lock(&self.state)
     }
 
     fn step_state(&self, handle: &RunHandle) -> Result<Arc<StepState>, RuntimeError> {
-        self.lock()
-            .steps
-            .get(&(handle.attempt_id, handle.step))
-            .cloned()
-            .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
+        self.steps.get(handle)
     }
 
     /// The attempt's running task container, from the cache or from the engine.
@@ -599,7 +594,7 @@ impl Runtime for DockerRuntime {
             pid,
             "step started"
         );
-        self.lock().steps.insert((task.attempt_id, step), state.clone());
+        self.steps.insert(task.attempt_id, step, state.clone());
         tokio::spawn(supervise(
             self.docker.clone(),
             state,
@@ -676,7 +671,7 @@ impl Runtime for DockerRuntime {
             finished: rx,
             live: LiveMax::default(),
         });
-        self.lock().steps.insert((handle.attempt_id, handle.step), state.clone());
+        self.steps.insert(handle.attempt_id, handle.step, state.clone());
         tracing::info!(
             attempt_id = handle.attempt_id,
             step = handle.step,
@@ -737,9 +732,8 @@ impl Runtime for DockerRuntime {
 
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
         {
-            let mut state = self.lock();
-            state.steps.retain(|(attempt, _), _| *attempt != task.attempt_id);
-            state.attempts.remove(&task.attempt_id);
+            self.steps.take_attempt(task.attempt_id);
+            self.lock().attempts.remove(&task.attempt_id);
         }
         self.remove_attempt(task.attempt_id).await?;
         tracing::info!(attempt_id = task.attempt_id, "sandbox removed");

@@ -52,7 +52,6 @@
 mod boot;
 mod forward;
 mod image;
-mod lines;
 mod pool;
 mod proxy;
 mod qmp;

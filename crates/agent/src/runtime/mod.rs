@@ -22,8 +22,10 @@ pub(crate) fn layered_env(base: Vec<(String, String)>, task: &TaskSpec) -> Vec<(
 #[cfg(test)]
 pub mod conformance;
 pub mod docker;
+mod lines;
 pub mod microvm;
 pub mod process;
+mod steps;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -8,15 +8,12 @@
 
 mod cgroup;
 mod confine;
-mod lines;
-mod proc_stat;
 mod supervisor;
 mod tail;
 
 pub use confine::Isolation;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +24,11 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use drover_guest::procs;
+
+use super::lines;
+use super::steps::{StepTable, lock};
 
 use self::cgroup::{AttemptCgroup, Cgroups, Limits, StepCgroup};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
@@ -58,7 +60,8 @@ pub struct ProcessConfig {
     /// own user, as an unprivileged agent has to.
     pub isolation: Option<Isolation>,
     /// Where steps' supervisors keep their output and exit status (kept across agent
-    /// restarts, out of the tasks' reach); default a directory in the system's temp dir.
+    /// restarts, out of the tasks' reach); default a directory of the scope in the system's temp
+    /// dir.
     pub steps_dir: Option<PathBuf>,
 }
 
@@ -67,7 +70,9 @@ impl Default for ProcessConfig {
         ProcessConfig {
             default_pids: 8192,
             open_files: 65536,
-            scope: "local".into(),
+            // Per process: runtimes of different processes (tests, embedders) reuse attempt
+            // ids, and must not share cgroups or step files. The agent passes a stable scope.
+            scope: format!("local{}", std::process::id()),
             isolation: None,
             steps_dir: None,
         }
@@ -78,6 +83,7 @@ impl Default for ProcessConfig {
 #[derive(Debug)]
 pub struct ProcessRuntime {
     state: Arc<Mutex<State>>,
+    steps: StepTable<StepState>,
     config: ProcessConfig,
     cgroups: Cgroups,
     /// Task uids, when tasks are confined.
@@ -96,7 +102,6 @@ impl Default for ProcessRuntime {
 
 #[derive(Debug, Default)]
 struct State {
-    steps: HashMap<(i64, usize), Arc<StepState>>,
     /// `None` records that cgroup creation was tried and failed, so later steps of the same
     /// attempt do not probe again.
     cgroups: HashMap<i64, Option<Arc<AttemptCgroup>>>,
@@ -167,13 +172,21 @@ impl ProcessRuntime {
         let steps_dir = config
             .steps_dir
             .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("drover-steps-{}", nix::unistd::geteuid())));
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("drover-steps-{}", config.scope)));
         // Created lazily would race between steps; a failure shows at the first step's start.
         {
             use std::os::unix::fs::DirBuilderExt;
             let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&steps_dir);
         }
-        ProcessRuntime { state: Arc::default(), config, cgroups, uids, namespaces, steps_dir }
+        ProcessRuntime {
+            state: Arc::default(),
+            steps: StepTable::default(),
+            config,
+            cgroups,
+            uids,
+            namespaces,
+            steps_dir,
+        }
     }
 
     /// The limits this node enforces on process tasks (reported at start and turned into node
@@ -263,17 +276,11 @@ impl ProcessRuntime {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated (every update is a
-        // single insert or remove), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn step_state(&self, handle: &RunHandle) -> Result<Arc<StepState>, RuntimeError> {
-        self.lock()
-            .steps
-            .get(&(handle.attempt_id, handle.step))
-            .cloned()
-            .ok_or(RuntimeError::UnknownHandle { attempt_id: handle.attempt_id, step: handle.step })
+        self.steps.get(handle)
     }
 
     /// The attempt's cgroup, made on its first step. A limit the task asked for that cannot
@@ -407,7 +414,7 @@ impl Runtime for ProcessRuntime {
             .map_err(|e| start_error(std::io::Error::other(e)))?
             .map_err(start_error)?;
         let pid = launched.step;
-        let start_ticks = proc_stat::read(pid).map(|s| s.start_ticks);
+        let start_ticks = procs::read(pid).map(|s| s.start_ticks);
         tracing::info!(attempt_id = task.attempt_id, step, pid, supervisor = launched.supervisor, program = %program.display(), "step started");
         let ended = tail::Ended::default();
         let readers =
@@ -428,7 +435,7 @@ impl Runtime for ProcessRuntime {
             task.attempt_id,
             step,
         ));
-        self.lock().steps.insert((task.attempt_id, step), state);
+        self.steps.insert(task.attempt_id, step, state);
         Ok(RunHandle {
             attempt_id: task.attempt_id,
             step,
@@ -474,9 +481,9 @@ impl Runtime for ProcessRuntime {
             handle.attempt_id,
             handle.step,
         ));
-        self.lock().steps.insert((handle.attempt_id, handle.step), state);
+        self.steps.insert(handle.attempt_id, handle.step, state);
         // A confined step keeps its uid: no new task may get it while this one runs.
-        if let (Some(uids), Some(uid)) = (&self.uids, proc_stat::uid_of(pid)) {
+        if let (Some(uids), Some(uid)) = (&self.uids, procs::uid_of(pid)) {
             uids.claim(uid);
         }
         tracing::info!(attempt_id = handle.attempt_id, step = handle.step, pid, "attached to running step");
@@ -507,7 +514,7 @@ impl Runtime for ProcessRuntime {
             return Ok(finished.usage);
         }
         let pgid = state.pgid;
-        let group = tokio::task::spawn_blocking(move || proc_stat::group_usage(pgid)).await.map_err(|e| {
+        let group = tokio::task::spawn_blocking(move || procs::group_usage(pgid)).await.map_err(|e| {
             RuntimeError::Io { context: "scan /proc".into(), source: std::io::Error::other(e) }
         })?;
         let mut usage = Usage { cpu_seconds: group.cpu_seconds, peak_memory_bytes: group.rss_bytes };
@@ -518,19 +525,15 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError> {
-        let (steps, cgroup) = {
-            let mut state = self.lock();
-            let keys: Vec<_> = state.steps.keys().filter(|(a, _)| *a == task.attempt_id).copied().collect();
-            let steps: Vec<_> = keys.iter().filter_map(|k| state.steps.remove(k)).collect();
-            (steps, state.cgroups.remove(&task.attempt_id).flatten())
-        };
+        let steps = self.steps.take_attempt(task.attempt_id);
+        let cgroup = self.lock().cgroups.remove(&task.attempt_id).flatten();
         for step in steps {
             let running = step.finished.borrow().is_none();
             // Once the leader is reaped, its pid is only safe to use as a group id while some
             // member still holds it; an empty group's id may have been reused.
             let survivors = running || {
                 let pgid = step.pgid;
-                tokio::task::spawn_blocking(move || !proc_stat::alive_members(pgid).is_empty())
+                tokio::task::spawn_blocking(move || !procs::alive_members(pgid).is_empty())
                     .await
                     .unwrap_or(false)
             };
@@ -612,7 +615,7 @@ fn follow_output(
         let shipped = lines::Shipped::from(offset);
         let (sink, progress) = (out.clone(), shipped.clone());
         let task = tokio::spawn(async move {
-            if let Err(error) = lines::pump_tracked(reader, stream, step, sink, &progress).await {
+            if let Err(error) = lines::pump(reader, stream, step, sink, &progress).await {
                 tracing::warn!(attempt_id, pid, ?stream, %error, "reading step output failed");
             }
         });
@@ -655,7 +658,7 @@ async fn supervise_step(
                 // Not our child: the status file appears when the step ends; a step gone
                 // without one lost its supervisor too.
                 tokio::time::sleep(ATTACH_POLL).await;
-                if status_file.exists() || !proc_stat::read(pid).is_some_and(|s| s.alive()) {
+                if status_file.exists() || !procs::read(pid).is_some_and(|s| s.alive()) {
                     break;
                 }
             },
@@ -708,7 +711,7 @@ async fn supervise_step(
 }
 
 fn is_same_process(pid: i32, ticks: u64) -> bool {
-    proc_stat::read(pid).is_some_and(|s| s.alive() && s.start_ticks == ticks)
+    procs::read(pid).is_some_and(|s| s.alive() && s.start_ticks == ticks)
 }
 
 fn signal_group(pgid: i32, signal: Signal) -> std::io::Result<()> {
@@ -738,13 +741,8 @@ fn wait4_blocking(pid: i32) -> std::io::Result<(libc::c_int, libc::rusage)> {
 }
 
 fn decode_status(raw: libc::c_int) -> ExitStatus {
-    let mut status = unknown_status();
-    if libc::WIFEXITED(raw) {
-        status.code = Some(libc::WEXITSTATUS(raw));
-    } else if libc::WIFSIGNALED(raw) {
-        status.signal = Some(libc::WTERMSIG(raw));
-    }
-    status
+    let status = procs::decode_wait(raw);
+    ExitStatus { code: status.code, signal: status.signal, oom: false }
 }
 
 /// The rlimits every step gets: no core dumps (a dump of a task's memory would land in its
@@ -791,31 +789,9 @@ fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     super::layered_env(env, task)
 }
 
-/// Finds the program of argv[0] before forking, so that a missing binary is a clean
-/// [`RuntimeError::Start`] and the search uses the step's PATH rather than the agent's.
+/// Finds the program of argv[0] in the step's PATH (or the default), relative to the workspace.
 fn resolve_program(name: &str, search_path: Option<&str>, workspace: &Path) -> std::io::Result<PathBuf> {
-    if name.contains('/') {
-        // Relative paths are relative to the step's working directory, the workspace.
-        let path = workspace.join(name);
-        return if is_executable(&path) {
-            Ok(path)
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} is not an executable file", path.display()),
-            ))
-        };
-    }
-    let search_path: OsString = search_path.map(OsString::from).unwrap_or_else(|| DEFAULT_PATH.into());
-    std::env::split_paths(&search_path)
-        .map(|dir| workspace.join(dir).join(name))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} not found in PATH")))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    procs::resolve_program(name, search_path.unwrap_or(DEFAULT_PATH), workspace)
 }
 
 fn cpu_set(cpus: &[usize]) -> std::io::Result<Option<nix::sched::CpuSet>> {
@@ -1074,6 +1050,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_step_gets_sigpipe_like_any_program() {
+        let dir = conformance::scratch();
+        let task = conformance::task(dir.path(), vec![conformance::sh("yes | head -c 3")]);
+        let (status, chunks) = conformance::run_step(&ProcessRuntime::new(), &task, 0).await;
+        let text: String = chunks.iter().map(|c| String::from_utf8_lossy(&c.data)).collect();
+        assert_eq!((status.code, text.as_str()), (Some(0), "y\ny"), "no broken-pipe complaint from yes");
+    }
+
+    #[tokio::test]
     async fn cleanup_kills_survivors_of_a_finished_step() {
         let dir = tempfile::tempdir().expect("tempdir");
         // The background sleep closes its output, so the step finishes while it keeps running.
@@ -1084,7 +1069,7 @@ mod tests {
         let handle = runtime.start(&task, 0, tx).await.expect("start");
         assert_eq!(runtime.wait(&handle).await.expect("wait").code, Some(0));
         let pgid = handle.pid.expect("pid");
-        assert!(!proc_stat::alive_members(pgid).is_empty(), "the background sleep should still run");
+        assert!(!procs::alive_members(pgid).is_empty(), "the background sleep should still run");
         runtime.cleanup(&task).await.expect("cleanup");
         conformance::assert_group_gone(pgid).await;
         assert!(matches!(runtime.wait(&handle).await, Err(RuntimeError::UnknownHandle { .. })));

@@ -19,8 +19,8 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{oneshot, watch};
 
-use super::lines::LineSplitter;
 use crate::beneath::{BeneathError, Dir, RelPath};
+use crate::runtime::lines::LineSplitter;
 use crate::runtime::{ExitStatus, OutputChunk, OutputSink, RuntimeError, Stream, Usage};
 
 /// How long a request waits for the guest's answer.
@@ -391,7 +391,7 @@ async fn handle(
                 send_lines(sink, step, OutputStream::Stderr, vec![note.into_bytes()]).await;
             }
             for stream in [OutputStream::Stdout, OutputStream::Stderr] {
-                if let Some(rest) = splitters.remove(&(step, stream)).and_then(LineSplitter::finish)
+                if let Some(rest) = splitters.remove(&(step, stream)).and_then(|mut s| s.finish())
                     && let Some(sink) = &sink
                 {
                     send_lines(sink, step, stream, vec![rest]).await;

@@ -330,6 +330,9 @@ unsafe fn run_step(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync), exe
             libc::_exit(127)
         };
         libc::setpgid(0, 0);
+        // The supervisor ignores SIGPIPE, and an ignored signal stays ignored across exec: a
+        // step must get it as any program does (`yes | head` ends quietly).
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         if libc::dup2(plan.devnull.as_raw_fd(), 0) < 0
             || libc::dup2(plan.stdout.as_raw_fd(), 1) < 0
             || libc::dup2(plan.stderr.as_raw_fd(), 2) < 0

@@ -1,0 +1,162 @@
+//! The one line splitter of all runtimes: output becomes [`OutputChunk`]s of one line each,
+//! newline kept, lines longer than [`MAX_LINE`] cut into pieces, and a last line without
+//! newline still sent. Runtimes get output in pieces of any size (pipes, files, Docker's
+//! frames, the guest's chunks), so the splitter is fed pieces and keeps the unfinished line
+//! between them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::runtime::{MAX_LINE, OutputChunk, OutputSink, Stream};
+
+/// The unfinished line of one stream.
+#[derive(Debug, Default)]
+pub(crate) struct LineSplitter {
+    line: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Adds `data` and returns the lines (or [`MAX_LINE`] pieces) it completed.
+    pub(crate) fn push(&mut self, mut data: &[u8]) -> Vec<Vec<u8>> {
+        let mut done = Vec::new();
+        while !data.is_empty() {
+            let room = MAX_LINE - self.line.len();
+            let window = &data[..data.len().min(room)];
+            let (taken, complete) = match window.iter().position(|&b| b == b'\n') {
+                Some(newline) => (newline + 1, true),
+                None => (window.len(), self.line.len() + window.len() == MAX_LINE),
+            };
+            self.line.extend_from_slice(&window[..taken]);
+            data = &data[taken..];
+            if complete {
+                done.push(std::mem::take(&mut self.line));
+            }
+        }
+        done
+    }
+
+    /// The last line when the stream ended without a newline.
+    pub(crate) fn finish(&mut self) -> Option<Vec<u8>> {
+        (!self.line.is_empty()).then(|| std::mem::take(&mut self.line))
+    }
+}
+
+/// How far into a stream the lines handed on reach: the offset after the last one sent.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Shipped(Arc<AtomicU64>);
+
+impl Shipped {
+    /// Starts counting at `offset` (a stream read from there on).
+    pub fn from(offset: u64) -> Shipped {
+        Shipped(Arc::new(AtomicU64::new(offset)))
+    }
+
+    /// The offset after the last line handed on.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads `reader` to the end and sends its lines to `sink`, recording in `shipped` how far the
+/// lines handed on reach. Returns the number of bytes read.
+///
+/// When the sink is closed the rest is still read and dropped: a writer must never block just
+/// because nobody listens any more.
+pub(crate) async fn pump<R: AsyncRead + Unpin>(
+    mut reader: R,
+    stream: Stream,
+    step: usize,
+    sink: OutputSink,
+    shipped: &Shipped,
+) -> std::io::Result<u64> {
+    let mut splitter = LineSplitter::default();
+    let mut buffer = vec![0u8; MAX_LINE];
+    let mut listening = true;
+    let mut total = 0u64;
+    let send = |data: Vec<u8>| {
+        let (tx, len, counter) = (sink.clone(), data.len() as u64, shipped.0.clone());
+        async move {
+            let sent = tx.send(OutputChunk { stream, step, data }).await.is_ok();
+            if sent {
+                counter.fetch_add(len, Ordering::Relaxed);
+            }
+            sent
+        }
+    };
+    loop {
+        let n = reader.read(&mut buffer).await?;
+        if n == 0 {
+            if let Some(rest) = splitter.finish()
+                && listening
+            {
+                send(rest).await;
+            }
+            return Ok(total);
+        }
+        total += n as u64;
+        for line in splitter.push(&buffer[..n]) {
+            if listening {
+                listening = send(line).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(input: &[u8], piece: usize) -> Vec<Vec<u8>> {
+        let mut splitter = LineSplitter::default();
+        let mut out: Vec<Vec<u8>> = input.chunks(piece).flat_map(|p| splitter.push(p)).collect();
+        out.extend(splitter.finish());
+        out
+    }
+
+    #[test]
+    fn keeps_newlines_and_the_last_partial_line() {
+        for piece in [1, 3, 1000] {
+            let out = split(b"a\n\nbc\nlast", piece);
+            assert_eq!(out, vec![b"a\n".to_vec(), b"\n".to_vec(), b"bc\n".to_vec(), b"last".to_vec()]);
+        }
+    }
+
+    #[test]
+    fn cuts_long_lines_at_max_line() {
+        let mut input = vec![b'x'; 2 * MAX_LINE + 10];
+        input.push(b'\n');
+        input.extend_from_slice(&vec![b'y'; MAX_LINE]);
+        input.push(b'\n');
+        for piece in [1000, MAX_LINE, 3 * MAX_LINE] {
+            let out = split(&input, piece);
+            assert_eq!(out.concat(), input);
+            let lens: Vec<usize> = out.iter().map(Vec::len).collect();
+            // A line of exactly MAX_LINE bytes plus newline needs a second, one-byte chunk.
+            assert_eq!(lens, vec![MAX_LINE, MAX_LINE, 11, MAX_LINE, 1]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_sink_still_drains() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        let input = vec![b'z'; 5 * MAX_LINE];
+        let shipped = Shipped::default();
+        let read = pump(&input[..], Stream::Stdout, 0, tx, &shipped).await.expect("drains");
+        assert_eq!((read, shipped.get()), (input.len() as u64, 0));
+    }
+
+    #[tokio::test]
+    async fn pump_labels_stream_and_step_and_counts_what_it_sent() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let shipped = Shipped::from(10);
+        pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx, &shipped).await.expect("reads");
+        let first = rx.recv().await.expect("first");
+        assert_eq!((first.stream, first.step, first.data), (Stream::Stderr, 3, b"one\n".to_vec()));
+        assert_eq!(rx.recv().await.expect("second").data, b"two".to_vec());
+        assert!(rx.recv().await.is_none());
+        assert_eq!(shipped.get(), 17);
+    }
+}
