@@ -10,13 +10,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::ai_task::proxy::TokenUsage;
 use crate::ai_task::{self, AiTask};
 use crate::files::{self, ServerLink};
 use crate::journal::{Entry, Journal};
 use crate::log_cap::{LogCap, Piece};
 use crate::mask::{LineMasker, Masker};
 use crate::outbox::Outbox;
-use crate::proxy::TokenUsage;
 use crate::runtime::{
     ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage,
     stop_gracefully,

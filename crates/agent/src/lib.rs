@@ -15,7 +15,6 @@ pub mod log_cap;
 pub mod mask;
 pub mod monitor;
 pub mod outbox;
-pub mod proxy;
 pub mod reservation;
 pub mod runtime;
 #[cfg(any(test, feature = "test-support"))]

@@ -6,6 +6,7 @@
 //! runtime's [`HostPort`]) and a per-attempt token that is worthless anywhere else.
 
 mod git;
+pub mod proxy;
 mod wrap;
 
 use std::fmt;
@@ -15,7 +16,7 @@ use drover_core::{AgentSpec, InputSpec, LlmProvider};
 use rand::Rng;
 
 use self::git::Repo;
-use crate::proxy::{ApiFlavor, MeteringProxy, ProxyConfig, ProxyError, TokenUsage};
+use self::proxy::{ApiFlavor, MeteringProxy, ProxyConfig, ProxyError, TokenUsage};
 use crate::runtime::{HostPort, TaskSpec};
 
 /// The prompt's file name in the workspace; the agent's command also reads it on stdin.

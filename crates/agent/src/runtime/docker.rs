@@ -48,7 +48,6 @@ mod untag;
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,7 +68,7 @@ use tokio::sync::watch;
 use self::cgroup::{ContainerCgroup, Reading};
 use self::config::{LABEL_ATTEMPT, LABEL_MANAGED, LABEL_ROLE, Networking};
 use super::lines::LineSplitter;
-use super::steps::StepTable;
+use super::steps::{self, Finished, LiveMax, StepTable, larger};
 use super::{
     ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream as OutStream,
     TaskSpec, Usage,
@@ -130,33 +129,6 @@ struct StepState {
     finished: watch::Receiver<Option<Finished>>,
     /// Highest usage seen by `stats`, so the final usage is never below a live reading.
     live: LiveMax,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Finished {
-    status: ExitStatus,
-    usage: Usage,
-}
-
-#[derive(Debug, Default)]
-struct LiveMax {
-    peak_bytes: AtomicU64,
-    cpu_nanos: AtomicU64,
-}
-
-impl LiveMax {
-    fn record(&self, usage: Usage) -> Usage {
-        self.peak_bytes.fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
-        self.cpu_nanos.fetch_max((usage.cpu_seconds * 1e9) as u64, Ordering::Relaxed);
-        self.get()
-    }
-
-    fn get(&self) -> Usage {
-        Usage {
-            cpu_seconds: self.cpu_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            peak_memory_bytes: self.peak_bytes.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// How a freshly started exec turned out.
@@ -530,11 +502,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
-        let argv = task
-            .steps
-            .get(step)
-            .filter(|argv| !argv.is_empty())
-            .ok_or_else(|| start_error("", format!("step {step} has no command")))?;
+        let argv = super::steps::argv_of(task, step)?;
         let attempt = self.attempt_info(task.attempt_id).await?;
         let baseline = attempt.cgroup.as_ref().and_then(ContainerCgroup::read).unwrap_or_default();
         let since = SystemTime::now();
@@ -854,15 +822,7 @@ async fn collect_text(mut output: ExecOutput) -> String {
 }
 
 async fn wait_finished(state: &StepState) -> Result<Finished, RuntimeError> {
-    let mut rx = state.finished.clone();
-    let finished = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::Io {
-        context: format!("supervisor of exec {} ended without a result", state.exec_id),
-        source: std::io::Error::other("supervisor task ended"),
-    })?;
-    Ok(finished.unwrap_or(Finished {
-        status: ExitStatus { code: None, signal: None, oom: false },
-        usage: Usage::default(),
-    }))
+    steps::wait_finished(&state.finished, &format!("supervisor of exec {}", state.exec_id)).await
 }
 
 /// Whether docker recorded an OOM kill in `container` since `since` (used when the cgroup
@@ -895,19 +855,9 @@ fn usage_since(baseline: &Reading, now: Reading) -> Usage {
 }
 
 /// Component-wise maximum of two readings of the same usage.
-fn larger(a: Usage, b: Usage) -> Usage {
-    Usage {
-        cpu_seconds: a.cpu_seconds.max(b.cpu_seconds),
-        peak_memory_bytes: a.peak_memory_bytes.max(b.peak_memory_bytes),
-    }
-}
-
-/// Start time of a host process in clock ticks since boot (field 22 of `/proc/PID/stat`).
+/// Start time of a host process in clock ticks since boot.
 fn proc_start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // Fields after the name start at field 3 (state); starttime is field 22.
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    drover_guest::procs::read(pid).map(|s| s.start_ticks)
 }
 
 fn status_code(error: &bollard::errors::Error) -> Option<u16> {

@@ -532,14 +532,7 @@ impl Runtime for MicroVmRuntime {
     }
 
     async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
-        let argv =
-            task.steps.get(step).filter(|argv| !argv.is_empty()).ok_or_else(|| RuntimeError::Start {
-                command: String::new(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("step {step} has no command"),
-                ),
-            })?;
+        let argv = super::steps::argv_of(task, step)?;
         let entry = self
             .lock()
             .get(&task.attempt_id)

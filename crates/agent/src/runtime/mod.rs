@@ -19,6 +19,7 @@ pub(crate) fn layered_env(base: Vec<(String, String)>, task: &TaskSpec) -> Vec<(
     env
 }
 
+mod cgroup_read;
 #[cfg(test)]
 pub mod conformance;
 pub mod docker;

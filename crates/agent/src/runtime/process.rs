@@ -15,7 +15,6 @@ pub use confine::Isolation;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use tokio::task::JoinHandle;
 use drover_guest::procs;
 
 use super::lines;
-use super::steps::{StepTable, lock};
+use super::steps::{self, Finished, LiveMax, StepTable, larger, lock};
 
 use self::cgroup::{AttemptCgroup, Cgroups, Limits, StepCgroup};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
@@ -122,37 +121,6 @@ struct StepState {
     /// (rusage misses descendants that were never waited for).
     live: LiveMax,
     cgroup: Option<Arc<StepCgroup>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Finished {
-    status: ExitStatus,
-    usage: Usage,
-}
-
-#[derive(Debug, Default)]
-struct LiveMax {
-    peak_bytes: AtomicU64,
-    cpu_micros: AtomicU64,
-}
-
-impl LiveMax {
-    fn record(&self, usage: Usage) -> Usage {
-        let peak = self.peak_bytes.fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
-        let micros = (usage.cpu_seconds * 1e6) as u64;
-        let cpu = self.cpu_micros.fetch_max(micros, Ordering::Relaxed);
-        Usage {
-            cpu_seconds: cpu.max(micros) as f64 / 1e6,
-            peak_memory_bytes: peak.max(usage.peak_memory_bytes),
-        }
-    }
-
-    fn get(&self) -> Usage {
-        Usage {
-            cpu_seconds: self.cpu_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            peak_memory_bytes: self.peak_bytes.load(Ordering::Relaxed),
-        }
-    }
 }
 
 impl ProcessRuntime {
@@ -332,14 +300,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn start(&self, task: &TaskSpec, step: usize, out: OutputSink) -> Result<RunHandle, RuntimeError> {
-        let argv =
-            task.steps.get(step).filter(|argv| !argv.is_empty()).ok_or_else(|| RuntimeError::Start {
-                command: String::new(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("step {step} has no command"),
-                ),
-            })?;
+        let argv = super::steps::argv_of(task, step)?;
         let start_error = |source| RuntimeError::Start { command: argv[0].clone(), source };
 
         let env = step_env(task);
@@ -567,14 +528,6 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// Component-wise maximum of two readings of the same usage from different sources.
-fn larger(a: Usage, b: Usage) -> Usage {
-    Usage {
-        cpu_seconds: a.cpu_seconds.max(b.cpu_seconds),
-        peak_memory_bytes: a.peak_memory_bytes.max(b.peak_memory_bytes),
-    }
-}
-
 fn cgroup_usage(cgroup: &StepCgroup) -> Usage {
     Usage {
         cpu_seconds: cgroup.cpu_seconds().unwrap_or(0.0),
@@ -583,13 +536,7 @@ fn cgroup_usage(cgroup: &StepCgroup) -> Usage {
 }
 
 async fn wait_finished(state: &StepState) -> Result<Finished, RuntimeError> {
-    let mut rx = state.finished.clone();
-    let finished = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::Io {
-        context: format!("supervisor of pid {} ended without a result", state.pid),
-        source: std::io::Error::other("supervisor task ended"),
-    })?;
-    // wait_for returned because the value is Some.
-    Ok(finished.unwrap_or(Finished { status: unknown_status(), usage: Usage::default() }))
+    steps::wait_finished(&state.finished, &format!("supervisor of pid {}", state.pid)).await
 }
 
 fn unknown_status() -> ExitStatus {

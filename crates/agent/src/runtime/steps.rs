@@ -2,9 +2,81 @@
 //! found by the attempt and step a [`RunHandle`] names.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{RunHandle, RuntimeError};
+use tokio::sync::watch;
+
+use super::{ExitStatus, RunHandle, RuntimeError, Usage};
+
+/// How a step ended, and what it used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Finished {
+    /// Exit code, signal, OOM kill.
+    pub status: ExitStatus,
+    /// CPU time and peak memory over the whole step.
+    pub usage: Usage,
+}
+
+/// The highest usage seen of a running step, so that the final usage is never below a live
+/// reading (an end-of-step source can miss what a live one saw, like descendants never waited
+/// for).
+#[derive(Debug, Default)]
+pub(crate) struct LiveMax {
+    peak_bytes: AtomicU64,
+    cpu_nanos: AtomicU64,
+}
+
+impl LiveMax {
+    /// Takes in a reading; returns the highest usage seen so far.
+    pub fn record(&self, usage: Usage) -> Usage {
+        self.peak_bytes.fetch_max(usage.peak_memory_bytes, Ordering::Relaxed);
+        self.cpu_nanos.fetch_max((usage.cpu_seconds * 1e9) as u64, Ordering::Relaxed);
+        self.get()
+    }
+
+    /// The highest usage seen so far.
+    pub fn get(&self) -> Usage {
+        Usage {
+            cpu_seconds: self.cpu_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            peak_memory_bytes: self.peak_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The argv of step `step` of `task`, or a start error when there is none (or it is empty).
+pub(crate) fn argv_of(task: &super::TaskSpec, step: usize) -> Result<&Vec<String>, RuntimeError> {
+    task.steps.get(step).filter(|argv| !argv.is_empty()).ok_or_else(|| RuntimeError::Start {
+        command: String::new(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("step {step} has no command")),
+    })
+}
+
+/// Component-wise maximum of two readings of the same usage from different sources.
+pub(crate) fn larger(a: Usage, b: Usage) -> Usage {
+    Usage {
+        cpu_seconds: a.cpu_seconds.max(b.cpu_seconds),
+        peak_memory_bytes: a.peak_memory_bytes.max(b.peak_memory_bytes),
+    }
+}
+
+/// Waits until the step whose end `finished` publishes has ended; `what` names its watcher
+/// in the error when that went away without a word.
+pub(crate) async fn wait_finished(
+    finished: &watch::Receiver<Option<Finished>>,
+    what: &str,
+) -> Result<Finished, RuntimeError> {
+    let mut rx = finished.clone();
+    let ended = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::Io {
+        context: format!("{what} ended without a result"),
+        source: std::io::Error::other("supervisor task ended"),
+    })?;
+    // wait_for returned because the value is Some.
+    Ok(ended.unwrap_or(Finished {
+        status: ExitStatus { code: None, signal: None, oom: false },
+        usage: Usage::default(),
+    }))
+}
 
 /// Locks `mutex`, also after a panic elsewhere: runtimes update their maps with single inserts
 /// and removes, so a poisoned lock still guards consistent data.

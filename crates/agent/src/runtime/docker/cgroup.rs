@@ -10,6 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::runtime::cgroup_read::{self, Version};
+
 /// Where one container's accounting files live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum ContainerCgroup {
@@ -72,33 +74,16 @@ impl ContainerCgroup {
 
     /// Reads the counters; `None` once the cgroup is gone (the container was removed or died).
     pub(super) fn read(&self) -> Option<Reading> {
-        match self {
-            ContainerCgroup::V1 { memory, cpuacct } => Some(Reading {
-                cpu_ns: read_u64(&cpuacct.join("cpuacct.usage"))?,
-                peak_bytes: read_u64(&memory.join("memory.max_usage_in_bytes"))?,
-                oom_kills: read_key(&memory.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-            }),
-            ContainerCgroup::V2 { dir } => Some(Reading {
-                cpu_ns: read_key(&dir.join("cpu.stat"), "usage_usec")?.saturating_mul(1000),
-                peak_bytes: read_u64(&dir.join("memory.peak"))
-                    .or_else(|| read_u64(&dir.join("memory.current")))?,
-                oom_kills: read_key(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
-            }),
-        }
+        let (cpu, memory) = match self {
+            ContainerCgroup::V1 { memory, cpuacct } => ((Version::V1, cpuacct), (Version::V1, memory)),
+            ContainerCgroup::V2 { dir } => ((Version::V2, dir), (Version::V2, dir)),
+        };
+        Some(Reading {
+            cpu_ns: cgroup_read::cpu_ns(cpu.0, cpu.1)?,
+            peak_bytes: cgroup_read::peak_bytes(memory.0, memory.1)?,
+            oom_kills: cgroup_read::oom_kills(memory.0, memory.1).unwrap_or(0),
+        })
     }
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The value of `key` in a flat-keyed file such as `cpu.stat` (`key value` per line).
-fn read_key(path: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(' ')?;
-        if k == key { v.trim().parse().ok() } else { None }
-    })
 }
 
 #[cfg(test)]

@@ -24,14 +24,7 @@ use std::time::Duration;
 
 use drover_core::enforce::Limit;
 
-/// Which cgroup interface a directory belongs to; the file names differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Version {
-    /// Legacy per-controller hierarchy (`memory.limit_in_bytes`, ...).
-    V1,
-    /// Unified hierarchy (`memory.max`, ...).
-    V2,
-}
+use crate::runtime::cgroup_read::{self, Version, read_trimmed};
 
 /// A cgroup controller the process runtime uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -336,7 +329,7 @@ impl AttemptCgroup {
         subdirs(dir)
             .iter()
             .chain(std::iter::once(dir))
-            .filter_map(|d| keyed_value::<u64>(&d.join("pids.events"), "max"))
+            .filter_map(|d| cgroup_read::read_key(&d.join("pids.events"), "max"))
             .sum()
     }
 
@@ -417,34 +410,23 @@ impl StepCgroup {
     /// Peak memory of the step's processes, in bytes.
     pub fn peak_memory(&self) -> Option<u64> {
         let (version, dir) = self.dir_of(Controller::Memory)?;
-        let file = match version {
-            Version::V2 => "memory.peak",
-            Version::V1 => "memory.max_usage_in_bytes",
-        };
-        read_trimmed(&dir.join(file))?.parse().ok()
+        cgroup_read::peak_bytes(version, dir)
     }
 
     /// CPU time of the step's processes, in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        if let Some((Version::V2, dir)) = self.dir_of(Controller::Cpu) {
-            let usec: u64 = keyed_value(&dir.join("cpu.stat"), "usage_usec")?;
-            return Some(usec as f64 / 1e6);
-        }
-        let (_, dir) = self.dir_of(Controller::Cpuacct)?;
-        let ns: u64 = read_trimmed(&dir.join("cpuacct.usage"))?.parse().ok()?;
+        let ns = match self.dir_of(Controller::Cpu) {
+            Some((Version::V2, dir)) => cgroup_read::cpu_ns(Version::V2, dir),
+            _ => self.dir_of(Controller::Cpuacct).and_then(|(v, dir)| cgroup_read::cpu_ns(v, dir)),
+        }?;
         Some(ns as f64 / 1e9)
     }
 
     /// Whether the kernel OOM-killed a process of the step.
     pub fn oom_killed(&self) -> bool {
-        let Some((version, dir)) = self.dir_of(Controller::Memory) else {
-            return false;
-        };
-        let file = match version {
-            Version::V2 => "memory.events",
-            Version::V1 => "memory.oom_control",
-        };
-        keyed_value(&dir.join(file), "oom_kill").is_some_and(|n: u64| n > 0)
+        self.dir_of(Controller::Memory)
+            .and_then(|(v, dir)| cgroup_read::oom_kills(v, dir))
+            .is_some_and(|n| n > 0)
     }
 }
 
@@ -529,19 +511,6 @@ async fn remove_with_retry(dir: &Path) {
     if let Some(error) = last_error {
         tracing::warn!(dir = %dir.display(), %error, "cannot remove cgroup");
     }
-}
-
-fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
-}
-
-/// Reads `key value` lines (`memory.events`, `cpu.stat`, `memory.oom_control`).
-fn keyed_value<T: std::str::FromStr>(path: &Path, key: &str) -> Option<T> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once(char::is_whitespace)?;
-        if k == key { v.trim().parse().ok() } else { None }
-    })
 }
 
 /// Where `controller` lives for this process: the unified hierarchy when it offers the
