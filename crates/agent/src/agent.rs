@@ -511,16 +511,10 @@ impl Agent {
         tokio::spawn(
             async move {
                 let workspace = spec.workspace.clone();
-                let image = match (&spec.image, &image_blob, &this.images) {
-                    (Some(image), Some(blob), Some(fetcher)) => fetcher.ensure(image, blob).await,
-                    (Some(image), Some(_), None) => {
-                        Err(format!("cannot load image {image}: this node has no Docker"))
-                    }
-                    _ => Ok(()),
-                };
-                match (runtime, image) {
-                    (_, Err(why)) => attempt::refuse(&this.outbox, attempt_id, &why).await,
-                    (Some(runtime), Ok(())) => {
+                match runtime {
+                    Some(runtime) => {
+                        let image = image_blob
+                            .map(|blob| attempt::ImageToLoad { blob, fetcher: this.images.clone() });
                         let runner = attempt::Runner {
                             runtime,
                             outbox: this.outbox.clone(),
@@ -529,10 +523,11 @@ impl Agent {
                             io,
                             max_log: this.limits.max_log(),
                             ai,
+                            image,
                         };
                         attempt::run(runner, spec, timeout, stop_rx, resume).await;
                     }
-                    (None, Ok(())) => {
+                    None => {
                         attempt::refuse(&this.outbox, attempt_id, &format!("this node has no {kind} runtime"))
                             .await
                     }

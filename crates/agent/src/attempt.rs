@@ -81,7 +81,7 @@ pub async fn run(
     stop: watch::Receiver<StopReason>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Runner { runtime, outbox, journal, grace, io, max_log, ai } = runner;
+    let Runner { runtime, outbox, journal, grace, io, max_log, ai, image } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -103,34 +103,31 @@ pub async fn run(
             Err(e) => (Arc::new(Masker::default()), Some(e)),
         };
         let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, masker.clone(), max_log));
-        let inputs = match (unmaskable, &resume, &io) {
-            (Some(e), ..) => Err(format!("the task's secrets cannot be masked: {e}")),
-            (None, None, Some(io)) if !io.inputs.is_empty() => {
-                files::place_inputs(&io.link, &spec.workspace, &io.inputs, &io.policy)
-                    .await
-                    .map_err(|e| e.to_string())
+        // The attempt's lifecycle, in order: each hook prepares before the steps (a resumed
+        // attempt was prepared by the agent run that started it, so most skip it) and wraps
+        // up after them.
+        let mut hooks: Vec<Box<dyn Hook>> = vec![
+            Box::new(Masking { unmaskable }),
+            Box::new(Inputs { io: io.clone() }),
+            Box::new(Image { image }),
+            Box::new(AgentSetup { ai, prepared: None }),
+            Box::new(Outputs { io, outbox: outbox.clone() }),
+        ];
+        let mut refused = None;
+        for hook in hooks.iter_mut().filter(|h| resume.is_none() || h.also_on_resume()) {
+            if let Err(why) = hook.prestart(&mut spec).await {
+                tracing::warn!(hook = hook.name(), error = %why, "attempt not started");
+                refused = Some(why);
+                break;
             }
-            _ => Ok(()),
-        };
-        let mut agent_task = None;
-        let inputs = match (inputs, &ai, &resume) {
-            (Ok(()), Some(ai), None) => match ai_task::prepare(ai, &mut spec).await {
-                Ok(prepared) => {
-                    agent_task = Some(prepared);
-                    Ok(())
-                }
-                Err(e) => Err(format!("agent task not set up: {e}")),
-            },
-            (inputs, ..) => inputs,
-        };
-        let mut outcome = match inputs {
-            Ok(()) => {
+        }
+        let mut outcome = match refused {
+            None => {
                 let steps = Steps { runtime: &*runtime, journal: &journal, spec: &spec, timeout, grace };
                 run_steps(steps, stop, tx, resume).await
             }
-            Err(why) => {
+            Some(why) => {
                 drop(tx);
-                tracing::warn!(error = %why, "inputs could not be placed");
                 Outcome {
                     exit_code: None,
                     signal: None,
@@ -144,11 +141,8 @@ pub async fn run(
         if let Err(e) = runtime.cleanup(&spec).await {
             tracing::warn!(error = %e, "cleanup failed");
         }
-        if let Some(prepared) = agent_task {
-            wrap_up_agent(prepared, &mut outcome).await;
-        }
-        if let Some(io) = &io {
-            keep_outputs(&outbox, io, &spec, &mut outcome).await;
+        for hook in &mut hooks {
+            hook.poststop(&spec, &mut outcome).await;
         }
         journal.forget(attempt_id).await;
         // All output must be queued before the end is reported: the server stores output only
@@ -162,6 +156,147 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// One stage of an attempt's lifecycle around its steps. Hooks run in order: `prestart` of
+/// each before the steps (the first refusal ends the attempt as `start` with its reason, and
+/// the sandbox never starts), then, once the steps ended and the sandbox is cleaned up,
+/// `poststop` of each, which may add to the outcome.
+#[async_trait::async_trait]
+trait Hook: Send {
+    /// Short name for logs.
+    fn name(&self) -> &'static str;
+
+    /// Whether `prestart` runs for an attempt resumed after an agent restart too.
+    fn also_on_resume(&self) -> bool {
+        false
+    }
+
+    /// Prepares the attempt; may change its spec.
+    async fn prestart(&mut self, _spec: &mut TaskSpec) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Wraps up after the steps.
+    async fn poststop(&mut self, _spec: &TaskSpec, _outcome: &mut Outcome) {}
+}
+
+/// Refuses an attempt whose secrets could not be masked in its output.
+struct Masking {
+    unmaskable: Option<crate::mask::MaskError>,
+}
+
+#[async_trait::async_trait]
+impl Hook for Masking {
+    fn name(&self) -> &'static str {
+        "masking"
+    }
+
+    fn also_on_resume(&self) -> bool {
+        true
+    }
+
+    async fn prestart(&mut self, _spec: &mut TaskSpec) -> Result<(), String> {
+        match self.unmaskable.take() {
+            Some(e) => Err(format!("the task's secrets cannot be masked: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Places the task's inputs in its workspace.
+struct Inputs {
+    io: Option<TaskIo>,
+}
+
+#[async_trait::async_trait]
+impl Hook for Inputs {
+    fn name(&self) -> &'static str {
+        "inputs"
+    }
+
+    async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
+        match &self.io {
+            Some(io) if !io.inputs.is_empty() => {
+                files::place_inputs(&io.link, &spec.workspace, &io.inputs, &io.policy)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Loads the task's image from the archive shipped with its job, when the node lacks it.
+struct Image {
+    image: Option<ImageToLoad>,
+}
+
+#[async_trait::async_trait]
+impl Hook for Image {
+    fn name(&self) -> &'static str {
+        "image"
+    }
+
+    async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
+        match (&spec.image, &self.image) {
+            (Some(image), Some(ImageToLoad { blob, fetcher: Some(fetcher) })) => {
+                fetcher.ensure(image, blob).await
+            }
+            (Some(image), Some(ImageToLoad { fetcher: None, .. })) => {
+                Err(format!("cannot load image {image}: this node has no Docker"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Sets an AI-agent task up (repository, prompt, metering proxy) and wraps it up (tokens,
+/// budget, patch, push).
+struct AgentSetup {
+    ai: Option<AiTask>,
+    prepared: Option<ai_task::Prepared>,
+}
+
+#[async_trait::async_trait]
+impl Hook for AgentSetup {
+    fn name(&self) -> &'static str {
+        "agent task"
+    }
+
+    async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
+        if let Some(ai) = &self.ai {
+            let prepared =
+                ai_task::prepare(ai, spec).await.map_err(|e| format!("agent task not set up: {e}"))?;
+            self.prepared = Some(prepared);
+        }
+        Ok(())
+    }
+
+    async fn poststop(&mut self, _spec: &TaskSpec, outcome: &mut Outcome) {
+        if let Some(prepared) = self.prepared.take() {
+            wrap_up_agent(prepared, outcome).await;
+        }
+    }
+}
+
+/// Keeps the task's outputs as artifacts.
+struct Outputs {
+    io: Option<TaskIo>,
+    outbox: Arc<Outbox>,
+}
+
+#[async_trait::async_trait]
+impl Hook for Outputs {
+    fn name(&self) -> &'static str {
+        "outputs"
+    }
+
+    async fn poststop(&mut self, spec: &TaskSpec, outcome: &mut Outcome) {
+        if let Some(io) = &self.io {
+            keep_outputs(&self.outbox, io, spec, outcome).await;
+        }
+    }
 }
 
 /// Ends an agent task: tokens into the report, `budget` as the failure when the proxy had to
@@ -260,6 +395,16 @@ pub struct Runner {
     pub max_log: u64,
     /// The agent block of an AI-agent task, with its key.
     pub ai: Option<AiTask>,
+    /// The image archive the task's image comes from, when it was shipped with the job.
+    pub image: Option<ImageToLoad>,
+}
+
+/// An image archive shipped with a job, to load when the node lacks the image.
+pub struct ImageToLoad {
+    /// Digest of the archive blob.
+    pub blob: String,
+    /// Loads it; absent on a node without Docker.
+    pub fetcher: Option<Arc<crate::images::ImageFetcher>>,
 }
 
 /// What running the steps of an attempt needs.
@@ -617,6 +762,7 @@ mod tests {
             io: None,
             max_log: 0,
             ai: None,
+            image: None,
         };
         let (_stop_tx, stop) = watch::channel(StopReason::None);
         let outcome = run(runner, spec, Some(Duration::from_secs(30)), stop, resume).await;
