@@ -380,7 +380,7 @@ unsafe fn close_from(first: c_int) {
 }
 
 /// Writes `n` in decimal into `buf`; returns the number of bytes written. Allocation-free.
-fn write_int(buf: &mut [u8], n: i64) -> usize {
+pub(super) fn write_int(buf: &mut [u8], n: i64) -> usize {
     let mut digits = [0u8; 20];
     let mut len = 0;
     let mut v = n.unsigned_abs();
