@@ -761,18 +761,7 @@ async fn supervise(
         Some(now) => state.live.record(usage_since(&state.baseline, now)),
         None => state.live.get(),
     };
-    tracing::info!(
-        attempt_id,
-        step,
-        container = %container,
-        code = ?status.code,
-        signal = ?status.signal,
-        oom = status.oom,
-        cpu_seconds = usage.cpu_seconds,
-        peak_memory_bytes = usage.peak_memory_bytes,
-        "step ended"
-    );
-    let _ = tx.send(Some(Finished { status, usage }));
+    steps::publish_end(&tx, Finished { status, usage }, attempt_id, step, &format!("container {container}"));
 }
 
 /// Sends an exec's output to the sink line by line. When the sink is closed the rest is still

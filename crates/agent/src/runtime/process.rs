@@ -643,18 +643,7 @@ async fn supervise_step(
         usage = larger(usage, cgroup_usage(cgroup));
         status.oom = cgroup.oom_killed();
     }
-    tracing::info!(
-        attempt_id,
-        step,
-        pid,
-        code = ?status.code,
-        signal = ?status.signal,
-        oom = status.oom,
-        cpu_seconds = usage.cpu_seconds,
-        peak_memory_bytes = usage.peak_memory_bytes,
-        "step ended"
-    );
-    let _ = tx.send(Some(Finished { status, usage }));
+    steps::publish_end(&tx, Finished { status, usage }, attempt_id, step, &format!("pid {pid}"));
 }
 
 fn is_same_process(pid: i32, ticks: u64) -> bool {

@@ -60,6 +60,30 @@ pub(crate) fn larger(a: Usage, b: Usage) -> Usage {
     }
 }
 
+/// Logs a step's end (the same event for every runtime; `sandbox` says what ran it, like
+/// `pid 42` or `container drover-1`) and publishes it to the step's waiters.
+pub(crate) fn publish_end(
+    tx: &watch::Sender<Option<Finished>>,
+    finished: Finished,
+    attempt_id: i64,
+    step: usize,
+    sandbox: &str,
+) {
+    let Finished { status, usage } = finished;
+    tracing::info!(
+        attempt_id,
+        step,
+        sandbox,
+        code = ?status.code,
+        signal = ?status.signal,
+        oom = status.oom,
+        cpu_seconds = usage.cpu_seconds,
+        peak_memory_bytes = usage.peak_memory_bytes,
+        "step ended"
+    );
+    let _ = tx.send(Some(finished));
+}
+
 /// Waits until the step whose end `finished` publishes has ended; `what` names its watcher
 /// in the error when that went away without a word.
 pub(crate) async fn wait_finished(
