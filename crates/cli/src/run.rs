@@ -406,6 +406,8 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
     for limit in process.enforces() {
         config.labels.insert(limit.label(), drover_core::enforce::ENFORCED.to_owned());
     }
+    // One pool for every sandbox's uid: process tasks and microVMs' QEMU never share one.
+    let process_uids = process.uid_pool();
     let mut runtimes: Vec<Arc<dyn drover_agent::runtime::Runtime>> = vec![Arc::new(process)];
     let mut docker = None;
     if !node.no_docker {
@@ -428,6 +430,7 @@ async fn build_agent(node: &AgentSettings, mut config: AgentConfig) -> Result<Ag
             snapshots: !node.microvm_no_snapshots,
             image_dirs: node.microvm_image_dirs.clone(),
             kernel: node.microvm_kernel.clone(),
+            uids: process_uids,
             ..Default::default()
         };
         match drover_agent::runtime::microvm::MicroVmRuntime::new(vm_config).await {

@@ -138,6 +138,9 @@ pub struct MicroVmConfig {
     /// Host directories `dir:` images may come from (their own trees included); empty: no
     /// `dir:` image is accepted. A job must not be able to copy any host directory into a VM.
     pub image_dirs: Vec<PathBuf>,
+    /// Uids QEMU runs as (one per VM, `-runas`) when the agent is root; `None` runs QEMU as the
+    /// agent's own user.
+    pub uids: Option<std::sync::Arc<crate::runtime::uids::UidPool>>,
 }
 
 impl Default for MicroVmConfig {
@@ -161,6 +164,7 @@ impl Default for MicroVmConfig {
             warm_default_kvm: 1,
             snapshots: true,
             image_dirs: Vec::new(),
+            uids: None,
         }
     }
 }
@@ -761,6 +765,7 @@ async fn probe_kvm(booter: &Booter) -> String {
         boot_timeout: booter.config.kvm_probe_timeout,
         relay: None,
         incoming: None,
+        uids: booter.config.uids.clone(),
     };
     let chosen = match Vm::boot(&spec).await {
         Ok(vm) => {

@@ -27,6 +27,7 @@ mod lines;
 pub mod microvm;
 pub mod process;
 mod steps;
+pub mod uids;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

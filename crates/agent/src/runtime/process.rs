@@ -86,7 +86,7 @@ pub struct ProcessRuntime {
     config: ProcessConfig,
     cgroups: Cgroups,
     /// Task uids, when tasks are confined.
-    uids: Option<confine::UidPool>,
+    uids: Option<Arc<super::uids::UidPool>>,
     /// Whether mount namespaces work here (tried at start).
     namespaces: bool,
     /// See [`ProcessConfig::steps_dir`].
@@ -135,7 +135,7 @@ impl ProcessRuntime {
         // Confinement needs root: only root can hand out uids and make mount namespaces.
         let root = nix::unistd::geteuid().is_root();
         let config = ProcessConfig { isolation: config.isolation.filter(|_| root), ..config };
-        let uids = config.isolation.as_ref().map(|i| confine::UidPool::new(i.uids.clone()));
+        let uids = config.isolation.as_ref().map(|i| Arc::new(super::uids::UidPool::new(i.uids.clone())));
         let namespaces = config.isolation.is_some() && confine::namespaces_work();
         let steps_dir = config
             .steps_dir
@@ -161,6 +161,12 @@ impl ProcessRuntime {
     /// labels, so that tasks needing one are placed only where it holds).
     pub fn enforces(&self) -> Vec<drover_core::enforce::Limit> {
         self.cgroups.enforces()
+    }
+
+    /// The pool task uids come from when tasks are confined; other sandboxes of the node (a
+    /// microVM's QEMU) take theirs from it too.
+    pub fn uid_pool(&self) -> Option<Arc<super::uids::UidPool>> {
+        self.uids.clone()
     }
 
     /// The cgroup controllers in use, in words for the agent's start-up line.

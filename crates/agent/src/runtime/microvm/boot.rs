@@ -143,6 +143,7 @@ impl Booter {
             boot_timeout: self.config.boot_timeout,
             relay: shape.network.then(|| self.guest_agent.clone()),
             incoming,
+            uids: self.config.uids.clone(),
         }
     }
 

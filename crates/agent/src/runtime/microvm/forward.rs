@@ -90,6 +90,15 @@ impl Forwards {
             context: format!("listen on {}", socket.display()),
             source,
         })?;
+        // QEMU's relays connect as the uid QEMU runs as, which owns the VM's directory.
+        if let Some(dir) = socket.parent()
+            && let Ok(meta) = std::fs::metadata(dir)
+        {
+            use std::os::unix::fs::MetadataExt;
+            if meta.uid() != nix::unistd::geteuid().as_raw() {
+                let _ = std::os::unix::fs::chown(socket, Some(meta.uid()), Some(meta.gid()));
+            }
+        }
         self.sockets.push(socket.to_path_buf());
         Ok(listener)
     }

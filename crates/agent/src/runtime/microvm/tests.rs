@@ -74,6 +74,10 @@ fn config() -> MicroVmConfig {
         // Tests that restore from snapshots say so; the rest boot cold.
         snapshots: false,
         image_dirs: vec![shared_dir().to_path_buf()],
+        // As the agent does when it runs as root: QEMU runs as a uid of its own.
+        uids: nix::unistd::geteuid()
+            .is_root()
+            .then(|| std::sync::Arc::new(crate::runtime::uids::UidPool::new(1_100_000..1_165_536))),
         ..Default::default()
     }
 }
@@ -527,6 +531,15 @@ async fn qemu_runs_under_its_seccomp_sandbox() {
         status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]),
         "{status}"
     );
+    // Where the agent is root, QEMU is not: it runs as a uid of its own.
+    if nix::unistd::geteuid().is_root() {
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("uid");
+        assert!((1_100_000..1_165_536).contains(&uid), "QEMU runs as uid {uid}");
+    }
     runtime.cleanup(&task).await.expect("cleanup");
 }
 

@@ -59,6 +59,8 @@ pub struct VmSpec {
     pub relay: Option<PathBuf>,
     /// A snapshot's state file to restore instead of booting.
     pub incoming: Option<PathBuf>,
+    /// Where QEMU's uid comes from when it must not run as the agent's (root) user.
+    pub uids: Option<std::sync::Arc<crate::runtime::uids::UidPool>>,
 }
 
 /// What a restarted agent needs to find a VM: kept as `vm.json` in the VM's directory.
@@ -81,6 +83,8 @@ pub struct Vm {
     session: Session,
     boot_time: Duration,
     accelerator: String,
+    /// The uid QEMU runs as, given back when the VM is gone.
+    uid: Option<crate::runtime::uids::UidLease>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -108,7 +112,24 @@ impl Vm {
             let _ = tokio::fs::remove_file(spec.dir.join(name)).await;
         }
         let log = std::fs::File::create(spec.dir.join("qemu.log")).map_err(io("create qemu.log".into()))?;
-        let mut command = qemu_command(spec);
+        // QEMU opens its files, devices and sockets as root, then becomes a uid of its own
+        // (`-runas`), which owns the VM's directory (where its relays connect from).
+        let uid = match &spec.uids {
+            Some(pool) => {
+                let lease =
+                    crate::runtime::uids::lease(pool, rand::random::<u32>().into()).ok_or_else(|| {
+                        RuntimeError::Unavailable {
+                            runtime: "microvm",
+                            reason: "every sandbox uid of this node is in use".into(),
+                        }
+                    })?;
+                std::os::unix::fs::chown(&spec.dir, Some(lease.uid()), Some(lease.uid()))
+                    .map_err(io(format!("give {} to uid {}", spec.dir.display(), lease.uid())))?;
+                Some(lease)
+            }
+            None => None,
+        };
+        let mut command = qemu_command(spec, uid.as_ref().map(|l| l.uid()));
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         if !spec.host_cpus.is_empty() {
             let mut set = nix::sched::CpuSet::new();
@@ -182,6 +203,7 @@ impl Vm {
             session,
             boot_time,
             accelerator: spec.accelerator.clone(),
+            uid,
         })
     }
 
@@ -238,11 +260,19 @@ impl Vm {
     /// the guest's ports are unconnected in the snapshot and every restored VM greets its new
     /// host.
     pub(crate) async fn save_snapshot(self, state: &Path) -> Result<(), RuntimeError> {
-        let Vm { dir, child, session, .. } = self;
+        let Vm { dir, child, session, uid, .. } = self;
         drop(session);
         // The guest notices the closed port within its poll interval.
         tokio::time::sleep(Duration::from_millis(600)).await;
         let partial = state.with_extension("partial");
+        // QEMU writes the state as its own uid: the file it writes into is made for it.
+        if let Some(lease) = &uid {
+            let made = std::fs::File::create(&partial)
+                .and_then(|_| std::os::unix::fs::chown(&partial, Some(lease.uid()), Some(lease.uid())));
+            if let Err(source) = made {
+                return Err(RuntimeError::Io { context: format!("prepare {}", partial.display()), source });
+            }
+        }
         let saved = async {
             let mut qmp = Qmp::connect(&dir.join(QMP_SOCKET)).await?;
             qmp.execute("stop", None).await?;
@@ -390,7 +420,7 @@ pub(crate) async fn attach_session(dir: &Path, workspace: PathBuf) -> Result<Ses
 /// `elevateprivileges=deny` broke the relay.
 pub(crate) const SANDBOX: &str = "on,obsolete=deny";
 
-fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
+fn qemu_command(spec: &VmSpec, run_as: Option<u32>) -> tokio::process::Command {
     let dir = &spec.dir;
     let path = |name: &str| dir.join(name).display().to_string();
     let mut command = tokio::process::Command::new(&spec.qemu);
@@ -431,6 +461,9 @@ fn qemu_command(spec: &VmSpec) -> tokio::process::Command {
     }
     if let Some(state) = &spec.incoming {
         command.args(["-incoming", &format!("exec:cat {}", qmp::shell_quote(state))]);
+    }
+    if let Some(uid) = run_as {
+        command.args(["-runas", &format!("{uid}:{uid}")]);
     }
     command
 }

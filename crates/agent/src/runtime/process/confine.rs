@@ -12,12 +12,10 @@
 //! tmpfs and the real workspace is bind-mounted there through a descriptor opened before the
 //! cover went on (its old path is no longer reachable by then).
 
-use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 /// How process tasks are confined; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,39 +34,6 @@ pub struct Isolation {
 impl Isolation {
     /// The default range of task uids: far above the accounts of people and services.
     pub const DEFAULT_UIDS: std::ops::Range<u32> = 1_000_000..1_065_536;
-}
-
-/// Hands out task uids, one per attempt.
-#[derive(Debug)]
-pub(crate) struct UidPool {
-    range: std::ops::Range<u32>,
-    taken: Mutex<BTreeSet<u32>>,
-}
-
-impl UidPool {
-    pub fn new(range: std::ops::Range<u32>) -> UidPool {
-        UidPool { range, taken: Mutex::new(BTreeSet::new()) }
-    }
-
-    /// A free uid, preferring one derived from the attempt so that ids spread over the range.
-    pub fn take(&self, attempt_id: i64) -> Option<u32> {
-        let size = self.range.end.checked_sub(self.range.start).filter(|s| *s > 0)?;
-        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let first = (attempt_id.rem_euclid(i64::from(size))) as u32;
-        let uid = (0..size).map(|i| self.range.start + (first + i) % size).find(|u| !taken.contains(u))?;
-        taken.insert(uid);
-        Some(uid)
-    }
-
-    /// Marks `uid` as in use (an attempt found again after a restart).
-    pub fn claim(&self, uid: u32) {
-        self.taken.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
-    }
-
-    /// Gives `uid` back.
-    pub fn give_back(&self, uid: u32) {
-        self.taken.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
-    }
 }
 
 /// Who a task runs as.
@@ -367,19 +332,6 @@ mod tests {
         let p = fd_path(0, &mut buf);
         // SAFETY: as above.
         assert_eq!(unsafe { CStr::from_ptr(p) }, c"/proc/self/fd/0");
-    }
-
-    #[test]
-    fn uids_are_unique_while_taken_and_come_back() {
-        let pool = UidPool::new(10..13);
-        let a = pool.take(1).expect("a");
-        let b = pool.take(1).expect("b");
-        let c = pool.take(1).expect("c");
-        assert_eq!(BTreeSet::from([a, b, c]), BTreeSet::from([10, 11, 12]));
-        assert_eq!(pool.take(7), None, "the range is used up");
-        pool.give_back(b);
-        assert_eq!(pool.take(99), Some(b));
-        assert_eq!(UidPool::new(5..5).take(1), None);
     }
 
     #[test]
