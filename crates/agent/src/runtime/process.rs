@@ -32,9 +32,9 @@ use super::steps::{self, Finished, LiveMax, StepTable, larger, lock};
 use self::cgroup::{AttemptCgroup, Cgroups, Limits, StepCgroup};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
 
-/// How long output may keep flowing after the step's leader exited. Background processes that
-/// still hold the pipes after this are no longer read from (they get SIGPIPE on their next
-/// write), so that `wait` cannot hang on a daemon a step left behind.
+/// Bound on how long `wait` may take after a step's end in the test below: output a background
+/// process writes after the end is not the step's, so it never holds `wait` up.
+#[cfg(test)]
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(3);
 
 /// How often an attached (not our child) process is checked for exit.
@@ -601,7 +601,8 @@ async fn supervise_step(
         move || files.record_shipped(offsets[0].get(), offsets[1].get())
     };
     let status_file = files.status();
-    let mut ticker = tokio::time::interval(RECORD_SHIPPED);
+    // The first record is due one period in: a step shorter than that never writes one.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + RECORD_SHIPPED, RECORD_SHIPPED);
     let wait = async {
         match supervisor {
             Some(supervisor) => {
@@ -626,16 +627,10 @@ async fn supervise_step(
     }
     let recorded = supervisor::read_status(&files.status());
     ended.set();
+    // The files are complete up to where they stood at the step's end, so the readers end;
+    // all of it is shipped, however far the step ran ahead of the sink.
     let (handles, _): (Vec<_>, Vec<_>) = readers.into_iter().unzip();
-    let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
-    if tokio::time::timeout(DRAIN_AFTER_EXIT, futures::future::join_all(handles)).await.is_err() {
-        tracing::debug!(
-            attempt_id,
-            pid,
-            "output still being read after the step ended; no longer reading it"
-        );
-        aborts.iter().for_each(tokio::task::AbortHandle::abort);
-    }
+    futures::future::join_all(handles).await;
     record();
     let (mut status, rusage) = match recorded {
         Some(ended) => (decode_status(ended.raw), ended.usage),

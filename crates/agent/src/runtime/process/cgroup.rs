@@ -294,6 +294,10 @@ impl AttemptCgroup {
 
     /// SIGKILLs everything in the attempt's cgroups without a race against forks.
     async fn kill_all(&self) {
+        // Most attempts leave nothing behind: an empty cgroup needs no freezing.
+        if self.members().is_empty() {
+            return;
+        }
         // v2's cgroup.kill does it in one write (Linux 5.14+).
         if let Some((_, dir)) = self.dirs.iter().find(|(h, _)| h.version == Version::V2)
             && std::fs::write(dir.join("cgroup.kill"), "1").is_ok()
@@ -333,8 +337,8 @@ impl AttemptCgroup {
             .sum()
     }
 
-    /// Sends SIGKILL to every member of every cgroup of the attempt; returns how many there were.
-    fn signal_members(&self) -> usize {
+    /// Every process in the attempt's cgroups.
+    fn members(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = Vec::new();
         for (_, dir) in &self.dirs {
             for d in subdirs(dir).iter().chain(std::iter::once(dir)) {
@@ -343,6 +347,12 @@ impl AttemptCgroup {
         }
         pids.sort_unstable();
         pids.dedup();
+        pids
+    }
+
+    /// Sends SIGKILL to every member of every cgroup of the attempt; returns how many there were.
+    fn signal_members(&self) -> usize {
+        let pids = self.members();
         for &pid in &pids {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);

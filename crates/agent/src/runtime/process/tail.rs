@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 /// Shortest and longest pause between reads that found nothing new; the pause doubles while
 /// the file stays quiet, so an idle step costs little and a chatty one is read at once.
 const FIRST_PAUSE: Duration = Duration::from_millis(2);
-const LONGEST_PAUSE: Duration = Duration::from_millis(50);
+const LONGEST_PAUSE: Duration = Duration::from_millis(20);
 
 /// Tells a [`Tail`] that its step ended (no more data will come).
 #[derive(Debug, Clone, Default)]
@@ -46,6 +46,9 @@ pub(crate) struct Tail {
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// Set once a read after the end found nothing: the file is complete.
     drained: bool,
+    /// Where the file ended when the step ended: what a background process left behind still
+    /// writes after that is not the step's output, and must not keep the reader going.
+    end: Option<u64>,
 }
 
 impl Tail {
@@ -53,7 +56,7 @@ impl Tail {
     pub fn open(path: &Path, offset: u64, ended: Ended) -> io::Result<Tail> {
         let mut file = std::fs::File::open(path)?;
         file.seek(SeekFrom::Start(offset))?;
-        Ok(Tail { file, ended, pause: FIRST_PAUSE, waiting: None, drained: false })
+        Ok(Tail { file, ended, pause: FIRST_PAUSE, waiting: None, drained: false, end: None })
     }
 }
 
@@ -77,8 +80,20 @@ impl AsyncRead for Tail {
             // Read the flag before reading the file: data written before the step ended is in
             // the file by then, so an empty read after it means the file is complete.
             let ended = this.ended.is_set();
+            if ended && this.end.is_none() {
+                this.end = Some(this.file.metadata()?.len());
+            }
+            let position = this.file.stream_position()?;
+            let room = match this.end {
+                Some(end) if position >= end => {
+                    this.drained = true;
+                    continue;
+                }
+                Some(end) => usize::try_from(end - position).unwrap_or(usize::MAX).min(buf.remaining()),
+                None => buf.remaining(),
+            };
             // A read of a regular file from the page cache does not block for long.
-            match this.file.read(buf.initialize_unfilled()) {
+            match this.file.read(&mut buf.initialize_unfilled()[..room]) {
                 Ok(0) if ended => this.drained = true,
                 Ok(0) => {
                     let (pause, wake) = (this.pause, this.ended.wake.clone());
