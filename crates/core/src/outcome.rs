@@ -83,6 +83,54 @@ pub fn settle(plan: &TaskPlan, attempt: u32, end: AttemptEnd, job_cancelled: boo
     final_state(TaskState::Failed, reason)
 }
 
+/// Everything the store writes to a task whose attempt ended, decided here so that every
+/// store persists the same thing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSettled {
+    /// The task's new state: final, or `Queued` for a retry.
+    pub state: TaskState,
+    /// Why, in words: the settlement's reason with the attempt's own message after it.
+    pub reason: String,
+    /// Earliest time of the next attempt (0 when the task is final).
+    pub not_before_ms: i64,
+    /// When the task ended, if it did.
+    pub ended_ms: Option<i64>,
+    /// The class of the attempt's failure, if it failed (an exit code that means warning or
+    /// skip is not a failure).
+    pub failure: Option<FailureClass>,
+}
+
+/// Settles attempt number `attempt` of `plan` that ended as `end` with the agent's `message`,
+/// at `now_ms`: [`settle`] plus the fields the store records.
+pub fn settle_task(
+    plan: &TaskPlan,
+    attempt: u32,
+    end: AttemptEnd,
+    message: &str,
+    job_cancelled: bool,
+    now_ms: i64,
+) -> TaskSettled {
+    // The class `settle` retried or failed on; none when the code means success, warning or skip.
+    let failure = end.failure.or(match end.exit_code {
+        Some(0) => None,
+        Some(c) if plan.exit_codes.warning.contains(&c) || plan.exit_codes.skip.contains(&c) => None,
+        Some(_) | None => Some(FailureClass::Exit),
+    });
+    let (state, reason, not_before_ms, ended_ms) = match settle(plan, attempt, end, job_cancelled) {
+        Settlement::Final { state, reason } => (state, reason, 0, Some(now_ms)),
+        Settlement::Retry { after, reason } => {
+            let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+            (TaskState::Queued, reason, now_ms.saturating_add(after), None)
+        }
+    };
+    let reason = match (reason.is_empty(), message.is_empty()) {
+        (_, true) => reason,
+        (true, false) => message.to_string(),
+        (false, false) => format!("{reason} ({message})"),
+    };
+    TaskSettled { state, reason, not_before_ms, ended_ms, failure }
+}
+
 fn final_state(state: TaskState, reason: String) -> Settlement {
     Settlement::Final { state, reason }
 }
@@ -92,6 +140,7 @@ mod tests {
     use super::*;
     use crate::job::{Command, ExitCodes, RetryPolicy};
     use crate::resources::Resources;
+    use proptest::prelude::*;
 
     fn plan(count: u32) -> TaskPlan {
         TaskPlan {
@@ -142,6 +191,47 @@ mod tests {
                 assert!(reason.contains("no retries left"), "{reason}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn class() -> impl Strategy<Value = FailureClass> {
+        proptest::sample::select(FailureClass::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Attempts of a task, each ending at random, reach exactly one final state within
+        /// `count + 1` attempts; a retry happens only for a class the policy names, never for a
+        /// cancelled job or class, and only while retries are left.
+        #[test]
+        fn every_task_ends_once(
+            count in 0u32..4,
+            on in proptest::collection::btree_set(class(), 0..4),
+            ends in proptest::collection::vec((proptest::option::of(-2i32..50), proptest::option::of(class())), 8),
+            cancelled in any::<bool>(),
+        ) {
+            let mut p = plan(count);
+            p.retries.on = on.clone();
+            let mut finals = 0;
+            for (n, (code, failure)) in ends.iter().enumerate() {
+                let attempt = n as u32 + 1;
+                let end = AttemptEnd { exit_code: *code, failure: *failure };
+                let got = settle_task(&p, attempt, end, "msg", cancelled, 1_000);
+                prop_assert!(got.reason.ends_with("msg") || got.reason.ends_with("(msg)"));
+                if got.state.is_final() {
+                    prop_assert_eq!(got.ended_ms, Some(1_000));
+                    prop_assert_eq!(got.not_before_ms, 0);
+                    finals += 1;
+                    break;
+                }
+                prop_assert_eq!(got.state, TaskState::Queued);
+                prop_assert!(attempt <= count, "retried past the count");
+                prop_assert!(!cancelled && got.failure != Some(FailureClass::Cancelled));
+                prop_assert!(got.failure.is_some_and(|c| on.contains(&c)));
+                prop_assert!(got.not_before_ms >= 1_000 && got.ended_ms.is_none());
+            }
+            if ends.len() as u32 > count {
+                prop_assert_eq!(finals, 1);
+            }
         }
     }
 

@@ -106,6 +106,28 @@ pub struct Placement {
     pub node_id: i64,
 }
 
+/// Re-checks a placement plan when it is applied, against what the nodes have free at that
+/// moment (another server may have filled a node since the plan was made): keeps placements in
+/// plan order while they still fit, each task at most once, and takes what each admitted task
+/// needs from `free`. A task missing from `need` (no longer queued) or a node missing from
+/// `free` (no longer ready) is left out. Returns the admitted placements.
+pub fn admit(
+    plan: &[Placement],
+    free: &mut HashMap<i64, Resources>,
+    need: &HashMap<i64, Resources>,
+) -> Vec<Placement> {
+    let mut seen = HashSet::with_capacity(plan.len());
+    let mut admitted = Vec::with_capacity(plan.len());
+    for p in plan {
+        let (Some(room), Some(need)) = (free.get_mut(&p.node_id), need.get(&p.task_id)) else { continue };
+        if room.fits(need) && seen.insert(p.task_id) {
+            *room = room.minus(need);
+            admitted.push(*p);
+        }
+    }
+    admitted
+}
+
 /// Whether a node's labels satisfy a task's constraints.
 pub fn matches_constraints(
     labels: &BTreeMap<String, String>,
@@ -296,6 +318,24 @@ fn eligible(node: &NodeView, task: &QueuedTask) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admit_rechecks_fit_in_plan_order() {
+        let r = |cores| Resources { cores, memory: 0, pids: 0 };
+        let plan = [
+            Placement { task_id: 1, node_id: 10 },
+            Placement { task_id: 2, node_id: 10 },
+            Placement { task_id: 1, node_id: 11 },
+            Placement { task_id: 3, node_id: 12 },
+            Placement { task_id: 4, node_id: 10 },
+        ];
+        let mut free = HashMap::from([(10, r(3)), (11, r(8))]);
+        let need = HashMap::from([(1, r(2)), (2, r(2)), (4, r(1))]);
+        let got = admit(&plan, &mut free, &need);
+        // Task 2 no longer fits on node 10, task 1 is taken once, node 12 is gone.
+        assert_eq!(got, vec![plan[0], plan[4]]);
+        assert_eq!(free[&10].cores, 0);
+    }
     use proptest::prelude::*;
 
     fn node(id: i64, cores: u32, labels: &[(&str, &str)]) -> NodeView {

@@ -11,6 +11,7 @@ pub mod access;
 pub mod archive;
 pub mod artifacts;
 pub mod conformance;
+mod decode;
 #[cfg(any(test, feature = "test-support"))]
 pub mod pg_test;
 pub mod postgres;
@@ -163,17 +164,20 @@ pub trait Store: Send + Sync + 'static {
     /// what to send to the agents.
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>>;
 
-    /// Records that an attempt started running.
-    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied>;
+    /// Records that an attempt started running: [`apply_updates`](Self::apply_updates) of one
+    /// update.
+    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
+        let update = AttemptUpdate::Started { attempt_id, epoch };
+        Ok(self.apply_updates(&[update], now_ms).await?.pop().unwrap_or(Applied::Stale))
+    }
 
-    /// Records how an attempt ended and settles its task (final state or retry), releases
-    /// dependents, and updates the job's state.
-    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied>;
-
-    /// Records the LLM tokens an open attempt used (the agent reports them with its end,
-    /// just before [`attempt_finished`](Self::attempt_finished)); setting, not adding, so a
-    /// repeated report changes nothing.
-    async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied>;
+    /// Records how an attempt ended (with the LLM tokens it used) and settles its task (final
+    /// state or retry), releases dependents, and updates the job's state:
+    /// [`apply_updates`](Self::apply_updates) of one update.
+    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
+        let update = AttemptUpdate::Finished(report.clone());
+        Ok(self.apply_updates(&[update], now_ms).await?.pop().unwrap_or(Applied::Stale))
+    }
 
     /// Compute and tokens per job, ordered by project and job id.
     async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>>;

@@ -38,18 +38,18 @@ mod signals;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use drover_core::dag::{GateTask, release};
-use drover_core::outcome::{AttemptEnd, Settlement, settle};
-use drover_core::placement::{NodeView, Placement, QueuedTask};
-use drover_core::{FailureClass, JobPlan, JobState, NodeState, Resources, RuntimeKind, TaskPlan, TaskState};
+use drover_core::dag::release_after;
+use drover_core::outcome::{AttemptEnd, settle_task};
+use drover_core::placement::{NodeView, Placement, QueuedTask, admit};
+use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 
+use crate::decode::{corrupt, json, lost_report, parse_word, runtime_kind, to_json};
 use crate::*;
 
 /// Tasks per INSERT statement at submit; bounds the size of one statement for huge arrays.
@@ -170,29 +170,6 @@ fn retryable(error: &StoreError) -> bool {
     }
 }
 
-fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
-    StoreError::Corrupt { what, detail: detail.to_string() }
-}
-
-fn parse_word<T: FromStr>(what: &'static str, text: &str) -> Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    text.parse().map_err(|e: T::Err| corrupt(what, e))
-}
-
-fn json<T: serde::de::DeserializeOwned>(what: &'static str, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| corrupt(what, e))
-}
-
-fn runtime_kind(word: &str) -> Result<RuntimeKind> {
-    serde_json::from_value(serde_json::Value::String(word.to_string())).map_err(|e| corrupt("runtime", e))
-}
-
-fn to_json<T: serde::Serialize>(what: &'static str, value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| corrupt(what, e))
-}
-
 /// A column as `u32`/`u64` from a `BIGINT`: counts and sizes the store itself wrote.
 fn get_u64(row: &PgRow, index: usize) -> Result<u64> {
     let value: i64 = row.try_get(index)?;
@@ -222,6 +199,7 @@ fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
 // Declared after `transaction!`, which they use.
 mod access;
 mod archive;
+mod dependencies;
 mod tenancy;
 
 /// An event about to be appended.
@@ -451,66 +429,26 @@ async fn refresh_jobs(conn: &mut PgConnection, job_ids: &[i64], now_ms: i64) -> 
     emit(conn, now_ms, events).await
 }
 
-/// Queues or skips waiting tasks of a job whose dependencies have ended. The caller holds the
-/// job's row lock.
-async fn release_dependents(conn: &mut PgConnection, job_id: i64, now_ms: i64) -> Result<()> {
-    let rows = sqlx::query(
-        "SELECT id, name, frame, state, CASE WHEN state = 'waiting' THEN plan END FROM tasks \
-         WHERE job_id = $1 ORDER BY id",
-    )
-    .bind(job_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut tasks = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let state: TaskState = parse_word("task state", r.try_get::<&str, _>(3)?)?;
-        // Only waiting tasks need their dependency list (the query sends no other plan).
-        let deps: Vec<String> = match r.try_get::<Option<&str>, _>(4)? {
-            Some(plan) => json::<TaskPlan>("task plan", plan)?.depends_on,
-            None => Vec::new(),
-        };
-        tasks.push((
-            r.try_get::<i64, _>(0)?,
-            r.try_get::<String, _>(1)?,
-            r.try_get::<Option<i64>, _>(2)?,
-            state,
-            deps,
-        ));
-    }
-    let gate: Vec<GateTask<'_>> = tasks
-        .iter()
-        .map(|(_, name, _, state, deps)| GateTask { name, state: *state, depends_on: deps })
+/// Queues or skips the waiting tasks that the end of a task of group `name` (in final state
+/// `state`) releases, cascading skips; touches only that group's dependents. The caller holds
+/// the job's row lock.
+async fn release_dependents(
+    conn: &mut PgConnection,
+    job_id: i64,
+    name: &str,
+    state: TaskState,
+    now_ms: i64,
+) -> Result<()> {
+    let mut rows = dependencies::JobDependencies { conn: &mut *conn, job_id, now_ms };
+    let released = release_after(&mut rows, name, state).await?;
+    let events = released
+        .into_iter()
+        .map(|r| {
+            let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
+            ev.message = r.reason;
+            ev
+        })
         .collect();
-    let released = release(&gate);
-    if released.is_empty() {
-        return Ok(());
-    }
-    let mut ids = Vec::with_capacity(released.len());
-    let mut states = Vec::with_capacity(released.len());
-    let mut reasons = Vec::with_capacity(released.len());
-    let mut ended = Vec::with_capacity(released.len());
-    let mut events = Vec::with_capacity(released.len());
-    for r in released {
-        let (id, name, frame, _, _) = &tasks[r.index];
-        ids.push(*id);
-        states.push(r.state.as_str());
-        ended.push(r.state.is_final().then_some(now_ms));
-        let mut ev = Ev::task(job_id, *id, name, *frame, r.state);
-        ev.message = r.reason.clone();
-        reasons.push(r.reason);
-        events.push(ev);
-    }
-    sqlx::query(
-        "UPDATE tasks t SET state = u.state, reason = u.reason, ended_ms = u.ended_ms \
-         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[]) AS u(id, state, reason, ended_ms) \
-         WHERE t.id = u.id",
-    )
-    .bind(ids)
-    .bind(states)
-    .bind(reasons)
-    .bind(ended)
-    .execute(&mut *conn)
-    .await?;
     emit(conn, now_ms, events).await
 }
 
@@ -600,23 +538,8 @@ async fn settle_attempt(
     let frame: Option<i64> = row.try_get(3)?;
     let plan: TaskPlan = json("task plan", row.try_get::<&str, _>(4)?)?;
     let end = AttemptEnd { exit_code: report.exit_code, failure: report.failure };
-    let settlement = settle(&plan, attempt.number, end, cancelled);
-    let failure = report.failure.or(match report.exit_code {
-        Some(0) | None => None,
-        Some(c) if plan.exit_codes.warning.contains(&c) || plan.exit_codes.skip.contains(&c) => None,
-        Some(_) => Some(FailureClass::Exit),
-    });
-    let (state, reason, not_before, ended) = match &settlement {
-        Settlement::Final { state, reason } => (*state, reason.clone(), 0, Some(now_ms)),
-        Settlement::Retry { after, reason } => {
-            (TaskState::Queued, reason.clone(), now_ms + after.as_millis() as i64, None)
-        }
-    };
-    let mut reason = reason;
-    if !report.message.is_empty() {
-        reason =
-            if reason.is_empty() { report.message.clone() } else { format!("{reason} ({})", report.message) };
-    }
+    let settled = settle_task(&plan, attempt.number, end, &report.message, cancelled, now_ms);
+    let state = settled.state;
     sqlx::query(
         "WITH ended AS ( \
              UPDATE attempts SET state = 'ended', ended_ms = $1, exit_code = $2, signal = $3, failure = $4, \
@@ -634,23 +557,23 @@ async fn settle_attempt(
     .bind(report.peak_memory as i64)
     .bind(attempt.id)
     .bind(state.as_str())
-    .bind(&reason)
-    .bind(not_before)
-    .bind(ended)
-    .bind(failure.map(|f| f.as_str()))
+    .bind(&settled.reason)
+    .bind(settled.not_before_ms)
+    .bind(settled.ended_ms)
+    .bind(settled.failure.map(|f| f.as_str()))
     .bind(attempt.task_id)
     .bind(i64::try_from(report.input_tokens).unwrap_or(i64::MAX))
     .bind(i64::try_from(report.output_tokens).unwrap_or(i64::MAX))
     .execute(&mut *conn)
     .await?;
     let mut ev = Ev::task(attempt.job_id, attempt.task_id, &name, frame, state);
-    ev.message = reason;
+    ev.message = settled.reason;
     ev.exit_code = report.exit_code;
     ev.attempt = attempt.number;
     ev.node = attempt.node.clone();
     emit(conn, now_ms, vec![ev]).await?;
     if state.is_final() && has_deps {
-        release_dependents(conn, attempt.job_id, now_ms).await?;
+        release_dependents(conn, attempt.job_id, &name, state, now_ms).await?;
     }
     refresh_jobs(conn, &[attempt.job_id], now_ms).await
 }
@@ -727,21 +650,6 @@ async fn finish_attempt(conn: &mut PgConnection, report: &AttemptReport, now_ms:
     };
     settle_attempt(conn, &a, report, now_ms).await?;
     Ok(Applied::Applied)
-}
-
-fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> AttemptReport {
-    AttemptReport {
-        attempt_id,
-        epoch,
-        exit_code: None,
-        signal: None,
-        failure: Some(FailureClass::Lost),
-        message: message.to_string(),
-        cpu_seconds: 0.0,
-        peak_memory: 0,
-        input_tokens: 0,
-        output_tokens: 0,
-    }
 }
 
 /// Ends every open attempt of nodes that went away (their lease ran out, or they were revoked)
@@ -846,6 +754,7 @@ impl Store for PostgresStore {
             .fetch_one(&mut *tx)
             .await?;
             let mut events = Vec::with_capacity(rows.len() + 1);
+            let mut graph = Vec::new();
             events.push(Ev::job(
                 job_id,
                 JobState::Queued,
@@ -861,11 +770,13 @@ impl Store for PostgresStore {
                         .await?;
                 ids.sort_unstable();
                 sqlx::query(
-                    "INSERT INTO tasks (id, job_id, name, frame, plan, priority, cores, memory, constraints, runtime, state) \
-                     SELECT u.id, $1, u.name, u.frame, u.plan, $2, u.cores, u.memory, u.constraints, u.runtime, u.state \
+                    "INSERT INTO tasks (id, job_id, name, frame, plan, priority, cores, memory, constraints, runtime, state, \
+                     deps_left) \
+                     SELECT u.id, $1, u.name, u.frame, u.plan, $2, u.cores, u.memory, u.constraints, u.runtime, u.state, \
+                     u.deps_left \
                      FROM UNNEST($3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], \
-                                 $9::TEXT[], $10::TEXT[], $11::TEXT[]) \
-                          AS u(id, name, frame, plan, cores, memory, constraints, runtime, state)",
+                                 $9::TEXT[], $10::TEXT[], $11::TEXT[], $12::BIGINT[]) \
+                          AS u(id, name, frame, plan, cores, memory, constraints, runtime, state, deps_left)",
                 )
                 .bind(job_id)
                 .bind(plan.priority)
@@ -878,11 +789,18 @@ impl Store for PostgresStore {
                 .bind(chunk.iter().map(|(_, _, _, c)| c.as_str()).collect::<Vec<_>>())
                 .bind(chunk.iter().map(|(t, ..)| t.runtime.as_str()).collect::<Vec<_>>())
                 .bind(chunk.iter().map(|(_, s, ..)| s.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(t, ..)| t.depends_on.len() as i64).collect::<Vec<_>>())
                 .execute(&mut *tx)
                 .await?;
                 for ((t, state, _, _), id) in chunk.iter().zip(ids) {
                     events.push(Ev::task(job_id, id, &t.name, t.frame, *state));
+                    if has_deps {
+                        graph.push((id, t.name.as_str(), t.depends_on.as_slice()));
+                    }
                 }
+            }
+            if has_deps {
+                dependencies::record_graph(&mut tx, job_id, &graph).await?;
             }
             emit(&mut tx, now_ms, events).await?;
             Ok(job_id)
@@ -1285,34 +1203,19 @@ impl Store for PostgresStore {
             .bind(&task_ids)
             .fetch_all(&mut *tx)
             .await?;
-            let wanted: HashMap<i64, (i64, Resources)> = wanted
-                .into_iter()
-                .map(|(id, job_id, cores, memory)| {
-                    let need = Resources {
-                        cores: u32::try_from(cores).unwrap_or(u32::MAX),
-                        memory: u64::try_from(memory).unwrap_or(u64::MAX),
-                        pids: 0,
-                    };
-                    (id, (job_id, need))
-                })
-                .collect();
-            let mut admitted_tasks = Vec::with_capacity(plan.len());
-            let mut admitted_nodes = Vec::with_capacity(plan.len());
-            let mut jobs = Vec::new();
-            let mut seen = HashSet::with_capacity(plan.len());
-            for p in plan {
-                let (Some(node), Some((job_id, need))) = (nodes.get_mut(&p.node_id), wanted.get(&p.task_id))
-                else {
-                    continue;
-                };
-                if !node.free.fits(need) || !seen.insert(p.task_id) {
-                    continue;
-                }
-                node.free = node.free.minus(need);
-                admitted_tasks.push(p.task_id);
-                admitted_nodes.push(p.node_id);
-                jobs.push(*job_id);
+            let mut job_of = HashMap::with_capacity(wanted.len());
+            let mut need = HashMap::with_capacity(wanted.len());
+            for (id, job_id, cores, memory) in wanted {
+                job_of.insert(id, job_id);
+                let cores = u32::try_from(cores).unwrap_or(u32::MAX);
+                let memory = u64::try_from(memory).unwrap_or(u64::MAX);
+                need.insert(id, Resources { cores, memory, pids: 0 });
             }
+            let mut free: HashMap<i64, Resources> = nodes.iter().map(|(id, n)| (*id, n.free)).collect();
+            let admitted = admit(plan, &mut free, &need);
+            let admitted_tasks: Vec<i64> = admitted.iter().map(|p| p.task_id).collect();
+            let admitted_nodes: Vec<i64> = admitted.iter().map(|p| p.node_id).collect();
+            let jobs: Vec<i64> = admitted_tasks.iter().filter_map(|id| job_of.get(id).copied()).collect();
             if admitted_tasks.is_empty() {
                 return Ok(Vec::new());
             }
@@ -1423,16 +1326,6 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn attempt_started(&self, attempt_id: i64, epoch: i64, now_ms: i64) -> Result<Applied> {
-        transaction!(self.pool, "attempt_started", |tx| {
-            start_attempt(&mut tx, attempt_id, epoch, now_ms).await
-        })
-    }
-
-    async fn attempt_finished(&self, report: &AttemptReport, now_ms: i64) -> Result<Applied> {
-        transaction!(self.pool, "attempt_finished", |tx| { finish_attempt(&mut tx, report, now_ms).await })
-    }
-
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
         if updates.is_empty() {
             return Ok(Vec::new());
@@ -1465,19 +1358,6 @@ impl Store for PostgresStore {
         let stale = applied.iter().filter(|a| **a == Applied::Stale).count();
         tracing::debug!(updates = updates.len(), stale, "attempt updates applied in one transaction");
         Ok(applied)
-    }
-
-    async fn attempt_tokens(&self, attempt_id: i64, epoch: i64, input: u64, output: u64) -> Result<Applied> {
-        let done = sqlx::query(
-            "UPDATE attempts SET input_tokens = $1, output_tokens = $2 WHERE id = $3 AND epoch = $4 AND state <> 'ended'",
-        )
-        .bind(i64::try_from(input).unwrap_or(i64::MAX))
-        .bind(i64::try_from(output).unwrap_or(i64::MAX))
-        .bind(attempt_id)
-        .bind(epoch)
-        .execute(&self.pool)
-        .await?;
-        Ok(if done.rows_affected() == 0 { Applied::Stale } else { Applied::Applied })
     }
 
     async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>> {

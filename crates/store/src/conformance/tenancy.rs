@@ -246,8 +246,8 @@ pub async fn metering_counts_reserved_time<S: Store + TenantStore>(store: &S) {
     let (a1, b1) = (of("a"), of("b"));
     store.attempt_started(a1.attempt_id, a1.epoch, 2_000).await.unwrap();
     store.attempt_started(b1.attempt_id, b1.epoch, 3_000).await.unwrap();
-    store.attempt_tokens(a1.attempt_id, a1.epoch, 100, 20).await.unwrap();
-    store.attempt_finished(&done(&a1, 1), 12_000).await.unwrap();
+    let a1_end = AttemptReport { input_tokens: 100, output_tokens: 20, ..done(&a1, 1) };
+    store.attempt_finished(&a1_end, 12_000).await.unwrap();
 
     store.record_prices(&PriceTable { core_hour: 2.0, ..Default::default() }, 12_000).await.unwrap();
     let retry = schedule(store, 12_000).await;

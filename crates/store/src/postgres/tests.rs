@@ -22,6 +22,17 @@ async fn fresh() -> Box<PostgresStore> {
 
 crate::store_conformance!(fresh().await);
 
+/// Shorter than on SQLite: every step is three transactions over a socket.
+#[tokio::test]
+async fn long_chain_runs_to_the_end() {
+    crate::conformance::long_chain_runs_to_the_end(&*fresh().await, 2_000).await;
+}
+
+#[tokio::test]
+async fn large_job_records_every_task_once() {
+    crate::conformance::large_job_records_every_task_once(&*fresh().await, 5_000).await;
+}
+
 fn node(name: &str, cores: u32) -> NodeSpec {
     NodeSpec {
         name: name.into(),
