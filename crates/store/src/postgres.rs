@@ -50,6 +50,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 
 use crate::decode::{corrupt, json, lost_report, parse_word, runtime_kind, to_json};
+use crate::log_chunks;
 use crate::*;
 
 /// Tasks per INSERT statement at submit; bounds the size of one statement for huge arrays.
@@ -176,18 +177,17 @@ fn get_u64(row: &PgRow, index: usize) -> Result<u64> {
     u64::try_from(value).map_err(|e| corrupt("count", e))
 }
 
-/// A log line read with the columns `l.id, l.task_id, t.name, t.frame, l.attempt, l.step,
-/// l.stderr, l.data`, in that order (every log query selects them so).
-fn log_record(r: &PgRow) -> Result<LogRecord> {
-    Ok(LogRecord {
+/// A chunk read with the columns `c.id, c.task_id, t.name, t.frame, c.attempt, c.heads,
+/// c.data`, in that order (every log query selects them so).
+fn stored_chunk(r: &PgRow) -> Result<log_chunks::StoredChunk> {
+    Ok(log_chunks::StoredChunk {
         id: r.try_get(0)?,
         task_id: r.try_get(1)?,
         task_name: r.try_get(2)?,
         frame: r.try_get(3)?,
         attempt: get_u32(r, 4)?,
-        step: get_u32(r, 5)?,
-        stderr: r.try_get(6)?,
-        data: r.try_get(7)?,
+        heads: r.try_get(5)?,
+        data: r.try_get(6)?,
     })
 }
 
@@ -1410,19 +1410,18 @@ impl Store for PostgresStore {
                 .bind(a.job_id)
                 .execute(&mut *tx)
                 .await?;
+            let chunks = log_chunks::pack(lines);
             sqlx::query(
-                "INSERT INTO log_lines (job_id, task_id, attempt_id, attempt, step, stderr, data) \
-                 SELECT $1, $2, $3, $4, u.step, u.stderr, u.data \
-                 FROM UNNEST($5::BIGINT[], $6::BOOLEAN[], $7::BYTEA[]) WITH ORDINALITY AS u(step, stderr, data, n) \
-                 ORDER BY u.n",
+                "INSERT INTO log_chunks (job_id, task_id, attempt_id, attempt, heads, data) \
+                 SELECT $1, $2, $3, $4, u.heads, u.data \
+                 FROM UNNEST($5::TEXT[], $6::BYTEA[]) WITH ORDINALITY AS u(heads, data, n) ORDER BY u.n",
             )
             .bind(a.job_id)
             .bind(a.task_id)
             .bind(a.id)
             .bind(i64::from(a.number))
-            .bind(lines.iter().map(|l| i64::from(l.step)).collect::<Vec<_>>())
-            .bind(lines.iter().map(|l| l.stderr).collect::<Vec<_>>())
-            .bind(lines.iter().map(|l| l.data.as_slice()).collect::<Vec<_>>())
+            .bind(chunks.iter().map(|c| c.heads.as_str()).collect::<Vec<_>>())
+            .bind(chunks.iter().map(|c| c.data.as_slice()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
             Ok(Applied::Applied)
@@ -1436,20 +1435,23 @@ impl Store for PostgresStore {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<LogRecord>> {
-        let mut q = QueryBuilder::<Postgres>::new(
-            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
-             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.job_id = ",
-        );
-        q.push_bind(job_id).push(" AND l.id > ").push_bind(after_id);
-        if let Some(name) = &filter.name {
-            q.push(" AND t.name = ").push_bind(name);
-        }
-        if let Some(frame) = filter.frame {
-            q.push(" AND t.frame = ").push_bind(frame);
-        }
-        q.push(" ORDER BY l.id LIMIT ").push_bind(i64::from(limit));
-        let rows = q.build().fetch_all(&self.pool).await?;
-        rows.iter().map(log_record).collect()
+        log_chunks::read_lines(after_id, limit, |from, n| async move {
+            let mut q = QueryBuilder::<Postgres>::new(
+                "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
+                 FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.job_id = ",
+            );
+            q.push_bind(job_id).push(" AND c.id >= ").push_bind(from);
+            if let Some(name) = &filter.name {
+                q.push(" AND t.name = ").push_bind(name);
+            }
+            if let Some(frame) = filter.frame {
+                q.push(" AND t.frame = ").push_bind(frame);
+            }
+            q.push(" ORDER BY c.id LIMIT ").push_bind(i64::from(n));
+            let rows = q.build().fetch_all(&self.pool).await?;
+            rows.iter().map(stored_chunk).collect()
+        })
+        .await
     }
 
     async fn publish(&self, signal: Signal) -> Result<()> {

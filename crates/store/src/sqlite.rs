@@ -26,6 +26,7 @@ mod tenancy;
 
 use crate::artifacts::{ArtifactStore, OutputFile};
 use crate::decode::{corrupt, json, lost_report, parse_word, runtime_kind, to_json};
+use crate::log_chunks;
 use crate::secrets::SecretStore;
 use crate::*;
 
@@ -984,20 +985,18 @@ impl Store for SqliteStore {
         let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
             return Ok(Applied::Stale);
         };
-        for chunk in lines.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO log_lines (job_id, task_id, attempt_id, attempt, step, stderr, data) ",
-            );
-            q.push_values(chunk, |mut b, l| {
-                b.push_bind(a.job_id)
-                    .push_bind(a.task_id)
-                    .push_bind(a.id)
-                    .push_bind(a.number as i64)
-                    .push_bind(l.step as i64)
-                    .push_bind(l.stderr)
-                    .push_bind(&l.data);
-            });
-            q.build().execute(&mut *tx).await?;
+        for chunk in log_chunks::pack(lines) {
+            sqlx::query(
+                "INSERT INTO log_chunks (job_id, task_id, attempt_id, attempt, heads, data) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.job_id)
+            .bind(a.task_id)
+            .bind(a.id)
+            .bind(i64::from(a.number))
+            .bind(&chunk.heads)
+            .bind(&chunk.data)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(Applied::Applied)
@@ -1010,20 +1009,23 @@ impl Store for SqliteStore {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<LogRecord>> {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
-             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.job_id = ",
-        );
-        q.push_bind(job_id).push(" AND l.id > ").push_bind(after_id);
-        if let Some(name) = &filter.name {
-            q.push(" AND t.name = ").push_bind(name);
-        }
-        if let Some(frame) = filter.frame {
-            q.push(" AND t.frame = ").push_bind(frame);
-        }
-        q.push(" ORDER BY l.id LIMIT ").push_bind(limit as i64);
-        let rows = q.build().fetch_all(&self.reader).await?;
-        Ok(rows.iter().map(log_record).collect())
+        log_chunks::read_lines(after_id, limit, |from, n| async move {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
+                 FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.job_id = ",
+            );
+            q.push_bind(job_id).push(" AND c.id >= ").push_bind(from);
+            if let Some(name) = &filter.name {
+                q.push(" AND t.name = ").push_bind(name);
+            }
+            if let Some(frame) = filter.frame {
+                q.push(" AND t.frame = ").push_bind(frame);
+            }
+            q.push(" ORDER BY c.id LIMIT ").push_bind(i64::from(n));
+            let rows = q.build().fetch_all(&self.reader).await?;
+            Ok(rows.iter().map(stored_chunk).collect())
+        })
+        .await
     }
 
     async fn publish(&self, signal: Signal) -> Result<()> {
@@ -1168,16 +1170,17 @@ impl SecretStore for SqliteStore {
 
 /// A log line read with the columns `l.id, l.task_id, t.name, t.frame, l.attempt, l.step,
 /// l.stderr, l.data`, in that order (every log query selects them so).
-fn log_record(r: &sqlx::sqlite::SqliteRow) -> LogRecord {
-    LogRecord {
+/// A chunk read with the columns `c.id, c.task_id, t.name, t.frame, c.attempt, c.heads,
+/// c.data`, in that order (every log query selects them so).
+fn stored_chunk(r: &sqlx::sqlite::SqliteRow) -> log_chunks::StoredChunk {
+    log_chunks::StoredChunk {
         id: r.get(0),
         task_id: r.get(1),
         task_name: r.get(2),
         frame: r.get(3),
-        attempt: r.get::<i64, _>(4) as u32,
-        step: r.get::<i64, _>(5) as u32,
-        stderr: r.get(6),
-        data: r.get(7),
+        attempt: get_u32(r, 4),
+        heads: r.get(5),
+        data: r.get(6),
     }
 }
 

@@ -52,17 +52,20 @@ impl ArchiveStore for PostgresStore {
     }
 
     async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>> {
-        let rows = sqlx::query(
-            "SELECT l.id, l.task_id, t.name, t.frame, l.attempt, l.step, l.stderr, l.data \
-             FROM log_lines l JOIN tasks t ON t.id = l.task_id WHERE l.attempt_id = $1 AND l.id > $2 \
-             ORDER BY l.id LIMIT $3",
-        )
-        .bind(attempt_id)
-        .bind(after_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(super::log_record).collect()
+        crate::log_chunks::read_lines(after_id, limit, |from, n| async move {
+            let rows = sqlx::query(
+                "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
+                 FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.attempt_id = $1 AND c.id >= $2 \
+                 ORDER BY c.id LIMIT $3",
+            )
+            .bind(attempt_id)
+            .bind(from)
+            .bind(i64::from(n))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(super::stored_chunk).collect()
+        })
+        .await
     }
 
     async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {
@@ -78,7 +81,7 @@ impl ArchiveStore for PostgresStore {
             .execute(&mut *tx)
             .await?;
             if updated.rows_affected() == 1 {
-                sqlx::query("DELETE FROM log_lines WHERE attempt_id = $1")
+                sqlx::query("DELETE FROM log_chunks WHERE attempt_id = $1")
                     .bind(attempt_id)
                     .execute(&mut *tx)
                     .await?;
