@@ -1,8 +1,10 @@
-//! `drover-bench`: starts everything it needs (Drover's real binary, a private Slurm, raw
-//! baselines) and prints, for each figure, Drover's median, the peer's median and their ratio.
+//! `drover-bench`: starts everything it needs (Drover's real binary, a private Slurm, a private
+//! HyperQueue, raw baselines) and prints, for each figure, Drover's median, the peer's median and
+//! their ratio.
 //! See docs/BENCHMARKS.md for what each figure measures.
 
 mod cluster;
+mod hyperqueue;
 mod machine;
 mod report;
 mod sections;
@@ -18,7 +20,7 @@ use drover_store::pg_test::TempPostgres;
 
 use crate::report::Row;
 
-/// Benchmarks Drover end to end against Slurm, raw baselines and published figures.
+/// Benchmarks Drover end to end against Slurm, HyperQueue, raw baselines and published figures.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "drover-bench")]
 pub struct Opts {
@@ -50,6 +52,10 @@ pub struct Opts {
     /// far (seconds).
     #[arg(long, default_value_t = 60)]
     pub slurm_deadline: u64,
+    /// Longest a HyperQueue throughput run may take before its rate is taken from the tasks done
+    /// so far (seconds).
+    #[arg(long, default_value_t = 60)]
+    pub hyperqueue_deadline: u64,
     /// Directory for scratch data (default: a fresh temp dir, removed at the end).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -105,6 +111,8 @@ pub struct Ctx {
     pub slurm: bool,
     /// Slurm throughput deadline.
     pub slurm_deadline: std::time::Duration,
+    /// HyperQueue throughput deadline.
+    pub hyperqueue_deadline: std::time::Duration,
     /// The drover binary.
     pub drover: PathBuf,
     /// Scratch root.
@@ -195,6 +203,7 @@ async fn run(opts: Opts) -> Result<bool> {
         log_bytes: opts.log_bytes.unwrap_or(if q { 1 << 20 } else { 1 << 30 }).max(1),
         slurm: !opts.no_slurm,
         slurm_deadline: std::time::Duration::from_secs(opts.slurm_deadline.max(1)),
+        hyperqueue_deadline: std::time::Duration::from_secs(opts.hyperqueue_deadline.max(1)),
         drover,
         scratch,
         cores: machine::cores(),

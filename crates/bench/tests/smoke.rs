@@ -74,5 +74,10 @@ fn quick_benchmark_prints_a_row_for_every_section() {
             rows.join("\n")
         );
     }
+    // The HyperQueue peer has a row even where it is not installed (it then says why).
+    assert!(
+        out.lines().any(|l| l.starts_with("| throughput |") && l.contains("HyperQueue")),
+        "no HyperQueue row in throughput\nstdout:\n{out}\nstderr:\n{err}"
+    );
     eprintln!("{out}");
 }

@@ -1,6 +1,7 @@
 //! Throughput: N trivial process tasks as one array job, from submit to all recorded done.
-//! Peers: Slurm (`sbatch --array` of the same N on this machine) and a raw baseline that
-//! spawns the same N processes directly with one worker per core.
+//! Peers: Slurm (`sbatch --array` of the same N on this machine), HyperQueue (one job of the same
+//! N programs on a private server with one worker of this machine's cores) and a raw baseline
+//! that spawns the same N processes directly with one worker per core.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use drover_core::JobState;
 use super::{measure, slurm_version};
 use crate::Ctx;
 use crate::cluster::{AgentOptions, Cluster, plan_json, submit, watch};
+use crate::hyperqueue::{self, Outcome, ThroughputOptions};
 use crate::report::{Better, Measure, Row};
 use crate::slurm::{Slurm, SlurmOptions};
 
@@ -26,6 +28,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
             Err(e) => ("Slurm (sbatch --array)".to_string(), measure("slurm throughput", Err(e))),
         },
     };
+    let (hyperqueue_name, hyperqueue) = hyperqueue_peer(ctx).await;
     let cores = ctx.cores;
     let runs = ctx.runs;
     let raw = tokio::task::spawn_blocking(move || raw_runs(n, cores, runs))
@@ -42,6 +45,15 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
             drover: drover.clone(),
             peer: slurm_name,
             peer_value: slurm,
+        },
+        Row {
+            section: "throughput",
+            figure: figure.clone(),
+            unit: "tasks/s",
+            better: Better::Higher,
+            drover: drover.clone(),
+            peer: hyperqueue_name,
+            peer_value: hyperqueue,
         },
         Row {
             section: "throughput",
@@ -132,6 +144,43 @@ fn slurm_runs(ctx: &Ctx) -> Result<(String, Vec<f64>)> {
         ));
     }
     Ok((name, rates))
+}
+
+/// The HyperQueue peer's name and its tasks/s per run.
+async fn hyperqueue_peer(ctx: &Ctx) -> (String, Measure) {
+    let unnamed = || "HyperQueue".to_string();
+    let dir = match ctx.dir("throughput-hyperqueue") {
+        Ok(dir) => dir,
+        Err(e) => return (unnamed(), measure("hyperqueue throughput", Err(e))),
+    };
+    let options = ThroughputOptions {
+        tasks: ctx.tasks,
+        cores: ctx.cores,
+        runs: ctx.runs,
+        deadline: ctx.hyperqueue_deadline,
+    };
+    let outcome = tokio::task::spawn_blocking(move || hyperqueue::throughput(&dir, &options))
+        .await
+        .map_err(|e| anyhow!("the HyperQueue measurement panicked: {e}"))
+        .and_then(|r| r);
+    let (version, runs) = match outcome {
+        Ok(Outcome::Measured { version, runs }) => (version, runs),
+        Ok(Outcome::Unavailable(why)) => return (unnamed(), Measure::Unavailable(why)),
+        Err(e) => return (unnamed(), measure("hyperqueue throughput", Err(e))),
+    };
+    if runs.iter().any(|r| r.done == 0) {
+        let e = anyhow!("no HyperQueue task finished within {:?}", ctx.hyperqueue_deadline);
+        return (unnamed(), measure("hyperqueue throughput", Err(e)));
+    }
+    let mut name =
+        format!("HyperQueue {version}, one job of {} tasks, one worker with {} cores", ctx.tasks, ctx.cores);
+    if runs.iter().any(|r| r.done < ctx.tasks) {
+        name.push_str(&format!(
+            " (runs cut at {}s; rate of the tasks done by then)",
+            ctx.hyperqueue_deadline.as_secs()
+        ));
+    }
+    (name, Measure::Runs(runs.iter().map(|r| r.done as f64 / r.secs).collect()))
 }
 
 /// Spawns `n` `true` processes, `parallel` at a time, `runs` times; tasks/s per run.
