@@ -17,6 +17,7 @@ mod masking;
 mod microvm;
 mod oidc;
 mod output;
+mod protocol;
 mod replicas;
 mod s3;
 mod sandbox;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use drover_core::TaskPlan;
 use drover_proto as pb;
 use drover_proto::agent_message::Msg;
 use drover_proto::server_message::Msg as In;
@@ -65,6 +66,9 @@ pub enum AgentError {
     /// agent's enrollment cannot be used.
     #[error(transparent)]
     Link(#[from] LinkError),
+    /// The agent and the server speak different protocols: one of them must be upgraded.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
 /// How a session ended.
@@ -74,6 +78,9 @@ enum SessionEnd {
     Broken(String),
     /// The server refused this agent's credential: connecting again cannot help.
     Refused(String),
+    /// The agent and the server speak different protocols: connecting again cannot help
+    /// until one of them is replaced.
+    Incompatible(String),
 }
 
 impl SessionEnd {
@@ -83,6 +90,16 @@ impl SessionEnd {
                 SessionEnd::Refused(s.message().to_owned())
             }
             _ => SessionEnd::Broken(s.message().to_owned()),
+        }
+    }
+
+    /// How a session ends that the server refused before registering it. A server refuses
+    /// an agent of another protocol as a failed precondition; later in a session the same
+    /// code means a stale session, which a reconnect fixes.
+    fn at_registration(s: &tonic::Status) -> SessionEnd {
+        match s.code() {
+            tonic::Code::FailedPrecondition => SessionEnd::Incompatible(s.message().to_owned()),
+            _ => SessionEnd::from_status(s),
         }
     }
 }
@@ -161,6 +178,8 @@ pub struct Agent {
     llm_upstream: Option<String>,
     /// The way to the servers, with the node's credential.
     link: Arc<Link>,
+    /// The protocol the agent says it speaks at registration.
+    protocol: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -204,6 +223,7 @@ impl Agent {
             running: Arc::new(Mutex::new(HashMap::new())),
             limits: Limits::default(),
             llm_upstream: None,
+            protocol: pb::PROTOCOL_VERSION,
         })
     }
 
@@ -211,6 +231,14 @@ impl Agent {
     /// no `upstream`.
     pub fn with_llm_upstream(mut self, upstream: Option<String>) -> Agent {
         self.llm_upstream = upstream;
+        self
+    }
+
+    /// Makes the agent claim `protocol` at registration, to test how servers meet agents of
+    /// other releases; everything it sends stays this build's.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn speaking_protocol(mut self, protocol: u32) -> Agent {
+        self.protocol = protocol;
         self
     }
 
@@ -282,6 +310,9 @@ impl Agent {
         let mut failures = 0u32;
         let mut server_index = 0usize;
         let mut outcome = Ok(());
+        // How running attempts are stopped when the loop ends: left for the next start's
+        // recovery, unless the server handed them on.
+        let mut stop_running = StopReason::Shutdown;
         loop {
             let url = this.config.servers[server_index % this.config.servers.len()].clone();
             let session = this.clone().session(url.clone());
@@ -296,6 +327,14 @@ impl Agent {
                             outcome = Err(AgentError::Link(LinkError::Refused(format!(
                                 "{why} (enroll this node with `drover agent --join TOKEN`; an operator makes one with `drover nodes token create`)"
                             ))));
+                            stop_running = StopReason::Cancel;
+                            break;
+                        }
+                        Err(SessionEnd::Incompatible(why)) => {
+                            // The server never took this agent on, so its attempts are its
+                            // own still: an agent of the right version resumes them.
+                            tracing::error!(server = %url, error = %why, "the server speaks another protocol");
+                            outcome = Err(AgentError::Incompatible(why));
                             break;
                         }
                         Err(SessionEnd::Broken(e)) => {
@@ -314,12 +353,11 @@ impl Agent {
         this.outbox.disconnect();
         // A refused agent's tasks were handed on by the server: stop them for good and wait
         // until they are gone. A shutdown leaves that to the next start's recovery.
-        let reason = if outcome.is_err() { StopReason::Cancel } else { StopReason::Shutdown };
         let stops: Vec<_> = lock(&this.running).values().map(|r| r.stop.clone()).collect();
         for s in stops {
-            let _ = s.send(reason);
+            let _ = s.send(stop_running);
         }
-        if outcome.is_err() {
+        if stop_running == StopReason::Cancel {
             let deadline = tokio::time::Instant::now() + this.config.kill_grace + Duration::from_secs(5);
             while !lock(&this.running).is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -334,6 +372,8 @@ impl Agent {
         let mut client =
             self.link.session_client(&url).await.map_err(|e| SessionEnd::Broken(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
+        // Reports leave through the outbox's stream, in batches; everything else through `tx`.
+        let reports = self.outbox.reports();
         let mut known: Vec<i64> = lock(&self.running).keys().copied().collect();
         known.extend(self.outbox.attempts());
         known.sort_unstable();
@@ -346,24 +386,26 @@ impl Agent {
             runtimes: self.runtimes.keys().cloned().collect(),
             attempts: known,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: self.protocol,
         };
         tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) })
             .map_err(|e| SessionEnd::Broken(e.to_string()))?;
-        let mut inbound = client
-            .session(UnboundedReceiverStream::new(rx))
-            .await
-            .map_err(|e| SessionEnd::from_status(&e))?
-            .into_inner();
+        let outbound = futures::stream::select(UnboundedReceiverStream::new(rx), reports);
+        let mut inbound =
+            client.session(outbound).await.map_err(|e| SessionEnd::at_registration(&e))?.into_inner();
         let registered = match inbound.next().await {
             Some(Ok(pb::ServerMessage { msg: Some(In::Registered(r)) })) => r,
             Some(Ok(_)) => return Err(SessionEnd::Broken("server did not answer Register".into())),
-            Some(Err(e)) => return Err(SessionEnd::from_status(&e)),
+            Some(Err(e)) => return Err(SessionEnd::at_registration(&e)),
             None => return Err(SessionEnd::Broken("server closed the session".into())),
         };
+        // A server of protocol 1 does not check the agent's: the agent checks the server's.
+        pb::ProtocolMismatch::check_server(&registered.version, registered.protocol)
+            .map_err(|m| SessionEnd::Incompatible(m.to_string()))?;
         let epoch = registered.epoch;
         self.limits.set(&registered);
         tracing::info!(server = %url, node_id = registered.node_id, epoch, "registered with server");
-        self.outbox.connect(tx.clone(), epoch);
+        self.outbox.connect(epoch);
         let heartbeat = Duration::from_millis(registered.heartbeat_ms.max(100));
         let beat_tx = tx.clone();
         let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.values().cloned().collect();
@@ -393,7 +435,7 @@ impl Agent {
     fn handle(self: &Arc<Self>, msg: In, tx: &mpsc::UnboundedSender<pb::AgentMessage>) {
         match msg {
             In::ReadFile(r) => self.read_file(r, tx.clone()),
-            In::Assign(a) => self.start_attempt(a),
+            In::Assign(batch) => self.start_attempts(batch),
             In::Cancel(c) => {
                 let running = lock(&self.running);
                 match running.get(&c.attempt_id) {
@@ -431,70 +473,111 @@ impl Agent {
         });
     }
 
+    /// Starts the attempts of one assignment message. A message beyond the protocol's limit
+    /// comes from a server that does not keep it: every attempt in it is refused rather than
+    /// some run and some not.
+    fn start_attempts(self: &Arc<Self>, batch: pb::Assignments) {
+        if batch.attempts.len() > pb::MAX_ASSIGNS_PER_MESSAGE {
+            let why = format!(
+                "the server sent {} assignments in one message; an agent takes at most {}",
+                batch.attempts.len(),
+                pb::MAX_ASSIGNS_PER_MESSAGE
+            );
+            for a in &batch.attempts {
+                self.refuse(a, why.clone());
+            }
+            return;
+        }
+        for a in batch.attempts {
+            self.start_attempt(a);
+        }
+    }
+
+    /// Reports an attempt as failed to start without running anything of it.
+    fn refuse(self: &Arc<Self>, a: &pb::Assign, why: String) {
+        if lock(&self.running).contains_key(&a.attempt_id) {
+            return;
+        }
+        let outbox = self.outbox.clone();
+        let attempt_id = a.attempt_id;
+        let span = tracing::info_span!("task", job_id = a.job_id, task_id = a.task_id, attempt_id);
+        tokio::spawn(async move { attempt::refuse(&outbox, attempt_id, &why).await }.instrument(span));
+    }
+
     fn start_attempt(self: &Arc<Self>, a: pb::Assign) {
         let attempt_id = a.attempt_id;
         if lock(&self.running).contains_key(&attempt_id) {
             return;
         }
-        let reserved = lock(&self.cores).reserve(a.cores);
+        // The plan is the task's one description: an attempt whose plan this agent cannot
+        // read in full is refused, never run with guessed defaults.
+        let plan: TaskPlan = match serde_json::from_str(&a.plan_json) {
+            Ok(plan) => plan,
+            Err(e) => return self.refuse(&a, format!("cannot read the task's plan: {e}")),
+        };
+        let reserved = lock(&self.cores).reserve(plan.resources.cores);
         let pin = reserved.as_ref().map(|r| r.pin_to()).unwrap_or_default();
         if reserved.is_none() {
             // The server's view and ours disagree (e.g. an attempt of ours the server already
             // settled is still stopping); run unpinned rather than refuse the work.
-            tracing::warn!(attempt_id, cores = a.cores, "not enough free cores to pin; running unpinned");
+            tracing::warn!(
+                job_id = a.job_id,
+                task_id = a.task_id,
+                attempt_id,
+                cores = plan.resources.cores,
+                "not enough free cores to pin; running unpinned"
+            );
         }
-        let plan: Option<drover_core::TaskPlan> = serde_json::from_str(&a.plan_json).ok();
-        let image_blob = plan.as_ref().and_then(|p| p.image_blob.clone());
+        let io = (!plan.inputs.is_empty() || !plan.outputs.is_empty() || plan.agent.is_some()).then(|| {
+            let mut outputs = plan.outputs.clone();
+            if plan.agent.is_some() {
+                outputs.push(crate::ai_task::PATCH_FILE.to_owned());
+            }
+            attempt::TaskIo {
+                inputs: plan.inputs.clone(),
+                outputs,
+                outputs_on_failure: plan.outputs_on_failure,
+                link: ServerLink::new(self.link.clone()),
+                max_outputs: self.limits.max_outputs(),
+                policy: crate::files::InputPolicy {
+                    allow_local_urls: self.config.allow_local_urls,
+                    ..Default::default()
+                },
+            }
+        });
+        let ai = plan.agent.map(|spec| AiTask {
+            spec,
+            inputs: plan.inputs,
+            llm_key: a.llm_key,
+            default_upstream: self.llm_upstream.clone(),
+        });
         let spec = TaskSpec {
             job_id: a.job_id,
             task_id: a.task_id,
             attempt_id,
-            steps: a.steps.into_iter().map(|c| c.argv).collect(),
-            env: a.env.into_iter().collect(),
+            steps: plan.steps.iter().map(|c| c.to_argv()).collect(),
+            env: plan.env,
             workspace: self
                 .config
                 .work_dir
                 .join(format!("job-{}", a.job_id))
                 .join(format!("attempt-{attempt_id}")),
             cpus: pin,
-            memory_limit: a.memory,
-            pids_limit: plan.as_ref().map_or(0, |p| u64::from(p.resources.pids)),
+            memory_limit: plan.resources.memory,
+            pids_limit: u64::from(plan.resources.pids),
             allow_root: a.allow_root,
-            image: plan.as_ref().and_then(|p| p.image.clone()),
-            user: plan.as_ref().and_then(|p| p.user.clone()),
-            network: plan.as_ref().map(|p| p.network.clone()).unwrap_or_default(),
-            services: plan.as_ref().map(|p| p.services.clone()).unwrap_or_default(),
+            image: plan.image,
+            user: plan.user,
+            network: plan.network,
+            services: plan.services,
             secrets: a.secrets.into_iter().collect(),
             host_ports: Vec::new(),
         };
-        let timeout = (a.timeout_ms > 0).then(|| Duration::from_millis(a.timeout_ms));
-        let ai = plan.as_ref().and_then(|p| p.agent.clone()).map(|spec| AiTask {
-            spec,
-            inputs: plan.as_ref().map(|p| p.inputs.clone()).unwrap_or_default(),
-            llm_key: a.llm_key,
-            default_upstream: self.llm_upstream.clone(),
-        });
-        let io = plan
-            .as_ref()
-            .filter(|p| !p.inputs.is_empty() || !p.outputs.is_empty() || p.agent.is_some())
-            .map(|p| {
-                let mut outputs = p.outputs.clone();
-                if p.agent.is_some() {
-                    outputs.push(crate::ai_task::PATCH_FILE.to_owned());
-                }
-                attempt::TaskIo {
-                    inputs: p.inputs.clone(),
-                    outputs,
-                    outputs_on_failure: p.outputs_on_failure,
-                    link: ServerLink::new(self.link.clone()),
-                    max_outputs: self.limits.max_outputs(),
-                    policy: crate::files::InputPolicy {
-                        allow_local_urls: self.config.allow_local_urls,
-                        ..Default::default()
-                    },
-                }
-            });
-        self.launch(Launch { spec, kind: a.runtime, image_blob, timeout, reserved, resume: None, io, ai });
+        // A zero timeout is no timeout, as the job file reads.
+        let timeout = plan.timeout.filter(|t| !t.is_zero());
+        let kind = plan.runtime.as_str().to_owned();
+        let image_blob = plan.image_blob;
+        self.launch(Launch { spec, kind, image_blob, timeout, reserved, resume: None, io, ai });
     }
 
     /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use drover_core::FailureClass;
 use drover_proto as pb;
-use drover_proto::agent_message::Msg;
+use drover_proto::report::Kind;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -53,8 +54,9 @@ pub struct Outcome {
     pub exit_code: Option<i32>,
     /// Signal that killed the last step.
     pub signal: Option<i32>,
-    /// Failure class word, empty on a plain exit.
-    pub failure: &'static str,
+    /// Why the attempt failed; `None` when its steps ran to their end (their exit code then
+    /// decides).
+    pub failure: Option<FailureClass>,
     /// Detail for people.
     pub message: String,
     /// Usage summed over the steps.
@@ -131,7 +133,7 @@ pub async fn run(
                 Outcome {
                     exit_code: None,
                     signal: None,
-                    failure: "start",
+                    failure: Some(FailureClass::Start),
                     message: why,
                     usage: Usage::default(),
                     tokens: TokenUsage::default(),
@@ -150,7 +152,11 @@ pub async fn run(
         let _ = shipper.await;
         // Messages quote commands, paths and errors, any of which may carry a secret.
         outcome.message = masker.mask_str(&outcome.message);
-        tracing::info!(exit_code = ?outcome.exit_code, failure = outcome.failure, "attempt ended");
+        tracing::info!(
+            exit_code = ?outcome.exit_code,
+            failure = outcome.failure.map_or("", FailureClass::as_str),
+            "attempt ended"
+        );
         finished(&outbox, attempt_id, &outcome).await;
         outcome
     }
@@ -302,18 +308,18 @@ impl Hook for Outputs {
 /// Ends an agent task: tokens into the report, `budget` as the failure when the proxy had to
 /// refuse calls (unless the user cancelled), and the wrap-up's notes into the message.
 async fn wrap_up_agent(prepared: ai_task::Prepared, outcome: &mut Outcome) {
-    let succeeded = outcome.failure.is_empty() && outcome.exit_code == Some(0);
+    let succeeded = outcome.failure.is_none() && outcome.exit_code == Some(0);
     let wrapup = prepared.finish(succeeded).await;
     outcome.tokens = wrapup.tokens;
     let mut notes = wrapup.notes;
-    if wrapup.budget_spent && outcome.failure != "cancelled" {
+    if wrapup.budget_spent && outcome.failure != Some(FailureClass::Cancelled) {
         tracing::info!(
             input_tokens = wrapup.tokens.input_tokens,
             output_tokens = wrapup.tokens.output_tokens,
             refused = wrapup.tokens.refused,
             "token budget spent"
         );
-        outcome.failure = "budget";
+        outcome.failure = Some(FailureClass::Budget);
         notes.insert(
             0,
             format!(
@@ -349,7 +355,7 @@ pub struct TaskIo {
 /// Uploads the attempt's outputs and reports them (before its end is reported, so the server
 /// still accepts them). Refused paths and upload failures are added to the attempt's message.
 async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &mut Outcome) {
-    let succeeded = outcome.failure.is_empty() && outcome.exit_code == Some(0);
+    let succeeded = outcome.failure.is_none() && outcome.exit_code == Some(0);
     if io.outputs.is_empty() || (!succeeded && !io.outputs_on_failure) {
         return;
     }
@@ -360,7 +366,7 @@ async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &m
     match files::upload_outputs(&io.link, &spec.workspace, &found).await {
         Ok(kept) if !kept.is_empty() => {
             tracing::info!(files = kept.len(), "outputs kept");
-            let msg = Msg::Update(pb::AttemptUpdate {
+            let msg = Kind::Update(pb::AttemptUpdate {
                 attempt_id: spec.attempt_id,
                 epoch: 0,
                 seq: 0,
@@ -455,7 +461,7 @@ async fn run_steps(
     let mut outcome = Outcome {
         exit_code: None,
         signal: None,
-        failure: "",
+        failure: None,
         message: String::new(),
         usage: Usage::default(),
         tokens: TokenUsage::default(),
@@ -472,7 +478,7 @@ async fn run_steps(
     }
     for step in first..spec.steps.len() {
         if *stop.borrow() != StopReason::None {
-            outcome.failure = "cancelled";
+            outcome.failure = Some(FailureClass::Cancelled);
             outcome.message = "cancelled before it started".into();
             return outcome;
         }
@@ -480,7 +486,7 @@ async fn run_steps(
             Some(h) => h,
             None if secrets_gone => {
                 tracing::warn!(step, "not starting the next step of a resumed attempt: its secrets are gone");
-                outcome.failure = "lost";
+                outcome.failure = Some(FailureClass::Lost);
                 outcome.message = format!("{SECRETS_GONE}; step {} was not started", step + 1);
                 return outcome;
             }
@@ -514,15 +520,15 @@ async fn run_steps(
             }
         };
         let (status, failure, message) = tokio::select! {
-            status = runtime.wait(&handle) => (status, "", String::new()),
+            status = runtime.wait(&handle) => (status, None, String::new()),
             _ = sleep_until_deadline => {
                 tracing::info!(step, "timeout reached; stopping");
                 let t = timeout.map(|t| humantime::format_duration(t).to_string()).unwrap_or_default();
-                (stop_gracefully(runtime, &handle, grace).await, "timeout", format!("ran past its timeout of {t}"))
+                (stop_gracefully(runtime, &handle, grace).await, Some(FailureClass::Timeout), format!("ran past its timeout of {t}"))
             }
             _ = stopped => {
                 tracing::info!(step, "stopping on request");
-                (stop_gracefully(runtime, &handle, grace).await, "cancelled", "cancelled".to_string())
+                (stop_gracefully(runtime, &handle, grace).await, Some(FailureClass::Cancelled), "cancelled".to_string())
             }
         };
         if let Ok(usage) = runtime.stats(&handle).await {
@@ -531,20 +537,20 @@ async fn run_steps(
         let status: ExitStatus = match status {
             Ok(s) => s,
             Err(e) => {
-                outcome.failure = "lost";
+                outcome.failure = Some(FailureClass::Lost);
                 outcome.message = format!("lost track of step {step}: {e}");
                 return outcome;
             }
         };
         outcome.exit_code = status.code;
         outcome.signal = status.signal;
-        if !failure.is_empty() {
+        if failure.is_some() {
             outcome.failure = failure;
             outcome.message = message;
             return outcome;
         }
         if status.oom {
-            outcome.failure = "oom";
+            outcome.failure = Some(FailureClass::Oom);
             outcome.message = format!("step {} ran out of memory", step + 1);
             return outcome;
         }
@@ -560,18 +566,19 @@ async fn run_steps(
 
 fn start_failure(mut outcome: Outcome, e: RuntimeError) -> Outcome {
     tracing::warn!(error = %e, "attempt could not start");
-    outcome.failure = "start";
+    outcome.failure = Some(FailureClass::Start);
     outcome.message = e.to_string();
     outcome
 }
 
-/// Reports an attempt this node cannot run at all (its runtime is missing here).
+/// Reports an attempt this node cannot run at all (its runtime is missing here, its plan
+/// cannot be read), as failed to start.
 pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
     tracing::warn!(attempt_id, why, "refusing attempt");
     let outcome = Outcome {
         exit_code: None,
         signal: None,
-        failure: "start",
+        failure: Some(FailureClass::Start),
         message: why.to_string(),
         usage: Usage::default(),
         tokens: TokenUsage::default(),
@@ -580,7 +587,7 @@ pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
 }
 
 async fn started(outbox: &Outbox, attempt_id: i64) {
-    let msg = Msg::Update(pb::AttemptUpdate {
+    let msg = Kind::Update(pb::AttemptUpdate {
         attempt_id,
         epoch: 0,
         seq: 0,
@@ -590,14 +597,14 @@ async fn started(outbox: &Outbox, attempt_id: i64) {
 }
 
 async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
-    let msg = Msg::Update(pb::AttemptUpdate {
+    let msg = Kind::Update(pb::AttemptUpdate {
         attempt_id,
         epoch: 0,
         seq: 0,
         kind: Some(pb::attempt_update::Kind::Finished(pb::Finished {
             exit_code: o.exit_code,
             signal: o.signal,
-            failure: o.failure.to_string(),
+            failure: pb::FailureClass::encode(o.failure),
             message: o.message.clone(),
             cpu_seconds: o.usage.cpu_seconds,
             peak_memory_bytes: o.usage.peak_memory_bytes,
@@ -725,7 +732,7 @@ impl Batch {
             return;
         }
         let lines = std::mem::take(&mut self.lines);
-        let msg = Msg::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines });
+        let msg = Kind::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines });
         outbox.push(attempt_id, msg, self.bytes + 64).await;
         self.bytes = 0;
     }
@@ -734,7 +741,8 @@ impl Batch {
 mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
-    use drover_proto::AgentMessage;
+    use drover_proto::agent_message::Msg;
+    use futures::{FutureExt, StreamExt};
 
     use super::*;
     use crate::runtime::process::ProcessRuntime;
@@ -752,8 +760,8 @@ mod tests {
     async fn run_attempt(spec: TaskSpec, runtime: Arc<dyn Runtime>, resume: Option<Resume>) -> Ran {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Arc::new(Outbox::default());
-        let (tx, mut rx) = mpsc::unbounded_channel::<AgentMessage>();
-        outbox.connect(tx, 1);
+        let mut sent = Box::pin(outbox.reports());
+        outbox.connect(1);
         let runner = Runner {
             runtime,
             outbox,
@@ -768,12 +776,16 @@ mod tests {
         let outcome = run(runner, spec, Some(Duration::from_secs(30)), stop, resume).await;
         let mut pieces = Vec::new();
         let mut message = None;
-        while let Ok(m) = rx.try_recv() {
-            match m.msg {
-                Some(Msg::Output(o)) => pieces.extend(
+        let reports = std::iter::from_fn(|| sent.next().now_or_never().flatten()).flat_map(|m| match m.msg {
+            Some(Msg::Reports(r)) => r.reports,
+            _ => Vec::new(),
+        });
+        for report in reports {
+            match report.kind {
+                Some(Kind::Output(o)) => pieces.extend(
                     o.lines.into_iter().map(|l| (l.stderr, String::from_utf8_lossy(&l.data).into_owned())),
                 ),
-                Some(Msg::Update(pb::AttemptUpdate {
+                Some(Kind::Update(pb::AttemptUpdate {
                     kind: Some(pb::attempt_update::Kind::Finished(f)),
                     ..
                 })) => message = Some(f.message),
@@ -806,7 +818,7 @@ mod tests {
             r#"printf 'b64 %s\n' "$(printf '%s' "$S" | base64 -w0)"; printf 'last first-line'"#,
         ];
         let ran = run_attempt(spec(dir.path(), 9101, &steps), Arc::new(ProcessRuntime::new()), None).await;
-        assert_eq!((ran.outcome.exit_code, ran.outcome.failure), (Some(0), ""), "{}", ran.outcome.message);
+        assert_eq!((ran.outcome.exit_code, ran.outcome.failure), (Some(0), None), "{}", ran.outcome.message);
         let stdout: String = ran.pieces.iter().filter(|(e, _)| !e).map(|(_, t)| t.as_str()).collect();
         let stderr: String = ran.pieces.iter().filter(|(e, _)| *e).map(|(_, t)| t.as_str()).collect();
         assert_eq!(
@@ -830,7 +842,7 @@ mod tests {
         spec.secrets.insert("T".into(), "tok-0123456789".into());
         spec.steps = vec![vec!["/no/such/dir/tok-0123456789".into()]];
         let ran = run_attempt(spec, Arc::new(ProcessRuntime::new()), None).await;
-        assert_eq!(ran.outcome.failure, "start");
+        assert_eq!(ran.outcome.failure, Some(FailureClass::Start));
         assert!(ran.message.contains("***") && !ran.message.contains("tok-0123456789"), "{}", ran.message);
     }
 
@@ -845,7 +857,7 @@ mod tests {
         // As the journal gives it back after a restart: names only.
         spec.secrets.values_mut().for_each(String::clear);
         let ran = run_attempt(spec.clone(), runtime, Some(Resume { step: 0, handle })).await;
-        assert_eq!(ran.outcome.failure, "lost");
+        assert_eq!(ran.outcome.failure, Some(FailureClass::Lost));
         assert_eq!(ran.outcome.exit_code, Some(0), "the resumed step ran to its end");
         assert_eq!(ran.message, format!("{SECRETS_GONE}; step 2 was not started"));
         assert!(!spec.workspace.join("started").exists());

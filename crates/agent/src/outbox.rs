@@ -2,25 +2,47 @@
 //! until the server acknowledges it, and is sent again, in order, after a reconnect. The
 //! server's handling is idempotent (a repeated `finished` is recognised as stale), so
 //! re-sending is always safe.
+//!
+//! Reports leave in batches. A session sends from the stream [`Outbox::reports`] gives it;
+//! the transport polls that stream whenever it can take another message, and each poll takes
+//! everything that waits by then (within the protocol's limits) as one `Reports` message. So
+//! a quiet session sends each report as it comes, and a busy one (many attempts ending at
+//! once, output of many tasks) sends fewer, larger messages: the shape of the server's group
+//! commit, with no timer.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use drover_proto::AgentMessage;
+use drover_proto as pb;
 use drover_proto::agent_message::Msg;
-use tokio::sync::{Notify, mpsc};
+use drover_proto::report::Kind;
+use futures::Stream;
+use tokio::sync::Notify;
 
 /// Stop accepting output from tasks while this many bytes wait for acknowledgement, so a slow
 /// or absent server slows tasks' output instead of growing the agent's memory without bound.
 const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// Most bytes (as estimated by their pushers) of reports in one message, well under what a
+/// server decodes (4 MiB); a single larger report still goes, alone.
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// A report waiting for acknowledgement.
 #[derive(Debug, Clone)]
 struct Pending {
     seq: u64,
     attempt_id: i64,
-    msg: Msg,
+    report: Kind,
     bytes: usize,
+}
+
+/// The session reports go to, once it registered.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    /// The epoch the server gave the session; every report sent on it carries this one.
+    epoch: i64,
+    /// The last sequence number handed to the session's stream: reports after it are unsent.
+    sent: u64,
 }
 
 #[derive(Default)]
@@ -28,8 +50,35 @@ struct Inner {
     next_seq: u64,
     pending: VecDeque<Pending>,
     pending_bytes: usize,
-    /// The live session's sender and epoch, when connected.
-    link: Option<(mpsc::UnboundedSender<AgentMessage>, i64)>,
+    /// Bumped for each session's stream and at each disconnect: a stream of an older
+    /// generation ends, so reports never leave on a session that is gone.
+    generation: u64,
+    /// The live session, when one is registered.
+    link: Option<Link>,
+}
+
+impl Inner {
+    /// The next message of reports not yet sent on the live session, if any wait.
+    fn take_batch(&mut self) -> Option<pb::AgentMessage> {
+        let link = self.link.as_mut()?;
+        let first = self.pending.partition_point(|p| p.seq <= link.sent);
+        let mut reports = Vec::new();
+        let mut bytes = 0;
+        for p in self.pending.range(first..) {
+            if reports.len() == pb::MAX_REPORTS_PER_MESSAGE
+                || (!reports.is_empty() && bytes + p.bytes > MAX_MESSAGE_BYTES)
+            {
+                break;
+            }
+            bytes += p.bytes;
+            reports.push(stamp(p.report.clone(), p.seq, link.epoch));
+            link.sent = p.seq;
+        }
+        if reports.is_empty() {
+            return None;
+        }
+        Some(pb::AgentMessage { msg: Some(Msg::Reports(pb::Reports { reports })) })
+    }
 }
 
 /// Reports waiting for the server.
@@ -37,21 +86,22 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     acked: Notify,
+    /// Wakes the live session's stream: a report was queued, or the session changed.
+    ready: Notify,
 }
 
-fn stamp(mut msg: Msg, seq: u64, epoch: i64) -> AgentMessage {
-    match &mut msg {
-        Msg::Update(u) => {
+fn stamp(mut report: Kind, seq: u64, epoch: i64) -> pb::Report {
+    match &mut report {
+        Kind::Update(u) => {
             u.seq = seq;
             u.epoch = epoch;
         }
-        Msg::Output(o) => {
+        Kind::Output(o) => {
             o.seq = seq;
             o.epoch = epoch;
         }
-        Msg::Register(_) | Msg::Heartbeat(_) | Msg::FileChunk(_) => {}
     }
-    AgentMessage { msg: Some(msg) }
+    pb::Report { kind: Some(report) }
 }
 
 impl Outbox {
@@ -59,8 +109,9 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a report about `attempt_id` and sends it now if connected.
-    pub async fn push(&self, attempt_id: i64, msg: Msg, bytes: usize) {
+    /// Queues a report about `attempt_id`; the live session (if any) sends it with whatever
+    /// else waits when it can.
+    pub async fn push(&self, attempt_id: i64, report: Kind, bytes: usize) {
         loop {
             let notified = self.acked.notified();
             if self.lock().pending_bytes < MAX_PENDING_BYTES {
@@ -68,16 +119,14 @@ impl Outbox {
             }
             notified.await;
         }
-        let mut inner = self.lock();
-        inner.next_seq += 1;
-        let seq = inner.next_seq;
-        inner.pending.push_back(Pending { seq, attempt_id, msg: msg.clone(), bytes });
-        inner.pending_bytes += bytes;
-        if let Some((tx, epoch)) = &inner.link {
-            // Sent under the lock so that reports leave in sequence order. A failed send means
-            // the session just broke; the report stays pending and goes out after the reconnect.
-            let _ = tx.send(stamp(msg, seq, *epoch));
+        {
+            let mut inner = self.lock();
+            inner.next_seq += 1;
+            let seq = inner.next_seq;
+            inner.pending.push_back(Pending { seq, attempt_id, report, bytes });
+            inner.pending_bytes += bytes;
         }
+        self.ready.notify_waiters();
     }
 
     /// Drops every report up to and including `seq`.
@@ -100,21 +149,57 @@ impl Outbox {
         ids
     }
 
-    /// A session is up: re-sends everything pending, stamped with the new epoch, then sends
-    /// new reports directly.
-    pub fn connect(&self, tx: mpsc::UnboundedSender<AgentMessage>, epoch: i64) {
-        let mut inner = self.lock();
-        for p in &inner.pending {
-            if tx.send(stamp(p.msg.clone(), p.seq, epoch)).is_err() {
-                return;
-            }
-        }
-        inner.link = Some((tx, epoch));
+    /// The stream a new session sends reports from, merged into its outbound messages. It
+    /// yields nothing until [`Outbox::connect`] (so that `Register` goes first), then batches
+    /// of everything pending, and it ends when the session disconnects or a newer one begins.
+    pub fn reports(self: &Arc<Self>) -> impl Stream<Item = pb::AgentMessage> + Send + 'static {
+        let generation = {
+            let mut inner = self.lock();
+            inner.generation += 1;
+            inner.link = None;
+            inner.generation
+        };
+        self.ready.notify_waiters();
+        futures::stream::unfold(self.clone(), move |outbox| async move {
+            let msg = outbox.next_batch(generation).await?;
+            Some((msg, outbox))
+        })
     }
 
-    /// The session broke; reports accumulate until the next `connect`.
+    async fn next_batch(&self, generation: u64) -> Option<pb::AgentMessage> {
+        loop {
+            // Registered before looking, so a push between the look and the wait still wakes.
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                if inner.generation != generation {
+                    return None;
+                }
+                if let Some(batch) = inner.take_batch() {
+                    return Some(batch);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The session registered with `epoch`: its stream sends everything pending, stamped with
+    /// the new epoch, then new reports as they come.
+    pub fn connect(&self, epoch: i64) {
+        self.lock().link = Some(Link { epoch, sent: 0 });
+        self.ready.notify_waiters();
+    }
+
+    /// The session broke; reports accumulate until the next session connects.
     pub fn disconnect(&self) {
-        self.lock().link = None;
+        {
+            let mut inner = self.lock();
+            inner.link = None;
+            inner.generation += 1;
+        }
+        self.ready.notify_waiters();
     }
 
     /// Number of reports waiting.
@@ -125,5 +210,106 @@ impl Outbox {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{FutureExt, StreamExt};
+
+    use super::*;
+
+    fn started(attempt_id: i64) -> Kind {
+        Kind::Update(pb::AttemptUpdate {
+            attempt_id,
+            kind: Some(pb::attempt_update::Kind::Started(pb::Started {})),
+            ..Default::default()
+        })
+    }
+
+    /// (attempt id, seq, epoch) of each report of a message.
+    fn contents(msg: pb::AgentMessage) -> Vec<(i64, u64, i64)> {
+        let Some(Msg::Reports(r)) = msg.msg else { panic!("not reports: {msg:?}") };
+        r.reports
+            .into_iter()
+            .map(|r| match r.kind {
+                Some(Kind::Update(u)) => (u.attempt_id, u.seq, u.epoch),
+                Some(Kind::Output(o)) => (o.attempt_id, o.seq, o.epoch),
+                None => panic!("a report without a kind"),
+            })
+            .collect()
+    }
+
+    /// The message the stream has ready now, if any.
+    fn ready(stream: &mut (impl Stream<Item = pb::AgentMessage> + Unpin)) -> Option<pb::AgentMessage> {
+        stream.next().now_or_never().flatten()
+    }
+
+    #[tokio::test]
+    async fn what_waits_goes_in_one_message_in_order_and_again_after_a_reconnect() {
+        let outbox = Arc::new(Outbox::default());
+        let mut first = Box::pin(outbox.reports());
+        for id in 1..=3 {
+            outbox.push(id, started(id), 64).await;
+        }
+        assert!(ready(&mut first).is_none(), "sent before the session registered");
+        outbox.connect(7);
+        assert_eq!(contents(ready(&mut first).unwrap()), vec![(1, 1, 7), (2, 2, 7), (3, 3, 7)]);
+        assert!(ready(&mut first).is_none(), "sent twice");
+        outbox.push(4, started(4), 64).await;
+        assert_eq!(contents(ready(&mut first).unwrap()), vec![(4, 4, 7)]);
+
+        // Acknowledged reports are gone; the rest go out again on the next session.
+        outbox.ack(2);
+        outbox.disconnect();
+        assert_eq!(first.next().await, None, "the old session's stream goes on");
+        let mut second = Box::pin(outbox.reports());
+        outbox.connect(8);
+        assert_eq!(contents(ready(&mut second).unwrap()), vec![(3, 3, 8), (4, 4, 8)]);
+        assert_eq!(outbox.attempts(), vec![3, 4]);
+        // A newer session ends the stream of the one before it.
+        let mut third = Box::pin(outbox.reports());
+        assert_eq!(second.next().await, None);
+        outbox.connect(9);
+        assert_eq!(contents(ready(&mut third).unwrap()).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stays_within_the_count_and_size_limits() {
+        let outbox = Arc::new(Outbox::default());
+        let mut reports = Box::pin(outbox.reports());
+        outbox.connect(1);
+        let n = pb::MAX_REPORTS_PER_MESSAGE + 10;
+        for id in 1..=n as i64 {
+            outbox.push(id, started(id), 64).await;
+        }
+        assert_eq!(contents(ready(&mut reports).unwrap()).len(), pb::MAX_REPORTS_PER_MESSAGE);
+        assert_eq!(contents(ready(&mut reports).unwrap()).len(), 10);
+
+        // By size: two halves fit, a third waits; one report over the limit goes alone.
+        for (id, bytes) in [(1, MAX_MESSAGE_BYTES / 2), (2, MAX_MESSAGE_BYTES / 2), (3, 10)] {
+            outbox.push(id, started(id), bytes).await;
+        }
+        outbox.push(4, started(4), MAX_MESSAGE_BYTES * 2).await;
+        let sizes: Vec<usize> =
+            std::iter::from_fn(|| ready(&mut reports)).map(|m| contents(m).len()).collect();
+        assert_eq!(sizes, vec![2, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_stream_wakes_for_a_new_report() {
+        let outbox = Arc::new(Outbox::default());
+        let mut reports = Box::pin(outbox.reports());
+        outbox.connect(1);
+        let pusher = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                outbox.push(5, started(5), 64).await;
+            })
+        };
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(5), reports.next()).await.unwrap();
+        assert_eq!(contents(msg.unwrap()), vec![(5, 1, 1)]);
+        pusher.await.unwrap();
     }
 }

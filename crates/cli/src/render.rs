@@ -111,6 +111,15 @@ pub fn job_detail(job: &pb::Job) -> String {
     )
 }
 
+/// A task's failure class as the word scripts match, `None` while none failed. A class this
+/// client does not know (a newer server's) shows as `unknown`, never as no failure.
+fn failure_word(field: i32) -> Option<&'static str> {
+    match pb::FailureClass::decode(field) {
+        Ok(class) => class.map(|c| c.as_str()),
+        Err(_) => Some("unknown"),
+    }
+}
+
 /// `status -o json`.
 pub fn job_json(job: &pb::Job) -> Value {
     let tasks: Vec<Value> = job
@@ -119,7 +128,7 @@ pub fn job_json(job: &pb::Job) -> Value {
         .map(|t| {
             json!({"id": t.id, "name": t.name, "frame": t.frame, "state": t.state, "exit_code": t.exit_code,
                    "attempts": t.attempts, "node": (!t.node.is_empty()).then_some(&t.node), "reason": t.reason,
-                   "failure": (!t.failure.is_empty()).then_some(&t.failure), "cpu_seconds": t.cpu_seconds,
+                   "failure": failure_word(t.failure), "cpu_seconds": t.cpu_seconds,
                    "peak_memory_bytes": t.peak_memory_bytes})
         })
         .collect();
@@ -181,4 +190,18 @@ pub fn nodes_json(nodes: &[pb::Node]) -> Value {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use drover_core::FailureClass;
+
+    use super::*;
+
+    #[test]
+    fn failure_classes_show_as_their_words() {
+        assert_eq!(failure_word(pb::FailureClass::encode(None)), None);
+        assert_eq!(failure_word(pb::FailureClass::encode(Some(FailureClass::Oom))), Some("oom"));
+        assert_eq!(failure_word(42), Some("unknown"));
+    }
 }

@@ -1,4 +1,6 @@
-//! Drover's gRPC schema (`proto/drover.proto`) and the code tonic generates from it.
+//! Drover's gRPC schema (`proto/drover.proto`) and the code tonic generates from it, with the
+//! rules both ends of an agent session share: the protocol version, the batch limits, and the
+//! failure classes as `drover_core` knows them.
 
 #![allow(missing_docs, clippy::all)]
 
@@ -11,6 +13,16 @@ pub use v1::*;
 
 mod bearer;
 pub use bearer::{BadCredential, Bearer};
+
+#[warn(missing_docs, clippy::all)]
+mod failure;
+pub use failure::UnknownFailureClass;
+
+#[warn(missing_docs, clippy::all)]
+mod session;
+pub use session::{
+    MAX_ASSIGNS_PER_MESSAGE, MAX_REPORTS_PER_MESSAGE, PROTOCOL_VERSION, ProtocolMismatch, protocol_of,
+};
 
 /// The encoded `FileDescriptorSet` of `proto/drover.proto`: every service and method, for tests
 /// and tools that must cover all of them.

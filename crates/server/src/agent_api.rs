@@ -3,7 +3,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use drover_core::FailureClass;
 use drover_proto as pb;
 use drover_proto::agent_message::Msg as In;
 use drover_proto::agent_session_server::AgentSession;
@@ -62,6 +61,16 @@ impl AgentSession for AgentApi {
                 ));
             }
         };
+        if let Err(mismatch) = pb::ProtocolMismatch::check_agent(&reg.version, reg.protocol) {
+            tracing::warn!(
+                name = %reg.name,
+                agent_version = %mismatch.agent_version,
+                agent_protocol = mismatch.agent_protocol,
+                server_protocol = mismatch.server_protocol,
+                "refused an agent of another protocol"
+            );
+            return Err(Status::failed_precondition(mismatch.to_string()));
+        }
         check_registration(&reg)?;
         let lease = shared.config.lease;
         let now = now_ms();
@@ -87,6 +96,8 @@ impl AgentSession for AgentApi {
             lease_ms: lease.as_millis() as u64,
             max_outputs_bytes: shared.config.max_outputs,
             max_log_bytes: shared.config.max_log,
+            protocol: pb::PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         })))
         .await
         .map_err(|_| Status::cancelled("session closed"))?;
@@ -185,7 +196,39 @@ async fn handle(
                 return Ok(false);
             }
         }
-        Some(In::Update(mut u)) => {
+        Some(In::Reports(batch)) => {
+            if batch.reports.len() > pb::MAX_REPORTS_PER_MESSAGE {
+                return Err(Status::invalid_argument(format!(
+                    "a message carries at most {} reports, not {}",
+                    pb::MAX_REPORTS_PER_MESSAGE,
+                    batch.reports.len()
+                )));
+            }
+            // In the agent's order: acknowledgements are cumulative, so they must follow it.
+            for report in batch.reports {
+                if !handle_report(shared, epoch, report, acks, now).await? {
+                    return Ok(false);
+                }
+            }
+        }
+        Some(In::FileChunk(chunk)) => shared.reads.deliver(node_id, chunk),
+        Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
+        None => {}
+    }
+    Ok(true)
+}
+
+/// Applies or queues one report of an outbox batch. `Ok(false)` when the session can no
+/// longer acknowledge and must end.
+async fn handle_report(
+    shared: &Shared,
+    epoch: i64,
+    report: pb::Report,
+    acks: &Acks,
+    now: i64,
+) -> Result<bool, Status> {
+    match report.kind {
+        Some(pb::report::Kind::Update(mut u)) => {
             // The session's epoch, not the one the message names: epochs are unique across
             // nodes, so the store's fence then accepts the update only if the attempt was
             // assigned to this very node (and this registration of it).
@@ -196,15 +239,8 @@ async fn handle(
                     return queue(shared, acks, u.attempt_id, u.seq, started).await;
                 }
                 Some(pb::attempt_update::Kind::Finished(f)) => {
-                    let failure = if f.failure.is_empty() {
-                        None
-                    } else {
-                        Some(
-                            f.failure
-                                .parse::<FailureClass>()
-                                .map_err(|e| Status::invalid_argument(e.to_string()))?,
-                        )
-                    };
+                    let failure = pb::FailureClass::decode(f.failure)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
                     let report = AttemptReport {
                         attempt_id: u.attempt_id,
                         epoch: u.epoch,
@@ -247,9 +283,9 @@ async fn handle(
                 }
                 None => return Err(Status::invalid_argument("update without a kind")),
             };
-            return Ok(acks.done(u.attempt_id, u.seq, applied).await.is_ok());
+            Ok(acks.done(u.attempt_id, u.seq, applied).await.is_ok())
         }
-        Some(In::Output(mut o)) => {
+        Some(pb::report::Kind::Output(mut o)) => {
             o.epoch = epoch;
             if o.lines.len() > MAX_LINES_PER_BATCH {
                 return Err(Status::invalid_argument(format!(
@@ -262,13 +298,10 @@ async fn handle(
                 .map(|l| OutputLine { step: l.step, stderr: l.stderr, data: l.data })
                 .collect();
             let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
-            return Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok());
+            Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok())
         }
-        Some(In::FileChunk(chunk)) => shared.reads.deliver(node_id, chunk),
-        Some(In::Register(_)) => return Err(Status::invalid_argument("Register sent twice in one session")),
-        None => {}
+        None => Err(Status::invalid_argument("report without a kind")),
     }
-    Ok(true)
 }
 
 /// Why an attempt's outputs may not be kept (its project's stored-bytes quota), if so.
@@ -296,6 +329,8 @@ const MAX_LINES_PER_BATCH: usize = 10_000;
 const MAX_LABELS: usize = 128;
 const MAX_RUNTIMES: usize = 16;
 const MAX_KNOWN_ATTEMPTS: usize = 100_000;
+/// Longest release string a registration may carry.
+const MAX_VERSION_BYTES: usize = 64;
 
 /// Refuses a registration whose fields are out of bounds, before anything is stored.
 fn check_registration(reg: &pb::Register) -> Result<(), Status> {
@@ -316,6 +351,9 @@ fn check_registration(reg: &pb::Register) -> Result<(), Status> {
     }
     if reg.attempts.len() > MAX_KNOWN_ATTEMPTS {
         return bad(format!("at most {MAX_KNOWN_ATTEMPTS} attempts may be listed"));
+    }
+    if reg.version.len() > MAX_VERSION_BYTES {
+        return bad(format!("a version of at most {MAX_VERSION_BYTES} bytes"));
     }
     Ok(())
 }

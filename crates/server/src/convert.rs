@@ -43,7 +43,7 @@ fn task(t: TaskRecord) -> pb::Task {
         peak_memory_bytes: t.peak_memory,
         started_ms: t.started_ms.unwrap_or(0),
         ended_ms: t.ended_ms.unwrap_or(0),
-        failure: t.failure.map(|f| f.to_string()).unwrap_or_default(),
+        failure: pb::FailureClass::encode(t.failure),
     }
 }
 
@@ -122,25 +122,18 @@ pub(crate) fn node(n: NodeRecord) -> pb::Node {
     }
 }
 
-pub(crate) fn assign_message(a: &Assignment) -> pb::Assign {
-    pb::Assign {
+/// The message that hands one attempt to its agent, its plan encoded once. The secrets, the
+/// LLM key and `allow_root` are left for the dispatcher, which looks them up.
+pub(crate) fn assign_message(a: &Assignment) -> Result<pb::Assign, serde_json::Error> {
+    Ok(pb::Assign {
         job_id: a.job_id,
         task_id: a.task_id,
         attempt_id: a.attempt_id,
         epoch: a.epoch,
-        task_name: a.plan.name.clone(),
-        frame: a.plan.frame,
-        steps: a.plan.steps.iter().map(|s| pb::Command { argv: s.to_argv() }).collect(),
-        env: a.plan.env.clone().into_iter().collect(),
-        cores: a.plan.resources.cores,
-        memory: a.plan.resources.memory,
-        timeout_ms: a.plan.timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
         attempt: a.number,
-        runtime: a.plan.runtime.as_str().to_string(),
-        plan_json: serde_json::to_string(&a.plan).unwrap_or_default(),
+        plan_json: serde_json::to_string(&a.plan)?,
         secrets: Default::default(),
         llm_key: String::new(),
-        // Set by the dispatcher from the project's settings when the plan asks for root.
         allow_root: false,
-    }
+    })
 }

@@ -9,6 +9,7 @@ pub mod auth;
 mod client_api;
 mod completions;
 mod convert;
+mod dispatch;
 mod downloads;
 mod http;
 mod intake;

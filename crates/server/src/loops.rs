@@ -4,13 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_core::placement::place_within;
-use drover_proto::{ServerMessage, server_message};
 use tracing::Instrument;
 
 use drover_store::Signal;
 use tokio::sync::broadcast;
 
-use crate::convert::assign_message;
 use crate::{Shared, now_ms};
 
 /// Most queued tasks considered in one placement round.
@@ -82,32 +80,7 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
     for job_id in assignments.iter().map(|a| a.job_id).collect::<std::collections::BTreeSet<_>>() {
         shared.publish(Signal::Changed { job_id }).await;
     }
-    for a in assignments {
-        tracing::info!(
-            job_id = a.job_id,
-            task_id = a.task_id,
-            attempt_id = a.attempt_id,
-            node_id = a.node_id,
-            "task assigned"
-        );
-        let node_id = a.node_id;
-        let mut a = a;
-        resolve_artifact_inputs(shared, &mut a).await;
-        let mut assign = assign_message(&a);
-        if !a.plan.secrets.is_empty() {
-            assign.secrets = resolve_secrets(shared, a.job_id, &a.plan.secrets).await.into_iter().collect();
-        }
-        if let Some(key) = a.plan.agent.as_ref().and_then(|g| g.key_secret.clone()) {
-            // Sent apart from `secrets`, which become the sandbox's environment.
-            let mut found = resolve_secrets(shared, a.job_id, std::slice::from_ref(&key)).await;
-            assign.llm_key = found.remove(&key).unwrap_or_default();
-        }
-        if a.plan.wants_root_container() {
-            assign.allow_root = allows_root(shared, a.job_id).await;
-        }
-        let msg = ServerMessage { msg: Some(server_message::Msg::Assign(assign)) };
-        shared.send_to_node(node_id, msg).await;
-    }
+    crate::dispatch::dispatch(shared, assignments).await;
     Ok(n)
 }
 
@@ -123,69 +96,6 @@ pub(crate) async fn signals(shared: Arc<Shared>, mut rx: broadcast::Receiver<Sig
                 shared.on_signal(Signal::Schedule).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
-        }
-    }
-}
-
-/// Turns `from: TASK:PATH` inputs into the blobs those tasks kept, so the agent only downloads.
-/// An input whose artifact does not exist stays as it is, and the agent fails the attempt
-/// with a message naming it.
-async fn resolve_artifact_inputs(shared: &Shared, a: &mut drover_store::Assignment) {
-    for input in &mut a.plan.inputs {
-        let drover_core::InputSource::Artifact { task, path } = &input.source else { continue };
-        let filter = drover_store::TaskFilter { name: Some(task.clone()), frame: None };
-        match shared.artifacts.artifacts(a.job_id, &filter).await {
-            Ok(found) => {
-                if let Some(art) = found.iter().find(|f| &f.path == path) {
-                    input.source =
-                        drover_core::InputSource::Blob { digest: art.digest.clone(), directory: false };
-                }
-            }
-            Err(e) => tracing::error!(job_id = a.job_id, error = %e, "cannot resolve artifact inputs"),
-        }
-    }
-}
-
-/// Values of a task's secrets. A secret deleted since the submit is simply absent (the task
-/// sees no variable), and a store failure is logged: the dispatch goes on either way.
-async fn resolve_secrets(
-    shared: &Shared,
-    job_id: i64,
-    names: &[String],
-) -> std::collections::BTreeMap<String, String> {
-    let project = match shared.store.job(job_id).await {
-        Ok(Some(job)) => job.project,
-        Ok(None) => return Default::default(),
-        Err(e) => {
-            tracing::error!(job_id, error = %e, "cannot read the job to resolve its secrets");
-            return Default::default();
-        }
-    };
-    match shared.secrets.secret_values(&project, names).await {
-        Ok(values) => values,
-        Err(e) => {
-            tracing::error!(job_id, error = %e, "cannot resolve secrets");
-            Default::default()
-        }
-    }
-}
-
-/// Whether the project of `job_id` lets containers run as root; `false` when it cannot be
-/// told, so that the agent refuses rather than runs root unchecked.
-async fn allows_root(shared: &Shared, job_id: i64) -> bool {
-    let project = match shared.store.job(job_id).await {
-        Ok(Some(job)) => job.project,
-        Ok(None) => return false,
-        Err(e) => {
-            tracing::error!(job_id, error = %e, "cannot read the job to check containers_as_root");
-            return false;
-        }
-    };
-    match shared.tenants.project_settings(&project).await {
-        Ok(settings) => settings.unwrap_or_default().containers_as_root,
-        Err(e) => {
-            tracing::error!(job_id, error = %e, "cannot read project settings");
-            false
         }
     }
 }

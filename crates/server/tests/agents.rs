@@ -80,7 +80,7 @@ async fn assignment(sessions: &mut [Session; 2]) -> (usize, pb::Assign) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         for (i, s) in sessions.iter_mut().enumerate() {
-            if let Some(Ok(pb::server_message::Msg::Assign(a))) = s.next(Duration::from_millis(50)).await {
+            if let Some(a) = s.assign(Duration::from_millis(50)).await {
                 return (i, a);
             }
         }
@@ -89,7 +89,7 @@ async fn assignment(sessions: &mut [Session; 2]) -> (usize, pb::Assign) {
 }
 
 fn finished(attempt_id: i64, epoch: i64, seq: u64) -> Msg {
-    Msg::Update(pb::AttemptUpdate {
+    common::update(pb::AttemptUpdate {
         attempt_id,
         epoch,
         seq,
@@ -101,7 +101,7 @@ fn finished(attempt_id: i64, epoch: i64, seq: u64) -> Msg {
 }
 
 fn started(attempt_id: i64, epoch: i64, seq: u64) -> Msg {
-    Msg::Update(pb::AttemptUpdate {
+    common::update(pb::AttemptUpdate {
         attempt_id,
         epoch,
         seq,
@@ -126,12 +126,12 @@ async fn reports_about_an_attempt_count_only_from_the_node_it_was_assigned_to() 
     // The other node forges a start, output and a finish, even naming the owner's epoch.
     forger.send(started(assign.attempt_id, assign.epoch, 1)).await;
     forger
-        .send(Msg::Output(pb::AttemptOutput {
+        .send(common::reports(vec![pb::report::Kind::Output(pb::AttemptOutput {
             attempt_id: assign.attempt_id,
             epoch: assign.epoch,
             seq: 2,
             lines: vec![pb::OutputLine { step: 0, stderr: false, data: b"forged\n".to_vec() }],
-        }))
+        })]))
         .await;
     forger.send(finished(assign.attempt_id, assign.epoch, 3)).await;
     // Each is acknowledged (as stale, like a late report), so the forger learns nothing, and
@@ -162,13 +162,7 @@ async fn a_revoked_node_loses_its_session_at_once_and_its_tasks_move_on() {
     plan.tasks[0].retries.count = 1;
     let req = pb::SubmitRequest { plan_json: serde_json::to_string(&plan).unwrap(), ..Default::default() };
     let job_id = op.submit(req).await.unwrap().into_inner().job_id;
-    let assign = loop {
-        match session.next(WAIT).await {
-            Some(Ok(pb::server_message::Msg::Assign(a))) => break a,
-            Some(Ok(_)) => continue,
-            other => panic!("no assignment: {other:?}"),
-        }
-    };
+    let assign = session.assign(WAIT).await.expect("no assignment");
     session.send(started(assign.attempt_id, assign.epoch, 1)).await;
 
     let revoked = op.revoke_node(pb::RevokeNodeRequest { name: "doomed".into() }).await.unwrap().into_inner();
@@ -195,4 +189,218 @@ async fn a_revoked_node_loses_its_session_at_once_and_its_tasks_move_on() {
     // Revoking an unknown node says so.
     let unknown = op.revoke_node(pb::RevokeNodeRequest { name: "nobody".into() }).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+fn register(name: &str, cores: u32, protocol: u32, version: &str) -> pb::Register {
+    pb::Register {
+        name: name.into(),
+        cores,
+        memory: 1 << 30,
+        runtimes: vec!["process".into()],
+        protocol,
+        version: version.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_agent_of_another_protocol_is_refused_at_registration_naming_both_versions() {
+    let server = Server::start().await;
+    let credential = server.enroll("old").await;
+    let ours = env!("CARGO_PKG_VERSION");
+    // An agent from before the field (0 reads as protocol 1), and one from the future.
+    for (protocol, speaks) in [(0, 1), (1, 1), (pb::PROTOCOL_VERSION + 1, pb::PROTOCOL_VERSION + 1)] {
+        let reg = register("old", 1, protocol, "0.0.9");
+        let err = server.session_registering(Some(&credential), reg).await.err().expect("a refusal");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(
+            err.message(),
+            format!(
+                "agent 0.0.9 speaks protocol {speaks}, server {ours} speaks protocol {}: run the same Drover version on both",
+                pb::PROTOCOL_VERSION
+            )
+        );
+    }
+    assert!(node_names(&server).await.is_empty(), "a refused agent registered a node");
+
+    // The same credential with the server's protocol registers, and learns the server's.
+    let reg = register("old", 1, pb::PROTOCOL_VERSION, ours);
+    let channel =
+        tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut agents = pb::agent_session_client::AgentSessionClient::with_interceptor(
+        channel,
+        pb::Bearer::new(Some(&credential)).unwrap(),
+    );
+    let first = pb::AgentMessage { msg: Some(Msg::Register(reg)) };
+    let mut inbound = agents.session(tokio_stream::iter([first])).await.unwrap().into_inner();
+    match tokio_stream::StreamExt::next(&mut inbound).await {
+        Some(Ok(pb::ServerMessage { msg: Some(pb::server_message::Msg::Registered(r)) })) => {
+            assert_eq!((r.protocol, r.version.as_str()), (pb::PROTOCOL_VERSION, ours));
+        }
+        other => panic!("not registered: {other:?}"),
+    }
+    assert_eq!(node_names(&server).await, vec!["old"]);
+}
+
+#[tokio::test]
+async fn a_registration_with_an_overlong_version_is_refused() {
+    let server = Server::start().await;
+    let credential = server.enroll("n").await;
+    let reg = register("n", 1, pb::PROTOCOL_VERSION, &"9".repeat(65));
+    let err = server.session_registering(Some(&credential), reg).await.err().expect("a refusal");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("version"), "{}", err.message());
+}
+
+/// Submits a job of `n` one-core tasks named `t0`, `t1`, ...
+async fn submit_tasks(server: &Server, n: usize) -> i64 {
+    let tasks = (0..n).map(|i| drover_store::conformance::task(&format!("t{i}"), &[])).collect();
+    let plan = drover_store::conformance::job(tasks);
+    let req = pb::SubmitRequest { plan_json: serde_json::to_string(&plan).unwrap(), ..Default::default() };
+    server.operator().await.submit(req).await.unwrap().into_inner().job_id
+}
+
+async fn wait_all(server: &Server, job_id: i64, state: TaskState) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tasks = server.store.tasks(job_id).await.unwrap();
+        if tasks.iter().all(|t| t.state == state) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "tasks never all {state}: {tasks:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_round_placing_several_tasks_on_one_node_sends_them_in_one_message() {
+    let server = Server::start().await;
+    let credential = server.enroll("big").await;
+    let reg = register("big", 4, pb::PROTOCOL_VERSION, env!("CARGO_PKG_VERSION"));
+    let mut session = server.session_registering(Some(&credential), reg).await.unwrap();
+    let job_id = submit_tasks(&server, 4).await;
+    // The submit commits its four tasks at once, and the node has room for all of them: the
+    // round that places them sends one message.
+    let batch = loop {
+        match session.next(WAIT).await {
+            Some(Ok(pb::server_message::Msg::Assign(batch))) => break batch,
+            Some(Ok(_)) => continue,
+            other => panic!("no assignment: {other:?}"),
+        }
+    };
+    assert_eq!(batch.attempts.len(), 4, "{batch:#?}");
+    let mut tasks: Vec<i64> = batch.attempts.iter().map(|a| a.task_id).collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    assert_eq!(tasks.len(), 4, "one attempt per task");
+    // Each carries its plan, and only the plan says what to run.
+    for a in &batch.attempts {
+        let plan: drover_core::TaskPlan = serde_json::from_str(&a.plan_json).unwrap();
+        assert_eq!((a.job_id, a.epoch, a.attempt, plan.steps.len()), (job_id, session.epoch, 1, 1));
+    }
+    wait_all(&server, job_id, TaskState::Assigned).await;
+}
+
+#[tokio::test]
+async fn reports_batched_in_one_message_are_applied_in_order_and_acknowledged() {
+    let server = Server::start().await;
+    let credential = server.enroll("n").await;
+    let reg = register("n", 2, pb::PROTOCOL_VERSION, env!("CARGO_PKG_VERSION"));
+    let mut session = server.session_registering(Some(&credential), reg).await.unwrap();
+    let job_id = submit_tasks(&server, 2).await;
+    let a = session.assign(WAIT).await.expect("an assignment");
+    let b = session.assign(WAIT).await.expect("a second assignment");
+    let update = |x: &pb::Assign, seq: u64, kind| {
+        pb::report::Kind::Update(pb::AttemptUpdate {
+            attempt_id: x.attempt_id,
+            epoch: x.epoch,
+            seq,
+            kind: Some(kind),
+        })
+    };
+    let done = |code| {
+        pb::attempt_update::Kind::Finished(pb::Finished { exit_code: Some(code), ..Default::default() })
+    };
+    let failed = pb::attempt_update::Kind::Finished(pb::Finished {
+        exit_code: None,
+        failure: pb::FailureClass::Oom as i32,
+        message: "out of memory".into(),
+        ..Default::default()
+    });
+    let output = pb::report::Kind::Output(pb::AttemptOutput {
+        attempt_id: a.attempt_id,
+        epoch: a.epoch,
+        seq: 3,
+        lines: vec![pb::OutputLine { step: 0, stderr: false, data: b"batched\n".to_vec() }],
+    });
+    let batch = vec![
+        update(&a, 1, pb::attempt_update::Kind::Started(pb::Started {})),
+        update(&b, 2, pb::attempt_update::Kind::Started(pb::Started {})),
+        output,
+        update(&a, 4, done(0)),
+        update(&b, 5, failed),
+    ];
+    session.send(common::reports(batch)).await;
+    session.wait_ack(5, WAIT).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let tasks = loop {
+        let tasks = server.store.tasks(job_id).await.unwrap();
+        if tasks.iter().all(|t| t.state.is_final()) {
+            break tasks;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the batch was not applied: {tasks:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let by_id = |id| tasks.iter().find(|t| t.id == id).unwrap();
+    assert_eq!(by_id(a.task_id).state, TaskState::Succeeded);
+    assert_eq!(
+        (by_id(b.task_id).state, by_id(b.task_id).failure),
+        (TaskState::Failed, Some(drover_core::FailureClass::Oom))
+    );
+    let logs = server.store.logs_after(job_id, &TaskFilter::default(), 0, 10).await.unwrap();
+    assert_eq!(logs.iter().map(|l| l.data.as_slice()).collect::<Vec<_>>(), vec![b"batched\n".as_slice()]);
+}
+
+/// Sends `msg` on a fresh session of a fresh node and returns how the server ended it.
+async fn refused(msg: Msg) -> tonic::Status {
+    let server = Server::start().await;
+    let credential = server.enroll("n").await;
+    let mut session = server.session(Some(&credential), "n").await.unwrap();
+    session.send(msg).await;
+    loop {
+        match session.next(WAIT).await {
+            Some(Ok(_)) => continue,
+            Some(Err(s)) => return s,
+            None => panic!("the server kept the session"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_reports_beyond_the_limits_ends_the_session() {
+    let started = |seq| {
+        pb::report::Kind::Update(pb::AttemptUpdate {
+            attempt_id: 1,
+            epoch: 1,
+            seq,
+            kind: Some(pb::attempt_update::Kind::Started(pb::Started {})),
+        })
+    };
+    let too_many = (1..=pb::MAX_REPORTS_PER_MESSAGE as u64 + 1).map(started).collect();
+    let s = refused(common::reports(too_many)).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains(&format!("at most {} reports", pb::MAX_REPORTS_PER_MESSAGE)), "{s:?}");
+
+    let empty = Msg::Reports(pb::Reports { reports: vec![pb::Report { kind: None }] });
+    let s = refused(empty).await;
+    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "report without a kind"));
+
+    let unknown_class = common::update(pb::AttemptUpdate {
+        attempt_id: 1,
+        epoch: 1,
+        seq: 1,
+        kind: Some(pb::attempt_update::Kind::Finished(pb::Finished { failure: 99, ..Default::default() })),
+    });
+    let s = refused(unknown_class).await;
+    assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "unknown failure class 99"));
 }

@@ -36,6 +36,7 @@ fn register(name: &str, labels: &[(&str, &str)]) -> pb::Register {
         memory: 8 << 30,
         runtimes: vec!["process".into()],
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        protocol: pb::PROTOCOL_VERSION,
         ..Default::default()
     }
 }

@@ -158,17 +158,11 @@ async fn node(server: &Server, name: &str) -> common::Session {
 }
 
 async fn next_assign(session: &mut common::Session) -> pb::Assign {
-    loop {
-        match session.next(WAIT).await {
-            Some(Ok(pb::server_message::Msg::Assign(a))) => return a,
-            Some(Ok(_)) => continue,
-            other => panic!("no assignment: {other:?}"),
-        }
-    }
+    session.assign(WAIT).await.expect("no assignment")
 }
 
 fn update(a: &pb::Assign, seq: u64, kind: pb::attempt_update::Kind) -> Msg {
-    Msg::Update(pb::AttemptUpdate { attempt_id: a.attempt_id, epoch: a.epoch, seq, kind: Some(kind) })
+    common::update(pb::AttemptUpdate { attempt_id: a.attempt_id, epoch: a.epoch, seq, kind: Some(kind) })
 }
 
 fn finished() -> pb::attempt_update::Kind {

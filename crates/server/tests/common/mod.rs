@@ -115,6 +115,7 @@ impl Server {
             cores: 1,
             memory: 1 << 30,
             runtimes: vec!["process".into()],
+            protocol: pb::PROTOCOL_VERSION,
             ..Default::default()
         };
         self.session_registering(credential, register).await
@@ -133,7 +134,7 @@ impl Server {
         let mut inbound = agents.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         match inbound.next().await {
             Some(Ok(pb::ServerMessage { msg: Some(pb::server_message::Msg::Registered(r)) })) => {
-                Ok(Session { tx, inbound, node_id: r.node_id, epoch: r.epoch })
+                Ok(Session { tx, inbound, node_id: r.node_id, epoch: r.epoch, assigned: Default::default() })
             }
             Some(Err(s)) => Err(s),
             other => panic!("unexpected answer to Register: {other:?}"),
@@ -151,6 +152,19 @@ pub struct Session {
     pub node_id: i64,
     /// The session's epoch.
     pub epoch: i64,
+    /// Assignments received and not yet taken by [`Session::assign`].
+    assigned: std::collections::VecDeque<pb::Assign>,
+}
+
+/// Reports in one message, as an agent's outbox batches them.
+pub fn reports(kinds: Vec<pb::report::Kind>) -> pb::agent_message::Msg {
+    let reports = kinds.into_iter().map(|kind| pb::Report { kind: Some(kind) }).collect();
+    pb::agent_message::Msg::Reports(pb::Reports { reports })
+}
+
+/// An attempt update alone in a message.
+pub fn update(update: pb::AttemptUpdate) -> pb::agent_message::Msg {
+    reports(vec![pb::report::Kind::Update(update)])
 }
 
 impl Session {
@@ -174,6 +188,21 @@ impl Session {
                 other => panic!("no acknowledgement of {seq}: {other:?}"),
             }
         }
+    }
+
+    /// The next assignment within `timeout`, one at a time from however many each message
+    /// carried; other messages are skipped.
+    pub async fn assign(&mut self, timeout: Duration) -> Option<pb::Assign> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.assigned.is_empty() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Ok(pb::server_message::Msg::Assign(batch))) => self.assigned.extend(batch.attempts),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+        self.assigned.pop_front()
     }
 
     /// The next message from the server within `timeout`, skipping acknowledgements.
