@@ -534,6 +534,62 @@ pub async fn assign_rechecks_fit(store: &dyn Store) {
     assert!(store.assign(&plan, 3).await.unwrap().is_empty(), "nothing is placed twice or beyond room");
 }
 
+/// Secrets are per project: a second set replaces the value, values are read only by name, and
+/// a delete removes a secret once.
+pub async fn secrets_are_per_project<S: Store + SecretStore>(store: &S) {
+    assert!(store.set_secret("p", "TOKEN", "one", 1).await.unwrap());
+    assert!(!store.set_secret("p", "TOKEN", "two", 2).await.unwrap());
+    store.set_secret("q", "OTHER", "x", 3).await.unwrap();
+    assert_eq!(store.secret_names("p").await.unwrap(), vec!["TOKEN".to_string()]);
+    let values = store.secret_values("p", &["TOKEN".into(), "OTHER".into()]).await.unwrap();
+    assert_eq!(values.len(), 1, "another project's secret is not found by name");
+    assert_eq!(values["TOKEN"], "two");
+    assert!(store.delete_secret("p", "TOKEN").await.unwrap());
+    assert!(!store.delete_secret("p", "TOKEN").await.unwrap());
+    assert!(store.secret_names("p").await.unwrap().is_empty());
+}
+
+/// Outputs are recorded only for an open attempt (fenced like every report) and listed per
+/// job, filtered by task.
+pub async fn outputs_are_fenced_and_listed<S: Store + ArtifactStore>(store: &S) {
+    let id = store.submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
+    store.register_node(&node("n10", 2, 100_000), &[], 1).await.unwrap();
+    let assigned = schedule(store, 2).await;
+    let a = assigned.iter().find(|x| x.plan.name == "a").cloned().unwrap();
+    let file = OutputFile { path: "out/frame.png".into(), size: 3, digest: "sha256:aa".into() };
+    let files = std::slice::from_ref(&file);
+    assert_eq!(store.record_outputs(a.attempt_id, a.epoch + 1, files, 3).await.unwrap(), Applied::Stale);
+    assert_eq!(store.record_outputs(a.attempt_id, a.epoch, files, 3).await.unwrap(), Applied::Applied);
+    store.attempt_finished(&done(&a, 0), 4).await.unwrap();
+    assert_eq!(store.record_outputs(a.attempt_id, a.epoch, files, 5).await.unwrap(), Applied::Stale, "ended");
+    let kept = store.artifacts(id, &TaskFilter::default()).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    let k = &kept[0];
+    assert_eq!(
+        (k.task_name.as_str(), k.path.as_str(), k.size, k.digest.as_str()),
+        ("a", "out/frame.png", 3, "sha256:aa")
+    );
+    assert_eq!(k.attempt, 1);
+    let of_b = TaskFilter { name: Some("b".into()), frame: None };
+    assert!(store.artifacts(id, &of_b).await.unwrap().is_empty());
+}
+
+/// A published signal reaches this store's own subscribers; a lone server leads singleton loops.
+pub async fn signals_reach_subscribers(store: &dyn Store) {
+    let mut rx = store.subscribe();
+    store.publish(Signal::Changed { job_id: 7 }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(Signal::Changed { job_id: 7 })) => break,
+            Ok(Ok(_)) => continue,
+            other => panic!("the signal did not arrive: {other:?}"),
+        }
+    }
+    let lead = store.try_lead("conformance").await.unwrap();
+    assert!(lead.is_some_and(|l| l.is_held()), "nobody else leads");
+}
+
 /// Instantiates every conformance check as a `#[tokio::test]` for a backend. `$make` is an
 /// async expression producing a fresh, empty store (a value whose `Deref` is a `Store`).
 #[macro_export]
@@ -545,7 +601,7 @@ macro_rules! store_conformance {
             reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,
-            assign_rechecks_fit,
+            assign_rechecks_fit, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,
             projects_exist_once, api_keys_are_kept_and_revoked, join_tokens_enrol_one_node,
             concurrent_redemptions_enrol_once, revoking_a_node_settles_its_attempts, blobs_belong_to_projects,
             epochs_are_unique_across_nodes, jobs_are_listed_by_project, one_first_operator_key,

@@ -1217,19 +1217,4 @@ mod tests {
     async fn large_job_records_every_task_once() {
         crate::conformance::large_job_records_every_task_once(&*fresh().await, 20_000).await;
     }
-
-    #[tokio::test]
-    async fn secrets_are_per_project_and_write_only() {
-        use crate::SecretStore;
-        let store = fresh().await;
-        assert!(store.set_secret("p", "TOKEN", "one", 1).await.unwrap());
-        assert!(!store.set_secret("p", "TOKEN", "two", 2).await.unwrap());
-        store.set_secret("q", "OTHER", "x", 3).await.unwrap();
-        assert_eq!(store.secret_names("p").await.unwrap(), vec!["TOKEN".to_string()]);
-        let values = store.secret_values("p", &["TOKEN".into(), "OTHER".into()]).await.unwrap();
-        assert_eq!(values.len(), 1);
-        assert_eq!(values["TOKEN"], "two");
-        assert!(store.delete_secret("p", "TOKEN").await.unwrap());
-        assert!(!store.delete_secret("p", "TOKEN").await.unwrap());
-    }
 }

@@ -522,20 +522,6 @@ async fn mixed_concurrent_writers_keep_state_consistent() {
     assert!(ended > 0);
 }
 
-#[tokio::test]
-async fn secrets_are_per_project_and_write_only() {
-    let store = fresh().await;
-    assert!(store.set_secret("p", "TOKEN", "one", 1).await.unwrap());
-    assert!(!store.set_secret("p", "TOKEN", "two", 2).await.unwrap());
-    store.set_secret("q", "OTHER", "x", 3).await.unwrap();
-    assert_eq!(store.secret_names("p").await.unwrap(), vec!["TOKEN".to_string()]);
-    let values = store.secret_values("p", &["TOKEN".into(), "OTHER".into()]).await.unwrap();
-    assert_eq!(values.len(), 1);
-    assert_eq!(values["TOKEN"], "two");
-    assert!(store.delete_secret("p", "TOKEN").await.unwrap());
-    assert!(!store.delete_secret("p", "TOKEN").await.unwrap());
-}
-
 /// Rough throughput of the task life cycle on one store (run with `--ignored --nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
