@@ -1,0 +1,73 @@
+//! [`ArtifactStore`] on SQLite.
+
+use super::*;
+
+#[async_trait]
+impl ArtifactStore for SqliteStore {
+    async fn record_outputs(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        files: &[OutputFile],
+        now_ms: i64,
+    ) -> Result<Applied> {
+        let mut tx = self.writer.begin().await?;
+        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
+            return Ok(Applied::Stale);
+        };
+        for f in files {
+            sqlx::query(
+                "INSERT INTO artifacts (job_id, task_id, attempt_id, attempt, path, size, digest, created_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.job_id)
+            .bind(a.task_id)
+            .bind(a.id)
+            .bind(a.number as i64)
+            .bind(&f.path)
+            .bind(f.size as i64)
+            .bind(&f.digest)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            // The job's project now holds the blob (what lets its keys download it).
+            sqlx::query(
+                "INSERT INTO project_blobs (project, digest, size, created_ms) \
+                 SELECT project, ?, ?, ? FROM jobs WHERE id = ? ON CONFLICT (project, digest) DO NOTHING",
+            )
+            .bind(&f.digest)
+            .bind(f.size as i64)
+            .bind(now_ms)
+            .bind(a.job_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Applied::Applied)
+    }
+
+    async fn artifacts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<ArtifactRecord>> {
+        let rows = sqlx::query(
+            "SELECT a.task_id, t.name, t.frame, a.attempt, a.path, a.size, a.digest, a.created_ms \
+             FROM artifacts a JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ? \
+             ORDER BY t.id, a.path, a.attempt DESC",
+        )
+        .bind(job_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ArtifactRecord {
+                task_id: r.get(0),
+                task_name: r.get(1),
+                frame: r.get(2),
+                attempt: r.get::<i64, _>(3) as u32,
+                path: r.get(4),
+                size: r.get::<i64, _>(5) as u64,
+                digest: r.get(6),
+                created_ms: r.get(7),
+            })
+            .filter(|a| filter.matches(&a.task_name, a.frame))
+            .collect())
+    }
+}

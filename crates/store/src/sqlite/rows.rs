@@ -1,0 +1,66 @@
+//! Row decoding shared by the SQLite store's queries, and the fit re-check of `assign`.
+
+use super::*;
+
+/// The placements of `plan` that still fit their nodes as the store stands now (see
+/// [`admit`]): the plan was made from a snapshot that other writes may have overtaken.
+pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) -> Result<Vec<Placement>> {
+    if plan.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut q = QueryBuilder::<Sqlite>::new(
+        "SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0) \
+         FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
+         WHERE n.state = 'ready' AND n.id IN (",
+    );
+    let mut list = q.separated(", ");
+    for p in plan {
+        list.push_bind(p.node_id);
+    }
+    q.push(") GROUP BY n.id");
+    let mut free = std::collections::HashMap::new();
+    for r in q.build().fetch_all(&mut *conn).await? {
+        let total = Resources { cores: get_u32(&r, 1), memory: get_u64(&r, 2), pids: 0 };
+        let used = Resources { cores: get_u32(&r, 3), memory: get_u64(&r, 4), pids: 0 };
+        free.insert(r.get::<i64, _>(0), total.minus(&used));
+    }
+    let mut q =
+        QueryBuilder::<Sqlite>::new("SELECT id, cores, memory FROM tasks WHERE state = 'queued' AND id IN (");
+    let mut list = q.separated(", ");
+    for p in plan {
+        list.push_bind(p.task_id);
+    }
+    q.push(")");
+    let need = q
+        .build()
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| (r.get::<i64, _>(0), Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 }))
+        .collect();
+    Ok(admit(plan, &mut free, &need))
+}
+
+/// A non-negative count read as `u32` (saturating: a corrupt negative reads as 0).
+pub(super) fn get_u32(row: &sqlx::sqlite::SqliteRow, index: usize) -> u32 {
+    u32::try_from(row.get::<i64, _>(index).max(0)).unwrap_or(u32::MAX)
+}
+
+/// A non-negative size read as `u64`.
+pub(super) fn get_u64(row: &sqlx::sqlite::SqliteRow, index: usize) -> u64 {
+    u64::try_from(row.get::<i64, _>(index)).unwrap_or(0)
+}
+
+/// A chunk read with the columns `c.id, c.task_id, t.name, t.frame, c.attempt, c.heads,
+/// c.data`, in that order (every log query selects them so).
+pub(super) fn stored_chunk(r: &sqlx::sqlite::SqliteRow) -> log_chunks::StoredChunk {
+    log_chunks::StoredChunk {
+        id: r.get(0),
+        task_id: r.get(1),
+        task_name: r.get(2),
+        frame: r.get(3),
+        attempt: get_u32(r, 4),
+        heads: r.get(5),
+        data: r.get(6),
+    }
+}
