@@ -12,6 +12,7 @@ pub mod archive;
 pub mod artifacts;
 pub mod conformance;
 mod decode;
+mod event_row;
 mod log_chunks;
 #[cfg(any(test, feature = "test-support"))]
 pub mod pg_test;

@@ -101,12 +101,8 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        let mut events = vec![Ev {
-            kind: "job",
-            state: JobState::Queued.to_string(),
-            message: format!("submitted with {} tasks", plan.tasks.len()),
-            ..Ev::default()
-        }];
+        let mut events =
+            vec![Ev::job(job_id, JobState::Queued, format!("submitted with {} tasks", plan.tasks.len()))];
         let mut graph = Vec::with_capacity(if has_deps { plan.tasks.len() } else { 0 });
         for chunk in plan.tasks.chunks(INSERT_CHUNK) {
             let rows = chunk
@@ -136,7 +132,7 @@ impl Store for SqliteStore {
             q.push(" RETURNING id");
             let ids: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await?;
             for ((t, state, _, _), id) in rows.iter().zip(ids) {
-                events.push(Ev::task(id, &t.name, t.frame, *state));
+                events.push(Ev::task(job_id, id, &t.name, t.frame, *state));
                 if has_deps {
                     graph.push((id, t.name.as_str(), t.depends_on.as_slice()));
                 }
@@ -297,7 +293,7 @@ impl Store for SqliteStore {
         let events = pending
             .iter()
             .map(|r| {
-                let mut ev = Ev::task(r.get(0), r.get::<&str, _>(1), r.get(2), TaskState::Cancelled);
+                let mut ev = Ev::task(job_id, r.get(0), r.get::<&str, _>(1), r.get(2), TaskState::Cancelled);
                 ev.message = "cancelled by user".into();
                 ev
             })
@@ -547,7 +543,7 @@ impl Store for SqliteStore {
                 .await?;
             let name: String = task.get(1);
             let frame: Option<i64> = task.get(2);
-            let mut ev = Ev::task(p.task_id, &name, frame, TaskState::Assigned);
+            let mut ev = Ev::task(job_id, p.task_id, &name, frame, TaskState::Assigned);
             ev.attempt = number;
             ev.node = node_name;
             events.entry(job_id).or_default().push(ev);

@@ -2,32 +2,7 @@
 
 use super::*;
 
-/// An event about to be appended.
-#[derive(Default)]
-pub(super) struct Ev {
-    pub(super) kind: &'static str,
-    pub(super) task_id: i64,
-    pub(super) task_name: String,
-    pub(super) frame: Option<i64>,
-    pub(super) state: String,
-    pub(super) message: String,
-    pub(super) exit_code: Option<i32>,
-    pub(super) attempt: u32,
-    pub(super) node: String,
-}
-
-impl Ev {
-    pub(super) fn task(id: i64, name: &str, frame: Option<i64>, state: TaskState) -> Ev {
-        Ev {
-            kind: "task",
-            task_id: id,
-            task_name: name.to_string(),
-            frame,
-            state: state.to_string(),
-            ..Ev::default()
-        }
-    }
-}
+pub(super) use crate::event_row::Ev;
 
 /// Appends events to a job's history with consecutive sequence numbers.
 pub(super) async fn emit(

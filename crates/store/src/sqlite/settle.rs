@@ -35,7 +35,7 @@ pub(super) async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms
             .bind(job_id)
             .execute(&mut *conn)
             .await?;
-        emit(conn, job_id, now_ms, vec![Ev { kind: "job", state: new.to_string(), ..Ev::default() }]).await?;
+        emit(conn, job_id, now_ms, vec![Ev::job(job_id, new, String::new())]).await?;
     }
     Ok(())
 }
@@ -54,7 +54,7 @@ pub(super) async fn release_dependents(
     let events = released
         .into_iter()
         .map(|r| {
-            let mut ev = Ev::task(r.task.id, &r.task.name, r.task.frame, r.state);
+            let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
             ev.message = r.reason;
             ev
         })
@@ -125,7 +125,7 @@ pub(super) async fn settle_attempt(
     .bind(attempt.task_id)
     .execute(&mut *conn)
     .await?;
-    let mut ev = Ev::task(attempt.task_id, &name, frame, state);
+    let mut ev = Ev::task(attempt.job_id, attempt.task_id, &name, frame, state);
     ev.message = settled.reason;
     ev.exit_code = report.exit_code;
     ev.attempt = attempt.number;
@@ -160,9 +160,10 @@ pub(super) async fn requeue_undelivered(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(r) = row {
-        let mut ev = Ev::task(r.get(0), r.get::<&str, _>(2), r.get(3), TaskState::Queued);
+        let job_id: i64 = r.get(1);
+        let mut ev = Ev::task(job_id, r.get(0), r.get::<&str, _>(2), r.get(3), TaskState::Queued);
         ev.message = "assignment was not delivered; queued again".into();
-        emit(conn, r.get(1), now_ms, vec![ev]).await?;
+        emit(conn, job_id, now_ms, vec![ev]).await?;
     }
     Ok(())
 }
@@ -218,7 +219,7 @@ pub(super) async fn start_attempt(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(row) = row {
-        let mut ev = Ev::task(a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
+        let mut ev = Ev::task(a.job_id, a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
         ev.attempt = a.number;
         ev.node = a.node.clone();
         emit(conn, a.job_id, now_ms, vec![ev]).await?;
