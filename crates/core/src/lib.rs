@@ -11,6 +11,7 @@ pub mod limits;
 pub mod outcome;
 pub mod placement;
 pub mod resources;
+pub mod schedule_state;
 pub mod spec;
 pub mod state;
 pub mod tenancy;

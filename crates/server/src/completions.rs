@@ -23,6 +23,7 @@ use tonic::Status;
 
 use crate::convert::status;
 use crate::now_ms;
+use crate::schedule_memory::ScheduleMemory;
 
 /// Updates waiting for the writer; beyond this, sessions wait (backpressure on agents).
 const QUEUE: usize = 8192;
@@ -52,10 +53,15 @@ pub(crate) struct WriterStopped;
 impl Completions {
     /// Starts the writer, committing up to `max_batch` updates per transaction (1 commits every
     /// update on its own).
-    pub(crate) fn spawn(store: Arc<dyn Store>, max_batch: usize) -> (Completions, JoinHandle<()>) {
+    /// Every committed finish is released from `memory`, so its node's room can be placed.
+    pub(crate) fn spawn(
+        store: Arc<dyn Store>,
+        memory: Arc<ScheduleMemory>,
+        max_batch: usize,
+    ) -> (Completions, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(async move {
-            write(store, rx, max_batch.max(1)).await;
+            write(store, memory, rx, max_batch.max(1)).await;
         });
         (Completions { tx }, writer)
     }
@@ -73,18 +79,23 @@ impl Completions {
 
 /// The writer: takes whatever has queued up, commits it, answers, and starts over until every
 /// sender is gone. Returns how many transactions it committed.
-async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>, max_batch: usize) -> u64 {
+async fn write(
+    store: Arc<dyn Store>,
+    memory: Arc<ScheduleMemory>,
+    mut rx: mpsc::Receiver<Queued>,
+    max_batch: usize,
+) -> u64 {
     let mut batch = Vec::with_capacity(max_batch);
     let mut batches = 0;
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        commit(store.as_ref(), std::mem::take(&mut batch)).await;
+        commit(store.as_ref(), &memory, std::mem::take(&mut batch)).await;
         batches += 1;
     }
     batches
 }
 
 /// Commits one batch and answers every update in it.
-async fn commit(store: &dyn Store, batch: Vec<Queued>) {
+async fn commit(store: &dyn Store, memory: &ScheduleMemory, batch: Vec<Queued>) {
     let updates: Vec<AttemptUpdate> = batch.iter().map(|q| q.update.clone()).collect();
     let now = now_ms();
     let outcomes: Vec<Reply> = match store.apply_updates(&updates, now).await {
@@ -112,6 +123,16 @@ async fn commit(store: &dyn Store, batch: Vec<Queued>) {
     }
     let mut changed = false;
     let mut finished = false;
+    // A finish committed, or found stale (its attempt had already ended), frees its room.
+    let ended: Vec<i64> = updates
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|(update, outcome)| match (update, outcome) {
+            (AttemptUpdate::Finished(r), Ok(_)) => Some(r.attempt_id),
+            _ => None,
+        })
+        .collect();
+    memory.released(&ended);
     for (update, outcome) in updates.iter().zip(&outcomes) {
         if let Ok(Applied::Applied) = outcome {
             changed = true;

@@ -285,7 +285,8 @@ mod tests {
             schedule: Notify::new(),
             sessions: Mutex::new(HashMap::new()),
             reads: Default::default(),
-            completions: crate::completions::Completions::spawn(store.clone(), 16).0,
+            completions: crate::completions::Completions::spawn(store.clone(), Default::default(), 16).0,
+            memory: Default::default(),
             oidc: None,
         });
         let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();

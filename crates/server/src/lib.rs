@@ -17,6 +17,7 @@ mod live_files;
 mod log_archive;
 mod loops;
 mod projects_api;
+mod schedule_memory;
 pub mod sealed;
 mod tenancy;
 mod transfer;
@@ -165,6 +166,8 @@ pub(crate) struct Shared {
     schedule: Notify,
     /// Connected agents by node id.
     sessions: Mutex<HashMap<i64, Session>>,
+    /// What the scheduler keeps between rounds.
+    memory: Arc<schedule_memory::ScheduleMemory>,
     /// Live file reads waiting for their agents.
     reads: live_files::Reads,
     /// The group commit of attempt starts and finishes.
@@ -252,7 +255,9 @@ pub async fn serve_with_http(
 ) -> Result<(), ServerError> {
     let Backends { store, secrets, artifacts, blobs, access, tenants } = backends;
     let tls = config.tls.as_ref().map(|t| t.config.clone());
-    let (completions, writer) = completions::Completions::spawn(store.clone(), config.completion_batch);
+    let memory = Arc::new(schedule_memory::ScheduleMemory::default());
+    let (completions, writer) =
+        completions::Completions::spawn(store.clone(), memory.clone(), config.completion_batch);
     let oidc = config.oidc.clone().map(auth::oidc::Oidc::new);
     let shared = Arc::new(Shared {
         store,
@@ -268,6 +273,7 @@ pub async fn serve_with_http(
         sessions: Mutex::new(HashMap::new()),
         reads: live_files::Reads::default(),
         completions,
+        memory,
         oidc,
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));

@@ -1,31 +1,32 @@
 //! The server's background loops: placement and lease expiry.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-
-use drover_core::placement::place_within;
-use tracing::Instrument;
 
 use drover_store::Signal;
 use tokio::sync::broadcast;
 
+use crate::schedule_memory::Round;
 use crate::{Shared, now_ms};
-
-/// Most queued tasks considered in one placement round.
-const PLACEMENT_BATCH: u32 = 512;
 
 /// Places queued tasks whenever something may have changed (a submit, a finished attempt, a
 /// node joining) and on a short tick so retry backoffs expire on time.
 pub(crate) async fn scheduler(shared: Arc<Shared>) {
     loop {
         let _ = tokio::time::timeout(shared.config.schedule_tick, shared.schedule.notified()).await;
+        // Rounds in a row that assigned nothing although they placed something: the memory
+        // was behind the store (another replica took the tasks, a node filled); the next
+        // round's read catches up, but not forever without a pause.
+        let mut missed = 0;
         loop {
             match schedule_once(&shared).await {
-                // A full batch means more may fit right away.
-                Ok(n) if n > 0 => continue,
+                Ok(round) if round.assigned > 0 => missed = 0,
+                Ok(round) if round.refused > 0 && missed < 3 => missed += 1,
                 Ok(_) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "placement round failed");
+                    shared.memory.resync();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
@@ -34,11 +35,22 @@ pub(crate) async fn scheduler(shared: Arc<Shared>) {
     }
 }
 
-async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreError> {
-    // A replica without agent sessions could place nothing: leave the queue to the others
-    // rather than read it on every signal.
-    if shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-        return Ok(0);
+async fn schedule_once(shared: &Shared) -> Result<Round, drover_store::StoreError> {
+    // Only nodes with a live session here can receive work; after a server restart, nodes keep
+    // their leases in the store until their agents reconnect. A replica without sessions
+    // leaves the queue to the others rather than read it on every signal.
+    let (sessions, warm): (HashMap<i64, i64>, HashMap<i64, BTreeMap<String, u32>>) = {
+        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let epochs = sessions.iter().map(|(id, s)| (*id, s.epoch)).collect();
+        let warm = sessions
+            .iter()
+            .filter(|(_, s)| !s.warm.is_empty())
+            .map(|(id, s)| (*id, s.warm.clone()))
+            .collect();
+        (epochs, warm)
+    };
+    if sessions.is_empty() {
+        return Ok(Round::default());
     }
     let now = now_ms();
     let limits = shared.policy.round(shared).await?;
@@ -51,37 +63,17 @@ async fn schedule_once(shared: &Shared) -> Result<usize, drover_store::StoreErro
         shared.tenants.set_project_queue_reason(project, "").await?;
     }
     let skip: Vec<String> = limits.held.keys().cloned().collect();
-    let (mut nodes, queue) = shared.store.placement_snapshot(now, PLACEMENT_BATCH, &skip).await?;
-    // Only nodes with a live session here can receive work; after a server restart, nodes keep
-    // their leases in the store until their agents reconnect.
-    {
-        let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.retain(|n| sessions.contains_key(&n.id));
-        for node in &mut nodes {
-            if let Some(session) = sessions.get(&node.id) {
-                node.warm = session.warm.clone();
-            }
-        }
+    let mut round =
+        shared.memory.place(shared.store.as_ref(), &sessions, &warm, now, &skip, &limits.rooms).await?;
+    if !round.held.is_empty() {
+        shared.tenants.set_queue_reasons(&round.held).await?;
     }
-    if queue.is_empty() {
-        return Ok(0);
-    }
-    let placed = place_within(&nodes, &queue, &limits.rooms);
-    if !placed.held.is_empty() {
-        shared.tenants.set_queue_reasons(&placed.held).await?;
-    }
-    let plan = placed.placements;
-    if plan.is_empty() {
-        return Ok(0);
-    }
-    let span = tracing::debug_span!("assign", tasks = plan.len());
-    let assignments = shared.store.assign(&plan, now).instrument(span).await?;
-    let n = assignments.len();
-    for job_id in assignments.iter().map(|a| a.job_id).collect::<std::collections::BTreeSet<_>>() {
+    let assignments = std::mem::take(&mut round.assignments);
+    for job_id in assignments.iter().map(|a| a.job_id).collect::<BTreeSet<_>>() {
         shared.publish(Signal::Changed { job_id }).await;
     }
     crate::dispatch::dispatch(shared, assignments).await;
-    Ok(n)
+    Ok(round)
 }
 
 /// Relays signals from every server sharing the store to this server's streams, scheduler and

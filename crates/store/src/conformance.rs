@@ -12,8 +12,10 @@ use drover_core::{
 use crate::*;
 
 mod access;
+mod queue_feed;
 mod tenancy;
 pub use access::*;
+pub use queue_feed::*;
 pub use tenancy::*;
 
 /// A one-step task with no dependencies.
@@ -602,6 +604,7 @@ macro_rules! store_conformance {
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,
             assign_rechecks_fit, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,
+            queue_feed_mirrors_the_queue,
             projects_exist_once, api_keys_are_kept_and_revoked, join_tokens_enrol_one_node,
             concurrent_redemptions_enrol_once, revoking_a_node_settles_its_attempts, blobs_belong_to_projects,
             epochs_are_unique_across_nodes, jobs_are_listed_by_project, one_first_operator_key,

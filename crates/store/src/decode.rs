@@ -50,3 +50,70 @@ pub(crate) fn lost_report(attempt_id: i64, epoch: i64, message: &str) -> Attempt
         output_tokens: 0,
     }
 }
+
+/// The columns every queue-feed query selects, in this order, as both dialects read them.
+pub(crate) struct QueueRow<'a> {
+    pub id: i64,
+    pub priority: i32,
+    pub cores: i64,
+    pub memory: i64,
+    pub constraints: &'a str,
+    pub runtime: &'a str,
+    /// The image of a microvm task.
+    pub image: Option<String>,
+    pub project: String,
+    pub not_before_ms: i64,
+    /// Whether the task is queued now (the feed also reports tasks that left).
+    pub queued: bool,
+}
+
+/// Sorts the rows of a queue-feed read into the tasks queued and the ids of those that left.
+pub(crate) fn queue_changes<'a>(
+    cursor: i64,
+    rows: impl IntoIterator<Item = Result<QueueRow<'a>>>,
+) -> Result<crate::QueueChanges> {
+    let mut changes = crate::QueueChanges { cursor, ..Default::default() };
+    for row in rows {
+        let row = row?;
+        if !row.queued {
+            changes.left.push(row.id);
+            continue;
+        }
+        changes.queued.push(drover_core::schedule_state::QueueEntry {
+            task: drover_core::placement::QueuedTask {
+                id: row.id,
+                priority: row.priority,
+                resources: drover_core::Resources {
+                    cores: u32::try_from(row.cores.max(0)).unwrap_or(u32::MAX),
+                    memory: u64::try_from(row.memory.max(0)).unwrap_or(u64::MAX),
+                    pids: 0,
+                },
+                constraints: json("constraints", row.constraints)?,
+                runtime: runtime_kind(row.runtime)?,
+                image: row.image,
+                project: row.project,
+            },
+            not_before_ms: row.not_before_ms,
+        });
+    }
+    Ok(changes)
+}
+
+/// A node's columns as `node_books` reads them, and its open attempts' reservations.
+pub(crate) fn node_book(
+    id: i64,
+    labels: &str,
+    runtimes: &str,
+    capacity: drover_core::Resources,
+    attempts: std::collections::BTreeMap<i64, drover_core::Resources>,
+) -> Result<drover_core::schedule_state::NodeBook> {
+    let runtimes: Vec<String> = json("runtimes", runtimes)?;
+    Ok(drover_core::schedule_state::NodeBook {
+        id,
+        labels: json("labels", labels)?,
+        // Runtimes this server does not know (a newer agent) are ignored.
+        runtimes: runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
+        capacity,
+        attempts,
+    })
+}

@@ -26,6 +26,7 @@ mod usage;
 use async_trait::async_trait;
 use drover_core::JobPlan;
 use drover_core::placement::{NodeView, Placement, QueuedTask};
+use drover_core::schedule_state::NodeBook;
 
 pub use access::{
     AccessStore, JoinTokenRecord, KeyRecord, NodeCredentialRecord, ProjectRecord, Redeemed, RevokedNode,
@@ -159,6 +160,16 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
         skip_projects: &[String],
     ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)>;
+
+    /// The queue as a feed, for schedulers that keep it in memory: with `since` = `None`,
+    /// every queued task; with the cursor a previous call returned, every task that entered
+    /// or left the queue since (a task may be reported again; never is a change missed).
+    /// Cost: O(changes), whatever the queue's length.
+    async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges>;
+
+    /// What a scheduler needs of the nodes in `node_ids` that are ready: labels, runtimes,
+    /// capacity, and what each of their open attempts reserves. Others are left out.
+    async fn node_books(&self, node_ids: &[i64]) -> Result<Vec<NodeBook>>;
 
     /// Applies a placement plan: each task still queued on a node still ready gets a new
     /// attempt, metered under the latest price version (see [`TenantStore::record_prices`]),

@@ -45,6 +45,7 @@ use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
 use drover_core::placement::{NodeView, Placement, QueuedTask, admit};
+use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
@@ -202,6 +203,7 @@ mod archive;
 mod artifacts;
 mod dependencies;
 mod events;
+mod queue_feed;
 mod secrets;
 mod settle;
 mod tenancy;
@@ -679,6 +681,14 @@ impl Store for PostgresStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((nodes, queue))
+    }
+
+    async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges> {
+        queue_feed::queue_changes(&self.pool, since).await
+    }
+
+    async fn node_books(&self, node_ids: &[i64]) -> Result<Vec<NodeBook>> {
+        queue_feed::node_books(&self.pool, node_ids).await
     }
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {

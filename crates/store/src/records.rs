@@ -317,3 +317,14 @@ impl TaskFilter {
         self.name.as_deref().is_none_or(|n| n == name) && (self.frame.is_none() || self.frame == frame)
     }
 }
+
+/// What changed in the queue since a cursor (see [`crate::Store::queue_changes`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueChanges {
+    /// Where the next read resumes.
+    pub cursor: i64,
+    /// Tasks queued now, with what placement needs of them.
+    pub queued: Vec<drover_core::schedule_state::QueueEntry>,
+    /// Tasks no longer queued.
+    pub left: Vec<i64>,
+}

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
 use drover_core::placement::{NodeView, Placement, QueuedTask, admit};
+use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -24,6 +25,7 @@ mod archive;
 mod artifacts;
 mod dependencies;
 mod events;
+mod queue_feed;
 mod rows;
 mod secrets;
 mod settle;
@@ -491,6 +493,14 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((nodes, queue))
+    }
+
+    async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges> {
+        queue_feed::queue_changes(&self.reader, since).await
+    }
+
+    async fn node_books(&self, node_ids: &[i64]) -> Result<Vec<NodeBook>> {
+        queue_feed::node_books(&self.reader, node_ids).await
     }
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {

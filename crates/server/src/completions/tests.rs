@@ -77,7 +77,7 @@ async fn queued_updates_commit_in_bounded_batches() {
         receivers.push(r);
     }
     drop(tx);
-    let batches = write(store.clone(), rx, 4).await;
+    let batches = write(store.clone(), Default::default(), rx, 4).await;
     assert_eq!(batches, 6, "21 updates in batches of at most 4");
     let got: Vec<Applied> = outcomes(receivers).await.into_iter().map(Result::unwrap).collect();
     let mut want = vec![Applied::Applied; 20];
@@ -101,7 +101,7 @@ async fn a_failing_update_does_not_fail_its_batch() {
         .unwrap();
     raw.close().await;
     let (batch, receivers): (Vec<_>, Vec<_>) = assigned.iter().map(|a| queued(finished(a))).unzip();
-    commit(store.as_ref(), batch).await;
+    commit(store.as_ref(), &Default::default(), batch).await;
     let got = outcomes(receivers).await;
     assert!(matches!(got[0], Ok(Applied::Applied)), "{:?}", got[0]);
     assert!(matches!(got[1], Err(StoreError::Corrupt { .. })), "{:?}", got[1]);
