@@ -5,7 +5,7 @@
 //! deferred `BEGIN` is safe because no other connection can write between its read and its
 //! write. Reads use a separate pool and see the last committed state (WAL).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,8 +34,8 @@ mod tenancy;
 use events::{Ev, emit};
 use rows::{admissible, stored_chunk};
 use settle::{
-    finish_attempt, lose_node_attempts, open_attempt, refresh_job, requeue_undelivered, settle_attempt,
-    start_attempt,
+    JobChanges, finish_attempt, lose_node_attempts, open_attempt, refresh_job, requeue_undelivered,
+    settle_attempt, start_attempt,
 };
 
 use crate::artifacts::{ArtifactStore, OutputFile};
@@ -346,6 +346,7 @@ impl Store for SqliteStore {
                 .bind(reg.node_id)
                 .fetch_all(&mut *tx)
                 .await?;
+        let mut changes = JobChanges::default();
         for (attempt_id, state) in open {
             if known_attempts.contains(&attempt_id) {
                 sqlx::query("UPDATE attempts SET epoch = ? WHERE id = ?")
@@ -356,12 +357,13 @@ impl Store for SqliteStore {
             } else if state == "assigned" {
                 // The agent never received it (the assignment went to a session that was
                 // already gone): hand it back without spending one of the task's retries.
-                requeue_undelivered(&mut tx, attempt_id, now_ms).await?;
+                requeue_undelivered(&mut tx, &mut changes, attempt_id, now_ms).await?;
             } else if let Some(a) = open_attempt(&mut tx, attempt_id, None).await? {
                 let report = lost_report(attempt_id, reg.epoch, "the agent restarted without it");
-                settle_attempt(&mut tx, &a, &report, now_ms).await?;
+                settle_attempt(&mut tx, &mut changes, &a, &report, now_ms).await?;
             }
         }
+        changes.write(&mut tx, now_ms).await?;
         tx.commit().await?;
         Ok(reg)
     }
@@ -388,10 +390,12 @@ impl Store for SqliteStore {
         .bind(now_ms)
         .fetch_all(&mut *tx)
         .await?;
+        let mut changes = JobChanges::default();
         for (node_id, name) in &expired {
-            lose_node_attempts(&mut tx, *node_id, &format!("node {name} went silent past its lease"), now_ms)
-                .await?;
+            let why = format!("node {name} went silent past its lease");
+            lose_node_attempts(&mut tx, &mut changes, *node_id, &why, now_ms).await?;
         }
+        changes.write(&mut tx, now_ms).await?;
         tx.commit().await?;
         Ok(expired.into_iter().map(|(id, _)| id).collect())
     }
@@ -511,46 +515,47 @@ impl Store for SqliteStore {
         let plan = admissible(&mut tx, plan).await?;
         let mut out = Vec::with_capacity(plan.len());
         let mut events: BTreeMap<i64, Vec<Ev>> = BTreeMap::new();
+        // Each node's epoch and name, read once per round rather than once per placement.
+        let mut nodes: HashMap<i64, Option<(i64, String)>> = HashMap::new();
         for p in &plan {
-            let node = sqlx::query("SELECT epoch, name FROM nodes WHERE id = ? AND state = 'ready'")
-                .bind(p.node_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(node) = node else { continue };
-            let epoch: i64 = node.get(0);
-            let node_name: String = node.get(1);
-            let task = sqlx::query(
-                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = ?, reason = '', \
-                 started_ms = NULL, ended_ms = NULL WHERE id = ? AND state = 'queued' \
-                 RETURNING job_id, name, frame, plan, attempts, cores, memory",
+            let node = match nodes.entry(p.node_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    sqlx::query_as("SELECT epoch, name FROM nodes WHERE id = ? AND state = 'ready'")
+                        .bind(p.node_id)
+                        .fetch_optional(&mut *tx)
+                        .await?,
+                ),
+            };
+            let Some((epoch, node_name)) = node.clone() else { continue };
+            // The attempt first, from the task row while it is still queued; then the task
+            // points at it, in one statement each.
+            let attempt = sqlx::query(
+                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
+                 price_version) SELECT id, job_id, attempts + 1, ?, ?, 'assigned', cores, memory, ?, ? \
+                 FROM tasks WHERE id = ? AND state = 'queued' RETURNING id, number",
             )
             .bind(p.node_id)
+            .bind(epoch)
+            .bind(now_ms)
+            .bind(price_version)
             .bind(p.task_id)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(task) = task else { continue };
-            let job_id: i64 = task.get(0);
-            let number = task.get::<i64, _>(4) as u32;
-            let attempt_id: i64 = sqlx::query_scalar(
-                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
-                 price_version) VALUES (?, ?, ?, ?, ?, 'assigned', ?, ?, ?, ?) RETURNING id",
+            let Some(attempt) = attempt else { continue };
+            let attempt_id: i64 = attempt.get(0);
+            let number = rows::get_u32(&attempt, 1);
+            let task = sqlx::query(
+                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = ?, reason = '', \
+                 started_ms = NULL, ended_ms = NULL, current_attempt = ? WHERE id = ? \
+                 RETURNING job_id, name, frame, plan",
             )
-            .bind(p.task_id)
-            .bind(job_id)
-            .bind(number as i64)
             .bind(p.node_id)
-            .bind(epoch)
-            .bind(task.get::<i64, _>(5))
-            .bind(task.get::<i64, _>(6))
-            .bind(now_ms)
-            .bind(price_version)
+            .bind(attempt_id)
+            .bind(p.task_id)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query("UPDATE tasks SET current_attempt = ? WHERE id = ?")
-                .bind(attempt_id)
-                .bind(p.task_id)
-                .execute(&mut *tx)
-                .await?;
+            let job_id: i64 = task.get(0);
             let name: String = task.get(1);
             let frame: Option<i64> = task.get(2);
             let mut ev = Ev::task(job_id, p.task_id, &name, frame, TaskState::Assigned);
@@ -584,14 +589,16 @@ impl Store for SqliteStore {
         // each sees what the ones before it wrote.
         let mut tx = self.writer.begin().await?;
         let mut out = Vec::with_capacity(updates.len());
+        let mut changes = JobChanges::default();
         for update in updates {
             out.push(match update {
                 AttemptUpdate::Started { attempt_id, epoch } => {
-                    start_attempt(&mut tx, *attempt_id, *epoch, now_ms).await?
+                    start_attempt(&mut tx, &mut changes, *attempt_id, *epoch, now_ms).await?
                 }
-                AttemptUpdate::Finished(report) => finish_attempt(&mut tx, report, now_ms).await?,
+                AttemptUpdate::Finished(report) => finish_attempt(&mut tx, &mut changes, report, now_ms).await?,
             });
         }
+        changes.write(&mut tx, now_ms).await?;
         tx.commit().await?;
         Ok(out)
     }

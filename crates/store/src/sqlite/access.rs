@@ -228,9 +228,10 @@ impl AccessStore for SqliteStore {
                 lost: Vec::new(),
             }));
         };
-        let lost =
-            lose_node_attempts(&mut tx, node_id, &format!("node {name} was revoked by an operator"), now_ms)
-                .await?;
+        let mut changes = super::JobChanges::default();
+        let why = format!("node {name} was revoked by an operator");
+        let lost = lose_node_attempts(&mut tx, &mut changes, node_id, &why, now_ms).await?;
+        changes.write(&mut tx, now_ms).await?;
         tx.commit().await?;
         tracing::warn!(node_id, node = %name, credentials, lost = lost.len(), "node revoked; marked down");
         Ok(Some(RevokedNode {

@@ -40,10 +40,43 @@ pub(super) async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms
     Ok(())
 }
 
+/// Events and job-state refreshes a transaction collects as it settles attempts, written once
+/// per job when it is done ([`JobChanges::write`]): a batch of reports for one job then costs
+/// one event insert and one state derivation instead of one per report.
+#[derive(Default)]
+pub(super) struct JobChanges {
+    events: BTreeMap<i64, Vec<Ev>>,
+    refresh: std::collections::BTreeSet<i64>,
+}
+
+impl JobChanges {
+    /// Adds events to a job's history, after those added before.
+    pub(super) fn events(&mut self, job_id: i64, events: impl IntoIterator<Item = Ev>) {
+        self.events.entry(job_id).or_default().extend(events);
+    }
+
+    /// Marks a job's state for derivation once its tasks' changes are in.
+    pub(super) fn refresh(&mut self, job_id: i64) {
+        self.refresh.insert(job_id);
+    }
+
+    /// Writes the events, then derives each marked job's state (which may add a job event).
+    pub(super) async fn write(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
+        for (job_id, events) in self.events {
+            emit(conn, job_id, now_ms, events).await?;
+        }
+        for job_id in self.refresh {
+            refresh_job(conn, job_id, now_ms).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Queues or skips the waiting tasks that the end of a task of group `name` (in final state
 /// `state`) releases, cascading skips; touches only that group's dependents.
 pub(super) async fn release_dependents(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     job_id: i64,
     name: &str,
     state: TaskState,
@@ -51,15 +84,13 @@ pub(super) async fn release_dependents(
 ) -> Result<()> {
     let mut rows = dependencies::JobDependencies { conn: &mut *conn, job_id, now_ms };
     let released = release_after(&mut rows, name, state).await?;
-    let events = released
-        .into_iter()
-        .map(|r| {
-            let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
-            ev.message = r.reason;
-            ev
-        })
-        .collect();
-    emit(conn, job_id, now_ms, events).await
+    let events = released.into_iter().map(|r| {
+        let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
+        ev.message = r.reason;
+        ev
+    });
+    changes.events(job_id, events);
+    Ok(())
 }
 
 /// The parts of an attempt row that settling needs.
@@ -74,6 +105,7 @@ pub(super) struct AttemptRow {
 /// Ends an attempt and settles its task: final state (then dependents and job state) or retry.
 pub(super) async fn settle_attempt(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     attempt: &AttemptRow,
     report: &AttemptReport,
     now_ms: i64,
@@ -130,17 +162,19 @@ pub(super) async fn settle_attempt(
     ev.exit_code = report.exit_code;
     ev.attempt = attempt.number;
     ev.node = attempt.node.clone();
-    emit(conn, attempt.job_id, now_ms, vec![ev]).await?;
+    changes.events(attempt.job_id, [ev]);
     if state.is_final() && has_deps {
-        release_dependents(conn, attempt.job_id, &name, state, now_ms).await?;
+        release_dependents(conn, changes, attempt.job_id, &name, state, now_ms).await?;
     }
-    refresh_job(conn, attempt.job_id, now_ms).await
+    changes.refresh(attempt.job_id);
+    Ok(())
 }
 
 /// Returns the task of an attempt that never reached its agent to the queue, as if the
 /// attempt had not been made.
 pub(super) async fn requeue_undelivered(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     attempt_id: i64,
     now_ms: i64,
 ) -> Result<()> {
@@ -163,7 +197,7 @@ pub(super) async fn requeue_undelivered(
         let job_id: i64 = r.get(1);
         let mut ev = Ev::task(job_id, r.get(0), r.get::<&str, _>(2), r.get(3), TaskState::Queued);
         ev.message = "assignment was not delivered; queued again".into();
-        emit(conn, job_id, now_ms, vec![ev]).await?;
+        changes.events(job_id, [ev]);
     }
     Ok(())
 }
@@ -199,6 +233,7 @@ pub(super) async fn open_attempt(
 /// Records that an attempt started running, inside the caller's transaction.
 pub(super) async fn start_attempt(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     attempt_id: i64,
     epoch: i64,
     now_ms: i64,
@@ -222,7 +257,7 @@ pub(super) async fn start_attempt(
         let mut ev = Ev::task(a.job_id, a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
         ev.attempt = a.number;
         ev.node = a.node.clone();
-        emit(conn, a.job_id, now_ms, vec![ev]).await?;
+        changes.events(a.job_id, [ev]);
     }
     Ok(Applied::Applied)
 }
@@ -230,13 +265,14 @@ pub(super) async fn start_attempt(
 /// Records how an attempt ended and settles its task, inside the caller's transaction.
 pub(super) async fn finish_attempt(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     report: &AttemptReport,
     now_ms: i64,
 ) -> Result<Applied> {
     let Some(a) = open_attempt(conn, report.attempt_id, Some(report.epoch)).await? else {
         return Ok(Applied::Stale);
     };
-    settle_attempt(conn, &a, report, now_ms).await?;
+    settle_attempt(conn, changes, &a, report, now_ms).await?;
     Ok(Applied::Applied)
 }
 
@@ -245,6 +281,7 @@ pub(super) async fn finish_attempt(
 /// retry policy says. Returns the attempts ended, in id order.
 pub(super) async fn lose_node_attempts(
     conn: &mut SqliteConnection,
+    changes: &mut JobChanges,
     node_id: i64,
     why: &str,
     now_ms: i64,
@@ -256,7 +293,7 @@ pub(super) async fn lose_node_attempts(
             .await?;
     for (attempt_id, epoch) in &open {
         if let Some(a) = open_attempt(conn, *attempt_id, None).await? {
-            settle_attempt(conn, &a, &lost_report(*attempt_id, *epoch, why), now_ms).await?;
+            settle_attempt(conn, changes, &a, &lost_report(*attempt_id, *epoch, why), now_ms).await?;
         } else {
             sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = ? WHERE id = ?")
                 .bind(now_ms)
