@@ -68,8 +68,35 @@ fn done(attempt: &Assignment, code: i32) -> AttemptReport {
 
 /// Places and assigns whatever fits right now.
 pub async fn schedule(store: &dyn Store, now: i64) -> Vec<Assignment> {
-    let (nodes, queue) = store.placement_snapshot(now, 1000, &[]).await.unwrap();
+    let (nodes, queue) = snapshot(store, now, &[]).await;
     store.assign(&place(&nodes, &queue), now).await.unwrap()
+}
+
+/// What a scheduler serving every ready node would place from now, read whole from the store:
+/// the ready nodes with what they have free, and the queued tasks whose backoff has passed,
+/// best first, leaving out the projects in `held`.
+pub async fn snapshot(
+    store: &dyn Store,
+    now: i64,
+    held: &[String],
+) -> (Vec<drover_core::placement::NodeView>, Vec<drover_core::placement::QueuedTask>) {
+    let mut state = drover_core::schedule_state::ScheduleState::new();
+    for entry in store.queue_changes(None).await.unwrap().queued {
+        state.queued(entry);
+    }
+    let ready: Vec<i64> = store
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.state == drover_core::NodeState::Ready)
+        .map(|n| n.id)
+        .collect();
+    for book in store.node_books(&ready).await.unwrap() {
+        state.node_joined(book);
+    }
+    let queue = state.candidates(now, held, usize::MAX);
+    (state.node_views(), queue)
 }
 
 async fn states(store: &dyn Store, job_id: i64) -> Vec<(String, TaskState)> {
@@ -395,7 +422,7 @@ pub async fn queued_microvm_tasks_carry_their_image(store: &dyn Store) {
     boxed.image = Some("sha256:def".into());
     store.submit(&job(vec![vm, boxed]), "src", "f.yaml", 1).await.unwrap();
     store.register_node(&node("n1", 2, 10_000), &[], 1).await.unwrap();
-    let (_, queue) = store.placement_snapshot(2, 1000, &[]).await.unwrap();
+    let (_, queue) = snapshot(store, 2, &[]).await;
     let mut images: Vec<_> = queue.iter().map(|t| (t.runtime, t.image.clone())).collect();
     images.sort();
     assert_eq!(
@@ -528,7 +555,7 @@ pub async fn large_job_records_every_task_once(store: &dyn Store, n: usize) {
 pub async fn assign_rechecks_fit(store: &dyn Store) {
     store.submit(&job(vec![task("a", &[]), task("b", &[]), task("c", &[])]), "", "f", 1).await.unwrap();
     let reg = store.register_node(&node("n8", 2, 100_000), &[], 1).await.unwrap();
-    let (_, queue) = store.placement_snapshot(2, 1000, &[]).await.unwrap();
+    let (_, queue) = snapshot(store, 2, &[]).await;
     let plan: Vec<Placement> =
         queue.iter().map(|t| Placement { task_id: t.id, node_id: reg.node_id }).collect();
     assert_eq!(plan.len(), 3);

@@ -25,7 +25,7 @@ mod usage;
 
 use async_trait::async_trait;
 use drover_core::JobPlan;
-use drover_core::placement::{NodeView, Placement, QueuedTask};
+use drover_core::placement::Placement;
 use drover_core::schedule_state::NodeBook;
 
 pub use access::{
@@ -150,16 +150,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every known node with what it has reserved.
     async fn nodes(&self) -> Result<Vec<NodeRecord>>;
-
-    /// What placement needs: ready nodes with live leases and their free resources, and up to
-    /// `limit` queued tasks whose backoff has passed, leaving out tasks of `skip_projects` (held
-    /// whole by a quota or a budget, so they do not crowd out the others).
-    async fn placement_snapshot(
-        &self,
-        now_ms: i64,
-        limit: u32,
-        skip_projects: &[String],
-    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)>;
 
     /// The queue as a feed, for schedulers that keep it in memory: with `since` = `None`,
     /// every queued task; with the cursor a previous call returned, every task that entered

@@ -627,62 +627,6 @@ impl Store for PostgresStore {
         node_records(&self.pool, None).await
     }
 
-    async fn placement_snapshot(
-        &self,
-        now_ms: i64,
-        limit: u32,
-        skip_projects: &[String],
-    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
-        let nodes = node_records(&self.pool, Some(now_ms))
-            .await?
-            .into_iter()
-            .map(|n| NodeView {
-                id: n.id,
-                labels: n.labels,
-                free: Resources {
-                    cores: n.cores.saturating_sub(n.cores_used),
-                    memory: n.memory.saturating_sub(n.memory_used),
-                    pids: 0,
-                },
-                // Runtimes this server does not know (a newer agent) are ignored.
-                runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
-                // Warm VMs are reported over the agent's session; the server adds them.
-                warm: BTreeMap::new(),
-            })
-            .collect::<Vec<_>>();
-        if nodes.iter().all(|n| n.free.cores == 0) {
-            return Ok((nodes, Vec::new()));
-        }
-        // A plain read: replicas may see the same tasks; the claim in `assign` decides.
-        let rows = sqlx::query(
-            "SELECT t.id, t.priority, t.cores, t.memory, t.constraints, t.runtime, \
-             CASE WHEN t.runtime = 'microvm' THEN t.plan::jsonb ->> 'image' END, j.project \
-             FROM tasks t JOIN jobs j ON j.id = t.job_id \
-             WHERE t.state = 'queued' AND t.not_before_ms <= $1 AND NOT (j.project = ANY($3)) \
-             ORDER BY t.priority DESC, t.id LIMIT $2",
-        )
-        .bind(now_ms)
-        .bind(i64::from(limit))
-        .bind(skip_projects)
-        .fetch_all(&self.pool)
-        .await?;
-        let queue = rows
-            .iter()
-            .map(|r| {
-                Ok(QueuedTask {
-                    id: r.try_get(0)?,
-                    priority: r.try_get(1)?,
-                    resources: Resources { cores: get_u32(r, 2)?, memory: get_u64(r, 3)?, pids: 0 },
-                    constraints: json::<BTreeMap<String, String>>("constraints", r.try_get::<&str, _>(4)?)?,
-                    runtime: runtime_kind(r.try_get::<&str, _>(5)?)?,
-                    image: r.try_get::<Option<String>, _>(6)?,
-                    project: r.try_get(7)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((nodes, queue))
-    }
-
     async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges> {
         queue_feed::queue_changes(&self.pool, since).await
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
-use drover_core::placement::{NodeView, Placement, QueuedTask, admit};
+use drover_core::placement::{Placement, admit};
 use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::sqlite::{
@@ -39,7 +39,7 @@ use settle::{
 };
 
 use crate::artifacts::{ArtifactStore, OutputFile};
-use crate::decode::{corrupt, json, lost_report, parse_word, runtime_kind, to_json};
+use crate::decode::{corrupt, json, lost_report, parse_word, to_json};
 use crate::log_chunks;
 use crate::secrets::SecretStore;
 use crate::*;
@@ -426,77 +426,6 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
-    }
-
-    async fn placement_snapshot(
-        &self,
-        now_ms: i64,
-        limit: u32,
-        skip_projects: &[String],
-    ) -> Result<(Vec<NodeView>, Vec<QueuedTask>)> {
-        let nodes = self
-            .nodes()
-            .await?
-            .into_iter()
-            .filter(|n| n.state == NodeState::Ready)
-            .map(|n| NodeView {
-                id: n.id,
-                labels: n.labels,
-                free: Resources {
-                    cores: n.cores.saturating_sub(n.cores_used),
-                    memory: n.memory.saturating_sub(n.memory_used),
-                    pids: 0,
-                },
-                // Runtimes this server does not know (a newer agent) are ignored.
-                runtimes: n.runtimes.iter().filter_map(|r| runtime_kind(r).ok()).collect(),
-                // Warm VMs are reported over the agent's session; the server adds them.
-                warm: BTreeMap::new(),
-            })
-            .collect::<Vec<_>>();
-        let live: Vec<i64> =
-            sqlx::query_scalar("SELECT id FROM nodes WHERE state = 'ready' AND lease_until_ms >= ?")
-                .bind(now_ms)
-                .fetch_all(&self.reader)
-                .await?;
-        let nodes: Vec<NodeView> = nodes.into_iter().filter(|n| live.contains(&n.id)).collect();
-        if nodes.iter().all(|n| n.free.cores == 0) {
-            return Ok((nodes, Vec::new()));
-        }
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT t.id, t.priority, t.cores, t.memory, t.constraints, t.runtime, \
-             CASE WHEN t.runtime = 'microvm' THEN json_extract(t.plan, '$.image') END, j.project \
-             FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.state = 'queued' AND t.not_before_ms <= ",
-        );
-        q.push_bind(now_ms);
-        if !skip_projects.is_empty() {
-            q.push(" AND j.project NOT IN (");
-            let mut list = q.separated(", ");
-            for p in skip_projects {
-                list.push_bind(p);
-            }
-            q.push(")");
-        }
-        q.push(" ORDER BY t.priority DESC, t.id LIMIT ").push_bind(limit as i64);
-        let rows = q.build().fetch_all(&self.reader).await?;
-        let queue = rows
-            .iter()
-            .map(|r| {
-                Ok(QueuedTask {
-                    id: r.get(0),
-                    priority: r.get(1),
-                    resources: Resources {
-                        cores: r.get::<i64, _>(2) as u32,
-                        memory: r.get::<i64, _>(3) as u64,
-                        pids: 0,
-                    },
-                    constraints: json::<BTreeMap<String, String>>("constraints", r.get::<&str, _>(4))?,
-                    runtime: runtime_kind(r.get::<&str, _>(5))?,
-                    image: r.get::<Option<String>, _>(6),
-                    project: r.get(7),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((nodes, queue))
     }
 
     async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges> {

@@ -1,6 +1,7 @@
 //! Store: the durable dispatch rate, measured directly against the store (no server, no
 //! agent). N tasks are submitted, then the scheduler's and agent's store calls run in a loop —
-//! `placement_snapshot` + `place` + `assign` for a batch, then `attempt_started` and
+//! the queue's changes since the last round (`queue_changes`, into the scheduler's in-memory
+//! state as the server keeps it) + `place` + `assign` for a batch, then `attempt_started` and
 //! `attempt_finished` for each task — until every task is done; tasks/s over the loop.
 //! The node offers 64 cores, so batches are up to 64 tasks. The batched variant applies a
 //! round's starts with one `apply_updates` call and then its finishes with another, as the
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::placement::place;
+use drover_core::schedule_state::ScheduleState;
 use drover_store::pg_test::TempPostgres;
 use drover_store::postgres::PostgresStore;
 use drover_store::sqlite::SqliteStore;
@@ -126,7 +128,7 @@ pub async fn dispatch(store: &dyn Store, n: usize, batched: bool) -> Result<f64>
         runtimes: vec!["process".into()],
         lease_until_ms: now_ms() + 3_600_000,
     };
-    store.register_node(&node, &[], now_ms()).await?;
+    let registered = store.register_node(&node, &[], now_ms()).await?;
     let yaml = format!(
         "version: 1\nname: bench-store\ntasks:\n  - name: t\n    array: \"1-{n}\"\n    command: [\"true\"]\n"
     );
@@ -135,13 +137,32 @@ pub async fn dispatch(store: &dyn Store, n: usize, batched: bool) -> Result<f64>
     store.submit(&plan, &yaml, "bench.yaml", now_ms()).await?;
     let start = Instant::now();
     let mut finished = 0usize;
+    // The scheduler's memory, kept as the server keeps it: the node read once, the queue by
+    // its changes, reservations by assignments and finishes.
+    let mut state = ScheduleState::new();
+    for book in store.node_books(&[registered.node_id]).await? {
+        state.node_joined(book);
+    }
+    let mut cursor = None;
     while finished < n {
-        let (nodes, queue) = store.placement_snapshot(now_ms(), 5000, &[]).await?;
-        let plan = place(&nodes, &queue);
+        let changes = store.queue_changes(cursor).await?;
+        cursor = Some(changes.cursor);
+        for id in changes.left {
+            state.left_queue(id);
+        }
+        for entry in changes.queued {
+            state.queued(entry);
+        }
+        let queue = state.candidates(now_ms(), &[], 2 * NODE_CORES as usize);
+        let plan = place(&state.node_views(), &queue);
         if plan.is_empty() {
             bail!("nothing placeable with {finished} of {n} tasks done");
         }
         let assigned = store.assign(&plan, now_ms()).await?;
+        for a in &assigned {
+            state.left_queue(a.task_id);
+            state.reserve(a.node_id, a.attempt_id, a.plan.resources);
+        }
         if batched {
             let starts: Vec<AttemptUpdate> = assigned
                 .iter()
@@ -154,12 +175,16 @@ pub async fn dispatch(store: &dyn Store, n: usize, batched: bool) -> Result<f64>
             if applied.iter().any(|a| *a != Applied::Applied) {
                 bail!("a batched update was stale");
             }
+            for a in &assigned {
+                state.release(a.attempt_id);
+            }
             finished += assigned.len();
             continue;
         }
         for a in assigned {
             store.attempt_started(a.attempt_id, a.epoch, now_ms()).await?;
             store.attempt_finished(&success(a.attempt_id, a.epoch), now_ms()).await?;
+            state.release(a.attempt_id);
             finished += 1;
         }
     }

@@ -161,7 +161,7 @@ pub async fn clearing_holds_keeps_retry_reasons<S: Store + TenantStore>(store: &
     assert_eq!(store.tasks(id).await.unwrap()[0].reason, retrying);
 }
 
-/// Queued tasks carry their job's project, and the snapshot leaves out skipped projects.
+/// Queued tasks carry their job's project, and a round leaves out held projects.
 pub async fn placement_skips_held_projects(store: &dyn Store) {
     store.submit(&job_in("team", vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
     store.submit(&job_in("other", vec![task("c", &[])]), "", "f", 1).await.unwrap();
@@ -170,11 +170,11 @@ pub async fn placement_skips_held_projects(store: &dyn Store) {
     let projects = |queue: Vec<drover_core::placement::QueuedTask>| {
         queue.into_iter().map(|t| t.project).collect::<Vec<_>>()
     };
-    let (_, queue) = store.placement_snapshot(2, 100, &[]).await.unwrap();
+    let (_, queue) = crate::conformance::snapshot(store, 2, &[]).await;
     assert_eq!(projects(queue), ["team", "team", "other", "third"]);
-    let (_, queue) = store.placement_snapshot(2, 100, &["team".into(), "third".into()]).await.unwrap();
+    let (_, queue) = crate::conformance::snapshot(store, 2, &["team".into(), "third".into()]).await;
     assert_eq!(projects(queue), ["other"]);
-    let (_, queue) = store.placement_snapshot(2, 100, &["nope".into()]).await.unwrap();
+    let (_, queue) = crate::conformance::snapshot(store, 2, &["nope".into()]).await;
     assert_eq!(queue.len(), 4);
 }
 

@@ -63,7 +63,8 @@ fn done(a: &Assignment) -> AttemptReport {
 async fn schedule_until_idle(store: PostgresStore, limit: u32) -> Vec<Assignment> {
     let mut all = Vec::new();
     loop {
-        let (nodes, queue) = store.placement_snapshot(10, limit, &[]).await.unwrap();
+        let (nodes, mut queue) = crate::conformance::snapshot(&store, 10, &[]).await;
+        queue.truncate(limit as usize);
         let plan = place(&nodes, &queue);
         if plan.is_empty() {
             return all;
@@ -434,7 +435,8 @@ async fn mixed_concurrent_writers_keep_state_consistent() {
         let (stop, tx) = (stop.clone(), tx.clone());
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let (nodes, queue) = store.placement_snapshot(10, 50, &[]).await.unwrap();
+                let (nodes, mut queue) = crate::conformance::snapshot(&store, 10, &[]).await;
+                queue.truncate(50);
                 for x in store.assign(&place(&nodes, &queue), 10).await.unwrap() {
                     let _ = tx.send(x);
                 }
