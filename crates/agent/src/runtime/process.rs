@@ -29,7 +29,7 @@ use drover_guest::procs;
 use super::lines;
 use super::steps::{self, Finished, LiveMax, StepTable, larger, lock};
 
-use self::cgroup::{AttemptCgroup, Cgroups, Limits, StepCgroup};
+use self::cgroup::{AttemptCgroup, Cgroups, CreateError, Limits, Pool, StepCgroup};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec, Usage};
 
 /// Bound on how long `wait` may take after a step's end in the test below: output a background
@@ -62,6 +62,9 @@ pub struct ProcessConfig {
     /// restarts, out of the tasks' reach); default a directory of the scope in the system's temp
     /// dir.
     pub steps_dir: Option<PathBuf>,
+    /// Most emptied attempt cgroups kept for later attempts instead of being removed and made
+    /// again (0: none).
+    pub cgroup_pool: usize,
 }
 
 impl Default for ProcessConfig {
@@ -74,6 +77,8 @@ impl Default for ProcessConfig {
             scope: format!("local{}", std::process::id()),
             isolation: None,
             steps_dir: None,
+            // About as many as attempts run at once on a node, with room for their turnover.
+            cgroup_pool: std::thread::available_parallelism().map_or(4, |n| 2 * n.get()),
         }
     }
 }
@@ -85,6 +90,8 @@ pub struct ProcessRuntime {
     steps: StepTable<StepState>,
     config: ProcessConfig,
     cgroups: Cgroups,
+    /// Emptied attempt cgroups for later attempts.
+    pool: Pool,
     /// Task uids, when tasks are confined.
     uids: Option<Arc<super::uids::UidPool>>,
     /// Whether mount namespaces work here (tried at start).
@@ -149,6 +156,7 @@ impl ProcessRuntime {
         ProcessRuntime {
             state: Arc::default(),
             steps: StepTable::default(),
+            pool: Pool::new(config.cgroup_pool),
             config,
             cgroups,
             uids,
@@ -273,7 +281,16 @@ impl ProcessRuntime {
             pids: if task.pids_limit > 0 { task.pids_limit } else { self.config.default_pids },
             cores: task.cpus.len() as u32,
         };
-        let created = match self.cgroups.create(task.attempt_id, limits) {
+        // Steps of a one-step attempt run in the attempt cgroup itself: a leaf would only repeat
+        // its figures.
+        let leaves = task.steps.len() > 1;
+        let made = self.cgroups.check(limits).map_err(CreateError::from).and_then(|()| {
+            match self.reuse_cgroup(task.attempt_id, limits, leaves) {
+                Some(cgroup) => Ok(cgroup),
+                None => self.cgroups.create(task.attempt_id, limits, leaves),
+            }
+        });
+        let created = match made {
             Ok(cgroup) => Some(Arc::new(cgroup)),
             Err(error) => {
                 if let Some(partial) = self.cgroups.existing(task.attempt_id) {
@@ -289,6 +306,81 @@ impl ProcessRuntime {
             }
         };
         Ok(self.lock().cgroups.entry(task.attempt_id).or_insert(created).clone())
+    }
+
+    /// An idle cgroup of the pool for an attempt, once it is recorded as the attempt's claim.
+    fn reuse_cgroup(&self, attempt_id: i64, limits: Limits, leaves: bool) -> Option<AttemptCgroup> {
+        let cgroup = self.pool.take(&self.cgroups, limits, leaves)?;
+        // The claim goes down before any process joins, so cleanup after a restart finds it.
+        // Renamed from the idle cgroup's marker: a rename makes no new file, which on a busy
+        // node costs more than the rename (finding a free inode).
+        let claim = self.claim_path(attempt_id);
+        let claimed = std::fs::rename(self.idle_marker(cgroup.name()), &claim)
+            .or_else(|_| std::fs::write(&claim, cgroup.name()));
+        match claimed {
+            Ok(()) => Some(cgroup),
+            Err(error) => {
+                tracing::warn!(attempt_id, %error, "cannot record the attempt's cgroup; making a new one");
+                tokio::spawn(async move { cgroup.remove().await });
+                None
+            }
+        }
+    }
+
+    /// The file that names the reused cgroup an attempt runs in. A cgroup made for the attempt
+    /// needs none: it carries the attempt's id.
+    fn claim_path(&self, attempt_id: i64) -> PathBuf {
+        self.steps_dir.join(format!("attempt-{attempt_id}.cgroup"))
+    }
+
+    /// The file that names an idle cgroup of the pool, renamed to a claim when an attempt
+    /// gets the cgroup and back when it returns.
+    fn idle_marker(&self, cgroup: &str) -> PathBuf {
+        self.steps_dir.join(format!("{cgroup}.idle"))
+    }
+
+    /// Gives the stopped attempt's cgroup to the pool, or removes it, and drops its claim.
+    async fn return_cgroup(&self, attempt_id: i64, cgroup: AttemptCgroup) {
+        let claim = self.claim_path(attempt_id);
+        let claimed = cgroup.name() != self.cgroups.dir_name(attempt_id);
+        let Some(ready) = self.pool.ready_for_reuse(&self.cgroups, cgroup).await else {
+            if claimed {
+                let _ = std::fs::remove_file(&claim);
+            }
+            return;
+        };
+        let marker = self.idle_marker(ready.name());
+        // The claim becomes the marker (a cgroup new to the pool gets one, once).
+        let marked =
+            if claimed { std::fs::rename(&claim, &marker) } else { std::fs::write(&marker, ready.name()) };
+        if let Err(error) = marked {
+            tracing::debug!(attempt_id, %error, "cannot mark an idle cgroup; it is claimed afresh");
+        }
+        if let Some(full) = self.pool.put(ready) {
+            full.remove().await;
+            let _ = std::fs::remove_file(&marker);
+        }
+    }
+
+    /// The cgroup an attempt unknown to this runtime ran in (an earlier agent process started
+    /// it): the one its claim names, or the one named after it, unless this runtime uses that
+    /// one for another attempt.
+    fn leftover_cgroup(&self, attempt_id: i64) -> Option<AttemptCgroup> {
+        let cgroup = match std::fs::read_to_string(self.claim_path(attempt_id)) {
+            Ok(name) => self.cgroups.named(name.trim()),
+            Err(_) => self.cgroups.existing(attempt_id),
+        }?;
+        let used_here = self.pool.holds(cgroup.name())
+            || self.lock().cgroups.values().flatten().any(|c| c.name() == cgroup.name());
+        (!used_here).then_some(cgroup)
+    }
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        for name in self.pool.clear() {
+            let _ = std::fs::remove_file(self.idle_marker(&name));
+        }
     }
 }
 
@@ -498,12 +590,15 @@ impl Runtime for ProcessRuntime {
             let running = step.finished.borrow().is_none();
             // Once the leader is reaped, its pid is only safe to use as a group id while some
             // member still holds it; an empty group's id may have been reused.
-            let survivors = running || {
-                let pgid = step.pgid;
-                tokio::task::spawn_blocking(move || !procs::alive_members(pgid).is_empty())
-                    .await
-                    .unwrap_or(false)
-            };
+            // A step in a cgroup needs no search: removing or emptying the attempt's cgroup
+            // below kills whatever of it is left.
+            let survivors = running
+                || step.cgroup.is_none() && {
+                    let pgid = step.pgid;
+                    tokio::task::spawn_blocking(move || !procs::alive_members(pgid).is_empty())
+                        .await
+                        .unwrap_or(false)
+                };
             if survivors {
                 tracing::debug!(attempt_id = task.attempt_id, pid = step.pid, "killing survivors of step");
                 if let Err(error) = signal_group(step.pgid, Signal::SIGKILL) {
@@ -511,8 +606,20 @@ impl Runtime for ProcessRuntime {
                 }
             }
         }
-        if let Some(cgroup) = cgroup.or_else(|| self.cgroups.existing(task.attempt_id).map(Arc::new)) {
-            cgroup.remove().await;
+        match cgroup {
+            Some(cgroup) => match Arc::try_unwrap(cgroup) {
+                Ok(cgroup) => self.return_cgroup(task.attempt_id, cgroup).await,
+                Err(shared) => {
+                    shared.remove().await;
+                    let _ = std::fs::remove_file(self.claim_path(task.attempt_id));
+                }
+            },
+            None => {
+                if let Some(cgroup) = self.leftover_cgroup(task.attempt_id) {
+                    cgroup.remove().await;
+                    let _ = std::fs::remove_file(self.claim_path(task.attempt_id));
+                }
+            }
         }
         for step in 0..task.steps.len().max(1) {
             supervisor::StepFiles::new(&self.steps_dir, task.attempt_id, step).remove();
@@ -902,7 +1009,10 @@ mod tests {
         assert!(!status.success(), "{status:?}");
         assert!(status.oom, "{status:?}");
         runtime.cleanup(&task).await.expect("cleanup");
-        assert!(runtime.cgroups.existing(task.attempt_id).is_none());
+        // Emptied, the cgroup may wait in the pool for another attempt; it goes with the runtime.
+        let cgroups = runtime.cgroups.clone();
+        drop(runtime);
+        assert!(cgroups.existing(task.attempt_id).is_none());
     }
 
     /// Whether this host can enforce `limit`. In CI it must (the test then runs, never skips);
@@ -946,6 +1056,123 @@ mod tests {
             runtime.cgroups.existing(task.attempt_id).is_none(),
             "cgroup removed, so nothing is left in it"
         );
+    }
+
+    /// Runs every step of `task` in order; returns the last status and the usage of each step.
+    async fn run_attempt(runtime: &ProcessRuntime, task: &TaskSpec) -> (ExitStatus, Vec<Usage>) {
+        runtime.prepare(task).await.expect("prepare");
+        let mut usage = Vec::new();
+        let mut status = unknown_status();
+        for step in 0..task.steps.len() {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+            let handle = runtime.start(task, step, tx).await.expect("start");
+            let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            status = runtime.wait(&handle).await.expect("wait");
+            usage.push(runtime.stats(&handle).await.expect("stats"));
+            let _ = drain.await;
+        }
+        (status, usage)
+    }
+
+    fn cgroup_name(runtime: &ProcessRuntime, attempt_id: i64) -> String {
+        let cgroup = runtime.lock().cgroups.get(&attempt_id).cloned().flatten().expect("cgroup");
+        cgroup.name().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_reused_cgroup_gets_new_limits_and_counts_only_its_new_attempt() {
+        let runtime =
+            ProcessRuntime::with_config(ProcessConfig { cgroup_pool: 1, ..ProcessConfig::default() });
+        if !cgroups_required(&runtime, drover_core::enforce::Limit::Memory) || !runtime.cgroups.reusable() {
+            return;
+        }
+        let dir = conformance::scratch();
+        // The first attempt burns CPU, peaks at 30 MB and is OOM-killed at its limit.
+        let burn = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; \
+                    dd if=/dev/zero of=/dev/null bs=30000000 count=1 2>/dev/null; \
+                    dd if=/dev/zero of=/dev/null bs=100000000 count=1";
+        let mut first = conformance::task(&dir.path().join("a"), vec![conformance::sh(burn)]);
+        first.memory_limit = 64 * 1024 * 1024;
+        let (status, usage) = run_attempt(&runtime, &first).await;
+        assert!(status.oom, "{status:?}");
+        let (cpu, peak) = (usage[0].cpu_seconds, usage[0].peak_memory_bytes);
+        assert!(peak > 30_000_000 && cpu > 0.05, "{usage:?}");
+        let name = cgroup_name(&runtime, first.attempt_id);
+        runtime.cleanup(&first).await.expect("cleanup");
+        assert!(runtime.pool.holds(&name), "the emptied cgroup is kept");
+
+        // The next attempt gets it, with its own limits, figures and no OOM kill of its own.
+        let mut second =
+            conformance::task(&dir.path().join("b"), vec![conformance::sh("cat /proc/self/cgroup")]);
+        second.pids_limit = 50;
+        let (status, usage) = run_attempt(&runtime, &second).await;
+        assert_eq!((status.code, status.oom), (Some(0), false), "{status:?}");
+        assert_eq!(cgroup_name(&runtime, second.attempt_id), name, "the cgroup is reused");
+        assert_eq!(
+            std::fs::read_to_string(runtime.claim_path(second.attempt_id)).ok().as_deref(),
+            Some(name.as_str()),
+            "the claim names the reused cgroup"
+        );
+        assert!(!runtime.idle_marker(&name).exists(), "it is no longer idle");
+        let cgroup = runtime.lock().cgroups.get(&second.attempt_id).cloned().flatten().expect("cgroup");
+        for (h, dir) in &cgroup.dirs_for_tests() {
+            if h.contains("pids") {
+                assert_eq!(std::fs::read_to_string(dir.join("pids.max")).expect("pids.max").trim(), "50");
+            }
+            if h.contains("memory") {
+                let limit = std::fs::read_to_string(dir.join("memory.limit_in_bytes")).expect("limit");
+                assert!(limit.trim().parse::<u64>().expect("number") > 1 << 40, "no memory limit: {limit}");
+            }
+        }
+        drop(cgroup);
+        assert!(usage[0].cpu_seconds < cpu / 2.0, "cpu of its own: {usage:?} after {cpu}");
+        assert!(usage[0].peak_memory_bytes < 20_000_000, "peak of its own: {usage:?}");
+        runtime.cleanup(&second).await.expect("cleanup");
+        assert!(!runtime.claim_path(second.attempt_id).exists(), "the claim goes with the attempt");
+        assert!(runtime.idle_marker(&name).exists(), "and marks the idle cgroup");
+
+        // An attempt of several steps gets leaves in it, removed when it goes back.
+        let third = conformance::task(
+            &dir.path().join("c"),
+            vec![conformance::sh("true"), conformance::sh("exit 4")],
+        );
+        let (status, _) = run_attempt(&runtime, &third).await;
+        assert_eq!(status.code, Some(4));
+        assert_eq!(cgroup_name(&runtime, third.attempt_id), name);
+        runtime.cleanup(&third).await.expect("cleanup");
+        assert!(runtime.pool.holds(&name));
+        let dirs: Vec<PathBuf> = runtime
+            .cgroups
+            .named(&name)
+            .expect("idle cgroup")
+            .dirs_for_tests()
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        assert!(dirs.iter().all(|d| !d.join("step-0").exists()), "leaves removed");
+        let marker = runtime.idle_marker(&name);
+        drop(runtime);
+        assert!(dirs.iter().all(|d| !d.exists()), "the pool is emptied when the runtime goes");
+        assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_with_processes_left_is_not_reused() {
+        let runtime =
+            ProcessRuntime::with_config(ProcessConfig { cgroup_pool: 4, ..ProcessConfig::default() });
+        if !cgroups_required(&runtime, drover_core::enforce::Limit::Pids) {
+            return;
+        }
+        let dir = conformance::scratch();
+        // The step ends while a process it left behind runs on in its cgroup.
+        let task = conformance::task(dir.path(), vec![conformance::sh("setsid sleep 60 >/dev/null 2>&1 &")]);
+        let (status, _) = run_attempt(&runtime, &task).await;
+        assert_eq!(status.code, Some(0));
+        let name = cgroup_name(&runtime, task.attempt_id);
+        let cgroup = runtime.cgroups.named(&name).expect("cgroup");
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(!runtime.pool.holds(&name), "a cgroup that had to be emptied by force is removed");
+        assert!(cgroup.dirs_for_tests().iter().all(|(_, d)| !d.exists()), "and is gone");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

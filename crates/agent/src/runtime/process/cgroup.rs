@@ -1,9 +1,15 @@
 //! Limits, accounting and clean kills of process tasks through cgroups, feature-detected.
 //!
-//! Layout: `<agent's own cgroup>/drover-<attempt>/step-<n>` in every hierarchy that holds a
-//! controller we use. The attempt cgroup carries the limits (memory, pids, CPU quota), so they
-//! cover every step and any survivor of an earlier step; each step runs in its own leaf so that
-//! its peak memory, CPU time and OOM kills can be read separately.
+//! Layout: `<agent's own cgroup>/drover-<scope>-<attempt>/step-<n>` in every hierarchy that holds
+//! a controller we use. The attempt cgroup carries the limits (memory, pids, CPU quota), so they
+//! cover every step and any survivor of an earlier step; each step of an attempt of several
+//! steps runs in its own leaf so that its peak memory, CPU time and OOM kills can be read
+//! separately. An attempt of one step runs in the attempt cgroup itself: its figures are the
+//! attempt's.
+//!
+//! Making and removing cgroups is a large part of what a short task costs the agent, so emptied
+//! attempt cgroups go back to a [`Pool`] and serve later attempts (keeping the name of the
+//! attempt that made them); see [`pool`] for what makes that safe.
 //!
 //! Nodes mount either a unified (v2) hierarchy or a hybrid where some controllers live on v1
 //! (on many hosts memory, pids and cpu are v1 controllers), and containers often see cgroupfs
@@ -25,6 +31,10 @@ use std::time::Duration;
 use drover_core::enforce::Limit;
 
 use crate::runtime::cgroup_read::{self, Version, read_trimmed};
+
+mod pool;
+
+pub(crate) use pool::Pool;
 
 /// A cgroup controller the process runtime uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,16 +98,41 @@ pub(crate) struct Limits {
 /// The cgroups of one attempt, one directory per hierarchy.
 #[derive(Debug)]
 pub(crate) struct AttemptCgroup {
+    /// The directories' name (the same in every hierarchy): `drover-<scope>-<attempt>` of the
+    /// attempt that made them, which a later attempt keeps when it reuses them.
+    name: String,
     dirs: Vec<(Hierarchy, PathBuf)>,
+    /// The limits written in its files; `None` when unknown (found after a restart), which
+    /// keeps it out of the pool.
+    limits: Option<Limits>,
+    /// Whether steps run in leaves of their own (attempts of several steps) rather than in the
+    /// attempt cgroup itself. On v2, leaves need the controllers delegated, and a cgroup that
+    /// delegates them cannot hold processes.
+    leaves: bool,
+    /// The attempt cgroup's counters when this attempt got it: zero for a new cgroup, the
+    /// previous attempts' totals for a reused one. Reads of a step without a leaf subtract it.
+    baseline: Baseline,
 }
 
-/// The leaf cgroups one step runs in.
+/// Counters of a reused cgroup as they stood before the attempt, so that reads are per attempt.
+/// Peak memory cannot be subtracted; it is reset when the cgroup is reused instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Baseline {
+    /// CPU time in nanoseconds.
+    cpu_ns: u64,
+    /// Processes the OOM killer killed.
+    oom_kills: u64,
+}
+
+/// The cgroups one step runs in: leaves of the attempt cgroup, or the attempt cgroup itself.
 #[derive(Debug)]
 pub(crate) struct StepCgroup {
     dirs: Vec<(Hierarchy, PathBuf)>,
-    /// Each leaf's `cgroup.procs` as a C string, built before fork so that the child can join
-    /// without allocating.
+    /// Each directory's `cgroup.procs` as a C string, built before fork so that the child can
+    /// join without allocating.
     procs: Vec<CString>,
+    /// Subtracted from the counters read (see [`AttemptCgroup::baseline`]).
+    baseline: Baseline,
 }
 
 /// A limit a task asked for that this node cannot enforce.
@@ -130,7 +165,8 @@ impl Cgroups {
         Cgroups { hierarchies, scope: scope.to_owned() }
     }
 
-    fn dir_name(&self, attempt_id: i64) -> String {
+    /// The name of the cgroup made for `attempt_id`.
+    pub fn dir_name(&self, attempt_id: i64) -> String {
         format!("drover-{}-{attempt_id}", self.scope)
     }
 
@@ -169,38 +205,99 @@ impl Cgroups {
         !self.hierarchies.is_empty()
     }
 
-    /// Creates the attempt's cgroups with `limits`. Fails with [`Unenforceable`] when a limit
-    /// asked for has no controller here, and with the I/O error when a cgroup cannot be made.
-    pub fn create(&self, attempt_id: i64, limits: Limits) -> Result<AttemptCgroup, CreateError> {
+    /// Fails with [`Unenforceable`] when a limit asked for has no controller here.
+    pub fn check(&self, limits: Limits) -> Result<(), Unenforceable> {
         if limits.memory > 0 && !self.has(Controller::Memory) {
-            return Err(CreateError::Unenforceable(Unenforceable(Limit::Memory)));
+            return Err(Unenforceable(Limit::Memory));
         }
         if limits.pids > 0 && !self.has(Controller::Pids) {
-            return Err(CreateError::Unenforceable(Unenforceable(Limit::Pids)));
+            return Err(Unenforceable(Limit::Pids));
         }
+        Ok(())
+    }
+
+    /// Creates the attempt's cgroups with `limits`, with leaves for its steps when `leaves`.
+    /// Fails with [`Unenforceable`] when a limit asked for has no controller here, and with the
+    /// I/O error when a cgroup cannot be made.
+    pub fn create(
+        &self,
+        attempt_id: i64,
+        limits: Limits,
+        leaves: bool,
+    ) -> Result<AttemptCgroup, CreateError> {
+        self.check(limits)?;
         let name = self.dir_name(attempt_id);
-        let mut attempt = AttemptCgroup { dirs: Vec::with_capacity(self.hierarchies.len()) };
+        let mut attempt = AttemptCgroup {
+            dirs: Vec::with_capacity(self.hierarchies.len()),
+            name,
+            limits: Some(limits),
+            leaves,
+            baseline: Baseline::default(),
+        };
         for h in &self.hierarchies {
-            let dir = h.parent.join(&name);
+            let dir = h.parent.join(&attempt.name);
             make_dir(&dir)?;
             // Pushed before configuring, so that a failure below still removes the directory.
             attempt.dirs.push((h.clone(), dir.clone()));
-            configure(h, &dir, limits)?;
+            configure(h, &dir, (Limits::default(), false), (limits, leaves))?;
         }
         Ok(attempt)
+    }
+
+    /// Hands `cgroup`, emptied by an earlier attempt, to a new one: rewrites the limits and the
+    /// delegation that differ, resets the peak memory and records the baseline of the other
+    /// counters. On an error the cgroup must be removed, not used.
+    fn reuse(&self, cgroup: &mut AttemptCgroup, limits: Limits, leaves: bool) -> io::Result<()> {
+        let old = cgroup.limits.ok_or_else(|| io::Error::other("a cgroup of unknown limits"))?;
+        // Unknown from here on until all is written: a failure leaves the files in between.
+        cgroup.limits = None;
+        for (h, dir) in &cgroup.dirs {
+            configure(h, dir, (old, cgroup.leaves), (limits, leaves))?;
+            if h.version == Version::V1 && h.controllers.contains(&Controller::Memory) {
+                // Writing 0 resets the highest use to the current one (v1 only).
+                std::fs::write(dir.join("memory.max_usage_in_bytes"), "0")?;
+            }
+        }
+        cgroup.limits = Some(limits);
+        cgroup.leaves = leaves;
+        let whole = cgroup.whole();
+        cgroup.baseline =
+            Baseline { cpu_ns: whole.cpu_ns().unwrap_or(0), oom_kills: whole.oom_kills().unwrap_or(0) };
+        Ok(())
+    }
+
+    /// Whether an emptied attempt cgroup can serve another attempt with figures of its own:
+    /// v2's `memory.peak` cannot be reset for every reader, so a v2 memory controller rules
+    /// reuse out.
+    pub fn reusable(&self) -> bool {
+        !self
+            .hierarchies
+            .iter()
+            .any(|h| h.version == Version::V2 && h.controllers.contains(&Controller::Memory))
     }
 
     /// Finds the cgroups an earlier agent process created for `attempt_id`, so that cleanup
     /// after a restart removes them too.
     pub fn existing(&self, attempt_id: i64) -> Option<AttemptCgroup> {
-        let name = self.dir_name(attempt_id);
+        self.named(&self.dir_name(attempt_id))
+    }
+
+    /// The cgroups called `name` in every hierarchy where they exist, as an attempt cgroup of
+    /// unknown limits and layout (so that removing it looks for leaves, and it is never reused).
+    pub fn named(&self, name: &str) -> Option<AttemptCgroup> {
         let dirs: Vec<_> = self
             .hierarchies
             .iter()
-            .map(|h| (h.clone(), h.parent.join(&name)))
+            .map(|h| (h.clone(), h.parent.join(name)))
             .filter(|(_, dir)| dir.is_dir())
             .collect();
-        (!dirs.is_empty()).then_some(AttemptCgroup { dirs })
+        (!dirs.is_empty()).then(|| AttemptCgroup {
+            name: name.to_owned(),
+            dirs,
+            limits: None,
+            leaves: true,
+            baseline: Baseline::default(),
+        })
     }
 }
 
@@ -215,16 +312,20 @@ pub(crate) enum CreateError {
     Io(#[from] io::Error),
 }
 
-/// Writes the attempt's limits into its directory of hierarchy `h`.
-fn configure(h: &Hierarchy, dir: &Path, limits: Limits) -> io::Result<()> {
+/// Brings the files of an attempt's directory of hierarchy `h` from `old` limits and leaves
+/// (a new cgroup's are `(Limits::default(), false)`) to `new`, writing only what differs.
+fn configure(h: &Hierarchy, dir: &Path, old: (Limits, bool), new: (Limits, bool)) -> io::Result<()> {
+    let ((old, old_leaves), (limits, leaves)) = (old, new);
     let v2 = h.version == Version::V2;
-    if v2 {
-        // Leaves only get the controllers' files if the attempt delegates them.
+    if v2 && leaves != old_leaves {
+        // Leaves only get the controllers' files if the attempt delegates them; a cgroup that
+        // delegates them cannot hold processes of its own.
+        let sign = if leaves { '+' } else { '-' };
         let wanted: Vec<String> = h
             .controllers
             .iter()
             .filter(|c| matches!(c, Controller::Memory | Controller::Pids | Controller::Cpu))
-            .map(|c| format!("+{}", c.name()))
+            .map(|c| format!("{sign}{}", c.name()))
             .collect();
         if !wanted.is_empty() {
             std::fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))?;
@@ -232,28 +333,46 @@ fn configure(h: &Hierarchy, dir: &Path, limits: Limits) -> io::Result<()> {
     }
     for controller in &h.controllers {
         match controller {
-            Controller::Memory if limits.memory > 0 => {
-                let bytes = limits.memory.to_string();
+            Controller::Memory if limits.memory != old.memory => {
                 if v2 {
-                    std::fs::write(dir.join("memory.max"), &bytes)?;
+                    let (max, swap) = if limits.memory > 0 {
+                        (limits.memory.to_string(), "0")
+                    } else {
+                        ("max".into(), "max")
+                    };
+                    std::fs::write(dir.join("memory.max"), max)?;
                     // No swap, so swapping cannot stretch the limit.
-                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                    let _ = std::fs::write(dir.join("memory.swap.max"), swap);
                 } else {
+                    let bytes = if limits.memory > 0 { limits.memory.to_string() } else { "-1".into() };
+                    // The memory+swap limit (only there with swap accounting; its absence is
+                    // fine) may never be below the memory limit: raise it first, lower it last.
+                    let unlimited = |b: u64| if b == 0 { u64::MAX } else { b };
+                    let raising = unlimited(limits.memory) > unlimited(old.memory);
+                    if raising {
+                        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &bytes);
+                    }
                     std::fs::write(dir.join("memory.limit_in_bytes"), &bytes)?;
-                    // Only exists with swap accounting; its absence is fine.
-                    let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &bytes);
+                    if !raising {
+                        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), &bytes);
+                    }
                 }
             }
-            Controller::Pids if limits.pids > 0 => {
-                std::fs::write(dir.join("pids.max"), limits.pids.to_string())?
+            Controller::Pids if limits.pids != old.pids => {
+                let max = if limits.pids > 0 { limits.pids.to_string() } else { "max".into() };
+                std::fs::write(dir.join("pids.max"), max)?
             }
-            Controller::Cpu if limits.cores > 0 => {
+            Controller::Cpu if limits.cores != old.cores => {
                 let quota = u64::from(limits.cores) * CPU_PERIOD_US;
                 if v2 {
-                    std::fs::write(dir.join("cpu.max"), format!("{quota} {CPU_PERIOD_US}"))?;
+                    let max = if quota > 0 { quota.to_string() } else { "max".into() };
+                    std::fs::write(dir.join("cpu.max"), format!("{max} {CPU_PERIOD_US}"))?;
                 } else {
-                    std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
-                    std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+                    if old.cores == 0 {
+                        std::fs::write(dir.join("cpu.cfs_period_us"), CPU_PERIOD_US.to_string())?;
+                    }
+                    let quota = if quota > 0 { quota.to_string() } else { "-1".into() };
+                    std::fs::write(dir.join("cpu.cfs_quota_us"), quota)?;
                 }
             }
             _ => {}
@@ -263,20 +382,48 @@ fn configure(h: &Hierarchy, dir: &Path, limits: Limits) -> io::Result<()> {
 }
 
 impl AttemptCgroup {
-    /// Creates (or reuses) the leaf cgroups for step `step`.
+    /// The cgroups step `step` runs in: its leaves (made unless they exist), or the attempt
+    /// cgroup itself when steps have no leaves.
     pub fn step(&self, step: usize) -> io::Result<StepCgroup> {
+        if !self.leaves {
+            return StepCgroup::new(self.dirs.clone(), self.baseline);
+        }
         let mut dirs = Vec::with_capacity(self.dirs.len());
-        let mut procs = Vec::with_capacity(self.dirs.len());
         for (h, attempt_dir) in &self.dirs {
             let dir = attempt_dir.join(format!("step-{step}"));
             make_dir(&dir)?;
-            procs.push(
-                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))?,
-            );
             dirs.push((h.clone(), dir));
         }
-        Ok(StepCgroup { dirs, procs })
+        StepCgroup::new(dirs, Baseline::default())
+    }
+
+    /// The directories' name, the same in every hierarchy.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Memory still charged to the attempt cgroup, in bytes.
+    fn charged_bytes(&self) -> Option<u64> {
+        let (version, dir) = self.whole_dir_of(Controller::Memory)?;
+        let file = if version == Version::V1 { "memory.usage_in_bytes" } else { "memory.current" };
+        cgroup_read::read_u64(&dir.join(file))
+    }
+
+    fn whole_dir_of(&self, controller: Controller) -> Option<(Version, &Path)> {
+        self.dirs
+            .iter()
+            .find(|(h, _)| h.controllers.contains(&controller))
+            .map(|(h, d)| (h.version, d.as_path()))
+    }
+
+    /// The attempt cgroup itself as one group to read figures from (with no baseline).
+    fn whole(&self) -> StepCgroup {
+        StepCgroup { dirs: self.dirs.clone(), procs: Vec::new(), baseline: Baseline::default() }
+    }
+
+    /// The cgroups beneath the attempt's: its steps' leaves, when it has them.
+    fn leaves_of(&self, dir: &Path) -> Vec<PathBuf> {
+        if self.leaves { subdirs(dir) } else { Vec::new() }
     }
 
     /// Kills every process still in the attempt's cgroups (including ones that left the step's
@@ -285,7 +432,7 @@ impl AttemptCgroup {
     pub async fn remove(&self) {
         self.kill_all().await;
         for (_, dir) in &self.dirs {
-            for leaf in subdirs(dir) {
+            for leaf in self.leaves_of(dir) {
                 remove_with_retry(&leaf).await;
             }
             remove_with_retry(dir).await;
@@ -330,18 +477,27 @@ impl AttemptCgroup {
         let Some((_, dir)) = self.dirs.iter().find(|(h, _)| h.controllers.contains(&Controller::Pids)) else {
             return 0;
         };
-        subdirs(dir)
+        self.leaves_of(dir)
             .iter()
             .chain(std::iter::once(dir))
             .filter_map(|d| cgroup_read::read_key(&d.join("pids.events"), "max"))
             .sum()
     }
 
+    /// Each directory with the controllers of its hierarchy, in words.
+    #[cfg(test)]
+    pub fn dirs_for_tests(&self) -> Vec<(String, PathBuf)> {
+        self.dirs
+            .iter()
+            .map(|(h, d)| (h.controllers.iter().map(|c| c.name()).collect::<Vec<_>>().join(","), d.clone()))
+            .collect()
+    }
+
     /// Every process in the attempt's cgroups.
     fn members(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = Vec::new();
         for (_, dir) in &self.dirs {
-            for d in subdirs(dir).iter().chain(std::iter::once(dir)) {
+            for d in self.leaves_of(dir).iter().chain(std::iter::once(dir)) {
                 pids.extend(procs_of(d));
             }
         }
@@ -405,7 +561,18 @@ impl Freezer {
 }
 
 impl StepCgroup {
-    /// Paths of the leaves' `cgroup.procs`; writing `0` to one moves the writer into it.
+    fn new(dirs: Vec<(Hierarchy, PathBuf)>, baseline: Baseline) -> io::Result<StepCgroup> {
+        let procs = dirs
+            .iter()
+            .map(|(_, dir)| {
+                CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path contains NUL"))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(StepCgroup { dirs, procs, baseline })
+    }
+
+    /// Paths of the directories' `cgroup.procs`; writing `0` to one moves the writer into it.
     pub fn procs_paths(&self) -> &[CString] {
         &self.procs
     }
@@ -417,26 +584,36 @@ impl StepCgroup {
             .map(|(h, d)| (h.version, d.as_path()))
     }
 
-    /// Peak memory of the step's processes, in bytes.
+    /// Peak memory of the step's processes, in bytes (a reused cgroup's was reset when the
+    /// attempt got it).
     pub fn peak_memory(&self) -> Option<u64> {
         let (version, dir) = self.dir_of(Controller::Memory)?;
         cgroup_read::peak_bytes(version, dir)
     }
 
-    /// CPU time of the step's processes, in seconds.
-    pub fn cpu_seconds(&self) -> Option<f64> {
+    /// CPU time of the step's processes in nanoseconds, since the baseline.
+    fn cpu_ns(&self) -> Option<u64> {
         let ns = match self.dir_of(Controller::Cpu) {
             Some((Version::V2, dir)) => cgroup_read::cpu_ns(Version::V2, dir),
             _ => self.dir_of(Controller::Cpuacct).and_then(|(v, dir)| cgroup_read::cpu_ns(v, dir)),
         }?;
-        Some(ns as f64 / 1e9)
+        Some(ns.saturating_sub(self.baseline.cpu_ns))
+    }
+
+    /// CPU time of the step's processes, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        Some(self.cpu_ns()? as f64 / 1e9)
+    }
+
+    /// Processes of the step the OOM killer killed, since the baseline.
+    fn oom_kills(&self) -> Option<u64> {
+        let (version, dir) = self.dir_of(Controller::Memory)?;
+        Some(cgroup_read::oom_kills(version, dir)?.saturating_sub(self.baseline.oom_kills))
     }
 
     /// Whether the kernel OOM-killed a process of the step.
     pub fn oom_killed(&self) -> bool {
-        self.dir_of(Controller::Memory)
-            .and_then(|(v, dir)| cgroup_read::oom_kills(v, dir))
-            .is_some_and(|n| n > 0)
+        self.oom_kills().is_some_and(|n| n > 0)
     }
 }
 
@@ -638,8 +815,9 @@ mod tests {
     fn a_limit_without_its_controller_is_refused_not_dropped() {
         let none = Cgroups::default();
         assert!(none.enforces().is_empty());
-        let err = none.create(1, Limits { memory: 1 << 20, ..Limits::default() }).expect_err("refused");
+        let err =
+            none.create(1, Limits { memory: 1 << 20, ..Limits::default() }, false).expect_err("refused");
         assert!(err.to_string().contains("cannot enforce a memory limit"), "{err}");
-        assert!(none.create(1, Limits { cores: 1, ..Limits::default() }).is_ok());
+        assert!(none.create(1, Limits { cores: 1, ..Limits::default() }, false).is_ok());
     }
 }

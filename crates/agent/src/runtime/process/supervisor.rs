@@ -2,8 +2,10 @@
 //! agent (like slurmstepd or containerd's shim), so that an agent restart loses neither the
 //! step's output nor its exit status.
 //!
-//! The agent forks the supervisor; the supervisor starts a session of its own, forks the step,
-//! closes everything it inherited from the agent, waits for the step and writes how it ended
+//! The agent forks the supervisor; the supervisor starts a session of its own, starts the step
+//! the way `posix_spawn` does (a child sharing its memory, on a stack of its own, that runs
+//! until it execs: no second copy of the agent's page tables), closes everything it inherited
+//! from the agent, waits for the step and writes how it ended
 //! (wait status and rusage) to a status file, atomically (written aside, then renamed). The
 //! step writes its output straight to two files, which the agent tails. Both files and the
 //! status live in the agent's state directory, out of the task's reach.
@@ -117,10 +119,18 @@ pub(crate) struct Plan {
     devnull: OwnedFd,
     status_tmp: CString,
     status: CString,
+    /// The stack the step runs on until it execs (see [`spawn_step`]).
+    _stack: Vec<u8>,
+    /// Its highest address, where the stack starts (it grows down).
+    stack_top: *mut libc::c_void,
 }
 
-// SAFETY: the raw pointers point into the CStrings the plan owns, which never move or change
-// while it lives; the plan is only read.
+/// Bytes of stack for the step between its start and exec (setup, confinement included).
+const STEP_STACK: usize = 256 * 1024;
+
+// SAFETY: the raw pointers point into the CStrings and the stack the plan owns, which never
+// move while it lives; apart from the stack, which only the step's start writes to, the plan is
+// only read.
 unsafe impl Send for Plan {}
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -156,7 +166,14 @@ impl Plan {
             Ok(OwnedFd::from(file))
         };
         let devnull = OwnedFd::from(std::fs::File::open("/dev/null")?);
+        // Zeroed memory from the allocator: mapped lazily, so untouched pages cost nothing.
+        let mut stack = vec![0u8; STEP_STACK];
+        // SAFETY: one past the end of the buffer, rounded down to the 16 bytes the ABI wants.
+        let stack_top = unsafe { stack.as_mut_ptr().add(STEP_STACK) };
+        let stack_top = (stack_top as usize & !15) as *mut libc::c_void;
         Ok(Plan {
+            _stack: stack,
+            stack_top,
             program: cstring(program.as_os_str().as_bytes())?,
             argv_ptrs: pointers(&argv),
             _argv: argv,
@@ -267,11 +284,7 @@ unsafe fn supervise(
         // A write to the report pipe after the agent died must not kill the supervisor.
         reset_signals();
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        let step = libc::fork();
-        if step == 0 {
-            libc::close(report);
-            run_step(plan, setup, exec_error);
-        }
+        let step = spawn_step(plan, setup, report, exec_error);
         if step < 0 {
             libc::_exit(1);
         }
@@ -319,8 +332,51 @@ unsafe fn supervise(
     }
 }
 
-/// The step, in the supervisor's forked child: standard streams, setup, exec. On failure the
-/// errno goes to the agent through `exec_error`.
+/// What the step's start needs, passed to [`step_entry`] by pointer.
+struct StepStart<'a> {
+    plan: &'a Plan,
+    setup: &'a (dyn Fn() -> io::Result<()> + Sync),
+    report: c_int,
+    exec_error: c_int,
+}
+
+/// Starts the step as `posix_spawn` does: a child that shares the supervisor's memory and runs
+/// on the plan's stack, while the supervisor waits until it has exec'd or exited
+/// (`CLONE_VFORK`). Copying the supervisor (a copy of the whole agent) a second time would cost
+/// its page tables again, only to be thrown away by exec. Returns the child's pid, or -1.
+unsafe fn spawn_step(
+    plan: &Plan,
+    setup: &(dyn Fn() -> io::Result<()> + Sync),
+    report: c_int,
+    exec_error: c_int,
+) -> libc::pid_t {
+    let start = StepStart { plan, setup, report, exec_error };
+    // SAFETY: the child runs `step_entry` on the plan's stack, which nothing else uses, and only
+    // reads `start` (alive on this frame: the supervisor is suspended until the child execs or
+    // exits). Descriptors and signal dispositions are the child's own copies (no CLONE_FILES,
+    // no CLONE_SIGHAND), so what it changes there stays its own.
+    unsafe {
+        libc::clone(
+            step_entry,
+            plan.stack_top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&start as *const StepStart<'_>).cast_mut().cast(),
+        )
+    }
+}
+
+/// The step's first function (see [`spawn_step`]). Never returns.
+extern "C" fn step_entry(arg: *mut libc::c_void) -> c_int {
+    // SAFETY: `arg` is the `StepStart` of `spawn_step`, alive while this runs.
+    unsafe {
+        let start = &*(arg as *const StepStart<'_>);
+        libc::close(start.report);
+        run_step(start.plan, start.setup, start.exec_error)
+    }
+}
+
+/// The step, in the supervisor's child: standard streams, setup, exec. On failure the errno
+/// goes to the agent through `exec_error`.
 unsafe fn run_step(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync), exec_error: c_int) -> ! {
     // SAFETY (whole body): raw system calls on data prepared before the fork.
     unsafe {
