@@ -44,13 +44,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
-use drover_core::placement::{NodeView, Placement, QueuedTask, admit};
+use drover_core::placement::{Placement, admit};
 use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Postgres, QueryBuilder, Row};
 
-use crate::decode::{corrupt, json, lost_report, parse_word, runtime_kind, to_json};
+use crate::decode::{corrupt, json, lost_report, parse_word, to_json};
 use crate::log_chunks;
 use crate::*;
 
@@ -210,8 +210,8 @@ mod tenancy;
 
 use events::{Ev, emit, lock_jobs};
 use settle::{
-    AttemptLock, finish_attempt, lose_node_attempts, open_attempt, refresh_jobs, requeue_undelivered,
-    settle_attempt, start_attempt,
+    AttemptLock, JobChanges, finish_attempt, lose_node_attempts, open_attempt, refresh_jobs,
+    requeue_undelivered, settle_attempt, start_attempt,
 };
 
 /// Nodes with their reservations; with `live_at`, only ready nodes whose lease lasts until then.
@@ -560,6 +560,7 @@ impl Store for PostgresStore {
                     .execute(&mut *tx)
                     .await?;
             }
+            let mut changes = JobChanges::default();
             for (attempt_id, state, _, task_id) in &open {
                 if known.contains(attempt_id) {
                     continue;
@@ -567,12 +568,13 @@ impl Store for PostgresStore {
                 if state == "assigned" {
                     // The agent never received it (the assignment went to a session that was
                     // already gone): hand it back without spending one of the task's retries.
-                    requeue_undelivered(&mut tx, *attempt_id, *task_id, now_ms).await?;
+                    requeue_undelivered(&mut tx, &mut changes, *attempt_id, *task_id, now_ms).await?;
                 } else if let Some(a) = open_attempt(&mut tx, *attempt_id, None, AttemptLock::Update).await? {
                     let report = lost_report(*attempt_id, epoch, "the agent restarted without it");
-                    settle_attempt(&mut tx, &a, &report, now_ms).await?;
+                    settle_attempt(&mut tx, &mut changes, &a, &report, now_ms).await?;
                 }
             }
+            changes.write(&mut tx, now_ms).await?;
             Ok((reg, adopted.len(), open.len()))
         });
         let (reg, adopted, open) = reg?;
@@ -825,14 +827,18 @@ impl Store for PostgresStore {
             .await?;
             lock_jobs(&mut tx, &job_ids).await?;
             let mut out = Vec::with_capacity(updates.len());
+            let mut changes = JobChanges::default();
             for update in updates {
                 out.push(match update {
                     AttemptUpdate::Started { attempt_id, epoch } => {
-                        start_attempt(&mut tx, *attempt_id, *epoch, now_ms).await?
+                        start_attempt(&mut tx, &mut changes, *attempt_id, *epoch, now_ms).await?
                     }
-                    AttemptUpdate::Finished(report) => finish_attempt(&mut tx, report, now_ms).await?,
+                    AttemptUpdate::Finished(report) => {
+                        finish_attempt(&mut tx, &mut changes, report, now_ms).await?
+                    }
                 });
             }
+            changes.write(&mut tx, now_ms).await?;
             Ok(out)
         })?;
         let stale = applied.iter().filter(|a| **a == Applied::Stale).count();

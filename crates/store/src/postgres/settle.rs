@@ -47,11 +47,44 @@ pub(super) async fn refresh_jobs(conn: &mut PgConnection, job_ids: &[i64], now_m
     emit(conn, now_ms, events).await
 }
 
+/// Events and job-state refreshes a transaction collects as it settles attempts, written once
+/// when it is done ([`JobChanges::write`]): a batch of reports then costs one event insert and
+/// one state derivation for all its jobs instead of one each per report. The caller holds the
+/// jobs' row locks, so writing them last changes no lock order.
+#[derive(Default)]
+pub(super) struct JobChanges {
+    events: Vec<Ev>,
+    refresh: std::collections::BTreeSet<i64>,
+}
+
+impl JobChanges {
+    /// Adds events to their jobs' histories, after those added before.
+    pub(super) fn events(&mut self, events: impl IntoIterator<Item = Ev>) {
+        self.events.extend(events);
+    }
+
+    /// Marks a job's state for derivation once its tasks' changes are in.
+    pub(super) fn refresh(&mut self, job_id: i64) {
+        self.refresh.insert(job_id);
+    }
+
+    /// Writes the events, then derives each marked job's state (which may add job events).
+    pub(super) async fn write(self, conn: &mut PgConnection, now_ms: i64) -> Result<()> {
+        emit(conn, now_ms, self.events).await?;
+        let jobs: Vec<i64> = self.refresh.into_iter().collect();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        refresh_jobs(conn, &jobs, now_ms).await
+    }
+}
+
 /// Queues or skips the waiting tasks that the end of a task of group `name` (in final state
 /// `state`) releases, cascading skips; touches only that group's dependents. The caller holds
 /// the job's row lock.
 pub(super) async fn release_dependents(
     conn: &mut PgConnection,
+    changes: &mut JobChanges,
     job_id: i64,
     name: &str,
     state: TaskState,
@@ -59,15 +92,12 @@ pub(super) async fn release_dependents(
 ) -> Result<()> {
     let mut rows = dependencies::JobDependencies { conn: &mut *conn, job_id, now_ms };
     let released = release_after(&mut rows, name, state).await?;
-    let events = released
-        .into_iter()
-        .map(|r| {
-            let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
-            ev.message = r.reason;
-            ev
-        })
-        .collect();
-    emit(conn, now_ms, events).await
+    changes.events(released.into_iter().map(|r| {
+        let mut ev = Ev::task(job_id, r.task.id, &r.task.name, r.task.frame, r.state);
+        ev.message = r.reason;
+        ev
+    }));
+    Ok(())
 }
 
 /// The parts of an attempt row that settling needs.
@@ -133,6 +163,7 @@ pub(super) async fn open_attempt(
 /// The caller holds the attempt's row lock; this takes the job's.
 pub(super) async fn settle_attempt(
     conn: &mut PgConnection,
+    changes: &mut JobChanges,
     attempt: &AttemptRow,
     report: &AttemptReport,
     now_ms: i64,
@@ -189,17 +220,19 @@ pub(super) async fn settle_attempt(
     ev.exit_code = report.exit_code;
     ev.attempt = attempt.number;
     ev.node = attempt.node.clone();
-    emit(conn, now_ms, vec![ev]).await?;
+    changes.events([ev]);
     if state.is_final() && has_deps {
-        release_dependents(conn, attempt.job_id, &name, state, now_ms).await?;
+        release_dependents(conn, changes, attempt.job_id, &name, state, now_ms).await?;
     }
-    refresh_jobs(conn, &[attempt.job_id], now_ms).await
+    changes.refresh(attempt.job_id);
+    Ok(())
 }
 
 /// Returns the task of an attempt that never reached its agent to the queue, as if the
 /// attempt had not been made. The caller holds the attempt's and the job's row locks.
 pub(super) async fn requeue_undelivered(
     conn: &mut PgConnection,
+    changes: &mut JobChanges,
     attempt_id: i64,
     task_id: i64,
     now_ms: i64,
@@ -225,7 +258,7 @@ pub(super) async fn requeue_undelivered(
             TaskState::Queued,
         );
         ev.message = "assignment was not delivered; queued again".into();
-        emit(conn, now_ms, vec![ev]).await?;
+        changes.events([ev]);
     }
     Ok(())
 }
@@ -233,6 +266,7 @@ pub(super) async fn requeue_undelivered(
 /// Records that an attempt started running, inside the caller's transaction.
 pub(super) async fn start_attempt(
     conn: &mut PgConnection,
+    changes: &mut JobChanges,
     attempt_id: i64,
     epoch: i64,
     now_ms: i64,
@@ -241,8 +275,7 @@ pub(super) async fn start_attempt(
         return Ok(Applied::Stale);
     };
     // No job lock before the task update: this task has an open attempt, so only holders of
-    // the attempt's lock (this transaction) write it, and the job's lock, taken by `emit`
-    // last, is held for the shortest time.
+    // the attempt's lock (this transaction) write it.
     let row = sqlx::query(
         "WITH started AS ( \
              UPDATE attempts SET state = 'running', started_ms = $1 WHERE id = $2 AND state = 'assigned') \
@@ -259,7 +292,7 @@ pub(super) async fn start_attempt(
             Ev::task(a.job_id, a.task_id, row.try_get::<&str, _>(0)?, row.try_get(1)?, TaskState::Running);
         ev.attempt = a.number;
         ev.node = a.node.clone();
-        emit(conn, now_ms, vec![ev]).await?;
+        changes.events([ev]);
     }
     Ok(Applied::Applied)
 }
@@ -267,6 +300,7 @@ pub(super) async fn start_attempt(
 /// Records how an attempt ended and settles its task, inside the caller's transaction.
 pub(super) async fn finish_attempt(
     conn: &mut PgConnection,
+    changes: &mut JobChanges,
     report: &AttemptReport,
     now_ms: i64,
 ) -> Result<Applied> {
@@ -275,7 +309,7 @@ pub(super) async fn finish_attempt(
         tracing::debug!(attempt_id = report.attempt_id, epoch = report.epoch, "stale attempt report ignored");
         return Ok(Applied::Stale);
     };
-    settle_attempt(conn, &a, report, now_ms).await?;
+    settle_attempt(conn, changes, &a, report, now_ms).await?;
     Ok(Applied::Applied)
 }
 
@@ -298,10 +332,11 @@ pub(super) async fn lose_node_attempts(
     .await?;
     let jobs: Vec<i64> = open.iter().map(|(_, _, job_id, _)| *job_id).collect();
     lock_jobs(conn, &jobs).await?;
+    let mut changes = JobChanges::default();
     for (attempt_id, epoch, _, node_id) in &open {
         if let Some(a) = open_attempt(conn, *attempt_id, None, AttemptLock::Update).await? {
             let report = lost_report(*attempt_id, *epoch, &why(*node_id));
-            settle_attempt(conn, &a, &report, now_ms).await?;
+            settle_attempt(conn, &mut changes, &a, &report, now_ms).await?;
         } else {
             sqlx::query("UPDATE attempts SET state = 'ended', ended_ms = $1 WHERE id = $2")
                 .bind(now_ms)
@@ -310,5 +345,6 @@ pub(super) async fn lose_node_attempts(
                 .await?;
         }
     }
+    changes.write(conn, now_ms).await?;
     Ok(open.into_iter().map(|(id, ..)| id).collect())
 }
