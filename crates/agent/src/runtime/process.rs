@@ -153,6 +153,7 @@ impl ProcessRuntime {
             use std::os::unix::fs::DirBuilderExt;
             let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&steps_dir);
         }
+        sweep_idle_cgroups(&cgroups, &steps_dir);
         ProcessRuntime {
             state: Arc::default(),
             steps: StepTable::default(),
@@ -373,6 +374,20 @@ impl ProcessRuntime {
         let used_here = self.pool.holds(cgroup.name())
             || self.lock().cgroups.values().flatten().any(|c| c.name() == cgroup.name());
         (!used_here).then_some(cgroup)
+    }
+}
+
+/// Removes the idle cgroups an earlier agent process of this scope left when it was killed
+/// (their markers are in `steps_dir`).
+fn sweep_idle_cgroups(cgroups: &Cgroups, steps_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(steps_dir) else { return };
+    for marker in entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "idle")) {
+        let Some(name) = std::fs::read_to_string(&marker).ok() else { continue };
+        if Pool::remove_left_idle(cgroups, name.trim()) {
+            let _ = std::fs::remove_file(&marker);
+        } else {
+            tracing::warn!(cgroup = name.trim(), "an idle cgroup left by an earlier agent run is not empty");
+        }
     }
 }
 
@@ -1154,6 +1169,34 @@ mod tests {
         drop(runtime);
         assert!(dirs.iter().all(|d| !d.exists()), "the pool is emptied when the runtime goes");
         assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn idle_cgroups_of_a_killed_agent_are_removed_by_the_next() {
+        let steps = conformance::scratch();
+        let config = ProcessConfig {
+            cgroup_pool: 2,
+            steps_dir: Some(steps.path().to_path_buf()),
+            scope: format!("sweep{}", std::process::id()),
+            ..ProcessConfig::default()
+        };
+        let runtime = ProcessRuntime::with_config(config.clone());
+        if !cgroups_required(&runtime, drover_core::enforce::Limit::Pids) || !runtime.cgroups.reusable() {
+            return;
+        }
+        let dir = conformance::scratch();
+        let task = conformance::task(dir.path(), vec![conformance::sh("true")]);
+        run_attempt(&runtime, &task).await;
+        let name = cgroup_name(&runtime, task.attempt_id);
+        runtime.cleanup(&task).await.expect("cleanup");
+        assert!(runtime.pool.holds(&name));
+        // Killed: nothing of it runs on, its pool is never emptied.
+        let cgroups = runtime.cgroups.clone();
+        std::mem::forget(runtime);
+        assert!(cgroups.named(&name).is_some());
+        let next = ProcessRuntime::with_config(config);
+        assert!(next.cgroups.named(&name).is_none(), "the idle cgroup is removed");
+        assert!(!next.idle_marker(&name).exists(), "with its marker");
     }
 
     #[tokio::test]

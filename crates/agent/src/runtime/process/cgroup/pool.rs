@@ -110,6 +110,18 @@ impl Pool {
         Ok(())
     }
 
+    /// Removes the cgroup called `name` that an earlier agent process kept idle (it was killed
+    /// before it could empty its pool), if it is still empty; returns whether it is gone.
+    pub fn remove_left_idle(cgroups: &Cgroups, name: &str) -> bool {
+        let Some(cgroup) = cgroups.named(name) else {
+            return true;
+        };
+        if !cgroup.members().is_empty() {
+            return false;
+        }
+        cgroup.dirs.iter().all(|(_, dir)| subdirs(dir).is_empty() && std::fs::remove_dir(dir).is_ok())
+    }
+
     /// Removes every idle cgroup (they are empty, so this does not wait); returns their names.
     pub fn clear(&self) -> Vec<String> {
         let idle: Vec<AttemptCgroup> = self.idle().drain(..).collect();
