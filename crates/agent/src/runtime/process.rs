@@ -1260,7 +1260,9 @@ mod tests {
     async fn a_step_gets_sigpipe_like_any_program() {
         let dir = conformance::scratch();
         let task = conformance::task(dir.path(), vec![conformance::sh("yes | head -c 3")]);
-        let (status, chunks) = conformance::run_step(&ProcessRuntime::new(), &task, 0).await;
+        let runtime = ProcessRuntime::new();
+        let (status, chunks) = conformance::run_step(&runtime, &task, 0).await;
+        runtime.cleanup(&task).await.expect("cleanup");
         let text: String = chunks.iter().map(|c| String::from_utf8_lossy(&c.data)).collect();
         assert_eq!((status.code, text.as_str()), (Some(0), "y\ny"), "no broken-pipe complaint from yes");
     }
