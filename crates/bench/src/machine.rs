@@ -77,3 +77,64 @@ pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
         .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
 }
+
+/// Clock ticks per second of the CPU times in `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Fields of `/proc/<pid>/stat` after the command name: (state, parent pid, CPU seconds of the
+/// process itself, CPU seconds of its children that it waited for).
+fn proc_stat(pid: u32) -> anyhow::Result<(u32, f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| anyhow::anyhow!("cannot read /proc/{pid}/stat: {e}"))?;
+    // The command name may hold spaces and parentheses: the fields start after the last `)`.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no field {i}"))
+    };
+    // After the name: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+    let ppid = field(1)? as u32;
+    Ok((ppid, (field(11)? + field(12)?) / USER_HZ, (field(13)? + field(14)?) / USER_HZ))
+}
+
+/// CPU seconds a process used so far, its own and those of the children it waited for.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let (_, own, children) = proc_stat(pid)?;
+    Ok(own + children)
+}
+
+/// CPU seconds a process tree used so far: the process (with the children it waited for) and
+/// its live direct children (a database's backends, say).
+pub fn tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut total = cpu_seconds(pid)?;
+    let entries = std::fs::read_dir("/proc").map_err(|e| anyhow::anyhow!("cannot list /proc: {e}"))?;
+    for entry in entries.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        // A process that exited meanwhile is simply not counted.
+        if let Ok((ppid, own, _)) = proc_stat(child)
+            && ppid == pid
+        {
+            total += own;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_used_some_cpu_and_its_tree_at_least_as_much() {
+        let pid = std::process::id();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {}
+        let own = cpu_seconds(pid).unwrap();
+        assert!(own > 0.0, "{own}");
+        assert!(tree_cpu_seconds(pid).unwrap() >= own);
+        assert!(cpu_seconds(u32::MAX).is_err());
+    }
+}

@@ -213,6 +213,15 @@ impl TempPostgres {
         self.private.as_ref().map(|p| p.port)
     }
 
+    /// Process id of a private server's postmaster (from its `postmaster.pid`), so that a
+    /// benchmark can count the CPU the database used; `None` for an external server or when
+    /// it is not running.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let private = self.private.as_ref()?;
+        let pid_file = fs::read_to_string(private.data().join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     /// Creates an empty database with a fresh name and returns its URL.
     pub async fn create_database(&self) -> Result<String> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);

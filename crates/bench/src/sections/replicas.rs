@@ -71,13 +71,42 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
         Config { replicas: 3, batch: Some(1) },
     ];
     let mut measures = Vec::new();
+    let mut cpu_rows = Vec::new();
     for config in configs {
+        let label = config.label();
         let result = config_runs(ctx, server, config, n).await;
-        measures.push(measure(&format!("replicas ({})", config.label()), result));
+        if config.batch.is_none() {
+            let cpu = result.as_ref().map(|r| r.cpu.clone()).map_err(|e| anyhow!("{e:#}"));
+            cpu_rows.push(cpu_row(n, &label, cpu));
+        }
+        measures.push(measure(&format!("replicas ({label})"), result.map(|r| r.rates)));
     }
     let [one, three, one_single, three_single]: [Measure; 4] =
         measures.try_into().unwrap_or_else(|_| [(); 4].map(|_| Measure::Failed("missing runs".into())));
-    rows(n, [one, three, one_single, three_single])
+    let mut rows = rows(n, [one, three, one_single, three_single]);
+    rows.extend(cpu_rows);
+    rows
+}
+
+/// The row of CPU per task of one configuration: the server replicas together against the
+/// database, the figures a model of N replicas on N machines rests on (see BENCHMARKS.md).
+fn cpu_row(n: usize, label: &str, cpu: Result<Vec<CpuUse>>) -> Row {
+    let (servers, postgres) = match cpu {
+        Ok(cpu) => (
+            measure("server CPU", Ok(cpu.iter().map(|c| c.servers).collect())),
+            measure("PostgreSQL CPU", Ok(cpu.iter().map(|c| c.postgres).collect())),
+        ),
+        Err(e) => (Measure::failed("server CPU", &e), Measure::failed("PostgreSQL CPU", &e)),
+    };
+    Row {
+        section: "replicas",
+        figure: format!("{label}: CPU per task of the server replicas together, {n} × `true`"),
+        unit: "ms",
+        better: Better::Lower,
+        drover: servers,
+        peer: "PostgreSQL's CPU per task in the same runs".into(),
+        peer_value: postgres,
+    }
 }
 
 /// The section's rows from the measures of the four configurations.
@@ -121,7 +150,7 @@ async fn config_runs(
     server: &drover_store::pg_test::TempPostgres,
     config: Config,
     n: usize,
-) -> Result<Vec<f64>> {
+) -> Result<Runs> {
     let database = durable_database(server).await?;
     let dir = ctx.dir(&format!(
         "replicas-{}-{}",
@@ -145,7 +174,9 @@ async fn config_runs(
     let total: usize = (0..JOBS).map(|j| (n / JOBS + usize::from(j < n % JOBS)).max(1)).sum();
     let timeout = Duration::from_secs(60) + Duration::from_millis(50 * total as u64);
     let mut rates = Vec::new();
+    let mut cpu = Vec::new();
     for run in 0..ctx.runs {
+        let before = CpuUse::now(&fleet, server)?;
         let start = Instant::now();
         let mut watchers = Vec::new();
         for (j, plan) in plans.iter().enumerate() {
@@ -163,15 +194,59 @@ async fn config_runs(
             done = done.max(watched.done);
         }
         let secs = done.duration_since(start).as_secs_f64();
-        eprintln!("  {} run {}: {total} tasks in {secs:.2}s", config.label(), run + 1);
+        let used = CpuUse::now(&fleet, server)?.since(before, total);
+        eprintln!(
+            "  {} run {}: {total} tasks in {secs:.2}s; CPU per task: servers {:.2} ms, PostgreSQL {:.2} ms",
+            config.label(),
+            run + 1,
+            used.servers,
+            used.postgres
+        );
         rates.push(total as f64 / secs);
+        cpu.push(used);
     }
-    Ok(rates)
+    Ok(Runs { rates, cpu })
+}
+
+/// What the runs of one configuration measured.
+struct Runs {
+    /// tasks/s per run.
+    rates: Vec<f64>,
+    /// CPU per task per run.
+    cpu: Vec<CpuUse>,
+}
+
+/// CPU seconds used so far (or, after [`CpuUse::since`], milliseconds per task) by every server
+/// replica together and by the database's processes.
+#[derive(Clone, Copy, Debug)]
+struct CpuUse {
+    servers: f64,
+    postgres: f64,
+}
+
+impl CpuUse {
+    fn now(fleet: &Fleet, database: &drover_store::pg_test::TempPostgres) -> Result<CpuUse> {
+        let mut servers = 0.0;
+        for pid in &fleet.servers {
+            servers += crate::machine::cpu_seconds(*pid)?;
+        }
+        let postmaster =
+            database.postmaster_pid().ok_or_else(|| anyhow!("the database's postmaster is not known"))?;
+        Ok(CpuUse { servers, postgres: crate::machine::tree_cpu_seconds(postmaster)? })
+    }
+
+    /// Milliseconds per task between `before` and this reading, over `tasks` tasks.
+    fn since(self, before: CpuUse, tasks: usize) -> CpuUse {
+        let per_task = |now: f64, then: f64| (now - then).max(0.0) * 1000.0 / tasks.max(1) as f64;
+        CpuUse { servers: per_task(self.servers, before.servers), postgres: per_task(self.postgres, before.postgres) }
+    }
 }
 
 /// Server replicas and agents as child processes, killed when dropped.
 struct Fleet {
     urls: Vec<String>,
+    /// Process ids of the server replicas.
+    servers: Vec<u32>,
     /// The operator key, written by whichever replica started first.
     key: String,
     _children: Vec<Child>,
@@ -205,8 +280,10 @@ impl Fleet {
             children.push(server);
         }
         // Started together, the replicas migrate the fresh database once between them.
+        let mut servers = Vec::new();
         for server in &mut children {
             urls.push(banner(server, dir).await?);
+            servers.push(server.id().ok_or_else(|| anyhow!("a server replica exited at start"))?);
         }
         let key = operator_key(&data_dirs).await?;
         let mut client = connect(&urls[0], &key).await?;
@@ -235,7 +312,7 @@ impl Fleet {
                 .with_context(|| format!("cannot start {} agent", drover.display()))?;
             children.push(agent);
         }
-        let fleet = Fleet { urls, key, _children: children };
+        let fleet = Fleet { urls, servers, key, _children: children };
         fleet.wait_ready(dir, Duration::from_secs(30)).await?;
         Ok(fleet)
     }
