@@ -45,6 +45,9 @@ pub struct Opts {
     /// Single-task jobs per latency run (default 200, 5 with --quick).
     #[arg(long)]
     pub latency_samples: Option<usize>,
+    /// Tasks in the scale section's array job (default 100,000, 200 with --quick).
+    #[arg(long)]
+    pub scale_tasks: Option<usize>,
     /// Bytes the log task writes (default 1 GiB, 1 MiB with --quick).
     #[arg(long)]
     pub log_bytes: Option<u64>,
@@ -80,10 +83,12 @@ pub enum Section {
     Replicas,
     /// MicroVM start: cold boot, snapshot restore, warm-pool claim.
     Microvm,
+    /// A 100,000-task array: tasks/s over its last tenth against its first.
+    Scale,
 }
 
 impl Section {
-    const ALL: [Section; 8] = [
+    const ALL: [Section; 9] = [
         Section::Throughput,
         Section::Latency,
         Section::Placement,
@@ -92,6 +97,7 @@ impl Section {
         Section::Store,
         Section::Replicas,
         Section::Microvm,
+        Section::Scale,
     ];
 }
 
@@ -105,6 +111,8 @@ pub struct Ctx {
     pub tasks: usize,
     /// Latency samples per run.
     pub latency_samples: usize,
+    /// Tasks in the scale section's job.
+    pub scale_tasks: usize,
     /// Log bytes.
     pub log_bytes: u64,
     /// Whether to try Slurm.
@@ -200,6 +208,7 @@ async fn run(opts: Opts) -> Result<bool> {
         runs: opts.runs.unwrap_or(if q { 1 } else { 3 }).max(1),
         tasks: opts.tasks.unwrap_or(if q { 20 } else { 2000 }).max(1),
         latency_samples: opts.latency_samples.unwrap_or(if q { 5 } else { 200 }).max(1),
+        scale_tasks: opts.scale_tasks.unwrap_or(if q { 200 } else { 100_000 }),
         log_bytes: opts.log_bytes.unwrap_or(if q { 1 << 20 } else { 1 << 30 }).max(1),
         slurm: !opts.no_slurm,
         slurm_deadline: std::time::Duration::from_secs(opts.slurm_deadline.max(1)),
@@ -227,6 +236,7 @@ async fn run(opts: Opts) -> Result<bool> {
             Section::Store => sections::store::run(&ctx).await,
             Section::Replicas => sections::replicas::run(&ctx).await,
             Section::Microvm => sections::microvm::run(&ctx).await,
+            Section::Scale => sections::scale::run(&ctx).await,
         };
         eprintln!("drover-bench: {section:?} took {:.1}s", started.elapsed().as_secs_f64());
         for r in &new_rows {

@@ -7,6 +7,7 @@ pub mod logs;
 pub mod microvm;
 pub mod placement;
 pub mod replicas;
+pub mod scale;
 pub mod store;
 pub mod throughput;
 
