@@ -188,16 +188,28 @@ impl ScheduleMemory {
         let span = tracing::debug_span!("assign", tasks = placed.placements.len());
         let assignments = store.assign(&placed.placements, now_ms).instrument(span).await?;
         let taken: HashSet<i64> = assignments.iter().map(|a| a.task_id).collect();
-        let refused: Vec<i64> =
-            placed.placements.iter().filter(|p| !taken.contains(&p.task_id)).map(|p| p.node_id).collect();
+        let refused: Vec<_> = placed.placements.iter().filter(|p| !taken.contains(&p.task_id)).copied().collect();
         round.refused = refused.len();
-        let mut inner = self.lock();
-        for a in &assignments {
-            inner.state.left_queue(a.task_id);
-            inner.state.reserve(a.node_id, a.attempt_id, a.plan.resources);
+        {
+            let mut inner = self.lock();
+            for a in &assignments {
+                inner.state.left_queue(a.task_id);
+                inner.state.reserve(a.node_id, a.attempt_id, a.plan.resources);
+            }
         }
-        inner.recheck.extend(refused);
-        drop(inner);
+        if !refused.is_empty() {
+            // Most refusals are tasks another replica claimed first: the queue's changes tell.
+            // Only a refused task that is still queued says its node was not as remembered.
+            let since = self.lock().cursor;
+            let changes = store.queue_changes(since).await?;
+            self.apply(changes, since.is_none());
+            let mut inner = self.lock();
+            for p in refused {
+                if inner.state.is_queued(p.task_id) {
+                    inner.recheck.insert(p.node_id);
+                }
+            }
+        }
         round.assigned = assignments.len();
         round.assignments = assignments;
         Ok(round)

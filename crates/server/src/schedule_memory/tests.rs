@@ -21,6 +21,9 @@ enum Op {
     Submit { tasks: usize, chain: bool, retries: u32, cores: u32, project: usize },
     /// A placement round on one replica.
     Round { replica: usize },
+    /// Rounds on every replica at once, interleaved at every store call: one may plan a task
+    /// another claims first.
+    RoundsTogether,
     /// One of a replica's open attempts ends, failing or not.
     Finish { replica: usize, pick: usize, fail: bool },
     /// A node's lease runs out: it is marked down and its attempts are lost.
@@ -38,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1..6usize, any::<bool>(), 0..3u32, 1..3u32, 0..2usize)
             .prop_map(|(tasks, chain, retries, cores, project)| Op::Submit { tasks, chain, retries, cores, project }),
         4 => (0..REPLICAS).prop_map(|replica| Op::Round { replica }),
+        2 => Just(Op::RoundsTogether),
         4 => (0..REPLICAS, any::<usize>(), any::<bool>()).prop_map(|(replica, pick, fail)| Op::Finish { replica, pick, fail }),
         1 => (0..NODES).prop_map(|node| Op::LoseNode { node }),
         1 => (0..NODES).prop_map(|node| Op::Rejoin { node }),
@@ -121,6 +125,16 @@ async fn run(ops: Vec<Op>) {
                     .await
                     .unwrap();
                 r.open.extend(round.assignments);
+            }
+            Op::RoundsTogether => {
+                let [a, b] = &mut replicas[..] else { unreachable!("two replicas") };
+                let (none, rooms) = (HashMap::new(), BTreeMap::new());
+                let (ra, rb) = tokio::join!(
+                    a.memory.place(store, &a.sessions, &none, now, &[], &rooms),
+                    b.memory.place(store, &b.sessions, &none, now, &[], &rooms),
+                );
+                a.open.extend(ra.unwrap().assignments);
+                b.open.extend(rb.unwrap().assignments);
             }
             Op::Finish { replica, pick, fail } => {
                 let r = &mut replicas[replica];
