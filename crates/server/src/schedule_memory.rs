@@ -80,7 +80,7 @@ impl ScheduleMemory {
         let stale: Vec<i64> = {
             let mut inner = self.lock();
             let gone: Vec<i64> =
-                inner.epochs.keys().filter(|id| !sessions.contains_key(id)).copied().collect();
+                inner.state.node_ids().into_iter().filter(|id| !sessions.contains_key(id)).collect();
             for id in gone {
                 inner.epochs.remove(&id);
                 inner.state.node_left(id);

@@ -193,3 +193,18 @@ proptest! {
         runtime.block_on(run(ops));
     }
 }
+
+/// After a resync, a node whose session ended before the next round is forgotten, not kept
+/// with its old reservations.
+#[tokio::test]
+async fn a_node_gone_after_a_resync_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("drover.db")).await.unwrap();
+    let reg = store.register_node(&spec(0), &[], 1).await.unwrap();
+    let memory = ScheduleMemory::default();
+    memory.sync(&store, &HashMap::from([(reg.node_id, reg.epoch)])).await.unwrap();
+    assert_eq!(memory.state().node_ids(), vec![reg.node_id]);
+    memory.resync();
+    memory.sync(&store, &HashMap::new()).await.unwrap();
+    assert!(memory.state().node_ids().is_empty());
+}
