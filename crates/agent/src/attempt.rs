@@ -23,8 +23,8 @@ use crate::runtime::{
     stop_gracefully,
 };
 
-/// Lines per output batch; a batch also closes after [`BATCH_BYTES`] or [`BATCH_DELAY`].
-const BATCH_LINES: usize = 1000;
+/// Bytes of output per batch (one report); a batch also closes after [`BATCH_DELAY`], or at
+/// the protocol's most chunks per report.
 const BATCH_BYTES: usize = 256 * 1024;
 /// How long a line may wait for companions before it is shipped: the bound on how stale a
 /// `logs -f` reader can be.
@@ -710,33 +710,60 @@ fn pieces(step: usize, stderr: bool, data: Vec<Vec<u8>>) -> Vec<Piece> {
     data.into_iter().map(|data| Piece { step: step as u32, stderr, data }).collect()
 }
 
-/// Output lines waiting to go out as one report.
+/// Output waiting to go out as one report: runs of lines of one step and stream each.
 #[derive(Default)]
 struct Batch {
-    lines: Vec<pb::OutputLine>,
+    chunks: Vec<pb::OutputChunk>,
     bytes: usize,
 }
 
 impl Batch {
     fn add(&mut self, p: Piece) {
+        if p.data.is_empty() {
+            return;
+        }
         self.bytes += p.data.len();
-        self.lines.push(pb::OutputLine { step: p.step, stderr: p.stderr, data: p.data });
+        match self.chunks.last_mut() {
+            Some(c) if c.step == p.step && c.stderr == p.stderr => {
+                line_lens(&p.data, &mut c.lens);
+                c.data.extend_from_slice(&p.data);
+            }
+            _ => {
+                let mut lens = Vec::new();
+                line_lens(&p.data, &mut lens);
+                self.chunks.push(pb::OutputChunk { step: p.step, stderr: p.stderr, lens, data: p.data });
+            }
+        }
     }
 
     fn full(&self) -> bool {
-        self.lines.len() >= BATCH_LINES || self.bytes >= BATCH_BYTES
+        self.bytes >= BATCH_BYTES || self.chunks.len() >= pb::MAX_OUTPUT_CHUNKS
     }
 
     async fn flush(&mut self, outbox: &Outbox, attempt_id: i64) {
-        if self.lines.is_empty() {
+        if self.chunks.is_empty() {
             return;
         }
-        let lines = std::mem::take(&mut self.lines);
-        let msg = Kind::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines });
+        let chunks = std::mem::take(&mut self.chunks);
+        let msg = Kind::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines: Vec::new(), chunks });
         outbox.push(attempt_id, msg, self.bytes + 64).await;
         self.bytes = 0;
     }
 }
+
+/// Appends the lengths of the lines of a piece to `lens`: one per newline, and one for a last
+/// line without newline (see [`Piece`]).
+fn line_lens(data: &[u8], lens: &mut Vec<u32>) {
+    let mut start = 0;
+    for newline in memchr::memchr_iter(b'\n', data) {
+        lens.push((newline + 1 - start) as u32);
+        start = newline + 1;
+    }
+    if start < data.len() {
+        lens.push((data.len() - start) as u32);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use base64::Engine;
@@ -782,9 +809,18 @@ mod tests {
         });
         for report in reports {
             match report.kind {
-                Some(Kind::Output(o)) => pieces.extend(
-                    o.lines.into_iter().map(|l| (l.stderr, String::from_utf8_lossy(&l.data).into_owned())),
-                ),
+                Some(Kind::Output(o)) => {
+                    assert!(o.lines.is_empty(), "output goes as chunks");
+                    for c in o.chunks {
+                        assert_eq!(c.lens.iter().map(|&l| l as usize).sum::<usize>(), c.data.len());
+                        let mut at = 0;
+                        for &len in &c.lens {
+                            let line = &c.data[at..at + len as usize];
+                            pieces.push((c.stderr, String::from_utf8_lossy(line).into_owned()));
+                            at += len as usize;
+                        }
+                    }
+                }
                 Some(Kind::Update(pb::AttemptUpdate {
                     kind: Some(pb::attempt_update::Kind::Finished(f)),
                     ..
@@ -826,7 +862,7 @@ mod tests {
             "whole *** end\nline: ***\nline: ***\nline: ***\nhalves *** tail\nb64 ***\nlast first-line"
         );
         assert_eq!(stderr, "err ***\n");
-        // Shipped line by line, as the runtime cut it.
+        // Lines as the runtime cut them: only the last lacks a newline.
         let shipped: Vec<&str> = ran.pieces.iter().map(|(_, t)| t.as_str()).collect();
         assert!(
             shipped.iter().rev().skip(1).all(|t| t.ends_with('\n') && t.matches('\n').count() == 1),

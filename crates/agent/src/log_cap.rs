@@ -5,7 +5,8 @@
 
 use std::collections::VecDeque;
 
-/// One piece of output, as shipped.
+/// One piece of output, as shipped: whole lines of one step and stream back to back, of which
+/// only the last may lack a newline (a line the runtime cut, or the last of a stream).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Piece {
     /// Step index.
@@ -43,14 +44,33 @@ impl LogCap {
         }
     }
 
-    /// The piece to ship now, or `None` when it is held back (or cut).
-    pub fn admit(&mut self, piece: Piece) -> Option<Piece> {
+    /// What of the piece to ship now: its lines that still fit the head, or `None` when all of
+    /// it is held back (or cut). The head ends at a line end, as it did when lines came one by
+    /// one: the first line that does not fit, and all after it, go to the tail.
+    pub fn admit(&mut self, mut piece: Piece) -> Option<Piece> {
         let len = piece.data.len() as u64;
         if !self.full && self.shipped.saturating_add(len) <= self.head_limit {
             self.shipped += len;
             return Some(piece);
         }
+        let mut head = None;
+        if !self.full {
+            let room = usize::try_from(self.head_limit - self.shipped).unwrap_or(usize::MAX);
+            if let Some(newline) = memchr::memrchr(b'\n', &piece.data[..room.min(piece.data.len())]) {
+                let rest = piece.data.split_off(newline + 1);
+                let fits = std::mem::replace(&mut piece.data, rest);
+                self.shipped += fits.len() as u64;
+                head = Some(Piece { step: piece.step, stderr: piece.stderr, data: fits });
+            }
+        }
         self.full = true;
+        self.hold(piece);
+        head
+    }
+
+    /// Adds `piece` to the held tail, cutting the oldest bytes past the tail's limit.
+    fn hold(&mut self, piece: Piece) {
+        let len = piece.data.len() as u64;
         self.tail_bytes += len;
         self.tail.push_back(piece);
         while self.tail_bytes > self.tail_limit {
@@ -67,7 +87,6 @@ impl LogCap {
                 self.cut += over;
             }
         }
-        None
     }
 
     /// What is left to ship at the end: the marker (if anything was cut) and the held tail.
@@ -110,6 +129,21 @@ mod tests {
         // 60 bytes written, 6 shipped at once, the last 10 held back: 44 cut.
         assert!(all.starts_with("line0\n... 44 bytes cut"), "{all}");
         assert!(all.ends_with("\nne8\nline9\n"), "{all}");
+    }
+
+    #[test]
+    fn a_piece_of_many_lines_is_capped_as_its_lines_would_be() {
+        let lines: Vec<String> = (0..10).map(|i| format!("line{i}\n")).collect();
+        let mut one_by_one = LogCap::new(20);
+        let mut expected: Vec<Piece> = lines.iter().filter_map(|l| one_by_one.admit(piece(l))).collect();
+        expected.extend(one_by_one.finish());
+        for split in [1, 3, 10] {
+            let mut cap = LogCap::new(20);
+            let mut shipped: Vec<Piece> =
+                lines.chunks(split).filter_map(|group| cap.admit(piece(&group.concat()))).collect();
+            shipped.extend(cap.finish());
+            assert_eq!(text(&shipped), text(&expected), "pieces of {split} lines");
+        }
     }
 
     #[test]

@@ -257,12 +257,14 @@ pub async fn watch(client: &mut Client, job_id: i64, timeout: Duration) -> Resul
 /// Counts the bytes of a job's stored output, through the `Logs` API.
 pub async fn stored_output_bytes(client: &mut Client, job_id: i64) -> Result<u64> {
     let mut stream = client
-        .logs(pb::LogsRequest { job_id, task: String::new(), follow: false, after_id: 0 })
+        .logs(pb::LogsRequest { job_id, task: String::new(), follow: false, after_id: 0, chunks: true })
         .await?
         .into_inner();
     let mut total = 0u64;
     while let Some(batch) = stream.next().await {
-        total += batch?.lines.iter().map(|l| l.data.len() as u64).sum::<u64>();
+        let batch = batch?;
+        total += batch.lines.iter().map(|l| l.data.len() as u64).sum::<u64>();
+        total += batch.chunks.iter().map(|c| c.data.len() as u64).sum::<u64>();
     }
     Ok(total)
 }

@@ -13,6 +13,7 @@ use drover_proto as pb;
 use tokio_stream::StreamExt;
 
 use crate::client::{ServerOpt, connect, rpc_error};
+use crate::log_out::LogWriter;
 use crate::render;
 
 /// Exit code for a job file with errors.
@@ -215,31 +216,15 @@ pub async fn print_summary(opt: &ServerOpt, job_id: i64) -> Result<()> {
     println!("\noutput:");
     let mut client = connect(opt).await?;
     let mut stream = client
-        .logs(pb::LogsRequest { job_id, task: String::new(), follow: false, after_id: 0 })
+        .logs(pb::LogsRequest { job_id, task: String::new(), follow: false, after_id: 0, chunks: true })
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let mut out = std::io::stdout().lock();
+    let mut out = LogWriter::new(std::io::stdout().lock(), std::io::stderr(), true);
     while let Some(batch) = stream.next().await {
-        for line in batch.map_err(rpc_error)?.lines {
-            write_line(&mut out, &line, true);
-        }
+        out.batch(&batch.map_err(rpc_error)?).context("cannot write the output")?;
     }
     Ok(())
-}
-
-fn write_line(w: &mut dyn Write, line: &pb::LogLine, prefix: bool) {
-    if prefix {
-        let name = match line.frame {
-            Some(f) => format!("{}[{}]", line.task_name, f),
-            None => line.task_name.clone(),
-        };
-        let _ = write!(w, "{name} | ");
-    }
-    let _ = w.write_all(&line.data);
-    if !line.data.ends_with(b"\n") {
-        let _ = w.write_all(b"\n");
-    }
 }
 
 /// `drover submit`.
@@ -377,29 +362,19 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
             task: args.task.clone().unwrap_or_default(),
             follow: args.follow,
             after_id: 0,
+            chunks: true,
         })
         .await
         .map_err(rpc_error)?
         .into_inner();
-    let mut stdout = std::io::stdout().lock();
-    let mut stderr = std::io::stderr();
+    let mut out = LogWriter::new(std::io::stdout().lock(), std::io::stderr(), prefix);
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(rpc_error)?;
-        for line in batch.lines {
-            let w: &mut dyn Write = if line.stream == "stderr" { &mut stderr } else { &mut stdout };
-            if prefix {
-                let name = match line.frame {
-                    Some(f) => format!("{}[{}]", line.task_name, f),
-                    None => line.task_name.clone(),
-                };
-                let _ = write!(w, "{name} | ");
-            }
-            let _ = w.write_all(&line.data);
-            if !line.data.ends_with(b"\n") {
-                let _ = w.write_all(b"\n");
-            }
+        match out.batch(&batch.map_err(rpc_error)?) {
+            Ok(()) => {}
+            // A reader that stopped reading (`drover logs 7 | head`) is no failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => return Err(e).context("cannot write the output"),
         }
-        let _ = stdout.flush();
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ mod config;
 mod credentials;
 mod images;
 mod jobs;
+mod log_out;
 mod oidc;
 mod render;
 mod run;

@@ -21,7 +21,8 @@ pub use failure::UnknownFailureClass;
 #[warn(missing_docs, clippy::all)]
 mod session;
 pub use session::{
-    MAX_ASSIGNS_PER_MESSAGE, MAX_REPORTS_PER_MESSAGE, PROTOCOL_VERSION, ProtocolMismatch, protocol_of,
+    MAX_ASSIGNS_PER_MESSAGE, MAX_OUTPUT_CHUNKS, MAX_OUTPUT_LINE, MAX_REPORTS_PER_MESSAGE, PROTOCOL_VERSION,
+    ProtocolMismatch, protocol_of,
 };
 
 /// The encoded `FileDescriptorSet` of `proto/drover.proto`: every service and method, for tests

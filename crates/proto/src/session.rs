@@ -7,8 +7,9 @@
 ///
 /// 1: one assignment and one report per message, plan fields copied beside the plan, failure
 /// classes as words. 2: batched assignments and reports, the plan alone, failure classes as
-/// an enum.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// an enum. 3: output as runs of lines (`OutputChunk`), which a server of protocol 2 would
+/// drop unread.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Most assignments in one `Assignments` message. A server splits a larger placement round;
 /// an agent refuses every attempt of a message beyond it.
@@ -17,6 +18,14 @@ pub const MAX_ASSIGNS_PER_MESSAGE: usize = 512;
 /// Most reports in one `Reports` message. An agent sends what waits in batches of at most
 /// this many; a server ends a session that sends more.
 pub const MAX_REPORTS_PER_MESSAGE: usize = 256;
+
+/// Most output chunks in one `AttemptOutput` report; an agent sends a few, a server refuses
+/// the report past it.
+pub const MAX_OUTPUT_CHUNKS: usize = 4096;
+
+/// Longest output line (or piece of a longer line) an agent ships; a server refuses a chunk
+/// with a longer one.
+pub const MAX_OUTPUT_LINE: usize = 64 * 1024;
 
 /// The protocol a peer speaks, from the `protocol` field it sent: peers of protocol 1 predate
 /// the field, which then reads as 0.

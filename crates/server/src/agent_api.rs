@@ -7,7 +7,7 @@ use drover_proto as pb;
 use drover_proto::agent_message::Msg as In;
 use drover_proto::agent_session_server::AgentSession;
 use drover_proto::server_message::Msg as Out;
-use drover_store::{AttemptReport, AttemptUpdate, NodeSpec, OutputFile, OutputLine, Signal};
+use drover_store::{AttemptReport, AttemptUpdate, NodeSpec, OutputChunk, OutputFile, OutputLine, Signal};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -287,17 +287,8 @@ async fn handle_report(
         }
         Some(pb::report::Kind::Output(mut o)) => {
             o.epoch = epoch;
-            if o.lines.len() > MAX_LINES_PER_BATCH {
-                return Err(Status::invalid_argument(format!(
-                    "an output batch carries at most {MAX_LINES_PER_BATCH} lines"
-                )));
-            }
-            let lines: Vec<OutputLine> = o
-                .lines
-                .into_iter()
-                .map(|l| OutputLine { step: l.step, stderr: l.stderr, data: l.data })
-                .collect();
-            let applied = shared.store.append_output(o.attempt_id, o.epoch, &lines).await.map_err(status)?;
+            let chunks = output_chunks(o.lines, o.chunks)?;
+            let applied = shared.store.append_chunks(o.attempt_id, o.epoch, &chunks).await.map_err(status)?;
             Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok())
         }
         None => Err(Status::invalid_argument("report without a kind")),
@@ -321,6 +312,37 @@ async fn outputs_over_quota(
         }
         Err(s) => Err(s),
     }
+}
+
+/// The output of one report as the store takes it, checked: within the count limits, every
+/// chunk's line lengths adding up to its bytes, no line longer than an agent ships. Lines sent
+/// one by one (as agents of protocol 2 did) come first, as their own chunks.
+fn output_chunks(
+    lines: Vec<pb::OutputLine>,
+    chunks: Vec<pb::OutputChunk>,
+) -> Result<Vec<OutputChunk>, Status> {
+    if lines.len() > MAX_LINES_PER_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "an output batch carries at most {MAX_LINES_PER_BATCH} lines"
+        )));
+    }
+    if chunks.len() > pb::MAX_OUTPUT_CHUNKS {
+        return Err(Status::invalid_argument(format!(
+            "an output batch carries at most {} chunks, not {}",
+            pb::MAX_OUTPUT_CHUNKS,
+            chunks.len()
+        )));
+    }
+    let lines: Vec<OutputLine> =
+        lines.into_iter().map(|l| OutputLine { step: l.step, stderr: l.stderr, data: l.data }).collect();
+    let mut out = OutputChunk::from_lines(&lines);
+    out.reserve(chunks.len());
+    for c in chunks {
+        let chunk = OutputChunk { step: c.step, stderr: c.stderr, lens: c.lens, data: c.data };
+        chunk.check(pb::MAX_OUTPUT_LINE).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        out.push(chunk);
+    }
+    Ok(out)
 }
 
 /// Most output lines in one message; agents send far fewer.
@@ -369,4 +391,40 @@ async fn queue(
 ) -> Result<bool, Status> {
     let outcome = shared.completions.submit(update).await.map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(acks.queued(attempt_id, seq, outcome).await.is_ok())
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    fn chunk(lens: Vec<u32>, data: &[u8]) -> pb::OutputChunk {
+        pb::OutputChunk { step: 1, stderr: false, lens, data: data.to_vec() }
+    }
+
+    #[test]
+    fn output_chunks_are_checked_before_they_are_stored() {
+        let line = pb::OutputLine { step: 0, stderr: true, data: b"old\n".to_vec() };
+        let ok = output_chunks(vec![line], vec![chunk(vec![2, 3], b"a\nbc\n"), chunk(vec![0], b"")]).unwrap();
+        assert_eq!(
+            ok.iter().map(|c| (c.step, c.lens.len())).collect::<Vec<_>>(),
+            vec![(0, 1), (1, 2), (1, 1)]
+        );
+        // Output is bytes: invalid UTF-8 is no error.
+        assert!(output_chunks(Vec::new(), vec![chunk(vec![2], &[0xff, 0xfe])]).is_ok());
+
+        let refused = |lines: Vec<pb::OutputLine>, chunks: Vec<pb::OutputChunk>| {
+            let err = output_chunks(lines, chunks).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+            err.message().to_owned()
+        };
+        assert!(refused(Vec::new(), vec![chunk(vec![2, 3], b"a\nbc")]).contains("add up to 5 bytes"));
+        assert!(refused(Vec::new(), vec![chunk(vec![1], b"a\nbc")]).contains("carries 4"));
+        let long = vec![b'x'; pb::MAX_OUTPUT_LINE + 1];
+        assert!(refused(Vec::new(), vec![chunk(vec![long.len() as u32], &long)]).contains("longer than"));
+        assert!(refused(Vec::new(), vec![chunk(vec![u32::MAX, u32::MAX], b"")]).contains("longer than"));
+        let many = vec![chunk(vec![1], b"\n"); pb::MAX_OUTPUT_CHUNKS + 1];
+        assert!(refused(Vec::new(), many).contains("chunks"));
+        let lines = vec![pb::OutputLine::default(); MAX_LINES_PER_BATCH + 1];
+        assert!(refused(lines, Vec::new()).contains("lines"));
+    }
 }

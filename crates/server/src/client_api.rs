@@ -141,7 +141,9 @@ impl Drover for ClientApi {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
-        let stream = downloads::logs(self.0.clone(), req.job_id, &req.task, req.follow, req.after_id).await?;
+        let stream =
+            downloads::logs(self.0.clone(), req.job_id, &req.task, req.follow, req.after_id, req.chunks)
+                .await?;
         Ok(Response::new(stream))
     }
 

@@ -2,12 +2,13 @@
 
 use drover_proto as pb;
 use drover_store::{
-    Assignment, EventRecord, JobRecord, JobSummary, LogRecord, NodeRecord, StoreError, TaskRecord,
+    Assignment, EventRecord, JobRecord, JobSummary, LogChunk, LogRecord, NodeRecord, StoreError, TaskRecord,
 };
 
 pub(crate) fn status(e: StoreError) -> tonic::Status {
     match e {
         StoreError::NotFound { .. } => tonic::Status::not_found(e.to_string()),
+        StoreError::Invalid { .. } => tonic::Status::invalid_argument(e.to_string()),
         other => {
             tracing::error!(error = %other, "store error");
             tonic::Status::unavailable(other.to_string())
@@ -88,6 +89,20 @@ pub(crate) fn log_line(l: LogRecord) -> pb::LogLine {
         step: l.step,
         stream: if l.stderr { "stderr" } else { "stdout" }.to_string(),
         data: l.data,
+    }
+}
+
+pub(crate) fn log_chunk(c: LogChunk) -> pb::LogChunk {
+    pb::LogChunk {
+        first_id: c.first_id,
+        task_id: c.task_id,
+        task_name: c.task_name,
+        frame: c.frame,
+        attempt: c.attempt,
+        step: c.step,
+        stderr: c.stderr,
+        lens: c.lens,
+        data: c.data,
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drover_proto as pb;
-use drover_store::{LogArchiveRecord, TaskFilter};
+use drover_store::{LogArchiveRecord, LogChunk, TaskFilter};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,8 +20,8 @@ use crate::{Shared, live_files, transfer};
 
 /// Longest a stream waits for a change before checking the store again anyway.
 const POLL_FALLBACK: Duration = Duration::from_secs(1);
-/// Lines per batch sent to a client.
-const BATCH: usize = 2000;
+/// Bytes of output per batch sent to a client (about: whole stored chunks).
+const BATCH_BYTES: usize = 1 << 20;
 
 /// A stream of API messages.
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -91,7 +91,9 @@ pub(crate) async fn artifact(
     }
 }
 
-/// A job's output from line `after_id` on; with `follow`, until the selected tasks end.
+/// A job's output from line `after_id` on; with `follow`, until the selected tasks end. With
+/// `chunks`, batches carry runs of lines ([`pb::LogChunk`]) as they are stored; without, one
+/// [`pb::LogLine`] per line, for clients that predate chunks.
 ///
 /// Attempts whose log is archived are read from the blob store (each once, whole), the others
 /// from live rows. An attempt archived while it is being followed continues from its archive
@@ -102,6 +104,7 @@ pub(crate) async fn logs(
     task: &str,
     follow: bool,
     after_id: i64,
+    chunks: bool,
 ) -> Result<BoxStream<pb::LogBatch>, Status> {
     let filter = task_filter(task)?;
     shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
@@ -112,7 +115,7 @@ pub(crate) async fn logs(
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut follower =
-            Follower { shared, job_id, filter, tx, sent: HashMap::new(), archived: HashSet::new() };
+            Follower { shared, job_id, filter, tx, chunks, sent: HashMap::new(), archived: HashSet::new() };
         if let Err(e) = follower.run(follow, after_id).await {
             let _ = follower.tx.send(Err(e)).await;
         }
@@ -126,6 +129,8 @@ struct Follower {
     job_id: i64,
     filter: TaskFilter,
     tx: mpsc::Sender<Result<pb::LogBatch, Status>>,
+    /// Whether the client takes runs of lines rather than lines.
+    chunks: bool,
     /// The last live line id sent per attempt, by (task id, attempt number).
     sent: HashMap<(i64, u32), i64>,
     /// Attempts already sent from their archive.
@@ -159,22 +164,22 @@ impl Follower {
         loop {
             changes.mark_unchanged();
             self.send_new_archives(after_id).await?;
-            let lines = self
+            let chunks = self
                 .shared
                 .store
-                .logs_after(self.job_id, &self.filter, after, BATCH as u32)
+                .log_chunks_after(self.job_id, &self.filter, after, BATCH_BYTES)
                 .await
                 .map_err(status)?;
-            if let Some(last) = lines.last() {
-                after = last.id;
-                let mut batch = Vec::with_capacity(lines.len());
-                for line in lines {
-                    let key = (line.task_id, line.attempt);
+            if let Some(last) = chunks.last() {
+                after = last.last_id();
+                let mut batch = Vec::with_capacity(chunks.len());
+                for chunk in chunks {
+                    let key = (chunk.task_id, chunk.attempt);
                     if self.archived.contains(&key) {
                         continue;
                     }
-                    self.sent.insert(key, line.id);
-                    batch.push(convert::log_line(line));
+                    self.sent.insert(key, chunk.last_id());
+                    batch.push(chunk);
                 }
                 self.send(batch).await?;
                 continue;
@@ -219,32 +224,30 @@ impl Follower {
         };
         let mut reader = ArchiveReader::open(&self.shared.blobs, archive).await.map_err(damaged)?;
         let mut batch = Vec::new();
-        while let Some(line) = reader.next().await.map_err(damaged)? {
-            if line.id <= floor {
-                continue;
-            }
-            batch.push(pb::LogLine {
-                id: line.id,
-                task_id: archive.task_id,
-                task_name: archive.task_name.clone(),
-                frame: archive.frame,
-                attempt: archive.attempt,
-                step: line.step,
-                stream: if line.stderr { "stderr" } else { "stdout" }.into(),
-                data: line.data,
-            });
-            if batch.len() >= BATCH {
+        let mut bytes = 0;
+        while let Some(chunk) = reader.next().await.map_err(damaged)? {
+            let Some(chunk) = chunk.after(floor) else { continue };
+            bytes += chunk.data.len();
+            batch.push(chunk);
+            if bytes >= BATCH_BYTES {
                 self.send(std::mem::take(&mut batch)).await?;
+                bytes = 0;
             }
         }
         self.send(batch).await
     }
 
-    async fn send(&self, lines: Vec<pb::LogLine>) -> Result<(), Stop> {
-        if lines.is_empty() {
+    async fn send(&self, chunks: Vec<LogChunk>) -> Result<(), Stop> {
+        if chunks.is_empty() {
             return Ok(());
         }
-        self.tx.send(Ok(pb::LogBatch { lines })).await.map_err(|_| Stop::Gone)
+        let batch = if self.chunks {
+            pb::LogBatch { lines: Vec::new(), chunks: chunks.into_iter().map(convert::log_chunk).collect() }
+        } else {
+            let lines = chunks.into_iter().flat_map(LogChunk::into_records).map(convert::log_line).collect();
+            pb::LogBatch { lines, chunks: Vec::new() }
+        };
+        self.tx.send(Ok(batch)).await.map_err(|_| Stop::Gone)
     }
 }
 
@@ -302,10 +305,20 @@ mod tests {
         let a = schedule(&*store, 2).await.remove(0);
         store.append_output(a.attempt_id, a.epoch, &[line("1\n"), line("2\n")]).await.unwrap();
 
-        let mut stream = logs(shared.clone(), job_id, "", true, 0).await.unwrap();
+        // A client of lines follows; a client of chunks reads the archive afterwards.
+        let mut stream = logs(shared.clone(), job_id, "", true, 0, false).await.unwrap();
         let first = stream.next().await.unwrap().unwrap();
         let texts = |b: &pb::LogBatch| {
-            b.lines.iter().map(|l| String::from_utf8_lossy(&l.data).to_string()).collect::<Vec<_>>()
+            let mut texts: Vec<String> =
+                b.lines.iter().map(|l| String::from_utf8_lossy(&l.data).to_string()).collect();
+            for c in &b.chunks {
+                let mut at = 0;
+                for &len in &c.lens {
+                    texts.push(String::from_utf8_lossy(&c.data[at..at + len as usize]).to_string());
+                    at += len as usize;
+                }
+            }
+            texts
         };
         assert_eq!(texts(&first), vec!["1\n", "2\n"]);
 
@@ -335,7 +348,7 @@ mod tests {
         assert_eq!(rest, vec!["3\n"]);
         // A new reader gets the whole attempt from the archive.
         let mut again = Vec::new();
-        let mut stream = logs(shared, job_id, "t", false, 0).await.unwrap();
+        let mut stream = logs(shared, job_id, "t", false, 0, true).await.unwrap();
         while let Some(batch) = stream.next().await {
             again.extend(texts(&batch.unwrap()));
         }

@@ -173,10 +173,10 @@ async fn logs(
     Path((id, task)): Path<(i64, String)>,
 ) -> Result<Response, ApiError> {
     visible_job(&shared, &caller, id, Role::Viewer).await?;
-    let stream = downloads::logs(shared, id, &task, false, 0).await?;
+    let stream = downloads::logs(shared, id, &task, false, 0, true).await?;
     let body = Body::from_stream(stream.map(|batch| {
         batch
-            .map(|b| bytes::Bytes::from(b.lines.into_iter().flat_map(|l| l.data).collect::<Vec<u8>>()))
+            .map(|b| bytes::Bytes::from(b.chunks.into_iter().flat_map(|c| c.data).collect::<Vec<u8>>()))
             .map_err(std::io::Error::other)
     }));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())

@@ -130,7 +130,13 @@ async fn reports_about_an_attempt_count_only_from_the_node_it_was_assigned_to() 
             attempt_id: assign.attempt_id,
             epoch: assign.epoch,
             seq: 2,
-            lines: vec![pb::OutputLine { step: 0, stderr: false, data: b"forged\n".to_vec() }],
+            lines: Vec::new(),
+            chunks: vec![pb::OutputChunk {
+                step: 0,
+                stderr: false,
+                lens: vec![7],
+                data: b"forged\n".to_vec(),
+            }],
         })]))
         .await;
     forger.send(finished(assign.attempt_id, assign.epoch, 3)).await;
@@ -331,7 +337,9 @@ async fn reports_batched_in_one_message_are_applied_in_order_and_acknowledged() 
         attempt_id: a.attempt_id,
         epoch: a.epoch,
         seq: 3,
+        // Lines one by one (as protocol 2 sent them) and as a chunk, stored in that order.
         lines: vec![pb::OutputLine { step: 0, stderr: false, data: b"batched\n".to_vec() }],
+        chunks: vec![pb::OutputChunk { step: 0, stderr: true, lens: vec![3, 2], data: b"ab\nc\n".to_vec() }],
     });
     let batch = vec![
         update(&a, 1, pb::attempt_update::Kind::Started(pb::Started {})),
@@ -358,7 +366,10 @@ async fn reports_batched_in_one_message_are_applied_in_order_and_acknowledged() 
         (TaskState::Failed, Some(drover_core::FailureClass::Oom))
     );
     let logs = server.store.logs_after(job_id, &TaskFilter::default(), 0, 10).await.unwrap();
-    assert_eq!(logs.iter().map(|l| l.data.as_slice()).collect::<Vec<_>>(), vec![b"batched\n".as_slice()]);
+    assert_eq!(
+        logs.iter().map(|l| (l.stderr, l.data.as_slice())).collect::<Vec<_>>(),
+        vec![(false, b"batched\n".as_slice()), (true, b"ab\n"), (true, b"c\n")]
+    );
 }
 
 /// Sends `msg` on a fresh session of a fresh node and returns how the server ended it.
@@ -403,4 +414,15 @@ async fn a_batch_of_reports_beyond_the_limits_ends_the_session() {
     });
     let s = refused(unknown_class).await;
     assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "unknown failure class 99"));
+
+    let lying = common::reports(vec![pb::report::Kind::Output(pb::AttemptOutput {
+        attempt_id: 1,
+        epoch: 1,
+        seq: 1,
+        lines: Vec::new(),
+        chunks: vec![pb::OutputChunk { step: 0, stderr: false, lens: vec![9], data: b"short\n".to_vec() }],
+    })]);
+    let s = refused(lying).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("add up to 9 bytes"), "{s:?}");
 }

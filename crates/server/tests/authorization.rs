@@ -327,8 +327,17 @@ fn cancel<'a>(w: &'a World, caller: &'static str, id: i64) -> Fut<'a> {
 fn logs<'a>(w: &'a World, caller: &'static str, id: i64) -> Fut<'a> {
     async move {
         let mut c = w.client(caller).await;
-        drain(c.logs(pb::LogsRequest { job_id: id, task: String::new(), follow: false, after_id: 0 }).await)
-            .await
+        drain(
+            c.logs(pb::LogsRequest {
+                job_id: id,
+                task: String::new(),
+                follow: false,
+                after_id: 0,
+                chunks: true,
+            })
+            .await,
+        )
+        .await
     }
     .boxed()
 }

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 
-use crate::{LogRecord, Result, TaskFilter};
+use crate::{LogChunk, LogRecord, Result, TaskFilter};
 
 /// An attempt still on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,8 +64,23 @@ pub trait ArchiveStore: Send + Sync + 'static {
     /// Up to `limit` ended attempts whose log was never archived, oldest first.
     async fn unarchived_attempts(&self, limit: u32) -> Result<Vec<UnarchivedAttempt>>;
 
-    /// The live log rows of one attempt with an id above `after_id`, in order.
-    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>>;
+    /// The live output of one attempt with a line id above `after_id`, in order, as runs of
+    /// lines: about `max_bytes` of it, like [`crate::Store::log_chunks_after`].
+    async fn attempt_log_chunks(
+        &self,
+        attempt_id: i64,
+        after_id: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>>;
+
+    /// The live log lines of one attempt with an id above `after_id`, in order (at most
+    /// `limit`).
+    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>> {
+        crate::log_chunks::read_lines(after_id, limit, |after, max| {
+            self.attempt_log_chunks(attempt_id, after, max)
+        })
+        .await
+    }
 
     /// Records that an ended attempt's log is stored as the blob `digest` and deletes its live
     /// rows, in one transaction; the job's project then holds the blob (see

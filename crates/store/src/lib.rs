@@ -33,6 +33,7 @@ pub use access::{
 };
 pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
+pub use log_chunks::{BadChunk, LogChunk, OutputChunk};
 pub use records::*;
 pub use secrets::{SecretStore, valid_secret_name};
 pub use tenancy::{AuditFilter, AuditRecord, Holding, JobMetered, TenantStore};
@@ -44,6 +45,15 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The caller handed in something malformed (output chunks whose heads do not describe
+    /// their bytes); nothing was stored.
+    #[error("invalid {what}: {detail}")]
+    Invalid {
+        /// What was refused.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
     /// Migrations failed.
     #[error("cannot migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -191,17 +201,41 @@ pub trait Store: Send + Sync + 'static {
     /// database keep up with many agents; nothing is visible before the commit.
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>>;
 
-    /// Appends output lines of an attempt.
-    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied>;
+    /// Appends output of an attempt, as the agent shipped it: runs of lines, each stored
+    /// without being split into lines. A chunk whose line lengths do not add up to its bytes
+    /// is refused ([`StoreError::Invalid`]) and nothing is stored.
+    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied>;
 
-    /// Output lines of a job with an id above `after_id`, optionally of one task, in order.
+    /// Appends output lines of an attempt.
+    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
+        self.append_chunks(attempt_id, epoch, &OutputChunk::from_lines(lines)).await
+    }
+
+    /// Output of a job with a line id above `after_id`, optionally of one task, in order, as
+    /// runs of lines: about `max_bytes` of it (whole stored chunks, at least one when there is
+    /// any), so a reader resumes after the last line returned.
+    async fn log_chunks_after(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        after_id: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>>;
+
+    /// Output lines of a job with an id above `after_id`, optionally of one task, in order,
+    /// one record per line (at most `limit`).
     async fn logs_after(
         &self,
         job_id: i64,
         filter: &TaskFilter,
         after_id: i64,
         limit: u32,
-    ) -> Result<Vec<LogRecord>>;
+    ) -> Result<Vec<LogRecord>> {
+        log_chunks::read_lines(after_id, limit, |after, max| {
+            self.log_chunks_after(job_id, filter, after, max)
+        })
+        .await
+    }
 
     /// Sends `signal` to every server sharing this store, this one included.
     async fn publish(&self, signal: Signal) -> Result<()>;
@@ -213,4 +247,10 @@ pub trait Store: Send + Sync + 'static {
     /// Tries to become the one server running the singleton loop `name`. `None` while another
     /// server leads.
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Leadership>>>;
+}
+
+impl From<BadChunk> for StoreError {
+    fn from(e: BadChunk) -> StoreError {
+        StoreError::Invalid { what: "output chunk", detail: e.to_string() }
+    }
 }

@@ -880,12 +880,16 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
+    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied> {
+        // Checked before the transaction: a malformed report stores nothing.
+        let rows = log_chunks::pack(chunks)?;
+        let heads: Vec<&str> = rows.iter().map(|c| c.heads.as_str()).collect();
+        let data: Vec<&[u8]> = rows.iter().map(|c| c.data.as_ref()).collect();
         transaction!(self.pool, "append_output", |tx| {
             let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {
                 return Ok(Applied::Stale);
             };
-            if lines.is_empty() {
+            if rows.is_empty() {
                 return Ok(Applied::Applied);
             }
             // Line ids are drawn under a per-job lock held to commit, so they become visible
@@ -896,7 +900,6 @@ impl Store for PostgresStore {
                 .bind(a.job_id)
                 .execute(&mut *tx)
                 .await?;
-            let chunks = log_chunks::pack(lines);
             sqlx::query(
                 "INSERT INTO log_chunks (job_id, task_id, attempt_id, attempt, heads, data) \
                  SELECT $1, $2, $3, $4, u.heads, u.data \
@@ -906,22 +909,22 @@ impl Store for PostgresStore {
             .bind(a.task_id)
             .bind(a.id)
             .bind(i64::from(a.number))
-            .bind(chunks.iter().map(|c| c.heads.as_str()).collect::<Vec<_>>())
-            .bind(chunks.iter().map(|c| c.data.as_slice()).collect::<Vec<_>>())
+            .bind(&heads)
+            .bind(&data)
             .execute(&mut *tx)
             .await?;
             Ok(Applied::Applied)
         })
     }
 
-    async fn logs_after(
+    async fn log_chunks_after(
         &self,
         job_id: i64,
         filter: &TaskFilter,
         after_id: i64,
-        limit: u32,
-    ) -> Result<Vec<LogRecord>> {
-        log_chunks::read_lines(after_id, limit, |from, n| async move {
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>> {
+        log_chunks::read_chunks(after_id, max_bytes, |from, n| async move {
             let mut q = QueryBuilder::<Postgres>::new(
                 "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
                  FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.job_id = ",

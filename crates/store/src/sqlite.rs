@@ -524,7 +524,9 @@ impl Store for SqliteStore {
                 AttemptUpdate::Started { attempt_id, epoch } => {
                     start_attempt(&mut tx, &mut changes, *attempt_id, *epoch, now_ms).await?
                 }
-                AttemptUpdate::Finished(report) => finish_attempt(&mut tx, &mut changes, report, now_ms).await?,
+                AttemptUpdate::Finished(report) => {
+                    finish_attempt(&mut tx, &mut changes, report, now_ms).await?
+                }
             });
         }
         changes.write(&mut tx, now_ms).await?;
@@ -565,12 +567,14 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
+    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied> {
+        // Checked before the transaction: a malformed report stores nothing.
+        let rows = log_chunks::pack(chunks)?;
         let mut tx = self.writer.begin().await?;
         let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
             return Ok(Applied::Stale);
         };
-        for chunk in log_chunks::pack(lines) {
+        for chunk in rows {
             sqlx::query(
                 "INSERT INTO log_chunks (job_id, task_id, attempt_id, attempt, heads, data) VALUES (?, ?, ?, ?, ?, ?)",
             )
@@ -578,8 +582,8 @@ impl Store for SqliteStore {
             .bind(a.task_id)
             .bind(a.id)
             .bind(i64::from(a.number))
-            .bind(&chunk.heads)
-            .bind(&chunk.data)
+            .bind(chunk.heads)
+            .bind(chunk.data.as_ref())
             .execute(&mut *tx)
             .await?;
         }
@@ -587,14 +591,14 @@ impl Store for SqliteStore {
         Ok(Applied::Applied)
     }
 
-    async fn logs_after(
+    async fn log_chunks_after(
         &self,
         job_id: i64,
         filter: &TaskFilter,
         after_id: i64,
-        limit: u32,
-    ) -> Result<Vec<LogRecord>> {
-        log_chunks::read_lines(after_id, limit, |from, n| async move {
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>> {
+        log_chunks::read_chunks(after_id, max_bytes, |from, n| async move {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
                  FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.job_id = ",

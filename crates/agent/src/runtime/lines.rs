@@ -1,8 +1,10 @@
-//! The one line splitter of all runtimes: output becomes [`OutputChunk`]s of one line each,
-//! newline kept, lines longer than [`MAX_LINE`] cut into pieces, and a last line without
-//! newline still sent. Runtimes get output in pieces of any size (pipes, files, Docker's
-//! frames, the guest's chunks), so the splitter is fed pieces and keeps the unfinished line
-//! between them.
+//! The one line splitter of all runtimes: output becomes [`OutputChunk`]s of whole lines
+//! back to back (newline kept), lines longer than [`MAX_LINE`] cut into pieces, and a last line
+//! without newline still sent. Only the last piece of a chunk may lack a newline (a piece the
+//! splitter cut there), so a receiver finds the lines of a chunk by its newlines alone.
+//! Runtimes get output in pieces of any size (pipes, files, Docker's frames, the guest's
+//! chunks), so the splitter is fed pieces and keeps the unfinished line between them; a fast
+//! writer's output leaves in chunks of many lines, so its cost is per chunk, not per line.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::runtime::{MAX_LINE, OutputChunk, OutputSink, Stream};
 
+/// A chunk is closed at the first line end past this many bytes: large enough that a chatty
+/// step costs little per byte, small enough that the shipper's batches fill evenly.
+const CHUNK_BYTES: usize = 64 * 1024;
+
 /// The unfinished line of one stream.
 #[derive(Debug, Default)]
 pub(crate) struct LineSplitter {
@@ -18,21 +24,35 @@ pub(crate) struct LineSplitter {
 }
 
 impl LineSplitter {
-    /// Adds `data` and returns the lines (or [`MAX_LINE`] pieces) it completed.
+    /// Adds `data` and returns the chunks it completed: whole lines (or [`MAX_LINE`] pieces,
+    /// each ending its chunk).
     pub(crate) fn push(&mut self, mut data: &[u8]) -> Vec<Vec<u8>> {
         let mut done = Vec::new();
         while !data.is_empty() {
+            // The line begun earlier first: it ends at a newline within its room, or is cut.
             let room = MAX_LINE - self.line.len();
             let window = &data[..data.len().min(room)];
-            let (taken, complete) = match window.iter().position(|&b| b == b'\n') {
-                Some(newline) => (newline + 1, true),
-                None => (window.len(), self.line.len() + window.len() == MAX_LINE),
+            let Some(newline) = memchr::memchr(b'\n', window) else {
+                self.line.extend_from_slice(window);
+                data = &data[window.len()..];
+                if self.line.len() == MAX_LINE {
+                    done.push(std::mem::take(&mut self.line));
+                }
+                continue;
             };
-            self.line.extend_from_slice(&window[..taken]);
-            data = &data[taken..];
-            if complete {
-                done.push(std::mem::take(&mut self.line));
+            // Then as many whole lines as follow, up to the chunk size.
+            let mut end = newline + 1;
+            while self.line.len() + end < CHUNK_BYTES {
+                let rest = &data[end..];
+                match memchr::memchr(b'\n', &rest[..rest.len().min(MAX_LINE)]) {
+                    Some(at) => end += at + 1,
+                    None => break,
+                }
             }
+            let mut chunk = std::mem::take(&mut self.line);
+            chunk.extend_from_slice(&data[..end]);
+            done.push(chunk);
+            data = &data[end..];
         }
         done
     }
@@ -59,8 +79,8 @@ impl Shipped {
     }
 }
 
-/// Reads `reader` to the end and sends its lines to `sink`, recording in `shipped` how far the
-/// lines handed on reach. Returns the number of bytes read.
+/// Reads `reader` to the end and sends its lines to `sink` in chunks, recording in `shipped`
+/// how far the lines handed on reach. Returns the number of bytes read.
 ///
 /// When the sink is closed the rest is still read and dropped: a writer must never block just
 /// because nobody listens any more.
@@ -96,9 +116,9 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
             return Ok(total);
         }
         total += n as u64;
-        for line in splitter.push(&buffer[..n]) {
+        for chunk in splitter.push(&buffer[..n]) {
             if listening {
-                listening = send(line).await;
+                listening = send(chunk).await;
             }
         }
     }
@@ -108,11 +128,20 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
 
-    fn split(input: &[u8], piece: usize) -> Vec<Vec<u8>> {
+    /// The chunks of `input` fed in pieces of `piece` bytes.
+    fn chunks(input: &[u8], piece: usize) -> Vec<Vec<u8>> {
         let mut splitter = LineSplitter::default();
         let mut out: Vec<Vec<u8>> = input.chunks(piece).flat_map(|p| splitter.push(p)).collect();
         out.extend(splitter.finish());
         out
+    }
+
+    /// The lines of `input` as a receiver finds them: by newlines, plus each chunk's last
+    /// piece without one.
+    fn split(input: &[u8], piece: usize) -> Vec<Vec<u8>> {
+        let chunks = chunks(input, piece);
+        assert!(chunks.iter().all(|c| !c.is_empty()));
+        chunks.iter().flat_map(|c| c.split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec)).collect()
     }
 
     #[test]
@@ -121,6 +150,23 @@ mod tests {
             let out = split(b"a\n\nbc\nlast", piece);
             assert_eq!(out, vec![b"a\n".to_vec(), b"\n".to_vec(), b"bc\n".to_vec(), b"last".to_vec()]);
         }
+        // Fed at once, the whole lines leave as one chunk.
+        assert_eq!(chunks(b"a\n\nbc\nlast", 1000), vec![b"a\n\nbc\n".to_vec(), b"last".to_vec()]);
+    }
+
+    #[test]
+    fn a_chunk_ends_at_a_line_end_past_the_chunk_size_and_only_a_cut_lacks_a_newline() {
+        let input = b"0123456789abcde\n".repeat(3 * CHUNK_BYTES / 16 + 5);
+        let out = chunks(&input, input.len());
+        assert_eq!(out.concat(), input);
+        assert!(out.len() >= 3, "{}", out.len());
+        assert!(out.iter().all(|c| c.ends_with(b"\n") && c.len() <= CHUNK_BYTES + 16));
+        // A long line in the middle is cut into pieces that each end their chunk.
+        let mut mixed = b"a\n".to_vec();
+        mixed.extend(vec![b'x'; MAX_LINE + 3]);
+        mixed.extend_from_slice(b"\nb\n");
+        let out = chunks(&mixed, mixed.len());
+        assert_eq!(out, vec![b"a\n".to_vec(), vec![b'x'; MAX_LINE], b"xxx\nb\n".to_vec()]);
     }
 
     #[test]
@@ -155,7 +201,11 @@ mod tests {
         pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx, &shipped).await.expect("reads");
         let first = rx.recv().await.expect("first");
         assert_eq!((first.stream, first.step, first.data), (Stream::Stderr, 3, b"one\n".to_vec()));
-        assert_eq!(rx.recv().await.expect("second").data, b"two".to_vec());
+        assert_eq!(
+            rx.recv().await.expect("second").data,
+            b"two".to_vec(),
+            "the last line ends a chunk of its own"
+        );
         assert!(rx.recv().await.is_none());
         assert_eq!(shipped.get(), 17);
     }

@@ -6,6 +6,11 @@
 //! the stored output (read back through the `Logs` API afterwards) has every byte. Peer: `dd`
 //! writing the same number of bytes to a file in the same directory tree, with `conv=fsync`.
 //!
+//! Read back: `drover logs JOB TASK` (a child process, the task named so lines carry no prefix)
+//! writes the stored output to a pipe the benchmark drains and counts; MB/s from its start
+//! until its end, and every byte must arrive. Peer: `cat` of the `dd` file into the same kind
+//! of pipe.
+//!
 //! Live delay: a task prints `date +%s%N` every 50 ms; a `drover logs JOB -f` child process
 //! reads them and compares each line's timestamp with its arrival time. Peer: the same script
 //! writing to a file, read by `tail -F`.
@@ -31,14 +36,20 @@ const LINE: usize = 128;
 /// Runs the section.
 pub async fn run(ctx: &Ctx) -> Vec<Row> {
     let bytes = ctx.log_bytes;
-    let (drover_rate, drover_delay) = match drover_runs(ctx).await {
-        Ok((r, d)) => (Ok(r), Ok(d)),
+    let (drover_rate, drover_read, drover_delay) = match drover_runs(ctx).await {
+        Ok(r) => (Ok(r.stored), Ok(r.read), Ok(r.p99)),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            (Err(anyhow!(msg.clone())), Err(anyhow!(msg.clone())), Err(anyhow!(msg)))
+        }
+    };
+    let (dd, cat) = match dd_runs(ctx).await {
+        Ok((w, r)) => (Ok(w), Ok(r)),
         Err(e) => {
             let msg = format!("{e:#}");
             (Err(anyhow!(msg.clone())), Err(anyhow!(msg)))
         }
     };
-    let dd = dd_runs(ctx).await;
     let tail = tail_runs(ctx).await;
     let (lines, interval) = live_shape(ctx);
     vec![
@@ -50,6 +61,15 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
             drover: measure("drover log throughput", drover_rate),
             peer: "dd conv=fsync, same bytes to a file on the same disk".into(),
             peer_value: measure("dd", dd),
+        },
+        Row {
+            section: "logs",
+            figure: format!("{} read back: `drover logs` → pipe", size(bytes)),
+            unit: "MB/s",
+            better: Better::Higher,
+            drover: measure("drover log read-back", drover_read),
+            peer: "cat of the dd file → pipe".into(),
+            peer_value: measure("cat", cat),
         },
         Row {
             section: "logs",
@@ -114,7 +134,40 @@ async fn read_delays(child: &mut tokio::process::Child, lines: usize, timeout: D
     Ok(delays)
 }
 
-async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
+/// The rates and delays of the Drover runs.
+struct DroverRuns {
+    /// MB/s to storage, per run.
+    stored: Vec<f64>,
+    /// MB/s read back by `drover logs`, per run.
+    read: Vec<f64>,
+    /// Live delay p99 in ms, per run.
+    p99: Vec<f64>,
+}
+
+/// Runs `command` with its stdout drained into a counter; returns the bytes and the seconds
+/// from start to exit.
+async fn count_stdout(command: &mut Command) -> Result<(u64, f64)> {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
+    let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = stdout.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let status = child.wait().await?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
+async fn drover_runs(ctx: &Ctx) -> Result<DroverRuns> {
     let bytes = ctx.log_bytes;
     let dir = ctx.dir("logs-drover")?;
     // The whole output is the measure: the per-attempt log cap (64 MiB by default) must not
@@ -129,7 +182,7 @@ async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
     ))?;
     // Generous: even at 1 MB/s the run ends.
     let timeout = Duration::from_secs(60 + bytes / 1_000_000);
-    let mut rates = Vec::new();
+    let (mut rates, mut reads) = (Vec::new(), Vec::new());
     for run in 0..ctx.runs {
         let start = Instant::now();
         let job = submit(&mut client, &plan).await?;
@@ -141,6 +194,20 @@ async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
         let secs = end.duration_since(start).as_secs_f64();
         eprintln!("  drover run {}: {} stored in {secs:.2}s", run + 1, size(bytes));
         rates.push(bytes as f64 / secs / 1e6);
+        let (read, secs) = count_stdout(
+            Command::new(&ctx.drover)
+                .args(["logs", &job.to_string(), "t", "--server", &cluster.url])
+                .env("DROVER_KEY", cluster.key())
+                .env("DROVER_CREDENTIALS", cluster.dir.join("credentials"))
+                .stderr(Stdio::null()),
+        )
+        .await
+        .context("cannot read the output back with `drover logs`")?;
+        if read != bytes {
+            bail!("`drover logs {job}` wrote {read} bytes, expected {bytes}");
+        }
+        eprintln!("  drover run {}: {} read back in {secs:.2}s", run + 1, size(bytes));
+        reads.push(bytes as f64 / secs / 1e6);
     }
     let (lines, _) = live_shape(ctx);
     let plan = plan_json(&format!(
@@ -172,7 +239,7 @@ async fn drover_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
         p99s.push(p99);
         watch(&mut client, job, Duration::from_secs(60)).await?;
     }
-    Ok((rates, p99s))
+    Ok(DroverRuns { stored: rates, read: reads, p99: p99s })
 }
 
 /// When the job's output was confirmed complete: the job's end if every byte was already
@@ -193,11 +260,12 @@ async fn complete_output(client: &mut Client, job: i64, bytes: u64, done: Instan
     }
 }
 
-async fn dd_runs(ctx: &Ctx) -> Result<Vec<f64>> {
+/// `dd`'s write rates, and `cat`'s rates reading the file back, per run.
+async fn dd_runs(ctx: &Ctx) -> Result<(Vec<f64>, Vec<f64>)> {
     let bytes = ctx.log_bytes;
     let dir = ctx.dir("logs-dd")?;
     let file = dir.join("dd.out");
-    let mut rates = Vec::new();
+    let (mut rates, mut reads) = (Vec::new(), Vec::new());
     for _ in 0..ctx.runs {
         let start = Instant::now();
         let out = Command::new("dd")
@@ -212,10 +280,15 @@ async fn dd_runs(ctx: &Ctx) -> Result<Vec<f64>> {
             bail!("dd failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         check_len(&file, bytes)?;
-        std::fs::remove_file(&file)?;
         rates.push(bytes as f64 / secs / 1e6);
+        let (read, secs) = count_stdout(Command::new("cat").arg(&file)).await.context("cannot run cat")?;
+        if read != bytes {
+            bail!("cat read {read} bytes, expected {bytes}");
+        }
+        reads.push(bytes as f64 / secs / 1e6);
+        std::fs::remove_file(&file)?;
     }
-    Ok(rates)
+    Ok((rates, reads))
 }
 
 fn check_len(file: &Path, bytes: u64) -> Result<()> {

@@ -5,7 +5,7 @@ use sqlx::Row;
 
 use super::{MAX_TRIES, PostgresStore, get_u32, retryable};
 use crate::archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
-use crate::{LogRecord, Result, TaskFilter};
+use crate::{LogChunk, Result, TaskFilter};
 
 #[async_trait]
 impl ArchiveStore for PostgresStore {
@@ -51,8 +51,13 @@ impl ArchiveStore for PostgresStore {
             .collect()
     }
 
-    async fn attempt_log(&self, attempt_id: i64, after_id: i64, limit: u32) -> Result<Vec<LogRecord>> {
-        crate::log_chunks::read_lines(after_id, limit, |from, n| async move {
+    async fn attempt_log_chunks(
+        &self,
+        attempt_id: i64,
+        after_id: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogChunk>> {
+        crate::log_chunks::read_chunks(after_id, max_bytes, |from, n| async move {
             let rows = sqlx::query(
                 "SELECT c.id, c.task_id, t.name, t.frame, c.attempt, c.heads, c.data \
                  FROM log_chunks c JOIN tasks t ON t.id = c.task_id WHERE c.attempt_id = $1 AND c.id >= $2 \
