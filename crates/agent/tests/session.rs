@@ -160,11 +160,17 @@ impl Run {
         while !attempts.iter().all(|id| ended(&updates, *id)) {
             match tokio::time::timeout(WAIT, self.reports.recv()).await {
                 Ok(Some(pb::Report { kind: Some(pb::report::Kind::Update(u)) })) => updates.push(u),
-                Ok(Some(pb::Report { kind: Some(pb::report::Kind::Output(o)) })) => output.extend(
-                    o.lines
-                        .into_iter()
-                        .map(|l| (o.attempt_id, String::from_utf8_lossy(&l.data).into_owned())),
-                ),
+                Ok(Some(pb::Report { kind: Some(pb::report::Kind::Output(o)) })) => {
+                    // Output goes as runs of lines: one blob and a length per line.
+                    for c in o.chunks {
+                        let mut at = 0;
+                        for len in c.lens {
+                            let line = &c.data[at..at + len as usize];
+                            output.push((o.attempt_id, String::from_utf8_lossy(line).into_owned()));
+                            at += len as usize;
+                        }
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => panic!("not every attempt of {attempts:?} ended: {updates:#?}"),
             }
