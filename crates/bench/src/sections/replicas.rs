@@ -238,7 +238,10 @@ impl CpuUse {
     /// Milliseconds per task between `before` and this reading, over `tasks` tasks.
     fn since(self, before: CpuUse, tasks: usize) -> CpuUse {
         let per_task = |now: f64, then: f64| (now - then).max(0.0) * 1000.0 / tasks.max(1) as f64;
-        CpuUse { servers: per_task(self.servers, before.servers), postgres: per_task(self.postgres, before.postgres) }
+        CpuUse {
+            servers: per_task(self.servers, before.servers),
+            postgres: per_task(self.postgres, before.postgres),
+        }
     }
 }
 
