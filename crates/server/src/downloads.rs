@@ -133,8 +133,10 @@ struct Follower {
     chunks: bool,
     /// The last live line id sent per attempt, by (task id, attempt number).
     sent: HashMap<(i64, u32), i64>,
-    /// Attempts already sent from their archive.
-    archived: HashSet<(i64, u32)>,
+    /// Attempts (by id) already sent from their archive. Not by task and attempt number: an
+    /// attempt that never reached its agent gives its number back, so two attempts (an empty
+    /// archived one and a live one) can share it.
+    archived: HashSet<i64>,
 }
 
 /// Why a stream stopped early: the client went away (not an error), or a real error.
@@ -173,12 +175,10 @@ impl Follower {
             if let Some(last) = chunks.last() {
                 after = last.last_id();
                 let mut batch = Vec::with_capacity(chunks.len());
+                // No live row belongs to an attempt already sent from its archive: archiving
+                // deletes the attempt's rows in the same transaction.
                 for chunk in chunks {
-                    let key = (chunk.task_id, chunk.attempt);
-                    if self.archived.contains(&key) {
-                        continue;
-                    }
-                    self.sent.insert(key, chunk.last_id());
+                    self.sent.insert((chunk.task_id, chunk.attempt), chunk.last_id());
                     batch.push(chunk);
                 }
                 self.send(batch).await?;
@@ -204,8 +204,8 @@ impl Follower {
     async fn send_new_archives(&mut self, after_id: i64) -> Result<(), Stop> {
         let archives = self.shared.artifacts.log_archives(self.job_id, &self.filter).await.map_err(status)?;
         for archive in archives {
-            let key = (archive.task_id, archive.attempt);
-            if self.archived.insert(key) {
+            if self.archived.insert(archive.attempt_id) {
+                let key = (archive.task_id, archive.attempt);
                 let floor = self.sent.get(&key).copied().unwrap_or(after_id).max(after_id);
                 self.send_archive(&archive, floor).await?;
             }
@@ -271,11 +271,9 @@ mod tests {
 
     /// A follower that sent part of an attempt live continues from the archive after the last
     /// line it sent when the attempt is archived (and its live rows deleted) in between.
-    #[tokio::test]
-    async fn a_follower_continues_from_the_archive_without_repeating_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
-        let shared = Arc::new(Shared {
+    /// A server's shared state over `store`, with nothing running.
+    fn shared_over(store: Arc<SqliteStore>) -> Arc<Shared> {
+        Arc::new(Shared {
             store: store.clone(),
             secrets: store.clone(),
             artifacts: store.clone(),
@@ -291,17 +289,56 @@ mod tests {
             completions: crate::completions::Completions::spawn(store.clone(), Default::default(), 16).0,
             memory: Default::default(),
             oidc: None,
-        });
-        let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
-        let node = NodeSpec {
+        })
+    }
+
+    fn node() -> NodeSpec {
+        NodeSpec {
             name: "n".into(),
             labels: BTreeMap::new(),
             cores: 1,
             memory: 1 << 30,
             runtimes: vec!["process".into()],
             lease_until_ms: i64::MAX / 2,
-        };
-        store.register_node(&node, &[], 1).await.unwrap();
+        }
+    }
+
+    /// An attempt that never reached its agent gives its number back; its empty archive must
+    /// not hide the live output of the attempt that reuses the number.
+    #[tokio::test]
+    async fn an_undelivered_attempts_archive_does_not_hide_its_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
+        let shared = shared_over(store.clone());
+        let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
+        store.register_node(&node(), &[], 1).await.unwrap();
+        let undelivered = schedule(&*store, 2).await.remove(0);
+        // The agent registers again without it: handed back, its number given back.
+        store.register_node(&node(), &[], 3).await.unwrap();
+        let pending = store.unarchived_attempts(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        log_archive::archive_one(&shared, pending[0]).await.unwrap();
+        let retry = schedule(&*store, 4).await.remove(0);
+        assert_eq!((retry.number, retry.task_id), (undelivered.number, undelivered.task_id));
+        store.append_output(retry.attempt_id, retry.epoch, &[line("hi\n")]).await.unwrap();
+
+        let mut stream = logs(shared, job_id, "", false, 0, true).await.unwrap();
+        let mut bytes = Vec::new();
+        while let Some(batch) = stream.next().await {
+            for c in batch.unwrap().chunks {
+                bytes.extend(c.data);
+            }
+        }
+        assert_eq!(bytes, b"hi\n");
+    }
+
+    #[tokio::test]
+    async fn a_follower_continues_from_the_archive_without_repeating_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db")).await.unwrap());
+        let shared = shared_over(store.clone());
+        let job_id = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
+        store.register_node(&node(), &[], 1).await.unwrap();
         let a = schedule(&*store, 2).await.remove(0);
         store.append_output(a.attempt_id, a.epoch, &[line("1\n"), line("2\n")]).await.unwrap();
 
