@@ -73,9 +73,7 @@ impl ScheduleMemory {
         store: &dyn Store,
         sessions: &HashMap<i64, i64>,
     ) -> Result<(), StoreError> {
-        let since = self.lock().cursor;
-        let changes = store.queue_changes(since).await?;
-        self.apply(changes, since.is_none());
+        self.read_queue(store).await?;
 
         let stale: Vec<i64> = {
             let mut inner = self.lock();
@@ -116,6 +114,15 @@ impl ScheduleMemory {
         for attempt in released {
             inner.state.release(attempt);
         }
+        Ok(())
+    }
+
+    /// Reads the queue's changes since the last read (the whole queue after a resync) into
+    /// the memory.
+    async fn read_queue(&self, store: &dyn Store) -> Result<(), StoreError> {
+        let since = self.lock().cursor;
+        let changes = store.queue_changes(since).await?;
+        self.apply(changes, since.is_none());
         Ok(())
     }
 
@@ -201,9 +208,7 @@ impl ScheduleMemory {
         if !refused.is_empty() {
             // Most refusals are tasks another replica claimed first: the queue's changes tell.
             // Only a refused task that is still queued says its node was not as remembered.
-            let since = self.lock().cursor;
-            let changes = store.queue_changes(since).await?;
-            self.apply(changes, since.is_none());
+            self.read_queue(store).await?;
             let mut inner = self.lock();
             for p in refused {
                 if inner.state.is_queued(p.task_id) {
