@@ -69,6 +69,44 @@ tasks:
 }
 
 #[test]
+fn a_client_piped_into_a_reader_that_stops_early_ends_quietly() {
+    let c = Cluster::start(1, 1);
+    // Far more output than a pipe holds, so the CLI is still writing when the reader leaves.
+    let job = c.submit(
+        r#"
+version: 1
+name: chatty
+tasks:
+  - name: t
+    command: "seq 1 100000"
+"#,
+    );
+    assert_eq!(c.wait_done(job, T)["state"], "succeeded");
+    let mut child = c
+        .command(&["logs", &job.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn drover logs");
+    let mut first = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).expect("first line");
+    assert!(first.trim_end().ends_with(" 1") || first == "1\n", "{first:?}");
+    // The reader is gone (like `| head -1`): the CLI ends by SIGPIPE, as command-line tools do,
+    // without a panic message.
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::sys::signal::Signal::SIGPIPE as i32),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+#[test]
 fn retries_count_attempts_until_success_or_exhaustion() {
     let c = Cluster::start(1, 2);
     let job = c.submit(

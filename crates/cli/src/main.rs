@@ -102,6 +102,14 @@ fn main() -> ExitCode {
         _ => false,
     };
     init_tracing(if daemon { "info" } else { "warn" });
+    if !matches!(cli.command, Command::Up(_) | Command::Server(_) | Command::Agent(_)) {
+        // A client's output piped into `head` ends it quietly, as any command-line tool; the
+        // daemons keep ignoring SIGPIPE, which their sockets raise.
+        // SAFETY: sets a signal's disposition before any other thread exists.
+        let _ = unsafe {
+            nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
