@@ -8,6 +8,7 @@
 
 mod cgroup;
 mod confine;
+mod pidfd;
 mod supervisor;
 mod tail;
 
@@ -98,6 +99,8 @@ pub struct ProcessRuntime {
     namespaces: bool,
     /// See [`ProcessConfig::steps_dir`].
     steps_dir: PathBuf,
+    /// Forks each step's supervisor.
+    launcher: Arc<supervisor::Launcher>,
 }
 
 impl Default for ProcessRuntime {
@@ -163,6 +166,7 @@ impl ProcessRuntime {
             uids,
             namespaces,
             steps_dir,
+            launcher: Arc::default(),
         }
     }
 
@@ -420,7 +424,6 @@ impl Runtime for ProcessRuntime {
         let search_path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
         let program =
             resolve_program(&argv[0], search_path.as_deref(), &task.workspace).map_err(start_error)?;
-        let cpus = cpu_set(&task.cpus).map_err(start_error)?;
         let cgroup = match self.attempt_cgroup(task)? {
             Some(attempt) => match attempt.step(step) {
                 Ok(leaf) => Some(Arc::new(leaf)),
@@ -457,36 +460,28 @@ impl Runtime for ProcessRuntime {
         };
         let files = supervisor::StepFiles::new(&self.steps_dir, task.attempt_id, step);
         files.remove();
-        let plan =
-            supervisor::Plan::new(&program, argv, &env, &task.workspace, &files).map_err(start_error)?;
-        let join_cgroup = cgroup.clone();
-        let rlimits = rlimits(&self.config);
-        // Runs in the forked step before exec, where only async-signal-safe calls are allowed:
-        // sched_setaffinity, setrlimit, open, write, close, mount and the identity calls are raw
-        // system calls, and the CpuSet, the limits, the cgroup paths and the confinement were
-        // built before the fork, so nothing allocates.
-        let setup = move || -> std::io::Result<()> {
-            if let Some(cpus) = &cpus {
-                nix::sched::sched_setaffinity(Pid::from_raw(0), cpus)?;
-            }
-            for (resource, value) in &rlimits {
-                nix::sys::resource::setrlimit(*resource, *value, *value)?;
-            }
-            if let Some(cgroup) = &join_cgroup {
-                for procs in cgroup.procs_paths() {
-                    join_cgroup_in_child(procs)?;
-                }
-            }
-            // Last: joining cgroups and mounting need the root the task is about to lose.
-            if let Some(confinement) = &confinement {
-                confinement.apply()?;
-            }
-            Ok(())
+        let request = supervisor::StepRequest {
+            program: program.clone(),
+            argv: argv.to_vec(),
+            env,
+            cwd: task.workspace.clone(),
+            files: files.clone(),
+            cpus: task.cpus.clone(),
+            open_files: open_files(&self.config),
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(|c| c.procs_paths().iter().map(path_of).collect())
+                .unwrap_or_default(),
+            confinement,
         };
-        let launched = tokio::task::spawn_blocking(move || supervisor::launch(&plan, &setup))
-            .await
-            .map_err(|e| start_error(std::io::Error::other(e)))?
-            .map_err(start_error)?;
+        let launcher = self.launcher.clone();
+        // The supervisor is watched at once: its pidfd names it even if its pid is used again.
+        let (launched, watch) = tokio::task::spawn_blocking(move || {
+            launcher.launch(&request).map(|launched| (launched, pidfd::watch(launched.supervisor)))
+        })
+        .await
+        .map_err(|e| start_error(std::io::Error::other(e)))?
+        .map_err(start_error)?;
         let pid = launched.step;
         let start_ticks = procs::read(pid).map(|s| s.start_ticks);
         tracing::info!(attempt_id = task.attempt_id, step, pid, supervisor = launched.supervisor, program = %program.display(), "step started");
@@ -498,7 +493,7 @@ impl Runtime for ProcessRuntime {
             })?;
         let (tx, rx) = watch::channel(None);
         let state = Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup });
-        let supervisor = Some(launched.supervisor);
+        let supervisor = Some(watch);
         tokio::spawn(supervise_step(
             state.clone(),
             supervisor,
@@ -703,12 +698,12 @@ fn follow_output(
 /// restart, output is shipped on from there (so at most this much is shipped twice).
 const RECORD_SHIPPED: Duration = Duration::from_millis(200);
 
-/// Waits for a step's end (reaping its supervisor when it is our child, else watching for the
-/// status file), lets its output drain, and publishes how it ended.
+/// Waits for a step's end (through its supervisor's pidfd when it was started here, else by
+/// watching for the status file), lets its output drain, and publishes how it ended.
 #[allow(clippy::too_many_arguments)]
 async fn supervise_step(
     state: Arc<StepState>,
-    supervisor: Option<i32>,
+    supervisor: Option<pidfd::Watch>,
     files: supervisor::StepFiles,
     readers: Vec<(JoinHandle<()>, lines::Shipped)>,
     ended: tail::Ended,
@@ -727,10 +722,11 @@ async fn supervise_step(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + RECORD_SHIPPED, RECORD_SHIPPED);
     let wait = async {
         match supervisor {
-            Some(supervisor) => {
-                let _ = tokio::task::spawn_blocking(move || wait4_blocking(supervisor)).await;
-            }
-            None => loop {
+            // A status written already means the supervisor is gone (or going) whatever the
+            // pidfd refers to.
+            Some(pidfd::Watch::Pidfd(fd)) if !status_file.exists() => pidfd::exited(fd).await,
+            Some(pidfd::Watch::Pidfd(_) | pidfd::Watch::Gone) => {}
+            Some(pidfd::Watch::Poll) | None => loop {
                 // Not our child: the status file appears when the step ends; a step gone
                 // without one lost its supervisor too.
                 tokio::time::sleep(ATTACH_POLL).await;
@@ -780,56 +776,17 @@ fn signal_group(pgid: i32, signal: Signal) -> std::io::Result<()> {
     }
 }
 
-/// Blocks until `pid` exits and reaps it. Returns the raw wait status and its rusage, which
-/// covers the child and every descendant it waited for.
-fn wait4_blocking(pid: i32) -> std::io::Result<(libc::c_int, libc::rusage)> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is a plain C struct of integers, for which all-zero bytes are valid.
-    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: both pointers point to live, writable locals of the types wait4 expects.
-        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
-        if reaped == pid {
-            return Ok((status, rusage));
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
-}
-
 fn decode_status(raw: libc::c_int) -> ExitStatus {
     let status = procs::decode_wait(raw);
     ExitStatus { code: status.code, signal: status.signal, oom: false }
 }
 
-/// The rlimits every step gets: no core dumps (a dump of a task's memory would land in its
-/// workspace, secrets and all), and the configured open files within the agent's own hard limit.
-fn rlimits(config: &ProcessConfig) -> Vec<(nix::sys::resource::Resource, u64)> {
+/// The open files every step may have: the configured number within the agent's own hard
+/// limit.
+fn open_files(config: &ProcessConfig) -> u64 {
     use nix::sys::resource::{Resource, getrlimit};
     let hard = getrlimit(Resource::RLIMIT_NOFILE).map(|(_, hard)| hard).unwrap_or(config.open_files);
-    vec![(Resource::RLIMIT_CORE, 0), (Resource::RLIMIT_NOFILE, config.open_files.min(hard))]
-}
-
-/// Moves the calling (forked, not yet exec'd) process into a cgroup. Async-signal-safe.
-fn join_cgroup_in_child(procs: &std::ffi::CStr) -> std::io::Result<()> {
-    // SAFETY: `procs` is a valid NUL-terminated path; open, write and close are
-    // async-signal-safe and the buffer is a static byte string.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // Writing 0 means "the writing process" in both cgroup v1 and v2.
-        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-        let error = std::io::Error::last_os_error();
-        libc::close(fd);
-        if written != 1 {
-            return Err(error);
-        }
-    }
-    Ok(())
+    config.open_files.min(hard)
 }
 
 /// The environment of a step: a minimal base, then the task's variables and secrets (see
@@ -848,22 +805,15 @@ fn step_env(task: &TaskSpec) -> Vec<(String, String)> {
     super::layered_env(env, task)
 }
 
+/// A C string path as a path.
+fn path_of(path: &std::ffi::CString) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    PathBuf::from(std::ffi::OsStr::from_bytes(path.as_bytes()))
+}
+
 /// Finds the program of argv[0] in the step's PATH (or the default), relative to the workspace.
 fn resolve_program(name: &str, search_path: Option<&str>, workspace: &Path) -> std::io::Result<PathBuf> {
     procs::resolve_program(name, search_path.unwrap_or(DEFAULT_PATH), workspace)
-}
-
-fn cpu_set(cpus: &[usize]) -> std::io::Result<Option<nix::sched::CpuSet>> {
-    if cpus.is_empty() {
-        return Ok(None);
-    }
-    let mut set = nix::sched::CpuSet::new();
-    for &cpu in cpus {
-        set.set(cpu).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("cpu {cpu} is out of range"))
-        })?;
-    }
-    Ok(Some(set))
 }
 
 #[cfg(test)]
@@ -1265,6 +1215,49 @@ mod tests {
         runtime.cleanup(&task).await.expect("cleanup");
         let text: String = chunks.iter().map(|c| String::from_utf8_lossy(&c.data)).collect();
         assert_eq!((status.code, text.as_str()), (Some(0), "y\ny"), "no broken-pipe complaint from yes");
+    }
+
+    #[tokio::test]
+    async fn a_steps_supervisor_is_forked_by_the_launcher_not_by_the_agent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let task = conformance::task(dir.path(), vec![conformance::sh("sleep 30")]);
+        let runtime = ProcessRuntime::new();
+        runtime.prepare(&task).await.expect("prepare");
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let handle = runtime.start(&task, 0, tx).await.expect("start");
+        let step = handle.pid.expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{step}/status")).expect("step status");
+        let supervisor: i32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("PPid");
+        let cmdline = std::fs::read(format!("/proc/{supervisor}/cmdline")).expect("cmdline");
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+        assert_eq!(args, [&b"drover-step-launcher"[..], supervisor::LAUNCHER_ARG.as_bytes()]);
+        // A fork of the agent would share its address space copy-on-write; the launcher's child
+        // maps only what the launcher touched.
+        let agent_pages = procs::read(std::process::id() as i32).expect("agent").rss_pages;
+        let supervisor_pages = procs::read(supervisor).expect("supervisor").rss_pages;
+        assert!(supervisor_pages < agent_pages, "supervisor {supervisor_pages} pages, agent {agent_pages}");
+        runtime.signal(&handle, StopSignal::Kill).await.expect("kill");
+        assert!(runtime.wait(&handle).await.expect("wait").signal.is_some());
+        runtime.cleanup(&task).await.expect("cleanup");
+    }
+
+    #[test]
+    fn the_supervisors_answer_is_read_strictly() {
+        let started = supervisor::parse_answer("started 41 42\n").expect("pids");
+        assert_eq!((started.supervisor, started.step), (41, 42));
+        let enoent = supervisor::parse_answer("exec-error 2\n").expect_err("exec error");
+        assert_eq!(enoent.raw_os_error(), Some(libc::ENOENT));
+        let failed = supervisor::parse_answer("error cannot prepare the step: bad\n").expect_err("error");
+        assert!(failed.to_string().contains("cannot prepare the step: bad"), "{failed}");
+        let silent = supervisor::parse_answer("").expect_err("nothing");
+        assert!(silent.to_string().contains("without an answer"), "{silent}");
+        assert!(supervisor::parse_answer("started lots").is_err());
+        assert!(supervisor::parse_answer("started 42").is_err());
+        assert!(supervisor::parse_answer("running 0 tests").is_err());
     }
 
     #[tokio::test]

@@ -3,9 +3,9 @@
 //! (the server's data under `drover up`) are hidden, and only the task's workspace and a
 //! private `/tmp` are writable.
 //!
-//! Everything the forked child needs is built before the fork ([`Confinement::prepare`]); the
-//! child then only makes raw system calls ([`Confinement::apply`]), because after a fork in a
-//! multi-threaded process nothing that may allocate or take a lock is safe.
+//! Everything the step's child needs is built beforehand ([`Confinement::prepare`], in the
+//! agent; the step's supervisor receives it); the child then only makes raw system calls
+//! ([`Confinement::apply`]), because it shares its supervisor's memory until it execs.
 //!
 //! Inside the namespace, a small read-only tmpfs covers each hidden directory. The workspace
 //! lives beneath the agent's work dir, so the directories down to it are recreated inside that
@@ -16,6 +16,8 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 /// How process tasks are confined; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +39,7 @@ impl Isolation {
 }
 
 /// Who a task runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Identity {
     pub uid: u32,
     pub gid: u32,
@@ -74,14 +76,15 @@ pub(crate) fn named_identity(user: &str, allowed: &[String]) -> Result<Identity,
     Ok(Identity { uid, gid })
 }
 
-/// What the child does before exec, built before the fork.
-#[derive(Debug)]
+/// What the child does before exec, built by the agent and sent to the step's supervisor,
+/// which keeps it until its child applies it.
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Confinement {
     identity: Identity,
     mounts: Option<Mounts>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Mounts {
     /// Directories covered by an empty read-only tmpfs; the first holds the workspace.
     hide: Vec<CString>,

@@ -2,17 +2,27 @@
 //! agent (like slurmstepd or containerd's shim), so that an agent restart loses neither the
 //! step's output nor its exit status.
 //!
-//! The agent forks the supervisor; the supervisor starts a session of its own, starts the step
-//! the way `posix_spawn` does (a child sharing its memory, on a stack of its own, that runs
-//! until it execs: no second copy of the agent's page tables), closes everything it inherited
-//! from the agent, waits for the step and writes how it ended
-//! (wait status and rusage) to a status file, atomically (written aside, then renamed). The
-//! step writes its output straight to two files, which the agent tails. Both files and the
-//! status live in the agent's state directory, out of the task's reach.
+//! Supervisors are forked by a launcher, never by the agent. A forked agent shares its pages
+//! copy-on-write for as long as the supervisor lives: every page the agent then writes costs a
+//! fault, a copy and a TLB shootdown on every core, which made that fork the largest cost per
+//! task (the more so with a server in the same process). The launcher is this program started
+//! once more (`/proc/self/exe` with [`LAUNCHER_ARG`]); a hook that runs before `main`
+//! ([`entry`]) turns it into a small single-threaded process whose fork costs next to nothing.
+//! Every program that links the agent (the `drover` binary, test binaries) can be one.
 //!
-//! No `exec` separates the supervisor from the agent, so both forked processes run only raw
-//! system calls on data built before the fork: after a fork in a multi-threaded process nothing
-//! that may allocate or take a lock is safe.
+//! The agent ([`Launcher`]) sends a [`StepRequest`] over a socket and reads one line back: the
+//! supervisor's and the step's pids, or why the step could not be started. The supervisor
+//! starts a session of its own, starts the step the way `posix_spawn` does (a child sharing its
+//! memory, on a stack of its own, that runs until it execs), closes what it inherited, waits for
+//! the step and writes how it ended (wait status and rusage) to a status file, atomically
+//! (written aside, then renamed). The step writes its output straight to two files, which the
+//! agent tails. Both files and the status live in the agent's state directory, out of the task's
+//! reach. The agent learns of the supervisor's end through a pidfd.
+
+mod entry;
+mod launcher;
+
+pub(crate) use launcher::Launcher;
 
 use std::ffi::{CString, c_int};
 use std::io;
@@ -20,10 +30,45 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
+use super::confine::Confinement;
 use crate::runtime::Usage;
 
+/// The argument that makes this program a launcher of step supervisors (see [`entry`]).
+pub(crate) const LAUNCHER_ARG: &str = "__drover-step-launcher";
+
+/// Most bytes of an answer line that are read.
+const ANSWER_LIMIT: u64 = 4096;
+
+/// Most bytes of a request a launcher reads.
+const REQUEST_LIMIT: u32 = 16 << 20;
+
+/// Everything a supervisor needs to start a step, sent to it as JSON on its standard input.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct StepRequest {
+    /// The program, resolved to a path.
+    pub program: PathBuf,
+    /// Its arguments, `argv[0]` included.
+    pub argv: Vec<String>,
+    /// The step's whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Where its output and status go.
+    pub files: StepFiles,
+    /// CPUs the step is pinned to; empty pins nothing.
+    pub cpus: Vec<usize>,
+    /// Open files per process (soft and hard `RLIMIT_NOFILE`).
+    pub open_files: u64,
+    /// The `cgroup.procs` (or v1 `tasks`) files the step joins before exec.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Identity and mount namespace, when the agent confines tasks.
+    pub confinement: Option<Confinement>,
+}
+
 /// The files of one step in the agent's state directory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StepFiles {
     base: PathBuf,
 }
@@ -106,7 +151,7 @@ pub(crate) fn read_status(path: &Path) -> Option<Ended> {
     })
 }
 
-/// Everything the supervisor and the step need, built before the fork.
+/// Everything the supervisor and the step need, built by the supervisor before the step starts.
 pub(crate) struct Plan {
     program: CString,
     _argv: Vec<CString>,
@@ -127,11 +172,6 @@ pub(crate) struct Plan {
 
 /// Bytes of stack for the step between its start and exec (setup, confinement included).
 const STEP_STACK: usize = 256 * 1024;
-
-// SAFETY: the raw pointers point into the CStrings and the stack the plan owns, which never
-// move while it lives; apart from the stack, which only the step's start writes to, the plan is
-// only read.
-unsafe impl Send for Plan {}
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| {
@@ -190,50 +230,32 @@ impl Plan {
 }
 
 /// The two processes of a started step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Launched {
-    /// The supervisor, a child of the agent (reap it).
+    /// The supervisor (a child of the launcher).
     pub supervisor: i32,
     /// The step: leader of its own process group.
     pub step: i32,
 }
 
-/// Forks the supervisor, which forks the step. `setup` runs in the step before exec and must be
-/// async-signal-safe (see the module documentation). Blocks until the step has exec'd or failed
-/// to; a failure before exec is the error returned.
-pub(crate) fn launch(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync)) -> io::Result<Launched> {
-    let report = pipe()?;
-    let exec_error = pipe()?;
-    // SAFETY: fork in a multi-threaded process; both children only make raw system calls on
-    // memory prepared before the fork (the plan, the pipes) until they exec or _exit.
-    let supervisor = unsafe { libc::fork() };
-    if supervisor < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if supervisor == 0 {
-        // SAFETY: see above; never returns.
-        unsafe { supervise(plan, setup, report.1.as_raw_fd(), exec_error.1.as_raw_fd()) }
-    }
-    drop(report.1);
-    drop(exec_error.1);
-    let mut pid = [0u8; 4];
-    if let Err(e) = read_exact(&report.0, &mut pid) {
-        reap(supervisor);
-        return Err(io::Error::other(format!("the step's supervisor failed to start it: {e}")));
-    }
-    let step = i32::from_ne_bytes(pid);
-    let mut errno = [0u8; 4];
-    match read_exact(&exec_error.0, &mut errno) {
-        // The pipe closed on exec: the step runs.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Launched { supervisor, step }),
-        Ok(()) => {
-            reap(supervisor);
-            Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+/// The launcher's answer: `started SUPERVISOR STEP`, `exec-error ERRNO` (the step could not be
+/// set up or exec'd) or `error MESSAGE`.
+pub(super) fn parse_answer(line: &str) -> io::Result<Launched> {
+    let line = line.trim_end();
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let odd = || io::Error::other(format!("the step's launcher said {line:?}"));
+    match word {
+        "started" => {
+            let (supervisor, step) = rest.split_once(' ').ok_or_else(odd)?;
+            Ok(Launched {
+                supervisor: supervisor.parse().map_err(|_| odd())?,
+                step: step.parse().map_err(|_| odd())?,
+            })
         }
-        Err(e) => {
-            reap(supervisor);
-            Err(e)
-        }
+        "exec-error" => Err(io::Error::from_raw_os_error(rest.parse().map_err(|_| odd())?)),
+        "error" => Err(io::Error::other(format!("the step's supervisor failed: {rest}"))),
+        "" => Err(io::Error::other("the step's launcher ended without an answer")),
+        _ => Err(odd()),
     }
 }
 
@@ -270,28 +292,68 @@ fn read_exact(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The supervisor, in the forked child. Async-signal-safe; never returns.
-unsafe fn supervise(
-    plan: &Plan,
-    setup: &(dyn Fn() -> io::Result<()> + Sync),
-    report: c_int,
-    exec_error: c_int,
-) -> ! {
-    // SAFETY (whole body): raw system calls on descriptors and strings prepared before the fork.
+/// Writes `text` whole to `fd`, retrying short writes; errors are ignored (the reader is gone).
+fn write_all_fd(fd: c_int, text: &[u8]) {
+    let mut done = 0;
+    while done < text.len() {
+        // SAFETY: writes from the unwritten part of a live slice.
+        let n = unsafe { libc::write(fd, text[done..].as_ptr().cast(), text.len() - done) };
+        if n > 0 {
+            done += n as usize;
+        } else if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        } else {
+            return;
+        }
+    }
+}
+
+/// The supervisor's work, in a process of its own (forked by the launcher): starts the step,
+/// answers on `answer` (`started STEP`, or why not), waits for the step and records how it
+/// ended. `setup` runs in the step before exec (see [`run_step`]). Never returns.
+pub(super) fn supervise(plan: &Plan, setup: &dyn Fn() -> io::Result<()>, answer: c_int) -> ! {
+    let exit_with = |text: &str| -> ! {
+        write_all_fd(answer, text.as_bytes());
+        // SAFETY: ends this process.
+        unsafe { libc::_exit(1) }
+    };
+    // SAFETY: setsid and signal changes of this (single-threaded) process.
     unsafe {
         libc::setsid();
-        // Signals as a fresh process has them: the agent's handlers and mask mean nothing here.
-        // A write to the report pipe after the agent died must not kill the supervisor.
+        // Signals as a fresh process has them; a write to the answer pipe after the agent died
+        // must not kill the supervisor.
         reset_signals();
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        let step = spawn_step(plan, setup, report, exec_error);
-        if step < 0 {
-            libc::_exit(1);
+    }
+    let exec_error = match pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => exit_with(&format!("error cannot make a pipe: {e}\n")),
+    };
+    // SAFETY: the plan and setup outlive the call; the child only reads them until it execs.
+    let step = unsafe { spawn_step(plan, setup, exec_error.1.as_raw_fd()) };
+    drop(exec_error.1);
+    if step < 0 {
+        exit_with(&format!("error cannot start the step: {}\n", io::Error::last_os_error()));
+    }
+    // The step has exec'd (its end of the pipe closed on exec) or failed before and said why.
+    let mut errno = [0u8; 4];
+    match read_exact(&exec_error.0, &mut errno) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            write_all_fd(answer, format!("started {step}\n").as_bytes());
         }
-        let pid = step.to_ne_bytes();
-        libc::write(report, pid.as_ptr().cast(), pid.len());
-        // Nothing of the agent's stays open here (its sockets, its files), and the supervisor's
-        // own standard streams go nowhere.
+        Ok(()) => {
+            reap(step);
+            exit_with(&format!("exec-error {}\n", i32::from_ne_bytes(errno)));
+        }
+        Err(e) => {
+            reap(step);
+            exit_with(&format!("error cannot learn whether the step started: {e}\n"));
+        }
+    }
+    // SAFETY (whole body): raw system calls on descriptors and strings of the plan.
+    unsafe {
+        // Nothing of the launcher's stays open here (which also tells it the answer is complete),
+        // and the supervisor's own standard streams go nowhere.
         let null = plan.devnull.as_raw_fd();
         for fd in 0..3 {
             libc::dup2(null, fd);
@@ -303,28 +365,18 @@ unsafe fn supervise(
         {
         }
         let micros = |t: libc::timeval| t.tv_sec.saturating_mul(1_000_000).saturating_add(t.tv_usec);
-        let mut line = [0u8; 96];
-        let mut at = 0;
-        for (i, n) in [status as i64, micros(usage.ru_utime), micros(usage.ru_stime), usage.ru_maxrss as i64]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                line[at] = b' ';
-                at += 1;
-            }
-            at += write_int(&mut line[at..], n);
-        }
-        line[at] = b'\n';
-        at += 1;
+        let line =
+            format!("{} {} {} {}\n", status, micros(usage.ru_utime), micros(usage.ru_stime), usage.ru_maxrss);
+        // Written aside, then renamed: a reader sees no file or the whole line. No fsync: the
+        // file must outlive the agent, not the machine (a reboot ends the step anyway), and a
+        // sync here would delay every task's end by a disk flush.
         let fd = libc::open(
             plan.status_tmp.as_ptr(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
             0o600,
         );
         if fd >= 0 {
-            libc::write(fd, line.as_ptr().cast(), at);
-            libc::fsync(fd);
+            libc::write(fd, line.as_ptr().cast(), line.len());
             libc::close(fd);
             libc::rename(plan.status_tmp.as_ptr(), plan.status.as_ptr());
         }
@@ -335,22 +387,16 @@ unsafe fn supervise(
 /// What the step's start needs, passed to [`step_entry`] by pointer.
 struct StepStart<'a> {
     plan: &'a Plan,
-    setup: &'a (dyn Fn() -> io::Result<()> + Sync),
-    report: c_int,
+    setup: &'a dyn Fn() -> io::Result<()>,
     exec_error: c_int,
 }
 
 /// Starts the step as `posix_spawn` does: a child that shares the supervisor's memory and runs
 /// on the plan's stack, while the supervisor waits until it has exec'd or exited
-/// (`CLONE_VFORK`). Copying the supervisor (a copy of the whole agent) a second time would cost
-/// its page tables again, only to be thrown away by exec. Returns the child's pid, or -1.
-unsafe fn spawn_step(
-    plan: &Plan,
-    setup: &(dyn Fn() -> io::Result<()> + Sync),
-    report: c_int,
-    exec_error: c_int,
-) -> libc::pid_t {
-    let start = StepStart { plan, setup, report, exec_error };
+/// (`CLONE_VFORK`): no copy of its page tables, only to be thrown away by exec. Returns the
+/// child's pid, or -1.
+unsafe fn spawn_step(plan: &Plan, setup: &dyn Fn() -> io::Result<()>, exec_error: c_int) -> libc::pid_t {
+    let start = StepStart { plan, setup, exec_error };
     // SAFETY: the child runs `step_entry` on the plan's stack, which nothing else uses, and only
     // reads `start` (alive on this frame: the supervisor is suspended until the child execs or
     // exits). Descriptors and signal dispositions are the child's own copies (no CLONE_FILES,
@@ -370,15 +416,15 @@ extern "C" fn step_entry(arg: *mut libc::c_void) -> c_int {
     // SAFETY: `arg` is the `StepStart` of `spawn_step`, alive while this runs.
     unsafe {
         let start = &*(arg as *const StepStart<'_>);
-        libc::close(start.report);
         run_step(start.plan, start.setup, start.exec_error)
     }
 }
 
 /// The step, in the supervisor's child: standard streams, setup, exec. On failure the errno
-/// goes to the agent through `exec_error`.
-unsafe fn run_step(plan: &Plan, setup: &(dyn Fn() -> io::Result<()> + Sync), exec_error: c_int) -> ! {
-    // SAFETY (whole body): raw system calls on data prepared before the fork.
+/// goes to the supervisor through `exec_error`. The child shares the supervisor's memory until
+/// it execs, so it only makes raw system calls on data built beforehand.
+unsafe fn run_step(plan: &Plan, setup: &dyn Fn() -> io::Result<()>, exec_error: c_int) -> ! {
+    // SAFETY (whole body): raw system calls on data prepared before the child started.
     unsafe {
         let fail = |errno: c_int| -> ! {
             let bytes = errno.to_ne_bytes();
