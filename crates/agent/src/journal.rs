@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
@@ -44,16 +43,34 @@ pub struct Entry {
     pub timeout_ms: Option<u64>,
 }
 
+/// Writes an entry aside, then renames it into place, so a crash leaves the old entry or the new.
+fn write_entry(path: &Path, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    // A leftover temporary file keeps its mode when reopened; start from a fresh one.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp)?;
+    file.write_all(text)?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
 /// A directory of entries.
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    /// Set once this run made sure the directory exists with its mode.
+    dir_checked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Journal {
     /// A journal in `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Journal {
-        Journal { dir: dir.into() }
+        Journal { dir: dir.into(), dir_checked: Arc::default() }
     }
 
     fn path(&self, attempt_id: i64) -> PathBuf {
@@ -63,29 +80,36 @@ impl Journal {
     /// Records (or updates) an attempt, without its secret values. Failures are logged, not
     /// fatal: the journal only matters after a crash.
     pub async fn record(&self, entry: &Entry) {
-        let write = async {
-            tokio::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&self.dir).await?;
-            // The mode above applies only to directories it creates; one an older agent made
-            // may be wider.
-            tokio::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(DIR_MODE)).await?;
-            let mut kept = entry.clone();
-            kept.spec.secrets.values_mut().for_each(String::clear);
+        let mut kept = entry.clone();
+        kept.spec.secrets.values_mut().for_each(String::clear);
+        let (dir, path) = (self.dir.clone(), self.path(entry.spec.attempt_id));
+        let checked = self.dir_checked.clone();
+        // One trip to the blocking pool for the whole write, not one per file operation: this
+        // runs for every step.
+        let written = tokio::task::spawn_blocking(move || {
+            use std::sync::atomic::Ordering;
             let text = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
-            let path = self.path(entry.spec.attempt_id);
-            let tmp = path.with_extension("tmp");
-            // A leftover temporary file keeps its mode when reopened; start from a fresh one.
-            match tokio::fs::remove_file(&tmp).await {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+            if !checked.load(Ordering::Acquire) {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
+                // The mode above applies only to directories it creates; one an older agent
+                // made may be wider.
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))?;
+                checked.store(true, Ordering::Release);
             }
-            let mut file =
-                tokio::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp).await?;
-            file.write_all(&text).await?;
-            file.flush().await?;
-            drop(file);
-            tokio::fs::rename(&tmp, &path).await
-        };
-        if let Err(e) = write.await {
+            match write_entry(&path, &text) {
+                // Removed while the agent ran: made again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
+                    write_entry(&path, &text)
+                }
+                other => other,
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
             tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot write the attempt journal");
         }
     }
