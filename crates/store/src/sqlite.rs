@@ -655,6 +655,37 @@ mod tests {
 
     crate::store_conformance!(fresh().await);
 
+    /// Every lookup of a node's attempts asks for its open ones; the index must hold only
+    /// those, or a node's lookups grow with every attempt it ever ran.
+    #[tokio::test]
+    async fn a_nodes_open_attempts_are_found_without_reading_its_ended_ones() {
+        use sqlx::Row;
+        let store = fresh().await;
+        let sql: String = sqlx::query(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'attempts_open_by_node'",
+        )
+        .fetch_one(&store.reader)
+        .await
+        .unwrap()
+        .get(0);
+        assert!(sql.contains("(node_id) WHERE state <> 'ended'"), "{sql}");
+        let open_on_node = [
+            "SELECT id, epoch FROM attempts WHERE node_id = 1 AND state != 'ended' ORDER BY id",
+            "SELECT n.id, COALESCE(SUM(a.cores), 0) FROM nodes n \
+             LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' WHERE n.id IN (1) GROUP BY n.id",
+        ];
+        for query in open_on_node {
+            let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {query}"))
+                .fetch_all(&store.reader)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(3))
+                .collect();
+            assert!(plan.iter().any(|p| p.contains("attempts_open_by_node")), "{query}: {plan:?}");
+        }
+    }
+
     /// The length at which release used to be quadratic.
     #[tokio::test]
     async fn long_chain_runs_to_the_end() {
