@@ -20,6 +20,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
+/// Page cache per connection, KiB.
+const CACHE_KIB: u32 = 32 * 1024;
+
 mod access;
 mod archive;
 mod artifacts;
@@ -75,7 +78,10 @@ impl SqliteStore {
             // an acknowledged submit must survive; FULL would add an fsync per commit.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // SQLite's default page cache is 2 MiB per connection; a database of a few large
+            // jobs is tens of MiB, and every miss is a system call. Pages are taken as used.
+            .pragma("cache_size", format!("-{}", CACHE_KIB));
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let reader =
