@@ -218,6 +218,7 @@ tasks:
         assert!(start.elapsed() < T, "state.txt never readable: {}", String::from_utf8_lossy(&out.stderr));
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(step_alive(c.path("").as_path()), "the step runs, as seen from outside");
     c.kill_agent(0);
     let start = Instant::now();
     loop {
@@ -232,4 +233,23 @@ tasks:
         assert!(start.elapsed() < T, "the download never failed clearly: {stderr}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The step outlived its agent (its supervisor does, by design); the next agent run stops
+    // what its predecessor left, so nothing of this test keeps running after it.
+    c.ok(&["cancel", &id]);
+    c.restart_agent(0, 2);
+    let start = Instant::now();
+    while step_alive(c.path("").as_path()) {
+        assert!(start.elapsed() < T, "the restarted agent left the orphaned step running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether a process of the `orphan` job above still runs under `dir` (its agent's work dir).
+fn step_alive(dir: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().any(|e| {
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+        cmdline.windows(24).any(|w| w == b"echo started > state.txt") && cwd.starts_with(dir)
+    })
 }
