@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod ahead;
 mod ai_agent;
 mod artifacts;
 mod bad_files;

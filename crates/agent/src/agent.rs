@@ -24,7 +24,7 @@ use crate::images::ImageFetcher;
 use crate::journal::Journal;
 use crate::link::{Link, LinkError};
 use crate::outbox::Outbox;
-use crate::reservation::CoreSet;
+use crate::reservation::{Admission, Capacity, Reserved};
 use crate::runtime::{Runtime, TaskSpec};
 
 /// How an agent is set up.
@@ -121,15 +121,23 @@ struct Launch {
     /// Image archive to load first, if the image is missing.
     image_blob: Option<String>,
     timeout: Option<Duration>,
-    /// Cores held for the attempt, returned when it ends.
-    reserved: Option<crate::reservation::Reserved>,
+    /// The node's room the attempt holds or waits for.
+    room: Room,
     /// Set when re-attaching to a step an earlier agent run started.
     resume: Option<attempt::Resume>,
     io: Option<attempt::TaskIo>,
     ai: Option<AiTask>,
 }
 
-/// A running attempt as the session sees it.
+/// What of the node an attempt holds when it is launched.
+enum Room {
+    /// Its cores and memory, given back when it ends.
+    Held(Reserved),
+    /// Its turn in line: it was assigned ahead and starts when running attempts give room.
+    Waiting(tokio::sync::oneshot::Receiver<Reserved>),
+}
+
+/// A running (or waiting) attempt as the session sees it.
 struct Running {
     stop: watch::Sender<StopReason>,
     /// Where live reads of its files are served from.
@@ -171,7 +179,8 @@ pub struct Agent {
     journal: Journal,
     /// Loads images shipped with jobs; absent without a Docker engine.
     images: Option<Arc<ImageFetcher>>,
-    cores: Arc<Mutex<CoreSet>>,
+    /// Cores and memory, and the attempts waiting for them.
+    capacity: Arc<Mutex<Capacity>>,
     running: Arc<Mutex<HashMap<i64, Running>>>,
     limits: Limits,
     /// Where agent tasks' LLM calls go when their job names no upstream.
@@ -216,7 +225,7 @@ impl Agent {
             link,
             journal: Journal::new(config.work_dir.join(".journal")),
             images: None,
-            cores: Arc::new(Mutex::new(CoreSet::new(config.cores, physical))),
+            capacity: Arc::new(Mutex::new(Capacity::new(config.cores, physical, config.memory))),
             config,
             runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
             outbox: Arc::new(Outbox::default()),
@@ -288,12 +297,13 @@ impl Agent {
             let step = handle.step;
             let resume = attempt::Resume { step, handle };
             let kind = entry.runtime.clone();
+            let held = lock(&this.capacity).hold(&entry.spec.cpus, entry.spec.memory_limit);
             let launch = Launch {
                 spec: entry.spec,
                 kind,
                 image_blob: None,
                 timeout,
-                reserved: None,
+                room: Room::Held(held),
                 resume: Some(resume),
                 io: None,
                 ai: None,
@@ -515,19 +525,20 @@ impl Agent {
             Ok(plan) => plan,
             Err(e) => return self.refuse(&a, format!("cannot read the task's plan: {e}")),
         };
-        let reserved = lock(&self.cores).reserve(plan.resources.cores);
-        let pin = reserved.as_ref().map(|r| r.pin_to()).unwrap_or_default();
-        if reserved.is_none() {
-            // The server's view and ours disagree (e.g. an attempt of ours the server already
-            // settled is still stopping); run unpinned rather than refuse the work.
-            tracing::warn!(
-                job_id = a.job_id,
-                task_id = a.task_id,
-                attempt_id,
-                cores = plan.resources.cores,
-                "not enough free cores to pin; running unpinned"
-            );
-        }
+        // Beyond the room free now, an attempt waits its turn: the server assigns ahead onto
+        // busy nodes, and its view may lag ours (an attempt it settled may still be stopping).
+        let admission = lock(&self.capacity).admit(attempt_id, plan.resources.cores, plan.resources.memory);
+        let (room, pin) = match admission {
+            Admission::Now(reserved) => {
+                let pin = reserved.pin_to();
+                (Room::Held(reserved), pin)
+            }
+            Admission::Later(turn) => {
+                tracing::debug!(job_id = a.job_id, task_id = a.task_id, attempt_id, "waiting for room");
+                (Room::Waiting(turn), Vec::new())
+            }
+            Admission::Never(why) => return self.refuse(&a, why),
+        };
         let io = (!plan.inputs.is_empty() || !plan.outputs.is_empty() || plan.agent.is_some()).then(|| {
             let mut outputs = plan.outputs.clone();
             if plan.agent.is_some() {
@@ -577,22 +588,35 @@ impl Agent {
         let timeout = plan.timeout.filter(|t| !t.is_zero());
         let kind = plan.runtime.as_str().to_owned();
         let image_blob = plan.image_blob;
-        self.launch(Launch { spec, kind, image_blob, timeout, reserved, resume: None, io, ai });
+        self.launch(Launch { spec, kind, image_blob, timeout, room, resume: None, io, ai });
     }
 
     /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent
     /// run started.
     fn launch(self: &Arc<Self>, launch: Launch) {
-        let Launch { spec, kind, image_blob, timeout, reserved, resume, io, ai } = launch;
+        let Launch { mut spec, kind, image_blob, timeout, room, resume, io, ai } = launch;
         let attempt_id = spec.attempt_id;
         let runtime = self.runtimes.get(&kind).cloned();
-        let (stop_tx, stop_rx) = watch::channel(StopReason::None);
+        let (stop_tx, mut stop_rx) = watch::channel(StopReason::None);
         let workspace = spec.workspace.clone();
         lock(&self.running).insert(attempt_id, Running { stop: stop_tx, workspace });
         let this = self.clone();
         let span = tracing::info_span!("task", job_id = spec.job_id, task_id = spec.task_id, attempt_id);
         tokio::spawn(
             async move {
+                let reserved = match room {
+                    Room::Held(reserved) => reserved,
+                    Room::Waiting(turn) => match this.wait_for_room(attempt_id, turn, &mut stop_rx).await {
+                        Some(reserved) => {
+                            spec.cpus = reserved.pin_to();
+                            reserved
+                        }
+                        None => {
+                            lock(&this.running).remove(&attempt_id);
+                            return;
+                        }
+                    },
+                };
                 let workspace = spec.workspace.clone();
                 match runtime {
                     Some(runtime) => {
@@ -615,9 +639,7 @@ impl Agent {
                             .await
                     }
                 }
-                if let Some(r) = reserved {
-                    lock(&this.cores).release(&r);
-                }
+                lock(&this.capacity).release(reserved);
                 lock(&this.running).remove(&attempt_id);
                 if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
                     tracing::debug!(error = %e, "workspace not removed");
@@ -625,5 +647,45 @@ impl Agent {
             }
             .instrument(span),
         );
+    }
+
+    /// Waits for an attempt's turn to start, or for it to be stopped first. A cancel reports
+    /// the attempt as cancelled before it started; a shutdown leaves it unreported, like the
+    /// attempts it stops for the next start's recovery (the server settles it when this node
+    /// registers again without it). `None` when the attempt is not to run.
+    async fn wait_for_room(
+        &self,
+        attempt_id: i64,
+        mut turn: tokio::sync::oneshot::Receiver<Reserved>,
+        stop: &mut watch::Receiver<StopReason>,
+    ) -> Option<Reserved> {
+        let reason = tokio::select! {
+            given = &mut turn => return given.ok(),
+            reason = stopped(stop) => reason,
+        };
+        let withdrawn = lock(&self.capacity).withdraw(attempt_id);
+        if !withdrawn && let Ok(given) = turn.try_recv() {
+            // The turn came as the stop did: the room goes on to the next in line.
+            lock(&self.capacity).release(given);
+        }
+        tracing::info!(attempt_id, ?reason, "stopped while waiting for room");
+        if reason == StopReason::Cancel {
+            attempt::cancelled_before_start(&self.outbox, attempt_id).await;
+        }
+        None
+    }
+}
+
+/// Resolves once `stop` asks the attempt to stop, with why; a dropped sender counts as a
+/// shutdown.
+async fn stopped(stop: &mut watch::Receiver<StopReason>) -> StopReason {
+    loop {
+        let reason = *stop.borrow_and_update();
+        if reason != StopReason::None {
+            return reason;
+        }
+        if stop.changed().await.is_err() {
+            return StopReason::Shutdown;
+        }
     }
 }

@@ -586,6 +586,19 @@ pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
     finished(outbox, attempt_id, &outcome).await;
 }
 
+/// Reports an attempt that was cancelled while it waited for room, before anything of it ran.
+pub async fn cancelled_before_start(outbox: &Outbox, attempt_id: i64) {
+    let outcome = Outcome {
+        exit_code: None,
+        signal: None,
+        failure: Some(FailureClass::Cancelled),
+        message: "cancelled before it started".into(),
+        usage: Usage::default(),
+        tokens: TokenUsage::default(),
+    };
+    finished(outbox, attempt_id, &outcome).await;
+}
+
 async fn started(outbox: &Outbox, attempt_id: i64) {
     let msg = Kind::Update(pb::AttemptUpdate {
         attempt_id,

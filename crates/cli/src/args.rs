@@ -101,6 +101,13 @@ pub struct ServerArgs {
     /// [default: 256].
     #[arg(long, env = "DROVER_COMPLETION_BATCH")]
     pub completion_batch: Option<usize>,
+    /// Do not assign tasks ahead. By default a busy node is also given up to its own size
+    /// again in tasks that wait on it and start the moment a task there ends, so short tasks
+    /// run back to back; with this, every task waits in the server's queue until a node has
+    /// room, so that a node freed later can still take it (farms of long tasks on nodes of
+    /// different speeds).
+    #[arg(long, env = "DROVER_NO_ASSIGN_AHEAD")]
+    pub no_assign_ahead: bool,
     /// TLS on both listeners: auto (on unless listening on loopback), on, or off (loopback
     /// only). Without --tls-cert the server makes its own CA in <data dir>/tls on first start
     /// and prints its fingerprint [default: auto].
@@ -145,6 +152,7 @@ impl ServerArgs {
         o.set(s, "lease", self.lease.clone());
         o.set(s, "heartbeat", self.heartbeat.clone());
         o.set(s, "completion_batch", self.completion_batch);
+        o.set(s, "assign_ahead", self.no_assign_ahead.then_some(false));
         o.set(s, "tls", self.tls.map(|t| serde_json::to_value(t).unwrap_or_default()));
         o.set(s, "tls_cert", text(&self.tls_cert));
         o.set(s, "tls_key", text(&self.tls_key));

@@ -93,6 +93,8 @@ pub struct ServerSettings {
     pub heartbeat: Duration,
     /// Most attempt starts and finishes committed in one transaction.
     pub completion_batch: usize,
+    /// Whether busy nodes are given tasks ahead, to start the moment a task there ends.
+    pub assign_ahead: bool,
     /// TLS on the listeners: auto (on unless listening on loopback), on, off (loopback only).
     pub tls: TlsMode,
     /// Certificate chain (PEM) to present; default a server-made CA and certificate.
@@ -129,6 +131,7 @@ impl Default for ServerSettings {
             lease: Duration::from_secs(15),
             heartbeat: Duration::from_secs(2),
             completion_batch: drover_server::DEFAULT_COMPLETION_BATCH,
+            assign_ahead: true,
             tls: TlsMode::Auto,
             tls_cert: None,
             tls_key: None,

@@ -195,6 +195,7 @@ fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
         max_log: s.max_log_size,
         log_retention: s.log_retention,
         completion_batch: s.completion_batch,
+        assign_ahead: s.assign_ahead,
         auth: !s.no_auth,
         tls,
         oidc: config.oidc.as_ref().map(crate::config::OidcSection::server_config),

@@ -17,6 +17,11 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// Resources not yet reserved by tasks on the node.
     pub free: Resources,
+    /// Room beyond `free` for attempts assigned ahead: they wait on the node's agent and start
+    /// the moment an attempt there ends, so a busy node never idles between tasks for a
+    /// round trip to the server. Taken only by tasks that fit no node's `free`
+    /// ([`Placement::ahead`]); [`Resources::NONE`] assigns nothing ahead.
+    pub ahead: Resources,
     /// Sandboxes the node can run.
     pub runtimes: Vec<RuntimeKind>,
     /// Booted, idle microVMs per image that a microvm task of that image can claim.
@@ -75,6 +80,11 @@ impl Room {
             .or_else(|| over("tasks", self.tasks, 1))
     }
 
+    /// Whether any quota applies.
+    pub fn limits(&self) -> bool {
+        self.cores.is_some() || self.memory.is_some() || self.tasks.is_some()
+    }
+
     /// Counts a placed task against the room.
     fn take(&mut self, need: &Resources) {
         let add = |limit: &mut Option<(u64, u64)>, more: u64| {
@@ -104,24 +114,53 @@ pub struct Placement {
     pub task_id: i64,
     /// The node chosen.
     pub node_id: i64,
+    /// Whether the task goes to the node ahead of room: it waits on the node until an attempt
+    /// there ends (see [`NodeView::ahead`]).
+    pub ahead: bool,
 }
 
-/// Re-checks a placement plan when it is applied, against what the nodes have free at that
-/// moment (another server may have filled a node since the plan was made): keeps placements in
-/// plan order while they still fit, each task at most once, and takes what each admitted task
-/// needs from `free`. A task missing from `need` (no longer queued) or a node missing from
-/// `free` (no longer ready) is left out. Returns the admitted placements.
+/// How much of a node its open attempts hold, for [`admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// What the node offers in all.
+    pub capacity: Resources,
+    /// What its open attempts (running or waiting on it) reserve together.
+    pub reserved: Resources,
+}
+
+impl NodeLoad {
+    /// What a placement may still take: what is free, or for a placement ahead
+    /// ([`Placement::ahead`]) what is free plus one more node's worth, the most an agent holds
+    /// waiting.
+    pub fn room(&self, ahead: bool) -> Resources {
+        let limit = if ahead { self.capacity.plus(&self.capacity) } else { self.capacity };
+        limit.minus(&self.reserved)
+    }
+
+    /// The room a node keeps for placements ahead, beyond what is free (see
+    /// [`NodeView::ahead`]).
+    pub fn ahead(&self) -> Resources {
+        self.room(true).minus(&self.room(false))
+    }
+}
+
+/// Re-checks a placement plan when it is applied, against what the nodes hold at that moment
+/// (another server may have filled a node since the plan was made): keeps placements in plan
+/// order while they still fit ([`NodeLoad::room`]: a placement ahead may go up to one node's
+/// worth beyond capacity), each task at most once, and adds what each admitted task needs to
+/// its node's load. A task missing from `need` (no longer queued) or a node missing from
+/// `loads` (no longer ready) is left out. Returns the admitted placements.
 pub fn admit(
     plan: &[Placement],
-    free: &mut HashMap<i64, Resources>,
+    loads: &mut HashMap<i64, NodeLoad>,
     need: &HashMap<i64, Resources>,
 ) -> Vec<Placement> {
     let mut seen = HashSet::with_capacity(plan.len());
     let mut admitted = Vec::with_capacity(plan.len());
     for p in plan {
-        let (Some(room), Some(need)) = (free.get_mut(&p.node_id), need.get(&p.task_id)) else { continue };
-        if room.fits(need) && seen.insert(p.task_id) {
-            *room = room.minus(need);
+        let (Some(load), Some(need)) = (loads.get_mut(&p.node_id), need.get(&p.task_id)) else { continue };
+        if load.room(p.ahead).fits(need) && seen.insert(p.task_id) {
+            load.reserved = load.reserved.plus(need);
             admitted.push(*p);
         }
     }
@@ -186,8 +225,40 @@ fn place_with(
     max_indexes: usize,
 ) -> Placed {
     let mut rooms = rooms.clone();
-    let mut held = Vec::new();
     let mut free: Vec<Resources> = nodes.iter().map(|n| n.free).collect();
+    let (mut plan, mut held) = place_pass(nodes, queue, &mut rooms, &mut free, max_indexes, false);
+    // What fits no node's free room may wait on a busy node that keeps room ahead.
+    if nodes.iter().any(|n| n.ahead.cores > 0 || n.ahead.memory > 0) {
+        let decided: HashSet<i64> =
+            plan.iter().map(|p| p.task_id).chain(held.iter().map(|(id, _)| *id)).collect();
+        // A project under a quota counts waiting attempts as in use: they would take its room
+        // from running ones, so its tasks wait in the server's queue instead.
+        let limited = |t: &QueuedTask| rooms.get(&t.project).is_some_and(Room::limits);
+        let rest: Vec<QueuedTask> =
+            queue.iter().filter(|t| !decided.contains(&t.id) && !limited(t)).cloned().collect();
+        if !rest.is_empty() {
+            let mut room: Vec<Resources> = free.iter().zip(nodes).map(|(f, n)| f.plus(&n.ahead)).collect();
+            let (ahead, ahead_held) = place_pass(nodes, &rest, &mut rooms, &mut room, max_indexes, true);
+            plan.extend(ahead);
+            held.extend(ahead_held);
+        }
+    }
+    held.extend(unplaceable(nodes, queue, &plan, &held));
+    Placed { placements: plan, held }
+}
+
+/// One pass of [`place_with`] over `queue` within `free` (taking from it and from `rooms`):
+/// the placements made, marked `ahead` as given, and the tasks a quota held. Warm VMs are
+/// preferred only in the first pass: an attempt waiting ahead claims no VM until it starts.
+fn place_pass(
+    nodes: &[NodeView],
+    queue: &[QueuedTask],
+    rooms: &mut BTreeMap<String, Room>,
+    free: &mut [Resources],
+    max_indexes: usize,
+    ahead: bool,
+) -> (Vec<Placement>, Vec<(i64, String)>) {
+    let mut held = Vec::new();
     let mut order: Vec<&QueuedTask> = queue.iter().collect();
     // Stable, so tasks with equal keys keep their queue order.
     order.sort_by_key(|t| (Reverse(t.priority), t.id));
@@ -203,6 +274,7 @@ fn place_with(
     // those is cheap.
     let mut warm_left: HashMap<(usize, &str), u32> = nodes
         .iter()
+        .filter(|_| !ahead)
         .enumerate()
         .flat_map(|(i, n)| {
             n.warm.iter().filter(|(_, c)| **c > 0).map(move |(image, c)| ((i, image.as_str()), *c))
@@ -226,7 +298,7 @@ fn place_with(
             let ranked = (0..nodes.len())
                 .filter(|&i| eligible(&nodes[i], task))
                 .inspect(|&i| member_of[i].push(id))
-                .map(|i| rank(nodes, &free, i))
+                .map(|i| rank(nodes, free, i))
                 .collect();
             indexes.push(NodeIndex { ranked });
             Some(id)
@@ -242,7 +314,7 @@ fn place_with(
                         && eligible(&nodes[*i], task)
                 })
                 .map(|((i, _), _)| *i)
-                .max_by_key(|&i| rank(nodes, &free, i))
+                .max_by_key(|&i| rank(nodes, free, i))
         });
         if let (Some(i), Some(image)) = (warm_best, warm_image)
             && let Some(left) = warm_left.get_mut(&(i, image))
@@ -261,12 +333,12 @@ fn place_with(
                 .map(|r| r.3),
             None => (0..nodes.len())
                 .filter(|&i| free[i].fits(&task.resources) && eligible(&nodes[i], task))
-                .max_by_key(|&i| rank(nodes, &free, i)),
+                .max_by_key(|&i| rank(nodes, free, i)),
         };
         if let Some(i) = best {
-            let before = rank(nodes, &free, i);
+            let before = rank(nodes, free, i);
             free[i] = free[i].minus(&task.resources);
-            let after = rank(nodes, &free, i);
+            let after = rank(nodes, free, i);
             for &g in &member_of[i] {
                 indexes[g].ranked.remove(&before);
                 indexes[g].ranked.insert(after);
@@ -275,11 +347,10 @@ fn place_with(
             if let Some(room) = rooms.get_mut(&task.project) {
                 room.take(&task.resources);
             }
-            plan.push(Placement { task_id: task.id, node_id: nodes[i].id });
+            plan.push(Placement { task_id: task.id, node_id: nodes[i].id, ahead });
         }
     }
-    held.extend(unplaceable(nodes, queue, &plan, &held));
-    Placed { placements: plan, held }
+    (plan, held)
 }
 
 /// The tasks of `queue` that no node can take whatever its load (no node offers their runtime
@@ -323,18 +394,35 @@ mod tests {
     fn admit_rechecks_fit_in_plan_order() {
         let r = |cores| Resources { cores, memory: 0, pids: 0 };
         let plan = [
-            Placement { task_id: 1, node_id: 10 },
-            Placement { task_id: 2, node_id: 10 },
-            Placement { task_id: 1, node_id: 11 },
-            Placement { task_id: 3, node_id: 12 },
-            Placement { task_id: 4, node_id: 10 },
+            Placement { task_id: 1, node_id: 10, ahead: false },
+            Placement { task_id: 2, node_id: 10, ahead: false },
+            Placement { task_id: 1, node_id: 11, ahead: false },
+            Placement { task_id: 3, node_id: 12, ahead: false },
+            Placement { task_id: 4, node_id: 10, ahead: false },
         ];
-        let mut free = HashMap::from([(10, r(3)), (11, r(8))]);
+        let load = |cores, held| NodeLoad { capacity: r(cores), reserved: r(held) };
+        let mut loads = HashMap::from([(10, load(4, 1)), (11, load(8, 0))]);
         let need = HashMap::from([(1, r(2)), (2, r(2)), (4, r(1))]);
-        let got = admit(&plan, &mut free, &need);
+        let got = admit(&plan, &mut loads, &need);
         // Task 2 no longer fits on node 10, task 1 is taken once, node 12 is gone.
         assert_eq!(got, vec![plan[0], plan[4]]);
-        assert_eq!(free[&10].cores, 0);
+        assert_eq!(loads[&10].reserved.cores, 4);
+    }
+
+    #[test]
+    fn admit_lets_a_placement_ahead_wait_up_to_one_node_beyond_capacity() {
+        let r = |cores| Resources { cores, memory: 0, pids: 0 };
+        let at = |task_id, ahead| Placement { task_id, node_id: 10, ahead };
+        let plan = [at(1, false), at(2, true), at(3, true), at(4, true), at(5, false)];
+        let mut loads = HashMap::from([(10, NodeLoad { capacity: r(2), reserved: r(1) })]);
+        let need: HashMap<i64, Resources> = (1..=5).map(|id| (id, r(1))).collect();
+        // 1 fills the node, 2 and 3 wait ahead; 4 would go beyond twice the capacity, and 5
+        // asks for free room, which there is none of.
+        assert_eq!(admit(&plan, &mut loads, &need), vec![plan[0], plan[1], plan[2]]);
+        assert_eq!(loads[&10].reserved.cores, 4);
+        assert_eq!(loads[&10].ahead(), Resources::NONE);
+        let half = NodeLoad { capacity: r(4), reserved: r(5) };
+        assert_eq!((half.room(false).cores, half.room(true).cores, half.ahead().cores), (0, 3, 3));
     }
     use proptest::prelude::*;
 
@@ -343,6 +431,7 @@ mod tests {
             id,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             free: Resources { cores, memory: 8 << 30, pids: 0 },
+            ahead: Resources::NONE,
             runtimes: vec![RuntimeKind::Process],
             warm: BTreeMap::new(),
         }
@@ -370,7 +459,7 @@ mod tests {
         let mut docker = task(3, 0, 1);
         docker.runtime = RuntimeKind::Docker;
         let placed = place_within(&nodes, &[pids, memory, docker], &BTreeMap::new());
-        assert_eq!(placed.placements, vec![Placement { task_id: 2, node_id: 1 }]);
+        assert_eq!(placed.placements, vec![Placement { task_id: 2, node_id: 1, ahead: false }]);
         assert_eq!(placed.held.len(), 2, "{:?}", placed.held);
         assert!(placed.held[0].1.contains("enforce a pids limit"), "{:?}", placed.held);
         assert_eq!(placed.held[1], (3, "no ready node offers the docker runtime".to_string()));
@@ -404,7 +493,7 @@ mod tests {
     #[test]
     fn priority_then_fifo() {
         let plan = place(&[node(1, 1, &[])], &[task(1, 0, 1), task(2, 5, 1), task(3, 5, 1)]);
-        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1 }]);
+        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1, ahead: false }]);
     }
 
     #[test]
@@ -412,7 +501,7 @@ mod tests {
         let mut t = task(1, 0, 1);
         t.constraints.insert("gpu".into(), "true".into());
         let plan = place(&[node(1, 8, &[]), node(2, 1, &[("gpu", "true")])], &[t]);
-        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2 }]);
+        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2, ahead: false }]);
     }
 
     #[test]
@@ -423,7 +512,7 @@ mod tests {
         docker.runtimes.push(RuntimeKind::Docker);
         assert_eq!(
             place(&[node(1, 8, &[]), docker], &[t.clone()]),
-            vec![Placement { task_id: 1, node_id: 2 }]
+            vec![Placement { task_id: 1, node_id: 2, ahead: false }]
         );
         assert!(place(&[node(1, 8, &[])], &[t]).is_empty());
     }
@@ -446,17 +535,45 @@ mod tests {
         // The first task takes the only warm VM of its image, on the smaller node; the second
         // finds none left and goes where any task would (most free cores, then lowest id).
         let plan = place(&nodes, &[vm_task(1, "img"), vm_task(2, "img")]);
-        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 2 }, Placement { task_id: 2, node_id: 1 }]);
+        assert_eq!(
+            plan,
+            vec![
+                Placement { task_id: 1, node_id: 2, ahead: false },
+                Placement { task_id: 2, node_id: 1, ahead: false }
+            ]
+        );
         // A process task ignores warm VMs.
         let mut p = task(3, 0, 1);
         p.image = Some("img".into());
-        assert_eq!(place(&nodes, &[p]), vec![Placement { task_id: 3, node_id: 1 }]);
+        assert_eq!(place(&nodes, &[p]), vec![Placement { task_id: 3, node_id: 1, ahead: false }]);
+    }
+
+    #[test]
+    fn tasks_go_ahead_onto_a_busy_node_only_once_no_node_has_free_room() {
+        let mut busy = node(1, 0, &[]);
+        busy.ahead = Resources { cores: 2, memory: 8 << 30, pids: 0 };
+        let mut idle = node(2, 1, &[]);
+        idle.ahead = Resources { cores: 2, memory: 8 << 30, pids: 0 };
+        let plan = place(&[busy, idle], &[task(1, 0, 1), task(2, 0, 1), task(3, 0, 1), task(4, 0, 2)]);
+        // Task 1 takes the free core; 2 and 3 wait ahead, spread by room; 4 finds no room left
+        // ahead for two cores on either node.
+        assert_eq!(plan[0], Placement { task_id: 1, node_id: 2, ahead: false });
+        assert!(plan[1..].iter().all(|p| p.ahead), "{plan:?}");
+        assert_eq!(plan.len(), 3, "{plan:?}");
+        assert_ne!(plan[1].node_id, plan[2].node_id, "{plan:?}");
+        // A project under a quota gets nothing ahead.
+        let mut busy = node(1, 0, &[]);
+        busy.ahead = Resources { cores: 2, memory: 8 << 30, pids: 0 };
+        let rooms = BTreeMap::from([("p".to_string(), Room { tasks: Some((0, 10)), ..Room::default() })]);
+        assert!(place_within(&[busy], &[task(1, 0, 1)], &rooms).placements.is_empty());
+        // Without room ahead, the same queue places one task.
+        assert_eq!(place(&[node(1, 0, &[]), node(2, 1, &[])], &[task(1, 0, 1), task(2, 0, 1)]).len(), 1);
     }
 
     #[test]
     fn big_task_does_not_block_small_ones() {
         let plan = place(&[node(1, 2, &[])], &[task(1, 0, 4), task(2, 0, 1)]);
-        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1 }]);
+        assert_eq!(plan, vec![Placement { task_id: 2, node_id: 1, ahead: false }]);
     }
 
     #[test]
@@ -502,7 +619,7 @@ mod tests {
                 }
                 free[i] = free[i].minus(&task.resources);
                 cores_left -= task.resources.cores as u64;
-                plan.push(Placement { task_id: task.id, node_id: node.id });
+                plan.push(Placement { task_id: task.id, node_id: node.id, ahead: false });
             }
         }
         plan
@@ -515,7 +632,13 @@ mod tests {
         let b = node(9, 4, &[]);
         let c = node(3, 4, &[]);
         let plan = place(&[a, b, c], &[task(1, 0, 1), task(2, 0, 1)]);
-        assert_eq!(plan, vec![Placement { task_id: 1, node_id: 3 }, Placement { task_id: 2, node_id: 9 }]);
+        assert_eq!(
+            plan,
+            vec![
+                Placement { task_id: 1, node_id: 3, ahead: false },
+                Placement { task_id: 2, node_id: 9, ahead: false }
+            ]
+        );
     }
 
     #[test]
@@ -525,7 +648,7 @@ mod tests {
         let small = node(2, 2, &[]);
         let mut t = task(1, 0, 1);
         t.resources.memory = 1 << 30;
-        assert_eq!(place(&[big, small], &[t]), vec![Placement { task_id: 1, node_id: 2 }]);
+        assert_eq!(place(&[big, small], &[t]), vec![Placement { task_id: 1, node_id: 2, ahead: false }]);
     }
 
     fn arb_node() -> impl Strategy<Value = NodeView> {
@@ -557,7 +680,14 @@ mod tests {
                 if !warm.is_empty() {
                     runtimes.push(RuntimeKind::Microvm);
                 }
-                NodeView { id, labels, free: Resources { cores, memory, pids: 0 }, runtimes, warm }
+                NodeView {
+                    id,
+                    labels,
+                    free: Resources { cores, memory, pids: 0 },
+                    ahead: Resources::NONE,
+                    runtimes,
+                    warm,
+                }
             })
     }
 
@@ -609,6 +739,44 @@ mod tests {
             for (u, c) in used.iter().zip(&caps) {
                 prop_assert!(u <= c);
             }
+        }
+
+        #[test]
+        fn placements_ahead_stay_within_one_node_beyond_capacity(
+            nodes in proptest::collection::vec((0u32..6, 0u32..6), 1..6),
+            needs in proptest::collection::vec((1u32..4, -2i32..3), 0..40),
+        ) {
+            // (capacity, reserved) per node, as the server derives free room and room ahead.
+            let views: Vec<NodeView> = nodes.iter().enumerate().map(|(i, (cap, held))| {
+                let load = NodeLoad { capacity: Resources { cores: *cap, memory: 0, pids: 0 }, reserved: Resources { cores: *held, memory: 0, pids: 0 } };
+                let mut view = node(i as i64, load.room(false).cores, &[]);
+                view.free.memory = 0;
+                view.ahead = load.ahead();
+                view
+            }).collect();
+            let queue: Vec<QueuedTask> = needs.iter().enumerate().map(|(i, (c, p))| task(i as i64, *p, *c)).collect();
+            let plan = place(&views, &queue);
+            let mut seen = std::collections::BTreeSet::new();
+            let mut loads: HashMap<i64, NodeLoad> = nodes.iter().enumerate().map(|(i, (cap, held))| {
+                (i as i64, NodeLoad { capacity: Resources { cores: *cap, memory: 0, pids: 0 }, reserved: Resources { cores: *held, memory: 0, pids: 0 } })
+            }).collect();
+            for p in &plan {
+                prop_assert!(seen.insert(p.task_id), "task placed twice");
+                let need = queue[p.task_id as usize].resources;
+                let load = loads.get_mut(&p.node_id).unwrap();
+                prop_assert!(load.room(p.ahead).fits(&need), "{p:?} does not fit {load:?}");
+                load.reserved = load.reserved.plus(&need);
+            }
+            // Every placement ahead comes after those into free room, and none was made while
+            // the task could have had free room somewhere.
+            let first_ahead = plan.iter().position(|p| p.ahead).unwrap_or(plan.len());
+            prop_assert!(plan[first_ahead..].iter().all(|p| p.ahead));
+            // The store's re-check takes the whole plan as made.
+            let need: HashMap<i64, Resources> = queue.iter().map(|t| (t.id, t.resources)).collect();
+            let mut fresh: HashMap<i64, NodeLoad> = nodes.iter().enumerate().map(|(i, (cap, held))| {
+                (i as i64, NodeLoad { capacity: Resources { cores: *cap, memory: 0, pids: 0 }, reserved: Resources { cores: *held, memory: 0, pids: 0 } })
+            }).collect();
+            prop_assert_eq!(admit(&plan, &mut fresh, &need), plan);
         }
 
         #[test]

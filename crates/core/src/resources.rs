@@ -28,6 +28,9 @@ impl Default for Resources {
 }
 
 impl Resources {
+    /// Nothing: no cores, no memory.
+    pub const NONE: Resources = Resources { cores: 0, memory: 0, pids: 0 };
+
     /// Whether `need` fits in `self`.
     pub fn fits(&self, need: &Resources) -> bool {
         need.cores <= self.cores && need.memory <= self.memory
@@ -38,6 +41,15 @@ impl Resources {
         Resources {
             cores: self.cores.saturating_sub(need.cores),
             memory: self.memory.saturating_sub(need.memory),
+            pids: self.pids,
+        }
+    }
+
+    /// `self` and `more` together (saturating).
+    pub fn plus(&self, more: &Resources) -> Resources {
+        Resources {
+            cores: self.cores.saturating_add(more.cores),
+            memory: self.memory.saturating_add(more.memory),
             pids: self.pids,
         }
     }

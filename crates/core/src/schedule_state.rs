@@ -11,7 +11,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::job::RuntimeKind;
-use crate::placement::{NodeView, QueuedTask};
+use crate::placement::{NodeLoad, NodeView, QueuedTask};
 use crate::resources::Resources;
 
 /// A queued task and when its retry backoff ends.
@@ -41,7 +41,13 @@ pub struct NodeBook {
 impl NodeBook {
     /// What is not reserved by the node's open attempts.
     pub fn free(&self) -> Resources {
-        self.attempts.values().fold(self.capacity, |free, held| free.minus(held))
+        self.load().room(false)
+    }
+
+    /// What the node offers and what its open attempts reserve together.
+    pub fn load(&self) -> NodeLoad {
+        let reserved = self.attempts.values().fold(Resources::NONE, |sum, held| sum.plus(held));
+        NodeLoad { capacity: self.capacity, reserved }
     }
 }
 
@@ -162,9 +168,10 @@ impl ScheduleState {
         out
     }
 
-    /// Free cores of every node kept, together.
-    pub fn free_cores(&self) -> u64 {
-        self.nodes.values().map(|n| u64::from(n.free().cores)).sum()
+    /// Free cores of every node kept, together; with `ahead`, the cores nodes keep for
+    /// attempts assigned ahead too (see [`NodeView::ahead`]).
+    pub fn free_cores(&self, ahead: bool) -> u64 {
+        self.nodes.values().map(|n| u64::from(n.load().room(ahead).cores)).sum()
     }
 
     /// Moves tasks whose backoff ended by `now_ms` to their projects' queues.
@@ -219,15 +226,16 @@ impl ScheduleState {
         }
     }
 
-    /// The nodes as placement sees them, with what each has free; warm VMs are the server's
-    /// to add.
-    pub fn node_views(&self) -> Vec<NodeView> {
+    /// The nodes as placement sees them, with what each has free, and with `ahead` the room
+    /// each keeps for attempts assigned ahead; warm VMs are the server's to add.
+    pub fn node_views(&self, ahead: bool) -> Vec<NodeView> {
         self.nodes
             .values()
             .map(|book| NodeView {
                 id: book.id,
                 labels: book.labels.clone(),
                 free: book.free(),
+                ahead: if ahead { book.load().ahead() } else { Resources::NONE },
                 runtimes: book.runtimes.clone(),
                 warm: BTreeMap::new(),
             })

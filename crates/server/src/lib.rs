@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// while a commit is in flight wait for the next one, so batches only grow under load;
     /// 1 commits every update on its own.
     pub completion_batch: usize,
+    /// Whether a busy node is also given tasks that wait on it, up to its own size again,
+    /// and start the moment a task there ends (see `drover_core::placement::NodeView::ahead`).
+    pub assign_ahead: bool,
     /// Whether every call must carry a credential. Off only with `--no-auth`, which the
     /// binary allows on loopback addresses alone.
     pub auth: bool,
@@ -102,6 +105,7 @@ impl Default for ServerConfig {
             log_retention: DEFAULT_RETENTION,
             archive_tick: Duration::from_secs(1),
             completion_batch: DEFAULT_COMPLETION_BATCH,
+            assign_ahead: true,
             auth: true,
             tls: None,
             oidc: None,

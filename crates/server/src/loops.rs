@@ -7,7 +7,7 @@ use std::time::Duration;
 use drover_store::Signal;
 use tokio::sync::broadcast;
 
-use crate::schedule_memory::Round;
+use crate::schedule_memory::{Round, Rules};
 use crate::{Shared, now_ms};
 
 /// Places queued tasks whenever something may have changed (a submit, a finished attempt, a
@@ -63,8 +63,8 @@ async fn schedule_once(shared: &Shared) -> Result<Round, drover_store::StoreErro
         shared.tenants.set_project_queue_reason(project, "").await?;
     }
     let skip: Vec<String> = limits.held.keys().cloned().collect();
-    let mut round =
-        shared.memory.place(shared.store.as_ref(), &sessions, &warm, now, &skip, &limits.rooms).await?;
+    let rules = Rules { held: &skip, rooms: &limits.rooms, ahead: shared.config.assign_ahead };
+    let mut round = shared.memory.place(shared.store.as_ref(), &sessions, &warm, now, rules).await?;
     if !round.held.is_empty() {
         shared.tenants.set_queue_reasons(&round.held).await?;
     }

@@ -18,6 +18,17 @@ use tracing::Instrument;
 /// Most queued tasks considered in one placement round.
 const MAX_CANDIDATES: usize = 512;
 
+/// What a placement round may do.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules<'a> {
+    /// Projects held whole: none of their tasks is considered.
+    pub(crate) held: &'a [String],
+    /// What each project's quota leaves it.
+    pub(crate) rooms: &'a BTreeMap<String, Room>,
+    /// Whether tasks that fit no node's free room may be assigned ahead onto busy nodes.
+    pub(crate) ahead: bool,
+}
+
 /// What one placement round did.
 #[derive(Debug, Default)]
 pub(crate) struct Round {
@@ -149,25 +160,25 @@ impl ScheduleMemory {
     }
 
     /// One placement round onto the nodes of `sessions` (node id → session epoch): brings the
-    /// memory up to date ([`sync`](Self::sync)), places the best candidates outside `held`
-    /// projects within the projects' `rooms`, assigns in the store, and records what the store
-    /// took. `warm` lists each node's idle microVMs per image.
+    /// memory up to date ([`sync`](Self::sync)), places the best candidates as `rules` allow,
+    /// assigns in the store, and records what the store took. `warm` lists each node's idle
+    /// microVMs per image.
     pub(crate) async fn place(
         &self,
         store: &dyn Store,
         sessions: &HashMap<i64, i64>,
         warm: &HashMap<i64, BTreeMap<String, u32>>,
         now_ms: i64,
-        held: &[String],
-        rooms: &BTreeMap<String, Room>,
+        rules: Rules<'_>,
     ) -> Result<Round, StoreError> {
+        let Rules { held, rooms, ahead } = rules;
         self.sync(store, sessions).await?;
         let (mut nodes, queue, free_cores) = {
             let mut inner = self.lock();
             // Twice the free cores in candidates is enough to fill every node with small
             // tasks; only when that leaves room (tasks too large, or held by a quota) does the
             // round look deeper.
-            let free_cores = inner.state.free_cores();
+            let free_cores = inner.state.free_cores(ahead);
             let narrow =
                 usize::try_from(free_cores.saturating_mul(2)).unwrap_or(usize::MAX).clamp(1, MAX_CANDIDATES);
             let queue = inner.state.candidates(now_ms, held, narrow);
@@ -176,7 +187,7 @@ impl ScheduleMemory {
             } else {
                 queue
             };
-            (inner.state.node_views(), queue, free_cores)
+            (inner.state.node_views(ahead), queue, free_cores)
         };
         let mut round = Round::default();
         if queue.is_empty() || free_cores == 0 {

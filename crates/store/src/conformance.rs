@@ -96,7 +96,7 @@ pub async fn snapshot(
         state.node_joined(book);
     }
     let queue = state.candidates(now, held, usize::MAX);
-    (state.node_views(), queue)
+    (state.node_views(false), queue)
 }
 
 async fn states(store: &dyn Store, job_id: i64) -> Vec<(String, TaskState)> {
@@ -493,10 +493,13 @@ pub async fn long_chain_runs_to_the_end(store: &dyn Store, n: usize) {
     let reg = store.register_node(&node("n6", 4, i64::MAX), &[], 1).await.unwrap();
     let ids: Vec<i64> = store.tasks(id).await.unwrap().iter().map(|t| t.id).collect();
     for (i, task_id) in ids.iter().enumerate() {
-        let a = store.assign(&[Placement { task_id: *task_id, node_id: reg.node_id }], 2).await.unwrap();
+        let a = store
+            .assign(&[Placement { task_id: *task_id, node_id: reg.node_id, ahead: false }], 2)
+            .await
+            .unwrap();
         assert_eq!(a.len(), 1, "step {i}: the task was released by the one before");
         if i + 1 < n && i % 1000 == 0 {
-            let next = Placement { task_id: ids[i + 1], node_id: reg.node_id };
+            let next = Placement { task_id: ids[i + 1], node_id: reg.node_id, ahead: false };
             assert!(store.assign(&[next], 2).await.unwrap().is_empty(), "step {i}: the next one waits");
         }
         let end = [
@@ -557,10 +560,30 @@ pub async fn assign_rechecks_fit(store: &dyn Store) {
     let reg = store.register_node(&node("n8", 2, 100_000), &[], 1).await.unwrap();
     let (_, queue) = snapshot(store, 2, &[]).await;
     let plan: Vec<Placement> =
-        queue.iter().map(|t| Placement { task_id: t.id, node_id: reg.node_id }).collect();
+        queue.iter().map(|t| Placement { task_id: t.id, node_id: reg.node_id, ahead: false }).collect();
     assert_eq!(plan.len(), 3);
     assert_eq!(store.assign(&plan, 2).await.unwrap().len(), 2, "two cores, two tasks");
     assert!(store.assign(&plan, 3).await.unwrap().is_empty(), "nothing is placed twice or beyond room");
+}
+
+/// A placement ahead may wait on a full node, up to one more node's worth of what it offers,
+/// and no further.
+pub async fn assign_ahead_waits_up_to_one_node_beyond_capacity(store: &dyn Store) {
+    let names = ["a", "b", "c", "d", "e"];
+    store.submit(&job(names.iter().map(|n| task(n, &[])).collect()), "", "f", 1).await.unwrap();
+    let reg = store.register_node(&node("n8a", 2, 100_000), &[], 1).await.unwrap();
+    let (_, queue) = snapshot(store, 2, &[]).await;
+    let at = |ahead| -> Vec<Placement> {
+        queue.iter().map(|t| Placement { task_id: t.id, node_id: reg.node_id, ahead }).collect()
+    };
+    assert_eq!(store.assign(&at(false), 2).await.unwrap().len(), 2, "two cores, two tasks");
+    let ahead = store.assign(&at(true), 3).await.unwrap();
+    assert_eq!(ahead.len(), 2, "two more wait ahead on a two-core node");
+    assert!(store.assign(&at(true), 4).await.unwrap().is_empty(), "not beyond twice the capacity");
+    // Once one attempt ends, one more may wait.
+    store.attempt_finished(&done(&ahead[0], 0), 5).await.unwrap();
+    assert_eq!(store.assign(&at(true), 6).await.unwrap().len(), 1);
+    assert!(store.assign(&at(false), 7).await.unwrap().is_empty(), "the node has no free room");
 }
 
 /// Secrets are per project: a second set replaces the value, values are read only by name, and
@@ -630,7 +653,7 @@ macro_rules! store_conformance {
             reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,
-            assign_rechecks_fit, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,
+            assign_rechecks_fit, assign_ahead_waits_up_to_one_node_beyond_capacity, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,
             queue_feed_mirrors_the_queue,
             projects_exist_once, api_keys_are_kept_and_revoked, join_tokens_enrol_one_node,
             concurrent_redemptions_enrol_once, revoking_a_node_settles_its_attempts, blobs_belong_to_projects,

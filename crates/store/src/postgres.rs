@@ -44,7 +44,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
-use drover_core::placement::{Placement, admit};
+use drover_core::placement::{NodeLoad, Placement, admit};
 use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
@@ -248,11 +248,11 @@ async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRec
         .collect()
 }
 
-/// A node locked by `assign`, with what it has left.
+/// A node locked by `assign`, with what it offers and holds.
 struct LockedNode {
     epoch: i64,
     name: String,
-    free: Resources,
+    load: NodeLoad,
 }
 
 #[async_trait]
@@ -656,8 +656,9 @@ impl Store for PostgresStore {
             .await?;
             let mut nodes: HashMap<i64, LockedNode> = HashMap::with_capacity(rows.len());
             for r in &rows {
-                let free = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)?, pids: 0 };
-                nodes.insert(r.try_get(0)?, LockedNode { epoch: r.try_get(1)?, name: r.try_get(2)?, free });
+                let capacity = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)?, pids: 0 };
+                let load = NodeLoad { capacity, reserved: Resources::NONE };
+                nodes.insert(r.try_get(0)?, LockedNode { epoch: r.try_get(1)?, name: r.try_get(2)?, load });
             }
             // What they have reserved, read by a statement of its own: its snapshot is taken
             // after the locks were granted, so it sees the attempts of the replica that held
@@ -673,7 +674,7 @@ impl Store for PostgresStore {
                 if let Some(node) = nodes.get_mut(&node_id) {
                     let cores = u32::try_from(cores).unwrap_or(u32::MAX);
                     let memory = u64::try_from(memory).unwrap_or(u64::MAX);
-                    node.free = node.free.minus(&Resources { cores, memory, pids: 0 });
+                    node.load.reserved = Resources { cores, memory, pids: 0 };
                 }
             }
             // 2. Admit placements that still fit, in plan order (the snapshot may be stale:
@@ -693,8 +694,8 @@ impl Store for PostgresStore {
                 let memory = u64::try_from(memory).unwrap_or(u64::MAX);
                 need.insert(id, Resources { cores, memory, pids: 0 });
             }
-            let mut free: HashMap<i64, Resources> = nodes.iter().map(|(id, n)| (*id, n.free)).collect();
-            let admitted = admit(plan, &mut free, &need);
+            let mut loads: HashMap<i64, NodeLoad> = nodes.iter().map(|(id, n)| (*id, n.load)).collect();
+            let admitted = admit(plan, &mut loads, &need);
             let admitted_tasks: Vec<i64> = admitted.iter().map(|p| p.task_id).collect();
             let admitted_nodes: Vec<i64> = admitted.iter().map(|p| p.node_id).collect();
             let jobs: Vec<i64> = admitted_tasks.iter().filter_map(|id| job_of.get(id).copied()).collect();

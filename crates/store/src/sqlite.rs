@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
-use drover_core::placement::{Placement, admit};
+use drover_core::placement::{NodeLoad, Placement, admit};
 use drover_core::schedule_state::NodeBook;
 use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
 use sqlx::sqlite::{

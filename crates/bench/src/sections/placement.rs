@@ -54,6 +54,7 @@ pub fn fleet(nodes: usize) -> Vec<NodeView> {
                 id: i as i64 + 1,
                 labels,
                 free: Resources { cores: 256, memory: 1 << 40, pids: 0 },
+                ahead: Resources::NONE,
                 runtimes,
                 warm: BTreeMap::new(),
             }

@@ -154,7 +154,7 @@ pub async fn dispatch(store: &dyn Store, n: usize, batched: bool) -> Result<f64>
             state.queued(entry);
         }
         let queue = state.candidates(now_ms(), &[], 2 * NODE_CORES as usize);
-        let plan = place(&state.node_views(), &queue);
+        let plan = place(&state.node_views(false), &queue);
         if plan.is_empty() {
             bail!("nothing placeable with {finished} of {n} tasks done");
         }

@@ -49,7 +49,15 @@ fn free_cores_count_every_node_minus_its_reservations() {
     state.node_joined(node(1, 2));
     state.node_joined(node(2, 6));
     state.reserve(2, 70, Resources { cores: 5, memory: 0, pids: 0 });
-    assert_eq!(state.free_cores(), 3);
+    assert_eq!(state.free_cores(false), 3);
+    // Room ahead: one more node's worth each, less what is already beyond capacity.
+    assert_eq!(state.free_cores(true), 4 + 7);
+    state.reserve(1, 71, Resources { cores: 3, memory: 0, pids: 0 });
+    assert_eq!(state.free_cores(true), 1 + 7);
+    let views = state.node_views(true);
+    assert_eq!((views[0].free.cores, views[0].ahead.cores), (0, 1));
+    assert_eq!((views[1].free.cores, views[1].ahead.cores), (1, 6));
+    assert_eq!(state.node_views(false)[1].ahead, Resources::NONE);
 }
 
 #[test]
@@ -84,12 +92,12 @@ fn reservations_are_released_once_and_go_with_their_node() {
     state.reserve(1, 10, two);
     state.reserve(1, 11, two);
     state.reserve(2, 12, two); // not kept: ignored
-    assert_eq!(state.node_views()[0].free.cores, 0);
+    assert_eq!(state.node_views(false)[0].free.cores, 0);
     state.release(10);
     state.release(10);
-    assert_eq!(state.node_views()[0].free.cores, 2);
+    assert_eq!(state.node_views(false)[0].free.cores, 2);
     state.node_left(1);
     state.release(11);
-    assert!(state.node_views().is_empty());
+    assert!(state.node_views(false).is_empty());
     assert_eq!(state, ScheduleState::new());
 }

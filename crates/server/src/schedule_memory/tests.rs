@@ -19,8 +19,8 @@ const REPLICAS: usize = 2;
 enum Op {
     /// A job of `tasks` tasks, chained one after the other or independent.
     Submit { tasks: usize, chain: bool, retries: u32, cores: u32, project: usize },
-    /// A placement round on one replica.
-    Round { replica: usize },
+    /// A placement round on one replica, assigning ahead onto busy nodes or not.
+    Round { replica: usize, ahead: bool },
     /// Rounds on every replica at once, interleaved at every store call: one may plan a task
     /// another claims first.
     RoundsTogether,
@@ -40,7 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (1..6usize, any::<bool>(), 0..3u32, 1..3u32, 0..2usize)
             .prop_map(|(tasks, chain, retries, cores, project)| Op::Submit { tasks, chain, retries, cores, project }),
-        4 => (0..REPLICAS).prop_map(|replica| Op::Round { replica }),
+        4 => (0..REPLICAS, any::<bool>()).prop_map(|(replica, ahead)| Op::Round { replica, ahead }),
         2 => Just(Op::RoundsTogether),
         4 => (0..REPLICAS, any::<usize>(), any::<bool>()).prop_map(|(replica, pick, fail)| Op::Finish { replica, pick, fail }),
         1 => (0..NODES).prop_map(|node| Op::LoseNode { node }),
@@ -70,6 +70,11 @@ fn spec(node: usize) -> NodeSpec {
     }
 }
 
+/// Rules of a round without held projects.
+fn rules(rooms: &BTreeMap<String, Room>, ahead: bool) -> Rules<'_> {
+    Rules { held: &[], rooms, ahead }
+}
+
 /// What the memory holds, compared with a memory rebuilt from the store for the same sessions.
 async fn check(store: &dyn Store, replica: &Replica, when: &str) {
     replica.memory.sync(store, &replica.sessions).await.unwrap();
@@ -79,6 +84,11 @@ async fn check(store: &dyn Store, replica: &Replica, when: &str) {
     let rebuilt = rebuilt.state();
     assert_eq!(kept.queue_snapshot(), rebuilt.queue_snapshot(), "queue differs {when}");
     assert_eq!(kept.nodes(), rebuilt.nodes(), "nodes differ {when}");
+    for book in rebuilt.nodes().values() {
+        // Attempts assigned ahead wait beyond capacity, never beyond one node's worth more.
+        let load = book.load();
+        assert!(load.capacity.plus(&load.capacity).fits(&load.reserved), "{book:?} overbooked {when}");
+    }
 }
 
 async fn run(ops: Vec<Op>) {
@@ -117,11 +127,11 @@ async fn run(ops: Vec<Op>) {
                 plan.project = format!("p{project}");
                 jobs.push(store.submit(&plan, "", "f", now).await.unwrap());
             }
-            Op::Round { replica } => {
+            Op::Round { replica, ahead } => {
                 let r = &mut replicas[replica];
                 let round = r
                     .memory
-                    .place(store, &r.sessions, &HashMap::new(), now, &[], &BTreeMap::new())
+                    .place(store, &r.sessions, &HashMap::new(), now, rules(&BTreeMap::new(), ahead))
                     .await
                     .unwrap();
                 r.open.extend(round.assignments);
@@ -130,8 +140,8 @@ async fn run(ops: Vec<Op>) {
                 let [a, b] = &mut replicas[..] else { unreachable!("two replicas") };
                 let (none, rooms) = (HashMap::new(), BTreeMap::new());
                 let (ra, rb) = tokio::join!(
-                    a.memory.place(store, &a.sessions, &none, now, &[], &rooms),
-                    b.memory.place(store, &b.sessions, &none, now, &[], &rooms),
+                    a.memory.place(store, &a.sessions, &none, now, rules(&rooms, true)),
+                    b.memory.place(store, &b.sessions, &none, now, rules(&rooms, false)),
                 );
                 a.open.extend(ra.unwrap().assignments);
                 b.open.extend(rb.unwrap().assignments);

@@ -3,7 +3,7 @@
 use super::*;
 
 /// The placements of `plan` that still fit their nodes as the store stands now (see
-/// [`admit`]): the plan was made from a snapshot that other writes may have overtaken.
+/// [`admit`]; a placement ahead may wait beyond the node's capacity): the plan was made from a snapshot that other writes may have overtaken.
 pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) -> Result<Vec<Placement>> {
     if plan.is_empty() {
         return Ok(Vec::new());
@@ -18,11 +18,11 @@ pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) 
         list.push_bind(p.node_id);
     }
     q.push(") GROUP BY n.id");
-    let mut free = std::collections::HashMap::new();
+    let mut loads = std::collections::HashMap::new();
     for r in q.build().fetch_all(&mut *conn).await? {
-        let total = Resources { cores: get_u32(&r, 1), memory: get_u64(&r, 2), pids: 0 };
-        let used = Resources { cores: get_u32(&r, 3), memory: get_u64(&r, 4), pids: 0 };
-        free.insert(r.get::<i64, _>(0), total.minus(&used));
+        let capacity = Resources { cores: get_u32(&r, 1), memory: get_u64(&r, 2), pids: 0 };
+        let reserved = Resources { cores: get_u32(&r, 3), memory: get_u64(&r, 4), pids: 0 };
+        loads.insert(r.get::<i64, _>(0), NodeLoad { capacity, reserved });
     }
     let mut q =
         QueryBuilder::<Sqlite>::new("SELECT id, cores, memory FROM tasks WHERE state = 'queued' AND id IN (");
@@ -38,7 +38,7 @@ pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) 
         .iter()
         .map(|r| (r.get::<i64, _>(0), Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 }))
         .collect();
-    Ok(admit(plan, &mut free, &need))
+    Ok(admit(plan, &mut loads, &need))
 }
 
 /// A non-negative count read as `u32` (saturating: a corrupt negative reads as 0).
