@@ -622,6 +622,7 @@ impl Agent {
                     Some(runtime) => {
                         let image = image_blob
                             .map(|blob| attempt::ImageToLoad { blob, fetcher: this.images.clone() });
+                        let capacity = this.capacity.clone();
                         let runner = attempt::Runner {
                             runtime,
                             outbox: this.outbox.clone(),
@@ -631,15 +632,18 @@ impl Agent {
                             max_log: this.limits.max_log(),
                             ai,
                             image,
+                            // The next attempt in line starts while this one keeps its outputs
+                            // and reports its end.
+                            sandbox_gone: Some(Box::new(move || lock(&capacity).release(reserved))),
                         };
                         attempt::run(runner, spec, timeout, stop_rx, resume).await;
                     }
                     None => {
+                        lock(&this.capacity).release(reserved);
                         attempt::refuse(&this.outbox, attempt_id, &format!("this node has no {kind} runtime"))
                             .await
                     }
                 }
-                lock(&this.capacity).release(reserved);
                 lock(&this.running).remove(&attempt_id);
                 if let Err(e) = tokio::fs::remove_dir_all(&workspace).await {
                     tracing::debug!(error = %e, "workspace not removed");

@@ -83,7 +83,7 @@ pub async fn run(
     stop: watch::Receiver<StopReason>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Runner { runtime, outbox, journal, grace, io, max_log, ai, image } = runner;
+    let Runner { runtime, outbox, journal, grace, io, max_log, ai, image, sandbox_gone } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -142,6 +142,9 @@ pub async fn run(
         };
         if let Err(e) = runtime.cleanup(&spec).await {
             tracing::warn!(error = %e, "cleanup failed");
+        }
+        if let Some(gone) = sandbox_gone {
+            gone();
         }
         for hook in &mut hooks {
             hook.poststop(&spec, &mut outcome).await;
@@ -403,6 +406,9 @@ pub struct Runner {
     pub ai: Option<AiTask>,
     /// The image archive the task's image comes from, when it was shipped with the job.
     pub image: Option<ImageToLoad>,
+    /// Called once the sandbox is cleaned up, before outputs are kept and the end is
+    /// reported: the node's room is free again while the attempt wraps up.
+    pub sandbox_gone: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// An image archive shipped with a job, to load when the node lacks the image.
@@ -802,6 +808,7 @@ mod tests {
         let outbox = Arc::new(Outbox::default());
         let mut sent = Box::pin(outbox.reports());
         outbox.connect(1);
+        let gone = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let runner = Runner {
             runtime,
             outbox,
@@ -811,9 +818,17 @@ mod tests {
             max_log: 0,
             ai: None,
             image: None,
+            sandbox_gone: Some(Box::new({
+                let gone = gone.clone();
+                move || {
+                    gone.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })),
         };
         let (_stop_tx, stop) = watch::channel(StopReason::None);
         let outcome = run(runner, spec, Some(Duration::from_secs(30)), stop, resume).await;
+        // However the attempt ended, the node's room was given back once.
+        assert_eq!(gone.load(std::sync::atomic::Ordering::SeqCst), 1, "sandbox_gone called once");
         let mut pieces = Vec::new();
         let mut message = None;
         let reports = std::iter::from_fn(|| sent.next().now_or_never().flatten()).flat_map(|m| match m.msg {

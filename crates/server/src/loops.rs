@@ -21,7 +21,10 @@ pub(crate) async fn scheduler(shared: Arc<Shared>) {
         let mut missed = 0;
         loop {
             match schedule_once(&shared).await {
-                Ok(round) if round.assigned > 0 => missed = 0,
+                // Another round only when this one left room and tasks: most rounds fill what
+                // a finish freed, and a round that finds nothing still reads the queue.
+                Ok(round) if round.assigned > 0 && round.more => missed = 0,
+                Ok(round) if round.assigned > 0 => break,
                 Ok(round) if round.refused > 0 && missed < 3 => missed += 1,
                 Ok(_) => break,
                 Err(e) => {

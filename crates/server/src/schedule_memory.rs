@@ -41,6 +41,9 @@ pub(crate) struct Round {
     /// Placements the store did not take (the task or the node had changed since the memory
     /// was read); the next round's read catches up.
     pub(crate) refused: usize,
+    /// Whether, as far as the memory knows, room and queued tasks are both left after the
+    /// round, so that another round at once may place more.
+    pub(crate) more: bool,
 }
 
 /// Whether `queue`'s tasks ask for at least `free_cores` together, so that they could fill
@@ -215,6 +218,7 @@ impl ScheduleMemory {
                 inner.state.left_queue(a.task_id);
                 inner.state.reserve(a.node_id, a.attempt_id, a.plan.resources);
             }
+            round.more = inner.state.free_cores(ahead) > 0 && inner.state.queue_len() > 0;
         }
         if !refused.is_empty() {
             // Most refusals are tasks another replica claimed first: the queue's changes tell.

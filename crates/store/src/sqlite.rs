@@ -444,36 +444,23 @@ impl Store for SqliteStore {
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
         let mut tx = self.writer.begin().await?;
-        // The price table in force now; each new attempt is metered against it for good.
-        let price_version: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM prices").fetch_one(&mut *tx).await?;
-        let plan = admissible(&mut tx, plan).await?;
+        let (plan, nodes) = admissible(&mut tx, plan).await?;
         let mut out = Vec::with_capacity(plan.len());
         let mut events: BTreeMap<i64, Vec<Ev>> = BTreeMap::new();
-        // Each node's epoch and name, read once per round rather than once per placement.
-        let mut nodes: HashMap<i64, Option<(i64, String)>> = HashMap::new();
         for p in &plan {
-            let node = match nodes.entry(p.node_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                    sqlx::query_as("SELECT epoch, name FROM nodes WHERE id = ? AND state = 'ready'")
-                        .bind(p.node_id)
-                        .fetch_optional(&mut *tx)
-                        .await?,
-                ),
-            };
-            let Some((epoch, node_name)) = node.clone() else { continue };
+            let Some((epoch, node_name)) = nodes.get(&p.node_id).cloned() else { continue };
             // The attempt first, from the task row while it is still queued; then the task
             // points at it, in one statement each.
+            // Metered against the price table in force now, for good.
             let attempt = sqlx::query(
                 "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
-                 price_version) SELECT id, job_id, attempts + 1, ?, ?, 'assigned', cores, memory, ?, ? \
+                 price_version) SELECT id, job_id, attempts + 1, ?, ?, 'assigned', cores, memory, ?, \
+                 (SELECT COALESCE(MAX(version), 0) FROM prices) \
                  FROM tasks WHERE id = ? AND state = 'queued' RETURNING id, number",
             )
             .bind(p.node_id)
             .bind(epoch)
             .bind(now_ms)
-            .bind(price_version)
             .bind(p.task_id)
             .fetch_optional(&mut *tx)
             .await?;

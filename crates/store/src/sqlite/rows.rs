@@ -4,12 +4,17 @@ use super::*;
 
 /// The placements of `plan` that still fit their nodes as the store stands now (see
 /// [`admit`]; a placement ahead may wait beyond the node's capacity): the plan was made from a snapshot that other writes may have overtaken.
-pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) -> Result<Vec<Placement>> {
+///
+/// Also returns each ready node's epoch and name, which the attempts need.
+pub(super) async fn admissible(
+    conn: &mut SqliteConnection,
+    plan: &[Placement],
+) -> Result<(Vec<Placement>, HashMap<i64, (i64, String)>)> {
     if plan.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), HashMap::new()));
     }
     let mut q = QueryBuilder::<Sqlite>::new(
-        "SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0) \
+        "SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), n.epoch, n.name \
          FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
          WHERE n.state = 'ready' AND n.id IN (",
     );
@@ -18,11 +23,14 @@ pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) 
         list.push_bind(p.node_id);
     }
     q.push(") GROUP BY n.id");
-    let mut loads = std::collections::HashMap::new();
+    let mut loads = HashMap::new();
+    let mut nodes = HashMap::new();
     for r in q.build().fetch_all(&mut *conn).await? {
         let capacity = Resources { cores: get_u32(&r, 1), memory: get_u64(&r, 2), pids: 0 };
         let reserved = Resources { cores: get_u32(&r, 3), memory: get_u64(&r, 4), pids: 0 };
-        loads.insert(r.get::<i64, _>(0), NodeLoad { capacity, reserved });
+        let id = r.get::<i64, _>(0);
+        loads.insert(id, NodeLoad { capacity, reserved });
+        nodes.insert(id, (r.get::<i64, _>(5), r.get::<String, _>(6)));
     }
     let mut q =
         QueryBuilder::<Sqlite>::new("SELECT id, cores, memory FROM tasks WHERE state = 'queued' AND id IN (");
@@ -38,7 +46,7 @@ pub(super) async fn admissible(conn: &mut SqliteConnection, plan: &[Placement]) 
         .iter()
         .map(|r| (r.get::<i64, _>(0), Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 }))
         .collect();
-    Ok(admit(plan, &mut loads, &need))
+    Ok((admit(plan, &mut loads, &need), nodes))
 }
 
 /// A non-negative count read as `u32` (saturating: a corrupt negative reads as 0).

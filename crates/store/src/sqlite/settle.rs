@@ -5,27 +5,28 @@ use super::*;
 
 /// Recomputes a job's state from its tasks and records a job event when it changed.
 pub(super) async fn refresh_job(conn: &mut SqliteConnection, job_id: i64, now_ms: i64) -> Result<()> {
-    let row = sqlx::query("SELECT state, cancelled FROM jobs WHERE id = ?")
-        .bind(job_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    let old: JobState = parse_word("job state", row.get::<&str, _>(0))?;
-    let cancelled: bool = row.get(1);
-    // The distinct task states by a "loose index scan" of `tasks_by_job_state`: one index probe
-    // per state instead of reading every task, since this runs on every task settled.
-    let states: Vec<String> = sqlx::query_scalar(
+    // The job's row and its tasks' distinct states in one statement. The states come by a
+    // "loose index scan" of `tasks_by_job_state`: one index probe per state instead of reading
+    // every task, since this runs on every task settled.
+    let row = sqlx::query(
         "WITH RECURSIVE s(state) AS ( \
              SELECT MIN(state) FROM tasks WHERE job_id = ?1 \
              UNION ALL \
              SELECT (SELECT MIN(t.state) FROM tasks t WHERE t.job_id = ?1 AND t.state > s.state) \
              FROM s WHERE s.state IS NOT NULL) \
-         SELECT state FROM s WHERE state IS NOT NULL",
+         SELECT j.state, j.cancelled, (SELECT group_concat(state, ' ') FROM s WHERE state IS NOT NULL) \
+         FROM jobs j WHERE j.id = ?1",
     )
     .bind(job_id)
-    .fetch_all(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let states =
-        states.iter().map(|s| parse_word::<TaskState>("task state", s)).collect::<Result<Vec<_>>>()?;
+    let old: JobState = parse_word("job state", row.get::<&str, _>(0))?;
+    let cancelled: bool = row.get(1);
+    let states = row.get::<Option<&str>, _>(2).unwrap_or_default();
+    let states = states
+        .split_whitespace()
+        .map(|s| parse_word::<TaskState>("task state", s))
+        .collect::<Result<Vec<_>>>()?;
     let new = JobState::derive(states, cancelled);
     if new != old {
         let ended = new.is_final().then_some(now_ms);
