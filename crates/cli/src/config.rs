@@ -696,6 +696,17 @@ mod tests {
     }
 
     #[test]
+    fn assigning_ahead_is_on_unless_the_file_or_the_flag_turns_it_off() {
+        assert!(load(None, Overrides::default()).unwrap().server.assign_ahead);
+        let (_dir, path) = file("version = 1\n[server]\nassign_ahead = false\n");
+        assert!(!load(Some(&path), Overrides::default()).unwrap().server.assign_ahead);
+        let args = crate::args::ServerArgs { no_assign_ahead: true, ..Default::default() };
+        let mut flags = Overrides::default();
+        args.overrides(&mut flags);
+        assert!(!load(None, flags).unwrap().server.assign_ahead);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let (_dir, path) = file("[server]\nlease = \"soon\"\n");
         let err = load(Some(&path), Overrides::default()).unwrap_err().to_string();
