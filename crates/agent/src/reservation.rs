@@ -61,6 +61,10 @@ impl Reserved {
     }
 }
 
+/// Most attempts that may wait for room at once: far beyond what a server assigns ahead (one
+/// node's worth), so that only a server gone wrong meets it, and the line stays bounded.
+pub const MAX_WAITING: usize = 4096;
+
 /// Whether an attempt may start now, must wait its turn, or can never run on this node.
 #[derive(Debug)]
 pub enum Admission {
@@ -124,6 +128,12 @@ impl Capacity {
             && let Some(reserved) = self.take(cores, memory)
         {
             return Admission::Now(reserved);
+        }
+        if self.waiting.len() >= MAX_WAITING {
+            return Admission::Never(format!(
+                "{} attempts already wait for room on this node; it takes no more",
+                self.waiting.len()
+            ));
         }
         let (turn, wait) = oneshot::channel();
         self.waiting.push_back(Waiter { attempt_id, cores, memory, turn });
@@ -247,6 +257,18 @@ mod tests {
         drop(abandoned);
         cap.release(a);
         assert_eq!(last.try_recv().expect("the turn passed on").pin_to(), vec![0]);
+    }
+
+    #[test]
+    fn the_line_is_bounded() {
+        let mut cap = Capacity::new(1, 1, 0);
+        let _running = now(cap.admit(0, 1, 0));
+        let _line: Vec<_> = (1..=MAX_WAITING as i64).map(|id| later(cap.admit(id, 1, 0))).collect();
+        match cap.admit(-1, 1, 0) {
+            Admission::Never(why) => assert!(why.contains("already wait"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cap.waiting(), MAX_WAITING);
     }
 
     #[test]

@@ -105,8 +105,7 @@ pub struct ServerArgs {
     /// again in tasks that wait on it and start the moment a task there ends, so short tasks
     /// run back to back; with this, every task waits in the server's queue until a node has
     /// room, so that a node freed later can still take it (farms of long tasks on nodes of
-    /// different speeds). Replicas sharing one PostgreSQL currently run faster with it, since
-    /// assigning ahead makes them race for the same queued tasks.
+    /// different speeds).
     #[arg(long, env = "DROVER_NO_ASSIGN_AHEAD")]
     pub no_assign_ahead: bool,
     /// TLS on both listeners: auto (on unless listening on loopback), on, or off (loopback

@@ -231,11 +231,12 @@ impl ScheduleState {
     pub fn node_views(&self, ahead: bool) -> Vec<NodeView> {
         self.nodes
             .values()
-            .map(|book| NodeView {
+            .map(|book| (book, book.load()))
+            .map(|(book, load)| NodeView {
                 id: book.id,
                 labels: book.labels.clone(),
-                free: book.free(),
-                ahead: if ahead { book.load().ahead() } else { Resources::NONE },
+                free: load.room(false),
+                ahead: if ahead { load.ahead() } else { Resources::NONE },
                 runtimes: book.runtimes.clone(),
                 warm: BTreeMap::new(),
             })
