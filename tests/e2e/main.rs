@@ -14,6 +14,7 @@ mod large_jobs;
 mod limits;
 mod live;
 mod logs_kept;
+mod many_tasks;
 mod masking;
 mod microvm;
 mod oidc;

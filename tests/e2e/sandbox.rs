@@ -31,6 +31,9 @@ fn the_agent_names_what_it_enforces_and_a_fork_bomb_stops_at_its_limit() {
     }
     assert!(log.contains("enforces=memory,pids"), "{log}");
     // A marker in the command line, so that any survivor can be found in /proc afterwards.
+    // The task's own shell forks its timer and the bomb's root before the bomb grows, and
+    // then forks nothing more: a shell that cannot fork exits 2, so a fork of its own after
+    // the bomb filled the limit would race the bomb for the last pid.
     let marker = format!("bomb-{}", std::process::id());
     let job = c.submit(&format!(
         r#"
@@ -39,7 +42,7 @@ name: bomb
 tasks:
   - name: bomb
     resources: {{ pids: 32 }}
-    command: "b() {{ b & b & }}; b; sleep 2; echo {marker}; exit 3"
+    command: "sleep 2 & s=$!; (b() {{ b & b & }}; b) & wait $s; echo {marker}; exit 3"
 "#
     ));
     let status = c.wait_done(job, T);

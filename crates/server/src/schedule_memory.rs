@@ -208,7 +208,8 @@ impl ScheduleMemory {
         }
         let span = tracing::debug_span!("assign", tasks = placed.placements.len());
         let assignments = store.assign(&placed.placements, now_ms).instrument(span).await?;
-        let taken: HashSet<i64> = assignments.iter().map(|a| a.task_id).collect();
+        // A placement is filled by its task, or by one that stood in for it.
+        let taken: HashSet<i64> = assignments.iter().map(|a| a.instead_of.unwrap_or(a.task_id)).collect();
         let refused: Vec<_> =
             placed.placements.iter().filter(|p| !taken.contains(&p.task_id)).copied().collect();
         round.refused = refused.len();

@@ -174,7 +174,10 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a placement plan: each task still queued on a node still ready gets a new
     /// attempt, metered under the latest price version (see [`TenantStore::record_prices`]),
     /// and loses its reason (a hold's or a retry's no longer applies once it runs). Returns
-    /// what to send to the agents.
+    /// what to send to the agents, in plan order. Where replicas race (PostgreSQL), a
+    /// placement whose task another replica took may be filled by an interchangeable queued
+    /// task instead (same job, task name, resources, constraints and runtime); its
+    /// [`Assignment::instead_of`] names the placed task.
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>>;
 
     /// Records that an attempt started running: [`apply_updates`](Self::apply_updates) of one

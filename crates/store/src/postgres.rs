@@ -201,6 +201,7 @@ fn get_u32(row: &PgRow, index: usize) -> Result<u32> {
 mod access;
 mod archive;
 mod artifacts;
+mod assign;
 mod dependencies;
 mod events;
 mod queue_feed;
@@ -246,13 +247,6 @@ async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRec
             })
         })
         .collect()
-}
-
-/// A node locked by `assign`, with what it offers and holds.
-struct LockedNode {
-    epoch: i64,
-    name: String,
-    load: NodeLoad,
 }
 
 #[async_trait]
@@ -638,175 +632,7 @@ impl Store for PostgresStore {
     }
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
-        if plan.is_empty() {
-            return Ok(Vec::new());
-        }
-        let out = transaction!(self.pool, "assign", |tx| {
-            // 1. Lock the nodes (first in the lock order). Other replicas assigning to these
-            // nodes wait here until this commits.
-            let mut node_ids: Vec<i64> = plan.iter().map(|p| p.node_id).collect();
-            node_ids.sort_unstable();
-            node_ids.dedup();
-            let rows = sqlx::query(
-                "SELECT id, epoch, name, cores, memory FROM nodes WHERE id = ANY($1) AND state = 'ready' \
-                 ORDER BY id FOR NO KEY UPDATE",
-            )
-            .bind(&node_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut nodes: HashMap<i64, LockedNode> = HashMap::with_capacity(rows.len());
-            for r in &rows {
-                let capacity = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)?, pids: 0 };
-                let load = NodeLoad { capacity, reserved: Resources::NONE };
-                nodes.insert(r.try_get(0)?, LockedNode { epoch: r.try_get(1)?, name: r.try_get(2)?, load });
-            }
-            // What they have reserved, read by a statement of its own: its snapshot is taken
-            // after the locks were granted, so it sees the attempts of the replica that held
-            // them. (The locking statement itself still sees the database as of its start.)
-            let used: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT node_id, SUM(cores)::BIGINT, SUM(memory)::BIGINT FROM attempts \
-                 WHERE node_id = ANY($1) AND state <> 'ended' GROUP BY node_id",
-            )
-            .bind(&node_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            for (node_id, cores, memory) in used {
-                if let Some(node) = nodes.get_mut(&node_id) {
-                    let cores = u32::try_from(cores).unwrap_or(u32::MAX);
-                    let memory = u64::try_from(memory).unwrap_or(u64::MAX);
-                    node.load.reserved = Resources { cores, memory, pids: 0 };
-                }
-            }
-            // 2. Admit placements that still fit, in plan order (the snapshot may be stale:
-            // another replica may have filled the node since).
-            let task_ids: Vec<i64> = plan.iter().map(|p| p.task_id).collect();
-            let wanted: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
-                "SELECT id, job_id, cores, memory FROM tasks WHERE id = ANY($1) AND state = 'queued'",
-            )
-            .bind(&task_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut job_of = HashMap::with_capacity(wanted.len());
-            let mut need = HashMap::with_capacity(wanted.len());
-            for (id, job_id, cores, memory) in wanted {
-                job_of.insert(id, job_id);
-                let cores = u32::try_from(cores).unwrap_or(u32::MAX);
-                let memory = u64::try_from(memory).unwrap_or(u64::MAX);
-                need.insert(id, Resources { cores, memory, pids: 0 });
-            }
-            let mut loads: HashMap<i64, NodeLoad> = nodes.iter().map(|(id, n)| (*id, n.load)).collect();
-            let admitted = admit(plan, &mut loads, &need);
-            let admitted_tasks: Vec<i64> = admitted.iter().map(|p| p.task_id).collect();
-            let admitted_nodes: Vec<i64> = admitted.iter().map(|p| p.node_id).collect();
-            let jobs: Vec<i64> = admitted_tasks.iter().filter_map(|id| job_of.get(id).copied()).collect();
-            if admitted_tasks.is_empty() {
-                return Ok(Vec::new());
-            }
-            // 3. Jobs before tasks, in id order.
-            lock_jobs(&mut tx, &jobs).await?;
-            // 4. Claim: only tasks still queued now. `FOR UPDATE SKIP LOCKED` passes over rows
-            // another replica is claiming at this moment instead of waiting for its commit, so
-            // concurrent schedulers never block each other and never take the same task.
-            let claimed = sqlx::query(
-                "UPDATE tasks t SET state = 'assigned', attempts = t.attempts + 1, node_id = p.node_id, reason = '', \
-                 started_ms = NULL, ended_ms = NULL \
-                 FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS p(task_id, node_id) \
-                 WHERE t.id = p.task_id AND t.state = 'queued' \
-                 AND t.id IN (SELECT id FROM tasks WHERE id = ANY($1) AND state = 'queued' \
-                              ORDER BY id FOR UPDATE SKIP LOCKED) \
-                 RETURNING t.id, t.job_id, t.name, t.frame, t.plan, t.attempts, t.cores, t.memory, p.node_id",
-            )
-            .bind(&admitted_tasks)
-            .bind(&admitted_nodes)
-            .fetch_all(&mut *tx)
-            .await?;
-            if claimed.is_empty() {
-                return Ok(Vec::new());
-            }
-            // 5. One attempt per claimed task, made current (fencing), metered against the
-            // latest price table (`record_prices` commits a new version whole, so this reads
-            // either the old latest or the new one).
-            let n = claimed.len();
-            let (mut a_task, mut a_job, mut a_number, mut a_node, mut a_epoch, mut a_cores, mut a_memory) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            for r in &claimed {
-                let node_id: i64 = r.try_get(8)?;
-                let epoch = nodes.get(&node_id).map(|n| n.epoch).unwrap_or_default();
-                a_task.push(r.try_get::<i64, _>(0)?);
-                a_job.push(r.try_get::<i64, _>(1)?);
-                a_number.push(r.try_get::<i64, _>(5)?);
-                a_node.push(node_id);
-                a_epoch.push(epoch);
-                a_cores.push(r.try_get::<i64, _>(6)?);
-                a_memory.push(r.try_get::<i64, _>(7)?);
-            }
-            let made: Vec<(i64, i64)> = sqlx::query_as(
-                "WITH made AS ( \
-                     INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
-                                           price_version) \
-                     SELECT u.task_id, u.job_id, u.number, u.node_id, u.epoch, 'assigned', u.cores, u.memory, $8, \
-                            (SELECT COALESCE(MAX(version), 0) FROM prices) \
-                     FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], \
-                                 $7::BIGINT[]) AS u(task_id, job_id, number, node_id, epoch, cores, memory) \
-                     RETURNING id, task_id) \
-                 UPDATE tasks t SET current_attempt = made.id FROM made WHERE t.id = made.task_id \
-                 RETURNING made.task_id, made.id",
-            )
-            .bind(&a_task)
-            .bind(&a_job)
-            .bind(&a_number)
-            .bind(&a_node)
-            .bind(&a_epoch)
-            .bind(&a_cores)
-            .bind(&a_memory)
-            .bind(now_ms)
-            .fetch_all(&mut *tx)
-            .await?;
-            let attempt_of: HashMap<i64, i64> = made.into_iter().collect();
-            // 6. Events and job states, in plan order.
-            let mut out = Vec::with_capacity(n);
-            let mut events = Vec::with_capacity(n);
-            let by_task: HashMap<i64, &PgRow> =
-                claimed.iter().map(|r| Ok((r.try_get::<i64, _>(0)?, r))).collect::<Result<_>>()?;
-            for task_id in &admitted_tasks {
-                let Some(r) = by_task.get(task_id) else { continue };
-                let attempt_id =
-                    *attempt_of.get(task_id).ok_or_else(|| corrupt("attempt", "insert returned no id"))?;
-                let job_id: i64 = r.try_get(1)?;
-                let node_id: i64 = r.try_get(8)?;
-                let number = get_u32(r, 5)?;
-                let Some(node) = nodes.get(&node_id) else { continue };
-                let mut ev =
-                    Ev::task(job_id, *task_id, r.try_get::<&str, _>(2)?, r.try_get(3)?, TaskState::Assigned);
-                ev.attempt = number;
-                ev.node = node.name.clone();
-                events.push(ev);
-                out.push(Assignment {
-                    attempt_id,
-                    epoch: node.epoch,
-                    number,
-                    node_id,
-                    task_id: *task_id,
-                    job_id,
-                    plan: json("task plan", r.try_get::<&str, _>(4)?)?,
-                });
-            }
-            let mut jobs: Vec<i64> = out.iter().map(|a| a.job_id).collect();
-            jobs.sort_unstable();
-            jobs.dedup();
-            emit(&mut tx, now_ms, events).await?;
-            refresh_jobs(&mut tx, &jobs, now_ms).await?;
-            Ok(out)
-        })?;
-        tracing::debug!(planned = plan.len(), assigned = out.len(), "assigned tasks");
-        Ok(out)
+        assign::assign(&self.pool, plan, now_ms).await
     }
 
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {

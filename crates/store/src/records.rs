@@ -189,6 +189,9 @@ pub struct Assignment {
     pub job_id: i64,
     /// What to run.
     pub plan: TaskPlan,
+    /// The placed task this one stands in for, when that task was gone by the time of the
+    /// claim (another replica took it) and an interchangeable queued task took its place.
+    pub instead_of: Option<i64>,
 }
 
 /// An agent's report that an attempt ended.

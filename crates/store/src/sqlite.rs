@@ -492,6 +492,8 @@ impl Store for SqliteStore {
                 task_id: p.task_id,
                 job_id,
                 plan: json("task plan", task.get::<&str, _>(3))?,
+                // One server writes an SQLite store: no other scheduler takes a placed task.
+                instead_of: None,
             });
         }
         for (job_id, evs) in events {

@@ -4,8 +4,10 @@
 //! updates (the default) and with `--completion-batch 1` (every start and finish committed on
 //! its own). tasks/s = tasks / (first submit → every job's final event).
 //!
-//! Each configuration starts on a fresh database (with `synchronous_commit = on`, as in the
-//! store section) with fresh servers and agents; agent `i` prefers replica `i mod K` and knows
+//! Every run starts on a fresh database (with `synchronous_commit = on`, as in the store
+//! section) with fresh servers and agents, and the configurations take turns run by run: a
+//! database that grew over earlier runs, or a machine that slowed down, would otherwise weigh
+//! on whichever configuration ran last. Agent `i` prefers replica `i mod K` and knows
 //! them all, so with three replicas each one holds the session of one agent. Authorization is on:
 //! the first replica to start writes the operator key (the others find it in the store), every
 //! client carries it, and each agent enrolls with its own join token.
@@ -70,11 +72,24 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
         Config { replicas: 1, batch: Some(1) },
         Config { replicas: 3, batch: Some(1) },
     ];
+    // The configurations take turns, run by run; one that fails is not run again.
+    let mut results: Vec<Result<Runs>> = configs.iter().map(|_| Ok(Runs::default())).collect();
+    for run in 0..ctx.runs {
+        for (config, result) in configs.iter().zip(results.iter_mut()) {
+            let Ok(runs) = result else { continue };
+            match one_run(ctx, server, *config, n, run).await {
+                Ok((rate, cpu)) => {
+                    runs.rates.push(rate);
+                    runs.cpu.push(cpu);
+                }
+                Err(e) => *result = Err(e),
+            }
+        }
+    }
     let mut measures = Vec::new();
     let mut cpu_rows = Vec::new();
-    for config in configs {
+    for (config, result) in configs.into_iter().zip(results) {
         let label = config.label();
-        let result = config_runs(ctx, server, config, n).await;
         if config.batch.is_none() {
             let cpu = result.as_ref().map(|r| r.cpu.clone()).map_err(|e| anyhow!("{e:#}"));
             cpu_rows.push(cpu_row(n, &label, cpu));
@@ -144,71 +159,69 @@ fn rows(n: usize, [one, three, one_single, three_single]: [Measure; 4]) -> Vec<R
     ]
 }
 
-/// `ctx.runs` runs of one configuration on a fresh database and fleet; tasks/s per run.
-async fn config_runs(
+/// Run `run` of one configuration, on a fresh database and fleet: tasks/s and CPU per task.
+async fn one_run(
     ctx: &Ctx,
     server: &drover_store::pg_test::TempPostgres,
     config: Config,
     n: usize,
-) -> Result<Runs> {
+    run: usize,
+) -> Result<(f64, CpuUse)> {
     let database = durable_database(server).await?;
     let dir = ctx.dir(&format!(
-        "replicas-{}-{}",
+        "replicas-{}-{}-run{}",
         config.replicas,
-        config.batch.map(|b| b.to_string()).unwrap_or_else(|| "default".into())
+        config.batch.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
+        run + 1
     ))?;
     let fleet = Fleet::start(&ctx.drover, &dir, &database, config).await?;
     let mut clients = Vec::new();
     for url in &fleet.urls {
         clients.push(connect(url, &fleet.key).await?);
     }
-    let plans: Vec<String> = (0..JOBS)
-        .map(|j| {
-            let size = n / JOBS + usize::from(j < n % JOBS);
+    let sizes: Vec<usize> = (0..JOBS).map(|j| (n / JOBS + usize::from(j < n % JOBS)).max(1)).collect();
+    let plans: Vec<String> = sizes
+        .iter()
+        .enumerate()
+        .map(|(j, size)| {
             plan_json(&format!(
-                "version: 1\nname: bench-replicas-{j}\ntasks:\n  - name: t\n    array: \"1-{}\"\n    command: [\"true\"]\n",
-                size.max(1)
+                "version: 1\nname: bench-replicas-{j}\ntasks:\n  - name: t\n    array: \"1-{size}\"\n    command: [\"true\"]\n"
             ))
         })
         .collect::<Result<_>>()?;
-    let total: usize = (0..JOBS).map(|j| (n / JOBS + usize::from(j < n % JOBS)).max(1)).sum();
+    let total: usize = sizes.iter().sum();
     let timeout = Duration::from_secs(60) + Duration::from_millis(50 * total as u64);
-    let mut rates = Vec::new();
-    let mut cpu = Vec::new();
-    for run in 0..ctx.runs {
-        let before = CpuUse::now(&fleet, server)?;
-        let start = Instant::now();
-        let mut watchers = Vec::new();
-        for (j, plan) in plans.iter().enumerate() {
-            let mut client = clients[j % clients.len()].clone();
-            let job = submit(&mut client, plan).await?;
-            watchers.push(tokio::spawn(async move { (job, watch(&mut client, job, timeout).await) }));
-        }
-        let mut done = start;
-        for w in watchers {
-            let (job, watched) = w.await.map_err(|e| anyhow!("a watcher panicked: {e}"))?;
-            let watched = watched?;
-            if watched.state != JobState::Succeeded {
-                bail!("job {job} ended {} (see {})", watched.state, dir.display());
-            }
-            done = done.max(watched.done);
-        }
-        let secs = done.duration_since(start).as_secs_f64();
-        let used = CpuUse::now(&fleet, server)?.since(before, total);
-        eprintln!(
-            "  {} run {}: {total} tasks in {secs:.2}s; CPU per task: servers {:.2} ms, PostgreSQL {:.2} ms",
-            config.label(),
-            run + 1,
-            used.servers,
-            used.postgres
-        );
-        rates.push(total as f64 / secs);
-        cpu.push(used);
+    let before = CpuUse::now(&fleet, server)?;
+    let start = Instant::now();
+    let mut watchers = Vec::new();
+    for (j, plan) in plans.iter().enumerate() {
+        let mut client = clients[j % clients.len()].clone();
+        let job = submit(&mut client, plan).await?;
+        watchers.push(tokio::spawn(async move { (job, watch(&mut client, job, timeout).await) }));
     }
-    Ok(Runs { rates, cpu })
+    let mut done = start;
+    for w in watchers {
+        let (job, watched) = w.await.map_err(|e| anyhow!("a watcher panicked: {e}"))?;
+        let watched = watched?;
+        if watched.state != JobState::Succeeded {
+            bail!("job {job} ended {} (see {})", watched.state, dir.display());
+        }
+        done = done.max(watched.done);
+    }
+    let secs = done.duration_since(start).as_secs_f64();
+    let used = CpuUse::now(&fleet, server)?.since(before, total);
+    eprintln!(
+        "  {} run {}: {total} tasks in {secs:.2}s; CPU per task: servers {:.2} ms, PostgreSQL {:.2} ms",
+        config.label(),
+        run + 1,
+        used.servers,
+        used.postgres
+    );
+    Ok((total as f64 / secs, used))
 }
 
 /// What the runs of one configuration measured.
+#[derive(Default)]
 struct Runs {
     /// tasks/s per run.
     rates: Vec<f64>,

@@ -12,7 +12,8 @@ use super::PostgresStore;
 use crate::conformance::{job, task};
 use crate::pg_test::TempPostgres;
 use crate::*;
-use drover_core::JobState;
+use drover_core::placement::Placement;
+use drover_core::{JobState, Resources, TaskPlan, TaskState};
 
 /// A store on a fresh database of the shared test server.
 async fn fresh() -> Box<PostgresStore> {
@@ -148,6 +149,60 @@ async fn concurrent_replicas_place_each_task_once() {
         assert_eq!(a.job(*j).await.unwrap().unwrap().state, JobState::Succeeded);
         assert_events_consecutive(&a, *j).await;
     }
+}
+
+/// A placement whose task another replica claimed first is filled by a queued frame of the
+/// same job and task (it stands in), never by another job's frame or a task of another
+/// size; and only as many as are queued.
+#[tokio::test]
+async fn a_frame_stands_in_for_one_another_replica_took() {
+    let url = TempPostgres::shared().url_for_new_database().await;
+    let (a, b) = (PostgresStore::connect(&url).await.unwrap(), PostgresStore::connect(&url).await.unwrap());
+    let frames = |n: i64| -> Vec<TaskPlan> {
+        (1..=n).map(|f| TaskPlan { frame: Some(f), ..task("render", &[]) }).collect()
+    };
+    let mut first = frames(4);
+    first.push(TaskPlan { resources: Resources { cores: 2, memory: 0, pids: 0 }, ..task("big", &[]) });
+    let job1 = a.submit(&job(first), "", "f", 1).await.unwrap();
+    let job2 = a.submit(&job(frames(3)), "", "f", 1).await.unwrap();
+    let n0 = a.register_node(&node("n0", 8), &[], 1).await.unwrap().node_id;
+    let n1 = b.register_node(&node("n1", 8), &[], 1).await.unwrap().node_id;
+    let tasks = a.tasks(job1).await.unwrap();
+    let id = |name: &str, frame: Option<i64>| {
+        tasks.iter().find(|t| t.name == name && t.frame == frame).map(|t| t.id).expect("task")
+    };
+    let on = |node_id: i64, ids: &[i64]| -> Vec<Placement> {
+        ids.iter().map(|&task_id| Placement { task_id, node_id, ahead: false }).collect()
+    };
+    let (f1, f2, f3, f4, big) = (
+        id("render", Some(1)),
+        id("render", Some(2)),
+        id("render", Some(3)),
+        id("render", Some(4)),
+        id("big", None),
+    );
+    // Replica a claims frames 1-3 and the big task first.
+    let took = a.assign(&on(n0, &[f1, f2, f3, big]), 10).await.unwrap();
+    assert_eq!(
+        took.iter().map(|x| (x.task_id, x.instead_of)).collect::<Vec<_>>(),
+        [(f1, None), (f2, None), (f3, None), (big, None)]
+    );
+    // Replica b placed the same tasks from its own snapshot: frame 4 is all that can stand in.
+    let stood = b.assign(&on(n1, &[f1, f2, f3, big]), 11).await.unwrap();
+    assert_eq!(stood.len(), 1, "{stood:?}");
+    assert_eq!((stood[0].task_id, stood[0].instead_of, stood[0].node_id), (f4, Some(f1), n1));
+    assert_eq!(stood[0].plan.frame, Some(4));
+    let state = |t: &TaskRecord| (t.state, t.attempts);
+    for t in a.tasks(job2).await.unwrap() {
+        assert_eq!(state(&t), (TaskState::Queued, 0), "another job's frame never stands in: {t:?}");
+    }
+    for t in a.tasks(job1).await.unwrap() {
+        assert_eq!(state(&t), (TaskState::Assigned, 1), "{t:?}");
+    }
+    let nodes = a.nodes().await.unwrap();
+    let used = |id: i64| nodes.iter().find(|n| n.id == id).map(|n| (n.running, n.cores_used));
+    assert_eq!((used(n0), used(n1)), (Some((4, 5)), Some((1, 1))));
+    assert_events_consecutive(&a, job1).await;
 }
 
 /// Several replicas starting at once on an empty database migrate it once, without errors.
