@@ -21,6 +21,7 @@ mod records;
 pub mod secrets;
 pub mod sqlite;
 pub mod tenancy;
+mod update_batch;
 mod usage;
 
 use async_trait::async_trait;

@@ -208,11 +208,12 @@ mod queue_feed;
 mod secrets;
 mod settle;
 mod tenancy;
+mod updates;
 
 use events::{Ev, emit, lock_jobs};
 use settle::{
-    AttemptLock, JobChanges, finish_attempt, lose_node_attempts, open_attempt, refresh_jobs,
-    requeue_undelivered, settle_attempt, start_attempt,
+    AttemptLock, JobChanges, lose_node_attempts, open_attempt, refresh_jobs, requeue_undelivered,
+    settle_attempt,
 };
 
 /// Nodes with their reservations; with `live_at`, only ready nodes whose lease lasts until then.
@@ -639,34 +640,8 @@ impl Store for PostgresStore {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let mut attempt_ids: Vec<i64> = updates.iter().map(AttemptUpdate::attempt_id).collect();
-        attempt_ids.sort_unstable();
-        attempt_ids.dedup();
         let applied = transaction!(self.pool, "apply_updates", |tx| {
-            // Every lock the updates need, up front and in the global order (attempts, then
-            // jobs, each by id): applied one by one, a batch would lock a job and then the next
-            // update's attempt, the reverse of what `register_node` and `expire_nodes` do.
-            let job_ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT job_id FROM attempts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            )
-            .bind(&attempt_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            lock_jobs(&mut tx, &job_ids).await?;
-            let mut out = Vec::with_capacity(updates.len());
-            let mut changes = JobChanges::default();
-            for update in updates {
-                out.push(match update {
-                    AttemptUpdate::Started { attempt_id, epoch } => {
-                        start_attempt(&mut tx, &mut changes, *attempt_id, *epoch, now_ms).await?
-                    }
-                    AttemptUpdate::Finished(report) => {
-                        finish_attempt(&mut tx, &mut changes, report, now_ms).await?
-                    }
-                });
-            }
-            changes.write(&mut tx, now_ms).await?;
-            Ok(out)
+            updates::apply(&mut tx, updates, now_ms).await
         })?;
         let stale = applied.iter().filter(|a| **a == Applied::Stale).count();
         tracing::debug!(updates = updates.len(), stale, "attempt updates applied in one transaction");

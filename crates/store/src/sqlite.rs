@@ -33,12 +33,12 @@ mod rows;
 mod secrets;
 mod settle;
 mod tenancy;
+mod updates;
 
 use events::{Ev, emit};
 use rows::{admissible, stored_chunk};
 use settle::{
-    JobChanges, finish_attempt, lose_node_attempts, open_attempt, refresh_job, requeue_undelivered,
-    settle_attempt, start_attempt,
+    JobChanges, lose_node_attempts, open_attempt, refresh_job, requeue_undelivered, settle_attempt,
 };
 
 use crate::artifacts::{ArtifactStore, OutputFile};
@@ -508,25 +508,10 @@ impl Store for SqliteStore {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        // The single writer connection serialises this with every other write, so applying
-        // the updates one after the other inside one transaction is all the fencing needs:
-        // each sees what the ones before it wrote.
         let mut tx = self.writer.begin().await?;
-        let mut out = Vec::with_capacity(updates.len());
-        let mut changes = JobChanges::default();
-        for update in updates {
-            out.push(match update {
-                AttemptUpdate::Started { attempt_id, epoch } => {
-                    start_attempt(&mut tx, &mut changes, *attempt_id, *epoch, now_ms).await?
-                }
-                AttemptUpdate::Finished(report) => {
-                    finish_attempt(&mut tx, &mut changes, report, now_ms).await?
-                }
-            });
-        }
-        changes.write(&mut tx, now_ms).await?;
+        let applied = updates::apply(&mut tx, updates, now_ms).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(applied)
     }
 
     async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>> {

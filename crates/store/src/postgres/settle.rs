@@ -263,56 +263,6 @@ pub(super) async fn requeue_undelivered(
     Ok(())
 }
 
-/// Records that an attempt started running, inside the caller's transaction.
-pub(super) async fn start_attempt(
-    conn: &mut PgConnection,
-    changes: &mut JobChanges,
-    attempt_id: i64,
-    epoch: i64,
-    now_ms: i64,
-) -> Result<Applied> {
-    let Some(a) = open_attempt(conn, attempt_id, Some(epoch), AttemptLock::Update).await? else {
-        return Ok(Applied::Stale);
-    };
-    // No job lock before the task update: this task has an open attempt, so only holders of
-    // the attempt's lock (this transaction) write it.
-    let row = sqlx::query(
-        "WITH started AS ( \
-             UPDATE attempts SET state = 'running', started_ms = $1 WHERE id = $2 AND state = 'assigned') \
-         UPDATE tasks SET state = 'running', started_ms = $1 WHERE id = $3 AND state = 'assigned' \
-         RETURNING name, frame",
-    )
-    .bind(now_ms)
-    .bind(attempt_id)
-    .bind(a.task_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = row {
-        let mut ev =
-            Ev::task(a.job_id, a.task_id, row.try_get::<&str, _>(0)?, row.try_get(1)?, TaskState::Running);
-        ev.attempt = a.number;
-        ev.node = a.node.clone();
-        changes.events([ev]);
-    }
-    Ok(Applied::Applied)
-}
-
-/// Records how an attempt ended and settles its task, inside the caller's transaction.
-pub(super) async fn finish_attempt(
-    conn: &mut PgConnection,
-    changes: &mut JobChanges,
-    report: &AttemptReport,
-    now_ms: i64,
-) -> Result<Applied> {
-    let Some(a) = open_attempt(conn, report.attempt_id, Some(report.epoch), AttemptLock::Update).await?
-    else {
-        tracing::debug!(attempt_id = report.attempt_id, epoch = report.epoch, "stale attempt report ignored");
-        return Ok(Applied::Stale);
-    };
-    settle_attempt(conn, changes, &a, report, now_ms).await?;
-    Ok(Applied::Applied)
-}
-
 /// Ends every open attempt of nodes that went away (their lease ran out, or they were revoked)
 /// and settles each as lost with `why(node_id)` as the message: its task is retried or fails
 /// as its retry policy says. The caller holds the nodes' row locks (first in the lock order);

@@ -231,52 +231,6 @@ pub(super) async fn open_attempt(
     }))
 }
 
-/// Records that an attempt started running, inside the caller's transaction.
-pub(super) async fn start_attempt(
-    conn: &mut SqliteConnection,
-    changes: &mut JobChanges,
-    attempt_id: i64,
-    epoch: i64,
-    now_ms: i64,
-) -> Result<Applied> {
-    let Some(a) = open_attempt(conn, attempt_id, Some(epoch)).await? else {
-        return Ok(Applied::Stale);
-    };
-    sqlx::query("UPDATE attempts SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned'")
-        .bind(now_ms)
-        .bind(attempt_id)
-        .execute(&mut *conn)
-        .await?;
-    let row = sqlx::query(
-        "UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ? AND state = 'assigned' RETURNING name, frame",
-    )
-    .bind(now_ms)
-    .bind(a.task_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = row {
-        let mut ev = Ev::task(a.job_id, a.task_id, row.get::<&str, _>(0), row.get(1), TaskState::Running);
-        ev.attempt = a.number;
-        ev.node = a.node.clone();
-        changes.events(a.job_id, [ev]);
-    }
-    Ok(Applied::Applied)
-}
-
-/// Records how an attempt ended and settles its task, inside the caller's transaction.
-pub(super) async fn finish_attempt(
-    conn: &mut SqliteConnection,
-    changes: &mut JobChanges,
-    report: &AttemptReport,
-    now_ms: i64,
-) -> Result<Applied> {
-    let Some(a) = open_attempt(conn, report.attempt_id, Some(report.epoch)).await? else {
-        return Ok(Applied::Stale);
-    };
-    settle_attempt(conn, changes, &a, report, now_ms).await?;
-    Ok(Applied::Applied)
-}
-
 /// Ends every open attempt of a node that went away (its lease ran out, or it was revoked)
 /// and settles each as lost with `why` as the message: its task is retried or fails as its
 /// retry policy says. Returns the attempts ended, in id order.

@@ -1,0 +1,163 @@
+//! `apply_updates` on SQLite: a batch of starts and finishes in a fixed number of statements
+//! (see [`crate::update_batch`]), whatever its size. Every statement is a round trip to the
+//! connection's worker thread, so the count, not the rows, is what a batch costs. Lists travel
+//! as one JSON parameter each, read back with `json_each`.
+
+use serde_json::json as json_value;
+
+use super::settle::release_dependents;
+use super::*;
+use crate::update_batch::{self, AttemptView, Decided, TaskFacts};
+
+/// Applies `updates` in the caller's transaction (on the single writer, which serialises it
+/// with every other write); per update, whether it applied.
+pub(super) async fn apply(
+    conn: &mut SqliteConnection,
+    updates: &[AttemptUpdate],
+    now_ms: i64,
+) -> Result<Vec<Applied>> {
+    let attempt_ids = to_json("attempt ids", &update_batch::attempt_ids(updates))?;
+    let rows = sqlx::query(
+        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame \
+         FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id \
+         WHERE a.id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(&attempt_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut attempts = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let id: i64 = r.try_get(0)?;
+        let current: Option<i64> = r.try_get(6)?;
+        let number: i64 = r.try_get(3)?;
+        attempts.insert(
+            id,
+            AttemptView {
+                task_id: r.try_get(1)?,
+                job_id: r.try_get(2)?,
+                number: u32::try_from(number).map_err(|e| corrupt("attempt number", e))?,
+                epoch: r.try_get(4)?,
+                state: r.try_get(5)?,
+                current: current == Some(id),
+                node: r.try_get(7)?,
+                task_name: r.try_get(8)?,
+                frame: r.try_get(9)?,
+            },
+        );
+    }
+    let finished = update_batch::finished_tasks(updates, &attempts);
+    let mut facts = HashMap::with_capacity(finished.len());
+    if !finished.is_empty() {
+        let rows = sqlx::query(
+            "SELECT t.id, j.cancelled, j.has_deps, t.plan FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(to_json("task ids", &finished)?)
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in &rows {
+            let plan: TaskPlan = json("task plan", r.try_get::<&str, _>(3)?)?;
+            facts.insert(
+                r.try_get::<i64, _>(0)?,
+                TaskFacts { plan, cancelled: r.try_get(1)?, has_deps: r.try_get(2)? },
+            );
+        }
+    }
+    let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
+        .map_err(|id| StoreError::NotFound { what: "task", id })?;
+    write_starts(conn, &decided, now_ms).await?;
+    write_finishes(conn, &decided, now_ms).await?;
+    let Decided { applied, releases, events, jobs, .. } = decided;
+    let mut changes = JobChanges::default();
+    for ev in events {
+        changes.events(ev.job_id, [ev]);
+    }
+    for r in releases {
+        release_dependents(conn, &mut changes, r.job_id, &r.task_name, r.state, now_ms).await?;
+    }
+    for job in jobs {
+        changes.refresh(job);
+    }
+    changes.write(conn, now_ms).await?;
+    Ok(applied)
+}
+
+/// Every start of the batch: its attempts, then their tasks.
+async fn write_starts(conn: &mut SqliteConnection, decided: &Decided<'_>, now_ms: i64) -> Result<()> {
+    if decided.starts.is_empty() {
+        return Ok(());
+    }
+    let attempts = to_json("attempt ids", &decided.starts.iter().map(|s| s.attempt_id).collect::<Vec<_>>())?;
+    let tasks = to_json("task ids", &decided.starts.iter().map(|s| s.task_id).collect::<Vec<_>>())?;
+    sqlx::query(
+        "UPDATE attempts SET state = 'running', started_ms = ? \
+         WHERE id IN (SELECT value FROM json_each(?)) AND state = 'assigned'",
+    )
+    .bind(now_ms)
+    .bind(&attempts)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET state = 'running', started_ms = ? \
+         WHERE id IN (SELECT value FROM json_each(?)) AND state = 'assigned'",
+    )
+    .bind(now_ms)
+    .bind(&tasks)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Every finish of the batch: its attempts, then their settled tasks.
+async fn write_finishes(conn: &mut SqliteConnection, decided: &Decided<'_>, now_ms: i64) -> Result<()> {
+    if decided.finishes.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = decided
+        .finishes
+        .iter()
+        .map(|f| {
+            json_value!({
+                "attempt": f.attempt_id,
+                "task": f.task_id,
+                "exit_code": f.report.exit_code,
+                "signal": f.report.signal,
+                "failure": f.report.failure.map(|c| c.as_str()),
+                "message": f.report.message,
+                "cpu": f.report.cpu_seconds,
+                "peak": i64::try_from(f.report.peak_memory).unwrap_or(i64::MAX),
+                "input_tokens": i64::try_from(f.report.input_tokens).unwrap_or(i64::MAX),
+                "output_tokens": i64::try_from(f.report.output_tokens).unwrap_or(i64::MAX),
+                "state": f.settled.state.as_str(),
+                "reason": f.settled.reason,
+                "not_before": f.settled.not_before_ms,
+                "ended": f.settled.ended_ms,
+                "task_failure": f.settled.failure.map(|c| c.as_str()),
+            })
+        })
+        .collect();
+    let rows = to_json("finishes", &rows)?;
+    sqlx::query(
+        "UPDATE attempts AS a SET state = 'ended', ended_ms = ?1, exit_code = u.value ->> 'exit_code', \
+         signal = u.value ->> 'signal', failure = u.value ->> 'failure', message = u.value ->> 'message', \
+         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak', \
+         input_tokens = MAX(a.input_tokens, u.value ->> 'input_tokens'), \
+         output_tokens = MAX(a.output_tokens, u.value ->> 'output_tokens') \
+         FROM json_each(?2) AS u WHERE a.id = u.value ->> 'attempt'",
+    )
+    .bind(now_ms)
+    .bind(&rows)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks AS t SET state = u.value ->> 'state', reason = u.value ->> 'reason', \
+         not_before_ms = u.value ->> 'not_before', ended_ms = u.value ->> 'ended', \
+         exit_code = u.value ->> 'exit_code', failure = u.value ->> 'task_failure', \
+         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak' \
+         FROM json_each(?1) AS u WHERE t.id = u.value ->> 'task'",
+    )
+    .bind(&rows)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
