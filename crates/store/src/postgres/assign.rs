@@ -21,18 +21,14 @@ struct LockedNode {
 #[derive(sqlx::FromRow)]
 struct PlacedTask {
     id: i64,
-    job_id: i64,
-    name: String,
-    cores: i64,
-    memory: i64,
-    constraints: String,
-    runtime: String,
+    #[sqlx(flatten)]
+    kind: Kind,
     /// Still queued: not taken by another replica since the scheduler's snapshot.
     queued: bool,
 }
 
 /// What a placed task must share with a task that stands in for it.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, sqlx::FromRow)]
 struct Kind {
     job_id: i64,
     name: String,
@@ -144,15 +140,14 @@ pub(super) async fn assign(pool: &PgPool, plan: &[Placement], now_ms: i64) -> Re
         .await?;
         let mut kinds = HashMap::with_capacity(wanted.len());
         let (mut queued, mut gone) = (HashMap::with_capacity(wanted.len()), HashMap::new());
-        for PlacedTask { id, job_id, name, cores, memory, constraints, runtime, queued: is_queued } in wanted
-        {
+        for PlacedTask { id, kind, queued: is_queued } in wanted {
             let size = Resources {
-                cores: u32::try_from(cores).unwrap_or(u32::MAX),
-                memory: u64::try_from(memory).unwrap_or(u64::MAX),
+                cores: u32::try_from(kind.cores).unwrap_or(u32::MAX),
+                memory: u64::try_from(kind.memory).unwrap_or(u64::MAX),
                 pids: 0,
             };
             if is_queued { &mut queued } else { &mut gone }.insert(id, size);
-            kinds.insert(id, Kind { job_id, name, cores, memory, constraints, runtime });
+            kinds.insert(id, kind);
         }
         let mut loads: HashMap<i64, NodeLoad> = nodes.iter().map(|(id, n)| (*id, n.load)).collect();
         let admitted = admit(plan, &mut loads, &queued);
