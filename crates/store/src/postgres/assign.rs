@@ -200,7 +200,7 @@ pub(super) async fn assign(pool: &PgPool, plan: &[Placement], now_ms: i64) -> Re
                     more.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?;
                 // Locked rows stay queued until this commits, so every stand-in is claimed;
                 // should one not be, its placement is simply not filled.
-                runs_as.retain(|_, task| got.contains(task) || !tasks.contains(task));
+                runs_as.retain(|placed, task| placed == task || got.contains(task));
                 claimed.extend(more);
             }
         }
