@@ -1096,10 +1096,14 @@ mod tests {
         assert!(!runtime.claim_path(second.attempt_id).exists(), "the claim goes with the attempt");
         assert!(runtime.idle_marker(&name).exists(), "and marks the idle cgroup");
 
-        // An attempt of several steps gets leaves in it, removed when it goes back.
+        // An attempt of several steps gets leaves in it, removed when it goes back; the page
+        // cache of what it wrote is reclaimed rather than keeping the cgroup from reuse.
         let third = conformance::task(
             &dir.path().join("c"),
-            vec![conformance::sh("true"), conformance::sh("exit 4")],
+            vec![
+                conformance::sh("dd if=/dev/zero of=residue bs=1M count=4 conv=fsync 2>/dev/null"),
+                conformance::sh("exit 4"),
+            ],
         );
         let (status, _) = run_attempt(&runtime, &third).await;
         assert_eq!(status.code, Some(4));

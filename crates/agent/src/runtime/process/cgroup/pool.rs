@@ -104,7 +104,9 @@ impl Pool {
                 }
             }
         }
-        if cgroup.charged_bytes().unwrap_or(0) > MAX_RESIDUAL_BYTES {
+        if cgroup.charged_bytes().unwrap_or(0) > MAX_RESIDUAL_BYTES
+            && cgroup.residual_bytes().unwrap_or(0) > MAX_RESIDUAL_BYTES
+        {
             return Err("memory still charged");
         }
         Ok(())
