@@ -6,35 +6,32 @@ use std::future::Future;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Shortest and longest pause between reads that found nothing new; the pause doubles while
 /// the file stays quiet, so an idle step costs little and a chatty one is read at once.
 const FIRST_PAUSE: Duration = Duration::from_millis(2);
 const LONGEST_PAUSE: Duration = Duration::from_millis(20);
 
-/// Tells a [`Tail`] that its step ended (no more data will come).
+/// Tells a [`Tail`] that its step ended (no more data will come). Level-triggered: every
+/// reader of the step (standard output and standard error) sees it, whenever it looks.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Ended {
-    flag: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+    token: CancellationToken,
 }
 
 impl Ended {
-    /// Marks the step as ended and wakes the reader.
+    /// Marks the step as ended and wakes its readers.
     pub fn set(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.token.cancel();
     }
 
     fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+        self.token.is_cancelled()
     }
 }
 
@@ -96,12 +93,12 @@ impl AsyncRead for Tail {
             match this.file.read(&mut buf.initialize_unfilled()[..room]) {
                 Ok(0) if ended => this.drained = true,
                 Ok(0) => {
-                    let (pause, wake) = (this.pause, this.ended.wake.clone());
+                    let (pause, ended) = (this.pause, this.ended.token.clone());
                     this.pause = (this.pause * 2).min(LONGEST_PAUSE);
                     this.waiting = Some(Box::pin(async move {
                         tokio::select! {
                             () = tokio::time::sleep(pause) => {}
-                            () = wake.notified() => {}
+                            () = ended.cancelled() => {}
                         }
                     }));
                 }
@@ -148,5 +145,30 @@ mod tests {
             .expect("task")
             .expect("read");
         assert_eq!(all, b"one\ntwo\nthree");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_reader_of_a_step_ends_at_once_when_it_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ended = Ended::default();
+        let mut readers = Vec::new();
+        for name in ["out", "err"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"").expect("create");
+            let mut tail = Tail::open(&path, 0, ended.clone()).expect("open");
+            readers.push(tokio::spawn(async move {
+                let mut all = Vec::new();
+                tail.read_to_end(&mut all).await.map(|_| all)
+            }));
+        }
+        // Both readers are deep in their pauses when the step ends...
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let set_at = tokio::time::Instant::now();
+        ended.set();
+        for reader in readers {
+            reader.await.expect("task").expect("read");
+        }
+        // ...and neither sleeps its pause out: the clock (paused) did not move.
+        assert_eq!(tokio::time::Instant::now(), set_at);
     }
 }
