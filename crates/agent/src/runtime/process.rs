@@ -713,9 +713,18 @@ async fn supervise_step(
 ) {
     let pid = state.pid;
     let offsets: Vec<lines::Shipped> = readers.iter().map(|(_, s)| s.clone()).collect();
-    let record = {
+    // Written only when it moved: a quiet step (most short ones) never writes one, and no
+    // record reads as nothing shipped.
+    let mut record = {
         let (files, offsets) = (files.clone(), offsets.clone());
-        move || files.record_shipped(offsets[0].get(), offsets[1].get())
+        let mut recorded = (0, 0);
+        move || {
+            let now = (offsets[0].get(), offsets[1].get());
+            if now != recorded {
+                files.record_shipped(now.0, now.1);
+                recorded = now;
+            }
+        }
     };
     let status_file = files.status();
     // The first record is due one period in: a step shorter than that never writes one.
@@ -1170,6 +1179,22 @@ mod tests {
         runtime.cleanup(&task).await.expect("cleanup");
         assert!(!runtime.pool.holds(&name), "a cgroup that had to be emptied by force is removed");
         assert!(cgroup.dirs_for_tests().iter().all(|(_, d)| !d.exists()), "and is gone");
+    }
+
+    #[tokio::test]
+    async fn only_a_step_that_shipped_output_writes_down_how_far() {
+        let dir = conformance::scratch();
+        let runtime = ProcessRuntime::new();
+        for (script, written) in [("true", false), ("echo out", true)] {
+            let task = conformance::task(dir.path(), vec![conformance::sh(script)]);
+            let (status, _) = conformance::run_step(&runtime, &task, 0).await;
+            assert_eq!(status.code, Some(0));
+            let files = supervisor::StepFiles::new(&runtime.steps_dir, task.attempt_id, 0);
+            let record = files.status().with_extension("shipped");
+            assert_eq!(record.exists(), written, "{script}: {}", record.display());
+            assert_eq!(files.shipped(), (if written { 4 } else { 0 }, 0), "{script}");
+            runtime.cleanup(&task).await.expect("cleanup");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
