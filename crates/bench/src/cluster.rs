@@ -48,6 +48,14 @@ pub struct AgentOptions {
     pub cores: u32,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The agent first: it stops while its server still answers.
+        stop_gracefully(std::slice::from_mut(&mut self.agent), STOP_GRACE);
+        stop_gracefully(std::slice::from_mut(&mut self.server), STOP_GRACE);
+    }
+}
+
 impl Cluster {
     /// Starts a server and one agent under `dir` and waits until the agent's node is ready.
     pub async fn start(drover: &Path, dir: &Path, agent: AgentOptions) -> Result<Cluster> {
@@ -129,6 +137,27 @@ impl Cluster {
                 bail!("the agent did not register within {timeout:?} (see {}/agent.log)", self.dir.display());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How long [`stop_gracefully`] waits for the processes it asked to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Asks `children` to stop (SIGTERM) one after the other, each given up to `grace` to exit;
+/// one still running after that is left to `kill_on_drop`. An agent that stops this way
+/// removes its idle cgroups, which a killed one leaves behind on the machine for good.
+/// Blocking: meant for teardown.
+pub fn stop_gracefully(children: &mut [Child], grace: Duration) {
+    for child in children {
+        let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else { continue };
+        // SAFETY: a signal to our own child, which is not reaped yet (`id` is `Some`).
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            continue;
+        }
+        let asked = Instant::now();
+        while matches!(child.try_wait(), Ok(None)) && asked.elapsed() < grace {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -267,4 +296,37 @@ pub async fn stored_output_bytes(client: &mut Client, job_id: i64) -> Result<u64
         total += batch.chunks.iter().map(|c| c.data.len() as u64).sum::<u64>();
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn(script: &str) -> Child {
+        Command::new("sh").args(["-c", script]).kill_on_drop(true).spawn().expect("spawn sh")
+    }
+
+    #[tokio::test]
+    async fn a_child_is_asked_to_stop_and_one_that_will_not_is_left_after_the_grace() {
+        // `exec` so that the signal reaches sleep itself, which ends on it.
+        let mut obliging = [spawn("exec sleep 30")];
+        stop_gracefully(&mut obliging, Duration::from_secs(30));
+        let status = obliging[0].try_wait().expect("wait").expect("it stopped");
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
+
+        let mut stubborn = [Command::new("sh")
+            .args(["-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sh")];
+        // Asked only once its trap is set.
+        let mut ready = String::new();
+        let stdout = stubborn[0].stdout.take().expect("stdout");
+        BufReader::new(stdout).read_line(&mut ready).await.expect("read");
+        assert_eq!(ready, "ready\n");
+        stop_gracefully(&mut stubborn, Duration::from_millis(100));
+        assert!(matches!(stubborn[0].try_wait(), Ok(None)), "still running after the grace");
+        stubborn[0].kill().await.expect("kill");
+    }
 }

@@ -24,7 +24,9 @@ use tokio::process::{Child, Command};
 use super::measure;
 use super::store::durable_database;
 use crate::Ctx;
-use crate::cluster::{banner, connect, join_token, operator_key, plan_json, submit, watch};
+use crate::cluster::{
+    STOP_GRACE, banner, connect, join_token, operator_key, plan_json, stop_gracefully, submit, watch,
+};
 use crate::report::{Better, Measure, Row};
 
 /// Agents in every configuration.
@@ -265,7 +267,16 @@ struct Fleet {
     servers: Vec<u32>,
     /// The operator key, written by whichever replica started first.
     key: String,
-    _children: Vec<Child>,
+    /// The server replicas, then the agents.
+    children: Vec<Child>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Agents first, so that each stops while its servers still answer.
+        self.children.reverse();
+        stop_gracefully(&mut self.children, STOP_GRACE);
+    }
 }
 
 impl Fleet {
@@ -328,7 +339,7 @@ impl Fleet {
                 .with_context(|| format!("cannot start {} agent", drover.display()))?;
             children.push(agent);
         }
-        let fleet = Fleet { urls, servers, key, _children: children };
+        let fleet = Fleet { urls, servers, key, children };
         fleet.wait_ready(dir, Duration::from_secs(30)).await?;
         Ok(fleet)
     }
