@@ -178,6 +178,15 @@ impl Cluster {
         }
     }
 
+    /// Stops agent `i` with SIGTERM, killing it if it has not exited within `grace`: an agent
+    /// that stops removes its idle cgroups, which a killed one leaves on the machine.
+    fn stop_agent(&mut self, i: usize, grace: Duration) {
+        if let Some(a) = self.agents[i].as_mut() {
+            stop_within(a, grace);
+        }
+        self.kill_agent(i);
+    }
+
     /// Kills agent `i` with SIGKILL.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut a) = self.agents[i].take() {
@@ -320,10 +329,11 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.kill_server();
+        // Agents first, while their server still answers.
         for i in 0..self.agents.len() {
-            self.kill_agent(i);
+            self.stop_agent(i, AGENT_STOP_GRACE);
         }
+        self.kill_server();
         if std::thread::panicking() {
             for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
                 let p = entry.path();
@@ -338,6 +348,25 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// How long a test's teardown lets an agent stop before it is killed.
+pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Sends `child` SIGTERM and waits up to `grace` for it to exit; returns whether it did.
+pub fn stop_within(child: &mut Child, grace: Duration) -> bool {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return true;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let asked = Instant::now();
+    while asked.elapsed() < grace {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// The first operator key a server wrote into its data directory, waiting for the file.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use drover_store::pg_test::TempPostgres;
 
-use crate::harness::drover_bin;
+use crate::harness::{AGENT_STOP_GRACE, drover_bin, stop_within};
 
 /// Replicas and agents sharing one database.
 struct Fleet {
@@ -173,15 +173,18 @@ impl Drop for Fleet {
         if std::thread::panicking() {
             self.dump_logs();
         }
+        // Agents first, while their servers still answer; a stopped agent leaves no idle
+        // cgroup behind.
+        for c in &mut self.agents {
+            stop_within(c, AGENT_STOP_GRACE);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for (_, c) in &mut self.servers {
             if let Some(c) = c {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-        }
-        for c in &mut self.agents {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
