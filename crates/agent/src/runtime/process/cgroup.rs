@@ -409,11 +409,11 @@ impl AttemptCgroup {
         cgroup_read::read_u64(&dir.join(file))
     }
 
-    /// Asks the kernel to reclaim what the emptied attempt cgroup still has charged (page cache
-    /// its steps left), so that residue alone does not keep it from being reused. Best effort:
-    /// the next reading of [`AttemptCgroup::charged_bytes`] tells what it achieved.
-    fn reclaim(&self, charged: u64) {
-        let Some((version, dir)) = self.whole_dir_of(Controller::Memory) else { return };
+    /// Memory still charged to the emptied attempt cgroup once the kernel was asked to reclaim
+    /// the `charged` bytes it had (page cache its steps left), so that residue alone does not
+    /// keep it from being reused. Best effort: a refused reclaim leaves the charge as it was.
+    fn charged_after_reclaim(&self, charged: u64) -> Option<u64> {
+        let (version, dir) = self.whole_dir_of(Controller::Memory)?;
         let (file, value) = if version == Version::V1 {
             ("memory.force_empty", "0".to_owned())
         } else {
@@ -422,15 +422,6 @@ impl AttemptCgroup {
         if let Err(error) = std::fs::write(dir.join(file), value) {
             tracing::debug!(cgroup = %self.name, %error, "cannot reclaim an emptied cgroup's memory");
         }
-    }
-
-    /// Memory still charged once what can be reclaimed was (see [`AttemptCgroup::reclaim`]).
-    fn residual_bytes(&self) -> Option<u64> {
-        let charged = self.charged_bytes()?;
-        if charged == 0 {
-            return Some(0);
-        }
-        self.reclaim(charged);
         self.charged_bytes()
     }
 

@@ -104,8 +104,9 @@ impl Pool {
                 }
             }
         }
-        if cgroup.charged_bytes().unwrap_or(0) > MAX_RESIDUAL_BYTES
-            && cgroup.residual_bytes().unwrap_or(0) > MAX_RESIDUAL_BYTES
+        let charged = cgroup.charged_bytes().unwrap_or(0);
+        if charged > MAX_RESIDUAL_BYTES
+            && cgroup.charged_after_reclaim(charged).unwrap_or(0) > MAX_RESIDUAL_BYTES
         {
             return Err("memory still charged");
         }
