@@ -52,8 +52,7 @@ impl Drover for ClientApi {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&req).await?;
         let id = req.into_inner().job_id;
-        let job = visible_job(&self.0, &caller, id, Role::Viewer).await?;
-        let tasks = self.0.store.tasks(id).await.map_err(status)?;
+        let (job, tasks) = visible_job_with_tasks(&self.0, &caller, id, Role::Viewer).await?;
         Ok(Response::new(convert::job(job, tasks)))
     }
 
@@ -445,6 +444,20 @@ pub(crate) async fn visible_job(
     let job = shared.store.job(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
     caller.require(&job.project, need, || no_job(job_id))?;
     Ok(job)
+}
+
+/// Job `job_id` with its tasks, read at one moment, when `caller` holds `need` in its project;
+/// "no such job" otherwise, as for a job that does not exist.
+pub(crate) async fn visible_job_with_tasks(
+    shared: &Shared,
+    caller: &Caller,
+    job_id: i64,
+    need: Role,
+) -> Result<(drover_store::JobRecord, Vec<drover_store::TaskRecord>), Status> {
+    let (job, tasks) =
+        shared.store.job_with_tasks(job_id).await.map_err(status)?.ok_or_else(|| no_job(job_id))?;
+    caller.require(&job.project, need, || no_job(job_id))?;
+    Ok((job, tasks))
 }
 
 impl ClientApi {

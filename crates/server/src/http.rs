@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 
 use crate::Shared;
 use crate::auth::{self, Caller};
-use crate::client_api::visible_job;
+use crate::client_api::{visible_job, visible_job_with_tasks};
 use crate::convert::{self, status};
 use crate::downloads::{self, task_filter};
 
@@ -106,8 +106,7 @@ async fn job(
     Authed(caller): Authed,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = visible_job(&shared, &caller, id, Role::Viewer).await?;
-    let tasks = shared.store.tasks(id).await.map_err(status)?;
+    let (job, tasks) = visible_job_with_tasks(&shared, &caller, id, Role::Viewer).await?;
     let job = convert::job(job, tasks);
     let tasks: Vec<Value> = job
         .tasks

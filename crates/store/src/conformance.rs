@@ -204,6 +204,45 @@ pub async fn cancel_stops_everything(store: &dyn Store) {
     assert!(matches!(store.cancel_job(999_999, 5).await, Err(StoreError::NotFound { .. })));
 }
 
+/// A job and its tasks are read at one moment: while a cancel ends every task and the job in
+/// one commit, no view shows a job's state that disagrees with its tasks'.
+pub async fn a_job_and_its_tasks_are_read_at_one_moment(store: &dyn Store) {
+    let tasks = (0..200).map(|i| task(&format!("t{i}"), &[])).collect();
+    let id = store.submit(&job(tasks), "", "f", 1).await.unwrap();
+    let (job, tasks) = store.job_with_tasks(id).await.unwrap().unwrap();
+    assert_eq!(job, store.job(id).await.unwrap().unwrap());
+    assert_eq!(tasks, store.tasks(id).await.unwrap());
+    assert!(store.job_with_tasks(999_999).await.unwrap().is_none());
+    let reader = async {
+        let mut views = 0;
+        loop {
+            let (job, tasks) = store.job_with_tasks(id).await.unwrap().unwrap();
+            views += 1;
+            let ended = tasks.iter().filter(|t| t.state.is_final()).count();
+            assert!(ended == 0 || ended == tasks.len(), "half a commit: {ended} of {} ended", tasks.len());
+            assert_eq!(
+                job.state.is_final(),
+                ended == tasks.len(),
+                "job {:?} over {ended} ended tasks",
+                job.state
+            );
+            if job.state.is_final() {
+                return views;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let cancel = async {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        store.cancel_job(id, 2).await.unwrap()
+    };
+    let (views, open) = tokio::join!(reader, cancel);
+    assert!(open.is_empty());
+    assert!(views >= 1);
+}
+
 /// A node silent past its lease is marked down; its task is retried on another node.
 pub async fn expired_node_loses_its_tasks(store: &dyn Store) {
     let mut t = task("a", &[]);
@@ -649,7 +688,7 @@ macro_rules! store_conformance {
     ($make:expr) => {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
-            dependencies_gate_and_skip, cancel_stops_everything, expired_node_loses_its_tasks,
+            dependencies_gate_and_skip, cancel_stops_everything, a_job_and_its_tasks_are_read_at_one_moment, expired_node_loses_its_tasks,
             reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,

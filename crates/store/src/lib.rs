@@ -124,6 +124,10 @@ pub trait Store: Send + Sync + 'static {
     /// The tasks of a job, in submit order.
     async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>>;
 
+    /// One job and its tasks (in submit order) as of one moment: read apart, a commit between
+    /// the reads could show a job still running over tasks that all ended.
+    async fn job_with_tasks(&self, job_id: i64) -> Result<Option<(JobRecord, Vec<TaskRecord>)>>;
+
     /// Recent jobs, newest first; without `include_final`, only jobs still queued or running;
     /// with `projects`, only jobs of those projects.
     async fn list_jobs(
