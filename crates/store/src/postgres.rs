@@ -265,7 +265,7 @@ mod settle;
 mod tenancy;
 mod updates;
 
-use events::{Ev, emit, lock_jobs};
+use events::{Ev, emit, lock_jobs, lock_jobs_reading_flags};
 use settle::{
     AttemptLock, JobChanges, lose_node_attempts, open_attempt, refresh_jobs, requeue_undelivered,
     settle_attempt,

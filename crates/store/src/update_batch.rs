@@ -1,8 +1,8 @@
 //! A batch of attempt updates decided in memory, so that a store applies the whole batch
 //! with a fixed number of statements instead of several per update.
 //!
-//! The store reads every attempt the batch names (with its task's name and frame) and the
-//! facts that settling needs of each finished attempt's task, all in a statement or two.
+//! The store reads every attempt the batch names (with its task's name and frame) and, in
+//! the same read, the facts that settling needs of each finished attempt's task.
 //! [`decide`] then walks the updates in order, as if applying them one after the other: an
 //! update of an attempt that is no longer open and current, or of another epoch, is stale,
 //! and an attempt a finish ended earlier in the batch is ended for the updates after it.
@@ -85,13 +85,30 @@ pub(crate) struct Decided<'a> {
     pub(crate) releases: Vec<Release>,
     /// Task events, in the batch's order.
     pub(crate) events: Vec<Ev>,
-    /// Jobs whose state must be derived again, in id order without repeats.
+    /// Jobs whose state must be derived again, in id order without repeats: those with a
+    /// finish. A start never changes its job's state: the job became running when the task
+    /// was assigned, and a job with an assigned or running task is running.
     pub(crate) jobs: Vec<i64>,
 }
 
 /// The attempts a batch names, each once, in id order (the order in which stores lock them).
 pub(crate) fn attempt_ids(updates: &[AttemptUpdate]) -> Vec<i64> {
     let mut ids: Vec<i64> = updates.iter().map(AttemptUpdate::attempt_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The attempts a batch finishes, each once, in id order: those whose task's plan the store
+/// reads with the batch's attempts.
+pub(crate) fn finishing_attempts(updates: &[AttemptUpdate]) -> Vec<i64> {
+    let mut ids: Vec<i64> = updates
+        .iter()
+        .filter_map(|u| match u {
+            AttemptUpdate::Finished(r) => Some(r.attempt_id),
+            AttemptUpdate::Started { .. } => None,
+        })
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -147,7 +164,6 @@ pub(crate) fn decide<'a>(
                     ev.attempt = a.number;
                     ev.node = a.node.clone();
                     out.events.push(ev);
-                    out.jobs.push(a.job_id);
                 }
             }
             AttemptUpdate::Finished(report) => {
@@ -268,6 +284,21 @@ mod tests {
         ];
         assert_eq!(finished_tasks(&updates, &attempts), vec![10]);
         assert_eq!(attempt_ids(&updates), vec![1, 2]);
+        assert_eq!(finishing_attempts(&updates), vec![1, 2]);
         assert_eq!(decide(&updates, &attempts, &HashMap::new(), 1).err(), Some(10));
+    }
+
+    #[test]
+    fn starts_alone_derive_no_job_state() {
+        let attempts: HashMap<i64, AttemptView> =
+            [(1, view(10, "assigned")), (2, view(20, "assigned"))].into();
+        let updates = vec![
+            AttemptUpdate::Started { attempt_id: 1, epoch: 3 },
+            AttemptUpdate::Started { attempt_id: 2, epoch: 3 },
+        ];
+        let d = decide(&updates, &attempts, &HashMap::new(), 1).expect("no facts needed");
+        assert_eq!(d.starts.len(), 2);
+        assert!(d.jobs.is_empty(), "{:?}", d.jobs);
+        assert!(finishing_attempts(&updates).is_empty());
     }
 }

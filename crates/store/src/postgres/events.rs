@@ -152,12 +152,32 @@ pub(super) async fn emit_one(
 
 /// Takes the row locks of jobs in id order (the deadlock-free order).
 pub(super) async fn lock_jobs(conn: &mut PgConnection, job_ids: &[i64]) -> Result<()> {
-    let mut ids = job_ids.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
     sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(ids)
+        .bind(sorted_ids(job_ids))
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Takes the row locks of jobs as [`lock_jobs`] does and reads, per job, whether it was
+/// cancelled and whether any of its tasks has dependencies: flags that cannot change while
+/// the locks are held.
+pub(super) async fn lock_jobs_reading_flags(
+    conn: &mut PgConnection,
+    job_ids: &[i64],
+) -> Result<HashMap<i64, (bool, bool)>> {
+    let rows = sqlx::query(
+        "SELECT id, cancelled, has_deps FROM jobs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(sorted_ids(job_ids))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?)))).collect()
+}
+
+fn sorted_ids(ids: &[i64]) -> Vec<i64> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }

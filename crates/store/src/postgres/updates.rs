@@ -16,12 +16,16 @@ pub(super) async fn apply(
     // attempt (READ COMMITTED) but not the joined task; every change of `current_attempt`
     // away from an open attempt also ends that attempt, so the attempt's state decides.
     let attempt_ids = update_batch::attempt_ids(updates);
+    let finishing = update_batch::finishing_attempts(updates);
+    // Plans never change, so they are read here, and only for the attempts the batch finishes.
     let rows = sqlx::query(
-        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame \
+        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
+         CASE WHEN a.id = ANY($2) THEN t.plan END \
          FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id \
          WHERE a.id = ANY($1) ORDER BY a.id FOR NO KEY UPDATE OF a",
     )
     .bind(&attempt_ids)
+    .bind(&finishing)
     .fetch_all(&mut *conn)
     .await?;
     let mut attempts = HashMap::with_capacity(rows.len());
@@ -44,26 +48,22 @@ pub(super) async fn apply(
         );
     }
     let jobs: Vec<i64> = attempts.values().map(|a| a.job_id).collect();
-    lock_jobs(conn, &jobs).await?;
     // Under the jobs' locks, `cancelled` cannot change before this commits: a concurrent
     // cancel either came first (and these settle as cancelled) or waits for this.
+    let flags = lock_jobs_reading_flags(conn, &jobs).await?;
     let finished = update_batch::finished_tasks(updates, &attempts);
     let mut facts = HashMap::with_capacity(finished.len());
-    if !finished.is_empty() {
-        let rows = sqlx::query(
-            "SELECT t.id, j.cancelled, j.has_deps, t.plan FROM tasks t JOIN jobs j ON j.id = t.job_id \
-             WHERE t.id = ANY($1)",
-        )
-        .bind(&finished)
-        .fetch_all(&mut *conn)
-        .await?;
-        for r in &rows {
-            let plan: TaskPlan = json("task plan", r.try_get::<&str, _>(3)?)?;
-            facts.insert(
-                r.try_get::<i64, _>(0)?,
-                TaskFacts { plan, cancelled: r.try_get(1)?, has_deps: r.try_get(2)? },
-            );
+    for r in &rows {
+        let task_id: i64 = r.try_get(1)?;
+        let Some(plan) = r.try_get::<Option<&str>, _>(10)? else { continue };
+        if finished.binary_search(&task_id).is_err() || facts.contains_key(&task_id) {
+            continue;
         }
+        let job_id: i64 = r.try_get(2)?;
+        let &(cancelled, has_deps) =
+            flags.get(&job_id).ok_or(StoreError::NotFound { what: "job", id: job_id })?;
+        let plan: TaskPlan = json("task plan", plan)?;
+        facts.insert(task_id, TaskFacts { plan, cancelled, has_deps });
     }
     let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
         .map_err(|id| StoreError::NotFound { what: "task", id })?;

@@ -17,12 +17,18 @@ pub(super) async fn apply(
     now_ms: i64,
 ) -> Result<Vec<Applied>> {
     let attempt_ids = to_json("attempt ids", &update_batch::attempt_ids(updates))?;
+    let finishing = to_json("attempt ids", &update_batch::finishing_attempts(updates))?;
+    // The single writer serialises this with every other write, so the job's flags read
+    // here hold until the commit. Plans are read only for the attempts the batch finishes.
     let rows = sqlx::query(
-        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame \
-         FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN nodes n ON n.id = a.node_id \
-         WHERE a.id IN (SELECT value FROM json_each(?))",
+        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
+         j.cancelled, j.has_deps, CASE WHEN a.id IN (SELECT value FROM json_each(?2)) THEN t.plan END \
+         FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id \
+         JOIN nodes n ON n.id = a.node_id \
+         WHERE a.id IN (SELECT value FROM json_each(?1))",
     )
     .bind(&attempt_ids)
+    .bind(&finishing)
     .fetch_all(&mut *conn)
     .await?;
     let mut attempts = HashMap::with_capacity(rows.len());
@@ -47,20 +53,12 @@ pub(super) async fn apply(
     }
     let finished = update_batch::finished_tasks(updates, &attempts);
     let mut facts = HashMap::with_capacity(finished.len());
-    if !finished.is_empty() {
-        let rows = sqlx::query(
-            "SELECT t.id, j.cancelled, j.has_deps, t.plan FROM tasks t JOIN jobs j ON j.id = t.job_id \
-             WHERE t.id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(to_json("task ids", &finished)?)
-        .fetch_all(&mut *conn)
-        .await?;
-        for r in &rows {
-            let plan: TaskPlan = json("task plan", r.try_get::<&str, _>(3)?)?;
-            facts.insert(
-                r.try_get::<i64, _>(0)?,
-                TaskFacts { plan, cancelled: r.try_get(1)?, has_deps: r.try_get(2)? },
-            );
+    for r in &rows {
+        let task_id: i64 = r.try_get(1)?;
+        let Some(plan) = r.try_get::<Option<&str>, _>(12)? else { continue };
+        if finished.binary_search(&task_id).is_ok() && !facts.contains_key(&task_id) {
+            let plan: TaskPlan = json("task plan", plan)?;
+            facts.insert(task_id, TaskFacts { plan, cancelled: r.try_get(10)?, has_deps: r.try_get(11)? });
         }
     }
     let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
