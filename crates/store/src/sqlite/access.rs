@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use sqlx::{Connection, Row, SqliteConnection};
 
 use super::{SqliteStore, json, lose_node_attempts, parse_word, to_json};
 use crate::Result;
@@ -43,7 +43,7 @@ impl AccessStore for SqliteStore {
         )
         .bind(name)
         .bind(now_ms)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await)
         .await?
         .rows_affected();
         Ok(n == 1)
@@ -57,11 +57,11 @@ impl AccessStore for SqliteStore {
     }
 
     async fn create_key(&self, key: &KeyRecord) -> Result<()> {
-        insert_key(&self.writer, key, false).await.map(|_| ())
+        insert_key(&mut *self.writer.lock().await, key, false).await.map(|_| ())
     }
 
     async fn create_first_key(&self, key: &KeyRecord) -> Result<bool> {
-        insert_key(&self.writer, key, true).await
+        insert_key(&mut *self.writer.lock().await, key, true).await
     }
 
     async fn key(&self, id: &str) -> Result<Option<KeyRecord>> {
@@ -84,7 +84,7 @@ impl AccessStore for SqliteStore {
         let n = sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE id = ? AND revoked_ms IS NULL")
             .bind(now_ms)
             .bind(id)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.lock().await)
             .await?
             .rows_affected();
         Ok(n == 1)
@@ -103,7 +103,7 @@ impl AccessStore for SqliteStore {
         .bind(token.used_ms)
         .bind(&token.used_by)
         .bind(&token.created_by)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await)
         .await?;
         Ok(())
     }
@@ -140,7 +140,8 @@ impl AccessStore for SqliteStore {
         let labels = to_json("labels", &credential.labels)?;
         // Read on the writer connection inside the transaction: the reader pool could see a
         // state older than the writer's last commit.
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let token: Option<(i64, Option<i64>)> =
             sqlx::query_as("SELECT expires_ms, used_ms FROM join_tokens WHERE id = ?")
                 .bind(token_id)
@@ -201,7 +202,8 @@ impl AccessStore for SqliteStore {
     }
 
     async fn revoke_node(&self, name: &str, now_ms: i64) -> Result<Option<RevokedNode>> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let credentials = sqlx::query(
             "UPDATE node_credentials SET revoked_ms = ? WHERE node_name = ? AND revoked_ms IS NULL",
         )
@@ -250,7 +252,7 @@ impl AccessStore for SqliteStore {
         .bind(digest)
         .bind(i64::try_from(size).unwrap_or(i64::MAX))
         .bind(now_ms)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await)
         .await?;
         Ok(())
     }
@@ -278,7 +280,7 @@ impl AccessStore for SqliteStore {
 
 /// Inserts a key; with `once`, nothing happens (and `false` comes back) when a key the schema
 /// allows only once (the bootstrap key) exists already.
-async fn insert_key(pool: &sqlx::SqlitePool, key: &KeyRecord, once: bool) -> Result<bool> {
+async fn insert_key(conn: &mut SqliteConnection, key: &KeyRecord, once: bool) -> Result<bool> {
     let sql = format!(
         "INSERT INTO api_keys (id, secret_sha256, project, role, name, created_ms, expires_ms, revoked_ms, \
          created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?){}",
@@ -294,7 +296,7 @@ async fn insert_key(pool: &sqlx::SqlitePool, key: &KeyRecord, once: bool) -> Res
         .bind(key.expires_ms)
         .bind(key.revoked_ms)
         .bind(&key.created_by)
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -1,7 +1,7 @@
 //! [`ArchiveStore`] on SQLite.
 
 use async_trait::async_trait;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 
 use super::SqliteStore;
 use crate::archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
@@ -67,7 +67,8 @@ impl ArchiveStore for SqliteStore {
     }
 
     async fn record_log_archive(&self, attempt_id: i64, digest: &str, size: u64, now_ms: i64) -> Result<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let updated = sqlx::query(
             "UPDATE attempts SET log_digest = ?, log_size = ?, log_archived_ms = ? \
              WHERE id = ? AND state = 'ended' AND log_digest IS NULL",
@@ -126,7 +127,8 @@ impl ArchiveStore for SqliteStore {
     }
 
     async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let rows = sqlx::query(
             "SELECT id, log_digest FROM attempts WHERE log_digest <> '' AND log_archived_ms < ? \
              ORDER BY log_archived_ms LIMIT ?",

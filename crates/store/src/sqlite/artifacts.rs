@@ -11,7 +11,8 @@ impl ArtifactStore for SqliteStore {
         files: &[OutputFile],
         now_ms: i64,
     ) -> Result<Applied> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
             return Ok(Applied::Stale);
         };

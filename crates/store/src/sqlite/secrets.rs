@@ -8,7 +8,7 @@ impl SecretStore for SqliteStore {
         let existed: Option<i64> = sqlx::query_scalar("SELECT 1 FROM secrets WHERE project = ? AND name = ?")
             .bind(project)
             .bind(name)
-            .fetch_optional(&self.writer)
+            .fetch_optional(&mut *self.writer.lock().await)
             .await?;
         sqlx::query(
             "INSERT INTO secrets (project, name, value, updated_ms) VALUES (?, ?, ?, ?) \
@@ -18,7 +18,7 @@ impl SecretStore for SqliteStore {
         .bind(name)
         .bind(value)
         .bind(now_ms)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await)
         .await?;
         Ok(existed.is_none())
     }
@@ -50,7 +50,7 @@ impl SecretStore for SqliteStore {
         let n = sqlx::query("DELETE FROM secrets WHERE project = ? AND name = ?")
             .bind(project)
             .bind(name)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.lock().await)
             .await?
             .rows_affected();
         Ok(n > 0)

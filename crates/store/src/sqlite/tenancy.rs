@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use drover_core::tenancy::{MeteredByVersion, PriceTable, ProjectSettings};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 
 use super::SqliteStore;
 use crate::tenancy::{
@@ -81,7 +81,7 @@ impl TenantStore for SqliteStore {
         let n = sqlx::query("UPDATE projects SET settings = ? WHERE name = ?")
             .bind(encode_settings(settings)?)
             .bind(project)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.lock().await)
             .await?
             .rows_affected();
         Ok(n == 1)
@@ -129,7 +129,8 @@ impl TenantStore for SqliteStore {
         if reasons.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         for (task_id, reason) in reasons {
             // The `reason <> ?` keeps a reason set every round from being written every round.
             sqlx::query("UPDATE tasks SET reason = ? WHERE id = ? AND state = 'queued' AND reason <> ?")
@@ -167,12 +168,13 @@ impl TenantStore for SqliteStore {
             q
         };
         q.push(" AND (SELECT project FROM jobs WHERE id = tasks.job_id) = ").push_bind(project);
-        q.build().execute(&self.writer).await?;
+        q.build().execute(&mut *self.writer.lock().await).await?;
         Ok(())
     }
 
     async fn record_prices(&self, prices: &PriceTable, now_ms: i64) -> Result<i64> {
-        let mut tx = self.writer.begin().await?;
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
         let latest: Option<(i64, String)> =
             sqlx::query_as("SELECT version, prices FROM prices ORDER BY version DESC LIMIT 1")
                 .fetch_optional(&mut *tx)
@@ -261,7 +263,7 @@ impl TenantStore for SqliteStore {
         .bind(&record.action)
         .bind(&record.target)
         .bind(&record.detail)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.writer.lock().await)
         .await?)
     }
 
