@@ -23,9 +23,9 @@ use crate::runtime::{
     stop_gracefully,
 };
 
-/// Bytes of output per batch (one report); a batch also closes after [`BATCH_DELAY`], or at
-/// the protocol's most chunks per report.
-const BATCH_BYTES: usize = 256 * 1024;
+/// Bytes of output per batch (one report, which the server stores in one transaction); a
+/// batch also closes after [`BATCH_DELAY`], or at the protocol's most chunks per report.
+const BATCH_BYTES: usize = 1 << 20;
 /// How long a line may wait for companions before it is shipped: the bound on how stale a
 /// `logs -f` reader can be.
 const BATCH_DELAY: Duration = Duration::from_millis(20);

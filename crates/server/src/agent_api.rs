@@ -17,6 +17,7 @@ use tracing::Instrument;
 use crate::auth::{self, Caller};
 use crate::completions::Acks;
 use crate::convert::status;
+use crate::session_output::SessionOutput;
 use crate::{Session, Shared, now_ms};
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -128,6 +129,7 @@ impl AgentSession for AgentApi {
 
         let span = tracing::info_span!("agent_session", node_id, epoch);
         let acks = Acks::spawn(shared.store.clone(), tx.clone());
+        let mut output = SessionOutput::spawn(shared.store.clone());
         tokio::spawn(
             async move {
                 loop {
@@ -143,7 +145,8 @@ impl AgentSession for AgentApi {
                             break;
                         }
                     };
-                    match handle(&shared, node_id, epoch, msg, &tx, &acks).await {
+                    let session = SessionIo { tx: &tx, acks: &acks, output: &mut output };
+                    match handle(&shared, node_id, epoch, msg, session).await {
                         Ok(true) => {}
                         Ok(false) => break,
                         Err(e) => {
@@ -171,16 +174,25 @@ impl AgentSession for AgentApi {
     }
 }
 
+/// Where a session's messages go besides the store: its outbound stream, its acknowledger
+/// and its output writer.
+struct SessionIo<'s> {
+    tx: &'s mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    acks: &'s Acks,
+    output: &'s mut SessionOutput,
+}
+
 /// Handles one message from an agent. `Ok(false)` ends the session. Starts and finishes go to
-/// the group commit and are acknowledged after it; everything else is applied here, in order.
+/// the group commit and output to the session's writer, each acknowledged once stored;
+/// everything else is applied here, in order.
 async fn handle(
     shared: &Shared,
     node_id: i64,
     epoch: i64,
     msg: pb::AgentMessage,
-    tx: &mpsc::Sender<Result<pb::ServerMessage, Status>>,
-    acks: &Acks,
+    session: SessionIo<'_>,
 ) -> Result<bool, Status> {
+    let SessionIo { tx, acks, output } = session;
     let now = now_ms();
     match msg.msg {
         Some(In::Heartbeat(beat)) => {
@@ -206,7 +218,7 @@ async fn handle(
             }
             // In the agent's order: acknowledgements are cumulative, so they must follow it.
             for report in batch.reports {
-                if !handle_report(shared, epoch, report, acks, now).await? {
+                if !handle_report(shared, epoch, report, acks, output, now).await? {
                     return Ok(false);
                 }
             }
@@ -225,6 +237,7 @@ async fn handle_report(
     epoch: i64,
     report: pb::Report,
     acks: &Acks,
+    output: &mut SessionOutput,
     now: i64,
 ) -> Result<bool, Status> {
     match report.kind {
@@ -239,6 +252,8 @@ async fn handle_report(
                     return queue(shared, acks, u.attempt_id, u.seq, started).await;
                 }
                 Some(pb::attempt_update::Kind::Finished(f)) => {
+                    // Output sent before the finish is stored first: an ended attempt takes none.
+                    output.stored(u.attempt_id).await.map_err(|e| Status::unavailable(e.to_string()))?;
                     let failure = pb::FailureClass::decode(f.failure)
                         .map_err(|e| Status::invalid_argument(e.to_string()))?;
                     let report = AttemptReport {
@@ -288,8 +303,11 @@ async fn handle_report(
         Some(pb::report::Kind::Output(mut o)) => {
             o.epoch = epoch;
             let chunks = output_chunks(o.lines, o.chunks)?;
-            let applied = shared.store.append_chunks(o.attempt_id, o.epoch, &chunks).await.map_err(status)?;
-            Ok(acks.done(o.attempt_id, o.seq, applied).await.is_ok())
+            let stored = output
+                .append(o.attempt_id, o.epoch, chunks)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(acks.queued(o.attempt_id, o.seq, stored).await.is_ok())
         }
         None => Err(Status::invalid_argument("report without a kind")),
     }

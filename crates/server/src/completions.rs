@@ -32,7 +32,7 @@ const QUEUE: usize = 8192;
 const ACK_QUEUE: usize = 4096;
 
 /// The outcome of one update, delivered once its batch committed (or failed).
-type Reply = Result<Applied, StoreError>;
+pub(crate) type Reply = Result<Applied, StoreError>;
 
 /// An update and where its outcome goes.
 struct Queued {

@@ -19,6 +19,7 @@ mod loops;
 mod projects_api;
 mod schedule_memory;
 pub mod sealed;
+mod session_output;
 mod tenancy;
 mod transfer;
 mod usage;

@@ -372,6 +372,54 @@ async fn reports_batched_in_one_message_are_applied_in_order_and_acknowledged() 
     );
 }
 
+#[tokio::test]
+async fn every_output_sent_ahead_of_a_finish_is_stored_before_it() {
+    let server = Server::start().await;
+    let credential = server.enroll("n").await;
+    let reg = register("n", 1, pb::PROTOCOL_VERSION, env!("CARGO_PKG_VERSION"));
+    let mut session = server.session_registering(Some(&credential), reg).await.unwrap();
+    let job_id = submit_tasks(&server, 1).await;
+    let a = session.assign(WAIT).await.expect("an assignment");
+    let update = |seq: u64, kind| {
+        pb::report::Kind::Update(pb::AttemptUpdate {
+            attempt_id: a.attempt_id,
+            epoch: a.epoch,
+            seq,
+            kind: Some(kind),
+        })
+    };
+    // More reports of output than the server queues for storing, then the finish at once.
+    let reports = 40u64;
+    let line = |i: u64| format!("{i:0>1023}\n").into_bytes();
+    let mut batch = vec![update(1, pb::attempt_update::Kind::Started(pb::Started {}))];
+    for i in 0..reports {
+        let data: Vec<u8> = (0..32).flat_map(|_| line(i)).collect();
+        batch.push(pb::report::Kind::Output(pb::AttemptOutput {
+            attempt_id: a.attempt_id,
+            epoch: a.epoch,
+            seq: 2 + i,
+            lines: Vec::new(),
+            chunks: vec![pb::OutputChunk { step: 0, stderr: false, lens: vec![1024; 32], data }],
+        }));
+    }
+    let finish = pb::Finished { exit_code: Some(0), ..Default::default() };
+    batch.push(update(2 + reports, pb::attempt_update::Kind::Finished(finish)));
+    session.send(common::reports(batch)).await;
+    session.wait_ack(2 + reports, WAIT).await;
+    wait_all(&server, job_id, TaskState::Succeeded).await;
+    let mut stored = Vec::new();
+    let mut after = 0;
+    loop {
+        let logs = server.store.logs_after(job_id, &TaskFilter::default(), after, 10_000).await.unwrap();
+        let Some(last) = logs.last() else { break };
+        after = last.id;
+        stored.extend(logs.into_iter().map(|l| l.data));
+    }
+    assert_eq!(stored.len() as u64, reports * 32, "every line, none after the finish lost");
+    let expected: Vec<Vec<u8>> = (0..reports).flat_map(|i| (0..32).map(move |_| line(i))).collect();
+    assert!(stored == expected, "lines stored out of order");
+}
+
 /// Sends `msg` on a fresh session of a fresh node and returns how the server ended it.
 async fn refused(msg: Msg) -> tonic::Status {
     let server = Server::start().await;
