@@ -17,6 +17,7 @@ mod log_chunks;
 #[cfg(any(test, feature = "test-support"))]
 pub mod pg_test;
 pub mod postgres;
+mod record_rows;
 mod records;
 pub mod secrets;
 pub mod sqlite;

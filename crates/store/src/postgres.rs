@@ -52,6 +52,7 @@ use sqlx::{Connection, Postgres, QueryBuilder, Row};
 
 use crate::decode::{corrupt, json, lost_report, parse_word, to_json};
 use crate::log_chunks;
+use crate::record_rows::{JOB_COLUMNS, TASK_COLUMNS, job_record, task_record};
 use crate::*;
 
 /// Tasks per INSERT statement at submit; bounds the size of one statement for huge arrays.
@@ -163,57 +164,18 @@ macro_rules! transaction {
 
 /// One job, read through `db` (a pool, or a transaction for a consistent view).
 async fn read_job<'e>(db: impl sqlx::PgExecutor<'e>, job_id: i64) -> Result<Option<JobRecord>> {
-    let row = sqlx::query(
-        "SELECT id, name, project, priority, state, cancelled, created_ms, last_seq FROM jobs WHERE id = $1",
-    )
-    .bind(job_id)
-    .fetch_optional(db)
-    .await?;
-    row.map(|r| {
-        Ok(JobRecord {
-            id: r.try_get(0)?,
-            name: r.try_get(1)?,
-            project: r.try_get(2)?,
-            priority: r.try_get(3)?,
-            state: parse_word("job state", r.try_get::<&str, _>(4)?)?,
-            cancelled: r.try_get(5)?,
-            created_ms: r.try_get(6)?,
-            last_seq: r.try_get(7)?,
-        })
-    })
-    .transpose()
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+    let row = sqlx::query(&sql).bind(job_id).fetch_optional(db).await?;
+    row.as_ref().map(job_record).transpose()
 }
 
 /// The tasks of a job in submit order, read through `db`.
 async fn read_tasks<'e>(db: impl sqlx::PgExecutor<'e>, job_id: i64) -> Result<Vec<TaskRecord>> {
-    let rows = sqlx::query(
-        "SELECT t.id, t.job_id, t.name, t.frame, t.state, t.exit_code, t.attempts, n.name, t.reason, \
-             t.failure, t.cpu_seconds, t.peak_memory, t.started_ms, t.ended_ms \
-             FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = $1 ORDER BY t.id",
-    )
-    .bind(job_id)
-    .fetch_all(db)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TaskRecord {
-                id: r.try_get(0)?,
-                job_id: r.try_get(1)?,
-                name: r.try_get(2)?,
-                frame: r.try_get(3)?,
-                state: parse_word("task state", r.try_get::<&str, _>(4)?)?,
-                exit_code: r.try_get(5)?,
-                attempts: get_u32(r, 6)?,
-                node: r.try_get(7)?,
-                reason: r.try_get(8)?,
-                failure: r.try_get::<Option<&str>, _>(9)?.map(|f| parse_word("failure", f)).transpose()?,
-                cpu_seconds: r.try_get(10)?,
-                peak_memory: get_u64(r, 11)?,
-                started_ms: r.try_get(12)?,
-                ended_ms: r.try_get(13)?,
-            })
-        })
-        .collect()
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = $1 ORDER BY t.id"
+    );
+    let rows = sqlx::query(&sql).bind(job_id).fetch_all(db).await?;
+    rows.iter().map(task_record).collect()
 }
 
 /// Whether PostgreSQL aborted a transaction that may succeed when run again.

@@ -48,6 +48,7 @@ use settle::{
 use crate::artifacts::{ArtifactStore, OutputFile};
 use crate::decode::{corrupt, json, lost_report, parse_word, to_json};
 use crate::log_chunks;
+use crate::record_rows::{JOB_COLUMNS, TASK_COLUMNS, job_record, task_record};
 use crate::secrets::SecretStore;
 use crate::*;
 
@@ -602,57 +603,18 @@ impl Store for SqliteStore {
 
 /// One job, read through `db` (a pool, or a transaction for a consistent view).
 async fn read_job<'e>(db: impl sqlx::SqliteExecutor<'e>, job_id: i64) -> Result<Option<JobRecord>> {
-    let row = sqlx::query(
-        "SELECT id, name, project, priority, state, cancelled, created_ms, last_seq FROM jobs WHERE id = ?",
-    )
-    .bind(job_id)
-    .fetch_optional(db)
-    .await?;
-    row.map(|r| {
-        Ok(JobRecord {
-            id: r.get(0),
-            name: r.get(1),
-            project: r.get(2),
-            priority: r.get(3),
-            state: parse_word("job state", r.get::<&str, _>(4))?,
-            cancelled: r.get(5),
-            created_ms: r.get(6),
-            last_seq: r.get(7),
-        })
-    })
-    .transpose()
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?");
+    let row = sqlx::query(&sql).bind(job_id).fetch_optional(db).await?;
+    row.as_ref().map(job_record).transpose()
 }
 
 /// The tasks of a job in submit order, read through `db`.
 async fn read_tasks<'e>(db: impl sqlx::SqliteExecutor<'e>, job_id: i64) -> Result<Vec<TaskRecord>> {
-    let rows = sqlx::query(
-            "SELECT t.id, t.job_id, t.name, t.frame, t.state, t.exit_code, t.attempts, n.name, t.reason, t.failure, \
-             t.cpu_seconds, t.peak_memory, t.started_ms, t.ended_ms \
-             FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = ? ORDER BY t.id",
-        )
-        .bind(job_id)
-        .fetch_all(db)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TaskRecord {
-                id: r.get(0),
-                job_id: r.get(1),
-                name: r.get(2),
-                frame: r.get(3),
-                state: parse_word("task state", r.get::<&str, _>(4))?,
-                exit_code: r.get(5),
-                attempts: r.get::<i64, _>(6) as u32,
-                node: r.get(7),
-                reason: r.get(8),
-                failure: r.get::<Option<&str>, _>(9).map(|f| parse_word("failure", f)).transpose()?,
-                cpu_seconds: r.get(10),
-                peak_memory: r.get::<i64, _>(11) as u64,
-                started_ms: r.get(12),
-                ended_ms: r.get(13),
-            })
-        })
-        .collect()
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks t LEFT JOIN nodes n ON n.id = t.node_id WHERE t.job_id = ? ORDER BY t.id"
+    );
+    let rows = sqlx::query(&sql).bind(job_id).fetch_all(db).await?;
+    rows.iter().map(task_record).collect()
 }
 
 #[cfg(test)]
