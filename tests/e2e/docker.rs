@@ -4,6 +4,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use drover_agent::state_log;
+
 use crate::harness::{BUSYBOX, Cluster, ensure_busybox_image, task};
 
 const T: Duration = Duration::from_secs(120);
@@ -135,8 +137,8 @@ tasks:
     assert_eq!(task(&status, "long")["attempts"], 1);
     // Wait until the step runs inside its container (its first line arrived).
     let start = std::time::Instant::now();
-    let journal = c.path("agent-0-work/.journal");
-    let journaled = || std::fs::read_dir(&journal).map(|d| d.count() > 0).unwrap_or(false);
+    let state = c.path("agent-0-work/.state");
+    let journaled = || state_log::peek(&state).is_ok_and(|kept| !kept.entries.is_empty());
     while !c.ok(&["logs", &job.to_string(), "long"]).contains("before") || !journaled() {
         assert!(start.elapsed() < T, "the step never printed");
         std::thread::sleep(Duration::from_millis(100));
@@ -174,8 +176,8 @@ tasks:
 "#
     ));
     let start = std::time::Instant::now();
-    let journal = c.path("agent-0-work/.journal");
-    let journaled = || std::fs::read_dir(&journal).map(|d| d.count() > 0).unwrap_or(false);
+    let state = c.path("agent-0-work/.state");
+    let journaled = || state_log::peek(&state).is_ok_and(|kept| !kept.entries.is_empty());
     while !c.ok(&["logs", &job.to_string(), "long"]).contains("before") || !journaled() {
         assert!(start.elapsed() < T, "the step never printed");
         std::thread::sleep(Duration::from_millis(100));

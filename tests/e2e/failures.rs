@@ -4,6 +4,9 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::Duration;
 
+use drover_agent::state_log;
+use drover_proto as pb;
+
 use crate::harness::{Cluster, alive, read_pid, task};
 
 const T: Duration = Duration::from_secs(90);
@@ -149,4 +152,51 @@ tasks:
         assert!(start.elapsed() < Duration::from_secs(10), "the leftover task process survived the restart");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn an_end_the_server_never_acknowledged_survives_an_agent_kill_and_is_recorded_once() {
+    let mut c = Cluster::start(1, 1);
+    let job = c.submit(
+        r#"
+version: 1
+name: unacknowledged
+tasks:
+  - name: work
+    retries: { count: 2, backoff: 0s, on: [lost] }
+    command: |
+      echo $DROVER_ATTEMPT_ID >> {{ params.dir }}/attempts
+      while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done
+      echo last words
+"#,
+    );
+    c.wait_until(job, T, "the task to run", |v| task(v, "work")["state"] == "running");
+    // With the server away the task ends: its output and end wait in the agent's outbox.
+    c.kill_server();
+    std::fs::write(c.path("go"), "").unwrap();
+    let state = c.path("agent-0-work").join(".state");
+    let start = std::time::Instant::now();
+    loop {
+        let kept = state_log::peek(&state).expect("read the agent's state log");
+        let ended = kept.reports.iter().any(|r| {
+            matches!(&r.report.kind, Some(pb::report::Kind::Update(u))
+                if matches!(u.kind, Some(pb::attempt_update::Kind::Finished(_))))
+        });
+        if ended {
+            break;
+        }
+        assert!(start.elapsed() < T, "the end never reached the state log: {kept:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent dies before any server saw the end; both come back.
+    c.kill_agent(0);
+    c.start_server();
+    c.restart_agent(0, 1);
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "work")["attempts"], 1, "the ended attempt was run again: {status:#}");
+    let attempts = std::fs::read_to_string(c.path("attempts")).unwrap();
+    assert_eq!(attempts.lines().count(), 1, "{attempts}");
+    let logs = c.ok(&["logs", &job.to_string()]);
+    assert_eq!(logs.matches("last words").count(), 1, "{logs}");
 }

@@ -112,7 +112,7 @@ tasks:
     command: |
       sleep 1
       id -u
-      cat {work}/.journal && echo LEAK-journal
+      cat {work}/.state/log && echo LEAK-state
       cat {work}/.node-credential.json && echo LEAK-credential
       cat {work}/job-*/attempt-*/secret.txt && echo LEAK-workspace
       ls -A {data} | grep . && echo LEAK-listed-data
@@ -132,9 +132,9 @@ tasks:
     let uid: u32 = logs.lines().find_map(|l| l.trim().parse().ok()).expect("the task's uid");
     assert_ne!(uid, 0, "tasks never run as root");
     assert!(!work.join("planted").exists());
-    // The node is unchanged: its journal and credential are still the agent's alone.
+    // The node is unchanged: its state log and credential are still the agent's alone.
     use std::os::unix::fs::MetadataExt;
-    for file in [".journal", ".node-credential.json"] {
+    for file in [".state", ".state/log", ".node-credential.json"] {
         if let Ok(meta) = std::fs::metadata(work.join(file)) {
             assert_eq!((meta.uid(), meta.mode() & 0o077), (0, 0), "{file}");
         }

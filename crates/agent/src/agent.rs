@@ -21,11 +21,12 @@ use crate::ai_task::AiTask;
 use crate::attempt::{self, StopReason};
 use crate::files::ServerLink;
 use crate::images::ImageFetcher;
-use crate::journal::Journal;
+use crate::journal::{self, Journal};
 use crate::link::{Link, LinkError};
 use crate::outbox::Outbox;
 use crate::reservation::{Admission, Capacity, Reserved};
 use crate::runtime::{Runtime, TaskSpec};
+use crate::state_log::{Record, StateLog};
 
 /// How an agent is set up.
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub struct AgentConfig {
     pub allow_local_urls: bool,
 }
 
+/// Where an agent keeps its state log (journal and outbox), inside its work directory.
+pub const STATE_DIR: &str = ".state";
+
 /// Where an agent keeps its node credential, inside its work directory.
 pub const CREDENTIAL_FILE: &str = ".node-credential.json";
 
@@ -69,6 +73,9 @@ pub enum AgentError {
     /// The agent and the server speak different protocols: one of them must be upgraded.
     #[error("{0}")]
     Incompatible(String),
+    /// The agent's state log (its journal and outbox) cannot be opened.
+    #[error(transparent)]
+    State(#[from] crate::state_log::StateLogError),
 }
 
 /// How a session ended.
@@ -221,14 +228,29 @@ impl Agent {
             config.trust.clone(),
             config.work_dir.join(CREDENTIAL_FILE),
         ));
+        let (log, mut recovered) = StateLog::open(&config.work_dir.join(STATE_DIR))?;
+        // An agent of an earlier release kept its journal as one file per attempt.
+        for entry in journal::take_legacy_entries(&config.work_dir.join(".journal")) {
+            log.append_later(&Record::Step(Box::new(entry.clone())));
+            recovered.entries.push(entry);
+        }
+        if let Some(why) = &recovered.damaged_tail {
+            tracing::warn!(error = %why, "the state log's last record was cut short; what came before it is kept");
+        }
+        if !recovered.reports.is_empty() {
+            tracing::info!(
+                reports = recovered.reports.len(),
+                "reports of an earlier run wait for the server"
+            );
+        }
         Ok(Agent {
             link,
-            journal: Journal::new(config.work_dir.join(".journal")),
+            journal: Journal::new(log.clone(), recovered.entries),
             images: None,
             capacity: Arc::new(Mutex::new(Capacity::new(config.cores, physical, config.memory))),
             config,
             runtimes: runtimes.into_iter().map(|r| (r.kind().to_string(), r)).collect(),
-            outbox: Arc::new(Outbox::default()),
+            outbox: Arc::new(Outbox::durable(log, recovered.reports, recovered.last_seq)),
             running: Arc::new(Mutex::new(HashMap::new())),
             limits: Limits::default(),
             llm_upstream: None,
@@ -279,7 +301,12 @@ impl Agent {
     /// revoked): its tasks are stopped, since the server handed them on.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
         let this = Arc::new(self);
-        let (resumable, leftovers) = this.journal.recover(&this.runtimes).await;
+        let recovery = this.journal.recover(&this.runtimes, &this.outbox.finished_attempts()).await;
+        let resumable = recovery.resumable;
+        let leftovers = recovery.stopped.len();
+        for attempt_id in recovery.stopped {
+            attempt::lost_in_restart(&this.outbox, attempt_id).await;
+        }
         // Containers of this agent that no journal entry explains (a crash between creating a
         // container and recording its step) are orphans: remove them, keeping resumed ones.
         if let Some(images) = &this.images {
@@ -313,7 +340,7 @@ impl Agent {
         if leftovers > 0 {
             tracing::warn!(
                 leftovers,
-                "stopped attempts left running by an earlier agent run; the server retries them"
+                "stopped attempts left running by an earlier agent run; they are reported lost"
             );
         }
         tokio::pin!(shutdown);

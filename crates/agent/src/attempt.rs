@@ -149,7 +149,6 @@ pub async fn run(
         for hook in &mut hooks {
             hook.poststop(&spec, &mut outcome).await;
         }
-        journal.forget(attempt_id).await;
         // All output must be queued before the end is reported: the server stores output only
         // for attempts that are still open.
         let _ = shipper.await;
@@ -161,6 +160,9 @@ pub async fn run(
             "attempt ended"
         );
         finished(&outbox, attempt_id, &outcome).await;
+        // Only now: an agent that dies in between finds the end in its outbox and the
+        // journal entry beside it, and takes the end as reported.
+        journal.forget(attempt_id);
         outcome
     }
     .instrument(span)
@@ -592,6 +594,21 @@ pub async fn refuse(outbox: &Outbox, attempt_id: i64, why: &str) {
     finished(outbox, attempt_id, &outcome).await;
 }
 
+/// Reports an attempt an earlier agent run left that could not be re-attached after a
+/// restart: its steps were stopped, so the server settles it as lost (and retries it as its
+/// policy says).
+pub async fn lost_in_restart(outbox: &Outbox, attempt_id: i64) {
+    let outcome = Outcome {
+        exit_code: None,
+        signal: None,
+        failure: Some(FailureClass::Lost),
+        message: "the agent restarted and could not re-attach to its step; the step was stopped".into(),
+        usage: Usage::default(),
+        tokens: TokenUsage::default(),
+    };
+    finished(outbox, attempt_id, &outcome).await;
+}
+
 /// Reports an attempt that was cancelled while it waited for room, before anything of it ran.
 pub async fn cancelled_before_start(outbox: &Outbox, attempt_id: i64) {
     let outcome = Outcome {
@@ -812,7 +829,10 @@ mod tests {
         let runner = Runner {
             runtime,
             outbox,
-            journal: Journal::new(dir.path().join("journal")),
+            journal: {
+                let (log, _) = crate::state_log::StateLog::open(&dir.path().join("state")).unwrap();
+                Journal::new(log, Vec::new())
+            },
             grace: Duration::from_secs(1),
             io: None,
             max_log: 0,

@@ -1,35 +1,31 @@
-//! The agent's journal of running steps: one small file per attempt with its `TaskSpec` and the
-//! `RunHandle` of the step in flight, so that after a crash the next agent run can find what
-//! the previous one left running.
+//! The agent's journal of running steps: for each attempt its `TaskSpec` and the `RunHandle`
+//! of the step in flight, kept in the agent's state log (see [`crate::state_log`]), so that
+//! after a crash the next agent run can find what the previous one left running.
 //!
-//! Reports about those attempts died with the old process, and the server hands them out again
-//! once the agent re-registers without them, so the safe recovery is to stop them: leaving them
-//! running would make the work run twice at the same time.
+//! Steps whose sandboxes can be waited on again (containers) are re-attached and resumed.
+//! The others are stopped, and their attempts reported lost, so the server settles them at
+//! once instead of leaving the work to run twice.
 //!
 //! The journal never holds a secret value: an entry keeps the names of the task's secrets with
-//! empty values, files are readable by the agent's user only (0600, in a 0700 directory), and a
-//! resumed attempt that would need the values for a new step fails instead (see
+//! empty values, the log is readable by the agent's user only (0600, in a 0700 directory),
+//! and a resumed attempt that would need the values for a new step fails instead (see
 //! [`crate::attempt::SECRETS_GONE`]). The step in flight got its secrets when it started.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
-
-/// Mode of the journal directory: the agent's user only.
-const DIR_MODE: u32 = 0o700;
-/// Mode of an entry: it names the task's secrets and says where its sandbox runs.
-const FILE_MODE: u32 = 0o600;
+use crate::state_log::{Record, StateLog};
 
 /// Runtimes by kind.
-pub type Runtimes = std::collections::BTreeMap<String, Arc<dyn Runtime>>;
+pub type Runtimes = BTreeMap<String, Arc<dyn Runtime>>;
 
 /// What the journal keeps per attempt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Runtime kind that runs it.
     pub runtime: String,
@@ -43,38 +39,32 @@ pub struct Entry {
     pub timeout_ms: Option<u64>,
 }
 
-/// Writes an entry aside, then renames it into place, so a crash leaves the old entry or the new.
-fn write_entry(path: &Path, text: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    // A leftover temporary file keeps its mode when reopened; start from a fresh one.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&tmp)?;
-    file.write_all(text)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
-}
-
-/// A directory of entries.
+/// The journal: the live entries, and the log they are kept in.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    dir: PathBuf,
-    /// Set once this run made sure the directory exists with its mode.
-    dir_checked: Arc<std::sync::atomic::AtomicBool>,
+    log: Arc<StateLog>,
+    /// Entries of attempts that have not ended, secret values cleared.
+    live: Arc<Mutex<HashMap<i64, Entry>>>,
+}
+
+/// What [`Journal::recover`] did with an earlier run's entries.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Steps re-attached, to be resumed.
+    pub resumable: Vec<(Entry, RunHandle)>,
+    /// Attempts whose steps were stopped (or were gone): they must be reported lost.
+    pub stopped: Vec<i64>,
 }
 
 impl Journal {
-    /// A journal in `dir` (created on first write).
-    pub fn new(dir: impl Into<PathBuf>) -> Journal {
-        Journal { dir: dir.into(), dir_checked: Arc::default() }
+    /// A journal kept in `log`, holding the `entries` an earlier run left there.
+    pub fn new(log: Arc<StateLog>, entries: Vec<Entry>) -> Journal {
+        let live = entries.into_iter().map(|e| (e.spec.attempt_id, e)).collect();
+        Journal { log, live: Arc::new(Mutex::new(live)) }
     }
 
-    fn path(&self, attempt_id: i64) -> PathBuf {
-        self.dir.join(format!("attempt-{attempt_id}.json"))
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records (or updates) an attempt, without its secret values. Failures are logged, not
@@ -82,56 +72,38 @@ impl Journal {
     pub async fn record(&self, entry: &Entry) {
         let mut kept = entry.clone();
         kept.spec.secrets.values_mut().for_each(String::clear);
-        let (dir, path) = (self.dir.clone(), self.path(entry.spec.attempt_id));
-        let checked = self.dir_checked.clone();
-        // One trip to the blocking pool for the whole write, not one per file operation: this
-        // runs for every step.
-        let written = tokio::task::spawn_blocking(move || {
-            use std::sync::atomic::Ordering;
-            let text = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
-            if !checked.load(Ordering::Acquire) {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
-                // The mode above applies only to directories it creates; one an older agent
-                // made may be wider.
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))?;
-                checked.store(true, Ordering::Release);
-            }
-            match write_entry(&path, &text) {
-                // Removed while the agent ran: made again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    use std::os::unix::fs::DirBuilderExt;
-                    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir)?;
-                    write_entry(&path, &text)
-                }
-                other => other,
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        if let Err(e) = written {
-            tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot write the attempt journal");
+        self.live().insert(kept.spec.attempt_id, kept.clone());
+        if let Err(e) = self.log.append(&Record::Step(Box::new(kept))).await {
+            tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot journal the attempt's step");
         }
     }
 
     /// Forgets an attempt that ended.
-    pub async fn forget(&self, attempt_id: i64) {
-        let _ = tokio::fs::remove_file(self.path(attempt_id)).await;
+    pub fn forget(&self, attempt_id: i64) {
+        if self.live().remove(&attempt_id).is_some() {
+            self.log.append_later(&Record::Forget(attempt_id));
+        }
     }
 
-    /// Entries left by an earlier agent run.
+    /// Entries of attempts that have not ended: at start, what an earlier agent run left.
     pub fn leftovers(&self) -> Vec<Entry> {
-        read_entries(&self.dir)
+        let mut entries: Vec<Entry> = self.live().values().cloned().collect();
+        entries.sort_by_key(|e| e.spec.attempt_id);
+        entries
     }
 
-    /// Deals with what an earlier agent run left: steps of runtimes whose sandboxes outlive the
-    /// agent and can be waited on again (containers) are re-attached and returned, to be
-    /// resumed; everything else is stopped and cleaned up. Returns the resumable entries and
-    /// how many were stopped.
-    pub async fn recover(&self, runtimes: &Runtimes) -> (Vec<(Entry, RunHandle)>, usize) {
-        let mut resumable = Vec::new();
+    /// Deals with what an earlier agent run left: an attempt whose end is already reported
+    /// (`finished`: its report waits in the outbox) is forgotten; steps of runtimes whose
+    /// sandboxes outlive the agent and can be waited on again (containers) are re-attached,
+    /// to be resumed; everything else is stopped and cleaned up.
+    pub async fn recover(&self, runtimes: &Runtimes, finished: &HashSet<i64>) -> Recovery {
+        let mut recovery = Recovery::default();
         let mut stopped = Vec::new();
         for entry in self.leftovers() {
+            if finished.contains(&entry.spec.attempt_id) {
+                self.forget(entry.spec.attempt_id);
+                continue;
+            }
             let attached = match (runtimes.get(&entry.runtime), &entry.handle) {
                 (Some(runtime), Some(handle)) if runtime.kind() == "docker" => {
                     // Output of the step in flight went to the old agent; from here on the
@@ -144,14 +116,14 @@ impl Journal {
             match (entry.handle.clone(), attached) {
                 (Some(handle), true) => {
                     tracing::info!(attempt_id = entry.spec.attempt_id, "re-attached to a running container");
-                    resumable.push((entry, handle));
+                    recovery.resumable.push((entry, handle));
                 }
                 _ => stopped.push(entry),
             }
         }
-        let n = stopped.len();
+        recovery.stopped = stopped.iter().map(|e| e.spec.attempt_id).collect();
         self.stop_entries(stopped, runtimes).await;
-        (resumable, n)
+        recovery
     }
 
     /// Stops and cleans up whatever an earlier agent run left running; returns how many
@@ -168,7 +140,7 @@ impl Journal {
             let attempt_id = entry.spec.attempt_id;
             let Some(runtime) = runtimes.get(&entry.runtime) else {
                 tracing::warn!(attempt_id, runtime = %entry.runtime, "leftover attempt of a runtime this agent lacks");
-                self.forget(attempt_id).await;
+                self.forget(attempt_id);
                 continue;
             };
             if let Some(handle) = &entry.handle {
@@ -188,14 +160,17 @@ impl Journal {
                 tracing::warn!(attempt_id, error = %e, "cleanup of a leftover attempt failed");
             }
             let _ = tokio::fs::remove_dir_all(&entry.spec.workspace).await;
-            self.forget(attempt_id).await;
+            self.forget(attempt_id);
         }
     }
 }
 
-fn read_entries(dir: &Path) -> Vec<Entry> {
+/// Entries an agent of an earlier release left as one file per attempt in `dir`; the files
+/// are removed once read, since the caller moves the entries into the state log.
+pub fn take_legacy_entries(dir: &Path) -> Vec<Entry> {
     let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
-    read.flatten()
+    let entries = read
+        .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| {
             let text = std::fs::read(e.path()).ok()?;
@@ -207,18 +182,29 @@ fn read_entries(dir: &Path) -> Vec<Entry> {
                 }
             }
         })
-        .collect()
+        .collect();
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot remove the old journal directory");
+    }
+    entries
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
     use crate::runtime::process::ProcessRuntime;
+
+    fn open(dir: &Path) -> Journal {
+        let (log, recovered) = StateLog::open(dir).unwrap();
+        Journal::new(log, recovered.entries)
+    }
 
     #[tokio::test]
     async fn leftover_steps_are_stopped_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::new(dir.path().join("journal"));
+        let state = dir.path().join("state");
         let spec = TaskSpec {
             attempt_id: 424242,
             steps: vec![vec!["sh".into(), "-c".into(), "sleep 300".into()]],
@@ -229,35 +215,48 @@ mod tests {
         first.prepare(&spec).await.unwrap();
         let (tx, _rx) = mpsc::channel(16);
         let handle = first.start(&spec, 0, tx).await.unwrap();
-        journal
-            .record(&Entry {
-                runtime: "process".into(),
-                spec: spec.clone(),
-                handle: Some(handle.clone()),
-                timeout_ms: None,
-            })
-            .await;
+        let entry = Entry {
+            runtime: "process".into(),
+            spec: spec.clone(),
+            handle: Some(handle.clone()),
+            timeout_ms: None,
+        };
+        let done = Entry { spec: TaskSpec { attempt_id: 5, ..spec.clone() }, ..entry.clone() };
+        let reported =
+            Entry { spec: TaskSpec { attempt_id: 6, ..spec.clone() }, handle: None, ..entry.clone() };
+        {
+            let journal = open(&state);
+            journal.record(&entry).await;
+            journal.record(&done).await;
+            journal.record(&reported).await;
+            journal.forget(5);
+        }
         let pid = handle.pid.unwrap();
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
 
-        // A new agent run with a fresh runtime finds and stops it.
-        let runtimes: std::collections::BTreeMap<String, Arc<dyn Runtime>> =
+        // A new agent run with a fresh runtime finds and stops it; the attempt whose end
+        // waits in the outbox is only forgotten.
+        let journal = open(&state);
+        let runtimes: Runtimes =
             [("process".to_string(), Arc::new(ProcessRuntime::new()) as Arc<dyn Runtime>)].into();
-        assert_eq!(journal.stop_leftovers(&runtimes).await, 1);
+        let recovery = journal.recover(&runtimes, &HashSet::from([6])).await;
+        assert_eq!(recovery.stopped, vec![424242]);
+        assert!(recovery.resumable.is_empty());
         let start = std::time::Instant::now();
         while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
             assert!(start.elapsed() < std::time::Duration::from_secs(5), "leftover step survived");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert!(journal.leftovers().is_empty());
+        drop(journal);
+        assert!(open(&state).leftovers().is_empty(), "recovered entries were not forgotten in the log");
         drop(first);
     }
 
     #[tokio::test]
-    async fn entries_keep_secret_names_but_never_values_and_only_the_agent_reads_them() {
+    async fn entries_keep_secret_names_but_never_values() {
         let dir = tempfile::tempdir().unwrap();
-        let journal_dir = dir.path().join("journal");
-        let journal = Journal::new(&journal_dir);
+        let state = dir.path().join("state");
         let value = "multi\nline-s3cr3t-value";
         let spec = TaskSpec {
             attempt_id: 777,
@@ -265,17 +264,16 @@ mod tests {
             ..Default::default()
         };
         let entry = Entry { runtime: "process".into(), spec, handle: None, timeout_ms: None };
-        // Twice: the second write replaces the first.
-        journal.record(&entry).await;
-        journal.record(&entry).await;
-        let path = journal_dir.join("attempt-777.json");
-        let text = std::fs::read_to_string(&path).unwrap();
+        {
+            let journal = open(&state);
+            // Twice: the second write replaces the first.
+            journal.record(&entry).await;
+            journal.record(&entry).await;
+        }
+        let bytes = std::fs::read(state.join("log")).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
         assert!(!text.contains("s3cr3t") && text.contains("API_TOKEN"), "{text}");
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&path), 0o600);
-        assert_eq!(mode(&journal_dir), 0o700);
-        assert_eq!(std::fs::read_dir(&journal_dir).unwrap().count(), 1, "no temporary file is left");
-        let back = journal.leftovers();
+        let back = open(&state).leftovers();
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].spec.secrets, [("API_TOKEN".to_owned(), String::new())].into());
         // The caller's entry still holds the value.
@@ -283,20 +281,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_journal_directory_made_wider_is_narrowed() {
+    async fn entries_of_an_older_release_are_taken_over_and_their_files_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let journal_dir = dir.path().join("journal");
-        std::fs::create_dir(&journal_dir).unwrap();
-        std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::write(journal_dir.join("attempt-5.tmp"), "stale").unwrap();
-        std::fs::set_permissions(journal_dir.join("attempt-5.tmp"), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
-        let spec = TaskSpec { attempt_id: 5, ..Default::default() };
-        Journal::new(&journal_dir)
-            .record(&Entry { runtime: "process".into(), spec, handle: None, timeout_ms: None })
-            .await;
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&journal_dir), 0o700);
-        assert_eq!(mode(&journal_dir.join("attempt-5.json")), 0o600);
+        let old = dir.path().join(".journal");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let entry = Entry {
+            runtime: "process".into(),
+            spec: TaskSpec { attempt_id: 31, ..Default::default() },
+            handle: None,
+            timeout_ms: Some(1000),
+        };
+        std::fs::write(old.join("attempt-31.json"), serde_json::to_vec(&entry).unwrap()).unwrap();
+        std::fs::write(old.join("attempt-32.json"), b"{not json").unwrap();
+        let taken = take_legacy_entries(&old);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].spec.attempt_id, 31);
+        assert!(!old.exists());
+        assert!(take_legacy_entries(&old).is_empty());
     }
 }

@@ -17,6 +17,7 @@ pub mod monitor;
 pub mod outbox;
 pub mod reservation;
 pub mod runtime;
+pub mod state_log;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 

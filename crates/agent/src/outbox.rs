@@ -3,6 +3,10 @@
 //! server's handling is idempotent (a repeated `finished` is recognised as stale), so
 //! re-sending is always safe.
 //!
+//! A durable outbox ([`Outbox::durable`]) also appends each report to the agent's state log
+//! before it can be sent, and each acknowledgement after it, so that an agent restarted at
+//! any point sends again what the server had not acknowledged.
+//!
 //! Reports leave in batches. A session sends from the stream [`Outbox::reports`] gives it;
 //! the transport polls that stream whenever it can take another message, and each poll takes
 //! everything that waits by then (within the protocol's limits) as one `Reports` message. So
@@ -10,7 +14,7 @@
 //! once, output of many tasks) sends fewer, larger messages: the shape of the server's group
 //! commit, with no timer.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use drover_proto as pb;
@@ -18,6 +22,8 @@ use drover_proto::agent_message::Msg;
 use drover_proto::report::Kind;
 use futures::Stream;
 use tokio::sync::Notify;
+
+use crate::state_log::{LoggedReport, Record, StateLog};
 
 /// Stop accepting output from tasks while this many bytes wait for acknowledgement, so a slow
 /// or absent server slows tasks' output instead of growing the agent's memory without bound.
@@ -88,6 +94,11 @@ pub struct Outbox {
     acked: Notify,
     /// Wakes the live session's stream: a report was queued, or the session changed.
     ready: Notify,
+    /// Where reports and acknowledgements are kept across agent runs, when durable.
+    log: Option<Arc<StateLog>>,
+    /// Held from taking a sequence number until the report is queued, so that reports are
+    /// logged and queued in the order of their numbers.
+    turn: tokio::sync::Mutex<()>,
 }
 
 fn stamp(mut report: Kind, seq: u64, epoch: i64) -> pb::Report {
@@ -105,6 +116,20 @@ fn stamp(mut report: Kind, seq: u64, epoch: i64) -> pb::Report {
 }
 
 impl Outbox {
+    /// An outbox kept in `log`, holding the reports an earlier agent run left unacknowledged
+    /// there; its sequence numbers go on after `last_seq`.
+    pub fn durable(log: Arc<StateLog>, reports: Vec<LoggedReport>, last_seq: u64) -> Outbox {
+        let mut inner = Inner { next_seq: last_seq, ..Inner::default() };
+        for r in reports {
+            let Some(report) = r.report.kind else { continue };
+            let bytes = usize::try_from(r.bytes).unwrap_or(usize::MAX);
+            inner.next_seq = inner.next_seq.max(r.seq);
+            inner.pending_bytes = inner.pending_bytes.saturating_add(bytes);
+            inner.pending.push_back(Pending { seq: r.seq, attempt_id: r.attempt_id, report, bytes });
+        }
+        Outbox { inner: Mutex::new(inner), log: Some(log), ..Outbox::default() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -119,10 +144,32 @@ impl Outbox {
             }
             notified.await;
         }
+        let _turn = self.turn.lock().await;
+        let seq = self.lock().next_seq + 1;
+        let report = match &self.log {
+            Some(log) => {
+                let logged = Record::Report(LoggedReport {
+                    seq,
+                    attempt_id,
+                    bytes: bytes as u64,
+                    report: pb::Report { kind: Some(report) },
+                });
+                if let Err(e) = log.append(&logged).await {
+                    // Still sent: only a restart before its acknowledgement would lose it.
+                    tracing::warn!(attempt_id, error = %e, "report not kept in the state log");
+                }
+                // Built as a report with a kind just above: the `else` cannot happen.
+                let Record::Report(LoggedReport { report: pb::Report { kind: Some(report) }, .. }) = logged
+                else {
+                    return;
+                };
+                report
+            }
+            None => report,
+        };
         {
             let mut inner = self.lock();
-            inner.next_seq += 1;
-            let seq = inner.next_seq;
+            inner.next_seq = seq;
             inner.pending.push_back(Pending { seq, attempt_id, report, bytes });
             inner.pending_bytes += bytes;
         }
@@ -132,13 +179,31 @@ impl Outbox {
     /// Drops every report up to and including `seq`.
     pub fn ack(&self, seq: u64) {
         let mut inner = self.lock();
+        let mut dropped = false;
         while inner.pending.front().is_some_and(|p| p.seq <= seq) {
             if let Some(p) = inner.pending.pop_front() {
                 inner.pending_bytes -= p.bytes;
+                dropped = true;
             }
         }
         drop(inner);
+        if let (true, Some(log)) = (dropped, &self.log) {
+            // Lost in a crash, it only makes the next run send these reports again.
+            log.append_later(&Record::Acked(seq));
+        }
         self.acked.notify_waiters();
+    }
+
+    /// Attempts whose end waits to be acknowledged.
+    pub fn finished_attempts(&self) -> HashSet<i64> {
+        self.lock()
+            .pending
+            .iter()
+            .filter(|p| {
+                matches!(&p.report, Kind::Update(u) if matches!(u.kind, Some(pb::attempt_update::Kind::Finished(_))))
+            })
+            .map(|p| p.attempt_id)
+            .collect()
     }
 
     /// Attempts that still have reports waiting; the server must keep them on registration.
@@ -272,6 +337,39 @@ mod tests {
         assert_eq!(second.next().await, None);
         outbox.connect(9);
         assert_eq!(contents(ready(&mut third).unwrap()).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_durable_outbox_sends_after_a_restart_what_was_not_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        {
+            let (log, recovered) = StateLog::open(&state).unwrap();
+            let outbox = Arc::new(Outbox::durable(log, recovered.reports, recovered.last_seq));
+            let mut sent = Box::pin(outbox.reports());
+            outbox.connect(3);
+            for id in 1..=4 {
+                outbox.push(id, started(id), 64).await;
+            }
+            assert_eq!(contents(ready(&mut sent).unwrap()).len(), 4);
+            outbox.ack(2);
+            // The agent dies here: the server acknowledged two of the four.
+        }
+        let (log, recovered) = StateLog::open(&state).unwrap();
+        let outbox = Arc::new(Outbox::durable(log, recovered.reports, recovered.last_seq));
+        assert_eq!(outbox.attempts(), vec![3, 4]);
+        let mut sent = Box::pin(outbox.reports());
+        outbox.connect(4);
+        outbox.push(5, started(5), 64).await;
+        // Sent again in order under the new session's epoch; numbering goes on after them.
+        assert_eq!(contents(ready(&mut sent).unwrap()), vec![(3, 3, 4), (4, 4, 4), (5, 5, 4)]);
+        let ended = Kind::Update(pb::AttemptUpdate {
+            attempt_id: 6,
+            kind: Some(pb::attempt_update::Kind::Finished(pb::Finished::default())),
+            ..Default::default()
+        });
+        outbox.push(6, ended, 64).await;
+        assert_eq!(outbox.finished_attempts(), HashSet::from([6]));
     }
 
     #[tokio::test]

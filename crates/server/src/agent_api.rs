@@ -304,7 +304,7 @@ async fn handle_report(
             o.epoch = epoch;
             let chunks = output_chunks(o.lines, o.chunks)?;
             let stored = output
-                .append(o.attempt_id, o.epoch, chunks)
+                .append(o.attempt_id, o.epoch, o.seq, chunks)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             Ok(acks.queued(o.attempt_id, o.seq, stored).await.is_ok())

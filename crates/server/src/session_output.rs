@@ -27,6 +27,8 @@ const QUEUE: usize = 8;
 struct Append {
     attempt_id: i64,
     epoch: i64,
+    /// The agent's number for the report: one stored already is not stored again.
+    seq: u64,
     chunks: Vec<OutputChunk>,
     reply: oneshot::Sender<Reply>,
 }
@@ -56,10 +58,11 @@ impl SessionOutput {
         &mut self,
         attempt_id: i64,
         epoch: i64,
+        seq: u64,
         chunks: Vec<OutputChunk>,
     ) -> Result<oneshot::Receiver<Reply>, WriterStopped> {
         let (reply, stored) = oneshot::channel();
-        self.tx.send(Append { attempt_id, epoch, chunks, reply }).await.map_err(|_| WriterStopped)?;
+        self.tx.send(Append { attempt_id, epoch, seq, chunks, reply }).await.map_err(|_| WriterStopped)?;
         self.queued += 1;
         self.last.insert(attempt_id, self.queued);
         Ok(stored)
@@ -76,7 +79,7 @@ impl SessionOutput {
 /// The writer: appends each report in turn, answers it, and counts it done.
 async fn write(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Append>, done: watch::Sender<u64>) {
     while let Some(a) = rx.recv().await {
-        let outcome = store.append_chunks(a.attempt_id, a.epoch, &a.chunks).await;
+        let outcome = store.append_chunks(a.attempt_id, a.epoch, Some(a.seq), &a.chunks).await;
         if let Ok(Applied::Applied) = outcome
             && let Err(e) = store.publish(Signal::Changed { job_id: 0 }).await
         {
@@ -102,8 +105,8 @@ mod tests {
         let mut output = SessionOutput::spawn(store);
         // No attempt exists: every append is stale, which is an outcome like any other.
         let chunk = OutputChunk { step: 0, stderr: false, lens: vec![3], data: b"hi\n".to_vec() };
-        let first = output.append(1, 1, vec![chunk.clone()]).await.expect("queued");
-        let second = output.append(2, 1, vec![chunk]).await.expect("queued");
+        let first = output.append(1, 1, 1, vec![chunk.clone()]).await.expect("queued");
+        let second = output.append(2, 1, 2, vec![chunk]).await.expect("queued");
         output.stored(1).await.expect("writer runs");
         assert!(matches!(first.await, Ok(Ok(Applied::Stale))));
         output.stored(3).await.expect("nothing of attempt 3 is in flight");

@@ -344,6 +344,46 @@ pub async fn log_archives_replace_live_lines<S: Store + ArtifactStore>(store: &S
     assert!(store.unarchived_attempts(100).await.unwrap().is_empty(), "expired is not unarchived");
 }
 
+/// An output report sent again (its acknowledgement was lost, or the agent restarted) is
+/// stored once; one numbered past it is stored; an unnumbered one always is.
+pub async fn resent_output_is_stored_once<S: Store + ArchiveStore>(store: &S) {
+    store.submit(&job(vec![task("a", &[])]), "", "f", 1).await.unwrap();
+    store.register_node(&node("n1", 2, 100_000), &[], 1).await.unwrap();
+    let a = schedule(store, 2).await;
+    let chunk = |text: &str| {
+        vec![OutputChunk {
+            step: 0,
+            stderr: false,
+            lens: vec![text.len() as u32],
+            data: text.as_bytes().to_vec(),
+        }]
+    };
+    let (attempt, epoch) = (a[0].attempt_id, a[0].epoch);
+    for (seq, text) in [
+        (Some(4), "four\n"),
+        (Some(4), "four\n"),
+        (Some(3), "three\n"),
+        (Some(7), "seven\n"),
+        (None, "plain\n"),
+        (Some(0), "zero\n"),
+    ] {
+        assert_eq!(
+            store.append_chunks(attempt, epoch, seq, &chunk(text)).await.unwrap(),
+            Applied::Applied,
+            "{seq:?}"
+        );
+    }
+    let lines: Vec<Vec<u8>> =
+        store.attempt_log(attempt, 0, 100).await.unwrap().into_iter().map(|l| l.data).collect();
+    assert_eq!(lines, vec![b"four\n".to_vec(), b"seven\n".to_vec(), b"plain\n".to_vec(), b"zero\n".to_vec()]);
+    // A stale epoch stores nothing, numbered or not.
+    assert_eq!(
+        store.append_chunks(attempt, epoch + 100, Some(9), &chunk("late\n")).await.unwrap(),
+        Applied::Stale
+    );
+    assert!(store.append_chunks(attempt, epoch, Some(u64::MAX), &chunk("huge\n")).await.is_err());
+}
+
 /// Tokens recorded with an attempt's end, and its compute, sum up per job; filters by
 /// project and job; a stale epoch records nothing.
 pub async fn usage_sums_tokens_and_compute(store: &dyn Store) {
@@ -689,7 +729,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, a_job_and_its_tasks_are_read_at_one_moment, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts, log_archives_replace_live_lines, usage_sums_tokens_and_compute,
+            reregistration_adopts_known_attempts, log_archives_replace_live_lines, resent_output_is_stored_once, usage_sums_tokens_and_compute,
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,
             assign_rechecks_fit, assign_ahead_waits_up_to_one_node_beyond_capacity, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,

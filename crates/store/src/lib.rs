@@ -213,11 +213,21 @@ pub trait Store: Send + Sync + 'static {
     /// Appends output of an attempt, as the agent shipped it: runs of lines, each stored
     /// without being split into lines. A chunk whose line lengths do not add up to its bytes
     /// is refused ([`StoreError::Invalid`]) and nothing is stored.
-    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied>;
+    ///
+    /// `seq` is the number the agent gave the report (increasing across its reports and its
+    /// restarts): a report numbered at or below the last one stored for the attempt was
+    /// stored already, and is `Applied` again without storing anything. `None` always stores.
+    async fn append_chunks(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        seq: Option<u64>,
+        chunks: &[OutputChunk],
+    ) -> Result<Applied>;
 
     /// Appends output lines of an attempt.
     async fn append_output(&self, attempt_id: i64, epoch: i64, lines: &[OutputLine]) -> Result<Applied> {
-        self.append_chunks(attempt_id, epoch, &OutputChunk::from_lines(lines)).await
+        self.append_chunks(attempt_id, epoch, None, &OutputChunk::from_lines(lines)).await
     }
 
     /// Output of a job with a line id above `after_id`, optionally of one task, in order, as

@@ -257,6 +257,18 @@ impl<'a> Filling<'a> {
     }
 }
 
+/// The number of an output report as the database keeps it (a signed 64-bit integer); 0 is
+/// no number (agents number from 1), so the report is always stored.
+pub(crate) fn report_seq(seq: Option<u64>) -> Result<Option<i64>> {
+    match seq {
+        None | Some(0) => Ok(None),
+        Some(n) => i64::try_from(n).map(Some).map_err(|_| crate::StoreError::Invalid {
+            what: "output report",
+            detail: format!("number {n} is out of range"),
+        }),
+    }
+}
+
 /// Packs shipped chunks into rows, in order, after checking that each chunk's lengths add up
 /// to its bytes.
 pub(crate) fn pack(chunks: &[OutputChunk]) -> std::result::Result<Vec<NewChunk<'_>>, BadChunk> {

@@ -662,15 +662,35 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied> {
+    async fn append_chunks(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        seq: Option<u64>,
+        chunks: &[OutputChunk],
+    ) -> Result<Applied> {
         // Checked before the transaction: a malformed report stores nothing.
         let rows = log_chunks::pack(chunks)?;
+        let seq = log_chunks::report_seq(seq)?;
         let heads: Vec<&str> = rows.iter().map(|c| c.heads.as_str()).collect();
         let data: Vec<&[u8]> = rows.iter().map(|c| c.data.as_ref()).collect();
         transaction!(self.pool, "append_output", |tx| {
             let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch), AttemptLock::Share).await? else {
                 return Ok(Applied::Stale);
             };
+            if let Some(seq) = seq {
+                let newer =
+                    sqlx::query("UPDATE attempts SET output_seq = $1 WHERE id = $2 AND output_seq < $1")
+                        .bind(seq)
+                        .bind(attempt_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                if newer == 0 {
+                    // Stored when it came the first time; its acknowledgement was lost.
+                    return Ok(Applied::Applied);
+                }
+            }
             if rows.is_empty() {
                 return Ok(Applied::Applied);
             }

@@ -532,14 +532,33 @@ impl Store for SqliteStore {
             .collect())
     }
 
-    async fn append_chunks(&self, attempt_id: i64, epoch: i64, chunks: &[OutputChunk]) -> Result<Applied> {
+    async fn append_chunks(
+        &self,
+        attempt_id: i64,
+        epoch: i64,
+        seq: Option<u64>,
+        chunks: &[OutputChunk],
+    ) -> Result<Applied> {
         // Checked before the transaction: a malformed report stores nothing.
         let rows = log_chunks::pack(chunks)?;
+        let seq = log_chunks::report_seq(seq)?;
         let mut writer = self.writer.lock().await;
         let mut tx = writer.begin().await?;
         let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
             return Ok(Applied::Stale);
         };
+        if let Some(seq) = seq {
+            let newer = sqlx::query("UPDATE attempts SET output_seq = ?1 WHERE id = ?2 AND output_seq < ?1")
+                .bind(seq)
+                .bind(attempt_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if newer == 0 {
+                // Stored when it came the first time; its acknowledgement was lost.
+                return Ok(Applied::Applied);
+            }
+        }
         // One statement for the report's rows: every statement is a round trip to the
         // connection's thread, which costs more than the rows. Rows are numbered in order.
         for part in rows.chunks(INSERT_CHUNK) {

@@ -1,0 +1,285 @@
+//! The records of the state log and how each is framed on disk.
+//!
+//! A frame is `[payload length: u32 LE][CRC-32C of the payload: u32 LE][payload]`, and a
+//! payload is a one-byte tag followed by the record's body. A frame cut short by a crash, or
+//! whose checksum does not match, ends the readable log: everything before it is kept.
+
+use drover_proto as pb;
+use prost::Message;
+
+use crate::journal::Entry;
+
+/// Bytes before a frame's payload.
+pub const HEADER: usize = 8;
+
+/// Largest payload a frame may carry: far above any report (a report is at most a few MiB)
+/// or journal entry, so that a corrupt length is recognised as one instead of read as data.
+pub const MAX_PAYLOAD: usize = 256 << 20;
+
+// Sixteen tables: every byte of output goes through this, at several GB/s instead of a few
+// hundred MB/s with one table.
+const CRC: crc::Crc<u32, crc::Table<16>> = crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
+
+const TAG_STEP: u8 = 1;
+const TAG_FORGET: u8 = 2;
+const TAG_REPORT: u8 = 3;
+const TAG_ACKED: u8 = 4;
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// An attempt's step started (or a later step of it did): the journal entry that lets a
+    /// restarted agent find it. Secret values are already cleared.
+    Step(Box<Entry>),
+    /// The attempt ended: its journal entry is no longer needed.
+    Forget(i64),
+    /// A report queued for the server, not yet acknowledged.
+    Report(LoggedReport),
+    /// The server acknowledged every report up to and including this sequence number.
+    Acked(u64),
+}
+
+/// What the log's writer and its rewrite need to know of a record: which attempt or report it
+/// is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// [`Record::Step`] of an attempt.
+    Step(i64),
+    /// [`Record::Forget`] of an attempt.
+    Forget(i64),
+    /// [`Record::Report`] with its sequence number.
+    Report(u64),
+    /// [`Record::Acked`] up to a sequence number.
+    Acked(u64),
+}
+
+/// A report as the outbox queued it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedReport {
+    /// The outbox's sequence number; increasing across agent runs.
+    pub seq: u64,
+    /// The attempt it is about.
+    pub attempt_id: i64,
+    /// The size the outbox counts it as (for its limits on pending bytes and message size).
+    pub bytes: u64,
+    /// The report, without sequence number or epoch (both are stamped when it is sent).
+    pub report: pb::Report,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FrameError {
+    /// The bytes end inside a frame (a write cut short by a crash).
+    #[error("the log ends inside a frame")]
+    Truncated,
+    /// The length field is beyond any frame's size.
+    #[error("a frame claims {0} bytes")]
+    Oversized(usize),
+    /// The payload does not match its checksum.
+    #[error("a frame's checksum does not match")]
+    Checksum,
+    /// The payload passed its checksum but is not a record this agent knows.
+    #[error("a frame holds no readable record: {0}")]
+    Unreadable(String),
+}
+
+impl Record {
+    /// What the record is about.
+    pub fn key(&self) -> Key {
+        match self {
+            Record::Step(e) => Key::Step(e.spec.attempt_id),
+            Record::Forget(id) => Key::Forget(*id),
+            Record::Report(r) => Key::Report(r.seq),
+            Record::Acked(seq) => Key::Acked(*seq),
+        }
+    }
+
+    /// Whether the record is worth syncing to disk soon: journal entries, and reports of an
+    /// attempt's start, end or outputs. Output and acknowledgements ride along with those
+    /// (their loss in a crash of the whole machine only repeats or drops what died with it).
+    pub fn wants_sync(&self) -> bool {
+        match self {
+            Record::Step(_) => true,
+            Record::Report(r) => matches!(r.report.kind, Some(pb::report::Kind::Update(_))),
+            Record::Forget(_) | Record::Acked(_) => false,
+        }
+    }
+
+    /// The record as one frame.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = vec![0u8; HEADER];
+        match self {
+            Record::Step(entry) => {
+                out.push(TAG_STEP);
+                serde_json::to_writer(&mut out, entry.as_ref())
+                    .map_err(|e| FrameError::Unreadable(e.to_string()))?;
+            }
+            Record::Forget(attempt_id) => {
+                out.push(TAG_FORGET);
+                out.extend_from_slice(&attempt_id.to_le_bytes());
+            }
+            Record::Report(r) => {
+                out.push(TAG_REPORT);
+                out.extend_from_slice(&r.seq.to_le_bytes());
+                out.extend_from_slice(&r.attempt_id.to_le_bytes());
+                out.extend_from_slice(&r.bytes.to_le_bytes());
+                out.reserve(r.report.encoded_len());
+                r.report.encode(&mut out).map_err(|e| FrameError::Unreadable(e.to_string()))?;
+            }
+            Record::Acked(seq) => {
+                out.push(TAG_ACKED);
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+        }
+        let len = out.len() - HEADER;
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::Oversized(len));
+        }
+        let crc = CRC.checksum(&out[HEADER..]);
+        out[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        out[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes a checked payload.
+    fn decode(payload: &[u8]) -> Result<Record, FrameError> {
+        let bad = |what: &str| FrameError::Unreadable(what.to_string());
+        let (&tag, body) = payload.split_first().ok_or_else(|| bad("empty payload"))?;
+        let word = |at: usize| -> Result<[u8; 8], FrameError> {
+            body.get(at..at + 8).and_then(|b| b.try_into().ok()).ok_or_else(|| bad("short body"))
+        };
+        match tag {
+            TAG_STEP => serde_json::from_slice(body)
+                .map(|e| Record::Step(Box::new(e)))
+                .map_err(|e| FrameError::Unreadable(format!("journal entry: {e}"))),
+            TAG_FORGET => Ok(Record::Forget(i64::from_le_bytes(word(0)?))),
+            TAG_REPORT => {
+                let report = pb::Report::decode(body.get(24..).unwrap_or_default())
+                    .map_err(|e| FrameError::Unreadable(format!("report: {e}")))?;
+                Ok(Record::Report(LoggedReport {
+                    seq: u64::from_le_bytes(word(0)?),
+                    attempt_id: i64::from_le_bytes(word(8)?),
+                    bytes: u64::from_le_bytes(word(16)?),
+                    report,
+                }))
+            }
+            TAG_ACKED => Ok(Record::Acked(u64::from_le_bytes(word(0)?))),
+            other => Err(FrameError::Unreadable(format!("unknown tag {other}"))),
+        }
+    }
+}
+
+/// Reads the frame at the start of `bytes`: its record and its whole length (header included).
+pub fn read(bytes: &[u8]) -> Result<(Record, usize), FrameError> {
+    let (len, crc) = header(bytes)?;
+    let payload = bytes.get(HEADER..HEADER + len).ok_or(FrameError::Truncated)?;
+    if CRC.checksum(payload) != crc {
+        return Err(FrameError::Checksum);
+    }
+    Ok((Record::decode(payload)?, HEADER + len))
+}
+
+/// Checks the frame at the start of `bytes` and reads only what it is about, without
+/// decoding a report's contents; returns that and the frame's whole length.
+pub fn read_key(bytes: &[u8]) -> Result<(Key, usize), FrameError> {
+    let (len, crc) = header(bytes)?;
+    let payload = bytes.get(HEADER..HEADER + len).ok_or(FrameError::Truncated)?;
+    if CRC.checksum(payload) != crc {
+        return Err(FrameError::Checksum);
+    }
+    let word = |at: usize| -> Result<[u8; 8], FrameError> {
+        payload
+            .get(1 + at..1 + at + 8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| FrameError::Unreadable("short body".into()))
+    };
+    let key = match payload.first() {
+        Some(&TAG_STEP) => Record::decode(payload)?.key(),
+        Some(&TAG_FORGET) => Key::Forget(i64::from_le_bytes(word(0)?)),
+        Some(&TAG_REPORT) => Key::Report(u64::from_le_bytes(word(0)?)),
+        Some(&TAG_ACKED) => Key::Acked(u64::from_le_bytes(word(0)?)),
+        _ => Record::decode(payload)?.key(),
+    };
+    Ok((key, HEADER + len))
+}
+
+/// The payload length and checksum of the frame at the start of `bytes`.
+pub fn header(bytes: &[u8]) -> Result<(usize, u32), FrameError> {
+    let head: [u8; HEADER] =
+        bytes.get(..HEADER).and_then(|h| h.try_into().ok()).ok_or(FrameError::Truncated)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(FrameError::Oversized(len));
+    }
+    Ok((len, u32::from_le_bytes([head[4], head[5], head[6], head[7]])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::TaskSpec;
+
+    fn report(seq: u64) -> Record {
+        Record::Report(LoggedReport {
+            seq,
+            attempt_id: 7,
+            bytes: 99,
+            report: pb::Report {
+                kind: Some(pb::report::Kind::Output(pb::AttemptOutput {
+                    attempt_id: 7,
+                    chunks: vec![pb::OutputChunk {
+                        step: 0,
+                        stderr: false,
+                        data: b"hello\n".to_vec(),
+                        lens: vec![6],
+                    }],
+                    ..Default::default()
+                })),
+            },
+        })
+    }
+
+    #[test]
+    fn every_record_reads_back_as_written() {
+        let entry = Entry {
+            runtime: "process".into(),
+            spec: TaskSpec { attempt_id: 3, ..Default::default() },
+            handle: None,
+            timeout_ms: Some(5),
+        };
+        for record in [Record::Step(Box::new(entry)), Record::Forget(-4), report(12), Record::Acked(11)] {
+            let frame = record.encode().unwrap();
+            assert_eq!(read(&frame).unwrap(), (record, frame.len()));
+        }
+    }
+
+    #[test]
+    fn a_cut_or_damaged_frame_is_recognised() {
+        let frame = report(1).encode().unwrap();
+        for cut in [0, 3, HEADER, frame.len() - 1] {
+            assert_eq!(read(&frame[..cut]).unwrap_err(), FrameError::Truncated, "cut at {cut}");
+        }
+        let mut flipped = frame.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(read(&flipped).unwrap_err(), FrameError::Checksum);
+        let mut huge = frame;
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read(&huge).unwrap_err(), FrameError::Oversized(_)));
+    }
+
+    #[test]
+    fn a_checked_frame_of_an_unknown_kind_is_unreadable_not_a_panic() {
+        let payload = [9u8, 1, 2];
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        assert!(matches!(read(&frame).unwrap_err(), FrameError::Unreadable(_)));
+        for short in [&[TAG_FORGET, 1][..], &[TAG_REPORT, 0, 0][..], &[][..]] {
+            let mut frame = (short.len() as u32).to_le_bytes().to_vec();
+            frame.extend_from_slice(&CRC.checksum(short).to_le_bytes());
+            frame.extend_from_slice(short);
+            assert!(matches!(read(&frame).unwrap_err(), FrameError::Unreadable(_)), "{short:?}");
+        }
+    }
+}

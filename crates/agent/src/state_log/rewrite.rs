@@ -1,0 +1,197 @@
+//! Rewriting the log with only its live records: on open (also reading them back for the
+//! agent) and when it has grown mostly dead.
+//!
+//! Two passes over the old file: the first checks every frame and finds which are live (each
+//! unfinished attempt's latest journal entry, every unacknowledged report), the second copies
+//! those into a new file, which is synced and then renamed over the old one. A crash at any
+//! point leaves the old file or the new one, both whole.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::frame::{self, Key, Record};
+use super::{FILE_MODE, Live, Recovered, StateLogError};
+
+/// Where a frame is in the old file, and what it is about.
+struct Found {
+    offset: u64,
+    len: usize,
+    key: Key,
+}
+
+/// Every whole frame of `file` in order, and why reading stopped before its end, if it did.
+fn scan(file: &File) -> Result<(Vec<Found>, Option<String>), StateLogError> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut found = Vec::new();
+    let mut offset = 0u64;
+    let mut buf = vec![0; frame::HEADER];
+    loop {
+        buf.truncate(frame::HEADER);
+        match read_full(&mut reader, &mut buf) {
+            Ok(0) => return Ok((found, None)),
+            Ok(n) if n < frame::HEADER => return Ok((found, Some(frame::FrameError::Truncated.to_string()))),
+            Ok(_) => {}
+            Err(e) => return Err(StateLogError::io("read", e)),
+        }
+        let len = match frame::header(&buf) {
+            Ok((len, _)) => len,
+            Err(e) => return Ok((found, Some(e.to_string()))),
+        };
+        buf.resize(frame::HEADER + len, 0);
+        match read_full(&mut reader, &mut buf[frame::HEADER..]) {
+            Ok(n) if n < len => return Ok((found, Some(frame::FrameError::Truncated.to_string()))),
+            Ok(_) => {}
+            Err(e) => return Err(StateLogError::io("read", e)),
+        }
+        match frame::read_key(&buf) {
+            Ok((key, size)) => {
+                found.push(Found { offset, len: size, key });
+                offset += size as u64;
+            }
+            Err(e) => return Ok((found, Some(e.to_string()))),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends; how many bytes were read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The old file, its frames, which of them are live (in file order), and the sequence
+/// numbers they carry.
+struct Scanned {
+    old: Option<File>,
+    found: Vec<Found>,
+    keep: Vec<usize>,
+    acked: u64,
+    last_seq: u64,
+    damaged_tail: Option<String>,
+}
+
+fn scan_live(path: &Path) -> Result<Scanned, StateLogError> {
+    let old = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(StateLogError::io(format!("open {}", path.display()), e)),
+    };
+    let (found, damaged_tail) = match &old {
+        Some(f) => scan(f)?,
+        None => (Vec::new(), None),
+    };
+    // Which frames are live: each attempt's latest entry unless it was forgotten, and every
+    // report after the last acknowledgement.
+    let mut steps: HashMap<i64, usize> = HashMap::new();
+    let mut reports = Vec::new();
+    let (mut acked, mut last_seq) = (0u64, 0u64);
+    for (i, f) in found.iter().enumerate() {
+        match f.key {
+            Key::Step(id) => {
+                steps.insert(id, i);
+            }
+            Key::Forget(id) => {
+                steps.remove(&id);
+            }
+            Key::Report(seq) => {
+                reports.push((seq, i));
+                last_seq = last_seq.max(seq);
+            }
+            Key::Acked(seq) => acked = acked.max(seq),
+        }
+    }
+    let mut keep: Vec<usize> = steps.into_values().collect();
+    keep.extend(reports.iter().filter(|(seq, _)| *seq > acked).map(|(_, i)| *i));
+    keep.sort_unstable();
+    Ok(Scanned { old, found, keep, acked, last_seq: last_seq.max(acked), damaged_tail })
+}
+
+/// Reads frame `f` of `old` into `buf`.
+fn read_frame(old: Option<&File>, f: &Found, buf: &mut Vec<u8>) -> Result<(), StateLogError> {
+    buf.resize(f.len, 0);
+    match old {
+        Some(old) => old.read_exact_at(buf, f.offset).map_err(|e| StateLogError::io("read", e)),
+        None => Ok(()),
+    }
+}
+
+/// Adds a live record to what a reader gets back.
+fn recover_into(recovered: &mut Recovered, frame: &[u8]) -> Result<(), StateLogError> {
+    match frame::read(frame)?.0 {
+        Record::Step(entry) => recovered.entries.push(*entry),
+        Record::Report(report) => recovered.reports.push(report),
+        Record::Forget(_) | Record::Acked(_) => {}
+    }
+    Ok(())
+}
+
+/// What the log at `path` holds, read without changing it (while an agent may be appending
+/// to it: a frame it is writing reads as a damaged tail).
+pub(crate) fn peek(path: &Path) -> Result<Recovered, StateLogError> {
+    let scanned = scan_live(path)?;
+    let mut recovered =
+        Recovered { last_seq: scanned.last_seq, damaged_tail: scanned.damaged_tail, ..Recovered::default() };
+    let mut buf = Vec::new();
+    for &i in &scanned.keep {
+        read_frame(scanned.old.as_ref(), &scanned.found[i], &mut buf)?;
+        recover_into(&mut recovered, &buf)?;
+    }
+    recovered.reports.sort_by_key(|r| r.seq);
+    Ok(recovered)
+}
+
+/// Rewrites the log at `path` with its live records (`decode`: and returns them); returns
+/// what the new file holds.
+pub(crate) fn rewrite(path: &Path, decode: bool) -> Result<(Recovered, Live), StateLogError> {
+    let Scanned { old, found, keep, acked, last_seq, damaged_tail } = scan_live(path)?;
+    if let Some(why) = &damaged_tail {
+        tracing::warn!(path = %path.display(), kept = found.len(), error = %why, "the state log ends in a damaged frame; it is cut off there");
+    }
+    let new_path = path.with_extension("new");
+    let mut new = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(&new_path)
+        .map_err(|e| StateLogError::io(format!("create {}", new_path.display()), e))?;
+    let write_err = |e| StateLogError::io(format!("write {}", new_path.display()), e);
+    let mut live = Live::default();
+    let mut recovered = Recovered { last_seq, damaged_tail, ..Recovered::default() };
+    // The sequence goes on even when every report was acknowledged (and so none is kept).
+    let head = Record::Acked(acked).encode()?;
+    new.write_all(&head).map_err(write_err)?;
+    live.note(Key::Acked(acked), head.len() as u64);
+    let mut buf = Vec::new();
+    for i in keep {
+        let f = &found[i];
+        read_frame(old.as_ref(), f, &mut buf)?;
+        new.write_all(&buf).map_err(write_err)?;
+        live.note(f.key, f.len as u64);
+        if decode {
+            recover_into(&mut recovered, &buf)?;
+        }
+    }
+    recovered.reports.sort_by_key(|r| r.seq);
+    new.sync_all().map_err(|e| StateLogError::io(format!("sync {}", new_path.display()), e))?;
+    std::fs::rename(&new_path, path)
+        .map_err(|e| StateLogError::io(format!("replace {}", path.display()), e))?;
+    // The rename is durable only once the directory is.
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StateLogError::io(format!("sync {}", dir.display()), e))?;
+    }
+    Ok((recovered, live))
+}
