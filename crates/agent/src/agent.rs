@@ -231,7 +231,7 @@ impl Agent {
         let (log, mut recovered) = StateLog::open(&config.work_dir.join(STATE_DIR))?;
         // An agent of an earlier release kept its journal as one file per attempt.
         for entry in journal::take_legacy_entries(&config.work_dir.join(".journal")) {
-            log.append_later(&Record::Step(Box::new(entry.clone())));
+            log.append_later(Record::Step(Box::new(entry.clone())));
             recovered.entries.push(entry);
         }
         if let Some(why) = &recovered.damaged_tail {

@@ -73,7 +73,7 @@ impl Journal {
         let mut kept = entry.clone();
         kept.spec.secrets.values_mut().for_each(String::clear);
         self.live().insert(kept.spec.attempt_id, kept.clone());
-        if let Err(e) = self.log.append(&Record::Step(Box::new(kept))).await {
+        if let Err(e) = self.log.append(Record::Step(Box::new(kept))).await {
             tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot journal the attempt's step");
         }
     }
@@ -81,7 +81,7 @@ impl Journal {
     /// Forgets an attempt that ended.
     pub fn forget(&self, attempt_id: i64) {
         if self.live().remove(&attempt_id).is_some() {
-            self.log.append_later(&Record::Forget(attempt_id));
+            self.log.append_later(Record::Forget(attempt_id));
         }
     }
 

@@ -96,9 +96,6 @@ pub struct Outbox {
     ready: Notify,
     /// Where reports and acknowledgements are kept across agent runs, when durable.
     log: Option<Arc<StateLog>>,
-    /// Held from taking a sequence number until the report is queued, so that reports are
-    /// logged and queued in the order of their numbers.
-    turn: tokio::sync::Mutex<()>,
 }
 
 fn stamp(mut report: Kind, seq: u64, epoch: i64) -> pb::Report {
@@ -144,32 +141,21 @@ impl Outbox {
             }
             notified.await;
         }
-        let _turn = self.turn.lock().await;
-        let seq = self.lock().next_seq + 1;
-        let report = match &self.log {
-            Some(log) => {
-                let logged = Record::Report(LoggedReport {
+        {
+            let mut inner = self.lock();
+            inner.next_seq += 1;
+            let seq = inner.next_seq;
+            if let Some(log) = &self.log {
+                // Not waited for: the log keeps its records in the order they come, so the
+                // acknowledgement of this report can never reach it first.
+                let report = pb::Report { kind: Some(report.clone()) };
+                log.append_later(Record::Report(LoggedReport {
                     seq,
                     attempt_id,
                     bytes: bytes as u64,
-                    report: pb::Report { kind: Some(report) },
-                });
-                if let Err(e) = log.append(&logged).await {
-                    // Still sent: only a restart before its acknowledgement would lose it.
-                    tracing::warn!(attempt_id, error = %e, "report not kept in the state log");
-                }
-                // Built as a report with a kind just above: the `else` cannot happen.
-                let Record::Report(LoggedReport { report: pb::Report { kind: Some(report) }, .. }) = logged
-                else {
-                    return;
-                };
-                report
+                    report,
+                }));
             }
-            None => report,
-        };
-        {
-            let mut inner = self.lock();
-            inner.next_seq = seq;
             inner.pending.push_back(Pending { seq, attempt_id, report, bytes });
             inner.pending_bytes += bytes;
         }
@@ -189,7 +175,7 @@ impl Outbox {
         drop(inner);
         if let (true, Some(log)) = (dropped, &self.log) {
             // Lost in a crash, it only makes the next run send these reports again.
-            log.append_later(&Record::Acked(seq));
+            log.append_later(Record::Acked(seq));
         }
         self.acked.notify_waiters();
     }

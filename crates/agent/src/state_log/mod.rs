@@ -18,13 +18,13 @@
 //! [`COMPACT_AT`] with less than half of it live.
 
 mod frame;
+mod live;
 mod rewrite;
 
 pub use frame::{FrameError, LoggedReport, Record};
 
-use frame::Key;
+use live::{Live, Span};
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -91,10 +91,9 @@ pub struct Recovered {
 
 /// What one append carries to the writer thread.
 struct Job {
-    frame: Vec<u8>,
-    key: Key,
-    /// Whether the record is worth a disk sync of its own (see [`Record::wants_sync`]).
-    sync: bool,
+    /// Framed by the writer thread, off the caller's path: a report of output is a checksum
+    /// over a MiB.
+    record: Record,
     done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
@@ -122,7 +121,7 @@ impl Drop for StateLog {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("key", &self.key).field("bytes", &self.frame.len()).finish()
+        f.debug_struct("Job").field("key", &self.record.key()).finish()
     }
 }
 
@@ -133,7 +132,7 @@ impl StateLog {
     pub fn open(dir: &Path) -> Result<(Arc<StateLog>, Recovered), StateLogError> {
         make_private_dir(dir)?;
         let path = dir.join(FILE_NAME);
-        let (recovered, live) = rewrite::rewrite(&path, true)?;
+        let (recovered, live) = rewrite::rewrite(&path)?;
         let file = open_append(&path)?;
         let (jobs, rx) = mpsc::channel();
         let len = live.bytes();
@@ -152,7 +151,7 @@ impl StateLog {
     }
 
     /// Appends `record` and waits until it is in the file (its disk sync follows in a batch).
-    pub async fn append(&self, record: &Record) -> Result<(), StateLogError> {
+    pub async fn append(&self, record: Record) -> Result<(), StateLogError> {
         let (tx, rx) = oneshot::channel();
         self.send(record, Some(tx))?;
         match rx.await {
@@ -163,9 +162,10 @@ impl StateLog {
     }
 
     /// Appends `record` after everything appended before it, without waiting; a failure is
-    /// logged by the writer. For records whose loss only repeats work (an acknowledgement,
-    /// an attempt's end in the journal).
-    pub fn append_later(&self, record: &Record) {
+    /// logged by the writer. Records reach the file in the order they are appended, so one
+    /// appended later (an acknowledgement, an attempt's end in the journal) is never in the
+    /// file without those before it.
+    pub fn append_later(&self, record: Record) {
         if let Err(e) = self.send(record, None) {
             tracing::warn!(error = %e, "cannot append to the state log");
         }
@@ -173,13 +173,11 @@ impl StateLog {
 
     fn send(
         &self,
-        record: &Record,
+        record: Record,
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) -> Result<(), StateLogError> {
-        let frame = record.encode()?;
         let jobs = self.jobs.as_ref().ok_or(StateLogError::Closed)?;
-        jobs.send(Job { frame, key: record.key(), sync: record.wants_sync(), done })
-            .map_err(|_| StateLogError::Closed)
+        jobs.send(Job { record, done }).map_err(|_| StateLogError::Closed)
     }
 }
 
@@ -205,67 +203,15 @@ fn make_private_dir(dir: &Path) -> Result<(), StateLogError> {
 
 fn open_append(path: &Path) -> Result<File, StateLogError> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Read too: compaction copies live frames out of it.
     std::fs::OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .mode(FILE_MODE)
         .open(path)
         .map_err(|e| StateLogError::io(format!("open {}", path.display()), e))
 }
-
-/// Which records of the log still matter, and their sizes.
-#[derive(Debug, Default)]
-pub(crate) struct Live {
-    /// Frame size of each unfinished attempt's latest journal entry.
-    steps: HashMap<i64, u64>,
-    /// Sequence number and frame size of each unacknowledged report, in order.
-    reports: VecDeque<(u64, u64)>,
-    /// Highest acknowledged sequence number.
-    acked: u64,
-    /// Sum of the sizes above.
-    bytes: u64,
-}
-
-impl Live {
-    /// Takes note of one record of `size` bytes.
-    fn note(&mut self, key: Key, size: u64) {
-        match key {
-            Key::Step(id) => {
-                self.bytes += size;
-                if let Some(old) = self.steps.insert(id, size) {
-                    self.bytes -= old;
-                }
-            }
-            Key::Forget(id) => {
-                if let Some(old) = self.steps.remove(&id) {
-                    self.bytes -= old;
-                }
-            }
-            Key::Report(seq) => {
-                self.bytes += size;
-                self.reports.push_back((seq, size));
-            }
-            Key::Acked(seq) => {
-                self.acked = self.acked.max(seq);
-                while let Some(&(s, n)) = self.reports.front() {
-                    if s > seq {
-                        break;
-                    }
-                    self.bytes -= n;
-                    self.reports.pop_front();
-                }
-            }
-        }
-    }
-
-    /// Bytes a rewrite would keep.
-    fn bytes(&self) -> u64 {
-        self.bytes + ACKED_FRAME
-    }
-}
-
-/// Size of the `Acked` frame a rewrite always writes first (it carries the sequence on).
-const ACKED_FRAME: u64 = (frame::HEADER + 9) as u64;
 
 /// The writer thread's state.
 struct Writer {
@@ -303,7 +249,7 @@ impl Writer {
             };
             // After a quiet spell the first such write is synced at once; those that follow it
             // within `SYNC_EVERY` share the next sync.
-            let sync = job.sync;
+            let sync = job.record.wants_sync();
             dirty |= self.write(job) && sync;
             if dirty && self.last_sync.elapsed() >= SYNC_EVERY {
                 self.sync();
@@ -321,12 +267,27 @@ impl Writer {
 
     /// Writes one frame; whether the file changed.
     fn write(&mut self, job: Job) -> bool {
-        let result = self.file.write_all(&job.frame);
-        let wrote = match &result {
+        let result = match job.record.encode() {
+            Ok(frame) => self.append_frame(&frame).map(|span| self.live.note(job.record.key(), span)),
+            Err(e) => {
+                tracing::warn!(error = %e, "a record too large for the state log was not kept");
+                Err(e.to_string())
+            }
+        };
+        let wrote = result.is_ok();
+        if let Some(done) = job.done {
+            let _ = done.send(result);
+        }
+        wrote
+    }
+
+    /// Appends one frame; where it went.
+    fn append_frame(&mut self, frame: &[u8]) -> Result<Span, String> {
+        match self.file.write_all(frame) {
             Ok(()) => {
-                self.len += job.frame.len() as u64;
-                self.live.note(job.key, job.frame.len() as u64);
-                true
+                let span = Span { offset: self.len, len: frame.len() as u64 };
+                self.len += span.len;
+                Ok(span)
             }
             Err(e) => {
                 // A frame cut short would end every later read of the log at it: cut it off.
@@ -334,13 +295,9 @@ impl Writer {
                 if let Err(e) = self.file.set_len(self.len) {
                     tracing::warn!(error = %e, "cannot cut a failed append off the state log");
                 }
-                false
+                Err(e.to_string())
             }
-        };
-        if let Some(done) = job.done {
-            let _ = done.send(result.map_err(|e| e.to_string()));
         }
-        wrote
     }
 
     fn sync(&mut self) {
@@ -350,10 +307,14 @@ impl Writer {
         self.last_sync = Instant::now();
     }
 
-    /// Rewrites the file with only its live records. The old file is not synced first: the
-    /// new one, synced before it replaces the old, holds everything that still matters.
+    /// Rewrites the file with only its live records, copied from where the writer noted
+    /// them (the rest is never read). The old file is not synced first: the new one, synced
+    /// before it replaces the old, holds everything that still matters.
     fn compact(&mut self) {
-        match rewrite::rewrite(&self.path, false).and_then(|(_, live)| Ok((live, open_append(&self.path)?))) {
+        let frames = self.live.frames();
+        match rewrite::copy_live(Some(&self.file), &frames, self.live.acked(), &self.path, None)
+            .and_then(|live| Ok((live, open_append(&self.path)?)))
+        {
             Ok((live, file)) => {
                 tracing::debug!(before = self.len, after = live.bytes(), "state log compacted");
                 self.len = live.bytes();

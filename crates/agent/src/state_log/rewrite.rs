@@ -13,7 +13,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::frame::{self, Key, Record};
-use super::{FILE_MODE, Live, Recovered, StateLogError};
+use super::live::{Live, Span};
+use super::{FILE_MODE, Recovered, StateLogError};
 
 /// Where a frame is in the old file, and what it is about.
 struct Found {
@@ -151,13 +152,33 @@ pub(crate) fn peek(path: &Path) -> Result<Recovered, StateLogError> {
     Ok(recovered)
 }
 
-/// Rewrites the log at `path` with its live records (`decode`: and returns them); returns
-/// what the new file holds.
-pub(crate) fn rewrite(path: &Path, decode: bool) -> Result<(Recovered, Live), StateLogError> {
+/// Rewrites the log at `path` with its live records, read back for the agent; returns them
+/// and what the new file holds.
+pub(crate) fn rewrite(path: &Path) -> Result<(Recovered, Live), StateLogError> {
     let Scanned { old, found, keep, acked, last_seq, damaged_tail } = scan_live(path)?;
     if let Some(why) = &damaged_tail {
         tracing::warn!(path = %path.display(), kept = found.len(), error = %why, "the state log ends in a damaged frame; it is cut off there");
     }
+    let mut recovered = Recovered { last_seq, damaged_tail, ..Recovered::default() };
+    let frames: Vec<(Key, Span)> = keep
+        .iter()
+        .map(|&i| (found[i].key, Span { offset: found[i].offset, len: found[i].len as u64 }))
+        .collect();
+    let live = copy_live(old.as_ref(), &frames, acked, path, Some(&mut recovered))?;
+    recovered.reports.sort_by_key(|r| r.seq);
+    Ok((recovered, live))
+}
+
+/// Writes `frames` of `old` (live, in file order; none without an old file) after an
+/// acknowledgement up to `acked` into a new file that then replaces the log at `path`; with
+/// `recovered`, also decodes them into it. Returns what the new file holds.
+pub(crate) fn copy_live(
+    old: Option<&File>,
+    frames: &[(Key, Span)],
+    acked: u64,
+    path: &Path,
+    mut recovered: Option<&mut Recovered>,
+) -> Result<Live, StateLogError> {
     let new_path = path.with_extension("new");
     let mut new = std::fs::OpenOptions::new()
         .write(true)
@@ -168,22 +189,23 @@ pub(crate) fn rewrite(path: &Path, decode: bool) -> Result<(Recovered, Live), St
         .map_err(|e| StateLogError::io(format!("create {}", new_path.display()), e))?;
     let write_err = |e| StateLogError::io(format!("write {}", new_path.display()), e);
     let mut live = Live::default();
-    let mut recovered = Recovered { last_seq, damaged_tail, ..Recovered::default() };
     // The sequence goes on even when every report was acknowledged (and so none is kept).
     let head = Record::Acked(acked).encode()?;
     new.write_all(&head).map_err(write_err)?;
-    live.note(Key::Acked(acked), head.len() as u64);
+    let mut len = head.len() as u64;
+    live.note(Key::Acked(acked), Span { offset: 0, len });
     let mut buf = Vec::new();
-    for i in keep {
-        let f = &found[i];
-        read_frame(old.as_ref(), f, &mut buf)?;
+    for &(key, span) in frames {
+        let Some(old) = old else { break };
+        buf.resize(usize::try_from(span.len).unwrap_or(usize::MAX), 0);
+        old.read_exact_at(&mut buf, span.offset).map_err(|e| StateLogError::io("read", e))?;
         new.write_all(&buf).map_err(write_err)?;
-        live.note(f.key, f.len as u64);
-        if decode {
-            recover_into(&mut recovered, &buf)?;
+        live.note(key, Span { offset: len, len: span.len });
+        len += span.len;
+        if let Some(recovered) = recovered.as_deref_mut() {
+            recover_into(recovered, &buf)?;
         }
     }
-    recovered.reports.sort_by_key(|r| r.seq);
     new.sync_all().map_err(|e| StateLogError::io(format!("sync {}", new_path.display()), e))?;
     std::fs::rename(&new_path, path)
         .map_err(|e| StateLogError::io(format!("replace {}", path.display()), e))?;
@@ -193,5 +215,5 @@ pub(crate) fn rewrite(path: &Path, decode: bool) -> Result<(Recovered, Live), St
             .and_then(|d| d.sync_all())
             .map_err(|e| StateLogError::io(format!("sync {}", dir.display()), e))?;
     }
-    Ok((recovered, live))
+    Ok(live)
 }

@@ -37,15 +37,15 @@ async fn a_reopened_log_holds_what_was_not_finished_or_acknowledged() {
         let (log, recovered) = StateLog::open(&state).unwrap();
         assert!(recovered.entries.is_empty() && recovered.reports.is_empty());
         assert_eq!(recovered.last_seq, 0);
-        log.append(&Record::Step(Box::new(entry(1, 0)))).await.unwrap();
-        log.append(&Record::Step(Box::new(entry(2, 0)))).await.unwrap();
+        log.append(Record::Step(Box::new(entry(1, 0)))).await.unwrap();
+        log.append(Record::Step(Box::new(entry(2, 0)))).await.unwrap();
         // A later entry of the same attempt replaces the earlier one.
-        log.append(&Record::Step(Box::new(entry(1, 1)))).await.unwrap();
+        log.append(Record::Step(Box::new(entry(1, 1)))).await.unwrap();
         for seq in 1..=4 {
-            log.append(&report(seq, 2, format!("line {seq}\n").into_bytes())).await.unwrap();
+            log.append(report(seq, 2, format!("line {seq}\n").into_bytes())).await.unwrap();
         }
-        log.append_later(&Record::Forget(2));
-        log.append(&Record::Acked(2)).await.unwrap();
+        log.append_later(Record::Forget(2));
+        log.append(Record::Acked(2)).await.unwrap();
     }
     let (log, recovered) = StateLog::open(&state).unwrap();
     assert_eq!(recovered.entries, vec![entry(1, 1)]);
@@ -62,8 +62,8 @@ async fn a_reopened_log_holds_what_was_not_finished_or_acknowledged() {
     assert!(recovered.damaged_tail.is_none());
 
     // Once everything is acknowledged and forgotten, the sequence still goes on.
-    log.append(&Record::Acked(4)).await.unwrap();
-    log.append(&Record::Forget(1)).await.unwrap();
+    log.append(Record::Acked(4)).await.unwrap();
+    log.append(Record::Forget(1)).await.unwrap();
     drop(log);
     let (_log, recovered) = StateLog::open(&state).unwrap();
     assert!(recovered.entries.is_empty() && recovered.reports.is_empty());
@@ -76,8 +76,8 @@ async fn a_write_cut_short_by_a_crash_loses_only_itself() {
     let state = dir.path().join("state");
     {
         let (log, _) = StateLog::open(&state).unwrap();
-        log.append(&Record::Step(Box::new(entry(5, 0)))).await.unwrap();
-        log.append(&report(1, 5, b"kept\n".to_vec())).await.unwrap();
+        log.append(Record::Step(Box::new(entry(5, 0)))).await.unwrap();
+        log.append(report(1, 5, b"kept\n".to_vec())).await.unwrap();
     }
     // Half of a further frame, as a crash in the middle of a write leaves it.
     let frame = report(2, 5, b"lost\n".to_vec()).encode().unwrap();
@@ -90,7 +90,7 @@ async fn a_write_cut_short_by_a_crash_loses_only_itself() {
     assert_eq!(recovered.reports.len(), 1);
     assert!(recovered.damaged_tail.is_some());
     // The rewrite cut the damage off: what is appended next reads back.
-    log.append(&report(2, 5, b"again\n".to_vec())).await.unwrap();
+    log.append(report(2, 5, b"again\n".to_vec())).await.unwrap();
     drop(log);
     let (_log, recovered) = StateLog::open(&state).unwrap();
     assert_eq!(recovered.reports.len(), 2);
@@ -102,15 +102,15 @@ async fn a_log_of_mostly_acknowledged_reports_is_compacted_as_it_grows() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (log, _) = StateLog::open(&state).unwrap();
-    log.append(&Record::Step(Box::new(entry(9, 0)))).await.unwrap();
+    log.append(Record::Step(Box::new(entry(9, 0)))).await.unwrap();
     let chunk = vec![b'x'; 1 << 20];
     let mut seq = 0;
     // Twice the compaction size, each report acknowledged but the last few.
     while seq < 2 * (COMPACT_AT >> 20) {
         seq += 1;
-        log.append(&report(seq, 9, chunk.clone())).await.unwrap();
+        log.append(report(seq, 9, chunk.clone())).await.unwrap();
         if seq + 3 <= 2 * (COMPACT_AT >> 20) {
-            log.append(&Record::Acked(seq)).await.unwrap();
+            log.append(Record::Acked(seq)).await.unwrap();
         }
     }
     let size = std::fs::metadata(log.path()).unwrap().len();
@@ -129,7 +129,7 @@ async fn only_the_agents_user_reads_the_log() {
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (log, _) = StateLog::open(&state).unwrap();
-    log.append(&Record::Forget(1)).await.unwrap();
+    log.append(Record::Forget(1)).await.unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(log.path()), 0o600);
