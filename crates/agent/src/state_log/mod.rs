@@ -132,8 +132,7 @@ impl StateLog {
     pub fn open(dir: &Path) -> Result<(Arc<StateLog>, Recovered), StateLogError> {
         make_private_dir(dir)?;
         let path = dir.join(FILE_NAME);
-        let (recovered, live) = rewrite::rewrite(&path)?;
-        let file = open_append(&path)?;
+        let (recovered, live, file) = rewrite::rewrite(&path)?;
         let (jobs, rx) = mpsc::channel();
         let len = live.bytes();
         let writer =
@@ -312,9 +311,7 @@ impl Writer {
     /// before it replaces the old, holds everything that still matters.
     fn compact(&mut self) {
         let frames = self.live.frames();
-        match rewrite::copy_live(Some(&self.file), &frames, self.live.acked(), &self.path, None)
-            .and_then(|live| Ok((live, open_append(&self.path)?)))
-        {
+        match rewrite::copy_live(Some(&self.file), &frames, self.live.acked(), &self.path, None) {
             Ok((live, file)) => {
                 tracing::debug!(before = self.len, after = live.bytes(), "state log compacted");
                 self.len = live.bytes();

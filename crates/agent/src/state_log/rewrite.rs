@@ -152,9 +152,9 @@ pub(crate) fn peek(path: &Path) -> Result<Recovered, StateLogError> {
     Ok(recovered)
 }
 
-/// Rewrites the log at `path` with its live records, read back for the agent; returns them
-/// and what the new file holds.
-pub(crate) fn rewrite(path: &Path) -> Result<(Recovered, Live), StateLogError> {
+/// Rewrites the log at `path` with its live records, read back for the agent; returns them,
+/// what the new file holds, and the new file open for appending.
+pub(crate) fn rewrite(path: &Path) -> Result<(Recovered, Live, File), StateLogError> {
     let Scanned { old, found, keep, acked, last_seq, damaged_tail } = scan_live(path)?;
     if let Some(why) = &damaged_tail {
         tracing::warn!(path = %path.display(), kept = found.len(), error = %why, "the state log ends in a damaged frame; it is cut off there");
@@ -164,21 +164,23 @@ pub(crate) fn rewrite(path: &Path) -> Result<(Recovered, Live), StateLogError> {
         .iter()
         .map(|&i| (found[i].key, Span { offset: found[i].offset, len: found[i].len as u64 }))
         .collect();
-    let live = copy_live(old.as_ref(), &frames, acked, path, Some(&mut recovered))?;
+    let (live, file) = copy_live(old.as_ref(), &frames, acked, path, Some(&mut recovered))?;
     recovered.reports.sort_by_key(|r| r.seq);
-    Ok((recovered, live))
+    Ok((recovered, live, file))
 }
 
 /// Writes `frames` of `old` (live, in file order; none without an old file) after an
 /// acknowledgement up to `acked` into a new file that then replaces the log at `path`; with
-/// `recovered`, also decodes them into it. Returns what the new file holds.
+/// `recovered`, also decodes them into it. Returns what the new file holds, and the new file
+/// open for appending (opened before it replaces the old one, so that appends never go to a
+/// file that was replaced).
 pub(crate) fn copy_live(
     old: Option<&File>,
     frames: &[(Key, Span)],
     acked: u64,
     path: &Path,
     mut recovered: Option<&mut Recovered>,
-) -> Result<Live, StateLogError> {
+) -> Result<(Live, File), StateLogError> {
     let new_path = path.with_extension("new");
     let mut new = std::fs::OpenOptions::new()
         .write(true)
@@ -207,6 +209,7 @@ pub(crate) fn copy_live(
         }
     }
     new.sync_all().map_err(|e| StateLogError::io(format!("sync {}", new_path.display()), e))?;
+    let appending = super::open_append(&new_path)?;
     std::fs::rename(&new_path, path)
         .map_err(|e| StateLogError::io(format!("replace {}", path.display()), e))?;
     // The rename is durable only once the directory is.
@@ -215,5 +218,5 @@ pub(crate) fn copy_live(
             .and_then(|d| d.sync_all())
             .map_err(|e| StateLogError::io(format!("sync {}", dir.display()), e))?;
     }
-    Ok(live)
+    Ok((live, appending))
 }
