@@ -123,7 +123,7 @@ tasks:
 }
 
 #[test]
-fn restarted_agent_stops_what_its_predecessor_left_running() {
+fn a_restarted_agent_reattaches_its_running_process_task_and_the_output_flows_on() {
     let mut c = Cluster::start(1, 1);
     let job = c.submit(
         r#"
@@ -131,27 +131,40 @@ version: 1
 name: restart
 tasks:
   - name: work
-    retries: { count: 1, backoff: 0s, on: [lost] }
     command: |
-      if [ -e {{ params.dir }}/first-done ]; then echo second attempt; exit 0; fi
-      touch {{ params.dir }}/first-done
       echo $$ > {{ params.dir }}/first.pid
-      sleep 300
+      echo before the restart
+      while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done
+      echo after the restart
 "#,
     );
     let first = read_pid(&c.path("first.pid"));
-    c.wait_until(job, T, "the task to run", |v| task(v, "work")["state"] == "running");
-    c.kill_agent(0);
-    assert!(alive(first), "the task outlives a SIGKILLed agent (own session)");
-    c.restart_agent(0, 1);
-    let status = c.wait_done(job, T);
-    assert_eq!(status["state"], "succeeded", "{status:#}");
-    assert_eq!(task(&status, "work")["attempts"], 2);
     let start = std::time::Instant::now();
-    while alive(first) {
-        assert!(start.elapsed() < Duration::from_secs(10), "the leftover task process survived the restart");
+    while !c.ok(&["logs", &job.to_string()]).contains("before the restart") {
+        assert!(start.elapsed() < T, "the first line never arrived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Quiet for a while: how far its output was shipped is written down.
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill_agent(0);
+    assert!(alive(first), "the task outlives a SIGKILLed agent (its supervisor holds it)");
+    c.restart_agent(0, 1);
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(c.path("agent-0.log"))
+        .unwrap_or_default()
+        .contains("re-attached to a step")
+    {
+        assert!(start.elapsed() < T, "the restarted agent did not re-attach the step");
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::fs::write(c.path("go"), "").unwrap();
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "work")["attempts"], 1, "re-attached, not retried: {status:#}");
+    let logs = c.ok(&["logs", &job.to_string()]);
+    assert_eq!(logs.matches("before the restart").count(), 1, "{logs}");
+    assert_eq!(logs.matches("after the restart").count(), 1, "{logs}");
+    assert!(!alive(first));
 }
 
 #[test]

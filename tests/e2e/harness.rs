@@ -28,6 +28,8 @@ pub struct Cluster {
     pub url: String,
     server: Option<Child>,
     agents: Vec<Option<Child>>,
+    /// Agents that reach the server another way than its URL (through a proxy), by index.
+    via: std::collections::HashMap<usize, String>,
     server_starts: usize,
     /// More arguments and environment for the server, from [`Cluster::start_with`].
     server_args: Vec<String>,
@@ -56,6 +58,7 @@ impl Cluster {
             url: String::new(),
             server: None,
             agents: Vec::new(),
+            via: Default::default(),
             server_starts: 0,
             server_args: server_args.iter().map(|a| a.to_string()).collect(),
             server_env: server_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -84,17 +87,14 @@ impl Cluster {
 
     /// Starts (or restarts, on the same address and data) the server.
     pub fn start_server(&mut self) {
-        let mut child = Command::new(drover_bin())
-            .args([
-                "server",
-                "--listen",
-                &self.addr,
-                "--lease",
-                LEASE,
-                "--heartbeat",
-                HEARTBEAT,
-                "--data-dir",
-            ])
+        let mut command = Command::new(drover_bin());
+        command.args(["server", "--listen", &self.addr]);
+        // A test that sets its own lease sets its own heartbeat too.
+        if !self.server_args.iter().any(|a| a == "--lease") {
+            command.args(["--lease", LEASE, "--heartbeat", HEARTBEAT]);
+        }
+        let mut child = command
+            .arg("--data-dir")
             .arg(self.path("server-data"))
             .args(&self.server_args)
             .envs(self.server_env.iter().map(|(k, v)| (k, v)))
@@ -147,12 +147,23 @@ impl Cluster {
         self.agent_command(i, cores).spawn().expect("spawn agent")
     }
 
+    /// Starts another agent that reaches the server at `url` (a proxy in front of it);
+    /// returns its index. A restart keeps the way.
+    pub fn add_agent_via(&mut self, cores: u32, url: &str) -> usize {
+        let i = self.agents.len();
+        self.via.insert(i, url.to_owned());
+        let child = self.spawn_agent(i, cores);
+        self.agents.push(Some(child));
+        i
+    }
+
     fn agent_command(&self, i: usize, cores: u32) -> Command {
         let name = format!("agent-{i}");
         let work = self.path(&format!("{name}-work"));
+        let server = self.via.get(&i).unwrap_or(&self.url);
         let mut command = Command::new(drover_bin());
         command
-            .args(["agent", "--server", &self.url, "--name", &name, "--cores", &cores.to_string()])
+            .args(["agent", "--server", server, "--name", &name, "--cores", &cores.to_string()])
             .args(["--kill-grace", "1s", "--work-dir"])
             .arg(&work);
         // A new agent enrolls with a fresh join token; a restarted one finds its credential.
@@ -319,6 +330,11 @@ impl Cluster {
             assert!(start.elapsed() < Duration::from_secs(30), "{n} nodes never became ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// What the server logged so far (all of its runs).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.path("server.log")).unwrap_or_default()
     }
 
     /// How many times the server was started.

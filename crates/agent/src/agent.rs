@@ -22,6 +22,7 @@ use crate::attempt::{self, StopReason};
 use crate::files::ServerLink;
 use crate::images::ImageFetcher;
 use crate::journal::{self, Journal};
+use crate::lease::LeaseClock;
 use crate::link::{Link, LinkError};
 use crate::outbox::Outbox;
 use crate::reservation::{Admission, Capacity, Reserved};
@@ -53,6 +54,9 @@ pub struct AgentConfig {
     /// Whether URL inputs may reach this node's loopback and link-local addresses.
     pub allow_local_urls: bool,
 }
+
+/// How long a server may take to answer `Register` on a connection that opened.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Where an agent keeps its state log (journal and outbox), inside its work directory.
 pub const STATE_DIR: &str = ".state";
@@ -196,6 +200,11 @@ pub struct Agent {
     link: Arc<Link>,
     /// The protocol the agent says it speaks at registration.
     protocol: u32,
+    /// When the server last renewed the node's lease.
+    lease: LeaseClock,
+    /// Ends the current session when the lease lapsed under it (a connection that looks up
+    /// but carries nothing).
+    lease_lapsed: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -255,6 +264,8 @@ impl Agent {
             limits: Limits::default(),
             llm_upstream: None,
             protocol: pb::PROTOCOL_VERSION,
+            lease: LeaseClock::default(),
+            lease_lapsed: tokio::sync::Notify::new(),
         })
     }
 
@@ -310,7 +321,7 @@ impl Agent {
         // Containers of this agent that no journal entry explains (a crash between creating a
         // container and recording its step) are orphans: remove them, keeping resumed ones.
         if let Some(images) = &this.images {
-            let keep: Vec<i64> = resumable.iter().map(|(e, _)| e.spec.attempt_id).collect();
+            let keep: Vec<i64> = resumable.iter().map(|r| r.entry.spec.attempt_id).collect();
             match images.docker().remove_orphans(&keep).await {
                 Ok(0) => {}
                 Ok(n) => {
@@ -319,12 +330,21 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "cannot look for orphaned containers"),
             }
         }
-        for (entry, handle) in resumable {
+        for journal::Reattached { entry, handle, output } in resumable {
             let timeout = entry.timeout_ms.map(Duration::from_millis);
             let step = handle.step;
-            let resume = attempt::Resume { step, handle };
+            let resume = attempt::Resume { step, handle, output: Some(output) };
             let kind = entry.runtime.clone();
             let held = lock(&this.capacity).hold(&entry.spec.cpus, entry.spec.memory_limit);
+            // Its inputs are in place; its outputs are still to keep.
+            let io = entry.outputs.clone().map(|kept| attempt::TaskIo {
+                inputs: Vec::new(),
+                outputs: kept.globs,
+                outputs_on_failure: kept.on_failure,
+                link: ServerLink::new(this.link.clone()),
+                max_outputs: this.limits.max_outputs(),
+                policy: crate::files::InputPolicy::default(),
+            });
             let launch = Launch {
                 spec: entry.spec,
                 kind,
@@ -332,7 +352,7 @@ impl Agent {
                 timeout,
                 room: Room::Held(held),
                 resume: Some(resume),
-                io: None,
+                io,
                 ai: None,
             };
             this.launch(launch);
@@ -343,6 +363,7 @@ impl Agent {
                 "stopped attempts left running by an earlier agent run; they are reported lost"
             );
         }
+        let _lease_watch = AbortOnDrop(tokio::spawn(this.clone().watch_lease()));
         tokio::pin!(shutdown);
         let mut failures = 0u32;
         let mut server_index = 0usize;
@@ -357,6 +378,7 @@ impl Agent {
                 _ = &mut shutdown => break,
                 result = session => {
                     this.outbox.disconnect();
+                    this.lease.disconnected();
                     match result {
                         Ok(()) => failures = 0,
                         Err(SessionEnd::Refused(why)) => {
@@ -382,9 +404,10 @@ impl Agent {
                     }
                 }
             }
+            let pause = backoff(failures).min(this.lease.longest_reconnect_pause());
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(backoff(failures)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
         this.outbox.disconnect();
@@ -425,42 +448,64 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: self.protocol,
         };
+        let register_sent = std::time::Instant::now();
         tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) })
             .map_err(|e| SessionEnd::Broken(e.to_string()))?;
         let outbound = futures::stream::select(UnboundedReceiverStream::new(rx), reports);
-        let mut inbound =
-            client.session(outbound).await.map_err(|e| SessionEnd::at_registration(&e))?.into_inner();
-        let registered = match inbound.next().await {
-            Some(Ok(pb::ServerMessage { msg: Some(In::Registered(r)) })) => r,
-            Some(Ok(_)) => return Err(SessionEnd::Broken("server did not answer Register".into())),
-            Some(Err(e)) => return Err(SessionEnd::at_registration(&e)),
-            None => return Err(SessionEnd::Broken("server closed the session".into())),
+        let registering = async {
+            let mut inbound =
+                client.session(outbound).await.map_err(|e| SessionEnd::at_registration(&e))?.into_inner();
+            match inbound.next().await {
+                Some(Ok(pb::ServerMessage { msg: Some(In::Registered(r)) })) => Ok((inbound, r)),
+                Some(Ok(_)) => Err(SessionEnd::Broken("server did not answer Register".into())),
+                Some(Err(e)) => Err(SessionEnd::at_registration(&e)),
+                None => Err(SessionEnd::Broken("server closed the session".into())),
+            }
         };
+        // A connection that opened but carries nothing (a peer that accepts and never
+        // answers) must not hold the agent forever: the next server gets its turn.
+        let (mut inbound, registered) =
+            tokio::time::timeout(REGISTER_TIMEOUT, registering).await.map_err(|_| {
+                SessionEnd::Broken(format!("no answer to Register within {REGISTER_TIMEOUT:?}"))
+            })??;
         // A server of protocol 1 does not check the agent's: the agent checks the server's.
         pb::ProtocolMismatch::check_server(&registered.version, registered.protocol)
             .map_err(|m| SessionEnd::Incompatible(m.to_string()))?;
         let epoch = registered.epoch;
         self.limits.set(&registered);
         tracing::info!(server = %url, node_id = registered.node_id, epoch, "registered with server");
+        if registered.lease_ms > 0 {
+            self.lease.registered(register_sent, Duration::from_millis(registered.lease_ms));
+        }
         self.outbox.connect(epoch);
         let heartbeat = Duration::from_millis(registered.heartbeat_ms.max(100));
         let beat_tx = tx.clone();
-        let runtimes: Vec<Arc<dyn Runtime>> = self.runtimes.values().cloned().collect();
+        let beats = self.clone();
         let _beats = AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(heartbeat);
             loop {
                 tick.tick().await;
-                let warm = runtimes.iter().flat_map(|r| r.warm_counts()).collect();
+                let warm = beats.runtimes.values().flat_map(|r| r.warm_counts()).collect();
+                let seq = beats.lease.beat();
                 if beat_tx
-                    .send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { warm })) })
+                    .send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { warm, seq })) })
                     .is_err()
                 {
                     return;
                 }
             }
         }));
+        // Made once: a lapse told while a message is being handled still ends the session.
+        let lapsed = self.lease_lapsed.notified();
+        tokio::pin!(lapsed);
         loop {
-            match inbound.next().await {
+            let next = tokio::select! {
+                next = inbound.next() => next,
+                _ = &mut lapsed => {
+                    break Err(SessionEnd::Broken("the server renewed no lease for a whole lease; connecting afresh".into()));
+                }
+            };
+            match next {
                 Some(Ok(pb::ServerMessage { msg: Some(m) })) => self.handle(m, &tx),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => break Err(SessionEnd::from_status(&e)),
@@ -486,7 +531,28 @@ impl Agent {
                 }
             }
             In::Ack(a) => self.outbox.ack(a.seq),
+            In::LeaseRenewed(r) => self.lease.renewed(r.heartbeat_seq),
             In::Registered(_) => tracing::warn!("unexpected second Registered"),
+        }
+    }
+
+    /// Stops every attempt once the node's lease ran out unrenewed: by then the server hands
+    /// them to other nodes (its reaper fences this node off), so running them on would run
+    /// them twice. A session that still looks up is ended too: it carries nothing.
+    async fn watch_lease(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.lease.check_period()).await;
+            let Some(lease) = self.lease.lapsed(std::time::Instant::now()) else { continue };
+            let stops: Vec<_> = lock(&self.running).values().map(|r| r.stop.clone()).collect();
+            tracing::warn!(
+                lease_ms = lease.as_millis() as u64,
+                attempts = stops.len(),
+                "the node's lease ran out without renewal; stopping its attempts, which the server hands on"
+            );
+            for stop in stops {
+                let _ = stop.send(StopReason::LeaseLost);
+            }
+            self.lease_lapsed.notify_waiters();
         }
     }
 

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::ai_task::proxy::TokenUsage;
 use crate::ai_task::{self, AiTask};
 use crate::files::{self, ServerLink};
-use crate::journal::{Entry, Journal};
+use crate::journal::{Entry, Journal, KeptOutputs};
 use crate::log_cap::{LogCap, Piece};
 use crate::mask::{LineMasker, Masker};
 use crate::outbox::Outbox;
@@ -22,6 +22,7 @@ use crate::runtime::{
     ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage,
     stop_gracefully,
 };
+use crate::setup::{self, SetupEnd, TaskClock};
 
 /// Bytes of output per batch (one report, which the server stores in one transaction); a
 /// batch also closes after [`BATCH_DELAY`], or at the protocol's most chunks per report.
@@ -45,7 +46,15 @@ pub enum StopReason {
     Cancel,
     /// The agent is shutting down.
     Shutdown,
+    /// The node's lease ran out without the server renewing it: the server hands the attempt
+    /// to another node, so this copy must stop at once.
+    LeaseLost,
 }
+
+/// What an attempt stopped for a lost lease reports; the server fenced it off already, but
+/// the node's own log and the attempt's record say why it ended.
+const LEASE_LOST: &str =
+    "stopped: the node's lease ran out without a word from the server, which hands the task on";
 
 /// How an attempt ended, as reported to the server.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,12 +75,15 @@ pub struct Outcome {
 }
 
 /// A step that an earlier agent run started and this one re-attached to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Resume {
     /// The step in flight.
     pub step: usize,
     /// Its handle, attached.
     pub handle: RunHandle,
+    /// Its output from where the earlier run got to; `None` when the runtime does not ship
+    /// a re-attached step's output.
+    pub output: Option<mpsc::Receiver<OutputChunk>>,
 }
 
 /// Runs an attempt to its end (or, with `resume`, from a re-attached step on) and reports
@@ -80,9 +92,11 @@ pub async fn run(
     runner: Runner,
     spec: TaskSpec,
     timeout: Option<Duration>,
-    stop: watch::Receiver<StopReason>,
+    mut stop: watch::Receiver<StopReason>,
     resume: Option<Resume>,
 ) -> Outcome {
+    // The task's timeout counts from here: setup (inputs, image, checkout) is inside it.
+    let clock = TaskClock::starting_now(timeout);
     let Runner { runtime, outbox, journal, grace, io, max_log, ai, image, sandbox_gone } = runner;
     let span = tracing::info_span!(
         "attempt",
@@ -104,6 +118,11 @@ pub async fn run(
             // Nothing runs, so nothing can leak through the empty masker.
             Err(e) => (Arc::new(Masker::default()), Some(e)),
         };
+        let metered = ai.is_some();
+        let kept = io
+            .as_ref()
+            .filter(|io| !io.outputs.is_empty())
+            .map(|io| KeptOutputs { globs: io.outputs.clone(), on_failure: io.outputs_on_failure });
         let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, masker.clone(), max_log));
         // The attempt's lifecycle, in order: each hook prepares before the steps (a resumed
         // attempt was prepared by the agent run that started it, so most skip it) and wraps
@@ -117,24 +136,36 @@ pub async fn run(
         ];
         let mut refused = None;
         for hook in hooks.iter_mut().filter(|h| resume.is_none() || h.also_on_resume()) {
-            if let Err(why) = hook.prestart(&mut spec).await {
-                tracing::warn!(hook = hook.name(), error = %why, "attempt not started");
-                refused = Some(why);
-                break;
-            }
+            let (name, doing) = (hook.name(), hook.doing());
+            let ended = match setup::bounded(doing, clock, &mut stop, hook.prestart(&mut spec)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(why)) => SetupEnd { failure: FailureClass::Start, message: why },
+                Err(end) => end,
+            };
+            tracing::warn!(hook = name, error = %ended.message, "attempt not started");
+            refused = Some(ended);
+            break;
         }
         let mut outcome = match refused {
             None => {
-                let steps = Steps { runtime: &*runtime, journal: &journal, spec: &spec, timeout, grace };
+                let steps = Steps {
+                    runtime: &*runtime,
+                    journal: &journal,
+                    spec: &spec,
+                    clock,
+                    grace,
+                    metered,
+                    kept: &kept,
+                };
                 run_steps(steps, stop, tx, resume).await
             }
-            Some(why) => {
+            Some(ended) => {
                 drop(tx);
                 Outcome {
                     exit_code: None,
                     signal: None,
-                    failure: Some(FailureClass::Start),
-                    message: why,
+                    failure: Some(ended.failure),
+                    message: ended.message,
                     usage: Usage::default(),
                     tokens: TokenUsage::default(),
                 }
@@ -177,6 +208,11 @@ pub async fn run(
 trait Hook: Send {
     /// Short name for logs.
     fn name(&self) -> &'static str;
+
+    /// What `prestart` does, for reasons: "placing its inputs".
+    fn doing(&self) -> &'static str {
+        "preparing it"
+    }
 
     /// Whether `prestart` runs for an attempt resumed after an agent restart too.
     fn also_on_resume(&self) -> bool {
@@ -226,6 +262,10 @@ impl Hook for Inputs {
         "inputs"
     }
 
+    fn doing(&self) -> &'static str {
+        "placing its inputs"
+    }
+
     async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
         match &self.io {
             Some(io) if !io.inputs.is_empty() => {
@@ -247,6 +287,10 @@ struct Image {
 impl Hook for Image {
     fn name(&self) -> &'static str {
         "image"
+    }
+
+    fn doing(&self) -> &'static str {
+        "loading its image"
     }
 
     async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
@@ -273,6 +317,10 @@ struct AgentSetup {
 impl Hook for AgentSetup {
     fn name(&self) -> &'static str {
         "agent task"
+    }
+
+    fn doing(&self) -> &'static str {
+        "setting up its agent (repository, prompt, metering proxy)"
     }
 
     async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
@@ -427,8 +475,12 @@ struct Steps<'a> {
     runtime: &'a dyn Runtime,
     journal: &'a Journal,
     spec: &'a TaskSpec,
-    timeout: Option<Duration>,
+    clock: TaskClock,
     grace: Duration,
+    /// An AI-agent task (see [`Entry::metered`]).
+    metered: bool,
+    /// The outputs it keeps (see [`Entry::outputs`]).
+    kept: &'a Option<KeptOutputs>,
 }
 
 /// What the output shipper receives.
@@ -458,14 +510,28 @@ fn step_sink(step: usize, out: &mpsc::Sender<Shipped>) -> OutputSink {
     tx
 }
 
+/// Passes a re-attached step's output on to the shipper, and its end once the runtime is
+/// done with it, as [`step_sink`] does for a step started here.
+fn forward_resumed_output(step: usize, mut output: mpsc::Receiver<OutputChunk>, out: &mpsc::Sender<Shipped>) {
+    let out = out.clone();
+    tokio::spawn(async move {
+        while let Some(chunk) = output.recv().await {
+            if out.send(Shipped::Chunk(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let _ = out.send(Shipped::End(step)).await;
+    });
+}
+
 async fn run_steps(
     steps: Steps<'_>,
     mut stop: watch::Receiver<StopReason>,
     out: mpsc::Sender<Shipped>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Steps { runtime, journal, spec, timeout, grace } = steps;
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let Steps { runtime, journal, spec, clock, grace, metered, kept } = steps;
+    let (timeout, deadline) = (clock.timeout, clock.deadline);
     let mut outcome = Outcome {
         exit_code: None,
         signal: None,
@@ -478,11 +544,25 @@ async fn run_steps(
     // A resumed attempt's spec comes from the journal, which keeps secret names only: the step
     // in flight has its secrets already, a new one could not be given them.
     let secrets_gone = resume.is_some() && !spec.secrets.is_empty();
-    let mut resumed = resume.map(|r| r.handle);
-    if resumed.is_none()
-        && let Err(e) = runtime.prepare(spec).await
-    {
-        return start_failure(outcome, e);
+    let mut resumed = resume.map(|r| {
+        if let Some(output) = r.output {
+            forward_resumed_output(r.step, output, &out);
+        }
+        r.handle
+    });
+    if resumed.is_none() {
+        match setup::bounded("starting its sandbox and services", clock, &mut stop, runtime.prepare(spec))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return start_failure(outcome, e),
+            Err(ended) => {
+                tracing::warn!(error = %ended.message, "attempt not started");
+                outcome.failure = Some(ended.failure);
+                outcome.message = ended.message;
+                return outcome;
+            }
+        }
     }
     for step in first..spec.steps.len() {
         if *stop.borrow() != StopReason::None {
@@ -509,6 +589,8 @@ async fn run_steps(
             spec: spec.clone(),
             handle: Some(handle.clone()),
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            metered,
+            outputs: kept.clone(),
         };
         journal.record(&entry).await;
         let sleep_until_deadline = async {
@@ -519,8 +601,9 @@ async fn run_steps(
         };
         let stopped = async {
             loop {
-                if *stop.borrow_and_update() != StopReason::None {
-                    return;
+                let reason = *stop.borrow_and_update();
+                if reason != StopReason::None {
+                    return reason;
                 }
                 if stop.changed().await.is_err() {
                     return std::future::pending().await;
@@ -534,9 +617,16 @@ async fn run_steps(
                 let t = timeout.map(|t| humantime::format_duration(t).to_string()).unwrap_or_default();
                 (stop_gracefully(runtime, &handle, grace).await, Some(FailureClass::Timeout), format!("ran past its timeout of {t}"))
             }
-            _ = stopped => {
-                tracing::info!(step, "stopping on request");
-                (stop_gracefully(runtime, &handle, grace).await, Some(FailureClass::Cancelled), "cancelled".to_string())
+            reason = stopped => match reason {
+                // Another node may be starting the task already: no grace.
+                StopReason::LeaseLost => {
+                    tracing::warn!(step, "stopping: the node's lease ran out");
+                    (stop_gracefully(runtime, &handle, Duration::ZERO).await, Some(FailureClass::Lost), LEASE_LOST.to_string())
+                }
+                _ => {
+                    tracing::info!(step, "stopping on request");
+                    (stop_gracefully(runtime, &handle, grace).await, Some(FailureClass::Cancelled), "cancelled".to_string())
+                }
             }
         };
         if let Ok(usage) = runtime.stats(&handle).await {
@@ -940,7 +1030,7 @@ mod tests {
         let handle = runtime.start(&spec, 0, tx).await.unwrap();
         // As the journal gives it back after a restart: names only.
         spec.secrets.values_mut().for_each(String::clear);
-        let ran = run_attempt(spec.clone(), runtime, Some(Resume { step: 0, handle })).await;
+        let ran = run_attempt(spec.clone(), runtime, Some(Resume { step: 0, handle, output: None })).await;
         assert_eq!(ran.outcome.failure, Some(FailureClass::Lost));
         assert_eq!(ran.outcome.exit_code, Some(0), "the resumed step ran to its end");
         assert_eq!(ran.message, format!("{SECRETS_GONE}; step 2 was not started"));

@@ -2,9 +2,11 @@
 //! of the step in flight, kept in the agent's state log (see [`crate::state_log`]), so that
 //! after a crash the next agent run can find what the previous one left running.
 //!
-//! Steps whose sandboxes can be waited on again (containers) are re-attached and resumed.
-//! The others are stopped, and their attempts reported lost, so the server settles them at
-//! once instead of leaving the work to run twice.
+//! Steps whose sandboxes outlive the agent are re-attached and resumed: containers, and
+//! process steps through their supervisors (whose output is shipped on from where the earlier
+//! run got to). The others (AI-agent tasks, whose metering proxy lived in the agent, and
+//! microVMs) are stopped, and their attempts reported lost, so the server settles them at once
+//! instead of leaving the work to run twice.
 //!
 //! The journal never holds a secret value: an entry keeps the names of the task's secrets with
 //! empty values, the log is readable by the agent's user only (0600, in a 0700 directory),
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::runtime::{RunHandle, Runtime, StopSignal, TaskSpec};
+use crate::runtime::{OutputChunk, RunHandle, Runtime, StopSignal, TaskSpec};
 use crate::state_log::{Record, StateLog};
 
 /// Runtimes by kind.
@@ -37,6 +39,33 @@ pub struct Entry {
     /// The attempt's timeout, restarted in full when a re-attached attempt resumes.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// An AI-agent task: its metering proxy lived in the agent process, so a restarted agent
+    /// cannot re-attach it.
+    #[serde(default)]
+    pub metered: bool,
+    /// The outputs the attempt keeps when it ends, so that a re-attached attempt keeps them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<KeptOutputs>,
+}
+
+/// Which outputs an attempt keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptOutputs {
+    /// Globs of the paths kept, relative to the workspace.
+    pub globs: Vec<String>,
+    /// Whether they are kept when the attempt failed too.
+    pub on_failure: bool,
+}
+
+/// A step an earlier agent run left running, re-attached by this one.
+#[derive(Debug)]
+pub struct Reattached {
+    /// The attempt, as journaled.
+    pub entry: Entry,
+    /// The step in flight.
+    pub handle: RunHandle,
+    /// The step's output from where the earlier run got to, when the runtime ships it on.
+    pub output: mpsc::Receiver<OutputChunk>,
 }
 
 /// The journal: the live entries, and the log they are kept in.
@@ -51,7 +80,7 @@ pub struct Journal {
 #[derive(Debug, Default)]
 pub struct Recovery {
     /// Steps re-attached, to be resumed.
-    pub resumable: Vec<(Entry, RunHandle)>,
+    pub resumable: Vec<Reattached>,
     /// Attempts whose steps were stopped (or were gone): they must be reported lost.
     pub stopped: Vec<i64>,
 }
@@ -104,19 +133,30 @@ impl Journal {
                 self.forget(entry.spec.attempt_id);
                 continue;
             }
+            // Room for the output a process step wrote while no agent read it, until the
+            // resumed attempt takes it over.
+            let (tx, output) = mpsc::channel(REATTACHED_OUTPUT_QUEUE);
             let attached = match (runtimes.get(&entry.runtime), &entry.handle) {
-                (Some(runtime), Some(handle)) if runtime.kind() == "docker" => {
-                    // Output of the step in flight went to the old agent; from here on the
-                    // step is only waited on.
-                    let (tx, _rx) = mpsc::channel(1);
-                    runtime.attach(handle, tx).await.unwrap_or(false)
+                (Some(runtime), Some(handle)) if reattachable(runtime.kind(), &entry) => {
+                    match runtime.attach(handle, tx).await {
+                        Ok(attached) => attached,
+                        Err(e) => {
+                            tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot re-attach a step");
+                            false
+                        }
+                    }
                 }
                 _ => false,
             };
             match (entry.handle.clone(), attached) {
                 (Some(handle), true) => {
-                    tracing::info!(attempt_id = entry.spec.attempt_id, "re-attached to a running container");
-                    recovery.resumable.push((entry, handle));
+                    tracing::info!(
+                        attempt_id = entry.spec.attempt_id,
+                        runtime = %entry.runtime,
+                        step = handle.step,
+                        "re-attached to a step an earlier agent run started"
+                    );
+                    recovery.resumable.push(Reattached { entry, handle, output });
                 }
                 _ => stopped.push(entry),
             }
@@ -162,6 +202,20 @@ impl Journal {
             let _ = tokio::fs::remove_dir_all(&entry.spec.workspace).await;
             self.forget(attempt_id);
         }
+    }
+}
+
+/// Chunks of a re-attached step's output held until its attempt resumes.
+const REATTACHED_OUTPUT_QUEUE: usize = 64;
+
+/// Whether a step of `kind` can be re-attached after an agent restart: containers and
+/// process steps outlive the agent; an AI-agent task's metering proxy does not, and a
+/// microVM's console is not followed again yet.
+fn reattachable(kind: &str, entry: &Entry) -> bool {
+    match kind {
+        "docker" => true,
+        "process" => !entry.metered,
+        _ => false,
     }
 }
 
@@ -220,6 +274,9 @@ mod tests {
             spec: spec.clone(),
             handle: Some(handle.clone()),
             timeout_ms: None,
+            // The metering proxy of an AI-agent task is gone with its agent: stopped, not resumed.
+            metered: true,
+            outputs: None,
         };
         let done = Entry { spec: TaskSpec { attempt_id: 5, ..spec.clone() }, ..entry.clone() };
         let reported =
@@ -254,6 +311,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_process_step_is_reattached_and_its_output_flows_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let go = dir.path().join("go");
+        let script = format!("echo before; while [ ! -e {} ]; do sleep 0.02; done; echo after", go.display());
+        let spec = TaskSpec {
+            attempt_id: 535353,
+            steps: vec![vec!["sh".into(), "-c".into(), script]],
+            workspace: dir.path().join("ws"),
+            ..Default::default()
+        };
+        let first: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new());
+        first.prepare(&spec).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let handle = first.start(&spec, 0, tx).await.unwrap();
+        let before = rx.recv().await.expect("the first line");
+        assert_eq!(before.data, b"before\n");
+        let entry = Entry {
+            runtime: "process".into(),
+            spec,
+            handle: Some(handle.clone()),
+            timeout_ms: None,
+            metered: false,
+            outputs: Some(KeptOutputs { globs: vec!["out/*".into()], on_failure: false }),
+        };
+        open(&state).record(&entry).await;
+        // The first run's reader is gone, as with an agent that died; its offsets were
+        // written down while the step was quiet.
+        drop(rx);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+        let journal = open(&state);
+        let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new());
+        let runtimes: Runtimes = [("process".to_string(), runtime.clone())].into();
+        let mut recovery = journal.recover(&runtimes, &HashSet::new()).await;
+        assert!(recovery.stopped.is_empty());
+        let mut resumed = recovery.resumable.pop().expect("the step is re-attached");
+        assert_eq!(resumed.entry.spec.attempt_id, 535353);
+        assert_eq!(resumed.entry.outputs, entry.outputs, "the outputs to keep are journaled");
+        std::fs::write(&go, "").unwrap();
+        let status = runtime.wait(&resumed.handle).await.unwrap();
+        assert!(status.success(), "{status:?}");
+        let mut after = Vec::new();
+        while let Some(chunk) = resumed.output.recv().await {
+            after.extend_from_slice(&chunk.data);
+        }
+        assert_eq!(after, b"after\n", "shipped on from where the first run got to, once");
+        runtime.cleanup(&resumed.entry.spec).await.unwrap();
+        drop(first);
+    }
+
+    #[tokio::test]
     async fn entries_keep_secret_names_but_never_values() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -263,7 +372,14 @@ mod tests {
             secrets: [("API_TOKEN".to_owned(), value.to_owned())].into(),
             ..Default::default()
         };
-        let entry = Entry { runtime: "process".into(), spec, handle: None, timeout_ms: None };
+        let entry = Entry {
+            runtime: "process".into(),
+            spec,
+            handle: None,
+            timeout_ms: None,
+            metered: false,
+            outputs: None,
+        };
         {
             let journal = open(&state);
             // Twice: the second write replaces the first.
@@ -291,6 +407,8 @@ mod tests {
             spec: TaskSpec { attempt_id: 31, ..Default::default() },
             handle: None,
             timeout_ms: Some(1000),
+            metered: false,
+            outputs: None,
         };
         std::fs::write(old.join("attempt-31.json"), serde_json::to_vec(&entry).unwrap()).unwrap();
         std::fs::write(old.join("attempt-32.json"), b"{not json").unwrap();

@@ -10,6 +10,7 @@ pub mod beneath;
 pub mod files;
 pub mod images;
 pub mod journal;
+mod lease;
 pub mod link;
 pub mod log_cap;
 pub mod mask;
@@ -17,6 +18,7 @@ pub mod monitor;
 pub mod outbox;
 pub mod reservation;
 pub mod runtime;
+pub mod setup;
 pub mod state_log;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;

@@ -35,8 +35,20 @@ pub enum Settlement {
 }
 
 /// Decides what follows attempt number `attempt` (1-based) of `plan` ending as `end`.
-/// A cancelled job never retries.
+/// A cancelled job never retries, and none of its attempts that ends after the cancel
+/// succeeds: the agent may have run it to its end while the cancel could not reach it (its
+/// node was cut off), and a user who cancelled must not find it `succeeded`.
 pub fn settle(plan: &TaskPlan, attempt: u32, end: AttemptEnd, job_cancelled: bool) -> Settlement {
+    if job_cancelled && end.failure.is_none() {
+        let how = match end.exit_code {
+            Some(code) => format!("exit code {code}"),
+            None => "a signal".to_string(),
+        };
+        return final_state(
+            TaskState::Cancelled,
+            format!("cancelled; its attempt ended with {how} after the cancel"),
+        );
+    }
     let class = match (end.failure, end.exit_code) {
         (Some(class), _) => class,
         (None, Some(0)) => return final_state(TaskState::Succeeded, String::new()),
@@ -233,6 +245,19 @@ mod tests {
                 prop_assert_eq!(finals, 1);
             }
         }
+    }
+
+    #[test]
+    fn an_attempt_of_a_cancelled_job_never_succeeds() {
+        let mut p = plan(0);
+        p.exit_codes.warning = vec![3];
+        for code in [Some(0), Some(3), Some(1), None] {
+            let got = settle_task(&p, 1, AttemptEnd { exit_code: code, failure: None }, "", true, 5);
+            assert_eq!(got.state, TaskState::Cancelled, "{code:?}");
+            assert!(got.reason.starts_with("cancelled; its attempt ended with"), "{}", got.reason);
+        }
+        let got = settle_task(&p, 1, AttemptEnd { exit_code: Some(0), failure: None }, "", false, 5);
+        assert_eq!(got.state, TaskState::Succeeded);
     }
 
     #[test]

@@ -124,6 +124,27 @@ impl AgentSession for AgentApi {
             shared.end_session(node_id, "the node's credential was revoked");
             let _ = shared.access.revoke_node(&reg.name, now_ms()).await;
         }
+        // Cancels sent while the node was away reached no one; the job keeps them. Read only
+        // now that the session is findable, so a cancel committed later reaches it as a signal.
+        let cancelled = shared.store.cancelled_attempts_on(node_id).await.map_err(status)?;
+        if !cancelled.is_empty() {
+            tracing::info!(
+                node_id,
+                attempts = cancelled.len(),
+                "asking the agent again to stop attempts of cancelled jobs"
+            );
+            // Sent beside the session: the stream is handed to the agent only on return, so
+            // more messages than the channel holds would wait here forever.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for attempt_id in cancelled {
+                    let reason = "cancelled by user while the node was away".to_owned();
+                    if tx.send(out(Out::Cancel(pb::CancelAttempt { attempt_id, reason }))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         shared.publish(Signal::Changed { job_id: 0 }).await;
         shared.publish(Signal::Schedule).await;
 
@@ -205,6 +226,13 @@ async fn handle(
             if !shared.store.renew_lease(node_id, epoch, until, now).await.map_err(status)? {
                 tracing::warn!("heartbeat from a stale session; the agent must register again");
                 let _ = tx.send(Err(Status::failed_precondition("session is stale; register again"))).await;
+                return Ok(false);
+            }
+            let renewed = pb::LeaseRenewed {
+                heartbeat_seq: beat.seq,
+                lease_ms: shared.config.lease.as_millis() as u64,
+            };
+            if tx.send(out(Out::LeaseRenewed(renewed))).await.is_err() {
                 return Ok(false);
             }
         }

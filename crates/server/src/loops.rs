@@ -97,6 +97,11 @@ pub(crate) async fn signals(shared: Arc<Shared>, mut rx: broadcast::Receiver<Sig
 
 /// Marks nodes silent past their lease as down; their tasks are settled as lost (and retried
 /// per policy). Only the server holding the `lease-reaper` leadership runs it.
+///
+/// A server that just started, or just took the leadership over, first waits one lease: while
+/// no server renewed leases (all were down, or the leader died), every agent kept running its
+/// tasks, and a lease that ran out in that time says nothing about its node. Agents reconnect
+/// within the grace and renew their leases; the rest are reaped after it.
 pub(crate) async fn lease_reaper(shared: Arc<Shared>) {
     let period = (shared.config.lease / 4).max(Duration::from_millis(100));
     loop {
@@ -112,7 +117,15 @@ pub(crate) async fn lease_reaper(shared: Arc<Shared>) {
                 continue;
             }
         };
-        tracing::info!("leading the lease reaper");
+        let grace = shared.config.lease;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "leading the lease reaper; agents have one lease to reconnect"
+        );
+        let reap_from = tokio::time::Instant::now() + grace;
+        while lead.is_held() && tokio::time::Instant::now() < reap_from {
+            tokio::time::sleep(period.min(reap_from - tokio::time::Instant::now())).await;
+        }
         while lead.is_held() {
             tokio::time::sleep(period).await;
             reap_once(&shared).await;

@@ -194,13 +194,20 @@ pub async fn cancel_stops_everything(store: &dyn Store) {
     let id = store.submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
     store.register_node(&node("n5", 1, 100_000), &[], 1).await.unwrap();
     let a = schedule(store, 2).await;
+    assert!(store.cancelled_attempts_on(a[0].node_id).await.unwrap().is_empty());
     let open = store.cancel_job(id, 3).await.unwrap();
     assert_eq!(open, vec![OpenAttempt { attempt_id: a[0].attempt_id, node_id: a[0].node_id }]);
     assert_eq!(store.job(id).await.unwrap().unwrap().state, JobState::Running);
+    // The cancel is kept for a node that was away when it was sent.
+    assert_eq!(store.cancelled_attempts_on(a[0].node_id).await.unwrap(), vec![a[0].attempt_id]);
     let mut r = done(&a[0], 143);
     r.failure = Some(FailureClass::Cancelled);
     store.attempt_finished(&r, 4).await.unwrap();
     assert_eq!(store.job(id).await.unwrap().unwrap().state, JobState::Cancelled);
+    assert!(
+        store.cancelled_attempts_on(a[0].node_id).await.unwrap().is_empty(),
+        "an ended attempt is done with"
+    );
     assert!(matches!(store.cancel_job(999_999, 5).await, Err(StoreError::NotFound { .. })));
 }
 

@@ -157,6 +157,10 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<NodeRegistration>;
 
+    /// Open attempts on node `node_id` whose job was cancelled. A server asks a newly
+    /// registered agent to stop them: a cancel sent while the node was away reached no one.
+    async fn cancelled_attempts_on(&self, node_id: i64) -> Result<Vec<i64>>;
+
     /// Extends a node's lease. `false` when the epoch is stale (the agent must register again).
     async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool>;
 

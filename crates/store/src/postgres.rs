@@ -557,6 +557,16 @@ impl Store for PostgresStore {
         Ok(reg)
     }
 
+    async fn cancelled_attempts_on(&self, node_id: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.node_id = $1 AND a.state <> 'ended' AND j.cancelled ORDER BY a.id",
+        )
+        .bind(node_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool> {
         let n = sqlx::query(
             "UPDATE nodes SET lease_until_ms = $1, last_seen_ms = $2 WHERE id = $3 AND epoch = $4 AND state <> 'down'",

@@ -356,6 +356,16 @@ impl Store for SqliteStore {
         Ok(reg)
     }
 
+    async fn cancelled_attempts_on(&self, node_id: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.node_id = ? AND a.state != 'ended' AND j.cancelled = 1 ORDER BY a.id",
+        )
+        .bind(node_id)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     async fn renew_lease(&self, node_id: i64, epoch: i64, lease_until_ms: i64, now_ms: i64) -> Result<bool> {
         let n = sqlx::query(
             "UPDATE nodes SET lease_until_ms = ?, last_seen_ms = ? WHERE id = ? AND epoch = ? AND state != 'down'",

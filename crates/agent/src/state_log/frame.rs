@@ -246,6 +246,8 @@ mod tests {
             spec: TaskSpec { attempt_id: 3, ..Default::default() },
             handle: None,
             timeout_ms: Some(5),
+            metered: true,
+            outputs: Some(crate::journal::KeptOutputs { globs: vec!["out/*".into()], on_failure: true }),
         };
         for record in [Record::Step(Box::new(entry)), Record::Forget(-4), report(12), Record::Acked(11)] {
             let frame = record.encode().unwrap();

@@ -11,6 +11,8 @@ fn entry(attempt_id: i64, step: usize) -> Entry {
         spec: TaskSpec { attempt_id, steps: vec![vec!["true".into()]; step + 1], ..Default::default() },
         handle: None,
         timeout_ms: None,
+        metered: false,
+        outputs: None,
     }
 }
 

@@ -1,0 +1,236 @@
+//! The fleet under test: server replicas over one private PostgreSQL, and agents that reach
+//! every replica through proxies of their own, so that one agent can be cut off alone.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use drover_store::pg_test::TempPostgres;
+
+use crate::harness::{AGENT_STOP_GRACE, drover_bin, operator_key, scratch_dir, stop_within};
+use crate::proxy::Proxy;
+
+/// The lease every replica grants; a partition lasts longer than this.
+pub const LEASE: Duration = Duration::from_secs(3);
+
+/// A server replica: where it listens (kept across restarts) and its process.
+struct Replica {
+    addr: String,
+    child: Option<Child>,
+}
+
+/// An agent: its process and its ways to the replicas.
+struct Node {
+    child: Option<Child>,
+    proxies: Vec<Proxy>,
+}
+
+/// Replicas, agents and the database they share.
+pub struct Fleet {
+    /// Scratch space: data dirs, logs, job files, the ledger.
+    pub dir: tempfile::TempDir,
+    pg: TempPostgres,
+    database: String,
+    replicas: Vec<Replica>,
+    nodes: Vec<Node>,
+    key: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Fleet {
+    /// `servers` replicas and `agents` agents of `cores` cores each.
+    pub fn start(servers: usize, agents: usize, cores: u32) -> Fleet {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let pg = TempPostgres::start().expect("a private PostgreSQL");
+        let database = runtime.block_on(pg.url_for_new_database());
+        let mut fleet = Fleet {
+            dir: scratch_dir(),
+            pg,
+            database,
+            replicas: Vec::new(),
+            nodes: Vec::new(),
+            key: String::new(),
+            runtime,
+        };
+        for i in 0..servers {
+            let (addr, child) = fleet.spawn_server(i, "127.0.0.1:0");
+            fleet.replicas.push(Replica { addr, child: Some(child) });
+            if i == 0 {
+                fleet.key = operator_key(&fleet.dir.path().join("server-0"));
+            }
+        }
+        for i in 0..agents {
+            let proxies: Vec<Proxy> = fleet.replicas.iter().map(|r| Proxy::start(&r.addr)).collect();
+            fleet.nodes.push(Node { child: None, proxies });
+            let token = fleet.join_token();
+            let child = fleet.spawn_agent(i, cores, Some(&token));
+            fleet.nodes[i].child = Some(child);
+        }
+        fleet
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file")
+    }
+
+    fn spawn_server(&self, i: usize, listen: &str) -> (String, Child) {
+        let lease = format!("{}s", LEASE.as_secs());
+        let mut child = Command::new(drover_bin())
+            .args(["server", "--listen", listen, "--lease", &lease, "--heartbeat", "300ms"])
+            .args(["--database", &self.database, "--data-dir"])
+            .arg(self.dir.path().join(format!("server-{i}")))
+            .arg("--blobs")
+            .arg(self.dir.path().join("blobs"))
+            .env("DROVER_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(self.log(&format!("server-{i}")))
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("server stdout")).read_line(&mut line).expect("banner");
+        let addr =
+            line.trim().rsplit(' ').next().unwrap_or_default().trim_start_matches("http://").to_string();
+        assert!(!addr.is_empty(), "unexpected server banner: {line:?}");
+        (addr, child)
+    }
+
+    fn spawn_agent(&self, i: usize, cores: u32, join: Option<&str>) -> Child {
+        let servers: Vec<&str> = self.nodes[i].proxies.iter().map(|p| p.url.as_str()).collect();
+        let mut command = Command::new(drover_bin());
+        command
+            .args(["agent", "--server", &servers.join(","), "--name", &format!("agent-{i}")])
+            .args(["--cores", &cores.to_string(), "--kill-grace", "1s", "--no-docker", "--work-dir"])
+            .arg(self.dir.path().join(format!("agent-{i}")))
+            .env("DROVER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(self.log(&format!("agent-{i}")));
+        if let Some(token) = join {
+            command.args(["--join", token]);
+        }
+        command.spawn().expect("spawn agent")
+    }
+
+    /// Every replica's address, for clients.
+    pub fn servers(&self) -> String {
+        self.replicas.iter().map(|r| r.addr.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// How many replicas and agents there are.
+    pub fn size(&self) -> (usize, usize) {
+        (self.replicas.len(), self.nodes.len())
+    }
+
+    /// Runs the CLI against the fleet as the operator.
+    pub fn drover(&self, args: &[&str]) -> Output {
+        Command::new(drover_bin())
+            .args(args)
+            .env("DROVER_SERVER", self.servers())
+            .env("DROVER_KEY", &self.key)
+            .env("DROVER_CREDENTIALS", self.dir.path().join("credentials"))
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run drover")
+    }
+
+    /// Runs the CLI and insists that it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.drover(args);
+        assert!(out.status.success(), "drover {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn join_token(&self) -> String {
+        let out = self.ok(&["nodes", "token", "create", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("token json");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// Kills agent `i` with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts agent `i` again on its work dir (it finds its credential there).
+    pub fn restart_agent(&mut self, i: usize, cores: u32) {
+        let child = self.spawn_agent(i, cores, None);
+        self.nodes[i].child = Some(child);
+    }
+
+    /// Kills replica `i` with SIGKILL.
+    pub fn kill_server(&mut self, i: usize) {
+        if let Some(mut c) = self.replicas[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts replica `i` again on its address.
+    pub fn restart_server(&mut self, i: usize) {
+        let addr = self.replicas[i].addr.clone();
+        let (_, child) = self.spawn_server(i, &addr);
+        self.replicas[i].child = Some(child);
+    }
+
+    /// Cuts agent `i` off every replica without closing its connections: they carry nothing.
+    pub fn partition(&self, i: usize) {
+        self.nodes[i].proxies.iter().for_each(Proxy::freeze);
+    }
+
+    /// Lets agent `i` reach the replicas again.
+    pub fn heal(&self, i: usize) {
+        self.nodes[i].proxies.iter().for_each(Proxy::heal);
+    }
+
+    /// Restarts PostgreSQL under the replicas.
+    pub fn restart_postgres(&self) {
+        self.runtime.block_on(self.pg.restart()).expect("restart PostgreSQL");
+    }
+
+    /// Stops every agent as an operator would (SIGTERM), so that whatever is still left
+    /// afterwards was left by Drover.
+    pub fn stop_agents(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(c) = node.child.as_mut() {
+                stop_within(c, AGENT_STOP_GRACE);
+            }
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// The last lines of every log, for a failed run.
+    pub fn dump_logs(&self) {
+        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("---- {} ----", p.display());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.stop_agents();
+        for i in 0..self.replicas.len() {
+            self.kill_server(i);
+        }
+    }
+}
