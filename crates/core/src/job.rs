@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::valid_project_name;
 use crate::limits::{
-    MAX_ARG_BYTES, MAX_DEPENDS_ON, MAX_ENV_ENTRY_BYTES, MAX_ENV_VARS, MAX_FRAMES, MAX_NAME_LEN, MAX_STEPS,
-    MAX_TASKS,
+    MAX_ARG_BYTES, MAX_DEPENDS_ON, MAX_DURATION, MAX_ENV_ENTRY_BYTES, MAX_ENV_VARS, MAX_FRAMES, MAX_NAME_LEN,
+    MAX_STEPS, MAX_TASKS,
 };
 use crate::resources::Resources;
 use crate::state::FailureClass;
@@ -692,6 +692,10 @@ fn check_task(at: &str, t: &TaskPlan, producers: &HashMap<&str, bool>) -> Result
     if t.timeout == Some(Duration::ZERO) {
         return fail(f("timeout"), "timeout is zero; omit `timeout` for no limit");
     }
+    if let Some(timeout) = t.timeout {
+        check_duration(&f("timeout"), timeout)?;
+    }
+    check_duration(&f("retries.backoff"), t.retries.backoff)?;
     check_depends_on(at, t, producers)?;
     for (key, codes) in [("warning", &t.exit_codes.warning), ("skip", &t.exit_codes.skip)] {
         for (k, code) in codes.iter().enumerate() {
@@ -710,6 +714,53 @@ fn check_task(at: &str, t: &TaskPlan, producers: &HashMap<&str, bool>) -> Result
         check_agent(&f("agent"), agent, &t.secrets)?;
     }
     Ok(())
+}
+
+/// A duration a plan carries unchanged: whole milliseconds (its unit in JSON), at most
+/// [`MAX_DURATION`].
+fn check_duration(field: &str, d: Duration) -> Result<(), PlanError> {
+    match DurationProblem::of(d) {
+        Some(problem) => {
+            let (message, hint) = problem.explain(&humantime::format_duration(d).to_string());
+            fail(field, format!("{message}; {hint}"))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Why a duration cannot travel in a plan unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DurationProblem {
+    /// Longer than [`MAX_DURATION`].
+    TooLong,
+    /// Not a whole number of milliseconds.
+    Fractional,
+}
+
+impl DurationProblem {
+    pub(crate) fn of(d: Duration) -> Option<DurationProblem> {
+        if d > MAX_DURATION {
+            Some(DurationProblem::TooLong)
+        } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
+            Some(DurationProblem::Fractional)
+        } else {
+            None
+        }
+    }
+
+    /// The message about `written` (the duration as given) and a hint.
+    pub(crate) fn explain(self, written: &str) -> (String, &'static str) {
+        match self {
+            DurationProblem::TooLong => (
+                format!("`{written}` is longer than the limit of {} days", MAX_DURATION.as_secs() / 86_400),
+                "give a shorter duration",
+            ),
+            DurationProblem::Fractional => (
+                format!("`{written}` is not a whole number of milliseconds"),
+                "durations are kept in milliseconds; write it like `2ms` or `1s`",
+            ),
+        }
+    }
 }
 
 /// A command a node can start: a program (or shell script) and arguments the kernel accepts.
@@ -940,12 +991,11 @@ fn check_service(at: &str, s: &ServiceSpec) -> Result<(), PlanError> {
     if let Some(h) = &s.healthcheck {
         check_command(&f("healthcheck.command"), &h.command)?;
         for (key, d) in [("interval", h.interval), ("timeout", h.timeout)] {
+            let field = f(&format!("healthcheck.{key}"));
             if d.is_zero() {
-                return fail(
-                    f(&format!("healthcheck.{key}")),
-                    format!("{key} is zero; give it a length, like `1s`"),
-                );
+                return fail(field, format!("{key} is zero; give it a length, like `1s`"));
             }
+            check_duration(&field, d)?;
         }
         if h.retries == 0 {
             return fail(f("healthcheck.retries"), "retries is 0; give at least 1 probe");
@@ -1388,6 +1438,22 @@ mod tests {
         let e = job(vec![task("a", &["nope"])]).validate().unwrap_err();
         assert_eq!(e.field, "tasks[0].depends_on");
         assert!(e.message.contains("`nope`"));
+    }
+
+    #[test]
+    fn durations_are_whole_milliseconds_within_the_limit() {
+        let with = |f: fn(&mut TaskPlan)| {
+            let mut t = task("a", &[]);
+            f(&mut t);
+            job(vec![t]).validate().map_err(|e| (e.field, e.message))
+        };
+        assert_eq!(with(|t| t.timeout = Some(MAX_DURATION)), Ok(()));
+        let (field, message) = with(|t| t.timeout = Some(Duration::from_nanos(1))).unwrap_err();
+        assert_eq!(field, "tasks[0].timeout");
+        assert!(message.starts_with("`1ns` is not a whole number of milliseconds; "), "{message}");
+        let (field, message) = with(|t| t.retries.backoff = Duration::from_millis(u64::MAX)).unwrap_err();
+        assert_eq!(field, "tasks[0].retries.backoff");
+        assert!(message.contains("is longer than the limit of 36500 days"), "{message}");
     }
 
     #[test]

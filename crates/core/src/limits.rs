@@ -7,6 +7,8 @@
 //! the store, an entry in every status answer and a plan the scheduler reads, so the counts
 //! bound work per job; the byte limits bound what a single request makes the server hold.
 
+use std::time::Duration;
+
 /// Tasks in one job, counted after array expansion (one per frame).
 ///
 /// Room for two maximal arrays ([`MAX_FRAMES`]) or a generated DAG of tens of thousands of
@@ -67,3 +69,12 @@ pub const MAX_PLAN_BYTES: usize = 256 << 20;
 /// task is 4 MB) several times over, and matches the parser's budget of a million values;
 /// the compiler refuses larger files before parsing them.
 pub const MAX_SOURCE_BYTES: usize = 16 << 20;
+
+/// Longest duration a job may give (a timeout, a retry backoff, a health check's interval or
+/// timeout): 36,500 days (a hundred years), which is no limit in practice.
+///
+/// Durations travel in plans as whole milliseconds in 64 bits; without a bound, a duration
+/// written in the job file as `600000000years` would wrap around to a few days on the way
+/// to the server. For the same reason durations must be whole milliseconds: `1500us` would
+/// arrive as `1ms`, and `1ns` as zero.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 24 * 60 * 60);

@@ -146,6 +146,9 @@ fn not_valid(e: impl std::fmt::Display) -> Status {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+
+#[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
     use std::io::Write;

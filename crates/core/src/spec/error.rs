@@ -98,11 +98,27 @@ impl Problems {
     }
 }
 
+/// Longest word, in characters, that a suggestion is looked for or made from. Edit distance
+/// takes time in the product of the two lengths, so a megabyte-long name would take hours to
+/// compare, and typos worth suggesting are in short names.
+const MAX_SUGGESTED_LEN: usize = 256;
+
 /// The candidate closest to `word` by edit distance, if it is close enough to be a likely typo.
 pub(crate) fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let len = word.chars().count();
+    if len > MAX_SUGGESTED_LEN {
+        return None;
+    }
     let word_lower = word.to_lowercase();
+    // The distance is at least the difference in length, so candidates too far apart in
+    // length are skipped without computing it.
+    let near = |c: &&str| {
+        let c_len = c.chars().count();
+        c_len <= MAX_SUGGESTED_LEN && len.abs_diff(c_len) <= 2.max(c_len / 3)
+    };
     candidates
         .into_iter()
+        .filter(near)
         .map(|c| (edit_distance(&word_lower, &c.to_lowercase()), c))
         .filter(|(d, c)| *d <= 2.max(c.chars().count() / 3) && *d < c.chars().count())
         .min_by_key(|(d, _)| *d)
@@ -135,6 +151,9 @@ mod tests {
         assert_eq!(closest("dependson", ["name", "depends_on"]), Some("depends_on"));
         assert_eq!(closest("comand", ["command", "steps"]), Some("command"));
         assert_eq!(closest("zzzzzz", ["command", "steps"]), None);
+        // Long words are not compared at all: that would take time in the square of their length.
+        let long = "x".repeat(100_000);
+        assert_eq!(closest(&long[1..], [long.as_str()]), None);
     }
 
     #[test]

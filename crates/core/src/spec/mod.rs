@@ -20,6 +20,8 @@ mod template;
 mod tree;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 pub use error::{SpecError, SpecErrors};

@@ -12,8 +12,11 @@ use std::time::Duration;
 use super::error::{Pos, Problems, closest};
 use super::frames::{FrameError, frames};
 use super::tree::{Entry, Node, Value};
-use crate::job::{ExitCodes, NetworkPolicy, RetryPolicy, RuntimeKind, task_name_suggestion, valid_task_name};
-use crate::limits::MAX_TASKS;
+use crate::job::{
+    DurationProblem, ExitCodes, NetworkPolicy, RetryPolicy, RuntimeKind, task_name_suggestion,
+    valid_task_name,
+};
+use crate::limits::{MAX_NAME_LEN, MAX_TASKS};
 use crate::resources::{Resources, parse_memory};
 use crate::state::FailureClass;
 
@@ -430,7 +433,14 @@ impl Reader<'_> {
             return None;
         };
         match humantime::parse_duration(text.trim()) {
-            Ok(d) => Some(d),
+            Ok(d) => match DurationProblem::of(d) {
+                None => Some(d),
+                Some(problem) => {
+                    let (message, hint) = problem.explain(text.trim());
+                    self.problems.add(node.pos, field, message, Some(hint.to_string()));
+                    None
+                }
+            },
             Err(e) => {
                 self.problems.add(
                     node.pos,
@@ -637,6 +647,15 @@ impl Reader<'_> {
                 field,
                 format!("task name `{}` may only use letters, digits, `_`, `.` and `-`", name.value),
                 Some(format!("rename it, like `{suggestion}`")),
+            );
+            return None;
+        }
+        if name.value.len() > MAX_NAME_LEN {
+            self.problems.add(
+                node.pos,
+                field,
+                format!("the name is {} bytes long, more than the limit of {MAX_NAME_LEN}", name.value.len()),
+                Some("shorten it".into()),
             );
             return None;
         }

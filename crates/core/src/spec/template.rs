@@ -2,10 +2,28 @@
 //!
 //! Values are rendered one by one after parsing (never the raw YAML text), so a template can
 //! neither break the file's structure nor inject fields.
+//!
+//! Templates are a small language with loops and macros, so a few bytes of one can ask for
+//! years of work or gigabytes of text (`{% for a in range(100000) %}{% for b in range(100000)
+//! %}`, `{{ 'x' * 100000000 }}`). Rendering runs on minijinja's fuel, which counts
+//! instructions and the bytes they make: each value has [`FUEL_PER_VALUE`] and the whole job
+//! [`FUEL_PER_JOB`], so compiling any job file ends in bounded time and memory.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
+
+/// Fuel for rendering one value: about as many instructions, or 64 times as many bytes of
+/// values made. A real template takes a few dozen; this leaves room for loops over hundreds of
+/// items and for values of megabytes, and stops a runaway template within a fraction of a
+/// second.
+const FUEL_PER_VALUE: u64 = 200_000;
+
+/// Fuel for rendering all values of a job. A 100,000-frame array that renders a handful of
+/// simple templates per frame needs a few million; a job that renders costly templates in
+/// every frame of a large array is stopped after a few seconds of work instead of hours.
+const FUEL_PER_JOB: u64 = 20_000_000;
 
 /// Why a value's template could not be rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,18 +32,24 @@ pub(crate) struct TemplateError {
     pub hint: Option<String>,
 }
 
+const TOO_COSTLY_HINT: &str = "templates are for filling in values; generate large or repetitive text \
+     before submitting, or put it in an input file";
+
 /// Renders values with `env`, `params` and (in array tasks) `frame`.
 pub(crate) struct Renderer {
     jinja: Environment<'static>,
     env: Value,
     params: Value,
     param_names: Vec<String>,
+    /// Fuel spent by the values rendered so far, against [`FUEL_PER_JOB`].
+    spent: Cell<u64>,
 }
 
 impl Renderer {
     pub fn new(env: &BTreeMap<String, String>, params: &BTreeMap<String, String>) -> Self {
         let mut jinja = Environment::new();
         jinja.set_undefined_behavior(UndefinedBehavior::Strict);
+        jinja.set_fuel(Some(FUEL_PER_VALUE));
         // Shell scripts written as `|` blocks end with a newline; keep it.
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build() {
             jinja.set_syntax(syntax);
@@ -35,6 +59,7 @@ impl Renderer {
             env: Value::from(env.clone()),
             params: Value::from(params.clone()),
             param_names: params.keys().cloned().collect(),
+            spent: Cell::new(0),
         }
     }
 
@@ -49,7 +74,26 @@ impl Renderer {
         if let Some(frame) = frame {
             context.insert("frame", Value::from(frame));
         }
-        self.jinja.render_str(text, Value::from(context)).map_err(|e| self.explain(&e, frame.is_some()))
+        if self.spent.get() >= FUEL_PER_JOB {
+            return Err(TemplateError {
+                message: "the job's templates take too much work to render".to_string(),
+                hint: Some(TOO_COSTLY_HINT.to_string()),
+            });
+        }
+        // A template that does not parse costs no fuel.
+        let template = self.jinja.template_from_str(text).map_err(|e| self.explain(&e, frame.is_some()))?;
+        match template.render_captured(Value::from(context)) {
+            Ok(captured) => {
+                let used = captured.state().fuel_levels().map_or(0, |(consumed, _)| consumed);
+                self.spent.set(self.spent.get().saturating_add(used));
+                Ok(captured.into_output())
+            }
+            Err(e) => {
+                // The fuel a failed render used is not reported; it may have been all of it.
+                self.spent.set(self.spent.get().saturating_add(FUEL_PER_VALUE));
+                Err(self.explain(&e, frame.is_some()))
+            }
+        }
     }
 
     fn explain(&self, e: &minijinja::Error, has_frame: bool) -> TemplateError {
@@ -88,6 +132,10 @@ impl Renderer {
                 };
                 TemplateError { message: format!("template uses undefined `{name}`"), hint }
             }
+            ErrorKind::OutOfFuel => TemplateError {
+                message: "template takes too much work to render".to_string(),
+                hint: Some(TOO_COSTLY_HINT.to_string()),
+            },
             ErrorKind::SyntaxError => TemplateError {
                 message: format!("template syntax error: {detail}"),
                 hint: Some("templates look like `{{ params.NAME }}`; quote the value in YAML".to_string()),
@@ -135,5 +183,31 @@ mod tests {
         assert_eq!(e.hint.unwrap(), "`frame` only exists in tasks with `array`");
         let e = r.render("{{ params.greeting ", None).unwrap_err();
         assert!(e.message.starts_with("template syntax error"), "{e:?}");
+    }
+
+    #[test]
+    fn costly_templates_run_out_of_fuel() {
+        let r = renderer();
+        for costly in [
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            "{{ 'x' * 100000000 }}",
+        ] {
+            let e = r.render(costly, None).unwrap_err();
+            assert_eq!(e.message, "template takes too much work to render", "{costly}");
+        }
+        // A loop of a hundred items is well within the fuel of a value.
+        assert_eq!(r.render("{% for i in range(100) %}.{% endfor %}", None).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn the_job_has_a_fuel_budget_across_values() {
+        let r = renderer();
+        let costly = "{{ 'x' * 100000000 }}";
+        let within = (FUEL_PER_JOB / FUEL_PER_VALUE) as usize;
+        for _ in 0..within {
+            assert_eq!(r.render(costly, None).unwrap_err().message, "template takes too much work to render");
+        }
+        let e = r.render("{{ frame }}", Some(1)).unwrap_err();
+        assert_eq!(e.message, "the job's templates take too much work to render");
     }
 }

@@ -1563,3 +1563,25 @@ fn long_name_lists_in_hints_are_cut() {
         )
     );
 }
+
+#[test]
+fn durations_must_travel_unchanged_in_milliseconds() {
+    let job = |timeout: &str| format!("{TASK}    command: x\n    timeout: {timeout}\n");
+    assert_error(&job("1500us"), 6, 14, "tasks[0].timeout", "`1500us` is not a whole number of milliseconds");
+    assert_error(&job("1ns"), 6, 14, "tasks[0].timeout", "`1ns` is not a whole number of milliseconds");
+    assert_error(
+        &job("600000000years"),
+        6,
+        14,
+        "tasks[0].timeout",
+        "`600000000years` is longer than the limit of 36500 days",
+    );
+    assert_eq!(ok(&job("36500days")).tasks[0].timeout, Some(crate::limits::MAX_DURATION));
+}
+
+#[test]
+fn task_names_are_limited_in_length() {
+    let name = "x".repeat(crate::limits::MAX_NAME_LEN + 1);
+    let source = format!("version: 1\nname: j\ntasks:\n  - name: {name}\n    command: x\n");
+    assert_error(&source, 4, 11, "tasks[0].name", "the name is 201 bytes long, more than the limit of 200");
+}
