@@ -2,7 +2,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use drover_core::{JobPlan, Role};
 use drover_proto as pb;
@@ -18,10 +17,8 @@ use crate::audit::{self, Change};
 use crate::auth::{self, Caller};
 use crate::convert::{self, status};
 use crate::downloads::{self, no_job, task_filter};
+use crate::streams::{self, StreamKind};
 use crate::{Shared, now_ms, transfer};
-
-/// Longest a stream waits for a change before checking the store again anyway.
-const POLL_FALLBACK: Duration = Duration::from_secs(1);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -77,7 +74,9 @@ impl Drover for ClientApi {
         let shared = self.0.clone();
         visible_job(&shared, &caller, req.job_id, Role::Viewer).await?;
         let (tx, rx) = mpsc::channel(256);
+        let open = shared.streams.open(StreamKind::Watch);
         tokio::spawn(async move {
+            let _open = open;
             let mut changes = shared.changes.subscribe();
             let mut after = req.after_seq;
             loop {
@@ -107,8 +106,9 @@ impl Drover for ClientApi {
                         _ => continue,
                     }
                 }
-                if caught_up {
-                    let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+                if caught_up && !streams::wait_for_change(&mut changes, &tx).await {
+                    tracing::debug!(job_id = req.job_id, after_seq = after, "watch client left");
+                    return;
                 }
             }
         });
