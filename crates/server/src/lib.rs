@@ -16,6 +16,7 @@ mod intake;
 mod live_files;
 mod log_archive;
 mod loops;
+mod paging;
 mod projects_api;
 mod schedule_memory;
 pub mod sealed;
