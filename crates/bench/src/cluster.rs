@@ -129,7 +129,7 @@ impl Cluster {
         let start = Instant::now();
         let mut client = self.client().await?;
         loop {
-            let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            let nodes = client.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
             if nodes.iter().any(|n| n.state == "ready") {
                 return Ok(());
             }

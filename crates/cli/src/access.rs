@@ -103,8 +103,13 @@ pub async fn keys(args: KeysArgs) -> Result<ExitCode> {
             }
         }
         KeysCommand::Ls { project } => {
-            let req = pb::ListKeysRequest { project: project.unwrap_or_default() };
-            let keys = client.list_keys(req).await.map_err(rpc_error)?.into_inner().keys;
+            let project = project.unwrap_or_default();
+            let keys = crate::pages::collect(None, async |page_size, page_token| {
+                let req = pb::ListKeysRequest { project: project.clone(), page_size, page_token };
+                let page = client.list_keys(req).await.map_err(rpc_error)?.into_inner();
+                Ok((page.keys, page.next_page_token))
+            })
+            .await?;
             match args.output {
                 Format::Json => {
                     let rows: Vec<_> = keys
@@ -206,12 +211,12 @@ pub async fn projects(args: ProjectsArgs) -> Result<ExitCode> {
             }
         }
         ProjectsCommand::Ls => {
-            let projects = client
-                .list_projects(pb::ListProjectsRequest {})
-                .await
-                .map_err(rpc_error)?
-                .into_inner()
-                .projects;
+            let projects = crate::pages::collect(None, async |page_size, page_token| {
+                let req = pb::ListProjectsRequest { page_size, page_token };
+                let page = client.list_projects(req).await.map_err(rpc_error)?.into_inner();
+                Ok((page.projects, page.next_page_token))
+            })
+            .await?;
             match args.output {
                 Format::Json => {
                     let rows: Vec<_> = projects

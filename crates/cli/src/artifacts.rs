@@ -56,8 +56,13 @@ pub async fn artifacts(args: ArtifactsArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
     match args.command {
         ArtifactsCommand::Ls { job, task, output } => {
-            let req = pb::ListArtifactsRequest { job_id: job, task: task.unwrap_or_default() };
-            let list = client.list_artifacts(req).await.map_err(rpc_error)?.into_inner().artifacts;
+            let task = task.unwrap_or_default();
+            let list = crate::pages::collect(None, async |page_size, page_token| {
+                let req = pb::ListArtifactsRequest { job_id: job, task: task.clone(), page_size, page_token };
+                let page = client.list_artifacts(req).await.map_err(rpc_error)?.into_inner();
+                Ok((page.artifacts, page.next_page_token))
+            })
+            .await?;
             match output {
                 Format::Json => {
                     let v: Vec<serde_json::Value> = list

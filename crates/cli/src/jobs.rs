@@ -71,7 +71,7 @@ pub struct PsArgs {
     /// Include finished jobs.
     #[arg(long, short = 'a')]
     pub all: bool,
-    /// How many jobs at most.
+    /// How many jobs at most (the newest); 0 lists every one.
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
     /// Output format.
@@ -248,12 +248,12 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
 /// `drover ps`.
 pub async fn ps(args: PsArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server).await?;
-    let jobs = client
-        .list_jobs(pb::ListJobsRequest { limit: args.limit, all: args.all })
-        .await
-        .map_err(rpc_error)?
-        .into_inner()
-        .jobs;
+    let jobs = crate::pages::collect(Some(args.limit), async |page_size, page_token| {
+        let req = pb::ListJobsRequest { all: args.all, page_size, page_token, ..Default::default() };
+        let page = client.list_jobs(req).await.map_err(rpc_error)?.into_inner();
+        Ok((page.jobs, page.next_page_token))
+    })
+    .await?;
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&render::jobs_json(&jobs))?),
         Format::Human if jobs.is_empty() && !args.all => {
@@ -400,7 +400,13 @@ pub async fn nodes(args: NodesArgs) -> Result<ExitCode> {
 
 /// `drover nodes ls`.
 pub async fn list_nodes(client: &mut crate::client::Client, output: Format) -> Result<ExitCode> {
-    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(rpc_error)?.into_inner().nodes;
+    let nodes = crate::pages::collect(None, async |page_size, page_token| {
+        let page =
+            client.list_nodes(pb::ListNodesRequest { page_size, page_token }).await.map_err(rpc_error)?;
+        let page = page.into_inner();
+        Ok((page.nodes, page.next_page_token))
+    })
+    .await?;
     match output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&render::nodes_json(&nodes))?),
         Format::Human if nodes.is_empty() => {

@@ -10,6 +10,7 @@ mod images;
 mod jobs;
 mod log_out;
 mod oidc;
+mod pages;
 mod render;
 mod run;
 mod secrets;

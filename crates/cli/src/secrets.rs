@@ -62,8 +62,12 @@ pub async fn secrets(args: SecretsArgs) -> Result<ExitCode> {
             println!("secret {name} {verb} in project {}", args.project);
         }
         SecretsCommand::Ls => {
-            let req = pb::ListSecretsRequest { project: args.project.clone() };
-            let names = client.list_secrets(req).await.map_err(rpc_error)?.into_inner().names;
+            let names = crate::pages::collect(None, async |page_size, page_token| {
+                let req = pb::ListSecretsRequest { project: args.project.clone(), page_size, page_token };
+                let page = client.list_secrets(req).await.map_err(rpc_error)?.into_inner();
+                Ok((page.names, page.next_page_token))
+            })
+            .await?;
             if names.is_empty() {
                 eprintln!("project {} has no secrets", args.project);
             }

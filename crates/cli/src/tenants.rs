@@ -119,7 +119,7 @@ pub struct AuditArgs {
     /// Only records from this long ago on, like 1h or 7days.
     #[arg(long, value_parser = parse_since)]
     since: Option<Duration>,
-    /// Most records to show.
+    /// Most records to show (the oldest); 0 shows every one.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
     /// Output format.
@@ -139,13 +139,19 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
         }
         None => 0,
     };
-    let req = pb::AuditRequest {
-        project: args.project.unwrap_or_default(),
-        since_ms,
-        after_id: 0,
-        limit: args.limit,
-    };
-    let entries = client.audit(req).await.map_err(rpc_error)?.into_inner().entries;
+    let project = args.project.unwrap_or_default();
+    let entries = crate::pages::collect(Some(args.limit), async |page_size, page_token| {
+        let req = pb::AuditRequest {
+            project: project.clone(),
+            since_ms,
+            page_size,
+            page_token,
+            ..Default::default()
+        };
+        let page = client.audit(req).await.map_err(rpc_error)?.into_inner();
+        Ok((page.entries, page.next_page_token))
+    })
+    .await?;
     match args.output {
         Format::Json => {
             let rows: Vec<Value> = entries

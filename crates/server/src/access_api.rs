@@ -188,8 +188,12 @@ pub(crate) async fn list_keys(
     if let Some(p) = &project {
         require_project(shared, caller, p, Role::Admin).await?;
     }
-    let keys = shared.access.keys(project.as_deref()).await.map_err(status)?;
-    Ok(pb::ListKeysResponse { keys: keys.into_iter().map(key_message).collect() })
+    let page = crate::paging::page(req.page_size, req.page_token);
+    let keys = shared.access.list_keys(project.as_deref(), &page).await.map_err(status)?;
+    Ok(pb::ListKeysResponse {
+        keys: keys.items.into_iter().map(key_message).collect(),
+        next_page_token: keys.next_token,
+    })
 }
 
 /// `RevokeKey`: an operator revokes any key; an admin the keys of its project.
@@ -248,11 +252,18 @@ pub(crate) async fn create_project(
 pub(crate) async fn list_projects(
     shared: &Shared,
     caller: &Caller,
+    req: pb::ListProjectsRequest,
 ) -> Result<pb::ListProjectsResponse, Status> {
     caller.require_person()?;
-    let projects = shared.access.projects().await.map_err(status)?;
+    // Only the caller's projects are read, so that pages are full and a token leads nowhere
+    // else; the role check below still drops anything it has no role in.
+    let only = caller.visible().filter();
+    let page = crate::paging::page(req.page_size, req.page_token);
+    let projects = shared.access.list_projects(only.as_deref(), &page).await.map_err(status)?;
     Ok(pb::ListProjectsResponse {
+        next_page_token: projects.next_token,
         projects: projects
+            .items
             .into_iter()
             .filter_map(|p| {
                 let role = caller.role_in(&p.name)?;

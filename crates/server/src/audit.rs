@@ -13,9 +13,6 @@ use crate::auth::{Caller, Visible};
 use crate::convert::status;
 use crate::{Shared, now_ms};
 
-/// Most records one `Audit` call returns.
-const MAX_RECORDS: u32 = 10_000;
-
 /// One change to record.
 pub(crate) struct Change {
     /// The project it touched; `None` for cluster-wide changes.
@@ -100,11 +97,14 @@ pub(crate) async fn list(
         projects,
         since_ms: (req.since_ms > 0).then_some(req.since_ms),
         after_id: req.after_id,
-        limit: if req.limit == 0 { 1000 } else { req.limit.min(MAX_RECORDS) },
+        limit: 0,
     };
-    let records = shared.tenants.audit(&filter).await.map_err(status)?;
+    let page = crate::paging::page_or_limit(req.page_size, req.limit, req.page_token);
+    let records = shared.tenants.list_audit(&filter, &page).await.map_err(status)?;
     Ok(pb::AuditResponse {
+        next_page_token: records.next_token,
         entries: records
+            .items
             .into_iter()
             .map(|r| pb::AuditEntry {
                 id: r.id,

@@ -2,7 +2,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use drover_core::{JobPlan, Role};
 use drover_proto as pb;
@@ -18,10 +17,8 @@ use crate::audit::{self, Change};
 use crate::auth::{self, Caller};
 use crate::convert::{self, status};
 use crate::downloads::{self, no_job, task_filter};
-use crate::{Shared, now_ms, transfer};
-
-/// Longest a stream waits for a change before checking the store again anyway.
-const POLL_FALLBACK: Duration = Duration::from_secs(1);
+use crate::streams::{self, StreamKind};
+use crate::{Shared, now_ms, paging, transfer};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -63,10 +60,14 @@ impl Drover for ClientApi {
         let caller = self.caller(&req).await?;
         caller.require_person()?;
         let req = req.into_inner();
-        let limit = if req.limit == 0 { 50 } else { req.limit.min(10_000) };
+        let page = paging::page_or_limit(req.page_size, req.limit, req.page_token);
+        // The caller's projects filter every page: a token only says where to continue.
         let projects = caller.visible().filter();
-        let jobs = self.0.store.list_jobs(limit, req.all, projects.as_deref()).await.map_err(status)?;
-        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.into_iter().map(convert::summary).collect() }))
+        let jobs = self.0.store.list_jobs(req.all, projects.as_deref(), &page).await.map_err(status)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.items.into_iter().map(convert::summary).collect(),
+            next_page_token: jobs.next_token,
+        }))
     }
 
     type WatchStream = BoxStream<pb::Event>;
@@ -77,7 +78,9 @@ impl Drover for ClientApi {
         let shared = self.0.clone();
         visible_job(&shared, &caller, req.job_id, Role::Viewer).await?;
         let (tx, rx) = mpsc::channel(256);
+        let open = shared.streams.open(StreamKind::Watch);
         tokio::spawn(async move {
+            let _open = open;
             let mut changes = shared.changes.subscribe();
             let mut after = req.after_seq;
             loop {
@@ -107,8 +110,9 @@ impl Drover for ClientApi {
                         _ => continue,
                     }
                 }
-                if caught_up {
-                    let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+                if caught_up && !streams::wait_for_change(&mut changes, &tx).await {
+                    tracing::debug!(job_id = req.job_id, after_seq = after, "watch client left");
+                    return;
                 }
             }
         });
@@ -243,8 +247,9 @@ impl Drover for ClientApi {
         let req = req.into_inner();
         let project = if req.project.is_empty() { "default".to_string() } else { req.project };
         require_project(&self.0, &caller, &project, Role::Submitter).await?;
-        let names = self.0.secrets.secret_names(&project).await.map_err(status)?;
-        Ok(Response::new(pb::ListSecretsResponse { names }))
+        let page = paging::page(req.page_size, req.page_token);
+        let names = self.0.secrets.list_secret_names(&project, &page).await.map_err(status)?;
+        Ok(Response::new(pb::ListSecretsResponse { names: names.items, next_page_token: names.next_token }))
     }
 
     async fn delete_secret(
@@ -289,9 +294,11 @@ impl Drover for ClientApi {
         let req = req.into_inner();
         let filter = task_filter(&req.task)?;
         visible_job(&self.0, &caller, req.job_id, Role::Viewer).await?;
-        let artifacts = self.0.artifacts.artifacts(req.job_id, &filter).await.map_err(status)?;
+        let page = paging::page(req.page_size, req.page_token);
+        let artifacts = self.0.artifacts.list_artifacts(req.job_id, &filter, &page).await.map_err(status)?;
         Ok(Response::new(pb::ListArtifactsResponse {
-            artifacts: artifacts.into_iter().map(convert::artifact).collect(),
+            artifacts: artifacts.items.into_iter().map(convert::artifact).collect(),
+            next_page_token: artifacts.next_token,
         }))
     }
 
@@ -314,15 +321,17 @@ impl Drover for ClientApi {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         // Every person may see the fleet (what it offers is not any project's data).
         self.caller(&req).await?.require_person()?;
-        let mut nodes: Vec<pb::Node> =
-            self.0.store.nodes().await.map_err(status)?.into_iter().map(convert::node).collect();
+        let req = req.into_inner();
+        let page =
+            self.0.store.list_nodes(&paging::page(req.page_size, req.page_token)).await.map_err(status)?;
+        let mut nodes: Vec<pb::Node> = page.items.into_iter().map(convert::node).collect();
         let sessions = self.0.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for node in &mut nodes {
             if let Some(session) = sessions.get(&node.id) {
                 node.warm = session.warm.clone().into_iter().collect();
             }
         }
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+        Ok(Response::new(pb::ListNodesResponse { nodes, next_page_token: page.next_token }))
     }
 
     async fn who_am_i(
@@ -375,7 +384,7 @@ impl Drover for ClientApi {
         req: Request<pb::ListProjectsRequest>,
     ) -> Result<Response<pb::ListProjectsResponse>, Status> {
         let caller = self.caller(&req).await?;
-        access_api::list_projects(&self.0, &caller).await.map(Response::new)
+        access_api::list_projects(&self.0, &caller, req.into_inner()).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all)]

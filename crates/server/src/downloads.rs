@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use drover_proto as pb;
 use drover_store::{LogArchiveRecord, LogChunk, TaskFilter};
@@ -16,10 +15,9 @@ use tonic::Status;
 
 use crate::convert::{self, status};
 use crate::log_archive::ArchiveReader;
+use crate::streams::{self, StreamKind};
 use crate::{Shared, live_files, transfer};
 
-/// Longest a stream waits for a change before checking the store again anyway.
-const POLL_FALLBACK: Duration = Duration::from_secs(1);
 /// Bytes of output per batch sent to a client (about: whole stored chunks).
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -113,7 +111,9 @@ pub(crate) async fn logs(
         return Err(Status::not_found(format!("job {job_id} has no task `{task}`")));
     }
     let (tx, rx) = mpsc::channel(16);
+    let open = shared.streams.open(StreamKind::Logs);
     tokio::spawn(async move {
+        let _open = open;
         let mut follower =
             Follower { shared, job_id, filter, tx, chunks, sent: HashMap::new(), archived: HashSet::new() };
         if let Err(e) = follower.run(follow, after_id).await {
@@ -194,8 +194,9 @@ impl Follower {
             let tasks = self.shared.store.tasks(self.job_id).await.map_err(status)?;
             finished =
                 tasks.iter().filter(|t| self.filter.matches(&t.name, t.frame)).all(|t| t.state.is_final());
-            if !finished {
-                let _ = tokio::time::timeout(POLL_FALLBACK, changes.changed()).await;
+            if !finished && !streams::wait_for_change(&mut changes, &self.tx).await {
+                tracing::debug!(job_id = self.job_id, after_id = after, "log follower left");
+                return Err(Stop::Gone);
             }
         }
     }
@@ -253,43 +254,19 @@ impl Follower {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashMap};
-    use std::sync::Mutex;
+    use std::collections::BTreeMap;
 
     use drover_store::conformance::{job, schedule, task};
     use drover_store::sqlite::SqliteStore;
     use drover_store::{ArchiveStore, AttemptReport, NodeSpec, OutputLine, Store};
     use futures::StreamExt;
-    use tokio::sync::{Notify, watch};
 
     use super::*;
-    use crate::{ServerConfig, log_archive};
+    use crate::log_archive;
+    use crate::testing::shared_over;
 
     fn line(text: &str) -> OutputLine {
         OutputLine { step: 0, stderr: false, data: text.as_bytes().to_vec() }
-    }
-
-    /// A follower that sent part of an attempt live continues from the archive after the last
-    /// line it sent when the attempt is archived (and its live rows deleted) in between.
-    /// A server's shared state over `store`, with nothing running.
-    fn shared_over(store: Arc<SqliteStore>) -> Arc<Shared> {
-        Arc::new(Shared {
-            store: store.clone(),
-            secrets: store.clone(),
-            artifacts: store.clone(),
-            access: store.clone(),
-            tenants: store.clone(),
-            policy: Default::default(),
-            blobs: Arc::new(drover_blobs::MemoryBlobStore::new()),
-            config: ServerConfig::default(),
-            changes: watch::channel(0).0,
-            schedule: Notify::new(),
-            sessions: Mutex::new(HashMap::new()),
-            reads: Default::default(),
-            completions: crate::completions::Completions::spawn(store.clone(), Default::default(), 16).0,
-            memory: Default::default(),
-            oidc: None,
-        })
     }
 
     fn node() -> NodeSpec {
@@ -332,6 +309,8 @@ mod tests {
         assert_eq!(bytes, b"hi\n");
     }
 
+    /// A follower that sent part of an attempt live continues from the archive after the last
+    /// line it sent when the attempt is archived (and its live rows deleted) in between.
     #[tokio::test]
     async fn a_follower_continues_from_the_archive_without_repeating_lines() {
         let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,9 @@
 //! same authorization.
 //!
 //! - `GET /v1/jobs/{id}`: the job and its tasks;
-//! - `GET /v1/jobs/{id}/artifacts[?task=NAME]`: kept outputs;
+//! - `GET /v1/jobs/{id}/artifacts[?task=NAME][&page_size=N][&page_token=T]`: kept outputs, a
+//!   page at a time: the body is the page's array, and an `X-Next-Page-Token` header, present
+//!   while more follow, carries the `page_token` of the next page;
 //! - `GET /v1/jobs/{id}/tasks/{task}/artifacts/{*path}`: one file's bytes, kept or live;
 //! - `GET /v1/jobs/{id}/tasks/{task}/logs`: the task's output as text.
 
@@ -122,29 +124,44 @@ async fn job(
         "state": job.state, "cancelled": job.cancelled, "created_ms": job.created_ms, "tasks": tasks})))
 }
 
+/// The header that carries the token of a list's next page.
+pub(crate) const NEXT_PAGE_TOKEN: &str = "x-next-page-token";
+
 #[derive(Deserialize)]
-struct TaskQuery {
+struct ArtifactsQuery {
     #[serde(default)]
     task: String,
+    #[serde(default)]
+    page_size: u32,
+    #[serde(default)]
+    page_token: String,
 }
 
 async fn artifacts(
     State(shared): State<Arc<Shared>>,
     Authed(caller): Authed,
     Path(id): Path<i64>,
-    Query(q): Query<TaskQuery>,
-) -> Result<Json<Value>, ApiError> {
+    Query(q): Query<ArtifactsQuery>,
+) -> Result<Response, ApiError> {
     let filter = task_filter(&q.task)?;
     visible_job(&shared, &caller, id, Role::Viewer).await?;
-    let list = shared.artifacts.artifacts(id, &filter).await.map_err(status)?;
-    let list: Vec<Value> = list
+    let page = crate::paging::page(q.page_size, q.page_token);
+    let list = shared.artifacts.list_artifacts(id, &filter, &page).await.map_err(status)?;
+    let items: Vec<Value> = list
+        .items
         .into_iter()
         .map(|a| {
             json!({"task": a.task_name, "frame": a.frame, "attempt": a.attempt, "path": a.path,
                 "size": a.size, "digest": a.digest, "created_ms": a.created_ms})
         })
         .collect();
-    Ok(Json(Value::Array(list)))
+    let mut response = Json(Value::Array(items)).into_response();
+    if !list.next_token.is_empty() {
+        let token = header::HeaderValue::from_str(&list.next_token)
+            .map_err(|e| ApiError(Status::internal(format!("a page token is not a header value: {e}"))))?;
+        response.headers_mut().insert(NEXT_PAGE_TOKEN, token);
+    }
+    Ok(response)
 }
 
 async fn artifact(

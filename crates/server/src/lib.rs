@@ -16,11 +16,15 @@ mod intake;
 mod live_files;
 mod log_archive;
 mod loops;
+mod paging;
 mod projects_api;
 mod schedule_memory;
 pub mod sealed;
 mod session_output;
+mod streams;
 mod tenancy;
+#[cfg(test)]
+mod testing;
 mod transfer;
 mod usage;
 
@@ -167,6 +171,8 @@ pub(crate) struct Shared {
     config: ServerConfig,
     /// Bumped after every committed change; watch and log streams wait on it.
     changes: watch::Sender<u64>,
+    /// Client streams open now (watch, log follow, live reads), by kind.
+    streams: streams::OpenStreams,
     /// Wakes the scheduler when there may be something to place.
     schedule: Notify,
     /// Connected agents by node id.
@@ -274,6 +280,7 @@ pub async fn serve_with_http(
         policy: Default::default(),
         config,
         changes: watch::channel(0).0,
+        streams: Default::default(),
         schedule: Notify::new(),
         sessions: Mutex::new(HashMap::new()),
         reads: live_files::Reads::default(),

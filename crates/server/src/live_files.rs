@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::Shared;
+use crate::streams::StreamKind;
 
 /// Bytes the agent sends per `ReadFile`.
 const WINDOW: u64 = 1 << 20;
@@ -142,7 +143,9 @@ pub(crate) async fn read(
     ask(0).await?;
     let first = next_chunk(&mut chunks).await?;
     let (tx, rx) = mpsc::channel(4);
+    let open = shared.streams.open(StreamKind::LiveFile);
     tokio::spawn(async move {
+        let _open = open;
         let _registration = registration;
         let mut offset = 0u64;
         let mut chunk = first;
@@ -168,7 +171,16 @@ pub(crate) async fn read(
                 let _ = tx.send(Err(e)).await;
                 return;
             }
-            chunk = match next_chunk(&mut chunks).await {
+            // The agent may take a while to answer; a client that left meanwhile ends the read
+            // now rather than when the next window arrives.
+            let next = tokio::select! {
+                next = next_chunk(&mut chunks) => next,
+                _ = tx.closed() => {
+                    tracing::debug!(attempt_id, bytes = offset, "live read client left");
+                    return;
+                }
+            };
+            chunk = match next {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;

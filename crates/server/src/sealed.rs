@@ -232,6 +232,14 @@ impl SecretStore for SealedSecrets {
         self.inner.secret_names(project).await
     }
 
+    async fn list_secret_names(
+        &self,
+        project: &str,
+        page: &drover_store::PageRequest,
+    ) -> StoreResult<drover_store::Page<String>> {
+        self.inner.list_secret_names(project, page).await
+    }
+
     async fn secret_values(&self, project: &str, names: &[String]) -> StoreResult<BTreeMap<String, String>> {
         let sealed = self.inner.secret_values(project, names).await?;
         sealed.into_iter().map(|(name, value)| Ok((name, self.keys.open(&value)?))).collect()

@@ -18,8 +18,8 @@ use drover_proto::drover_client::DroverClient;
 use drover_store::conformance::{job, schedule, task};
 use drover_store::sqlite::SqliteStore;
 use drover_store::{
-    AccessStore, ArtifactStore, AttemptReport, NodeSpec, OutputFile, OutputLine, SecretStore, Store,
-    TenantStore,
+    AccessStore, ArtifactStore, AttemptReport, NodeSpec, OutputFile, OutputLine, PageRequest, SecretStore,
+    Store, TenantStore,
 };
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -345,7 +345,7 @@ fn logs<'a>(w: &'a World, caller: &'static str, id: i64) -> Fut<'a> {
 fn list_artifacts<'a>(w: &'a World, caller: &'static str, id: i64) -> Fut<'a> {
     async move {
         let mut c = w.client(caller).await;
-        status_of(c.list_artifacts(pb::ListArtifactsRequest { job_id: id, task: String::new() }).await)
+        status_of(c.list_artifacts(pb::ListArtifactsRequest { job_id: id, ..Default::default() }).await)
             .map(|r| format!("{} artifacts", r.artifacts.len()))
     }
     .boxed()
@@ -381,7 +381,8 @@ fn set_secret<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a
 fn list_secrets<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
     async move {
         let mut c = w.client(caller).await;
-        status_of(c.list_secrets(pb::ListSecretsRequest { project }).await).map(|r| r.names.join(","))
+        status_of(c.list_secrets(pb::ListSecretsRequest { project, ..Default::default() }).await)
+            .map(|r| r.names.join(","))
     }
     .boxed()
 }
@@ -417,7 +418,7 @@ fn create_key<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a
 fn list_keys<'a>(w: &'a World, caller: &'static str, project: String) -> Fut<'a> {
     async move {
         let mut c = w.client(caller).await;
-        status_of(c.list_keys(pb::ListKeysRequest { project }).await)
+        status_of(c.list_keys(pb::ListKeysRequest { project, ..Default::default() }).await)
             .map(|r| format!("{} keys", r.keys.len()))
     }
     .boxed()
@@ -498,8 +499,9 @@ fn cases(w: &World) -> Vec<Case> {
         Case {
             unchanged: Some(call(|w, _| {
                 async move {
-                    let jobs = w.store.list_jobs(100, true, Some(&["alpha".to_string()])).await.unwrap();
-                    assert_eq!(jobs.len(), 2, "a refused submit stored a job");
+                    let alpha = ["alpha".to_string()];
+                    let jobs = w.store.list_jobs(true, Some(&alpha), &PageRequest::first(100)).await.unwrap();
+                    assert_eq!(jobs.items.len(), 2, "a refused submit stored a job");
                     Ok(String::new())
                 }
                 .boxed()
@@ -513,8 +515,11 @@ fn cases(w: &World) -> Vec<Case> {
             call: call(|w, caller| {
                 async move {
                     let mut c = w.client(caller).await;
-                    let jobs =
-                        status_of(c.list_jobs(pb::ListJobsRequest { limit: 100, all: true }).await)?.jobs;
+                    let jobs = status_of(
+                        c.list_jobs(pb::ListJobsRequest { limit: 100, all: true, ..Default::default() })
+                            .await,
+                    )?
+                    .jobs;
                     let projects: BTreeSet<String> = jobs.into_iter().map(|j| j.project).collect();
                     Ok(projects.into_iter().collect::<Vec<_>>().join(","))
                 }
@@ -543,7 +548,8 @@ fn cases(w: &World) -> Vec<Case> {
             call: call(|w, caller| {
                 async move {
                     let mut c = w.client(caller).await;
-                    status_of(c.list_nodes(pb::ListNodesRequest {}).await).map(|r| r.nodes.len().to_string())
+                    status_of(c.list_nodes(pb::ListNodesRequest::default()).await)
+                        .map(|r| r.nodes.len().to_string())
                 }
                 .boxed()
             }),
@@ -766,7 +772,8 @@ fn cases(w: &World) -> Vec<Case> {
             call: call(|w, caller| {
                 async move {
                     let mut c = w.client(caller).await;
-                    let projects = status_of(c.list_projects(pb::ListProjectsRequest {}).await)?.projects;
+                    let projects =
+                        status_of(c.list_projects(pb::ListProjectsRequest::default()).await)?.projects;
                     Ok(projects.into_iter().map(|p| p.name).collect::<Vec<_>>().join(","))
                 }
                 .boxed()

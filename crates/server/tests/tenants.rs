@@ -47,7 +47,8 @@ async fn project(server: &Server, name: &str) {
 }
 
 async fn jobs_of(server: &Server, project: &str) -> usize {
-    server.store.list_jobs(1000, true, Some(&[project.to_string()])).await.unwrap().len()
+    let page = drover_store::PageRequest::first(drover_store::MAX_PAGE_SIZE);
+    server.store.list_jobs(true, Some(&[project.to_string()]), &page).await.unwrap().items.len()
 }
 
 #[tokio::test]
@@ -436,7 +437,7 @@ async fn a_stored_bytes_quota_refuses_uploads_and_outputs_with_a_clear_error() {
         pb::OutputFile { path: "out.bin".into(), size: 1000, digest: format!("sha256:{}", "0".repeat(64)) };
     s.send(update(&a, 2, pb::attempt_update::Kind::Outputs(pb::Outputs { files: vec![big] }))).await;
     s.wait_ack(2, WAIT).await;
-    let arts = op.list_artifacts(pb::ListArtifactsRequest { job_id, task: String::new() }).await.unwrap();
+    let arts = op.list_artifacts(pb::ListArtifactsRequest { job_id, ..Default::default() }).await.unwrap();
     assert!(arts.into_inner().artifacts.is_empty(), "outputs over the quota were kept");
     let logs = server.store.logs_after(job_id, &drover_store::TaskFilter::default(), 0, 10).await.unwrap();
     let text: String = logs.iter().map(|l| String::from_utf8_lossy(&l.data).into_owned()).collect();

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use drover_core::Role;
 
-use crate::Result;
+use crate::{Page, PageRequest, Result};
 
 /// A project: the unit that owns jobs, secrets and keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +117,10 @@ pub trait AccessStore: Send + Sync + 'static {
     /// Every project, by name.
     async fn projects(&self) -> Result<Vec<ProjectRecord>>;
 
+    /// A page of [`projects`](Self::projects), by name; with `only`, of those projects alone.
+    async fn list_projects(&self, only: Option<&[String]>, page: &PageRequest)
+    -> Result<Page<ProjectRecord>>;
+
     /// Stores a new key. A key whose id exists already is a [`StoreError::Database`] error
     /// (ids are unique); the store does not check that the key's project exists.
     ///
@@ -136,6 +140,9 @@ pub trait AccessStore: Send + Sync + 'static {
     /// id), revoked and expired ones included. Operator keys have no project, so only `None`
     /// lists them.
     async fn keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>>;
+
+    /// A page of [`keys`](Self::keys), in the same order.
+    async fn list_keys(&self, project: Option<&str>, page: &PageRequest) -> Result<Page<KeyRecord>>;
 
     /// Revokes a key; `false` when there is no such key or it was revoked already.
     async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<bool>;

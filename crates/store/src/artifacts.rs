@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::{Applied, Result, TaskFilter};
+use crate::{Applied, Page, PageRequest, Result, TaskFilter};
 
 /// One kept output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +51,16 @@ pub trait ArtifactStore: crate::ArchiveStore {
         now_ms: i64,
     ) -> Result<Applied>;
 
-    /// Artifacts of a job, newest attempt first per task and path.
+    /// Artifacts of a job by task and path, newest attempt first per task and path (and of
+    /// one attempt, the file kept last first).
     async fn artifacts(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<ArtifactRecord>>;
+
+    /// A page of the [`artifacts`](Self::artifacts) of a job's tasks that `filter` selects, in
+    /// the same order (by task, then path, newest attempt first).
+    async fn list_artifacts(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ArtifactRecord>>;
 }

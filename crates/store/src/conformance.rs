@@ -12,9 +12,11 @@ use drover_core::{
 use crate::*;
 
 mod access;
+mod pages;
 mod queue_feed;
 mod tenancy;
 pub use access::*;
+pub use pages::*;
 pub use queue_feed::*;
 pub use tenancy::*;
 
@@ -733,6 +735,9 @@ pub async fn signals_reach_subscribers(store: &dyn Store) {
 #[macro_export]
 macro_rules! store_conformance {
     ($make:expr) => {
+        $crate::store_conformance!(@tests $make;
+            jobs_page_newest_first, page_requests_are_checked, nodes_and_projects_page_by_name,
+            keys_secrets_and_audit_page, artifacts_page_by_task_and_path);
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, a_job_and_its_tasks_are_read_at_one_moment, expired_node_loses_its_tasks,

@@ -14,6 +14,7 @@ pub mod conformance;
 mod decode;
 mod event_row;
 mod log_chunks;
+pub mod pages;
 #[cfg(any(test, feature = "test-support"))]
 pub mod pg_test;
 pub mod postgres;
@@ -36,6 +37,7 @@ pub use access::{
 pub use archive::{ArchiveStore, LiveAttempt, LogArchiveRecord, UnarchivedAttempt};
 pub use artifacts::{ArtifactRecord, ArtifactStore, OutputFile};
 pub use log_chunks::{BadChunk, LogChunk, OutputChunk};
+pub use pages::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Page, PageRequest};
 pub use records::*;
 pub use secrets::{SecretStore, valid_secret_name};
 pub use tenancy::{AuditFilter, AuditRecord, Holding, JobMetered, TenantStore};
@@ -129,14 +131,18 @@ pub trait Store: Send + Sync + 'static {
     /// the reads could show a job still running over tasks that all ended.
     async fn job_with_tasks(&self, job_id: i64) -> Result<Option<(JobRecord, Vec<TaskRecord>)>>;
 
-    /// Recent jobs, newest first; without `include_final`, only jobs still queued or running;
-    /// with `projects`, only jobs of those projects.
+    /// A page of jobs, newest first; without `include_final`, only jobs still queued or
+    /// running; with `projects`, only jobs of those projects (the filter applies to every
+    /// page, whatever the token says). See [`pages`] for sizes, tokens and errors.
     async fn list_jobs(
         &self,
-        limit: u32,
         include_final: bool,
         projects: Option<&[String]>,
-    ) -> Result<Vec<JobSummary>>;
+        page: &PageRequest,
+    ) -> Result<Page<JobSummary>>;
+
+    /// A page of [`nodes`](Self::nodes), by name.
+    async fn list_nodes(&self, page: &PageRequest) -> Result<Page<NodeRecord>>;
 
     /// Events of a job with a sequence number above `after_seq`, in order.
     async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>>;

@@ -221,6 +221,7 @@ mod artifacts;
 mod assign;
 mod dependencies;
 mod events;
+mod lists;
 mod queue_feed;
 mod secrets;
 mod settle;
@@ -233,13 +234,17 @@ use settle::{
     settle_attempt,
 };
 
+/// Columns of [`node_record`], in its order, over `nodes n` joined with the node's open
+/// attempts `a`, grouped by node.
+const NODE_COLUMNS: &str = "n.id, n.name, n.state, n.labels, n.cores, n.memory, \
+     COALESCE(SUM(a.cores), 0)::BIGINT, COALESCE(SUM(a.memory), 0)::BIGINT, COUNT(a.id), n.last_seen_ms, \
+     n.runtimes";
+
 /// Nodes with their reservations; with `live_at`, only ready nodes whose lease lasts until then.
 async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRecord>> {
     let filter = if live_at.is_some() { "WHERE n.state = 'ready' AND n.lease_until_ms >= $1" } else { "" };
     let sql = format!(
-        "SELECT n.id, n.name, n.state, n.labels, n.cores, n.memory, \
-         COALESCE(SUM(a.cores), 0)::BIGINT, COALESCE(SUM(a.memory), 0)::BIGINT, COUNT(a.id), n.last_seen_ms, \
-         n.runtimes \
+        "SELECT {NODE_COLUMNS} \
          FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state <> 'ended' {filter} \
          GROUP BY n.id ORDER BY n.name"
     );
@@ -248,23 +253,24 @@ async fn node_records(pool: &PgPool, live_at: Option<i64>) -> Result<Vec<NodeRec
         query = query.bind(now_ms);
     }
     let rows = query.fetch_all(pool).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(NodeRecord {
-                id: r.try_get(0)?,
-                name: r.try_get(1)?,
-                state: parse_word::<NodeState>("node state", r.try_get::<&str, _>(2)?)?,
-                labels: json("labels", r.try_get::<&str, _>(3)?)?,
-                cores: get_u32(r, 4)?,
-                memory: get_u64(r, 5)?,
-                cores_used: get_u32(r, 6)?,
-                memory_used: get_u64(r, 7)?,
-                running: get_u32(r, 8)?,
-                last_seen_ms: r.try_get(9)?,
-                runtimes: json("runtimes", r.try_get::<&str, _>(10)?)?,
-            })
-        })
-        .collect()
+    rows.iter().map(node_record).collect()
+}
+
+/// A node read with [`NODE_COLUMNS`].
+fn node_record(r: &PgRow) -> Result<NodeRecord> {
+    Ok(NodeRecord {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        state: parse_word::<NodeState>("node state", r.try_get::<&str, _>(2)?)?,
+        labels: json("labels", r.try_get::<&str, _>(3)?)?,
+        cores: get_u32(r, 4)?,
+        memory: get_u64(r, 5)?,
+        cores_used: get_u32(r, 6)?,
+        memory_used: get_u64(r, 7)?,
+        running: get_u32(r, 8)?,
+        last_seen_ms: r.try_get(9)?,
+        runtimes: json("runtimes", r.try_get::<&str, _>(10)?)?,
+    })
 }
 
 #[async_trait]
@@ -370,43 +376,15 @@ impl Store for PostgresStore {
 
     async fn list_jobs(
         &self,
-        limit: u32,
         include_final: bool,
         projects: Option<&[String]>,
-    ) -> Result<Vec<JobSummary>> {
-        let state = if include_final { "TRUE" } else { "state IN ('queued', 'running')" };
-        let project = if projects.is_some() { "project = ANY($2)" } else { "TRUE" };
-        let filter = format!("WHERE {state} AND {project}");
-        // The newest jobs first, then their task counts: aggregates only over `limit` jobs.
-        let sql = format!(
-            "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
-             COUNT(*) FILTER (WHERE t.state IN ('succeeded', 'warning', 'failed', 'skipped', 'cancelled')), \
-             COUNT(*) FILTER (WHERE t.state IN ('assigned', 'running')), \
-             COUNT(*) FILTER (WHERE t.state = 'failed') \
-             FROM (SELECT id, name, project, state, created_ms FROM jobs {filter} ORDER BY id DESC LIMIT $1) j \
-             LEFT JOIN tasks t ON t.job_id = j.id \
-             GROUP BY j.id, j.name, j.project, j.state, j.created_ms ORDER BY j.id DESC"
-        );
-        let mut query = sqlx::query(&sql).bind(i64::from(limit));
-        if let Some(p) = projects {
-            query = query.bind(p.to_vec());
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(JobSummary {
-                    id: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    project: r.try_get(2)?,
-                    state: parse_word("job state", r.try_get::<&str, _>(3)?)?,
-                    created_ms: r.try_get(4)?,
-                    total: get_u32(r, 5)?,
-                    done: get_u32(r, 6)?,
-                    running: get_u32(r, 7)?,
-                    failed: get_u32(r, 8)?,
-                })
-            })
-            .collect()
+        page: &PageRequest,
+    ) -> Result<Page<JobSummary>> {
+        lists::jobs(&self.pool, include_final, projects, page).await
+    }
+
+    async fn list_nodes(&self, page: &PageRequest) -> Result<Page<NodeRecord>> {
+        lists::nodes(&self.pool, page).await
     }
 
     async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::Result;
+use crate::{Page, PageRequest, Result};
 
 /// Where project secrets live. Kept apart from [`crate::Store`] because only the API and the
 /// dispatcher touch it.
@@ -16,6 +16,9 @@ pub trait SecretStore: Send + Sync + 'static {
 
     /// Names of a project's secrets, sorted.
     async fn secret_names(&self, project: &str) -> Result<Vec<String>>;
+
+    /// A page of [`secret_names`](Self::secret_names).
+    async fn list_secret_names(&self, project: &str, page: &PageRequest) -> Result<Page<String>>;
 
     /// Values of the named secrets that exist; missing names are simply absent.
     async fn secret_values(&self, project: &str, names: &[String]) -> Result<BTreeMap<String, String>>;

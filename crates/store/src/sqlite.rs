@@ -18,7 +18,7 @@ use drover_core::dag::release_after;
 use drover_core::outcome::{AttemptEnd, settle_task};
 use drover_core::placement::{NodeLoad, Placement, admit};
 use drover_core::schedule_state::NodeBook;
-use drover_core::{JobPlan, JobState, NodeState, Resources, TaskPlan, TaskState};
+use drover_core::{JobPlan, JobState, Resources, TaskPlan, TaskState};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -32,6 +32,7 @@ mod archive;
 mod artifacts;
 mod dependencies;
 mod events;
+mod lists;
 mod queue_feed;
 mod rows;
 mod secrets;
@@ -187,48 +188,15 @@ impl Store for SqliteStore {
 
     async fn list_jobs(
         &self,
-        limit: u32,
         include_final: bool,
         projects: Option<&[String]>,
-    ) -> Result<Vec<JobSummary>> {
-        if projects.is_some_and(|p| p.is_empty()) {
-            return Ok(Vec::new());
-        }
-        let mut conditions = Vec::new();
-        if !include_final {
-            conditions.push("j.state IN ('queued', 'running')".to_owned());
-        }
-        if let Some(p) = projects {
-            conditions.push(format!("j.project IN ({})", vec!["?"; p.len()].join(", ")));
-        }
-        let filter =
-            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-        let sql = format!(
-            "SELECT j.id, j.name, j.project, j.state, j.created_ms, COUNT(t.id), \
-             SUM(t.state IN ('succeeded','warning','failed','skipped','cancelled')), \
-             SUM(t.state IN ('assigned','running')), SUM(t.state = 'failed') \
-             FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id {filter} GROUP BY j.id ORDER BY j.id DESC LIMIT ?"
-        );
-        let mut query = sqlx::query(&sql);
-        for p in projects.unwrap_or_default() {
-            query = query.bind(p);
-        }
-        let rows = query.bind(limit as i64).fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(JobSummary {
-                    id: r.get(0),
-                    name: r.get(1),
-                    project: r.get(2),
-                    state: parse_word("job state", r.get::<&str, _>(3))?,
-                    created_ms: r.get(4),
-                    total: r.get::<i64, _>(5) as u32,
-                    done: r.get::<Option<i64>, _>(6).unwrap_or(0) as u32,
-                    running: r.get::<Option<i64>, _>(7).unwrap_or(0) as u32,
-                    failed: r.get::<Option<i64>, _>(8).unwrap_or(0) as u32,
-                })
-            })
-            .collect()
+        page: &PageRequest,
+    ) -> Result<Page<JobSummary>> {
+        lists::jobs(&self.reader, include_final, projects, page).await
+    }
+
+    async fn list_nodes(&self, page: &PageRequest) -> Result<Page<NodeRecord>> {
+        lists::nodes(&self.reader, page).await
     }
 
     async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
@@ -400,31 +368,13 @@ impl Store for SqliteStore {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let rows = sqlx::query(
-            "SELECT n.id, n.name, n.state, n.labels, n.cores, n.memory, \
-             COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), COUNT(a.id), n.last_seen_ms, n.runtimes \
-             FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
+        let sql = format!(
+            "SELECT {} FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
              GROUP BY n.id ORDER BY n.name",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(NodeRecord {
-                    id: r.get(0),
-                    name: r.get(1),
-                    state: parse_word::<NodeState>("node state", r.get::<&str, _>(2))?,
-                    labels: json("labels", r.get::<&str, _>(3))?,
-                    cores: r.get::<i64, _>(4) as u32,
-                    memory: r.get::<i64, _>(5) as u64,
-                    cores_used: r.get::<i64, _>(6) as u32,
-                    memory_used: r.get::<i64, _>(7) as u64,
-                    running: r.get::<i64, _>(8) as u32,
-                    last_seen_ms: r.get(9),
-                    runtimes: json("runtimes", r.get::<&str, _>(10))?,
-                })
-            })
-            .collect()
+            lists::NODE_COLUMNS
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.reader).await?;
+        rows.iter().map(lists::node_record).collect()
     }
 
     async fn queue_changes(&self, since: Option<i64>) -> Result<QueueChanges> {

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use drover_core::tenancy::{Metered, MeteredByVersion, PriceTable, ProjectSettings};
 
-use crate::{Result, StoreError};
+use crate::pages::{self, List};
+use crate::{Page, PageRequest, Result, StoreError};
 
 /// What a project's open attempts hold right now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -131,6 +132,17 @@ pub trait TenantStore: Send + Sync + 'static {
     /// than 10,000). Ids become visible in increasing order, so paging with `after_id` never
     /// skips a record.
     async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
+
+    /// A page of [`audit`](Self::audit) records, oldest first: the page's position and size
+    /// take the place of the filter's `after_id` and `limit` (a filter's `after_id` still
+    /// holds as a floor).
+    async fn list_audit(&self, filter: &AuditFilter, page: &PageRequest) -> Result<Page<AuditRecord>> {
+        let at = pages::open::<i64>(List::Audit, page)?;
+        let after_id = at.after.unwrap_or(filter.after_id).max(filter.after_id);
+        let read = AuditFilter { after_id, limit: at.size + 1, ..filter.clone() };
+        let records = self.audit(&read).await?;
+        pages::close(List::Audit, &at, records, |r| r.id)
+    }
 }
 
 /// Reasons a hold sets on queued tasks (a project's quota, its budget), and the only ones

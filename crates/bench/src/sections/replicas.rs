@@ -349,7 +349,7 @@ impl Fleet {
         let start = Instant::now();
         let mut client = connect(&self.urls[0], &self.key).await?;
         loop {
-            let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+            let nodes = client.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
             if nodes.iter().filter(|n| n.state == "ready").count() >= AGENTS {
                 return Ok(());
             }

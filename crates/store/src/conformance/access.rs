@@ -333,12 +333,15 @@ pub async fn jobs_are_listed_by_project<S: Store>(store: &S) {
     other.project = "other".into();
     let a = store.submit(&job(vec![task("t", &[])]), "", "f", 1).await.unwrap();
     let b = store.submit(&other, "", "f", 2).await.unwrap();
-    let ids = |jobs: Vec<JobSummary>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
-    assert_eq!(ids(store.list_jobs(10, true, None).await.unwrap()), vec![b, a]);
-    assert_eq!(ids(store.list_jobs(10, true, Some(&["default".to_string()])).await.unwrap()), vec![a]);
+    let list = async |all: bool, projects: Option<&[String]>| {
+        let page = store.list_jobs(all, projects, &PageRequest::first(10)).await.unwrap();
+        page.items.into_iter().map(|j| j.id).collect::<Vec<_>>()
+    };
+    assert_eq!(list(true, None).await, vec![b, a]);
+    assert_eq!(list(true, Some(&["default".to_string()])).await, vec![a]);
     let both = ["other".to_string(), "default".to_string()];
-    assert_eq!(ids(store.list_jobs(10, false, Some(&both)).await.unwrap()), vec![b, a]);
-    assert!(store.list_jobs(10, true, Some(&[])).await.unwrap().is_empty());
+    assert_eq!(list(false, Some(&both)).await, vec![b, a]);
+    assert!(list(true, Some(&[])).await.is_empty());
 }
 
 /// Of several servers starting together on one database, exactly one makes the first

@@ -10,14 +10,15 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use sqlx::Row;
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{MAX_TRIES, PostgresStore, json, lose_node_attempts, parse_word, retryable, to_json};
-use crate::Result;
 use crate::access::{
     AccessStore, JoinTokenRecord, KeyRecord, NodeCredentialRecord, ProjectRecord, Redeemed, RevokedNode,
 };
+use crate::pages::{self, List};
+use crate::{Page, PageRequest, Result};
 
 /// Columns of [`key_record`], in its order.
 const KEY_COLUMNS: &str =
@@ -59,6 +60,26 @@ impl AccessStore for PostgresStore {
         Ok(rows.into_iter().map(|(name, created_ms)| ProjectRecord { name, created_ms }).collect())
     }
 
+    async fn list_projects(
+        &self,
+        only: Option<&[String]>,
+        page: &PageRequest,
+    ) -> Result<Page<ProjectRecord>> {
+        let at = pages::open::<String>(List::Projects, page)?;
+        let mut q = QueryBuilder::<Postgres>::new("SELECT name, created_ms FROM projects WHERE TRUE");
+        if let Some(only) = only {
+            q.push(" AND name = ANY(").push_bind(only.to_vec()).push(")");
+        }
+        if let Some(after) = &at.after {
+            q.push(" AND name > ").push_bind(after);
+        }
+        q.push(" ORDER BY name LIMIT ").push_bind(at.limit());
+        let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&self.pool).await?;
+        let projects =
+            rows.into_iter().map(|(name, created_ms)| ProjectRecord { name, created_ms }).collect();
+        pages::close(List::Projects, &at, projects, |p| p.name.clone())
+    }
+
     async fn create_key(&self, key: &KeyRecord) -> Result<()> {
         insert_key(&self.pool, key, false).await.map(|_| ())
     }
@@ -81,6 +102,21 @@ impl AccessStore for PostgresStore {
             query = query.bind(project);
         }
         query.fetch_all(&self.pool).await?.iter().map(key_record).collect()
+    }
+
+    async fn list_keys(&self, project: Option<&str>, page: &PageRequest) -> Result<Page<KeyRecord>> {
+        let at = pages::open::<(i64, String)>(List::Keys, page)?;
+        let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE TRUE"));
+        if let Some(project) = project {
+            q.push(" AND project = ").push_bind(project);
+        }
+        if let Some((created_ms, id)) = &at.after {
+            q.push(" AND (created_ms, id) > (").push_bind(*created_ms).push(", ").push_bind(id).push(")");
+        }
+        q.push(" ORDER BY created_ms, id LIMIT ").push_bind(at.limit());
+        let keys =
+            q.build().fetch_all(&self.pool).await?.iter().map(key_record).collect::<Result<Vec<_>>>()?;
+        pages::close(List::Keys, &at, keys, |k| (k.created_ms, k.id.clone()))
     }
 
     async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<bool> {

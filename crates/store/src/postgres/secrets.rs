@@ -1,6 +1,7 @@
 //! [`SecretStore`] on PostgreSQL.
 
 use super::*;
+use crate::pages::{self, List};
 
 #[async_trait]
 impl SecretStore for PostgresStore {
@@ -25,6 +26,18 @@ impl SecretStore for PostgresStore {
             .bind(project)
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    async fn list_secret_names(&self, project: &str, page: &PageRequest) -> Result<Page<String>> {
+        let at = pages::open::<String>(List::Secrets, page)?;
+        let mut q = QueryBuilder::<Postgres>::new("SELECT name FROM secrets WHERE project = ");
+        q.push_bind(project);
+        if let Some(after) = &at.after {
+            q.push(" AND name > ").push_bind(after);
+        }
+        q.push(" ORDER BY name LIMIT ").push_bind(at.limit());
+        let names: Vec<String> = q.build_query_scalar().fetch_all(&self.pool).await?;
+        pages::close(List::Secrets, &at, names, String::clone)
     }
 
     async fn secret_values(&self, project: &str, names: &[String]) -> Result<BTreeMap<String, String>> {

@@ -1,6 +1,10 @@
 //! [`ArtifactStore`] on SQLite.
 
 use super::*;
+use crate::pages::{self, List};
+
+/// Where a page of artifacts ends: task id, path, attempt number, row id.
+type ArtifactKey = (i64, String, u32, i64);
 
 #[async_trait]
 impl ArtifactStore for SqliteStore {
@@ -51,7 +55,7 @@ impl ArtifactStore for SqliteStore {
         let rows = sqlx::query(
             "SELECT a.task_id, t.name, t.frame, a.attempt, a.path, a.size, a.digest, a.created_ms \
              FROM artifacts a JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ? \
-             ORDER BY t.id, a.path, a.attempt DESC",
+             ORDER BY t.id, a.path, a.attempt DESC, a.id DESC",
         )
         .bind(job_id)
         .fetch_all(&self.reader)
@@ -70,5 +74,56 @@ impl ArtifactStore for SqliteStore {
             })
             .filter(|a| filter.matches(&a.task_name, a.frame))
             .collect())
+    }
+
+    async fn list_artifacts(
+        &self,
+        job_id: i64,
+        filter: &TaskFilter,
+        page: &PageRequest,
+    ) -> Result<Page<ArtifactRecord>> {
+        let at = pages::open::<ArtifactKey>(List::Artifacts, page)?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT a.task_id, t.name, t.frame, a.attempt, a.path, a.size, a.digest, a.created_ms, a.id \
+             FROM artifacts a JOIN tasks t ON t.id = a.task_id WHERE a.job_id = ",
+        );
+        q.push_bind(job_id);
+        if let Some(name) = &filter.name {
+            q.push(" AND t.name = ").push_bind(name);
+        }
+        if let Some(frame) = filter.frame {
+            q.push(" AND t.frame = ").push_bind(frame);
+        }
+        if let Some((task_id, path, attempt, id)) = &at.after {
+            // After the key in the list's order: task and path ascending, attempt (then row)
+            // descending.
+            q.push(" AND (a.task_id > ").push_bind(*task_id);
+            q.push(" OR (a.task_id = ").push_bind(*task_id).push(" AND (a.path > ").push_bind(path);
+            q.push(" OR (a.path = ")
+                .push_bind(path)
+                .push(" AND (a.attempt < ")
+                .push_bind(i64::from(*attempt));
+            q.push(" OR (a.attempt = ").push_bind(i64::from(*attempt)).push(" AND a.id < ").push_bind(*id);
+            q.push("))))))");
+        }
+        q.push(" ORDER BY a.task_id, a.path, a.attempt DESC, a.id DESC LIMIT ").push_bind(at.limit());
+        let rows = q.build().fetch_all(&self.reader).await?;
+        let mut keyed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let record = ArtifactRecord {
+                task_id: r.try_get(0)?,
+                task_name: r.try_get(1)?,
+                frame: r.try_get(2)?,
+                attempt: r.try_get::<i64, _>(3)? as u32,
+                path: r.try_get(4)?,
+                size: r.try_get::<i64, _>(5)? as u64,
+                digest: r.try_get(6)?,
+                created_ms: r.try_get(7)?,
+            };
+            keyed.push((record, r.try_get::<i64, _>(8)?));
+        }
+        let page =
+            pages::close(List::Artifacts, &at, keyed, |(a, id)| (a.task_id, a.path.clone(), a.attempt, *id))?;
+        Ok(Page { items: page.items.into_iter().map(|(a, _)| a).collect(), next_token: page.next_token })
     }
 }

@@ -1,6 +1,7 @@
 //! [`SecretStore`] on SQLite.
 
 use super::*;
+use crate::pages::{self, List};
 
 #[async_trait]
 impl SecretStore for SqliteStore {
@@ -28,6 +29,18 @@ impl SecretStore for SqliteStore {
             .bind(project)
             .fetch_all(&self.reader)
             .await?)
+    }
+
+    async fn list_secret_names(&self, project: &str, page: &PageRequest) -> Result<Page<String>> {
+        let at = pages::open::<String>(List::Secrets, page)?;
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT name FROM secrets WHERE project = ");
+        q.push_bind(project);
+        if let Some(after) = &at.after {
+            q.push(" AND name > ").push_bind(after);
+        }
+        q.push(" ORDER BY name LIMIT ").push_bind(at.limit());
+        let names: Vec<String> = q.build_query_scalar().fetch_all(&self.reader).await?;
+        pages::close(List::Secrets, &at, names, String::clone)
     }
 
     async fn secret_values(&self, project: &str, names: &[String]) -> Result<BTreeMap<String, String>> {
