@@ -25,17 +25,20 @@ pub enum Kind {
     FloodLogs,
     /// A job cancelled while its tasks run.
     Cancel,
+    /// The replicas' blob disk filled past the space they keep free, then emptied again.
+    FillDisk,
 }
 
 impl Kind {
     /// Every kind, each injected at least once per run.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::KillAgent,
         Kind::KillServer,
         Kind::RestartPostgres,
         Kind::PartitionAgent,
         Kind::FloodLogs,
         Kind::Cancel,
+        Kind::FillDisk,
     ];
 
     /// For the table.
@@ -47,6 +50,7 @@ impl Kind {
             Kind::PartitionAgent => "agent partitioned past its lease (half-open links)",
             Kind::FloodLogs => "log flood (2 tasks x 5 MB)",
             Kind::Cancel => "job cancelled mid-run",
+            Kind::FillDisk => "server disk filled (a small tmpfs of blobs)",
         }
     }
 }
@@ -54,8 +58,14 @@ impl Kind {
 /// The order faults strike in: every kind once, then `extra` drawn at random, shuffled; the
 /// cancel comes once, after the first third, so the cancelled job's tasks are running.
 pub fn schedule(rng: &mut StdRng, extra: usize) -> Vec<Kind> {
-    let repeatable =
-        [Kind::KillAgent, Kind::KillServer, Kind::RestartPostgres, Kind::PartitionAgent, Kind::FloodLogs];
+    let repeatable = [
+        Kind::KillAgent,
+        Kind::KillServer,
+        Kind::RestartPostgres,
+        Kind::PartitionAgent,
+        Kind::FloodLogs,
+        Kind::FillDisk,
+    ];
     let mut kinds: Vec<Kind> = repeatable.to_vec();
     for _ in 0..extra {
         kinds.push(repeatable[rng.random_range(0..repeatable.len())]);
@@ -73,6 +83,10 @@ pub struct Record {
     pub injected: BTreeMap<Kind, usize>,
     /// When the cancel was acknowledged, in ns since the Unix epoch (the ledger's clock).
     pub cancelled_at_ns: Option<u128>,
+    /// Submits tried while the disk was full.
+    pub full_disk_submits: usize,
+    /// What went wrong with them: a submit taken, or refused without saying why.
+    pub full_disk_misses: Vec<String>,
 }
 
 /// Nanoseconds since the Unix epoch, the clock the ledger's `date +%s%N` reads.
@@ -117,6 +131,27 @@ pub fn inject(
             std::thread::sleep(LEASE + Duration::from_millis(rng.random_range(1000..2500)));
             fleet.heal(i);
             format!("agent-{i}")
+        }
+        Kind::FillDisk => {
+            let filler = crate::harness::fill(&fleet.blobs_dir(), fleet.min_free() / 2);
+            let probe = fleet.dir.path().join("probe.yaml");
+            let _ = std::fs::write(
+                &probe,
+                "version: 1\nname: probe\ntasks:\n  - name: t\n    command: \"true\"\n",
+            );
+            let out = fleet.drover(&["submit", &probe.display().to_string()]);
+            record.full_disk_submits += 1;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                record.full_disk_misses.push("a submit was taken while the disk was full".into());
+            } else if !stderr.contains("disk is full") {
+                record
+                    .full_disk_misses
+                    .push(format!("a submit was refused without the reason: {}", stderr.trim()));
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
+            let _ = std::fs::remove_file(filler);
+            "blobs".into()
         }
         Kind::FloodLogs | Kind::Cancel => {
             if let Some(at) = act(fleet, kind)

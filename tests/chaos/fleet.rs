@@ -7,11 +7,16 @@ use std::time::Duration;
 
 use drover_store::pg_test::TempPostgres;
 
-use crate::harness::{AGENT_STOP_GRACE, drover_bin, operator_key, scratch_dir, stop_within};
+use crate::harness::{AGENT_STOP_GRACE, Tmpfs, drover_bin, operator_key, scratch_dir, stop_within};
 use crate::proxy::Proxy;
 
 /// The lease every replica grants; a partition lasts longer than this.
 pub const LEASE: Duration = Duration::from_secs(3);
+
+/// The size of the small filesystem the replicas keep their blobs on, and the space they keep
+/// free on it: a fault fills it past that.
+const BLOB_DISK_MIB: u64 = 128;
+const MIN_FREE_MIB: u64 = 32;
 
 /// A server replica: where it listens (kept across restarts) and its process.
 struct Replica {
@@ -35,6 +40,8 @@ pub struct Fleet {
     nodes: Vec<Node>,
     key: String,
     runtime: tokio::runtime::Runtime,
+    /// The small filesystem of the blobs (dropped, so unmounted, after the replicas stop).
+    blob_disk: Option<Tmpfs>,
 }
 
 impl Fleet {
@@ -43,8 +50,11 @@ impl Fleet {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let pg = TempPostgres::start().expect("a private PostgreSQL");
         let database = runtime.block_on(pg.url_for_new_database());
+        let dir = scratch_dir();
+        let blob_disk = Some(Tmpfs::mount(&dir.path().join("blobs"), BLOB_DISK_MIB, "0700"));
         let mut fleet = Fleet {
-            dir: scratch_dir(),
+            dir,
+            blob_disk,
             pg,
             database,
             replicas: Vec::new(),
@@ -84,7 +94,8 @@ impl Fleet {
             .args(["--database", &self.database, "--data-dir"])
             .arg(self.dir.path().join(format!("server-{i}")))
             .arg("--blobs")
-            .arg(self.dir.path().join("blobs"))
+            .arg(self.blobs_dir())
+            .args(["--min-free", &format!("{MIN_FREE_MIB}MiB")])
             .env("DROVER_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(self.log(&format!("server-{i}")))
@@ -112,6 +123,16 @@ impl Fleet {
             command.args(["--join", token]);
         }
         command.spawn().expect("spawn agent")
+    }
+
+    /// Where the replicas keep their blobs: a small filesystem of its own.
+    pub fn blobs_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("blobs")
+    }
+
+    /// How much the blobs' filesystem keeps free, in bytes.
+    pub fn min_free(&self) -> u64 {
+        MIN_FREE_MIB << 20
     }
 
     /// Every replica's address, for clients.
@@ -209,17 +230,7 @@ impl Fleet {
 
     /// The last lines of every log, for a failed run.
     pub fn dump_logs(&self) {
-        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                eprintln!("---- {} ----", p.display());
-                for l in tail.into_iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
+        crate::harness::print_log_tails(self.dir.path(), 30);
     }
 }
 
@@ -232,5 +243,6 @@ impl Drop for Fleet {
         for i in 0..self.replicas.len() {
             self.kill_server(i);
         }
+        self.blob_disk.take();
     }
 }

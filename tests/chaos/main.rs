@@ -135,6 +135,11 @@ fn run(scale: Scale, patience: Duration) {
         invariants::no_attempt_ran_after_fencing_or_cancel(&notes, &doomed_tasks, record.cancelled_at_ns),
         invariants::artifacts_match_their_digests(&fleet, outputs_job, &statuses[&outputs_job]),
     ];
+    verdicts.push(Verdict {
+        what: "a full disk refused submits, saying why",
+        violations: record.full_disk_misses.clone(),
+        looked_at: format!("{} submits while full", record.full_disk_submits),
+    });
     fleet.stop_agents();
     verdicts.push(invariants::nothing_left_running(&notes));
 

@@ -2,7 +2,7 @@
 //! through the real CLI. Every process is killed when the cluster is dropped; their logs are
 //! printed when a test fails.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -51,7 +51,30 @@ impl Cluster {
         server_args: &[&str],
         server_env: &[(&str, &str)],
     ) -> Cluster {
+        Cluster::start_inner(agents, cores, server_args, server_env, |_| {})
+    }
+
+    /// [`Cluster::start_with`] (no extra environment), running `prepare` on the scratch
+    /// directory before the server starts: to mount a small filesystem where the server's
+    /// data goes (`server-data`), say.
+    pub fn start_prepared(
+        agents: usize,
+        cores: u32,
+        server_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Cluster {
+        Cluster::start_inner(agents, cores, server_args, &[], prepare)
+    }
+
+    fn start_inner(
+        agents: usize,
+        cores: u32,
+        server_args: &[&str],
+        server_env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Cluster {
         let dir = scratch_dir();
+        prepare(dir.path());
         let mut c = Cluster {
             dir,
             addr: "127.0.0.1:0".into(),
@@ -351,16 +374,21 @@ impl Drop for Cluster {
         }
         self.kill_server();
         if std::thread::panicking() {
-            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-                let p = entry.path();
-                if p.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(60).collect();
-                    eprintln!("---- {} (last lines) ----", p.display());
-                    for l in tail.into_iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
+            print_log_tails(self.dir.path(), 60);
+        }
+    }
+}
+
+/// Prints the last `lines` lines of every `*.log` in `dir`: what a failed test shows.
+pub fn print_log_tails(dir: &Path, lines: usize) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            eprintln!("---- {} (last lines) ----", p.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
             }
         }
     }
@@ -500,4 +528,51 @@ pub fn scratch_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch dir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod scratch dir");
     dir
+}
+
+/// A tmpfs of `mib` MiB mounted at a path until dropped (mounting needs root), for tests of
+/// a full disk.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts one at `path` (made if missing) with the root directory's `mode`.
+    pub fn mount(path: &Path, mib: u64, mode: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode={mode}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the server or agent may still hold files there.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Bytes still free on the filesystem of `path`.
+pub fn available(path: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(path).unwrap();
+    stat.blocks_available() * stat.fragment_size()
+}
+
+/// Fills the filesystem of `dir` until `leave` bytes are left; returns the filler's path.
+pub fn fill(dir: &Path, leave: u64) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while available(dir) > leave + chunk.len() as u64 {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+    filler
 }

@@ -9,6 +9,7 @@ mod bad_files;
 mod docker;
 mod escapes;
 mod failures;
+mod full_disk;
 mod jobs;
 mod large_jobs;
 mod limits;

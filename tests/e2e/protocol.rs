@@ -23,6 +23,7 @@ fn config(c: &Cluster, name: &str, join: Option<String>) -> AgentConfig {
         join,
         trust: None,
         allow_local_urls: false,
+        min_free: 0,
     }
 }
 

@@ -154,17 +154,7 @@ impl Fleet {
     }
 
     fn dump_logs(&self) {
-        for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-            let p = entry.path();
-            if p.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                eprintln!("---- {} ----", p.display());
-                for l in tail.into_iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
+        crate::harness::print_log_tails(self.dir.path(), 25);
     }
 }
 

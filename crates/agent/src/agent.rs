@@ -53,7 +53,13 @@ pub struct AgentConfig {
     pub trust: Option<drover_tls::Trust>,
     /// Whether URL inputs may reach this node's loopback and link-local addresses.
     pub allow_local_urls: bool,
+    /// Bytes kept free in the work dir: below it, the node takes no new work until space
+    /// returns (0: no check).
+    pub min_free: u64,
 }
+
+/// Default of [`AgentConfig::min_free`]: 512 MiB.
+pub const DEFAULT_MIN_FREE: u64 = 512 << 20;
 
 /// How long a server may take to answer `Register` on a connection that opened.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -205,6 +211,8 @@ pub struct Agent {
     /// Ends the current session when the lease lapsed under it (a connection that looks up
     /// but carries nothing).
     lease_lapsed: tokio::sync::Notify,
+    /// Why the node took no new work at the last heartbeat; empty while it took work.
+    paused: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -266,6 +274,7 @@ impl Agent {
             protocol: pb::PROTOCOL_VERSION,
             lease: LeaseClock::default(),
             lease_lapsed: tokio::sync::Notify::new(),
+            paused: Mutex::new(String::new()),
         })
     }
 
@@ -486,9 +495,10 @@ impl Agent {
             loop {
                 tick.tick().await;
                 let warm = beats.runtimes.values().flat_map(|r| r.warm_counts()).collect();
+                let paused = beats.disk_pause();
                 let seq = beats.lease.beat();
                 if beat_tx
-                    .send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { warm, seq })) })
+                    .send(pb::AgentMessage { msg: Some(Msg::Heartbeat(pb::Heartbeat { warm, seq, paused })) })
                     .is_err()
                 {
                     return;
@@ -534,6 +544,21 @@ impl Agent {
             In::LeaseRenewed(r) => self.lease.renewed(r.heartbeat_seq),
             In::Registered(_) => tracing::warn!("unexpected second Registered"),
         }
+    }
+
+    /// Why the node takes no new work now (its work dir's disk is full), logged when that
+    /// changes; empty while it takes work.
+    fn disk_pause(&self) -> String {
+        let why = crate::monitor::disk_pause(&self.config.work_dir, self.config.min_free).unwrap_or_default();
+        let mut last = lock(&self.paused);
+        if *last != why {
+            match why.as_str() {
+                "" => tracing::info!("disk space returned; taking work again"),
+                _ => tracing::warn!(why = %why, "taking no new work"),
+            }
+            last.clone_from(&why);
+        }
+        why
     }
 
     /// Stops every attempt once the node's lease ran out unrenewed: by then the server hands

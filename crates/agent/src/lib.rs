@@ -23,4 +23,4 @@ pub mod state_log;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 
-pub use agent::{Agent, AgentConfig, AgentError, CREDENTIAL_FILE};
+pub use agent::{Agent, AgentConfig, AgentError, CREDENTIAL_FILE, DEFAULT_MIN_FREE};

@@ -136,6 +136,7 @@ async fn start(script: Script) -> Run {
         join: None,
         trust: None,
         allow_local_urls: false,
+        min_free: 0,
     };
     let agent = Agent::new(config, vec![Arc::new(ProcessRuntime::new())]).unwrap();
     agent.enroll().await.unwrap();

@@ -127,6 +127,11 @@ pub struct ServerArgs {
     /// and benchmarks; the server warns at start.
     #[arg(long, env = "DROVER_NO_AUTH")]
     pub no_auth: bool,
+    /// Space to keep free under the data dir (and a local blob dir), like 512MiB: below it,
+    /// submits and uploads are refused with a clear error, and what was accepted goes on
+    /// [default: 512MiB].
+    #[arg(long, env = "DROVER_MIN_FREE", value_parser = size_text)]
+    pub min_free: Option<String>,
     /// The key file that seals project secrets in the database (`<id> <base64 key>` per line;
     /// the first seals, all open). Default: <data dir>/secrets.key, made on first start.
     /// Replicas sharing a database need the same file.
@@ -158,6 +163,7 @@ impl ServerArgs {
         o.set(s, "tls_key", text(&self.tls_key));
         o.set(s, "tls_names", (!self.tls_names.is_empty()).then(|| self.tls_names.clone()));
         o.flag(s, "no_auth", self.no_auth);
+        o.set(s, "min_free", self.min_free.clone());
         o.set(s, "secrets_key", text(&self.secrets_key));
     }
 }
@@ -241,6 +247,10 @@ pub struct NodeArgs {
     /// [default: 8192].
     #[arg(long, env = "DROVER_TASK_PIDS")]
     pub task_pids: Option<u64>,
+    /// Space to keep free in the work dir, like 512MiB: below it, the node takes no new work
+    /// (what runs goes on) until space returns [default: 512MiB].
+    #[arg(long = "work-dir-min-free", env = "DROVER_WORK_DIR_MIN_FREE", value_parser = size_text)]
+    pub agent_min_free: Option<String>,
 }
 
 /// Checks `FIRST-LAST` uid ranges: at least one uid, never root.
@@ -299,6 +309,7 @@ impl NodeArgs {
                 .then(|| self.hide_from_tasks.iter().map(|d| d.display().to_string()).collect::<Vec<_>>()),
         );
         o.set(a, "task_pids", self.task_pids);
+        o.set(a, "min_free", self.agent_min_free.clone());
     }
 }
 

@@ -108,6 +108,10 @@ pub struct ServerSettings {
     pub tls_names: Vec<String>,
     /// Turn authorization off (loopback only; for tests and benchmarks).
     pub no_auth: bool,
+    /// Space kept free under the data dir and a local blob dir; below it, submits and uploads
+    /// are refused.
+    #[serde(with = "size")]
+    pub min_free: u64,
     /// The key file that seals project secrets at rest; default `<data_dir>/secrets.key`,
     /// made on first start.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,6 +141,7 @@ impl Default for ServerSettings {
             tls_key: None,
             tls_names: Vec::new(),
             no_auth: false,
+            min_free: drover_server::DEFAULT_MIN_FREE,
             secrets_key: None,
         }
     }
@@ -197,6 +202,9 @@ pub struct AgentSettings {
     pub hide_from_tasks: Vec<PathBuf>,
     /// Most processes and threads of a process task that sets none.
     pub task_pids: u64,
+    /// Space kept free in the work dir; below it, the node takes no new work.
+    #[serde(with = "size")]
+    pub min_free: u64,
     /// A single-use join token (secret; used once, then the credential is kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
@@ -227,6 +235,7 @@ impl Default for AgentSettings {
             run_as: Vec::new(),
             hide_from_tasks: Vec::new(),
             task_pids: 8192,
+            min_free: drover_agent::DEFAULT_MIN_FREE,
             join: None,
             ca: None,
         }

@@ -185,6 +185,20 @@ fn ca_file(s: &ServerSettings) -> PathBuf {
     std::path::absolute(&path).unwrap_or(path)
 }
 
+/// The directories whose filesystems hold what the server keeps: its data dir, and its blob
+/// dir when blobs are kept on a local disk.
+fn kept_dirs(s: &crate::config::ServerSettings) -> Vec<PathBuf> {
+    let mut dirs = vec![s.data_dir.clone()];
+    if let Some(blobs) = &s.blobs
+        && !blobs.contains("://")
+    {
+        dirs.push(PathBuf::from(blobs));
+    } else if let Some(path) = s.blobs.as_deref().and_then(|b| b.strip_prefix("file://")) {
+        dirs.push(PathBuf::from(path));
+    }
+    dirs
+}
+
 fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
     let s = &config.server;
     ServerConfig {
@@ -199,6 +213,8 @@ fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
         auth: !s.no_auth,
         tls,
         oidc: config.oidc.as_ref().map(crate::config::OidcSection::server_config),
+        data_dirs: kept_dirs(s),
+        min_free: s.min_free,
         ..ServerConfig::default()
     }
 }
@@ -347,6 +363,7 @@ fn agent_config(
         join: a.join.clone(),
         trust,
         allow_local_urls: a.allow_local_urls,
+        min_free: a.min_free,
     }
 }
 

@@ -109,6 +109,7 @@ impl AgentSession for AgentApi {
             epoch,
             tx: tx.clone(),
             warm: Default::default(),
+            paused: String::new(),
         };
         shared.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(node_id, session);
         // A revocation that raced this registration marked the node down before
@@ -221,6 +222,13 @@ async fn handle(
                 && session.epoch == epoch
             {
                 session.warm = beat.warm.into_iter().collect();
+                if session.paused != beat.paused {
+                    match beat.paused.as_str() {
+                        "" => tracing::info!(node_id, "node takes work again"),
+                        why => tracing::warn!(node_id, why, "node takes no new work"),
+                    }
+                    session.paused = beat.paused;
+                }
             }
             let until = now + shared.config.lease.as_millis() as i64;
             if !shared.store.renew_lease(node_id, epoch, until, now).await.map_err(status)? {

@@ -30,6 +30,7 @@ impl Drover for ClientApi {
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
         let caller = self.caller(&req).await?;
         let from = req.remote_addr();
+        self.0.disk.check("a submit")?;
         let req = req.into_inner();
         let plan = crate::intake::decode_plan(&req)?;
         let settings = require_project(&self.0, &caller, &plan.project, Role::Submitter).await?;
@@ -169,6 +170,11 @@ impl Drover for ClientApi {
                 Some(first.project.clone())
             }
         };
+        // Agents' outputs belong to work the server accepted already: the space kept free is
+        // for them.
+        if project.is_some() {
+            self.0.disk.check("an upload")?;
+        }
         if let Some(project) = &project {
             // The announced size is checked before anything is stored (unless the project holds
             // the announced blob already), the real one after.

@@ -9,6 +9,7 @@ pub mod auth;
 mod client_api;
 mod completions;
 mod convert;
+mod disk;
 mod dispatch;
 mod downloads;
 mod http;
@@ -48,6 +49,9 @@ use drover_store::{AccessStore, ArtifactStore, SecretStore, Signal, Store, Tenan
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
+/// Default of [`ServerConfig::min_free`]: 512 MiB.
+pub const DEFAULT_MIN_FREE: u64 = 512 << 20;
+
 /// Default of [`ServerConfig::completion_batch`].
 pub const DEFAULT_COMPLETION_BATCH: usize = 256;
 
@@ -85,6 +89,11 @@ pub struct ServerConfig {
     pub tls: Option<TlsSettings>,
     /// Sign-in through an OpenID Connect identity provider, besides API keys.
     pub oidc: Option<auth::oidc::OidcConfig>,
+    /// Directories whose filesystems hold what the server keeps (its database, its blobs).
+    pub data_dirs: Vec<std::path::PathBuf>,
+    /// Bytes kept free on each of them: below it, submits and uploads are refused (0: no
+    /// check).
+    pub min_free: u64,
 }
 
 /// The server's TLS: what its listeners present, and the CA that clients and agents trust.
@@ -114,6 +123,8 @@ impl Default for ServerConfig {
             auth: true,
             tls: None,
             oidc: None,
+            data_dirs: Vec::new(),
+            min_free: DEFAULT_MIN_FREE,
         }
     }
 }
@@ -156,6 +167,8 @@ struct Session {
     /// Idle microVMs per image, from the agent's last heartbeat. Kept with the session rather
     /// than in the store: only the replica holding the session places work on the node.
     warm: std::collections::BTreeMap<String, u32>,
+    /// Why the agent takes no new work now (its disk is full); empty while it does.
+    paused: String,
 }
 
 /// State shared by the API handlers and the loops.
@@ -185,6 +198,8 @@ pub(crate) struct Shared {
     completions: completions::Completions,
     /// The verifier of identity provider tokens, when `[oidc]` is configured.
     oidc: Option<auth::oidc::Oidc>,
+    /// Free space under what the server keeps.
+    disk: disk::DiskGuard,
 }
 
 impl Shared {
@@ -270,6 +285,7 @@ pub async fn serve_with_http(
     let (completions, writer) =
         completions::Completions::spawn(store.clone(), memory.clone(), config.completion_batch);
     let oidc = config.oidc.clone().map(auth::oidc::Oidc::new);
+    let disk = disk::DiskGuard::new(config.data_dirs.clone(), config.min_free);
     let shared = Arc::new(Shared {
         store,
         secrets,
@@ -287,6 +303,7 @@ pub async fn serve_with_http(
         completions,
         memory,
         oidc,
+        disk,
     });
     let signals = tokio::spawn(loops::signals(shared.clone(), shared.store.subscribe()));
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));

@@ -44,7 +44,9 @@ async fn schedule_once(shared: &Shared) -> Result<Round, drover_store::StoreErro
     // leaves the queue to the others rather than read it on every signal.
     let (sessions, warm): (HashMap<i64, i64>, HashMap<i64, BTreeMap<String, u32>>) = {
         let sessions = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let epochs = sessions.iter().map(|(id, s)| (*id, s.epoch)).collect();
+        // A node whose agent paused (its disk is full) gets nothing new.
+        let epochs =
+            sessions.iter().filter(|(_, s)| s.paused.is_empty()).map(|(id, s)| (*id, s.epoch)).collect();
         let warm = sessions
             .iter()
             .filter(|(_, s)| !s.warm.is_empty())

@@ -33,5 +33,6 @@ pub(crate) fn shared_with(store: Arc<SqliteStore>, config: ServerConfig) -> Arc<
         completions: crate::completions::Completions::spawn(store.clone(), Default::default(), 16).0,
         memory: Default::default(),
         oidc: None,
+        disk: Default::default(),
     })
 }
