@@ -1,5 +1,6 @@
 //! Logs outlive their attempts: archived to the blob store when an attempt ends, served from
-//! there once the live rows are gone (and the agent with them), dropped after retention.
+//! there once the live rows are gone (and the agent with them), dropped after retention with
+//! their job.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -69,13 +70,24 @@ fn logs_of_a_finished_job_are_served_from_the_archive_after_its_agent_is_gone() 
     assert_eq!(c.ok(&["logs", "-f", &job.to_string(), "hush"]), "one line\n");
 }
 
+/// When the job's last task ended, read from the server's database.
+fn job_ended_ms(db: &Path, job: i64) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let store = SqliteStore::open(db).await.expect("open the server's database");
+        let tasks = store.tasks(job).await.expect("tasks");
+        tasks.iter().filter_map(|t| t.ended_ms).max().expect("the job's tasks ended")
+    })
+}
+
 #[test]
 fn archived_logs_are_kept_for_the_retention_period_then_deleted() {
     let retention = Duration::from_secs(20);
-    let c = Cluster::start_with(1, 2, &["--log-retention", "20s"], &[]);
+    let c = Cluster::start_with(1, 2, &["--log-retention", "20s", "--blob-grace", "1s"], &[]);
     let job = c.submit(JOB);
     c.wait_done(job, T);
     let archives = wait_archived(&c, job, 2);
+    let ended_ms = job_ended_ms(&c.path("server-data/drover.db"), job);
     assert_eq!(c.ok(&["logs", &job.to_string(), "hush"]), "one line\n");
     let blob = |digest: &str| {
         let hex = digest.trim_start_matches("sha256:");
@@ -84,7 +96,6 @@ fn archived_logs_are_kept_for_the_retention_period_then_deleted() {
     for a in &archives {
         assert!(blob(&a.digest).exists(), "archive blob {} missing", a.digest);
     }
-    let archived_ms = archives.iter().map(|a| a.archived_ms).max().unwrap_or(0);
     let start = Instant::now();
     loop {
         let (left, _) = archive_state(&c.path("server-data/drover.db"), job);
@@ -94,10 +105,12 @@ fn archived_logs_are_kept_for_the_retention_period_then_deleted() {
         assert!(start.elapsed() < retention + T, "archives never expired");
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The archives go when they expire or with their job, whichever comes first: never before
+    // the retention period has passed since the job ended.
     let now_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     assert!(
-        now_ms - archived_ms >= retention.as_millis() as i64,
+        now_ms - ended_ms >= retention.as_millis() as i64,
         "an archive was dropped before the retention period passed"
     );
     let start = Instant::now();
@@ -105,7 +118,18 @@ fn archived_logs_are_kept_for_the_retention_period_then_deleted() {
         assert!(start.elapsed() < T, "expired archive blobs were never deleted");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(c.ok(&["logs", &job.to_string()]), "");
+    // The job itself is past the same retention (the server's default for its project).
+    let start = Instant::now();
+    loop {
+        let out = c.drover(&["logs", &job.to_string()]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("not found"), "{err}");
+            break;
+        }
+        assert!(start.elapsed() < T, "the job was never deleted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

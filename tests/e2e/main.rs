@@ -24,6 +24,7 @@ mod partitions;
 mod protocol;
 mod proxy;
 mod replicas;
+mod retention;
 mod s3;
 mod sandbox;
 mod security;

@@ -179,7 +179,8 @@ enum ProjectsCommand {
     },
     /// Change settings: runtimes, images, networks, llm_upstreams, containers_as_root,
     /// run_as (accounts process tasks' `user:` may name), max_priority, quota.cores, quota.memory, quota.tasks, quota.gpus, quota.stored_bytes,
-    /// budget (like 500/month); `none` clears one. Admins may tighten, operators loosen.
+    /// budget (like 500/month), retention (how long ended jobs are kept, like 30days); `none`
+    /// clears one. Admins may tighten, operators loosen.
     Set {
         /// The project.
         name: String,

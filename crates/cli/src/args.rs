@@ -86,6 +86,11 @@ pub struct ServerArgs {
     /// store when the attempt ends and deleted after this [default: 30days].
     #[arg(long, env = "DROVER_LOG_RETENTION", value_parser = duration_text)]
     pub log_retention: Option<String>,
+    /// How long a blob nothing references any more (its jobs deleted by retention, its log
+    /// archive expired) stays before it is deleted, like 1h; a job naming it again meanwhile
+    /// keeps it [default: 1h].
+    #[arg(long, env = "DROVER_BLOB_GRACE", value_parser = duration_text)]
+    pub blob_grace: Option<String>,
     /// Also serve the HTTP API (JSON and downloads) on this address, like 127.0.0.1:7371.
     #[arg(long, env = "DROVER_HTTP")]
     pub http: Option<SocketAddr>,
@@ -153,6 +158,7 @@ impl ServerArgs {
         o.set(s, "max_outputs_size", self.max_outputs_size.clone());
         o.set(s, "max_log_size", self.max_log_size.clone());
         o.set(s, "log_retention", self.log_retention.clone());
+        o.set(s, "blob_grace", self.blob_grace.clone());
         o.set(s, "http", self.http.map(|a| a.to_string()));
         o.set(s, "lease", self.lease.clone());
         o.set(s, "heartbeat", self.heartbeat.clone());

@@ -85,6 +85,9 @@ pub struct ServerSettings {
     /// How long the logs of ended attempts are kept.
     #[serde(with = "duration")]
     pub log_retention: Duration,
+    /// How long a blob nothing references any more stays before it is deleted.
+    #[serde(with = "duration")]
+    pub blob_grace: Duration,
     /// How long a node may stay silent before its tasks are retried elsewhere.
     #[serde(with = "duration")]
     pub lease: Duration,
@@ -132,6 +135,7 @@ impl Default for ServerSettings {
             max_outputs_size: 10 << 30,
             max_log_size: 64 << 20,
             log_retention: drover_server::DEFAULT_RETENTION,
+            blob_grace: drover_server::DEFAULT_BLOB_GRACE,
             lease: Duration::from_secs(15),
             heartbeat: Duration::from_secs(2),
             completion_batch: drover_server::DEFAULT_COMPLETION_BATCH,

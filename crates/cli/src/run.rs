@@ -87,14 +87,16 @@ where
         + drover_store::SecretStore
         + drover_store::ArtifactStore
         + drover_store::AccessStore
-        + drover_store::TenantStore,
+        + drover_store::TenantStore
+        + drover_store::RetentionStore,
 {
     Backends {
         store: store.clone(),
         secrets: store.clone(),
         artifacts: store.clone(),
         access: store.clone(),
-        tenants: store,
+        tenants: store.clone(),
+        retention: store,
         blobs,
     }
 }
@@ -208,6 +210,7 @@ fn server_config(config: &Config, tls: Option<TlsSettings>) -> ServerConfig {
         max_outputs: s.max_outputs_size,
         max_log: s.max_log_size,
         log_retention: s.log_retention,
+        blob_grace: s.blob_grace,
         completion_batch: s.completion_batch,
         assign_ahead: s.assign_ahead,
         auth: !s.no_auth,

@@ -63,6 +63,11 @@ fn show(info: &pb::ProjectInfo, output: Format) -> Result<()> {
         limit(q.stored_bytes.map(format_memory)),
         format_memory(info.stored_bytes),
     ]);
+    let retention = settings.retention.map_or_else(
+        || "(server's --log-retention)".to_owned(),
+        |d| humantime::format_duration(d).to_string(),
+    );
+    t.add_row(["retention".into(), retention, String::new()]);
     let budget = settings.budget.map(|b| {
         format!(
             "{:.2} per {}",

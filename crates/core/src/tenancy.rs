@@ -153,6 +153,10 @@ pub struct ProjectSettings {
     pub quota: Quota,
     /// Its spending limit, if any.
     pub budget: Option<Budget>,
+    /// How long its jobs are kept after they end (then deleted with their logs, outputs and
+    /// the blobs nothing else points to); `None`: the server's `--log-retention`.
+    #[serde(with = "retention_text", skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Duration>,
 }
 
 impl Default for ProjectSettings {
@@ -168,6 +172,7 @@ impl Default for ProjectSettings {
             max_priority: None,
             quota: Quota::default(),
             budget: None,
+            retention: None,
         }
     }
 }
@@ -407,6 +412,23 @@ impl ProjectSettings {
                     Some(Budget { amount, period })
                 }
             }
+            "retention" => {
+                self.retention = if cleared {
+                    None
+                } else {
+                    let hint =
+                        "write a duration like 30days, 12h or 90min, or `none` for the server's default";
+                    match humantime::parse_duration(value) {
+                        Ok(d) if !d.is_zero() => Some(d),
+                        Ok(_) => {
+                            return Err(bad(format!(
+                                "a retention of zero would delete jobs as they end; {hint}"
+                            )));
+                        }
+                        Err(e) => return Err(bad(format!("{e}; {hint}"))),
+                    }
+                }
+            }
             _ => {
                 return Err(SettingError(format!(
                     "`{key}` is not a project setting; settings are {}",
@@ -464,7 +486,7 @@ impl ProjectSettings {
 }
 
 /// Every key [`ProjectSettings::set`] takes.
-pub const SETTING_KEYS: [&str; 13] = [
+pub const SETTING_KEYS: [&str; 14] = [
     "runtimes",
     "images",
     "networks",
@@ -478,7 +500,27 @@ pub const SETTING_KEYS: [&str; 13] = [
     "quota.gpus",
     "quota.stored_bytes",
     "budget",
+    "retention",
 ];
+
+/// A retention as text (`30days`), as people write and read it in stored settings.
+mod retention_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom)).transpose()
+    }
+}
 
 /// Prices that turn metered use into cost, in one currency of the operator's choosing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -665,6 +707,25 @@ mod tests {
         assert!(s.set("colour", "red").unwrap_err().0.contains("not a project setting"));
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ProjectSettings>(&text).unwrap(), s);
+    }
+
+    #[test]
+    fn retention_takes_a_duration_and_refuses_garbled_ones() {
+        let mut s = ProjectSettings::default();
+        s.set("retention", "30days").unwrap();
+        assert_eq!(s.retention, Some(Duration::from_secs(30 * 86_400)));
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains(r#""retention":"30days""#), "stored as people write it: {text}");
+        assert_eq!(serde_json::from_str::<ProjectSettings>(&text).unwrap(), s);
+        for garbled in ["thirty days", "30", "-1h", "30 fortnights"] {
+            let e = s.set("retention", garbled).unwrap_err().0;
+            assert!(e.contains("write a duration like 30days"), "{garbled}: {e}");
+        }
+        assert!(s.set("retention", "0s").unwrap_err().0.contains("retention of zero"));
+        assert_eq!(s.retention, Some(Duration::from_secs(30 * 86_400)), "a refused value changes nothing");
+        s.set("retention", "none").unwrap();
+        assert_eq!(s.retention, None);
+        assert!(!serde_json::to_string(&s).unwrap().contains("retention"), "the default is not stored");
     }
 
     #[test]

@@ -185,6 +185,9 @@ impl Drover for ClientApi {
             }
         }
         let stored = transfer::put(&self.0.blobs, first, stream, self.0.config.max_upload).await?;
+        // Whoever uploads a blob means to use it: a deletion of the digest as unreferenced must
+        // not take it from under the reference that follows.
+        crate::retention::claim(&self.0, &transfer::digest(&stored.digest)?).await?;
         if let Some(project) = project {
             let held = self.0.access.blob_projects(&stored.digest).await.map_err(status)?.contains(&project);
             if !held {

@@ -19,6 +19,7 @@ mod log_archive;
 mod loops;
 mod paging;
 mod projects_api;
+mod retention;
 mod schedule_memory;
 pub mod sealed;
 mod session_output;
@@ -30,6 +31,7 @@ mod transfer;
 mod usage;
 
 pub use log_archive::DEFAULT_RETENTION;
+pub use retention::DEFAULT_BLOB_GRACE;
 
 /// The paths of every HTTP API route, as the router is built from them: what tests walk to
 /// cover each route.
@@ -45,7 +47,7 @@ use drover_blobs::BlobStore;
 use drover_proto::ServerMessage;
 use drover_proto::agent_session_server::AgentSessionServer;
 use drover_proto::drover_server::DroverServer;
-use drover_store::{AccessStore, ArtifactStore, SecretStore, Signal, Store, TenantStore};
+use drover_store::{AccessStore, ArtifactStore, RetentionStore, SecretStore, Signal, Store, TenantStore};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -75,6 +77,11 @@ pub struct ServerConfig {
     pub log_retention: Duration,
     /// How often ended attempts' logs are archived (and old archives dropped).
     pub archive_tick: Duration,
+    /// How often jobs past retention are deleted, and unreferenced blobs collected.
+    pub retention_tick: Duration,
+    /// How long a blob nothing references any more stays before it is deleted: a job that
+    /// names it again meanwhile keeps it.
+    pub blob_grace: Duration,
     /// Most attempt starts and finishes committed in one transaction. Updates that arrive
     /// while a commit is in flight wait for the next one, so batches only grow under load;
     /// 1 commits every update on its own.
@@ -118,6 +125,8 @@ impl Default for ServerConfig {
             max_log: 64 << 20,
             log_retention: DEFAULT_RETENTION,
             archive_tick: Duration::from_secs(1),
+            retention_tick: Duration::from_secs(10),
+            blob_grace: retention::DEFAULT_BLOB_GRACE,
             completion_batch: DEFAULT_COMPLETION_BATCH,
             assign_ahead: true,
             auth: true,
@@ -154,6 +163,8 @@ pub struct Backends {
     pub access: Arc<dyn AccessStore>,
     /// Project settings, holdings, prices, the audit trail.
     pub tenants: Arc<dyn TenantStore>,
+    /// Deleting jobs past retention and the blobs nothing references.
+    pub retention: Arc<dyn RetentionStore>,
 }
 
 /// The sender half of a connected agent's session.
@@ -179,6 +190,7 @@ pub(crate) struct Shared {
     blobs: Arc<dyn BlobStore>,
     access: Arc<dyn AccessStore>,
     tenants: Arc<dyn TenantStore>,
+    retention: Arc<dyn RetentionStore>,
     /// Projects' settings and budget state, as the scheduler last read them.
     policy: tenancy::PolicyCache,
     config: ServerConfig,
@@ -279,7 +291,7 @@ pub async fn serve_with_http(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Backends { store, secrets, artifacts, blobs, access, tenants } = backends;
+    let Backends { store, secrets, artifacts, blobs, access, tenants, retention } = backends;
     let tls = config.tls.as_ref().map(|t| t.config.clone());
     let memory = Arc::new(schedule_memory::ScheduleMemory::default());
     let (completions, writer) =
@@ -293,6 +305,7 @@ pub async fn serve_with_http(
         blobs,
         access,
         tenants,
+        retention,
         policy: Default::default(),
         config,
         changes: watch::channel(0).0,
@@ -309,6 +322,7 @@ pub async fn serve_with_http(
     let scheduler = tokio::spawn(loops::scheduler(shared.clone()));
     let reaper = tokio::spawn(loops::lease_reaper(shared.clone()));
     let archiver = tokio::spawn(log_archive::archiver(shared.clone()));
+    let retention = tokio::spawn(retention::retention(shared.clone()));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let http = http.map(|listener| {
         let listener = drover_tls::Listener::new(listener, tls.clone());
@@ -332,6 +346,7 @@ pub async fn serve_with_http(
     scheduler.abort();
     reaper.abort();
     archiver.abort();
+    retention.abort();
     let _ = stop_http.send(());
     if let Some(mut http) = http {
         // Downloads still streaming would hold the process; they get a moment to finish.

@@ -45,6 +45,8 @@ pub(crate) enum ArchiveError {
     Blob(#[from] drover_blobs::BlobError),
     #[error("cannot encode the archive: {0}")]
     Encode(#[from] std::io::Error),
+    #[error(transparent)]
+    Claim(#[from] crate::retention::ClaimError),
 }
 
 /// Appends `chunk` as one version 2 frame.
@@ -306,6 +308,9 @@ pub(crate) async fn archive_one(shared: &Shared, attempt: UnarchivedAttempt) -> 
     let (lines, stored) = tokio::join!(encoder, store);
     let lines = lines?;
     let info = stored?;
+    // Identical bytes may be an unreferenced blob under deletion; the live rows stay until a
+    // claimed archive is recorded, so a refused claim is tried again next round.
+    crate::retention::claim(shared, &info.digest).await?;
     shared.artifacts.record_log_archive(attempt_id, &info.digest.to_string(), info.size, now_ms()).await?;
     tracing::info!(
         job_id = attempt.job_id,
@@ -321,23 +326,16 @@ pub(crate) async fn archive_one(shared: &Shared, attempt: UnarchivedAttempt) -> 
 
 async fn expire_round(shared: &Shared) {
     let retention = shared.config.log_retention;
-    let before = now_ms().saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-    let unused = match shared.artifacts.expire_log_archives(before, EXPIRE_BATCH).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot expire log archives");
-            return;
+    let now = now_ms();
+    let before = now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+    // Blob collection deletes the archives nothing else uses, once its grace has passed (see
+    // `crate::retention`): deleting them here could race a new reference to the same bytes.
+    match shared.artifacts.expire_log_archives(before, now, EXPIRE_BATCH).await {
+        Ok(unused) if !unused.is_empty() => {
+            tracing::info!(digests = unused.len(), "expired log archives now unreferenced")
         }
-    };
-    for digest in unused {
-        let Ok(parsed) = digest.parse::<drover_blobs::Digest>() else {
-            tracing::warn!(%digest, "expired log archive has no valid digest");
-            continue;
-        };
-        match shared.blobs.delete(&parsed).await {
-            Ok(()) => tracing::info!(%digest, "expired log archive deleted"),
-            Err(e) => tracing::warn!(%digest, error = %e, "cannot delete an expired log archive"),
-        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot expire log archives"),
     }
 }
 

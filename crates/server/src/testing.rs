@@ -22,6 +22,7 @@ pub(crate) fn shared_with(store: Arc<SqliteStore>, config: ServerConfig) -> Arc<
         artifacts: store.clone(),
         access: store.clone(),
         tenants: store.clone(),
+        retention: store.clone(),
         policy: Default::default(),
         blobs: Arc::new(drover_blobs::MemoryBlobStore::new()),
         config,

@@ -184,8 +184,8 @@ pub trait AccessStore: Send + Sync + 'static {
 
     /// The projects that hold blob `digest` (uploads, artifacts, log archives), by name, each
     /// once. [`crate::ArtifactStore::record_outputs`] and [`crate::ArchiveStore::record_log_archive`]
-    /// add the job's project themselves; an archive blob that expires unused is held by no
-    /// project any more.
+    /// add the job's project themselves; a blob that blob collection deletes as unreferenced
+    /// (see [`crate::RetentionStore::doom_blobs`]) is held by no project any more.
     async fn blob_projects(&self, digest: &str) -> Result<Vec<String>>;
 
     /// Whether node `node_id` runs an open attempt of a project that holds blob `digest`:

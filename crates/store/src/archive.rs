@@ -90,8 +90,9 @@ pub trait ArchiveStore: Send + Sync + 'static {
     /// The archived logs of a job's tasks, in attempt order.
     async fn log_archives(&self, job_id: i64, filter: &TaskFilter) -> Result<Vec<LogArchiveRecord>>;
 
-    /// Forgets up to `limit` archives made before `before_ms` and returns the digests no
-    /// archive or artifact refers to any more (the blobs the caller may delete); no project
-    /// holds those any more.
-    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>>;
+    /// Forgets up to `limit` archives made before `before_ms` and returns the digests nothing
+    /// (archive, artifact, stored job) refers to any more, recorded as unreferenced since
+    /// `now_ms`: blob garbage collection deletes them after its grace period (see
+    /// [`crate::RetentionStore`]).
+    async fn expire_log_archives(&self, before_ms: i64, now_ms: i64, limit: u32) -> Result<Vec<String>>;
 }

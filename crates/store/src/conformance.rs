@@ -14,10 +14,12 @@ use crate::*;
 mod access;
 mod pages;
 mod queue_feed;
+mod retention;
 mod tenancy;
 pub use access::*;
 pub use pages::*;
 pub use queue_feed::*;
+pub use retention::*;
 pub use tenancy::*;
 
 /// A one-step task with no dependencies.
@@ -345,10 +347,10 @@ pub async fn log_archives_replace_live_lines<S: Store + ArtifactStore>(store: &S
     // The second attempt's log happens to be the same blob,.
     store.attempt_finished(&done(&a[1], 0), 7).await.unwrap();
     store.record_log_archive(a[1].attempt_id, "sha256:one", 42, 8).await.unwrap();
-    assert!(store.expire_log_archives(5, 100).await.unwrap().is_empty(), "nothing is older than 5");
-    assert!(store.expire_log_archives(6, 100).await.unwrap().is_empty(), "the blob is still used");
+    assert!(store.expire_log_archives(5, 9, 100).await.unwrap().is_empty(), "nothing is older than 5");
+    assert!(store.expire_log_archives(6, 9, 100).await.unwrap().is_empty(), "the blob is still used");
     assert_eq!(store.log_archives(id, &TaskFilter::default()).await.unwrap().len(), 1);
-    assert_eq!(store.expire_log_archives(100, 100).await.unwrap(), vec!["sha256:one".to_string()]);
+    assert_eq!(store.expire_log_archives(100, 9, 100).await.unwrap(), vec!["sha256:one".to_string()]);
     assert!(store.log_archives(id, &TaskFilter::default()).await.unwrap().is_empty());
     assert!(store.unarchived_attempts(100).await.unwrap().is_empty(), "expired is not unarchived");
 }
@@ -752,7 +754,8 @@ macro_rules! store_conformance {
             project_settings_round_trip, holdings_follow_attempts, stored_bytes_count_each_projects_blobs,
             queue_reasons_mark_held_tasks, clearing_holds_keeps_retry_reasons, placement_skips_held_projects,
             prices_are_versioned, concurrent_price_records_agree, metering_counts_reserved_time,
-            audit_trail_filters);
+            audit_trail_filters, retention_deletes_old_jobs_with_what_they_own,
+            retention_collects_only_unreferenced_blobs);
     };
     (@tests $make:expr; $($name:ident),+) => {
         $(

@@ -223,6 +223,7 @@ mod dependencies;
 mod events;
 mod lists;
 mod queue_feed;
+mod retention;
 mod secrets;
 mod settle;
 mod tenancy;
@@ -348,6 +349,14 @@ impl Store for PostgresStore {
             if has_deps {
                 dependencies::record_graph(&mut tx, job_id, &graph).await?;
             }
+            let digests: Vec<&str> = crate::retention::plan_blobs(plan).into_iter().collect();
+            sqlx::query(
+                "INSERT INTO job_blobs (job_id, digest) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(job_id)
+            .bind(&digests)
+            .execute(&mut *tx)
+            .await?;
             emit(&mut tx, now_ms, events).await?;
             Ok(job_id)
         })?;

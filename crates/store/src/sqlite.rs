@@ -34,6 +34,7 @@ mod dependencies;
 mod events;
 mod lists;
 mod queue_feed;
+mod retention;
 mod rows;
 mod secrets;
 mod settle;
@@ -163,6 +164,13 @@ impl Store for SqliteStore {
         }
         if has_deps {
             dependencies::record_graph(&mut tx, job_id, &graph).await?;
+        }
+        for digest in crate::retention::plan_blobs(plan) {
+            sqlx::query("INSERT INTO job_blobs (job_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING")
+                .bind(job_id)
+                .bind(digest)
+                .execute(&mut *tx)
+                .await?;
         }
         emit(&mut tx, job_id, now_ms, events).await?;
         tx.commit().await?;

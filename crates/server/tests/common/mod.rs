@@ -62,6 +62,7 @@ impl Server {
             artifacts: store.clone(),
             access: store.clone(),
             tenants: store.clone(),
+            retention: store.clone(),
             blobs: blobs.clone(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

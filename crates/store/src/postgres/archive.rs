@@ -134,7 +134,7 @@ impl ArchiveStore for PostgresStore {
         Ok(archives.into_iter().filter(|a| filter.matches(&a.task_name, a.frame)).collect())
     }
 
-    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>> {
+    async fn expire_log_archives(&self, before_ms: i64, now_ms: i64, limit: u32) -> Result<Vec<String>> {
         transaction!(self.pool, "expire_log_archives", |tx| {
             let rows = sqlx::query(
                 "SELECT id, log_digest FROM attempts WHERE log_digest <> '' AND log_archived_ms < $1 \
@@ -148,7 +148,7 @@ impl ArchiveStore for PostgresStore {
                 .iter()
                 .map(|r| r.try_get::<i64, _>(0))
                 .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
-            let mut digests = rows
+            let digests = rows
                 .iter()
                 .map(|r| r.try_get::<String, _>(1))
                 .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
@@ -156,27 +156,7 @@ impl ArchiveStore for PostgresStore {
                 .bind(&ids)
                 .execute(&mut *tx)
                 .await?;
-            digests.sort();
-            digests.dedup();
-            let mut unused = Vec::new();
-            for d in digests {
-                let used: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM attempts WHERE log_digest = $1) \
-                     OR EXISTS (SELECT 1 FROM artifacts WHERE digest = $1)",
-                )
-                .bind(&d)
-                .fetch_one(&mut *tx)
-                .await?;
-                if !used {
-                    unused.push(d);
-                }
-            }
-            // The caller deletes these blobs, so no project holds them any more.
-            sqlx::query("DELETE FROM project_blobs WHERE digest = ANY($1)")
-                .bind(&unused)
-                .execute(&mut *tx)
-                .await?;
-            Ok(unused)
+            super::retention::mark_unreferenced(&mut tx, digests, now_ms).await
         })
     }
 }

@@ -126,7 +126,7 @@ impl ArchiveStore for SqliteStore {
             .collect())
     }
 
-    async fn expire_log_archives(&self, before_ms: i64, limit: u32) -> Result<Vec<String>> {
+    async fn expire_log_archives(&self, before_ms: i64, now_ms: i64, limit: u32) -> Result<Vec<String>> {
         let mut writer = self.writer.lock().await;
         let mut tx = writer.begin().await?;
         let rows = sqlx::query(
@@ -145,23 +145,7 @@ impl ArchiveStore for SqliteStore {
                 .await?;
             digests.push(r.get(1));
         }
-        digests.sort();
-        digests.dedup();
-        let mut unused = Vec::new();
-        for d in digests {
-            let used: Option<i64> = sqlx::query_scalar(
-                "SELECT 1 WHERE EXISTS (SELECT 1 FROM attempts WHERE log_digest = ?1) \
-                 OR EXISTS (SELECT 1 FROM artifacts WHERE digest = ?1)",
-            )
-            .bind(&d)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if used.is_none() {
-                // The caller deletes the blob, so no project holds it any more.
-                sqlx::query("DELETE FROM project_blobs WHERE digest = ?").bind(&d).execute(&mut *tx).await?;
-                unused.push(d);
-            }
-        }
+        let unused = super::retention::mark_unreferenced(&mut tx, digests, now_ms).await?;
         tx.commit().await?;
         Ok(unused)
     }

@@ -1,0 +1,181 @@
+//! [`RetentionStore`] on SQLite. The one writer connection serialises every write, so a
+//! digest's check and its mark happen with no other write between them.
+
+use async_trait::async_trait;
+use sqlx::{Connection, SqliteConnection};
+
+use super::SqliteStore;
+use crate::Result;
+use crate::retention::{JOB_TABLES, RetentionStore, referenced_sql};
+
+/// Whether anything points to `digest`, read through the writer (inside its transaction).
+pub(super) async fn referenced(conn: &mut SqliteConnection, digest: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(&referenced_sql("?1")).bind(digest).fetch_one(conn).await?)
+}
+
+/// Records each digest of `digests` nothing points to any more as unreferenced since `now_ms`
+/// (keeping an earlier mark), and returns those digests.
+pub(super) async fn mark_unreferenced(
+    conn: &mut SqliteConnection,
+    mut digests: Vec<String>,
+    now_ms: i64,
+) -> Result<Vec<String>> {
+    digests.sort();
+    digests.dedup();
+    let mut unused = Vec::new();
+    for d in digests {
+        if !referenced(&mut *conn, &d).await? {
+            sqlx::query(
+                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES (?, ?) ON CONFLICT (digest) DO NOTHING",
+            )
+            .bind(&d)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?;
+            unused.push(d);
+        }
+    }
+    Ok(unused)
+}
+
+#[async_trait]
+impl RetentionStore for SqliteStore {
+    async fn expired_jobs(&self, project: &str, ended_before_ms: i64, limit: u32) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE project = ? AND ended_ms IS NOT NULL AND ended_ms < ? \
+             ORDER BY ended_ms, id LIMIT ?",
+        )
+        .bind(project)
+        .bind(ended_before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
+    async fn delete_job(&self, job_id: i64, now_ms: i64) -> Result<Option<Vec<String>>> {
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
+        // An attempt still open could report after its rows are gone: only a job whose every
+        // attempt ended is deleted.
+        let ended: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM jobs j WHERE j.id = ?1 AND j.ended_ms IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = ?1 AND a.state <> 'ended')",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if ended.is_none() {
+            return Ok(None);
+        }
+        let held: Vec<String> = sqlx::query_scalar(
+            "SELECT digest FROM artifacts WHERE job_id = ?1 \
+             UNION SELECT log_digest FROM attempts WHERE job_id = ?1 AND log_digest <> '' \
+             UNION SELECT digest FROM job_blobs WHERE job_id = ?1",
+        )
+        .bind(job_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for table in JOB_TABLES {
+            sqlx::query(&format!("DELETE FROM {table} WHERE job_id = ?"))
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM jobs WHERE id = ?").bind(job_id).execute(&mut *tx).await?;
+        let unused = mark_unreferenced(&mut tx, held, now_ms).await?;
+        tx.commit().await?;
+        Ok(Some(unused))
+    }
+
+    async fn doom_blobs(&self, unreferenced_before_ms: i64, limit: u32) -> Result<Vec<String>> {
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
+        // Digests already being deleted are returned again: a server that stopped between
+        // deleting files and `blobs_deleted` left them so, and deleting a file twice is harmless.
+        let rows: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT digest, deleting FROM unreferenced_blobs WHERE since_ms < ? ORDER BY since_ms LIMIT ?",
+        )
+        .bind(unreferenced_before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut doomed = Vec::new();
+        for (digest, deleting) in rows {
+            if !deleting && referenced(&mut tx, &digest).await? {
+                sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = ?")
+                    .bind(&digest)
+                    .execute(&mut *tx)
+                    .await?;
+                continue;
+            }
+            sqlx::query("UPDATE unreferenced_blobs SET deleting = 1 WHERE digest = ?")
+                .bind(&digest)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM project_blobs WHERE digest = ?").bind(&digest).execute(&mut *tx).await?;
+            doomed.push(digest);
+        }
+        tx.commit().await?;
+        Ok(doomed)
+    }
+
+    async fn blobs_deleted(&self, digests: &[String]) -> Result<()> {
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
+        for d in digests {
+            sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = ? AND deleting = 1")
+                .bind(d)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_blob(&self, digest: &str) -> Result<bool> {
+        let mut writer = self.writer.lock().await;
+        let mut tx = writer.begin().await?;
+        let deleting: Option<bool> =
+            sqlx::query_scalar("SELECT deleting FROM unreferenced_blobs WHERE digest = ?")
+                .bind(digest)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if deleting == Some(true) {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = ?").bind(digest).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn blob_referenced(&self, digest: &str) -> Result<bool> {
+        Ok(sqlx::query_scalar(&referenced_sql("?1")).bind(digest).fetch_one(&self.reader).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::migrate::Migrator;
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+
+    use super::SqliteStore;
+
+    /// The migration that records jobs' blobs, backfilling them from stored plans.
+    const RETENTION_MIGRATION: i64 = 14;
+
+    #[tokio::test]
+    async fn upgraded_jobs_keep_their_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("drover.db");
+        crate::conformance::copy_migrations_before("sqlite", RETENTION_MIGRATION, &dir.path().join("old"));
+        let pool =
+            SqlitePool::connect_with(SqliteConnectOptions::new().filename(&db).create_if_missing(true))
+                .await
+                .unwrap();
+        Migrator::new(dir.path().join("old")).await.unwrap().run(&pool).await.unwrap();
+        sqlx::raw_sql(crate::conformance::RETENTION_LEGACY_ROWS).execute(&pool).await.unwrap();
+        pool.close().await;
+        let store = SqliteStore::open(&db).await.unwrap();
+        crate::conformance::upgraded_jobs_keep_their_blobs(&store).await;
+    }
+}
