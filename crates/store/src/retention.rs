@@ -35,13 +35,14 @@ use crate::Result;
 #[async_trait]
 pub trait RetentionStore: Send + Sync + 'static {
     /// Up to `limit` jobs of `project` that ended before `ended_before_ms`, oldest end first.
-    /// Jobs still queued or running are never listed.
+    /// Jobs still queued or running, or with an attempt whose log is not archived yet, are
+    /// not listed.
     async fn expired_jobs(&self, project: &str, ended_before_ms: i64, limit: u32) -> Result<Vec<i64>>;
 
     /// Deletes an ended job with its tasks, attempts, events, output, artifact and log archive
     /// records, in one transaction, and returns the digests it held the last reference to
     /// (recorded as unreferenced since `now_ms`). `None`, with nothing deleted, when there is
-    /// no such job or it has not ended.
+    /// no such job, it has not ended, or an attempt's log is not archived yet.
     async fn delete_job(&self, job_id: i64, now_ms: i64) -> Result<Option<Vec<String>>>;
 
     /// Up to `limit` digests unreferenced since before `unreferenced_before_ms` that nothing

@@ -40,8 +40,8 @@ async fn run<S: Store + ArtifactStore>(store: &S, job_id: i64, at_ms: i64, outpu
 
 /// A job that ended before its project's cutoff is deleted with its tasks, attempts, events,
 /// output, artifacts and log archives; it reports the blobs it held the last reference to, not
-/// those another job still points to. Jobs still running, newer jobs and other projects' jobs
-/// stay.
+/// those another job still points to. Jobs still running or not yet archived, newer jobs and
+/// other projects' jobs stay.
 pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactStore + RetentionStore>(
     store: &S,
 ) {
@@ -56,6 +56,11 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
     assert!(live.iter().any(|a| a.job_id == running), "the second job runs");
     let other = store.submit(&job_reading("keep", &[]), "", "f", 1).await.unwrap();
     run(store, other, 6, &[], "sha256:log-other").await;
+    // Ended, but its log is not archived yet: kept until it is.
+    let unarchived = store.submit(&job_reading("default", &[]), "", "f", 1).await.unwrap();
+    let placed = schedule(store, 7).await;
+    let u = placed.iter().find(|a| a.job_id == unarchived).expect("placed");
+    store.attempt_finished(&done(u, 0), 8).await.unwrap();
     let newer = store.submit(&job_reading("default", &["sha256:in-both"]), "", "f", 1).await.unwrap();
     run(store, newer, 50, &["sha256:out-both"], "sha256:log-newer").await;
 
@@ -69,6 +74,7 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
     assert_eq!(store.expired_jobs("keep", 20, 100).await.unwrap(), [other]);
 
     assert_eq!(store.delete_job(running, 60).await.unwrap(), None, "a running job is never deleted");
+    assert_eq!(store.delete_job(unarchived, 60).await.unwrap(), None, "its log is not archived yet");
     assert!(store.job(running).await.unwrap().is_some());
     let unused = store.delete_job(old, 60).await.unwrap().expect("the old job ended");
     assert_eq!(unused, ["sha256:in-old", "sha256:log-old", "sha256:out-old"]);
@@ -90,7 +96,13 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
         assert!(!store.blob_referenced(gone).await.unwrap(), "{gone} lost its last reference");
     }
     assert_eq!(store.artifacts(newer, &TaskFilter::default()).await.unwrap().len(), 1);
-    assert_eq!(store.expired_jobs("default", 1_000, 100).await.unwrap(), [newer], "the running job is not");
+    assert_eq!(
+        store.expired_jobs("default", 1_000, 100).await.unwrap(),
+        [newer],
+        "neither running nor unarchived"
+    );
+    store.record_log_archive(u.attempt_id, "sha256:log-late", 6, 70).await.unwrap();
+    assert_eq!(store.expired_jobs("default", 1_000, 100).await.unwrap(), [unarchived, newer]);
 }
 
 /// Garbage collection takes only blobs unreferenced for longer than its grace, checks them

@@ -43,8 +43,10 @@ pub(super) async fn mark_unreferenced(
 impl RetentionStore for PostgresStore {
     async fn expired_jobs(&self, project: &str, ended_before_ms: i64, limit: u32) -> Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE project = $1 AND ended_ms IS NOT NULL AND ended_ms < $2 \
-             ORDER BY ended_ms, id LIMIT $3",
+            "SELECT j.id FROM jobs j WHERE j.project = $1 AND j.ended_ms IS NOT NULL AND j.ended_ms < $2 \
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id \
+                             AND (a.state <> 'ended' OR a.log_digest IS NULL)) \
+             ORDER BY j.ended_ms, j.id LIMIT $3",
         )
         .bind(project)
         .bind(ended_before_ms)
@@ -56,11 +58,14 @@ impl RetentionStore for PostgresStore {
     async fn delete_job(&self, job_id: i64, now_ms: i64) -> Result<Option<Vec<String>>> {
         transaction!(self.pool, "delete_job", |tx| {
             // The job's row lock keeps a cancel or a settle of the same job out until this
-            // commits. An attempt still open could report after its rows are gone: only a job
-            // whose every attempt ended is deleted.
+            // commits. An attempt still open could report after its rows are gone,
+            // and an ended attempt whose log is not archived yet would lose it (or leave its
+            // archive unrecorded): only a job whose every attempt ended and was archived is
+            // deleted.
             let ended: Option<i64> = sqlx::query_scalar(
                 "SELECT j.id FROM jobs j WHERE j.id = $1 AND j.ended_ms IS NOT NULL \
-                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = $1 AND a.state <> 'ended') \
+                 AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = $1 \
+                                 AND (a.state <> 'ended' OR a.log_digest IS NULL)) \
                  FOR UPDATE",
             )
             .bind(job_id)

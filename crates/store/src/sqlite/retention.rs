@@ -42,8 +42,10 @@ pub(super) async fn mark_unreferenced(
 impl RetentionStore for SqliteStore {
     async fn expired_jobs(&self, project: &str, ended_before_ms: i64, limit: u32) -> Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM jobs WHERE project = ? AND ended_ms IS NOT NULL AND ended_ms < ? \
-             ORDER BY ended_ms, id LIMIT ?",
+            "SELECT j.id FROM jobs j WHERE j.project = ? AND j.ended_ms IS NOT NULL AND j.ended_ms < ? \
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = j.id \
+                             AND (a.state <> 'ended' OR a.log_digest IS NULL)) \
+             ORDER BY j.ended_ms, j.id LIMIT ?",
         )
         .bind(project)
         .bind(ended_before_ms)
@@ -55,11 +57,13 @@ impl RetentionStore for SqliteStore {
     async fn delete_job(&self, job_id: i64, now_ms: i64) -> Result<Option<Vec<String>>> {
         let mut writer = self.writer.lock().await;
         let mut tx = writer.begin().await?;
-        // An attempt still open could report after its rows are gone: only a job whose every
-        // attempt ended is deleted.
+        // An attempt still open could report after its rows are gone, and an ended attempt
+        // whose log is not archived yet would lose it (or leave its archive unrecorded): only a
+        // job whose every attempt ended and was archived is deleted.
         let ended: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM jobs j WHERE j.id = ?1 AND j.ended_ms IS NOT NULL \
-             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = ?1 AND a.state <> 'ended')",
+             AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.job_id = ?1 \
+                             AND (a.state <> 'ended' OR a.log_digest IS NULL))",
         )
         .bind(job_id)
         .fetch_optional(&mut *tx)
