@@ -150,7 +150,11 @@ fn run(scale: Scale, patience: Duration) {
     let broken: Vec<String> =
         verdicts.iter().flat_map(|v| v.violations.iter().map(move |x| format!("{}: {x}", v.what))).collect();
     assert!(broken.is_empty(), "invariants broken (seed {seed}):\n{}", broken.join("\n"));
-    assert!(tasks >= 300, "a run has at least 300 tasks, not {tasks}");
+    assert!(
+        tasks >= scale.min_tasks,
+        "a run of this scale has at least {} tasks, not {tasks}",
+        scale.min_tasks
+    );
 }
 
 /// Waits until every job ended (or `patience` ran out); returns their last statuses.

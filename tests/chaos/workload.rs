@@ -27,6 +27,8 @@ pub struct Scale {
     pub cancelled: usize,
     /// Random faults beyond one of each kind.
     pub extra_faults: usize,
+    /// Fewest tasks a run of this scale submits.
+    pub min_tasks: usize,
 }
 
 impl Scale {
@@ -41,13 +43,14 @@ impl Scale {
             long: 12,
             cancelled: 20,
             extra_faults: 2,
+            min_tasks: 300,
         }
     }
 
     /// The run for a benchmark machine: over 2,000 tasks and many faults.
     pub fn soak() -> Scale {
         Scale {
-            frames: 300,
+            frames: 320,
             batches: 5,
             dags: 6,
             outputs: 150,
@@ -55,6 +58,7 @@ impl Scale {
             long: 60,
             cancelled: 60,
             extra_faults: 40,
+            min_tasks: 2000,
         }
     }
 }
