@@ -190,7 +190,10 @@ pub fn artifacts_match_their_digests(fleet: &Fleet, job: i64, status: &serde_jso
         let last = t["attempts"].as_i64().unwrap_or(0);
         let n = kept.get(&(name.clone(), last)).copied().unwrap_or(0);
         if n != 1 {
-            violations.push(format!("{name} succeeded and its attempt {last} kept {n} outputs, not 1"));
+            let reason = t["reason"].as_str().unwrap_or_default();
+            violations.push(format!(
+                "{name} succeeded and its attempt {last} kept {n} outputs, not 1 ({reason:?})"
+            ));
         }
     }
     Verdict {

@@ -1,6 +1,7 @@
 //! Agents cut off from their server, or left on a link that carries nothing: cancels sent
-//! meanwhile are kept and applied when the agent is back, an agent stops what its server
-//! handed on, and a restarted server gives its agents a lease to come back.
+//! meanwhile are kept and applied when the agent is back, outputs kept meanwhile are
+//! uploaded when it is back, an agent stops what its server handed on, and a restarted
+//! server gives its agents a lease to come back.
 
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,45 @@ tasks:
     assert_eq!(task(&status, "looper")["attempts"], 1);
     wait_gone(looper, "the cancelled looper");
     c.wait_for_nodes(1);
+}
+
+#[test]
+fn an_output_kept_while_the_server_is_out_of_reach_is_uploaded_when_it_is_back() {
+    let mut c = Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]);
+    let proxy = Proxy::start(&c.addr);
+    c.add_agent_via(1, &proxy.url);
+    c.wait_for_nodes(1);
+    let job = c.submit(
+        r#"
+version: 1
+name: cut-at-the-end
+tasks:
+  - name: render
+    outputs: ["out/*.txt"]
+    command: "mkdir -p out && echo frame > out/frame.txt && touch {{ params.dir }}/written; while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done"
+"#,
+    );
+    let start = Instant::now();
+    while !c.path("written").exists() {
+        assert!(start.elapsed() < T, "the task never wrote its output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.cut();
+    wait_for_line(&c, "agent-0.log", "session with server failed");
+    // The task ends while no server can be reached: its output's upload waits for one.
+    std::fs::write(c.path("go"), "").unwrap();
+    wait_for_lines(&c, "agent-0.log", "output upload failed; trying again", 2);
+    assert_eq!(c.status(job)["state"], "running", "the attempt waits for its output");
+
+    proxy.heal();
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "render")["attempts"], 1, "{status:#}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&c.ok(&["artifacts", "ls", &job.to_string(), "-o", "json"])).unwrap();
+    assert_eq!(ls.as_array().map(Vec::len), Some(1), "{ls:#}");
+    let got = c.ok(&["artifacts", "get", &job.to_string(), "render", "out/frame.txt", "-o", "-"]);
+    assert_eq!(got, "frame\n");
 }
 
 #[test]

@@ -407,6 +407,9 @@ pub struct TaskIo {
 
 /// Uploads the attempt's outputs and reports them (before its end is reported, so the server
 /// still accepts them). Refused paths and upload failures are added to the attempt's message.
+/// A succeeded attempt whose outputs no server could take, even after trying for a while, is
+/// `lost` instead: it never reports success without the outputs it was to keep, and its task
+/// is retried as its policy says.
 async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &mut Outcome) {
     let succeeded = outcome.failure.is_none() && outcome.exit_code == Some(0);
     if io.outputs.is_empty() || (!succeeded && !io.outputs_on_failure) {
@@ -428,7 +431,12 @@ async fn keep_outputs(outbox: &Outbox, io: &TaskIo, spec: &TaskSpec, outcome: &m
             outbox.push(spec.attempt_id, msg, 256).await;
         }
         Ok(_) => {}
-        Err(e) => notes.push(format!("outputs not kept: {e}")),
+        Err(e) => {
+            if succeeded && e.is_transient() {
+                outcome.failure = Some(FailureClass::Lost);
+            }
+            notes.push(format!("outputs not kept: {e}"));
+        }
     }
     if !notes.is_empty() {
         tracing::warn!(notes = ?notes, "outputs");

@@ -102,7 +102,30 @@ pub enum OutputError {
     Upload {
         /// The output.
         path: String,
+        /// The status the server (or the transport) answered with.
+        code: tonic::Code,
         /// The server's reason.
         message: String,
     },
+}
+
+impl OutputError {
+    /// Whether trying again later may help: no server answered, or the one that did could
+    /// not take the upload at the moment (its database or its blob store was away, it was
+    /// shutting down). A refusal of the upload itself (too large, not allowed) stands.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OutputError::Link(e) => e.is_transient(),
+            OutputError::Upload { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Aborted
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+            ),
+            OutputError::Workspace(_) | OutputError::Open(_) | OutputError::Read { .. } => false,
+        }
+    }
 }

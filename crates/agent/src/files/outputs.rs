@@ -4,6 +4,9 @@
 //! elsewhere.
 
 use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use drover_proto as pb;
 use tokio::io::AsyncReadExt;
@@ -95,49 +98,123 @@ pub fn within_limit(workspace: &Path, files: Vec<String>, limit: u64) -> (Vec<St
     (kept, notes)
 }
 
-/// Uploads outputs as blobs; returns what to report.
+/// How long an output's upload keeps being tried while no server can take it (a replica
+/// restarting, its database restarting, the link down). The task has ended by then: its
+/// outputs are its result, worth a wait.
+const UPLOAD_PATIENCE: Duration = Duration::from_secs(120);
+/// The first pause between tries; it doubles up to [`MAX_UPLOAD_PAUSE`].
+const FIRST_UPLOAD_PAUSE: Duration = Duration::from_millis(250);
+/// The longest pause between tries.
+const MAX_UPLOAD_PAUSE: Duration = Duration::from_secs(5);
+
+/// Uploads outputs as blobs; returns what to report. An upload that fails for a reason that
+/// passes (see [`OutputError::is_transient`]) is tried again for up to two minutes.
 pub async fn upload_outputs(
     link: &ServerLink,
     workspace: &Path,
     files: &[String],
 ) -> Result<Vec<pb::OutputFile>, OutputError> {
+    upload_outputs_within(link, workspace, files, UPLOAD_PATIENCE).await
+}
+
+async fn upload_outputs_within(
+    link: &ServerLink,
+    workspace: &Path,
+    files: &[String],
+    patience: Duration,
+) -> Result<Vec<pb::OutputFile>, OutputError> {
     let root = Dir::open(workspace).map_err(OutputError::Workspace)?;
+    let give_up = Instant::now() + patience;
     let mut out = Vec::new();
     for rel in files {
-        let path = RelPath::new(rel).map_err(OutputError::Open)?;
-        let file = root.open_file(&path).map_err(OutputError::Open)?;
-        let mut file = tokio::fs::File::from_std(file);
-        let mut client = link.client().await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let sender = tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            let mut first = true;
-            loop {
-                let n = file.read(&mut buf).await?;
-                // An empty file is still one (empty) message: an upload needs a first message.
-                if n == 0 && !first {
-                    return Ok::<(), std::io::Error>(());
+        let mut pause = FIRST_UPLOAD_PAUSE;
+        loop {
+            match upload_one(link, &root, rel).await {
+                Ok(file) => {
+                    out.push(file);
+                    break;
                 }
-                first = false;
-                if tx.send(pb::BlobChunk { data: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
-                    return Ok(());
+                Err(e) if e.is_transient() && Instant::now() + pause < give_up => {
+                    tracing::warn!(path = %rel, error = %e, retry_in_ms = pause.as_millis() as u64, "output upload failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_UPLOAD_PAUSE);
                 }
+                Err(e) => return Err(e),
             }
-        });
-        let stored = client.put_blob(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        let read_failed = |source| OutputError::Read { path: rel.clone(), source };
-        sender.await.map_err(|e| read_failed(std::io::Error::other(e)))?.map_err(read_failed)?;
-        let stored = stored
-            .map_err(|e| OutputError::Upload { path: rel.clone(), message: e.message().to_owned() })?
-            .into_inner();
-        out.push(pb::OutputFile { path: rel.clone(), size: stored.size, digest: stored.digest });
+        }
     }
     Ok(out)
+}
+
+/// Uploads one output, read from its start.
+async fn upload_one(link: &ServerLink, root: &Dir, rel: &str) -> Result<pb::OutputFile, OutputError> {
+    let path = RelPath::new(rel).map_err(OutputError::Open)?;
+    let file = root.open_file(&path).map_err(OutputError::Open)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut client = link.client().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let sender = tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut first = true;
+        loop {
+            let n = file.read(&mut buf).await?;
+            // An empty file is still one (empty) message: an upload needs a first message.
+            if n == 0 && !first {
+                return Ok::<(), std::io::Error>(());
+            }
+            first = false;
+            if tx.send(pb::BlobChunk { data: buf[..n].to_vec(), ..Default::default() }).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let stored = client.put_blob(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let read_failed = |source| OutputError::Read { path: rel.to_owned(), source };
+    sender.await.map_err(|e| read_failed(std::io::Error::other(e)))?.map_err(read_failed)?;
+    let stored = stored
+        .map_err(|e| OutputError::Upload {
+            path: rel.to_owned(),
+            code: e.code(),
+            message: e.message().to_owned(),
+        })?
+        .into_inner();
+    Ok(pb::OutputFile { path: rel.to_owned(), size: stored.size, digest: stored.digest })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_upload_no_server_takes_is_tried_again_then_given_up_as_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(ws.join("out")).unwrap();
+        std::fs::write(ws.join("out/a.txt"), "a").unwrap();
+        // A loopback port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let link =
+            crate::link::Link::new(vec![format!("http://127.0.0.1:{port}")], None, dir.path().join("state"));
+        let link = ServerLink::new(std::sync::Arc::new(link));
+        let err = upload_outputs_within(&link, &ws, &["out/a.txt".into()], Duration::from_millis(600))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("cannot reach a server"), "{err}");
+        // What a server refuses for good is not tried again.
+        let refused = OutputError::Upload {
+            path: "out/a.txt".into(),
+            code: tonic::Code::ResourceExhausted,
+            message: "too large".into(),
+        };
+        assert!(!refused.is_transient());
+        let away = OutputError::Upload {
+            path: "out/a.txt".into(),
+            code: tonic::Code::Unavailable,
+            message: "database restarting".into(),
+        };
+        assert!(away.is_transient());
+    }
 
     #[test]
     fn outputs_never_leave_the_workspace() {
