@@ -1,9 +1,9 @@
 //! The fleet under test: server replicas over one private PostgreSQL, and agents that reach
 //! every replica through proxies of their own, so that one agent can be cut off alone.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use drover_store::pg_test::TempPostgres;
 
@@ -17,6 +17,20 @@ pub const LEASE: Duration = Duration::from_secs(3);
 /// free on it: a fault fills it past that.
 const BLOB_DISK_MIB: u64 = 128;
 const MIN_FREE_MIB: u64 = 32;
+
+/// How long one CLI command may take before the run fails on it.
+const CLI_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Reads a child's pipe to its end on a thread of its own (so the child never blocks on it).
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
 
 /// A server replica: where it listens (kept across restarts) and its process.
 struct Replica {
@@ -145,16 +159,38 @@ impl Fleet {
         (self.replicas.len(), self.nodes.len())
     }
 
-    /// Runs the CLI against the fleet as the operator.
+    /// Runs the CLI against the fleet as the operator. A command that has not answered within
+    /// [`CLI_PATIENCE`] fails the run, naming itself, instead of hanging it.
     pub fn drover(&self, args: &[&str]) -> Output {
-        Command::new(drover_bin())
+        let mut child = Command::new(drover_bin())
             .args(args)
             .env("DROVER_SERVER", self.servers())
             .env("DROVER_KEY", &self.key)
             .env("DROVER_CREDENTIALS", self.dir.path().join("credentials"))
             .current_dir(self.dir.path())
-            .output()
-            .expect("run drover")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run drover");
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
+        let began = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for drover") {
+                break status;
+            }
+            if began.elapsed() > CLI_PATIENCE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("drover {args:?} did not answer within {CLI_PATIENCE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        }
     }
 
     /// Runs the CLI and insists that it succeeds; returns stdout.

@@ -204,6 +204,15 @@ impl Cluster {
         self.agents[i] = Some(child);
     }
 
+    /// Starts agent `i` again (after [`Cluster::kill_agent`]) with extra flags and environment,
+    /// as [`Cluster::add_agent_with`] started it.
+    pub fn restart_agent_with(&mut self, i: usize, cores: u32, args: &[&str], env: &[(&str, &str)]) {
+        assert!(self.agents[i].is_none(), "agent {i} is still running");
+        let mut command = self.agent_command(i, cores);
+        command.args(args).envs(env.iter().copied());
+        self.agents[i] = Some(command.spawn().expect("spawn agent"));
+    }
+
     /// Stops agent `i` with SIGTERM, as an operator would, and waits for it to exit.
     pub fn terminate_agent(&mut self, i: usize) {
         if let Some(mut a) = self.agents[i].take() {

@@ -79,6 +79,58 @@ tasks:
     assert!(logs.contains("pid1=init\nlo \n"), "{logs}");
 }
 
+#[test]
+fn a_restarted_agent_reattaches_its_running_microvm_task_and_the_output_flows_on() {
+    ensure_busybox_image();
+    let guest = guest_agent();
+    let guest = guest.display().to_string();
+    let env = [("DROVER_GUEST_AGENT", guest.as_str())];
+    // The restarted agent probes KVM again before it reconnects (up to 10 s): a lease longer
+    // than that keeps its node, and so its attempt, from being given up meanwhile.
+    let mut c = Stopping(Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]));
+    c.0.add_agent_with(1, &["--microvm"], &env);
+    wait_for_node(&c, "the microvm runtime", |n| {
+        n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
+    });
+    // The VM sees no host files: the step sleeps long enough for a restart to happen meanwhile.
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: vm-restart
+tasks:
+  - name: vm
+    runtime: microvm
+    image: {BUSYBOX}
+    steps:
+      - "echo before the restart; sleep 30; echo after the restart; echo kept > result.txt"
+      - "cat result.txt"
+"#
+    ));
+    let start = Instant::now();
+    while !c.ok(&["logs", &job.to_string()]).contains("before the restart") {
+        assert!(start.elapsed() < T, "the first line never arrived");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.0.kill_agent(0);
+    c.0.restart_agent_with(0, 1, &["--microvm"], &env);
+    let start = Instant::now();
+    while !std::fs::read_to_string(c.path("agent-0.log"))
+        .unwrap_or_default()
+        .contains("re-attached to a step")
+    {
+        assert!(start.elapsed() < T, "the restarted agent did not re-attach the step");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "vm")["attempts"], 1, "re-attached, not retried: {status:#}");
+    let logs = c.ok(&["logs", &job.to_string()]);
+    assert_eq!(logs.matches("before the restart").count(), 1, "{logs}");
+    assert_eq!(logs.matches("after the restart").count(), 1, "{logs}");
+    // The second step ran in the same VM, on the files the first one left.
+    assert!(logs.contains("kept"), "{logs}");
+}
+
 /// Stops the agent with SIGTERM however the test ends, so that it powers its warm VMs off
 /// (the cluster's own teardown kills agents outright).
 struct Stopping(Cluster);

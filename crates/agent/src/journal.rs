@@ -2,11 +2,11 @@
 //! of the step in flight, kept in the agent's state log (see [`crate::state_log`]), so that
 //! after a crash the next agent run can find what the previous one left running.
 //!
-//! Steps whose sandboxes outlive the agent are re-attached and resumed: containers, and
-//! process steps through their supervisors (whose output is shipped on from where the earlier
-//! run got to). The others (AI-agent tasks, whose metering proxy lived in the agent, and
-//! microVMs) are stopped, and their attempts reported lost, so the server settles them at once
-//! instead of leaving the work to run twice.
+//! Steps whose sandboxes outlive the agent are re-attached and resumed: containers, microVMs
+//! (through their second port), and process steps through their supervisors (whose output is
+//! shipped on from where the earlier run got to). AI-agent tasks, whose metering proxy lived
+//! in the agent, are stopped, and their attempts reported lost, so the server settles them at
+//! once instead of leaving the work to run twice.
 //!
 //! The journal never holds a secret value: an entry keeps the names of the task's secrets with
 //! empty values, the log is readable by the agent's user only (0600, in a 0700 directory),
@@ -208,13 +208,12 @@ impl Journal {
 /// Chunks of a re-attached step's output held until its attempt resumes.
 const REATTACHED_OUTPUT_QUEUE: usize = 64;
 
-/// Whether a step of `kind` can be re-attached after an agent restart: containers and
-/// process steps outlive the agent; an AI-agent task's metering proxy does not, and a
-/// microVM's console is not followed again yet.
+/// Whether a step of `kind` can be re-attached after an agent restart: containers, microVMs
+/// and process steps outlive the agent; an AI-agent task's metering proxy does not.
 fn reattachable(kind: &str, entry: &Entry) -> bool {
     match kind {
         "docker" => true,
-        "process" => !entry.metered,
+        "process" | "microvm" => !entry.metered,
         _ => false,
     }
 }

@@ -39,8 +39,9 @@
 //! - **User**: steps run as root inside the VM (the VM is the sandbox) unless the task names a
 //!   numeric `uid[:gid]`.
 //! - **Restart**: VMs outlive the agent process; `attach` reconnects through the VM directory
-//!   (`vm.json`, second port) and follows the step's end, but output written while no agent
-//!   listened is lost and new output is not forwarded.
+//!   (`vm.json`, second port), follows the step's output and end, and serves the task's
+//!   forwards again, so the attempt resumes. Output written while no agent listened is lost
+//!   (the guest keeps none), and the step's output says so.
 //!
 //! Host requirements (Debian 12): `apt-get install --no-install-recommends qemu-system-x86
 //! linux-image-cloud-amd64` (QEMU 7.2 with the `microvm` machine; a kernel in `/boot` whose
@@ -73,7 +74,10 @@ use self::pool::Pool;
 use self::session::{Session, StartFailure};
 use self::vm::VmRecord;
 pub use self::vm::{Vm, VmSpec};
-use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, TaskSpec, Usage};
+use super::{
+    ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec,
+    Usage,
+};
 
 /// PATH of steps whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -207,7 +211,7 @@ type ProbeResults = HashMap<(PathBuf, PathBuf), Arc<tokio::sync::OnceCell<String
 /// A VM of one attempt: booted here, or found again after an agent restart.
 enum Vmh {
     Owned(Box<Vm>),
-    Attached { session: Session, dir: PathBuf, record: VmRecord },
+    Attached { session: Session, dir: PathBuf, record: Box<VmRecord> },
 }
 
 struct Entry {
@@ -495,6 +499,9 @@ impl Runtime for MicroVmRuntime {
                 attempt_id: task.attempt_id,
                 workspace: task.workspace.clone(),
                 qemu_pid: vm.pid(),
+                image_env: image_env.clone(),
+                network: task.network.clone(),
+                host_ports: task.host_ports.clone(),
             };
             vm::write_record(&dir, &record).await?;
             let (forwards, net_env) = Forwards::start(&dir, task)?;
@@ -586,13 +593,16 @@ impl Runtime for MicroVmRuntime {
         }
     }
 
-    /// Finds a step of a VM that survived an agent restart, through the VM's second port.
-    /// Output is not replayed or forwarded: `out` is dropped, as in the process runtime.
+    /// Finds a step of a VM that survived an agent restart, through the VM's second port, and
+    /// follows it: its output from now on goes to `out`, its end is reported as it comes, and
+    /// later steps start in the same VM with the image's environment and the task's forwards
+    /// served again (both kept in the VM's record). What the step wrote while no agent
+    /// listened is not kept: the guest sends output to connected hosts only, and a line in
+    /// the output says so.
     async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
-        drop(out);
         let existing = self.lock().get(&handle.attempt_id).cloned();
-        let entry = match existing {
-            Some(entry) => entry,
+        let (entry, restarted) = match existing {
+            Some(entry) => (entry, false),
             None => {
                 let Some(id) = handle.sandbox_id.as_deref().filter(|id| is_plain_name(id)) else {
                     return Ok(false);
@@ -611,27 +621,45 @@ impl Runtime for MicroVmRuntime {
                         return Ok(false);
                     }
                 };
+                let forwarded = TaskSpec {
+                    attempt_id: record.attempt_id,
+                    network: record.network.clone(),
+                    host_ports: record.host_ports.clone(),
+                    ..Default::default()
+                };
+                let (forwards, net_env) = match Forwards::start(&dir, &forwarded) {
+                    Ok(started) => started,
+                    Err(error) => {
+                        tracing::warn!(attempt_id = handle.attempt_id, %error, "cannot serve the vm's forwards again");
+                        return Ok(false);
+                    }
+                };
                 let entry = Arc::new(Entry {
-                    vm: Vmh::Attached { session, dir, record },
-                    image_env: Vec::new(),
+                    image_env: record.image_env.clone(),
+                    vm: Vmh::Attached { session, dir, record: Box::new(record) },
                     sandbox: id.to_owned(),
                     origin: None,
-                    _forwards: Forwards::default(),
-                    net_env: Vec::new(),
+                    _forwards: forwards,
+                    net_env,
                 });
-                self.lock().entry(handle.attempt_id).or_insert(entry).clone()
+                (self.lock().entry(handle.attempt_id).or_insert(entry).clone(), true)
             }
         };
         let session = entry.session();
         if session.finished(handle.step).is_some() {
             return Ok(false);
         }
-        session.follow(handle.step);
         let running = matches!(session.status(handle.step).await?, StepState::Running { .. });
-        if running {
-            tracing::info!(attempt_id = handle.attempt_id, step = handle.step, "attached to step in microvm");
+        if !running {
+            return Ok(false);
         }
-        Ok(running)
+        if restarted {
+            let note = b"drover: the agent restarted; output this step wrote meanwhile is missing\n".to_vec();
+            let _ = out.try_send(OutputChunk { stream: Stream::Stderr, step: handle.step, data: note });
+        }
+        session.follow(handle.step, out);
+        tracing::info!(attempt_id = handle.attempt_id, step = handle.step, "attached to step in microvm");
+        Ok(true)
     }
 
     async fn signal(&self, handle: &RunHandle, signal: StopSignal) -> Result<(), RuntimeError> {

@@ -147,7 +147,14 @@ async fn fill(pool: Weak<Pool>, image: String) {
                 return;
             }
         };
-        let record = VmRecord { attempt_id: 0, workspace: PathBuf::new(), qemu_pid: booted.vm.pid() };
+        let record = VmRecord {
+            attempt_id: 0,
+            workspace: PathBuf::new(),
+            qemu_pid: booted.vm.pid(),
+            image_env: Vec::new(),
+            network: Default::default(),
+            host_ports: Vec::new(),
+        };
         let _ = vm::write_record(&dir, &record).await;
         if pool.closed.load(Ordering::SeqCst) {
             booted.vm.shutdown(pool.booter.config.shutdown_grace).await;

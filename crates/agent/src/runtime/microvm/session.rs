@@ -207,10 +207,14 @@ impl Session {
         }
     }
 
-    /// Follows a step this session did not start (after an agent restart); output is not
-    /// forwarded.
-    pub(crate) fn follow(&self, step: usize) {
-        self.lock().steps.entry(step).or_insert_with(|| Slot::new(None));
+    /// Follows a step this session did not start (after an agent restart): its output from
+    /// now on goes to `sink`. A step this session follows already keeps its own sink.
+    pub(crate) fn follow(&self, step: usize, sink: OutputSink) {
+        let mut shared = self.lock();
+        let slot = shared.steps.entry(step).or_insert_with(|| Slot::new(None));
+        if slot.sink.is_none() {
+            slot.sink = Some(sink);
+        }
     }
 
     /// Whether this session knows the step.

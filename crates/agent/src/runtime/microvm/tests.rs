@@ -160,6 +160,44 @@ async fn runs_steps_with_workspace_round_trip_and_reports_the_accelerator() {
     runtime.cleanup(&task).await.expect("cleanup");
 }
 
+/// A restarted agent (a second runtime over the same directories) re-attaches a running step:
+/// it gets the step's output from then on and its end, the files the step changed, and runs
+/// the next step in the same VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_follows_a_running_step_and_runs_the_next_in_the_same_vm() {
+    let first = test_runtime().await;
+    let dir = conformance::scratch();
+    let task = busybox_task(
+        dir.path(),
+        vec![
+            sh("echo ready; sleep 2; echo after the restart; echo made > result.txt; exit 3"),
+            sh("cat result.txt; echo second step"),
+        ],
+    );
+    first.prepare(&task).await.expect("prepare");
+    let (handle, mut rx) = start(&first, &task, 0).await;
+    conformance::await_output(&mut rx, "ready").await;
+
+    let second = test_runtime().await;
+    let (tx, mut resumed) = tokio::sync::mpsc::channel(64);
+    assert!(second.attach(&handle, tx).await.expect("attach"), "running step not found");
+    let (status, chunks) = finish(&second, &handle, &mut resumed).await;
+    assert_eq!(status.code, Some(3), "{status:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "after the restart\n");
+    assert!(stream_text(&chunks, Stream::Stderr).contains("the agent restarted"), "{chunks:?}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("result.txt")).expect("synced back"), "made\n");
+
+    let (next, mut rx) = start(&second, &task, 1).await;
+    let (status, chunks) = finish(&second, &next, &mut rx).await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stream_text(&chunks, Stream::Stdout), "made\nsecond step\n");
+    // The restarted agent's cleanup ends the VM it did not boot.
+    second.cleanup(&task).await.expect("cleanup");
+    let needle = format!("/{}/", sandbox_id(task.attempt_id));
+    assert!(qemu_processes(&needle).is_empty(), "qemu survived cleanup");
+    first.cleanup(&task).await.expect("cleanup");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_vm_and_leaves_no_qemu_behind() {
     let runtime = test_runtime().await;

@@ -17,7 +17,8 @@ use tokio::process::Child;
 
 use super::qmp::{self, Qmp};
 use super::session::Session;
-use crate::runtime::RuntimeError;
+use crate::runtime::{HostPort, RuntimeError};
+use drover_core::NetworkPolicy;
 use drover_guest::net;
 use drover_guest::protocol::HostMessage;
 
@@ -72,6 +73,15 @@ pub(crate) struct VmRecord {
     pub workspace: PathBuf,
     /// QEMU's pid.
     pub qemu_pid: Option<u32>,
+    /// `KEY=value` environment of the image, for steps started after a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_env: Vec<String>,
+    /// The task's network policy, whose forwards a restarted agent serves again.
+    #[serde(default)]
+    pub network: NetworkPolicy,
+    /// The task's host ports, served again after a restart too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPort>,
 }
 
 /// A booted VM with its boot session.
