@@ -171,7 +171,7 @@ impl From<ClaimError> for tonic::Status {
 /// its file is still there: a deletion that ended between the write and the claim took it.
 pub(crate) async fn claim(shared: &Shared, digest: &drover_blobs::Digest) -> Result<(), ClaimError> {
     let text = digest.to_string();
-    if !shared.retention.claim_blob(&text).await? || shared.blobs.stat(digest).await?.is_none() {
+    if !shared.retention.claim_blob(&text, now_ms()).await? || shared.blobs.stat(digest).await?.is_none() {
         return Err(ClaimError::BeingDeleted(text));
     }
     Ok(())

@@ -14,11 +14,13 @@
 //! 2. [`RetentionStore::doom_blobs`] picks digests unreferenced for longer than a grace period,
 //!    checks again that nothing points to them, and marks them `deleting` in one transaction;
 //!    the caller then deletes the files and calls [`RetentionStore::blobs_deleted`].
-//! 3. Every blob written by an upload or the log archiver is claimed first
-//!    ([`RetentionStore::claim_blob`]): the claim drops the digest's `unreferenced_blobs` row,
-//!    or fails while the digest is `deleting`, and the writer checks the file exists after the
-//!    claim. A claim before step 2 keeps the blob; one during it is refused (the writer tries
-//!    again later); one after it finds the file gone and writes it anew.
+//! 3. Every blob written by an upload or the log archiver is claimed after it is written
+//!    ([`RetentionStore::claim_blob`]): the claim drops the digest's `unreferenced_blobs` row
+//!    when something points to the blob, or marks it unreferenced from now when nothing does
+//!    yet (so an upload no job ever names is collected after the grace too), or fails while
+//!    the digest is `deleting`; the writer checks the file exists after the claim. A claim
+//!    before step 2 restarts the grace; one during it is refused (the writer tries again
+//!    later); one after it finds the file gone and writes it anew.
 //!
 //! The grace period covers what no claim covers: a job submitted with a digest its project
 //! uploaded long ago, while another job's deletion has just orphaned the same digest.
@@ -55,9 +57,12 @@ pub trait RetentionStore: Send + Sync + 'static {
     /// be uploaded and referenced again.
     async fn blobs_deleted(&self, digests: &[String]) -> Result<()>;
 
-    /// Claims a blob just written: it is no longer unreferenced. `false` while its deletion is
-    /// under way: the writer must write it again later.
-    async fn claim_blob(&self, digest: &str) -> Result<bool>;
+    /// Claims a blob just written at `now_ms`. A blob something points to is no longer
+    /// unreferenced; one nothing points to yet (an upload its job has not named so far) is
+    /// unreferenced from `now_ms`, so the collector takes it after the grace unless a
+    /// reference comes first. `false` while its deletion is under way: the writer must write
+    /// it again later.
+    async fn claim_blob(&self, digest: &str, now_ms: i64) -> Result<bool>;
 
     /// Whether anything (an artifact, a log archive, a stored job's plan) points to `digest`.
     async fn blob_referenced(&self, digest: &str) -> Result<bool>;

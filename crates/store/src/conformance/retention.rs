@@ -107,7 +107,8 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
 
 /// Garbage collection takes only blobs unreferenced for longer than its grace, checks them
 /// again, and marks them as being deleted: a claim (a new upload) then fails until the
-/// deletion ends, a claim before keeps the blob, and a new reference keeps it too.
+/// deletion ends, a claim before restarts the grace, a new reference keeps the blob, and an
+/// upload no job names is collected after the grace.
 pub async fn retention_collects_only_unreferenced_blobs<
     S: Store + AccessStore + ArtifactStore + RetentionStore,
 >(
@@ -124,7 +125,7 @@ pub async fn retention_collects_only_unreferenced_blobs<
     assert_eq!(unused, ["sha256:again", "sha256:in", "sha256:log", "sha256:out"]);
 
     assert!(store.doom_blobs(10, 100).await.unwrap().is_empty(), "not unreferenced for long enough");
-    assert!(store.claim_blob("sha256:again").await.unwrap(), "uploaded again: no longer unreferenced");
+    assert!(store.claim_blob("sha256:again", 11).await.unwrap(), "uploaded again: its grace starts anew");
     // A new job names `sha256:in` again before collection: it is referenced once more.
     let reader = store.submit(&job_reading("default", &["sha256:in"]), "", "f", 11).await.unwrap();
 
@@ -132,21 +133,31 @@ pub async fn retention_collects_only_unreferenced_blobs<
     assert!(store.blob_projects("sha256:out").await.unwrap().is_empty(), "no project holds a doomed blob");
     assert_eq!(store.blob_projects("sha256:in").await.unwrap(), ["default"]);
     assert_eq!(store.blob_projects("sha256:again").await.unwrap(), ["default"]);
-    assert!(!store.claim_blob("sha256:out").await.unwrap(), "refused while its deletion is under way");
+    assert!(!store.claim_blob("sha256:out", 11).await.unwrap(), "refused while its deletion is under way");
     assert_eq!(
         store.doom_blobs(11, 100).await.unwrap(),
         ["sha256:log", "sha256:out"],
         "returned again until the deletion ends"
     );
     store.blobs_deleted(&["sha256:out".to_string(), "sha256:log".to_string()]).await.unwrap();
-    assert!(store.claim_blob("sha256:out").await.unwrap(), "deleted: it may be uploaded again");
-    assert!(store.doom_blobs(1_000, 100).await.unwrap().is_empty(), "nothing else is unreferenced");
+    assert!(store.claim_blob("sha256:out", 12).await.unwrap(), "deleted: it may be uploaded again");
+    // Uploaded again but never named by a job: collected once their grace has passed too.
+    assert!(store.doom_blobs(11, 100).await.unwrap().is_empty(), "within their grace");
+    assert_eq!(store.doom_blobs(1_000, 100).await.unwrap(), ["sha256:again", "sha256:out"]);
+    store.blobs_deleted(&["sha256:again".to_string(), "sha256:out".to_string()]).await.unwrap();
+    // An upload a job names before the grace ends is kept; one claimed after the job named
+    // it is not even marked.
+    assert!(store.claim_blob("sha256:fresh", 20).await.unwrap());
+    assert!(store.claim_blob("sha256:in", 20).await.unwrap(), "named by a job already");
+    let named = store.submit(&job_reading("default", &["sha256:fresh"]), "", "f", 21).await.unwrap();
+    assert!(store.doom_blobs(1_000, 100).await.unwrap().is_empty(), "both are referenced");
     assert!(store.blob_referenced("sha256:in").await.unwrap());
     assert!(store.job(reader).await.unwrap().is_some());
+    assert!(store.job(named).await.unwrap().is_some());
 }
 
 /// Rows an older server stored: an ended job whose plan names an image archive and an input
-/// upload, for the retention migration to backfill.
+/// upload, and an upload no job names, for the retention migrations to backfill.
 pub const RETENTION_LEGACY_ROWS: &str = r#"
 INSERT INTO jobs (id, name, project, priority, labels, source, filename, state, has_deps, created_ms, ended_ms)
     VALUES (1, 'old', 'default', 0, '{}', '', 'f', 'succeeded', FALSE, 100, 200);
@@ -154,14 +165,22 @@ INSERT INTO tasks (id, job_id, name, plan, priority, cores, memory, constraints,
     (1, 1, 'a', '{"image_blob":"sha256:image","inputs":[{"source":{"blob":{"digest":"sha256:input","directory":false}},"to":"x"},{"source":{"url":"https://example.com/x"},"to":"y"}]}',
      0, 1, 0, '{}', 'process', 'succeeded'),
     (2, 1, 'b', '{}', 0, 1, 0, '{}', 'process', 'succeeded');
+INSERT INTO project_blobs (project, digest, size, created_ms) VALUES
+    ('default', 'sha256:input', 1, 50), ('default', 'sha256:unnamed', 1, 60);
 "#;
 
 /// A store migrated from a database holding [`RETENTION_LEGACY_ROWS`] knows the blobs the old
-/// job's plan names, and deleting the job reports them.
+/// job's plan names, and deleting the job reports them; the upload no job names is
+/// unreferenced from the migration on.
 pub async fn upgraded_jobs_keep_their_blobs<S: Store + RetentionStore>(store: &S) {
     assert!(store.blob_referenced("sha256:image").await.unwrap());
     assert!(store.blob_referenced("sha256:input").await.unwrap());
+    assert!(store.doom_blobs(300, 10).await.unwrap().is_empty(), "marked at the migration, long after");
     assert_eq!(store.expired_jobs("default", 300, 10).await.unwrap(), [1]);
     let unused = store.delete_job(1, 300).await.unwrap().expect("the old job ended");
     assert_eq!(unused, ["sha256:image", "sha256:input"]);
+    assert_eq!(
+        store.doom_blobs(i64::MAX, 10).await.unwrap(),
+        ["sha256:image", "sha256:input", "sha256:unnamed"]
+    );
 }

@@ -14,8 +14,10 @@ pub(super) async fn referenced(conn: &mut PgConnection, digest: &str) -> Result<
     Ok(sqlx::query_scalar(&referenced_sql("$1")).bind(digest).fetch_one(conn).await?)
 }
 
-/// Records each digest of `digests` nothing points to any more as unreferenced since `now_ms`
-/// (keeping an earlier mark), and returns those digests.
+/// Records each digest of `digests` nothing points to any more as unreferenced since `now_ms`,
+/// and returns those digests. An earlier mark is moved to `now_ms` (unless its deletion has
+/// begun): it was left by an upload that a job then named, and the grace counts from the
+/// reference's end.
 pub(super) async fn mark_unreferenced(
     conn: &mut PgConnection,
     mut digests: Vec<String>,
@@ -27,7 +29,8 @@ pub(super) async fn mark_unreferenced(
     for d in digests {
         if !referenced(&mut *conn, &d).await? {
             sqlx::query(
-                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING",
+                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES ($1, $2) \
+                 ON CONFLICT (digest) DO UPDATE SET since_ms = EXCLUDED.since_ms WHERE NOT unreferenced_blobs.deleting",
             )
             .bind(&d)
             .bind(now_ms)
@@ -137,7 +140,7 @@ impl RetentionStore for PostgresStore {
         Ok(())
     }
 
-    async fn claim_blob(&self, digest: &str) -> Result<bool> {
+    async fn claim_blob(&self, digest: &str, now_ms: i64) -> Result<bool> {
         transaction!(self.pool, "claim_blob", |tx| {
             // The row lock waits for a doom of the digest under way, whose commit then shows.
             let deleting: Option<bool> =
@@ -148,10 +151,21 @@ impl RetentionStore for PostgresStore {
             if deleting == Some(true) {
                 return Ok(false);
             }
-            sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = $1")
+            if referenced(&mut tx, digest).await? {
+                sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = $1")
+                    .bind(digest)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query(
+                    "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES ($1, $2) \
+                     ON CONFLICT (digest) DO UPDATE SET since_ms = EXCLUDED.since_ms",
+                )
                 .bind(digest)
+                .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
+            }
             Ok(true)
         })
     }

@@ -13,8 +13,10 @@ pub(super) async fn referenced(conn: &mut SqliteConnection, digest: &str) -> Res
     Ok(sqlx::query_scalar(&referenced_sql("?1")).bind(digest).fetch_one(conn).await?)
 }
 
-/// Records each digest of `digests` nothing points to any more as unreferenced since `now_ms`
-/// (keeping an earlier mark), and returns those digests.
+/// Records each digest of `digests` nothing points to any more as unreferenced since `now_ms`,
+/// and returns those digests. An earlier mark is moved to `now_ms` (unless its deletion has
+/// begun): it was left by an upload that a job then named, and the grace counts from the
+/// reference's end.
 pub(super) async fn mark_unreferenced(
     conn: &mut SqliteConnection,
     mut digests: Vec<String>,
@@ -26,7 +28,8 @@ pub(super) async fn mark_unreferenced(
     for d in digests {
         if !referenced(&mut *conn, &d).await? {
             sqlx::query(
-                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES (?, ?) ON CONFLICT (digest) DO NOTHING",
+                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES (?, ?) \
+                 ON CONFLICT (digest) DO UPDATE SET since_ms = excluded.since_ms WHERE unreferenced_blobs.deleting = 0",
             )
             .bind(&d)
             .bind(now_ms)
@@ -136,7 +139,7 @@ impl RetentionStore for SqliteStore {
         Ok(())
     }
 
-    async fn claim_blob(&self, digest: &str) -> Result<bool> {
+    async fn claim_blob(&self, digest: &str, now_ms: i64) -> Result<bool> {
         let mut writer = self.writer.lock().await;
         let mut tx = writer.begin().await?;
         let deleting: Option<bool> =
@@ -147,7 +150,23 @@ impl RetentionStore for SqliteStore {
         if deleting == Some(true) {
             return Ok(false);
         }
-        sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = ?").bind(digest).execute(&mut *tx).await?;
+        let referenced: bool =
+            sqlx::query_scalar(&referenced_sql("?1")).bind(digest).fetch_one(&mut *tx).await?;
+        if referenced {
+            sqlx::query("DELETE FROM unreferenced_blobs WHERE digest = ?")
+                .bind(digest)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO unreferenced_blobs (digest, since_ms) VALUES (?1, ?2) \
+                 ON CONFLICT (digest) DO UPDATE SET since_ms = excluded.since_ms",
+            )
+            .bind(digest)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
