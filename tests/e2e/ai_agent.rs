@@ -191,3 +191,59 @@ tasks:
     assert_eq!(usage["jobs"][0]["input_tokens"], 16, "{usage:#}");
     assert_eq!(usage["jobs"][0]["output_tokens"], 10, "{usage:#}");
 }
+
+#[test]
+fn a_restarted_agent_takes_its_agent_task_over_and_the_budget_holds_across_the_restart() {
+    let mut c = Cluster::start(1, 2);
+    let (llm, keys) = fake_llm();
+    set_secret(&c, "LLM_KEY", REAL_KEY);
+    allow_loopback_llm(&c);
+    // One call before the agent dies, two after: 13 tokens each against a budget of 20, so
+    // the third is refused only if the restarted proxy counts the first.
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: restart
+tasks:
+  - name: agent
+    runtime: process
+    agent:
+      command: |
+        call() {{ curl -s -o /dev/null -w '%{{http_code}}\n' -H "x-api-key: $ANTHROPIC_API_KEY" -d '{{}}' "$ANTHROPIC_BASE_URL/v1/messages"; }}
+        call
+        echo $$ > {{{{ params.dir }}}}/agent.pid
+        while [ ! -e {{{{ params.dir }}}}/go ]; do sleep 0.05; done
+        call
+        call
+      prompt: "Spend"
+      budget: 20
+      upstream: "{llm}"
+      key_secret: LLM_KEY
+"#
+    ));
+    let pid = crate::harness::read_pid(&c.path("agent.pid"));
+    // The usage is written down every half second: let it be.
+    std::thread::sleep(Duration::from_secs(1));
+    c.kill_agent(0);
+    assert!(crate::harness::alive(pid), "the task outlives a SIGKILLed agent");
+    c.restart_agent(0, 2);
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(c.path("agent-0.log"))
+        .unwrap_or_default()
+        .contains("taken over after a restart")
+    {
+        assert!(start.elapsed() < T, "the restarted agent did not take the agent task over");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(c.path("go"), "").unwrap();
+    let status = c.wait_done(job, T);
+    let t = task(&status, "agent");
+    assert_eq!((t["state"].as_str(), t["failure"].as_str()), (Some("failed"), Some("budget")), "{status:#}");
+    assert_eq!(t["attempts"], 1, "taken over, not retried: {status:#}");
+    assert_eq!(c.ok(&["logs", &job.to_string(), "agent"]), "200\n200\n429\n");
+    assert_eq!(*keys.lock().unwrap(), vec![REAL_KEY.to_owned(); 2], "the restarted proxy has the real key");
+    let usage: Value =
+        serde_json::from_str(&c.ok(&["usage", "--job", &job.to_string(), "-o", "json"])).unwrap();
+    assert_eq!(usage["jobs"][0]["input_tokens"], 16, "both runs' calls counted: {usage:#}");
+    assert_eq!(usage["jobs"][0]["output_tokens"], 10, "{usage:#}");
+}

@@ -144,6 +144,8 @@ struct Launch {
     resume: Option<attempt::Resume>,
     io: Option<attempt::TaskIo>,
     ai: Option<AiTask>,
+    /// An AI-agent task to take over (with `resume`).
+    ai_resume: Option<attempt::AiResume>,
 }
 
 /// What of the node an attempt holds when it is launched.
@@ -354,6 +356,12 @@ impl Agent {
                 max_outputs: this.limits.max_outputs(),
                 policy: crate::files::InputPolicy::default(),
             });
+            // An AI-agent task's proxy starts again, with its key asked of the server.
+            let ai_resume = entry.ai.map(|state| attempt::AiResume {
+                state,
+                link: this.link.clone(),
+                node: this.config.name.clone(),
+            });
             let launch = Launch {
                 spec: entry.spec,
                 kind,
@@ -363,6 +371,7 @@ impl Agent {
                 resume: Some(resume),
                 io,
                 ai: None,
+                ai_resume,
             };
             this.launch(launch);
         }
@@ -706,13 +715,13 @@ impl Agent {
         let timeout = plan.timeout.filter(|t| !t.is_zero());
         let kind = plan.runtime.as_str().to_owned();
         let image_blob = plan.image_blob;
-        self.launch(Launch { spec, kind, image_blob, timeout, room, resume: None, io, ai });
+        self.launch(Launch { spec, kind, image_blob, timeout, room, resume: None, io, ai, ai_resume: None });
     }
 
     /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent
     /// run started.
     fn launch(self: &Arc<Self>, launch: Launch) {
-        let Launch { mut spec, kind, image_blob, timeout, room, resume, io, ai } = launch;
+        let Launch { mut spec, kind, image_blob, timeout, room, resume, io, ai, ai_resume } = launch;
         let attempt_id = spec.attempt_id;
         let runtime = self.runtimes.get(&kind).cloned();
         let (stop_tx, mut stop_rx) = watch::channel(StopReason::None);
@@ -749,6 +758,7 @@ impl Agent {
                             io,
                             max_log: this.limits.max_log(),
                             ai,
+                            ai_resume,
                             image,
                             // The next attempt in line starts while this one keeps its outputs
                             // and reports its end.

@@ -97,7 +97,7 @@ pub async fn run(
 ) -> Outcome {
     // The task's timeout counts from here: setup (inputs, image, checkout) is inside it.
     let clock = TaskClock::starting_now(timeout);
-    let Runner { runtime, outbox, journal, grace, io, max_log, ai, image, sandbox_gone } = runner;
+    let Runner { runtime, outbox, journal, grace, io, max_log, ai, ai_resume, image, sandbox_gone } = runner;
     let span = tracing::info_span!(
         "attempt",
         job_id = spec.job_id,
@@ -118,7 +118,9 @@ pub async fn run(
             // Nothing runs, so nothing can leak through the empty masker.
             Err(e) => (Arc::new(Masker::default()), Some(e)),
         };
-        let metered = ai.is_some();
+        let metered = ai.is_some() || ai_resume.is_some();
+        // What taking the agent task over takes, once it is set up: journaled with its steps.
+        let ai_state: Arc<std::sync::Mutex<Option<Box<ai_task::Resumable>>>> = Default::default();
         let kept = io
             .as_ref()
             .filter(|io| !io.outputs.is_empty())
@@ -131,7 +133,14 @@ pub async fn run(
             Box::new(Masking { unmaskable }),
             Box::new(Inputs { io: io.clone() }),
             Box::new(Image { image }),
-            Box::new(AgentSetup { ai, prepared: None }),
+            Box::new(AgentSetup {
+                ai,
+                resume: ai_resume,
+                prepared: None,
+                state: ai_state.clone(),
+                journal: journal.clone(),
+                usage_writer: None,
+            }),
             Box::new(Outputs { io, outbox: outbox.clone() }),
         ];
         let mut refused = None;
@@ -139,6 +148,8 @@ pub async fn run(
             let (name, doing) = (hook.name(), hook.doing());
             let ended = match setup::bounded(doing, clock, &mut stop, hook.prestart(&mut spec)).await {
                 Ok(Ok(())) => continue,
+                // A resumed attempt did start: what cannot be taken over is lost.
+                Ok(Err(why)) if resume.is_some() => SetupEnd { failure: FailureClass::Lost, message: why },
                 Ok(Err(why)) => SetupEnd { failure: FailureClass::Start, message: why },
                 Err(end) => end,
             };
@@ -146,6 +157,7 @@ pub async fn run(
             refused = Some(ended);
             break;
         }
+        let ai_state = ai_state.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut outcome = match refused {
             None => {
                 let steps = Steps {
@@ -156,6 +168,7 @@ pub async fn run(
                     grace,
                     metered,
                     kept: &kept,
+                    ai: &ai_state,
                 };
                 run_steps(steps, stop, tx, resume).await
             }
@@ -306,11 +319,75 @@ impl Hook for Image {
     }
 }
 
-/// Sets an AI-agent task up (repository, prompt, metering proxy) and wraps it up (tokens,
-/// budget, patch, push).
+/// An AI-agent task an earlier agent run prepared, to take over after a restart.
+pub struct AiResume {
+    /// What the journal kept of it.
+    pub state: Box<ai_task::Resumable>,
+    /// Where its key comes from again.
+    pub link: Arc<crate::link::Link>,
+    /// This node's name, which the server checks the attempt against.
+    pub node: String,
+}
+
+/// How often an AI-agent task's token usage is written down while it runs: after an agent
+/// restart the count (and the budget) go on from there.
+const RECORD_AI_USAGE: Duration = Duration::from_millis(500);
+/// The longest pause between asks for a resumed task's key while no server answers.
+const MAX_KEY_PAUSE: Duration = Duration::from_secs(5);
+
+/// Sets an AI-agent task up (repository, prompt, metering proxy), or takes one over after an
+/// agent restart, and wraps it up (tokens, budget, patch, push).
 struct AgentSetup {
     ai: Option<AiTask>,
+    resume: Option<AiResume>,
     prepared: Option<ai_task::Prepared>,
+    /// Where the hook leaves what taking the task over takes, for the journal.
+    state: Arc<std::sync::Mutex<Option<Box<ai_task::Resumable>>>>,
+    journal: Journal,
+    /// Writes the usage down while the task runs.
+    usage_writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentSetup {
+    /// Keeps what taking the task over takes, and writes its usage down as it grows.
+    fn track(&mut self, prepared: &ai_task::Prepared, attempt_id: i64) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(prepared.resumable()));
+        if let Some(probe) = prepared.usage_probe() {
+            let journal = self.journal.clone();
+            self.usage_writer = Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RECORD_AI_USAGE).await;
+                    journal.record_ai_usage(attempt_id, probe.usage()).await;
+                }
+            }));
+        }
+    }
+}
+
+/// The key of a resumed AI-agent task, asked of the servers until one answers.
+async fn key_again(resume: &AiResume, attempt_id: i64) -> Result<String, String> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match resume.link.attempt_key(&resume.node, attempt_id).await {
+            Ok(key) => return Ok(key),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "cannot get the agent task's key again yet; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_KEY_PAUSE);
+            }
+            Err(e) => {
+                return Err(format!("the agent restarted and cannot get the task's LLM key again: {e}"));
+            }
+        }
+    }
+}
+
+impl Drop for AgentSetup {
+    fn drop(&mut self) {
+        if let Some(writer) = self.usage_writer.take() {
+            writer.abort();
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -323,16 +400,33 @@ impl Hook for AgentSetup {
         "setting up its agent (repository, prompt, metering proxy)"
     }
 
+    fn also_on_resume(&self) -> bool {
+        true
+    }
+
     async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
-        if let Some(ai) = &self.ai {
-            let prepared =
-                ai_task::prepare(ai, spec).await.map_err(|e| format!("agent task not set up: {e}"))?;
-            self.prepared = Some(prepared);
-        }
+        let prepared = if let Some(resume) = &self.resume {
+            let key = match resume.state.proxy {
+                Some(_) => key_again(resume, spec.attempt_id).await?,
+                None => String::new(),
+            };
+            ai_task::Prepared::resume((*resume.state).clone(), &key)
+                .await
+                .map_err(|e| format!("the agent restarted and cannot take the agent task over: {e}"))?
+        } else if let Some(ai) = &self.ai {
+            ai_task::prepare(ai, spec).await.map_err(|e| format!("agent task not set up: {e}"))?
+        } else {
+            return Ok(());
+        };
+        self.track(&prepared, spec.attempt_id);
+        self.prepared = Some(prepared);
         Ok(())
     }
 
     async fn poststop(&mut self, _spec: &TaskSpec, outcome: &mut Outcome) {
+        if let Some(writer) = self.usage_writer.take() {
+            writer.abort();
+        }
         if let Some(prepared) = self.prepared.take() {
             wrap_up_agent(prepared, outcome).await;
         }
@@ -462,6 +556,8 @@ pub struct Runner {
     pub max_log: u64,
     /// The agent block of an AI-agent task, with its key.
     pub ai: Option<AiTask>,
+    /// An AI-agent task an earlier agent run prepared, to take over (a resumed attempt).
+    pub ai_resume: Option<AiResume>,
     /// The image archive the task's image comes from, when it was shipped with the job.
     pub image: Option<ImageToLoad>,
     /// Called once the sandbox is cleaned up, before outputs are kept and the end is
@@ -489,6 +585,8 @@ struct Steps<'a> {
     metered: bool,
     /// The outputs it keeps (see [`Entry::outputs`]).
     kept: &'a Option<KeptOutputs>,
+    /// How to take its agent task over (see [`Entry::ai`]).
+    ai: &'a Option<Box<ai_task::Resumable>>,
 }
 
 /// What the output shipper receives.
@@ -538,7 +636,7 @@ async fn run_steps(
     out: mpsc::Sender<Shipped>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Steps { runtime, journal, spec, clock, grace, metered, kept } = steps;
+    let Steps { runtime, journal, spec, clock, grace, metered, kept, ai } = steps;
     let (timeout, deadline) = (clock.timeout, clock.deadline);
     let mut outcome = Outcome {
         exit_code: None,
@@ -599,6 +697,8 @@ async fn run_steps(
             timeout_ms: timeout.map(|t| t.as_millis() as u64),
             metered,
             outputs: kept.clone(),
+            // The usage so far: the journal's own copy is the current one.
+            ai: journal.current_ai(spec.attempt_id).or_else(|| ai.clone()),
         };
         journal.record(&entry).await;
         let sleep_until_deadline = async {
@@ -935,6 +1035,7 @@ mod tests {
             io: None,
             max_log: 0,
             ai: None,
+            ai_resume: None,
             image: None,
             sandbox_gone: Some(Box::new({
                 let gone = gone.clone();

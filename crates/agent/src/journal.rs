@@ -4,9 +4,10 @@
 //!
 //! Steps whose sandboxes outlive the agent are re-attached and resumed: containers, microVMs
 //! (through their second port), and process steps through their supervisors (whose output is
-//! shipped on from where the earlier run got to). AI-agent tasks, whose metering proxy lived
-//! in the agent, are stopped, and their attempts reported lost, so the server settles them at
-//! once instead of leaving the work to run twice.
+//! shipped on from where the earlier run got to). An AI-agent task's metering proxy, which
+//! lived in the agent, starts again from what its entry keeps (see [`Entry::ai`]). Steps that
+//! cannot be re-attached are stopped, and their attempts reported lost, so the server settles
+//! them at once instead of leaving the work to run twice.
 //!
 //! The journal never holds a secret value: an entry keeps the names of the task's secrets with
 //! empty values, the log is readable by the agent's user only (0600, in a 0700 directory),
@@ -39,10 +40,14 @@ pub struct Entry {
     /// The attempt's timeout, restarted in full when a re-attached attempt resumes.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
-    /// An AI-agent task: its metering proxy lived in the agent process, so a restarted agent
-    /// cannot re-attach it.
+    /// An AI-agent task: its metering proxy lives in the agent process. A restarted agent
+    /// re-attaches it only with [`Entry::ai`] (an entry of an older agent lacks it).
     #[serde(default)]
     pub metered: bool,
+    /// What taking an AI-agent task over takes: its setup, its proxy's (but the key) and the
+    /// tokens counted so far, kept current while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ai: Option<Box<crate::ai_task::Resumable>>,
     /// The outputs the attempt keeps when it ends, so that a re-attached attempt keeps them too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<KeptOutputs>,
@@ -105,6 +110,29 @@ impl Journal {
         if let Err(e) = self.log.append(Record::Step(Box::new(kept))).await {
             tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot journal the attempt's step");
         }
+    }
+
+    /// Writes down the tokens an AI-agent attempt has used so far, so that a restarted agent
+    /// keeps counting from there (and holds the budget). Nothing for an attempt not recorded.
+    pub async fn record_ai_usage(&self, attempt_id: i64, used: crate::ai_task::proxy::TokenUsage) {
+        let entry = {
+            let mut live = self.live();
+            let Some(entry) = live.get_mut(&attempt_id) else { return };
+            let Some(ai) = entry.ai.as_mut() else { return };
+            if ai.used == used {
+                return;
+            }
+            ai.used = used;
+            entry.clone()
+        };
+        if let Err(e) = self.log.append(Record::Step(Box::new(entry))).await {
+            tracing::warn!(attempt_id, error = %e, "cannot journal the attempt's token usage");
+        }
+    }
+
+    /// What the journal holds for taking an AI-agent attempt over, usage included.
+    pub fn current_ai(&self, attempt_id: i64) -> Option<Box<crate::ai_task::Resumable>> {
+        self.live().get(&attempt_id).and_then(|e| e.ai.clone())
     }
 
     /// Forgets an attempt that ended.
@@ -209,11 +237,12 @@ impl Journal {
 const REATTACHED_OUTPUT_QUEUE: usize = 64;
 
 /// Whether a step of `kind` can be re-attached after an agent restart: containers, microVMs
-/// and process steps outlive the agent; an AI-agent task's metering proxy does not.
+/// and process steps outlive the agent. An AI-agent task's metering proxy does not, but it
+/// starts again from what the journal keeps, unless an older agent wrote the entry.
 fn reattachable(kind: &str, entry: &Entry) -> bool {
+    let proxy_restartable = !entry.metered || entry.ai.is_some();
     match kind {
-        "docker" => true,
-        "process" | "microvm" => !entry.metered,
+        "docker" | "process" | "microvm" => proxy_restartable,
         _ => false,
     }
 }
@@ -275,6 +304,7 @@ mod tests {
             timeout_ms: None,
             // The metering proxy of an AI-agent task is gone with its agent: stopped, not resumed.
             metered: true,
+            ai: None,
             outputs: None,
         };
         let done = Entry { spec: TaskSpec { attempt_id: 5, ..spec.clone() }, ..entry.clone() };
@@ -333,6 +363,7 @@ mod tests {
             handle: Some(handle.clone()),
             timeout_ms: None,
             metered: false,
+            ai: None,
             outputs: Some(KeptOutputs { globs: vec!["out/*".into()], on_failure: false }),
         };
         open(&state).record(&entry).await;
@@ -377,6 +408,7 @@ mod tests {
             handle: None,
             timeout_ms: None,
             metered: false,
+            ai: None,
             outputs: None,
         };
         {
@@ -407,6 +439,7 @@ mod tests {
             handle: None,
             timeout_ms: Some(1000),
             metered: false,
+            ai: None,
             outputs: None,
         };
         std::fs::write(old.join("attempt-31.json"), serde_json::to_vec(&entry).unwrap()).unwrap();

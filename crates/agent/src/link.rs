@@ -221,6 +221,31 @@ impl Link {
         Ok(AgentSessionClient::with_interceptor(channel, read_lock(&self.bearer))
             .max_decoding_message_size(64 << 20))
     }
+
+    /// The LLM key of AI-agent attempt `attempt_id` that node `node` (this agent) runs, from
+    /// the first server that answers. A refusal (the attempt is not open on this node any
+    /// more) is [`LinkError::Refused`].
+    pub async fn attempt_key(&self, node: &str, attempt_id: i64) -> Result<String, LinkError> {
+        let mut last = LinkError::Unreachable("no server address".into());
+        for url in &self.servers {
+            let mut client = match self.session_client(url).await {
+                Ok(client) => client,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let request = pb::AttemptKeyRequest { node: node.to_owned(), attempt_id };
+            match client.attempt_key(request).await {
+                Ok(answer) => return Ok(answer.into_inner().llm_key),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    last = LinkError::Unreachable(format!("{url}: {}", status.message()));
+                }
+                Err(status) => return Err(LinkError::Refused(status.message().to_owned())),
+            }
+        }
+        Err(last)
+    }
 }
 
 #[cfg(test)]

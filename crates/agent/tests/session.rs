@@ -102,6 +102,13 @@ impl AgentSession for Scripted {
     async fn join(&self, _: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         Err(Status::unimplemented("not in this script"))
     }
+
+    async fn attempt_key(
+        &self,
+        _: Request<pb::AttemptKeyRequest>,
+    ) -> Result<Response<pb::AttemptKeyResponse>, Status> {
+        Err(Status::unimplemented("not in this script"))
+    }
 }
 
 /// A running scripted server and an agent connected to it.

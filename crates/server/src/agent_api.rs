@@ -194,6 +194,60 @@ impl AgentSession for AgentApi {
         let from = req.remote_addr();
         crate::access_api::join(&self.0, from, req.into_inner()).await.map(Response::new)
     }
+
+    #[tracing::instrument(skip_all)]
+    async fn attempt_key(
+        &self,
+        req: Request<pb::AttemptKeyRequest>,
+    ) -> Result<Response<pb::AttemptKeyResponse>, Status> {
+        let caller = auth::caller(&self.0, &req).await?;
+        attempt_key(&self.0, &caller, req.into_inner()).await.map(Response::new)
+    }
+}
+
+/// Gives a restarted agent the LLM key of an AI-agent attempt it took over: only a node asking
+/// in its own name (its credential's), only for an attempt open on it, only the key its task
+/// names.
+async fn attempt_key(
+    shared: &Shared,
+    caller: &Caller,
+    ask: pb::AttemptKeyRequest,
+) -> Result<pb::AttemptKeyResponse, Status> {
+    match caller {
+        Caller::Node { name, .. } if *name == ask.node => {}
+        Caller::Node { name, .. } => {
+            tracing::warn!(credential_node = %name, asked = %ask.node, "refused a key asked for another node");
+            return Err(Status::permission_denied(format!(
+                "this credential belongs to node `{name}`; it cannot ask for the attempts of `{}`",
+                ask.node
+            )));
+        }
+        // Without authentication a node is whoever registers under its name.
+        Caller::Open => {}
+        Caller::Person { .. } => {
+            return Err(Status::permission_denied("only the node running an attempt may ask for its key"));
+        }
+    }
+    let Some((project, plan)) =
+        shared.store.open_attempt_plan(ask.attempt_id, &ask.node).await.map_err(status)?
+    else {
+        return Err(Status::not_found(format!(
+            "attempt {} is not open on node `{}`; it was handed on or has ended",
+            ask.attempt_id, ask.node
+        )));
+    };
+    let Some(name) = plan.agent.as_ref().and_then(|a| a.key_secret.clone()) else {
+        return Err(Status::failed_precondition(format!("attempt {} has no LLM key", ask.attempt_id)));
+    };
+    let mut values =
+        shared.secrets.secret_values(&project, std::slice::from_ref(&name)).await.map_err(status)?;
+    let Some(llm_key) = values.remove(&name) else {
+        return Err(Status::failed_precondition(format!(
+            "project `{project}` no longer has the secret `{name}`"
+        )));
+    };
+    tracing::info!(attempt_id = ask.attempt_id, node = %ask.node, "the llm key given again to a restarted agent");
+    Ok(pb::AttemptKeyResponse { llm_key })
 }
 
 /// Where a session's messages go besides the store: its outbound stream, its acknowledger

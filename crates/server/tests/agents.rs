@@ -474,3 +474,81 @@ async fn a_batch_of_reports_beyond_the_limits_ends_the_session() {
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("add up to 9 bytes"), "{s:?}");
 }
+
+/// Asks for an attempt's LLM key again, as a restarted agent does.
+async fn attempt_key(
+    server: &Server,
+    credential: Option<&str>,
+    node: &str,
+    attempt_id: i64,
+) -> Result<String, tonic::Status> {
+    let channel =
+        tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
+    let mut agents = drover_proto::agent_session_client::AgentSessionClient::with_interceptor(
+        channel,
+        drover_proto::Bearer::new(credential).unwrap(),
+    );
+    let req = pb::AttemptKeyRequest { node: node.into(), attempt_id };
+    Ok(agents.attempt_key(req).await?.into_inner().llm_key)
+}
+
+#[tokio::test]
+async fn an_llm_key_is_given_again_only_to_the_node_running_the_attempt_while_it_runs() {
+    let server = Server::start().await;
+    let a = server.enroll("a").await;
+    let b = server.enroll("b").await;
+    let mut sessions =
+        [server.session(Some(&a), "a").await.unwrap(), server.session(Some(&b), "b").await.unwrap()];
+    let credentials = [a, b];
+    let names = ["a", "b"];
+    let mut op = server.operator().await;
+    let secret =
+        pb::SetSecretRequest { project: "default".into(), name: "LLM_KEY".into(), value: "sk-real".into() };
+    op.set_secret(secret).await.unwrap();
+    let mut plan = drover_store::conformance::job(vec![
+        drover_store::conformance::task("agent", &[]),
+        drover_store::conformance::task("plain", &["agent"]),
+    ]);
+    plan.tasks[0].agent = Some(drover_core::AgentSpec {
+        command: drover_core::Command::Shell("agent".into()),
+        prompt: "p".into(),
+        prompt_file: None,
+        repo: None,
+        budget: None,
+        push: None,
+        provider: drover_core::LlmProvider::Anthropic,
+        upstream: Some("https://llm.invalid".into()),
+        key_secret: Some("LLM_KEY".into()),
+    });
+    let req = pb::SubmitRequest { plan_json: serde_json::to_string(&plan).unwrap(), ..Default::default() };
+    op.submit(req).await.unwrap();
+    let (owner, assign) = assignment(&mut sessions).await;
+    let (other, id) = (1 - owner, assign.attempt_id);
+
+    let key = attempt_key(&server, Some(&credentials[owner]), names[owner], id).await.unwrap();
+    assert_eq!(key, "sk-real");
+    // Another node's credential cannot ask in the owner's name, nor get it in its own.
+    let err = attempt_key(&server, Some(&credentials[other]), names[owner], id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = attempt_key(&server, Some(&credentials[other]), names[other], id).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Neither can a person's key, nor a caller without a credential.
+    let err = attempt_key(&server, Some(&server.operator), names[owner], id).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = attempt_key(&server, None, names[owner], id).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = attempt_key(&server, Some(&credentials[owner]), names[owner], i64::MAX).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Once the attempt ended, nobody gets it; a task without a key never had one to give.
+    sessions[owner].send(started(id, assign.epoch, 1)).await;
+    sessions[owner].send(finished(id, assign.epoch, 2)).await;
+    sessions[owner].wait_ack(2, WAIT).await;
+    let err = attempt_key(&server, Some(&credentials[owner]), names[owner], id).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let (plain_owner, plain) = assignment(&mut sessions).await;
+    let err = attempt_key(&server, Some(&credentials[plain_owner]), names[plain_owner], plain.attempt_id)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}

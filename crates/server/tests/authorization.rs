@@ -851,6 +851,26 @@ fn cases(w: &World) -> Vec<Case> {
             unchanged: None,
         },
         Case {
+            target: "AgentSession/AttemptKey",
+            what: "ask again for the llm key of an attempt matrix-node does not run",
+            call: call(|w, caller| {
+                async move {
+                    let channel = Channel::from_shared(w.url.clone()).unwrap().connect().await.unwrap();
+                    let mut agents =
+                        AgentSessionClient::with_interceptor(channel, Bearer::new(w.key(caller)).unwrap());
+                    let req = pb::AttemptKeyRequest { node: "matrix-node".into(), attempt_id: MISSING };
+                    status_of(agents.attempt_key(req).await).map(|k| k.llm_key)
+                }
+                .boxed()
+            }),
+            // Only the node itself may ask, and it runs no such attempt.
+            expect: |caller| {
+                unauthenticated(caller).unwrap_or(if caller == "node" { Hidden } else { Denied })
+            },
+            missing: None,
+            unchanged: None,
+        },
+        Case {
             target: "AgentSession/Join",
             what: "join with a token that is not valid",
             call: call(|w, _| {

@@ -302,6 +302,21 @@ pub async fn reregistration_adopts_known_attempts(store: &dyn Store) {
     assert_eq!((c.len(), c[0].number), (1, 1));
 }
 
+/// An attempt's plan is told again only to its own node while the attempt is open.
+pub async fn open_attempts_tell_their_plan_to_their_node_only(store: &dyn Store) {
+    store.submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
+    store.register_node(&node("keyed", 2, 100_000), &[], 1).await.unwrap();
+    let a = schedule(store, 2).await;
+    assert_eq!(a.len(), 2);
+    let (project, plan) = store.open_attempt_plan(a[0].attempt_id, "keyed").await.unwrap().expect("open");
+    assert_eq!((project.as_str(), plan.name.as_str()), ("default", a[0].plan.name.as_str()));
+    assert!(store.open_attempt_plan(a[0].attempt_id, "elsewhere").await.unwrap().is_none(), "another node");
+    assert!(store.open_attempt_plan(i64::MAX, "keyed").await.unwrap().is_none(), "no such attempt");
+    store.attempt_finished(&done(&a[0], 0), 3).await.unwrap();
+    assert!(store.open_attempt_plan(a[0].attempt_id, "keyed").await.unwrap().is_none(), "ended");
+    assert!(store.open_attempt_plan(a[1].attempt_id, "keyed").await.unwrap().is_some());
+}
+
 /// Archiving an ended attempt's log replaces its live rows; only ended attempts are archived,
 /// each once; expiring an archive reports its blob as unused unless something else uses it.
 pub async fn log_archives_replace_live_lines<S: Store + ArtifactStore>(store: &S) {
@@ -743,7 +758,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests $make;
             job_runs_to_success, stale_reports_are_rejected, retries_back_off_then_fail,
             dependencies_gate_and_skip, cancel_stops_everything, a_job_and_its_tasks_are_read_at_one_moment, expired_node_loses_its_tasks,
-            reregistration_adopts_known_attempts, log_archives_replace_live_lines, resent_output_is_stored_once, usage_sums_tokens_and_compute,
+            reregistration_adopts_known_attempts, open_attempts_tell_their_plan_to_their_node_only, log_archives_replace_live_lines, resent_output_is_stored_once, usage_sums_tokens_and_compute,
             batched_updates_are_fenced_one_by_one, queued_microvm_tasks_carry_their_image,
             array_dependencies_wait_for_every_frame,
             assign_rechecks_fit, assign_ahead_waits_up_to_one_node_beyond_capacity, secrets_are_per_project, outputs_are_fenced_and_listed, signals_reach_subscribers,

@@ -165,6 +165,15 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<NodeRegistration>;
 
+    /// The project and plan of attempt `attempt_id` while it is open (its task's current
+    /// attempt, not ended) on the node named `node`; `None` otherwise. What a restarted agent
+    /// may learn again of an attempt it took over.
+    async fn open_attempt_plan(
+        &self,
+        attempt_id: i64,
+        node: &str,
+    ) -> Result<Option<(String, drover_core::TaskPlan)>>;
+
     /// Open attempts on node `node_id` whose job was cancelled. A server asks a newly
     /// registered agent to stop them: a cancel sent while the node was away reached no one.
     async fn cancelled_attempts_on(&self, node_id: i64) -> Result<Vec<i64>>;

@@ -544,6 +544,19 @@ impl Store for PostgresStore {
         Ok(reg)
     }
 
+    async fn open_attempt_plan(&self, attempt_id: i64, node: &str) -> Result<Option<(String, TaskPlan)>> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT j.project, t.plan FROM attempts a JOIN tasks t ON t.id = a.task_id \
+             JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id \
+             WHERE a.id = $1 AND n.name = $2 AND a.state <> 'ended' AND t.current_attempt = a.id",
+        )
+        .bind(attempt_id)
+        .bind(node)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(project, plan)| Ok((project, json("task plan", &plan)?))).transpose()
+    }
+
     async fn cancelled_attempts_on(&self, node_id: i64) -> Result<Vec<i64>> {
         Ok(sqlx::query_scalar(
             "SELECT a.id FROM attempts a JOIN jobs j ON j.id = a.job_id \

@@ -10,10 +10,12 @@ pub mod proxy;
 mod wrap;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use drover_core::{AgentSpec, InputSpec, LlmProvider};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use self::git::Repo;
 use self::proxy::{ApiFlavor, MeteringProxy, ProxyConfig, ProxyError, TokenUsage};
@@ -80,12 +82,49 @@ pub enum AiTaskError {
 /// An agent task set up and running: what [`Prepared::finish`] needs afterwards.
 pub struct Prepared {
     repo: Repo,
-    proxy: Option<MeteringProxy>,
+    proxy: Option<(MeteringProxy, ProxySetup)>,
     spec: AgentSpec,
     /// The prompt as the agent got it (inline or from its file).
     prompt: String,
     workspace: PathBuf,
     ids: (i64, i64, i64),
+}
+
+/// How a task's metering proxy was started, but its key: what starting it again takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxySetup {
+    /// Where it listens: the sandbox was told this address.
+    pub listen: SocketAddr,
+    /// The per-attempt token the sandbox holds (in its environment already).
+    pub token: String,
+    /// The upstream API.
+    pub upstream: String,
+    /// Which API the upstream speaks.
+    pub flavor: ApiFlavor,
+}
+
+/// What a restarted agent needs to take over an AI-agent task whose step outlived the agent
+/// run that prepared it: all of [`Prepared`] but the proxy's key, which is never written down
+/// (the server gives it again, see [`Prepared::resume`]). Kept in the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resumable {
+    /// The task's `agent` block.
+    pub spec: AgentSpec,
+    /// The prompt as the agent got it.
+    pub prompt: String,
+    /// The attempt's workspace.
+    pub workspace: PathBuf,
+    /// The repository's git directory (outside the workspace).
+    pub git_dir: PathBuf,
+    /// The checkout.
+    pub work_tree: PathBuf,
+    /// Job, task and attempt.
+    pub ids: (i64, i64, i64),
+    /// The metering proxy, when the task calls an LLM.
+    pub proxy: Option<ProxySetup>,
+    /// Tokens and calls counted so far.
+    #[serde(default)]
+    pub used: TokenUsage,
 }
 
 /// What the end of an agent task adds to the attempt's report.
@@ -129,19 +168,19 @@ pub async fn prepare(ai: &AiTask, task: &mut TaskSpec) -> Result<Prepared, AiTas
         let _ = tokio::fs::remove_dir_all(&repo.git_dir).await;
     }
     let proxy = match started? {
-        Some((proxy, token)) => {
+        Some((proxy, setup)) => {
             task.host_ports.push(HostPort { name: HOST_PORT_NAME.into(), addr: proxy.local_addr() });
             // The proxy accepts the token in either header, whichever SDK the agent uses.
-            task.env.insert("ANTHROPIC_API_KEY".into(), token.clone());
-            task.env.insert("OPENAI_API_KEY".into(), token);
-            Some(proxy)
+            task.env.insert("ANTHROPIC_API_KEY".into(), setup.token.clone());
+            task.env.insert("OPENAI_API_KEY".into(), setup.token.clone());
+            Some((proxy, setup))
         }
         None => None,
     };
     wrap::wrap_steps(&mut task.steps, &ai.spec.command.to_argv(), PROMPT_FILE, &repo_dir);
     tracing::info!(
         repo = ai.spec.repo.as_deref().unwrap_or(""),
-        proxy = ?proxy.as_ref().map(MeteringProxy::local_addr),
+        proxy = ?proxy.as_ref().map(|(p, _)| p.local_addr()),
         budget = ?ai.spec.budget,
         "agent task prepared"
     );
@@ -156,11 +195,67 @@ pub async fn prepare(ai: &AiTask, task: &mut TaskSpec) -> Result<Prepared, AiTas
 }
 
 impl Prepared {
+    /// What a restarted agent needs to take the task over (see [`Prepared::resume`]).
+    pub fn resumable(&self) -> Resumable {
+        Resumable {
+            spec: self.spec.clone(),
+            prompt: self.prompt.clone(),
+            workspace: self.workspace.clone(),
+            git_dir: self.repo.git_dir.clone(),
+            work_tree: self.repo.work_tree.clone(),
+            ids: self.ids,
+            proxy: self.proxy.as_ref().map(|(_, setup)| setup.clone()),
+            used: self.usage(),
+        }
+    }
+
+    /// Tokens and calls the proxy counted so far (none without a proxy).
+    pub fn usage(&self) -> TokenUsage {
+        self.proxy.as_ref().map(|(p, _)| p.usage()).unwrap_or_default()
+    }
+
+    /// Reads the proxy's usage while the task runs; `None` without a proxy.
+    pub fn usage_probe(&self) -> Option<proxy::UsageProbe> {
+        self.proxy.as_ref().map(|(p, _)| p.probe())
+    }
+
+    /// Takes over a task an earlier agent run prepared: its proxy starts again where the
+    /// sandbox was told to find it, with the same token, counting from what it had counted
+    /// (so the budget holds across the restart). `llm_key` is the real key, from the server.
+    pub async fn resume(state: Resumable, llm_key: &str) -> Result<Prepared, AiTaskError> {
+        let proxy = match state.proxy {
+            Some(setup) => {
+                let mut config = ProxyConfig::new(setup.upstream.clone(), llm_key, setup.token.clone())
+                    .with_flavor(setup.flavor)
+                    .with_listen(setup.listen)
+                    .with_used(state.used);
+                if let Some(budget) = state.spec.budget {
+                    config = config.with_budget(budget);
+                }
+                Some((MeteringProxy::start(config).await?, setup))
+            }
+            None => None,
+        };
+        tracing::info!(
+            proxy = ?proxy.as_ref().map(|(p, _)| p.local_addr()),
+            used_tokens = state.used.total_tokens(),
+            "agent task taken over after a restart"
+        );
+        Ok(Prepared {
+            repo: Repo { git_dir: state.git_dir, work_tree: state.work_tree },
+            proxy,
+            spec: state.spec,
+            prompt: state.prompt,
+            workspace: state.workspace,
+            ids: state.ids,
+        })
+    }
+
     /// Stops the proxy, keeps the changes as [`PATCH_FILE`] in the workspace and, when the
     /// attempt `succeeded` and the task asks for it, pushes them as a branch.
     pub async fn finish(self, succeeded: bool) -> Wrapup {
         let mut wrapup = Wrapup::default();
-        if let Some(proxy) = self.proxy {
+        if let Some((proxy, _)) = self.proxy {
             wrapup.tokens = proxy.shutdown().await;
             wrapup.budget_spent = wrapup.tokens.refused > 0;
         }
@@ -268,9 +363,9 @@ async fn read_prompt_file(ai: &AiTask, workspace: &Path) -> Result<String, AiTas
     Ok(text)
 }
 
-/// Starts the proxy when the task names a key and returns it with the task token; `None` for
-/// agents that call no LLM.
-async fn start_proxy(ai: &AiTask) -> Result<Option<(MeteringProxy, String)>, AiTaskError> {
+/// Starts the proxy when the task names a key and returns it with how it was set up (the
+/// task token among it); `None` for agents that call no LLM.
+async fn start_proxy(ai: &AiTask) -> Result<Option<(MeteringProxy, ProxySetup)>, AiTaskError> {
     let Some(secret) = &ai.spec.key_secret else { return Ok(None) };
     if ai.llm_key.is_empty() {
         return Err(AiTaskError::Config(format!("the project has no secret `{secret}` (the agent's key)")));
@@ -285,11 +380,14 @@ async fn start_proxy(ai: &AiTask) -> Result<Option<(MeteringProxy, String)>, AiT
         LlmProvider::OpenAi => ApiFlavor::OpenAi,
     };
     let token = new_token();
-    let mut config = ProxyConfig::new(upstream, ai.llm_key.clone(), token.clone()).with_flavor(flavor);
+    let mut config =
+        ProxyConfig::new(upstream.clone(), ai.llm_key.clone(), token.clone()).with_flavor(flavor);
     if let Some(budget) = ai.spec.budget {
         config = config.with_budget(budget);
     }
-    Ok(Some((MeteringProxy::start(config).await?, token)))
+    let proxy = MeteringProxy::start(config).await?;
+    let setup = ProxySetup { listen: proxy.local_addr(), token, upstream, flavor };
+    Ok(Some((proxy, setup)))
 }
 
 /// A fresh per-attempt token: 32 random bytes, hex.

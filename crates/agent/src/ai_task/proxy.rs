@@ -76,6 +76,9 @@ pub struct ProxyConfig {
     pub flavor: Option<ApiFlavor>,
     /// Address to listen on; `127.0.0.1:0` (any free loopback port) by default.
     pub listen: SocketAddr,
+    /// What the task used before this proxy started (through the proxy an earlier agent run
+    /// kept for it): counted in, and against the budget.
+    pub used: TokenUsage,
 }
 
 impl ProxyConfig {
@@ -92,7 +95,14 @@ impl ProxyConfig {
             budget: None,
             flavor: None,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            used: TokenUsage::default(),
         }
+    }
+
+    /// Counts in what the task used before (see [`ProxyConfig::used`]).
+    pub fn with_used(mut self, used: TokenUsage) -> Self {
+        self.used = used;
+        self
     }
 
     /// Sets the task's token budget (input + output tokens).
@@ -123,6 +133,7 @@ impl fmt::Debug for ProxyConfig {
             .field("budget", &self.budget)
             .field("flavor", &self.flavor)
             .field("listen", &self.listen)
+            .field("used", &self.used)
             .finish()
     }
 }
@@ -180,6 +191,17 @@ pub enum ProxyError {
     Client(#[source] reqwest::Error),
 }
 
+/// Reads a running proxy's usage (see [`MeteringProxy::probe`]).
+#[derive(Debug, Clone)]
+pub struct UsageProbe(Arc<Meter>);
+
+impl UsageProbe {
+    /// Tokens and calls used so far.
+    pub fn usage(&self) -> TokenUsage {
+        self.0.usage()
+    }
+}
+
 /// A running per-task metering proxy. Dropping it without [`shutdown`](Self::shutdown) stops it
 /// at once: the listener closes and open responses end with an error.
 pub struct MeteringProxy {
@@ -229,7 +251,7 @@ impl MeteringProxy {
             .build()
             .map_err(ProxyError::Client)?;
 
-        let meter = Arc::new(Meter::new(config.budget));
+        let meter = Arc::new(Meter::starting_from(config.budget, config.used));
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = ProxyState::new(&config, upstream.clone(), real_key, client, meter.clone(), stop_rx);
 
@@ -278,6 +300,11 @@ impl MeteringProxy {
     /// Tokens and calls used so far; streamed responses are counted as their events arrive.
     pub fn usage(&self) -> TokenUsage {
         self.meter.usage()
+    }
+
+    /// A handle that reads the usage while the proxy runs, from anywhere.
+    pub fn probe(&self) -> UsageProbe {
+        UsageProbe(self.meter.clone())
     }
 
     /// True once input + output tokens reached the budget; from then on every request is

@@ -247,6 +247,7 @@ mod tests {
             handle: None,
             timeout_ms: Some(5),
             metered: true,
+            ai: None,
             outputs: Some(crate::journal::KeptOutputs { globs: vec!["out/*".into()], on_failure: true }),
         };
         for record in [Record::Step(Box::new(entry)), Record::Forget(-4), report(12), Record::Acked(11)] {

@@ -12,6 +12,7 @@ fn entry(attempt_id: i64, step: usize) -> Entry {
         handle: None,
         timeout_ms: None,
         metered: false,
+        ai: None,
         outputs: None,
     }
 }

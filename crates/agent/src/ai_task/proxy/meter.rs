@@ -34,13 +34,14 @@ pub(super) struct Meter {
 }
 
 impl Meter {
-    pub(super) fn new(budget: Option<u64>) -> Self {
-        let spent = watch::Sender::new(budget == Some(0));
+    /// A meter that has counted `used` already (a task resumed after an agent restart).
+    pub(super) fn starting_from(budget: Option<u64>, used: TokenUsage) -> Self {
+        let spent = watch::Sender::new(budget.is_some_and(|b| used.total_tokens() >= b));
         Meter {
-            input: AtomicU64::new(0),
-            output: AtomicU64::new(0),
-            calls: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            input: AtomicU64::new(used.input_tokens),
+            output: AtomicU64::new(used.output_tokens),
+            calls: AtomicU64::new(used.calls),
+            refused: AtomicU64::new(used.refused),
             budget,
             spent,
         }
@@ -405,7 +406,7 @@ mod tests {
 
     #[test]
     fn cumulative_figures_add_only_their_growth() {
-        let meter = Arc::new(Meter::new(Some(100)));
+        let meter = Arc::new(Meter::starting_from(Some(100), TokenUsage::default()));
         let mut call =
             CallMeter::new(meter.clone(), ApiFlavor::Anthropic, 200, "text/event-stream", Instant::now());
         call.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n\n");

@@ -432,6 +432,29 @@ async fn budget_cut_off_refuses_with_429_and_signals() {
     proxy.shutdown().await;
 }
 
+/// A proxy started again for a task taken over after an agent restart counts from what the
+/// earlier one counted, on the address the sandbox knows: the budget holds across the restart.
+#[tokio::test]
+async fn a_proxy_started_again_counts_on_from_what_was_used() {
+    let up = Upstream::start().await;
+    let first = start_proxy(&up, Some(100)).await;
+    let body = json!({"model": "claude"});
+    assert_eq!(send(anthropic(&first, "/v1/messages", body.clone())).await.status, 200);
+    let listen = first.local_addr();
+    let used = first.shutdown().await;
+
+    let config =
+        ProxyConfig::new(up.url(), REAL_KEY, TASK_TOKEN).with_budget(100).with_listen(listen).with_used(used);
+    let again = MeteringProxy::start(config).await.expect("proxy starts again");
+    assert_eq!(again.local_addr(), listen);
+    assert!(!again.budget_spent());
+    assert_eq!(send(anthropic(&again, "/v1/messages", body.clone())).await.status, 200);
+    assert!(again.budget_spent(), "62 + 62 tokens reach the budget of 100");
+    assert_eq!(send(anthropic(&again, "/v1/messages", body)).await.status, 429);
+    assert_eq!(again.usage(), TokenUsage { input_tokens: 100, output_tokens: 24, calls: 2, refused: 1 });
+    again.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_stream_in_flight_when_the_budget_runs_out_completes() {
     let up = Upstream::start().await;
