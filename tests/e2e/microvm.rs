@@ -102,7 +102,7 @@ tasks:
     runtime: microvm
     image: {BUSYBOX}
     steps:
-      - "echo before the restart; sleep 30; echo after the restart; echo kept > result.txt"
+      - "echo before the restart; sleep 4; echo while no agent listened; sleep 26; echo after the restart; echo kept > result.txt"
       - "cat result.txt"
 "#
     ));
@@ -112,6 +112,8 @@ tasks:
         std::thread::sleep(Duration::from_millis(200));
     }
     c.0.kill_agent(0);
+    // The step writes a line while no agent runs: the guest holds it for the next one.
+    std::thread::sleep(Duration::from_secs(5));
     c.0.restart_agent_with(0, 1, &["--microvm"], &env);
     let start = Instant::now();
     while !std::fs::read_to_string(c.path("agent-0.log"))
@@ -126,6 +128,7 @@ tasks:
     assert_eq!(task(&status, "vm")["attempts"], 1, "re-attached, not retried: {status:#}");
     let logs = c.ok(&["logs", &job.to_string()]);
     assert_eq!(logs.matches("before the restart").count(), 1, "{logs}");
+    assert_eq!(logs.matches("while no agent listened").count(), 1, "{logs}");
     assert_eq!(logs.matches("after the restart").count(), 1, "{logs}");
     // The second step ran in the same VM, on the files the first one left.
     assert!(logs.contains("kept"), "{logs}");

@@ -40,8 +40,9 @@
 //!   numeric `uid[:gid]`.
 //! - **Restart**: VMs outlive the agent process; `attach` reconnects through the VM directory
 //!   (`vm.json`, second port), follows the step's output and end, and serves the task's
-//!   forwards again, so the attempt resumes. Output written while no agent listened is lost
-//!   (the guest keeps none), and the step's output says so.
+//!   forwards again, so the attempt resumes. The guest holds the output written while no
+//!   agent listened (up to 8 MiB; beyond it the step's output says how much went) and hands
+//!   it to the next host that connects.
 //!
 //! Host requirements (Debian 12): `apt-get install --no-install-recommends qemu-system-x86
 //! linux-image-cloud-amd64` (QEMU 7.2 with the `microvm` machine; a kernel in `/boot` whose
@@ -74,10 +75,7 @@ use self::pool::Pool;
 use self::session::{Session, StartFailure};
 use self::vm::VmRecord;
 pub use self::vm::{Vm, VmSpec};
-use super::{
-    ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, Stream, TaskSpec,
-    Usage,
-};
+use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, TaskSpec, Usage};
 
 /// PATH of steps whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -594,11 +592,10 @@ impl Runtime for MicroVmRuntime {
     }
 
     /// Finds a step of a VM that survived an agent restart, through the VM's second port, and
-    /// follows it: its output from now on goes to `out`, its end is reported as it comes, and
-    /// later steps start in the same VM with the image's environment and the task's forwards
-    /// served again (both kept in the VM's record). What the step wrote while no agent
-    /// listened is not kept: the guest sends output to connected hosts only, and a line in
-    /// the output says so.
+    /// follows it: its output goes to `out` (first what the guest held while no agent
+    /// listened, up to 8 MiB), its end is reported as it comes, and later steps start in the
+    /// same VM with the image's environment and the task's forwards served again (both kept
+    /// in the VM's record).
     async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
         let existing = self.lock().get(&handle.attempt_id).cloned();
         let (entry, restarted) = match existing {
@@ -654,10 +651,14 @@ impl Runtime for MicroVmRuntime {
             return Ok(false);
         }
         if restarted {
-            let note = b"drover: the agent restarted; output this step wrote meanwhile is missing\n".to_vec();
-            let _ = out.try_send(OutputChunk { stream: Stream::Stderr, step: handle.step, data: note });
+            tracing::info!(
+                attempt_id = handle.attempt_id,
+                step = handle.step,
+                "following a step after a restart"
+            );
         }
-        session.follow(handle.step, out);
+        // The output the guest held while no agent listened comes first.
+        session.follow(handle.step, out).await;
         tracing::info!(attempt_id = handle.attempt_id, step = handle.step, "attached to step in microvm");
         Ok(true)
     }

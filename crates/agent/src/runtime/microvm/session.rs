@@ -45,11 +45,19 @@ pub(crate) struct Session {
     pub(crate) guest_uptime: Duration,
 }
 
+/// Most bytes of output kept for steps nobody follows yet (see [`Shared::unclaimed`]).
+const MAX_UNCLAIMED_BYTES: usize = 16 << 20;
+
 #[derive(Default)]
 struct Shared {
     /// Host directory that mirrors the guest workspace; `None` ignores workspace changes.
     workspace: Option<PathBuf>,
     steps: HashMap<usize, Slot>,
+    /// Output lines of steps this session does not follow yet: what the guest held while no
+    /// agent listened arrives right after its hello, before the restarted agent follows the
+    /// step (see [`Session::follow`]).
+    unclaimed: HashMap<usize, Vec<OutputChunk>>,
+    unclaimed_bytes: usize,
     waiters: HashMap<u64, oneshot::Sender<StepState>>,
     next_id: u64,
     /// Bytes of file content the guest sent back since the last step ended.
@@ -207,13 +215,34 @@ impl Session {
         }
     }
 
-    /// Follows a step this session did not start (after an agent restart): its output from
-    /// now on goes to `sink`. A step this session follows already keeps its own sink.
-    pub(crate) fn follow(&self, step: usize, sink: OutputSink) {
-        let mut shared = self.lock();
-        let slot = shared.steps.entry(step).or_insert_with(|| Slot::new(None));
-        if slot.sink.is_none() {
-            slot.sink = Some(sink);
+    /// Follows a step this session did not start (after an agent restart): its output goes
+    /// to `sink`, beginning with what arrived before (the output the guest held while no
+    /// agent listened), in order. A step this session follows already keeps its own sink.
+    pub(crate) async fn follow(&self, step: usize, sink: OutputSink) {
+        loop {
+            // Output that arrives meanwhile is kept as unclaimed until the sink is in place,
+            // which happens only once nothing unclaimed is left: nothing overtakes.
+            let earlier = {
+                let mut shared = self.lock();
+                match shared.unclaimed.remove(&step) {
+                    Some(chunks) => {
+                        shared.unclaimed_bytes -= chunks.iter().map(|c| c.data.len()).sum::<usize>();
+                        chunks
+                    }
+                    None => {
+                        let slot = shared.steps.entry(step).or_insert_with(|| Slot::new(None));
+                        if slot.sink.is_none() {
+                            slot.sink = Some(sink);
+                        }
+                        return;
+                    }
+                }
+            };
+            for chunk in earlier {
+                if sink.send(chunk).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 
@@ -373,12 +402,19 @@ async fn handle(
             }
         }
         GuestMessage::Output { step, stream, data } => {
-            let sink = lock(shared).steps.get(&step).and_then(|s| s.sink.clone());
-            let Some(sink) = sink else {
-                return;
-            };
             let lines = splitters.entry((step, stream)).or_default().push(&data);
-            send_lines(&sink, step, stream, lines).await;
+            let sink = {
+                let mut shared = lock(shared);
+                let sink = shared.steps.get(&step).and_then(|s| s.sink.clone());
+                if sink.is_none() {
+                    keep_unclaimed(&mut shared, step, stream, lines);
+                    return;
+                }
+                sink
+            };
+            if let Some(sink) = sink {
+                send_lines(&sink, step, stream, lines).await;
+            }
         }
         GuestMessage::Exited { step, exit, usage } => {
             let (sink, sync_over) = {
@@ -425,6 +461,25 @@ async fn handle(
             }
         }
         GuestMessage::Error { message } => tracing::warn!(message, "guest reported an error"),
+    }
+}
+
+/// Keeps lines of a step nobody follows, up to [`MAX_UNCLAIMED_BYTES`] in all; a step that
+/// ended is followed by nobody any more, and its late output has nowhere to go.
+fn keep_unclaimed(shared: &mut Shared, step: usize, stream: OutputStream, lines: Vec<Vec<u8>>) {
+    if shared.steps.get(&step).is_some_and(|s| s.finished.borrow().is_some()) {
+        return;
+    }
+    let stream = match stream {
+        OutputStream::Stdout => Stream::Stdout,
+        OutputStream::Stderr => Stream::Stderr,
+    };
+    for data in lines {
+        if shared.unclaimed_bytes + data.len() > MAX_UNCLAIMED_BYTES {
+            return;
+        }
+        shared.unclaimed_bytes += data.len();
+        shared.unclaimed.entry(step).or_default().push(OutputChunk { stream, step, data });
     }
 }
 
