@@ -227,14 +227,7 @@ tasks:
     c.kill_agent(0);
     assert!(crate::harness::alive(pid), "the task outlives a SIGKILLed agent");
     c.restart_agent(0, 2);
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(c.path("agent-0.log"))
-        .unwrap_or_default()
-        .contains("taken over after a restart")
-    {
-        assert!(start.elapsed() < T, "the restarted agent did not take the agent task over");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_line(&c, "agent-0.log", "taken over after a restart", T);
     std::fs::write(c.path("go"), "").unwrap();
     let status = c.wait_done(job, T);
     let t = task(&status, "agent");

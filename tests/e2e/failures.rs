@@ -149,14 +149,7 @@ tasks:
     c.kill_agent(0);
     assert!(alive(first), "the task outlives a SIGKILLed agent (its supervisor holds it)");
     c.restart_agent(0, 1);
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(c.path("agent-0.log"))
-        .unwrap_or_default()
-        .contains("re-attached to a step")
-    {
-        assert!(start.elapsed() < T, "the restarted agent did not re-attach the step");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_line(&c, "agent-0.log", "re-attached to a step", T);
     std::fs::write(c.path("go"), "").unwrap();
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");

@@ -454,6 +454,21 @@ pub fn task<'a>(status: &'a Value, name: &str) -> &'a Value {
 }
 
 /// Whether a process is alive (a zombie counts as dead: it runs nothing).
+/// Waits until the cluster's log `file` (e.g. `agent-0.log`) contains `what`, for at most
+/// `patience`.
+pub fn wait_for_line(c: &Cluster, file: &str, what: &str, patience: Duration) {
+    wait_for_lines(c, file, what, 1, patience);
+}
+
+/// Waits until the cluster's log `file` contains `what` `n` times, for at most `patience`.
+pub fn wait_for_lines(c: &Cluster, file: &str, what: &str, n: usize, patience: Duration) {
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(c.path(file)).unwrap_or_default().matches(what).count() < n {
+        assert!(start.elapsed() < patience, "{file} never said {what:?} {n} times");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {

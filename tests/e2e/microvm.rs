@@ -115,14 +115,7 @@ tasks:
     // The step writes a line while no agent runs: the guest holds it for the next one.
     std::thread::sleep(Duration::from_secs(5));
     c.0.restart_agent_with(0, 1, &["--microvm"], &env);
-    let start = Instant::now();
-    while !std::fs::read_to_string(c.path("agent-0.log"))
-        .unwrap_or_default()
-        .contains("re-attached to a step")
-    {
-        assert!(start.elapsed() < T, "the restarted agent did not re-attach the step");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::harness::wait_for_line(&c, "agent-0.log", "re-attached to a step", T);
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");
     assert_eq!(task(&status, "vm")["attempts"], 1, "re-attached, not retried: {status:#}");

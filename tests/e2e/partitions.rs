@@ -5,23 +5,38 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Cluster, alive, read_pid, task};
+use crate::harness::{self, Cluster, alive, read_pid, task};
 use crate::proxy::Proxy;
 
 const T: Duration = Duration::from_secs(90);
 
 /// Waits until `file` (a log) contains `what`.
 fn wait_for_line(c: &Cluster, file: &str, what: &str) {
-    wait_for_lines(c, file, what, 1);
+    harness::wait_for_line(c, file, what, T);
 }
 
 /// Waits until `file` (a log) contains `what` `n` times.
 fn wait_for_lines(c: &Cluster, file: &str, what: &str, n: usize) {
+    harness::wait_for_lines(c, file, what, n, T);
+}
+
+/// Waits until the task wrote `name` in the cluster's scratch dir.
+fn wait_for_file(c: &Cluster, name: &str) {
     let start = Instant::now();
-    while std::fs::read_to_string(c.path(file)).unwrap_or_default().matches(what).count() < n {
-        assert!(start.elapsed() < T, "{file} never said {what:?} {n} times");
+    while !c.path(name).exists() {
+        assert!(start.elapsed() < T, "{name} never appeared");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A server whose lease outlasts every cut here, and one agent of `cores` cores that reaches
+/// it through a proxy the test can cut.
+fn reached_through_a_proxy(cores: u32) -> (Cluster, Proxy) {
+    let mut c = Cluster::start_with(0, cores, &["--lease", "60s", "--heartbeat", "300ms"], &[]);
+    let proxy = Proxy::start(&c.addr);
+    c.add_agent_via(cores, &proxy.url);
+    c.wait_for_nodes(1);
+    (c, proxy)
 }
 
 fn wait_gone(pid: i32, what: &str) {
@@ -36,10 +51,7 @@ fn wait_gone(pid: i32, what: &str) {
 fn a_cancel_sent_while_the_node_was_cut_off_is_applied_when_it_is_back() {
     // A lease far longer than the cut: the node is never given up for lost, so only the kept
     // cancel can stop its attempts.
-    let mut c = Cluster::start_with(0, 2, &["--lease", "60s", "--heartbeat", "300ms"], &[]);
-    let proxy = Proxy::start(&c.addr);
-    c.add_agent_via(2, &proxy.url);
-    c.wait_for_nodes(1);
+    let (c, proxy) = reached_through_a_proxy(2);
     let job = c.submit(
         r#"
 version: 1
@@ -61,11 +73,7 @@ tasks:
     c.ok(&["cancel", &job.to_string()]);
     // While the node is away, one attempt runs to its end and the other runs on.
     std::fs::write(c.path("go"), "").unwrap();
-    let start = Instant::now();
-    while !c.path("finished").exists() {
-        assert!(start.elapsed() < T, "the finisher never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_file(&c, "finished");
     assert!(alive(looper), "the cancel could not have reached the node");
     assert_eq!(c.status(job)["state"], "running", "the job waits for its attempts");
 
@@ -86,10 +94,7 @@ tasks:
 
 #[test]
 fn an_output_kept_while_the_server_is_out_of_reach_is_uploaded_when_it_is_back() {
-    let mut c = Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]);
-    let proxy = Proxy::start(&c.addr);
-    c.add_agent_via(1, &proxy.url);
-    c.wait_for_nodes(1);
+    let (c, proxy) = reached_through_a_proxy(1);
     let job = c.submit(
         r#"
 version: 1
@@ -100,11 +105,7 @@ tasks:
     command: "mkdir -p out && echo frame > out/frame.txt && touch {{ params.dir }}/written; while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done"
 "#,
     );
-    let start = Instant::now();
-    while !c.path("written").exists() {
-        assert!(start.elapsed() < T, "the task never wrote its output");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_file(&c, "written");
     proxy.cut();
     wait_for_line(&c, "agent-0.log", "session with server failed");
     // The task ends while no server can be reached: its output's upload waits for one.

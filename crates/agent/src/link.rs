@@ -238,7 +238,17 @@ impl Link {
             let request = pb::AttemptKeyRequest { node: node.to_owned(), attempt_id };
             match client.attempt_key(request).await {
                 Ok(answer) => return Ok(answer.into_inner().llm_key),
-                Err(status) if status.code() == tonic::Code::Unavailable => {
+                // The server (or the way to it) could not answer now: another may, or later.
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Aborted
+                    ) =>
+                {
                     last = LinkError::Unreachable(format!("{url}: {}", status.message()));
                 }
                 Err(status) => return Err(LinkError::Refused(status.message().to_owned())),

@@ -509,17 +509,7 @@ async fn an_llm_key_is_given_again_only_to_the_node_running_the_attempt_while_it
         drover_store::conformance::task("agent", &[]),
         drover_store::conformance::task("plain", &["agent"]),
     ]);
-    plan.tasks[0].agent = Some(drover_core::AgentSpec {
-        command: drover_core::Command::Shell("agent".into()),
-        prompt: "p".into(),
-        prompt_file: None,
-        repo: None,
-        budget: None,
-        push: None,
-        provider: drover_core::LlmProvider::Anthropic,
-        upstream: Some("https://llm.invalid".into()),
-        key_secret: Some("LLM_KEY".into()),
-    });
+    plan.tasks[0].agent = Some(common::agent_block("https://llm.invalid", Some("LLM_KEY")));
     let req = pb::SubmitRequest { plan_json: serde_json::to_string(&plan).unwrap(), ..Default::default() };
     op.submit(req).await.unwrap();
     let (owner, assign) = assignment(&mut sessions).await;

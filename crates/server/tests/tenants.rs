@@ -110,17 +110,7 @@ async fn each_setting_refuses_a_violating_submit_by_name_and_stores_nothing() {
     project(&server, "agents").await;
     let mut p = job(vec![task("t", &[])]);
     p.project = "agents".into();
-    p.tasks[0].agent = Some(drover_core::AgentSpec {
-        command: drover_core::Command::Shell("agent".into()),
-        prompt: "p".into(),
-        prompt_file: None,
-        repo: None,
-        budget: None,
-        push: None,
-        provider: drover_core::LlmProvider::Anthropic,
-        upstream: Some("http://llm.internal:8080".into()),
-        key_secret: None,
-    });
+    p.tasks[0].agent = Some(common::agent_block("http://llm.internal:8080", None));
     let err = op.submit(submit_request(&p)).await.unwrap_err();
     assert!(err.message().contains("project setting `llm_upstreams`"), "{}", err.message());
     assert_eq!(jobs_of(&server, "fx").await + jobs_of(&server, "agents").await, 0, "nothing was stored");

@@ -219,3 +219,18 @@ impl Session {
         }
     }
 }
+
+/// An AI-agent block calling `upstream`, with its key in the project secret `key_secret`.
+pub fn agent_block(upstream: &str, key_secret: Option<&str>) -> drover_core::AgentSpec {
+    drover_core::AgentSpec {
+        command: drover_core::Command::Shell("agent".into()),
+        prompt: "p".into(),
+        prompt_file: None,
+        repo: None,
+        budget: None,
+        push: None,
+        provider: drover_core::LlmProvider::Anthropic,
+        upstream: Some(upstream.into()),
+        key_secret: key_secret.map(Into::into),
+    }
+}
