@@ -45,6 +45,34 @@ fn cluster_allowing_local_urls() -> Cluster {
 }
 
 #[test]
+fn a_tasks_setup_timeout_bounds_each_setup_phase_and_its_retry_gets_another() {
+    let c = cluster_allowing_local_urls();
+    let (port, requests) = serve_forever_slowly();
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: slow-input-own-limit
+tasks:
+  - name: fetch
+    setup_timeout: 2s
+    retries: {{ count: 1, backoff: 0s, on: [start] }}
+    inputs:
+      - {{ url: "http://127.0.0.1:{port}/big", to: big }}
+    command: "echo never runs"
+"#
+    ));
+    let status = c.wait_done(job, T);
+    let t = task(&status, "fetch");
+    assert_eq!((t["state"].as_str(), t["failure"].as_str()), (Some("failed"), Some("start")), "{t:#}");
+    assert_eq!(t["attempts"], 2, "{t:#}");
+    assert!(
+        t["reason"].as_str().unwrap_or_default().contains("placing its inputs took longer than 2s"),
+        "{t:#}"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 2, "each attempt downloads once");
+}
+
+#[test]
 fn an_input_that_never_finishes_downloading_ends_the_attempt_at_the_tasks_timeout() {
     let c = cluster_allowing_local_urls();
     let (port, _) = serve_forever_slowly();

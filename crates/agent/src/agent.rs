@@ -710,6 +710,7 @@ impl Agent {
             services: plan.services,
             secrets: a.secrets.into_iter().collect(),
             host_ports: Vec::new(),
+            setup_timeout: plan.setup_timeout.filter(|t| !t.is_zero()),
         };
         // A zero timeout is no timeout, as the job file reads.
         let timeout = plan.timeout.filter(|t| !t.is_zero());

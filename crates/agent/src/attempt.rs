@@ -96,7 +96,7 @@ pub async fn run(
     resume: Option<Resume>,
 ) -> Outcome {
     // The task's timeout counts from here: setup (inputs, image, checkout) is inside it.
-    let clock = TaskClock::starting_now(timeout);
+    let clock = TaskClock::starting_now(timeout).with_phase_limit(spec.setup_timeout);
     let Runner { runtime, outbox, journal, grace, io, max_log, ai, ai_resume, image, sandbox_gone } = runner;
     let span = tracing::info_span!(
         "attempt",

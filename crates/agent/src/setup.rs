@@ -1,6 +1,6 @@
 //! Deadlines for an attempt's setup: placing its inputs, loading its image, checking out its
-//! repository, starting its sandbox and services. Each phase gets at most [`PHASE_TIMEOUT`],
-//! all of them inside the task's own timeout, and each ends at once when the attempt is
+//! repository, starting its sandbox and services. Each phase gets at most [`PHASE_TIMEOUT`]
+//! (or the task's `setup_timeout`), all of them inside the task's own timeout, and each ends at once when the attempt is
 //! stopped: a download that never finishes or a service that never gets healthy ends the
 //! attempt with its reason instead of holding the node's room forever.
 
@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use crate::attempt::StopReason;
 
-/// The longest one setup phase may take, whatever the task's timeout.
+/// The longest one setup phase may take when the task sets no `setup_timeout`, whatever its
+/// timeout.
 pub const PHASE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// How an attempt's setup ended early: the failure class and the reason reported.
@@ -33,12 +34,20 @@ pub struct TaskClock {
     pub timeout: Option<Duration>,
     /// When it runs out.
     pub deadline: Option<Instant>,
+    /// The longest one setup phase may take.
+    pub phase_limit: Duration,
 }
 
 impl TaskClock {
-    /// The clock of an attempt starting now.
+    /// The clock of an attempt starting now, each setup phase limited to [`PHASE_TIMEOUT`].
     pub fn starting_now(timeout: Option<Duration>) -> TaskClock {
-        TaskClock { timeout, deadline: timeout.map(|t| Instant::now() + t) }
+        TaskClock { timeout, deadline: timeout.map(|t| Instant::now() + t), phase_limit: PHASE_TIMEOUT }
+    }
+
+    /// The same clock with each setup phase limited to `limit` (the task's `setup_timeout`)
+    /// instead, when there is one.
+    pub fn with_phase_limit(self, limit: Option<Duration>) -> TaskClock {
+        TaskClock { phase_limit: limit.unwrap_or(self.phase_limit), ..self }
     }
 }
 
@@ -50,7 +59,7 @@ pub async fn bounded<T>(
     stop: &mut watch::Receiver<StopReason>,
     phase: impl Future<Output = T>,
 ) -> Result<T, SetupEnd> {
-    let phase_deadline = Instant::now() + PHASE_TIMEOUT;
+    let phase_deadline = Instant::now() + clock.phase_limit;
     let (deadline, task_runs_out) = match clock.deadline {
         Some(task) if task <= phase_deadline => (task, true),
         _ => (phase_deadline, false),
@@ -63,7 +72,7 @@ pub async fn bounded<T>(
         } else {
             SetupEnd {
                 failure: FailureClass::Start,
-                message: format!("{doing} took longer than {}", humantime::format_duration(PHASE_TIMEOUT)),
+                message: format!("{doing} took longer than {}", humantime::format_duration(clock.phase_limit)),
             }
         }),
         reason = stopped(stop) => Err(match reason {

@@ -57,6 +57,11 @@ pub struct TaskPlan {
     /// Wall-clock limit for the whole task, all steps together.
     #[serde(default, with = "opt_duration_ms")]
     pub timeout: Option<Duration>,
+    /// Limit of each setup phase (placing inputs, loading the image, setting up an AI agent,
+    /// starting the sandbox and its services); `None` is the node's (15 minutes). Setup counts
+    /// inside `timeout` too.
+    #[serde(default, with = "opt_duration_ms", skip_serializing_if = "Option::is_none")]
+    pub setup_timeout: Option<Duration>,
     /// What to do when an attempt fails.
     #[serde(default)]
     pub retries: RetryPolicy,
@@ -131,6 +136,7 @@ impl Default for TaskPlan {
             env: BTreeMap::new(),
             resources: Resources::default(),
             timeout: None,
+            setup_timeout: None,
             retries: RetryPolicy::default(),
             depends_on: Vec::new(),
             exit_codes: ExitCodes::default(),
@@ -694,6 +700,12 @@ fn check_task(at: &str, t: &TaskPlan, producers: &HashMap<&str, bool>) -> Result
     }
     if let Some(timeout) = t.timeout {
         check_duration(&f("timeout"), timeout)?;
+    }
+    if t.setup_timeout == Some(Duration::ZERO) {
+        return fail(f("setup_timeout"), "setup_timeout is zero; omit it for the node's limit");
+    }
+    if let Some(limit) = t.setup_timeout {
+        check_duration(&f("setup_timeout"), limit)?;
     }
     check_duration(&f("retries.backoff"), t.retries.backoff)?;
     check_depends_on(at, t, producers)?;
@@ -1454,6 +1466,11 @@ mod tests {
         let (field, message) = with(|t| t.retries.backoff = Duration::from_millis(u64::MAX)).unwrap_err();
         assert_eq!(field, "tasks[0].retries.backoff");
         assert!(message.contains("is longer than the limit of 36500 days"), "{message}");
+        let (field, message) = with(|t| t.setup_timeout = Some(Duration::ZERO)).unwrap_err();
+        assert_eq!(field, "tasks[0].setup_timeout");
+        assert!(message.contains("setup_timeout is zero"), "{message}");
+        let (field, _) = with(|t| t.setup_timeout = Some(Duration::from_micros(1500))).unwrap_err();
+        assert_eq!(field, "tasks[0].setup_timeout");
     }
 
     #[test]

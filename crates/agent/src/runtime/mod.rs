@@ -88,6 +88,10 @@ pub struct TaskSpec {
     /// sandbox reaches it.
     #[serde(default)]
     pub host_ports: Vec<HostPort>,
+    /// The task's limit for each setup phase, when it sets one (see
+    /// [`crate::setup::PHASE_TIMEOUT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_timeout: Option<std::time::Duration>,
 }
 
 /// A host endpoint a sandbox must reach (see [`TaskSpec::host_ports`]).

@@ -190,6 +190,7 @@ fn plan_task(
         env,
         resources: task.resources,
         timeout: task.timeout,
+        setup_timeout: task.setup_timeout,
         retries: task.retries.clone(),
         depends_on,
         exit_codes: task.exit_codes.clone(),

@@ -32,6 +32,7 @@ const TASK_FIELDS: &[&str] = &[
     "env",
     "resources",
     "timeout",
+    "setup_timeout",
     "retries",
     "array",
     "depends_on",
@@ -92,6 +93,7 @@ pub(crate) struct TaskSpec {
     pub env: BTreeMap<String, At<String>>,
     pub resources: Resources,
     pub timeout: Option<Duration>,
+    pub setup_timeout: Option<Duration>,
     pub retries: RetryPolicy,
     pub frames: Option<Vec<i64>>,
     pub depends_on: Vec<At<String>>,
@@ -518,6 +520,7 @@ impl Reader<'_> {
             env: BTreeMap::new(),
             resources: Resources::default(),
             timeout: None,
+            setup_timeout: None,
             retries: RetryPolicy::default(),
             frames: None,
             depends_on: Vec::new(),
@@ -590,6 +593,17 @@ impl Reader<'_> {
                     &f("timeout"),
                     "timeout is zero",
                     Some("omit `timeout` for no limit".into()),
+                );
+            }
+        }
+        if let Some(n) = t.get("setup_timeout") {
+            task.setup_timeout = self.duration(n, &f("setup_timeout"));
+            if task.setup_timeout == Some(Duration::ZERO) {
+                self.problems.add(
+                    n.pos,
+                    &f("setup_timeout"),
+                    "setup_timeout is zero",
+                    Some("omit `setup_timeout` for the node's limit (15 minutes)".into()),
                 );
             }
         }

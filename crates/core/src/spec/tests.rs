@@ -1585,3 +1585,13 @@ fn task_names_are_limited_in_length() {
     let source = format!("version: 1\nname: j\ntasks:\n  - name: {name}\n    command: x\n");
     assert_error(&source, 4, 11, "tasks[0].name", "the name is 201 bytes long, more than the limit of 200");
 }
+
+#[test]
+fn a_setup_timeout_limits_each_setup_phase_and_must_be_a_real_limit() {
+    let job = |limit: &str| format!("{TASK}    command: x\n    setup_timeout: {limit}\n");
+    assert_eq!(ok(&job("90s")).tasks[0].setup_timeout, Some(Duration::from_secs(90)));
+    assert_eq!(ok(&format!("{TASK}    command: x\n")).tasks[0].setup_timeout, None);
+    let e = assert_error(&job("0s"), 6, 20, "tasks[0].setup_timeout", "setup_timeout is zero");
+    assert!(e.hint.unwrap().contains("15 minutes"));
+    assert_error(&job("1ns"), 6, 20, "tasks[0].setup_timeout", "`1ns` is not a whole number of milliseconds");
+}

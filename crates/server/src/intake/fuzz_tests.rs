@@ -348,6 +348,7 @@ fn task() -> BoxedStrategy<TaskPlan> {
         any::<bool>(),
         option::weighted(0.3, vec(input(), 0..3)),
         option::weighted(0.2, agent()),
+        option::weighted(0.2, duration()),
     )
         .boxed();
     (basics, sandbox, files)
@@ -363,7 +364,7 @@ fn task() -> BoxedStrategy<TaskPlan> {
                 user,
                 network,
             ) = sandbox;
-            let (services, secrets, outputs, outputs_on_failure, inputs, agent) = files;
+            let (services, secrets, outputs, outputs_on_failure, inputs, agent, setup_timeout) = files;
             TaskPlan {
                 name,
                 frame,
@@ -371,6 +372,7 @@ fn task() -> BoxedStrategy<TaskPlan> {
                 env,
                 resources: Resources { cores, memory, pids },
                 timeout,
+                setup_timeout,
                 retries,
                 depends_on,
                 exit_codes: drover_core::ExitCodes { warning, skip },
