@@ -86,6 +86,10 @@ pub struct PsArgs {
 pub struct StatusArgs {
     /// Job id.
     pub job: i64,
+    /// List every task; by default a job of more than 50 tasks lists those that did not
+    /// succeed and enough succeeded ones to fill 50 rows, with counts by state.
+    #[arg(long)]
+    pub all: bool,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t)]
     pub output: Format,
@@ -212,7 +216,7 @@ fn submit_request(job: &JobPlan, source: String, filename: String) -> Result<pb:
 /// Prints a finished job's task table and output, for `up --submit`.
 pub async fn print_summary(opt: &ServerOpt, job_id: i64) -> Result<()> {
     let job = get_job(opt, job_id).await?;
-    println!("\n{}", render::job_detail(&job));
+    println!("\n{}", render::job_detail(&job, false));
     println!("\noutput:");
     let mut client = connect(opt).await?;
     let mut stream = client
@@ -274,7 +278,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let job = get_job(&args.server, args.job).await?;
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&render::job_json(&job))?),
-        Format::Human => println!("{}", render::job_detail(&job)),
+        Format::Human => println!("{}", render::job_detail(&job, args.all)),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -91,9 +91,10 @@ pub fn jobs_json(jobs: &[pb::JobSummary]) -> Value {
 }
 
 /// `status` for people: a header and a task table.
-pub fn job_detail(job: &pb::Job) -> String {
+pub fn job_detail(job: &pb::Job, all: bool) -> String {
     let mut t = table(&["TASK", "STATE", "EXIT", "ATTEMPTS", "NODE", "CPU s", "PEAK MEM", "REASON"]);
-    for task in &job.tasks {
+    let (shown, left_out) = tasks_to_show(&job.tasks, all);
+    for task in shown {
         t.add_row(vec![
             task_name(&task.name, task.frame),
             task.state.clone(),
@@ -105,10 +106,49 @@ pub fn job_detail(job: &pb::Job) -> String {
             task.reason.clone(),
         ]);
     }
-    format!(
-        "job {} `{}` (project {}, priority {}): {}\n{}",
-        job.id, job.name, job.project, job.priority, job.state, t
-    )
+    let mut out = format!(
+        "job {} `{}` (project {}, priority {}): {}\n{}\n{}",
+        job.id,
+        job.name,
+        job.project,
+        job.priority,
+        job.state,
+        state_counts(&job.tasks),
+        t
+    );
+    if left_out > 0 {
+        out.push_str(&format!("\n… and {left_out} more succeeded tasks (`--all` lists every task)"));
+    }
+    out
+}
+
+/// Tasks listed at most in a job's table unless every task is asked for.
+const TASKS_SHOWN: usize = 50;
+
+/// The tasks a job's table lists, in order, and how many it leaves out: every task of a small
+/// job; of a large one, those that did not succeed first (what needs a look), then succeeded
+/// ones up to [`TASKS_SHOWN`].
+fn tasks_to_show(tasks: &[pb::Task], all: bool) -> (Vec<&pb::Task>, usize) {
+    if all || tasks.len() <= TASKS_SHOWN {
+        return (tasks.iter().collect(), 0);
+    }
+    let mut shown: Vec<&pb::Task> = tasks.iter().filter(|t| t.state != "succeeded").collect();
+    let room = TASKS_SHOWN.saturating_sub(shown.len());
+    shown.extend(tasks.iter().filter(|t| t.state == "succeeded").take(room));
+    let left_out = tasks.len() - shown.len();
+    // In the job's own order, however they were picked.
+    shown.sort_by_key(|t| t.id);
+    (shown, left_out)
+}
+
+/// `tasks: 3 succeeded, 1 running`: how many tasks are in each state.
+fn state_counts(tasks: &[pb::Task]) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for t in tasks {
+        *counts.entry(t.state.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(state, n)| format!("{n} {state}")).collect();
+    format!("tasks: {}", if parts.is_empty() { "none".into() } else { parts.join(", ") })
 }
 
 /// A task's failure class as the word scripts match, `None` while none failed. A class this
@@ -197,6 +237,43 @@ mod tests {
     use drover_core::FailureClass;
 
     use super::*;
+
+    fn tasks(states: &[&str]) -> Vec<pb::Task> {
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| pb::Task {
+                id: i as i64,
+                name: "t".into(),
+                frame: Some(i as i64),
+                state: (*s).into(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_jobs_table_lists_what_did_not_succeed_and_says_what_it_left_out() {
+        let mut states = vec!["succeeded"; 1000];
+        states[500] = "failed";
+        states[900] = "running";
+        let job = pb::Job {
+            id: 7,
+            name: "big".into(),
+            state: "running".into(),
+            tasks: tasks(&states),
+            ..Default::default()
+        };
+        let text = job_detail(&job, false);
+        assert!(text.contains("tasks: 1 failed, 1 running, 998 succeeded"), "{text}");
+        assert!(text.contains("t[500]") && text.contains("t[900]"), "{text}");
+        assert!(text.contains("… and 950 more succeeded tasks (`--all` lists every task)"), "{text}");
+        assert_eq!(text.matches("succeeded").count(), 48 + 2, "{text}");
+        let every = job_detail(&job, true);
+        assert!(every.contains("t[999]") && !every.contains("more succeeded"), "{every}");
+        let small = pb::Job { tasks: tasks(&["succeeded", "queued"]), ..Default::default() };
+        assert!(!job_detail(&small, false).contains("more succeeded"));
+    }
 
     #[test]
     fn failure_classes_show_as_their_words() {
