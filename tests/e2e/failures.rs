@@ -144,8 +144,6 @@ tasks:
         assert!(start.elapsed() < T, "the first line never arrived");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Quiet for a while: how far its output was shipped is written down.
-    std::thread::sleep(Duration::from_secs(1));
     c.kill_agent(0);
     assert!(alive(first), "the task outlives a SIGKILLed agent (its supervisor holds it)");
     c.restart_agent(0, 1);
@@ -158,6 +156,50 @@ tasks:
     assert_eq!(logs.matches("before the restart").count(), 1, "{logs}");
     assert_eq!(logs.matches("after the restart").count(), 1, "{logs}");
     assert!(!alive(first));
+}
+
+#[test]
+fn output_of_a_reattached_process_task_arrives_exactly_once_across_agent_kills() {
+    let mut c = Cluster::start(1, 1);
+    // 8,000 numbered lines in 80 bursts over about 4 s: the agent is killed twice while they
+    // flow, and the lines written while it is away wait in the step's files.
+    let job = c.submit(
+        r#"
+version: 1
+name: flowing
+tasks:
+  - name: work
+    command: |
+      for b in $(seq 0 79); do seq $((b * 100 + 1)) $((b * 100 + 100)) | sed 's/^/line /'; sleep 0.05; done
+"#,
+    );
+    let logs = |c: &Cluster| c.ok(&["logs", &job.to_string(), "work"]);
+    let start = std::time::Instant::now();
+    for (round, after) in [(1, "line 500\n"), (2, "line 4000\n")] {
+        while !logs(&c).contains(after) {
+            assert!(start.elapsed() < T, "{after:?} never arrived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // No pause for the agent to write anything down: it dies mid-flow.
+        c.kill_agent(0);
+        std::thread::sleep(Duration::from_millis(300));
+        c.restart_agent(0, 1);
+        crate::harness::wait_for_lines(&c, "agent-0.log", "re-attached to a step", round, T);
+    }
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "work")["attempts"], 1, "re-attached, not retried: {status:#}");
+    let expected: String = (1..=8000).map(|i| format!("line {i}\n")).collect();
+    let got = logs(&c);
+    if got != expected {
+        let lines: Vec<&str> = got.lines().collect();
+        let first_wrong = lines.iter().zip(expected.lines()).position(|(a, b)| a != &b);
+        panic!(
+            "{} lines instead of 8000; first difference at line {first_wrong:?}: {:?}",
+            lines.len(),
+            first_wrong.map(|i| &lines[i.saturating_sub(2)..(i + 3).min(lines.len())])
+        );
+    }
 }
 
 #[test]

@@ -57,3 +57,43 @@ fn a_multi_line_secret_is_masked_whole_by_line_split_and_encoded() {
         assert!(!logs.contains(leak), "{leak} in {logs}");
     }
 }
+
+#[test]
+fn a_secret_stays_masked_after_an_agent_restart_and_the_next_step_still_gets_it() {
+    const SECRET: &str = "e2e-restart-Zq42-secret";
+    let mut c = Cluster::start(1, 1);
+    crate::ai_agent::set_secret(&c, "TOKEN", SECRET);
+    let job = c.submit(
+        r#"
+version: 1
+name: restarted-secret
+tasks:
+  - name: work
+    secrets: [TOKEN]
+    steps:
+      - |
+        echo "before: $TOKEN"
+        while [ ! -e {{ params.dir }}/go ]; do sleep 0.05; done
+        echo "after: $TOKEN"
+      - 'echo "next: $TOKEN"'
+"#,
+    );
+    let start = std::time::Instant::now();
+    while !c.ok(&["logs", &job.to_string()]).contains("before: ***") {
+        assert!(start.elapsed() < T, "the first line never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The restarted agent's journal holds the secret's name only: its value comes again from
+    // the server, before the step's output flows on.
+    c.kill_agent(0);
+    c.restart_agent(0, 1);
+    crate::harness::wait_for_line(&c, "agent-0.log", "re-attached to a step", T);
+    std::fs::write(c.path("go"), "").unwrap();
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "work")["attempts"], 1, "re-attached, not retried: {status:#}");
+    let logs = c.ok(&["logs", &job.to_string(), "work"]);
+    assert_eq!(logs, "before: ***\nafter: ***\nnext: ***\n");
+    let agent_log = std::fs::read_to_string(c.path("agent-0.log")).unwrap();
+    assert!(!agent_log.contains(SECRET), "the agent's log holds the secret");
+}

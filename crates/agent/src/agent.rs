@@ -264,7 +264,7 @@ impl Agent {
         }
         Ok(Agent {
             link,
-            journal: Journal::new(log.clone(), recovered.entries),
+            journal: Journal::new(log.clone(), recovered.entries).with_output_reach(recovered.reach),
             images: None,
             capacity: Arc::new(Mutex::new(Capacity::new(config.cores, physical, config.memory))),
             config,
@@ -341,10 +341,11 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "cannot look for orphaned containers"),
             }
         }
-        for journal::Reattached { entry, handle, output } in resumable {
+        for journal::Reattached { entry, handle, output, reach } in resumable {
             let timeout = entry.timeout_ms.map(Duration::from_millis);
             let step = handle.step;
-            let resume = attempt::Resume { step, handle, output: Some(output) };
+            let keys = attempt::KeySource { link: this.link.clone(), node: this.config.name.clone() };
+            let resume = attempt::Resume { step, handle, output: Some(output), reach, keys: Some(keys) };
             let kind = entry.runtime.clone();
             let held = lock(&this.capacity).hold(&entry.spec.cpus, entry.spec.memory_limit);
             // Its inputs are in place; its outputs are still to keep.

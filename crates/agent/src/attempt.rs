@@ -18,6 +18,7 @@ use crate::journal::{Entry, Journal, KeptOutputs};
 use crate::log_cap::{LogCap, Piece};
 use crate::mask::{LineMasker, Masker};
 use crate::outbox::Outbox;
+use crate::reach::{OutputReach, StreamReach};
 use crate::runtime::{
     ExitStatus, OutputChunk, OutputSink, RunHandle, Runtime, RuntimeError, Stream, TaskSpec, Usage,
     stop_gracefully,
@@ -33,8 +34,8 @@ const BATCH_DELAY: Duration = Duration::from_millis(20);
 /// Chunks of one step's output in flight to the shipper (see [`step_sink`]).
 const STEP_QUEUE: usize = 64;
 
-/// Why a resumed attempt cannot go on to its next step: the journal keeps the names of the
-/// task's secrets but never their values.
+/// Why a resumed attempt that could not ask for its secrets again cannot go on to its next
+/// step: the journal keeps the names of the task's secrets but never their values.
 pub const SECRETS_GONE: &str = "the agent restarted and no longer holds the task's secrets";
 
 /// Why the agent stops an attempt early.
@@ -84,6 +85,28 @@ pub struct Resume {
     /// Its output from where the earlier run got to; `None` when the runtime does not ship
     /// a re-attached step's output.
     pub output: Option<mpsc::Receiver<OutputChunk>>,
+    /// How far its output in the outbox reaches, for a runtime whose output says where it
+    /// ends: the output that comes begins at its clean offsets, and what the masker gives up
+    /// to the bytes past them was shipped already.
+    pub reach: Option<OutputReach>,
+    /// Where its secrets' values come from again; without it a resumed attempt with secrets
+    /// starts no further step (see [`SECRETS_GONE`]).
+    pub keys: Option<KeySource>,
+}
+
+/// Where a resumed attempt's LLM key and secrets are asked for again.
+#[derive(Clone)]
+pub struct KeySource {
+    /// The way to the servers.
+    pub link: Arc<crate::link::Link>,
+    /// This node's name, which the server checks the attempt against.
+    pub node: String,
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySource").field("node", &self.node).finish_non_exhaustive()
+    }
 }
 
 /// Runs an attempt to its end (or, with `resume`, from a re-attached step on) and reports
@@ -110,13 +133,27 @@ pub async fn run(
         if resume.is_none() {
             started(&outbox, attempt_id).await;
         }
+        // A resumed attempt's secrets are masked in its step's output like any other's: their
+        // values come again from the server before any of that output is shipped. Without
+        // them nothing of it may go out unmasked, so the attempt is lost.
+        let mut secrets_lost = None;
+        if let Some(keys) = resume.as_ref().and_then(|r| r.keys.as_ref()) {
+            let doing = "getting its secrets again";
+            match setup::bounded(doing, clock, &mut stop, secrets_again(keys, &mut spec)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => secrets_lost = Some(why),
+                Err(ended) => secrets_lost = Some(ended.message),
+            }
+        }
         let (tx, rx) = mpsc::channel(1024);
         let llm_key = ai.as_ref().map(|a| a.llm_key.as_str());
         let secrets = spec.secrets.values().map(String::as_str).chain(llm_key);
         let (masker, unmaskable) = match Masker::new(secrets) {
-            Ok(m) => (Arc::new(m), None),
+            Ok(m) => (Arc::new(m), secrets_lost),
             // Nothing runs, so nothing can leak through the empty masker.
-            Err(e) => (Arc::new(Masker::default()), Some(e)),
+            Err(e) => {
+                (Arc::new(Masker::default()), Some(format!("the task's secrets cannot be masked: {e}")))
+            }
         };
         let metered = ai.is_some() || ai_resume.is_some();
         // What taking the agent task over takes, once it is set up: journaled with its steps.
@@ -125,7 +162,15 @@ pub async fn run(
             .as_ref()
             .filter(|io| !io.outputs.is_empty())
             .map(|io| KeptOutputs { globs: io.outputs.clone(), on_failure: io.outputs_on_failure });
-        let shipper = tokio::spawn(ship_output(outbox.clone(), attempt_id, rx, masker.clone(), max_log));
+        let shipped_before = resume.as_ref().and_then(|r| r.reach);
+        let shipper = tokio::spawn(ship_output(
+            outbox.clone(),
+            attempt_id,
+            rx,
+            masker.clone(),
+            max_log,
+            shipped_before,
+        ));
         // The attempt's lifecycle, in order: each hook prepares before the steps (a resumed
         // attempt was prepared by the agent run that started it, so most skip it) and wraps
         // up after them.
@@ -241,9 +286,10 @@ trait Hook: Send {
     async fn poststop(&mut self, _spec: &TaskSpec, _outcome: &mut Outcome) {}
 }
 
-/// Refuses an attempt whose secrets could not be masked in its output.
+/// Refuses an attempt whose secrets could not be masked in its output (or, resumed, could not
+/// be had again): why.
 struct Masking {
-    unmaskable: Option<crate::mask::MaskError>,
+    unmaskable: Option<String>,
 }
 
 #[async_trait::async_trait]
@@ -258,7 +304,7 @@ impl Hook for Masking {
 
     async fn prestart(&mut self, _spec: &mut TaskSpec) -> Result<(), String> {
         match self.unmaskable.take() {
-            Some(e) => Err(format!("the task's secrets cannot be masked: {e}")),
+            Some(why) => Err(why),
             None => Ok(()),
         }
     }
@@ -364,22 +410,43 @@ impl AgentSetup {
     }
 }
 
-/// The key of a resumed AI-agent task, asked of the servers until one answers.
-async fn key_again(resume: &AiResume, attempt_id: i64) -> Result<String, String> {
+/// The LLM key and secrets of a resumed attempt, asked of the servers until one answers.
+async fn keys_again(
+    link: &crate::link::Link,
+    node: &str,
+    attempt_id: i64,
+) -> Result<pb::AttemptKeyResponse, String> {
     let mut pause = Duration::from_millis(200);
     loop {
-        match resume.link.attempt_key(&resume.node, attempt_id).await {
-            Ok(key) => return Ok(key),
+        match link.attempt_keys(node, attempt_id).await {
+            Ok(keys) => return Ok(keys),
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "cannot get the agent task's key again yet; trying again");
+                tracing::warn!(error = %e, "cannot get the attempt's keys again yet; trying again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_KEY_PAUSE);
             }
-            Err(e) => {
-                return Err(format!("the agent restarted and cannot get the task's LLM key again: {e}"));
-            }
+            Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// Gives a resumed attempt's secrets their values again (the journal keeps their names only),
+/// so that they are masked in the output of the step it took over and its next steps get
+/// them. An attempt without secrets asks nothing.
+async fn secrets_again(keys: &KeySource, spec: &mut TaskSpec) -> Result<(), String> {
+    if spec.secrets.is_empty() {
+        return Ok(());
+    }
+    let got = keys_again(&keys.link, &keys.node, spec.attempt_id)
+        .await
+        .map_err(|e| format!("the agent restarted and cannot get the task's secrets again: {e}"))?;
+    for (name, value) in spec.secrets.iter_mut() {
+        // A secret deleted since the submit stays empty, as it was absent at assignment.
+        if let Some(v) = got.secrets.get(name) {
+            value.clone_from(v);
+        }
+    }
+    Ok(())
 }
 
 impl Drop for AgentSetup {
@@ -407,7 +474,14 @@ impl Hook for AgentSetup {
     async fn prestart(&mut self, spec: &mut TaskSpec) -> Result<(), String> {
         let prepared = if let Some(resume) = &self.resume {
             let key = match resume.state.proxy {
-                Some(_) => key_again(resume, spec.attempt_id).await?,
+                Some(_) => {
+                    keys_again(&resume.link, &resume.node, spec.attempt_id)
+                        .await
+                        .map_err(|e| {
+                            format!("the agent restarted and cannot get the task's LLM key again: {e}")
+                        })?
+                        .llm_key
+                }
                 None => String::new(),
             };
             ai_task::Prepared::resume((*resume.state).clone(), &key)
@@ -648,8 +722,9 @@ async fn run_steps(
     };
     let first = resume.as_ref().map(|r| r.step).unwrap_or(0);
     // A resumed attempt's spec comes from the journal, which keeps secret names only: the step
-    // in flight has its secrets already, a new one could not be given them.
-    let secrets_gone = resume.is_some() && !spec.secrets.is_empty();
+    // in flight has its secrets already; a new one gets them only if they came again from the
+    // server (see `secrets_again`).
+    let secrets_gone = resume.as_ref().is_some_and(|r| r.keys.is_none()) && !spec.secrets.is_empty();
     let mut resumed = resume.map(|r| {
         if let Some(output) = r.output {
             forward_resumed_output(r.step, output, &out);
@@ -850,16 +925,18 @@ async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
 }
 
 /// Batches output into `AttemptOutput` reports until every sender is gone, masking secrets
-/// per stream of each step (see [`crate::mask`]) before the log limit applies.
+/// per stream of each step (see [`crate::mask`]) before the log limit applies. A resumed
+/// attempt's shipper starts from what the earlier run shipped of its step (`shipped_before`).
 async fn ship_output(
     outbox: Arc<Outbox>,
     attempt_id: i64,
     mut rx: mpsc::Receiver<Shipped>,
     masker: Arc<Masker>,
     max_log: u64,
+    shipped_before: Option<OutputReach>,
 ) {
     let mut cap = LogCap::new(max_log);
-    let mut streams: Streams<'_> = Streams::new(&masker);
+    let mut streams: Streams<'_> = Streams::new(&masker, shipped_before);
     let mut batch = Batch::default();
     loop {
         let first = match rx.recv().await {
@@ -882,7 +959,7 @@ async fn ship_output(
                 Ok(None) | Err(_) => None,
             };
         }
-        batch.flush(&outbox, attempt_id).await;
+        batch.flush(&outbox, attempt_id, streams.reach()).await;
     }
     // Each step's end arrives before the channel closes (its forwarder sends it before letting
     // go of its sender), so this finds nothing held; it is here so a tail can never be lost.
@@ -891,27 +968,89 @@ async fn ship_output(
             batch.add(p);
         }
         if batch.full() {
-            batch.flush(&outbox, attempt_id).await;
+            batch.flush(&outbox, attempt_id, None).await;
         }
     }
     for p in cap.finish() {
         batch.add(p);
         if batch.full() {
-            batch.flush(&outbox, attempt_id).await;
+            batch.flush(&outbox, attempt_id, None).await;
         }
     }
-    batch.flush(&outbox, attempt_id).await;
+    batch.flush(&outbox, attempt_id, None).await;
 }
 
-/// The maskers of an attempt's output streams, by step and stream (`true` for stderr).
+/// One output stream of one step, as the shipper follows it.
+struct StreamState<'m> {
+    lines: LineMasker<'m>,
+    /// How far what left the masker reaches (see [`crate::reach`]); kept only for output whose
+    /// chunks say where they end.
+    reach: StreamReach,
+    /// Where the last chunk read ended in the stream's file.
+    read_to: Option<u64>,
+    /// Bytes of masked output still to drop: an earlier agent run shipped them.
+    skip: u64,
+}
+
+impl StreamState<'_> {
+    /// Takes what the masker gives for a chunk that ends at `end` in its file (`None` for
+    /// the stream's end): notes how far it reaches, and drops what was shipped already.
+    fn released(&mut self, mut pieces: Vec<Vec<u8>>, end: Option<u64>, ended: bool) -> Vec<Vec<u8>> {
+        if let Some(end) = end {
+            self.read_to = Some(end);
+        }
+        if let Some(read_to) = self.read_to {
+            self.reach.past_clean += pieces.iter().map(|p| p.len() as u64).sum::<u64>();
+            if ended || self.lines.is_clean() {
+                self.reach = StreamReach { clean: read_to, past_clean: 0 };
+            }
+        }
+        while self.skip > 0 && !pieces.is_empty() {
+            let first = pieces[0].len() as u64;
+            if first <= self.skip {
+                self.skip -= first;
+                pieces.remove(0);
+            } else {
+                pieces[0].drain(..self.skip as usize);
+                self.skip = 0;
+            }
+        }
+        pieces
+    }
+}
+
+/// The maskers of an attempt's output streams, by step and stream (`true` for stderr), and
+/// how far the output they gave reaches.
 struct Streams<'m> {
     masker: &'m Masker,
-    open: std::collections::BTreeMap<(usize, bool), LineMasker<'m>>,
+    open: std::collections::BTreeMap<(usize, bool), StreamState<'m>>,
+    /// The latest step whose output says where it ends, and its streams' reach.
+    reach: Option<OutputReach>,
 }
 
 impl<'m> Streams<'m> {
-    fn new(masker: &'m Masker) -> Self {
-        Streams { masker, open: Default::default() }
+    fn new(masker: &'m Masker, shipped_before: Option<OutputReach>) -> Self {
+        let mut streams = Streams { masker, open: Default::default(), reach: shipped_before };
+        if let Some(before) = shipped_before {
+            for stderr in [false, true] {
+                let was = before.stream(stderr);
+                let state = streams.open_stream(before.step as usize, stderr);
+                state.reach = was;
+                state.read_to = Some(was.clean);
+                state.skip = was.past_clean;
+            }
+        }
+        streams
+    }
+
+    fn open_stream(&mut self, step: usize, stderr: bool) -> &mut StreamState<'m> {
+        let masker = self.masker;
+        self.open.entry((step, stderr)).or_insert_with(|| StreamState {
+            lines: masker.lines(),
+            reach: StreamReach::default(),
+            read_to: None,
+            skip: 0,
+        })
     }
 
     /// The pieces to ship for what arrived.
@@ -919,23 +1058,59 @@ impl<'m> Streams<'m> {
         match shipped {
             Shipped::Chunk(c) => {
                 let stderr = c.stream == Stream::Stderr;
-                let masker = self.masker;
-                let stream = self.open.entry((c.step, stderr)).or_insert_with(|| masker.lines());
-                pieces(c.step, stderr, stream.push(c.data))
+                let state = self.open_stream(c.step, stderr);
+                let released = state.lines.push(c.data);
+                let out = state.released(released, c.end, false);
+                let tracked = state.read_to.map(|_| state.reach);
+                if let Some(reach) = tracked {
+                    self.note_reach(c.step, stderr, reach);
+                }
+                pieces(c.step, stderr, out)
             }
-            Shipped::End(step) => [false, true]
-                .into_iter()
-                .filter_map(|stderr| self.open.remove(&(step, stderr)).map(|s| (stderr, s)))
-                .flat_map(|(stderr, mut s)| pieces(step, stderr, s.finish()))
-                .collect(),
+            Shipped::End(step) => {
+                let mut out = Vec::new();
+                for stderr in [false, true] {
+                    let Some(mut state) = self.open.remove(&(step, stderr)) else { continue };
+                    let released = state.lines.finish();
+                    let data = state.released(released, None, true);
+                    if state.read_to.is_some() {
+                        self.note_reach(step, stderr, state.reach);
+                    }
+                    out.extend(pieces(step, stderr, data));
+                }
+                out
+            }
         }
+    }
+
+    /// Notes how far a stream of `step` reaches, if `step` is the latest step seen.
+    fn note_reach(&mut self, step: usize, stderr: bool, reach: StreamReach) {
+        let step = step as u32;
+        let current = match &mut self.reach {
+            Some(r) if r.step > step => return,
+            Some(r) if r.step == step => r,
+            _ => self.reach.insert(OutputReach { step, ..OutputReach::default() }),
+        };
+        if stderr {
+            current.stderr = reach;
+        } else {
+            current.stdout = reach;
+        }
+    }
+
+    /// How far the output given so far reaches, for output that says where it ends.
+    fn reach(&self) -> Option<OutputReach> {
+        self.reach
     }
 
     /// The pieces still held back by any stream.
     fn finish_all(&mut self) -> Vec<Piece> {
         std::mem::take(&mut self.open)
             .into_iter()
-            .flat_map(|((step, stderr), mut s)| pieces(step, stderr, s.finish()))
+            .flat_map(|((step, stderr), mut s)| {
+                let released = s.lines.finish();
+                pieces(step, stderr, s.released(released, None, true))
+            })
             .collect()
     }
 }
@@ -974,13 +1149,18 @@ impl Batch {
         self.bytes >= BATCH_BYTES || self.chunks.len() >= pb::MAX_OUTPUT_CHUNKS
     }
 
-    async fn flush(&mut self, outbox: &Outbox, attempt_id: i64) {
+    /// Queues the batch as one report; `reach` is how far the output shipped with it reaches,
+    /// for output whose chunks say where they end.
+    async fn flush(&mut self, outbox: &Outbox, attempt_id: i64, reach: Option<OutputReach>) {
         if self.chunks.is_empty() {
             return;
         }
         let chunks = std::mem::take(&mut self.chunks);
         let msg = Kind::Output(pb::AttemptOutput { attempt_id, epoch: 0, seq: 0, lines: Vec::new(), chunks });
-        outbox.push(attempt_id, msg, self.bytes + 64).await;
+        match reach {
+            Some(reach) => outbox.push_output(attempt_id, msg, self.bytes + 64, reach).await,
+            None => outbox.push(attempt_id, msg, self.bytes + 64).await,
+        }
         self.bytes = 0;
     }
 }
@@ -1118,6 +1298,75 @@ mod tests {
         assert!(!stdout.contains(&STANDARD.encode(SECRET)[4..]));
     }
 
+    /// Feeds `source[from..]` to `streams` as stdout of step 0 in pieces of `piece` bytes, each
+    /// saying where it ends in the file, then the step's end when `end`; what is shipped.
+    fn feed(
+        streams: &mut Streams<'_>,
+        source: &[u8],
+        from: usize,
+        to: usize,
+        piece: usize,
+        end: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < to {
+            let next = (at + piece).min(to);
+            let chunk = OutputChunk {
+                stream: Stream::Stdout,
+                step: 0,
+                data: source[at..next].to_vec(),
+                end: Some(next as u64),
+            };
+            out.extend(streams.take(Shipped::Chunk(chunk)).into_iter().flat_map(|p| p.data));
+            at = next;
+        }
+        if end {
+            out.extend(streams.take(Shipped::End(0)).into_iter().flat_map(|p| p.data));
+        }
+        out
+    }
+
+    #[test]
+    fn output_read_again_from_its_reach_is_shipped_once_whatever_the_masker_held() {
+        let secret = "tok-0123456789";
+        let source = format!("a {secret} b\nc tok-01 d\n{secret}{secret}\ntail tok-0123").into_bytes();
+        for masker in [Masker::new([secret]).unwrap(), Masker::default()] {
+            let whole = feed(&mut Streams::new(&masker, None), &source, 0, source.len(), 5, true);
+            assert_eq!(String::from_utf8_lossy(&whole).contains(secret), masker.is_empty());
+            // The agent dies after any piece; the next run reads on from the reach.
+            for cut in (5..source.len()).step_by(5) {
+                let mut first = Streams::new(&masker, None);
+                let before = feed(&mut first, &source, 0, cut, 5, false);
+                let reach = first.reach().expect("output that says where it ends has a reach");
+                let mut again = Streams::new(&masker, Some(reach));
+                let clean = reach.stdout.clean as usize;
+                assert!(clean <= cut);
+                let after = feed(&mut again, &source, clean, source.len(), 7, true);
+                assert_eq!(
+                    [before, after].concat(),
+                    whole,
+                    "cut at {cut}, reach {reach:?}: {}",
+                    String::from_utf8_lossy(&whole)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn output_that_says_nothing_of_offsets_has_no_reach() {
+        let masker = Masker::default();
+        let mut streams = Streams::new(&masker, None);
+        let chunk = OutputChunk { stream: Stream::Stderr, step: 1, data: b"x\n".to_vec(), end: None };
+        assert_eq!(streams.take(Shipped::Chunk(chunk)).len(), 1);
+        assert_eq!(streams.reach(), None);
+        // A later step's reach replaces an earlier one's; the other stream starts at nothing.
+        let chunk = OutputChunk { stream: Stream::Stdout, step: 2, data: b"y\n".to_vec(), end: Some(2) };
+        streams.take(Shipped::Chunk(chunk));
+        let reach = streams.reach().unwrap();
+        assert_eq!((reach.step, reach.stdout.clean, reach.stderr), (2, 2, StreamReach::default()));
+    }
+
     #[tokio::test]
     async fn the_message_of_the_end_is_masked() {
         let dir = tempfile::tempdir().unwrap();
@@ -1139,7 +1388,12 @@ mod tests {
         let handle = runtime.start(&spec, 0, tx).await.unwrap();
         // As the journal gives it back after a restart: names only.
         spec.secrets.values_mut().for_each(String::clear);
-        let ran = run_attempt(spec.clone(), runtime, Some(Resume { step: 0, handle, output: None })).await;
+        let ran = run_attempt(
+            spec.clone(),
+            runtime,
+            Some(Resume { step: 0, handle, output: None, reach: None, keys: None }),
+        )
+        .await;
         assert_eq!(ran.outcome.failure, Some(FailureClass::Lost));
         assert_eq!(ran.outcome.exit_code, Some(0), "the resumed step ran to its end");
         assert_eq!(ran.message, format!("{SECRETS_GONE}; step 2 was not started"));

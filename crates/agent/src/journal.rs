@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::reach::OutputReach;
 use crate::runtime::{OutputChunk, RunHandle, Runtime, StopSignal, TaskSpec};
 use crate::state_log::{Record, StateLog};
 
@@ -71,6 +72,10 @@ pub struct Reattached {
     pub handle: RunHandle,
     /// The step's output from where the earlier run got to, when the runtime ships it on.
     pub output: mpsc::Receiver<OutputChunk>,
+    /// How far the step's output in the outbox reaches, for a runtime whose output says where
+    /// it ends: `output` begins there, and the masked bytes past its clean offsets were
+    /// shipped already.
+    pub reach: Option<OutputReach>,
 }
 
 /// The journal: the live entries, and the log they are kept in.
@@ -79,6 +84,9 @@ pub struct Journal {
     log: Arc<StateLog>,
     /// Entries of attempts that have not ended, secret values cleared.
     live: Arc<Mutex<HashMap<i64, Entry>>>,
+    /// How far the output of an earlier run's steps got into the outbox, by attempt: where
+    /// their re-attached steps ship on from.
+    reach: Arc<HashMap<i64, OutputReach>>,
 }
 
 /// What [`Journal::recover`] did with an earlier run's entries.
@@ -94,7 +102,14 @@ impl Journal {
     /// A journal kept in `log`, holding the `entries` an earlier run left there.
     pub fn new(log: Arc<StateLog>, entries: Vec<Entry>) -> Journal {
         let live = entries.into_iter().map(|e| (e.spec.attempt_id, e)).collect();
-        Journal { log, live: Arc::new(Mutex::new(live)) }
+        Journal { log, live: Arc::new(Mutex::new(live)), reach: Arc::default() }
+    }
+
+    /// The journal, knowing how far the output of the earlier run's steps got (what the state
+    /// log recovered, see [`crate::reach`]).
+    pub fn with_output_reach(mut self, reach: HashMap<i64, OutputReach>) -> Journal {
+        self.reach = Arc::new(reach);
+        self
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
@@ -164,9 +179,14 @@ impl Journal {
             // Room for the output a process step wrote while no agent read it, until the
             // resumed attempt takes it over.
             let (tx, output) = mpsc::channel(REATTACHED_OUTPUT_QUEUE);
+            let mut reach = None;
             let attached = match (runtimes.get(&entry.runtime), &entry.handle) {
                 (Some(runtime), Some(handle)) if reattachable(runtime.kind(), &entry) => {
-                    match runtime.attach(handle, tx).await {
+                    if runtime.output_has_offsets() {
+                        reach = Some(self.output_reach(entry.spec.attempt_id, handle.step));
+                    }
+                    let from = reach.map_or((0, 0), |r| r.read_from());
+                    match runtime.attach(handle, tx, from).await {
                         Ok(attached) => attached,
                         Err(e) => {
                             tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot re-attach a step");
@@ -184,7 +204,7 @@ impl Journal {
                         step = handle.step,
                         "re-attached to a step an earlier agent run started"
                     );
-                    recovery.resumable.push(Reattached { entry, handle, output });
+                    recovery.resumable.push(Reattached { entry, handle, output, reach });
                 }
                 _ => stopped.push(entry),
             }
@@ -192,6 +212,15 @@ impl Journal {
         recovery.stopped = stopped.iter().map(|e| e.spec.attempt_id).collect();
         self.stop_entries(stopped, runtimes).await;
         recovery
+    }
+
+    /// How far the output of `step` of an attempt got into the outbox in the earlier run;
+    /// nothing known means none of it did.
+    fn output_reach(&self, attempt_id: i64, step: usize) -> OutputReach {
+        match self.reach.get(&attempt_id) {
+            Some(r) if r.step as usize == step => *r,
+            _ => OutputReach { step: step as u32, ..OutputReach::default() },
+        }
     }
 
     /// Stops and cleans up whatever an earlier agent run left running; returns how many
@@ -214,7 +243,7 @@ impl Journal {
             if let Some(handle) = &entry.handle {
                 // Output of a step we no longer report has nowhere to go.
                 let (tx, _rx) = mpsc::channel(1);
-                match runtime.attach(handle, tx).await {
+                match runtime.attach(handle, tx, (0, 0)).await {
                     Ok(true) => {
                         tracing::warn!(attempt_id, pid = ?handle.pid, "stopping a step left running by an earlier agent run");
                         let _ = runtime.signal(handle, StopSignal::Kill).await;
@@ -280,7 +309,7 @@ mod tests {
 
     fn open(dir: &Path) -> Journal {
         let (log, recovered) = StateLog::open(dir).unwrap();
-        Journal::new(log, recovered.entries)
+        Journal::new(log, recovered.entries).with_output_reach(recovered.reach)
     }
 
     #[tokio::test]
@@ -366,11 +395,27 @@ mod tests {
             ai: None,
             outputs: Some(KeptOutputs { globs: vec!["out/*".into()], on_failure: false }),
         };
-        open(&state).record(&entry).await;
-        // The first run's reader is gone, as with an agent that died; its offsets were
-        // written down while the step was quiet.
-        drop(rx);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let journal = open(&state);
+        journal.record(&entry).await;
+        // The first line went out in a report that says how far the output reaches, as the
+        // outbox logs it; then the first run's reader is gone, as with an agent that died.
+        let reach = OutputReach {
+            step: 0,
+            stdout: crate::reach::StreamReach {
+                clean: before.end.expect("process output has offsets"),
+                past_clean: 0,
+            },
+            stderr: crate::reach::StreamReach::default(),
+        };
+        let report = crate::state_log::LoggedReport {
+            seq: 1,
+            attempt_id: 535353,
+            bytes: 7,
+            report: drover_proto::Report::default(),
+            reach: Some(reach),
+        };
+        journal.log.append(Record::Report(report)).await.unwrap();
+        drop((rx, journal));
 
         let journal = open(&state);
         let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new());
@@ -380,6 +425,7 @@ mod tests {
         let mut resumed = recovery.resumable.pop().expect("the step is re-attached");
         assert_eq!(resumed.entry.spec.attempt_id, 535353);
         assert_eq!(resumed.entry.outputs, entry.outputs, "the outputs to keep are journaled");
+        assert_eq!(resumed.reach, Some(reach));
         std::fs::write(&go, "").unwrap();
         let status = runtime.wait(&resumed.handle).await.unwrap();
         assert!(status.success(), "{status:?}");

@@ -16,6 +16,7 @@ pub mod log_cap;
 pub mod mask;
 pub mod monitor;
 pub mod outbox;
+pub mod reach;
 pub mod reservation;
 pub mod runtime;
 pub mod setup;

@@ -222,10 +222,14 @@ impl Link {
             .max_decoding_message_size(64 << 20))
     }
 
-    /// The LLM key of AI-agent attempt `attempt_id` that node `node` (this agent) runs, from
-    /// the first server that answers. A refusal (the attempt is not open on this node any
-    /// more) is [`LinkError::Refused`].
-    pub async fn attempt_key(&self, node: &str, attempt_id: i64) -> Result<String, LinkError> {
+    /// The LLM key and the secrets of attempt `attempt_id` that node `node` (this agent)
+    /// runs, from the first server that answers. A refusal (the attempt is not open on this
+    /// node any more) is [`LinkError::Refused`].
+    pub async fn attempt_keys(
+        &self,
+        node: &str,
+        attempt_id: i64,
+    ) -> Result<pb::AttemptKeyResponse, LinkError> {
         let mut last = LinkError::Unreachable("no server address".into());
         for url in &self.servers {
             let mut client = match self.session_client(url).await {
@@ -237,7 +241,7 @@ impl Link {
             };
             let request = pb::AttemptKeyRequest { node: node.to_owned(), attempt_id };
             match client.attempt_key(request).await {
-                Ok(answer) => return Ok(answer.into_inner().llm_key),
+                Ok(answer) => return Ok(answer.into_inner()),
                 // The server (or the way to it) could not answer now: another may, or later.
                 Err(status)
                     if matches!(

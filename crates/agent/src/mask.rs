@@ -241,6 +241,12 @@ impl LineMasker<'_> {
         pieces
     }
 
+    /// Whether everything pushed so far was returned: a masker that starts afresh here
+    /// returns the same output for the same input that follows.
+    pub fn is_clean(&self) -> bool {
+        self.partial.is_empty() && !self.stream.holds()
+    }
+
     /// The stream ended: the pieces still to ship.
     pub fn finish(&mut self) -> Vec<Vec<u8>> {
         let rest = self.stream.finish();

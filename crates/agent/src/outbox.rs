@@ -23,7 +23,8 @@ use drover_proto::report::Kind;
 use futures::Stream;
 use tokio::sync::Notify;
 
-use crate::state_log::{LoggedReport, Record, StateLog};
+use crate::reach::OutputReach;
+use crate::state_log::{Appending, LoggedReport, Record, StateLog};
 
 /// Stop accepting output from tasks while this many bytes wait for acknowledgement, so a slow
 /// or absent server slows tasks' output instead of growing the agent's memory without bound.
@@ -40,6 +41,8 @@ struct Pending {
     attempt_id: i64,
     report: Kind,
     bytes: usize,
+    /// Not to be sent yet: its record is on its way to the state log.
+    held: bool,
 }
 
 /// The session reports go to, once it registered.
@@ -71,7 +74,8 @@ impl Inner {
         let mut reports = Vec::new();
         let mut bytes = 0;
         for p in self.pending.range(first..) {
-            if reports.len() == pb::MAX_REPORTS_PER_MESSAGE
+            if p.held
+                || reports.len() == pb::MAX_REPORTS_PER_MESSAGE
                 || (!reports.is_empty() && bytes + p.bytes > MAX_MESSAGE_BYTES)
             {
                 break;
@@ -122,7 +126,13 @@ impl Outbox {
             let bytes = usize::try_from(r.bytes).unwrap_or(usize::MAX);
             inner.next_seq = inner.next_seq.max(r.seq);
             inner.pending_bytes = inner.pending_bytes.saturating_add(bytes);
-            inner.pending.push_back(Pending { seq: r.seq, attempt_id: r.attempt_id, report, bytes });
+            inner.pending.push_back(Pending {
+                seq: r.seq,
+                attempt_id: r.attempt_id,
+                report,
+                bytes,
+                held: false,
+            });
         }
         Outbox { inner: Mutex::new(inner), log: Some(log), ..Outbox::default() }
     }
@@ -134,6 +144,39 @@ impl Outbox {
     /// Queues a report about `attempt_id`; the live session (if any) sends it with whatever
     /// else waits when it can.
     pub async fn push(&self, attempt_id: i64, report: Kind, bytes: usize) {
+        self.wait_for_room().await;
+        // Not waited for: the log keeps its records in the order they come, so the
+        // acknowledgement of this report can never reach it first.
+        self.enqueue(attempt_id, report, bytes, None);
+        self.ready.notify_waiters();
+    }
+
+    /// Queues a report of a step's output that reaches `reach` into the step's files (see
+    /// [`crate::reach`]). It is sent only once it is in the state log: a server never stores
+    /// output past the reach a restarted agent reads on from. Reports queued after it wait
+    /// behind it, so the order holds.
+    pub async fn push_output(&self, attempt_id: i64, report: Kind, bytes: usize, reach: OutputReach) {
+        self.wait_for_room().await;
+        if let Some((seq, appending)) = self.enqueue(attempt_id, report, bytes, Some(reach)) {
+            if let Err(e) = appending.written().await {
+                // Sent all the same: losing the record only means shipping this output again
+                // after a restart.
+                tracing::warn!(attempt_id, error = %e, "an output report is not in the state log");
+            }
+            self.release(seq);
+        }
+        self.ready.notify_waiters();
+    }
+
+    /// Lets report `seq` go: its record is in the log.
+    fn release(&self, seq: u64) {
+        let mut inner = self.lock();
+        if let Some(p) = inner.pending.iter_mut().find(|p| p.seq == seq) {
+            p.held = false;
+        }
+    }
+
+    async fn wait_for_room(&self) {
         loop {
             let notified = self.acked.notified();
             if self.lock().pending_bytes < MAX_PENDING_BYTES {
@@ -141,25 +184,42 @@ impl Outbox {
             }
             notified.await;
         }
-        {
-            let mut inner = self.lock();
-            inner.next_seq += 1;
-            let seq = inner.next_seq;
-            if let Some(log) = &self.log {
-                // Not waited for: the log keeps its records in the order they come, so the
-                // acknowledgement of this report can never reach it first.
-                let report = pb::Report { kind: Some(report.clone()) };
-                log.append_later(Record::Report(LoggedReport {
-                    seq,
-                    attempt_id,
-                    bytes: bytes as u64,
-                    report,
-                }));
+    }
+
+    /// Queues a report, appending it to the log when there is one; with `reach`, it is held
+    /// back until what is returned says it is in the log.
+    fn enqueue(
+        &self,
+        attempt_id: i64,
+        report: Kind,
+        bytes: usize,
+        reach: Option<OutputReach>,
+    ) -> Option<(u64, Appending)> {
+        let mut inner = self.lock();
+        inner.next_seq += 1;
+        let seq = inner.next_seq;
+        let mut appending = None;
+        if let Some(log) = &self.log {
+            let record = Record::Report(LoggedReport {
+                seq,
+                attempt_id,
+                bytes: bytes as u64,
+                report: pb::Report { kind: Some(report.clone()) },
+                reach,
+            });
+            if reach.is_some() {
+                match log.append_in_order(record) {
+                    Ok(a) => appending = Some((seq, a)),
+                    Err(e) => tracing::warn!(attempt_id, error = %e, "cannot append to the state log"),
+                }
+            } else {
+                log.append_later(record);
             }
-            inner.pending.push_back(Pending { seq, attempt_id, report, bytes });
-            inner.pending_bytes += bytes;
         }
-        self.ready.notify_waiters();
+        let held = appending.is_some();
+        inner.pending.push_back(Pending { seq, attempt_id, report, bytes, held });
+        inner.pending_bytes += bytes;
+        appending
     }
 
     /// Drops every report up to and including `seq`.
@@ -356,6 +416,31 @@ mod tests {
         });
         outbox.push(6, ended, 64).await;
         assert_eq!(outbox.finished_attempts(), HashSet::from([6]));
+    }
+
+    #[tokio::test]
+    async fn output_with_a_reach_leaves_only_once_in_the_log_and_what_follows_waits_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (log, recovered) = StateLog::open(&state).unwrap();
+        let outbox = Arc::new(Outbox::durable(log, recovered.reports, recovered.last_seq));
+        let mut sent = Box::pin(outbox.reports());
+        outbox.connect(1);
+        let reach = OutputReach { step: 0, ..OutputReach::default() };
+        let output = Kind::Output(pb::AttemptOutput { attempt_id: 1, ..Default::default() });
+        let (seq, appending) = outbox.enqueue(1, output, 64, Some(reach)).expect("a durable outbox logs it");
+        outbox.enqueue(2, started(2), 64, None);
+        assert!(ready(&mut sent).is_none(), "sent before it was in the log");
+        appending.written().await.unwrap();
+        outbox.release(seq);
+        outbox.ready.notify_waiters();
+        assert_eq!(contents(ready(&mut sent).unwrap()), vec![(1, 1, 1), (2, 2, 1)]);
+        let kept = crate::state_log::peek(&state).unwrap();
+        assert_eq!(kept.reports[0].reach, Some(reach));
+        assert_eq!(kept.reach.get(&1), None, "no entry of attempt 1: nothing to resume");
+        // Through the public way, too.
+        outbox.push_output(3, started(3), 64, reach).await;
+        assert_eq!(contents(ready(&mut sent).unwrap()), vec![(3, 3, 1)]);
     }
 
     #[tokio::test]

@@ -205,9 +205,9 @@ impl AgentSession for AgentApi {
     }
 }
 
-/// Gives a restarted agent the LLM key of an AI-agent attempt it took over: only a node asking
-/// in its own name (its credential's), only for an attempt open on it, only the key its task
-/// names.
+/// Gives a restarted agent the LLM key and the secrets of an attempt it took over: only a node
+/// asking in its own name (its credential's), only for an attempt open on it, only the key and
+/// the secrets its task names.
 async fn attempt_key(
     shared: &Shared,
     caller: &Caller,
@@ -236,18 +236,37 @@ async fn attempt_key(
             ask.attempt_id, ask.node
         )));
     };
-    let Some(name) = plan.agent.as_ref().and_then(|a| a.key_secret.clone()) else {
-        return Err(Status::failed_precondition(format!("attempt {} has no LLM key", ask.attempt_id)));
-    };
-    let mut values =
-        shared.secrets.secret_values(&project, std::slice::from_ref(&name)).await.map_err(status)?;
-    let Some(llm_key) = values.remove(&name) else {
+    let key_name = plan.agent.as_ref().and_then(|a| a.key_secret.clone());
+    if key_name.is_none() && plan.secrets.is_empty() {
         return Err(Status::failed_precondition(format!(
-            "project `{project}` no longer has the secret `{name}`"
+            "attempt {} has no LLM key and no secrets",
+            ask.attempt_id
         )));
+    }
+    let mut names = plan.secrets.clone();
+    names.extend(key_name.clone());
+    let mut values = shared.secrets.secret_values(&project, &names).await.map_err(status)?;
+    let llm_key = match &key_name {
+        // Sent apart from `secrets`, as at assignment: those become the sandbox's environment.
+        Some(name) => match values.get(name) {
+            Some(key) => key.clone(),
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "project `{project}` no longer has the secret `{name}`"
+                )));
+            }
+        },
+        None => String::new(),
     };
-    tracing::info!(attempt_id = ask.attempt_id, node = %ask.node, "the llm key given again to a restarted agent");
-    Ok(pb::AttemptKeyResponse { llm_key })
+    values.retain(|name, _| plan.secrets.contains(name));
+    tracing::info!(
+        attempt_id = ask.attempt_id,
+        node = %ask.node,
+        secrets = values.len(),
+        llm_key = key_name.is_some(),
+        "an attempt's keys given again to a restarted agent"
+    );
+    Ok(pb::AttemptKeyResponse { llm_key, secrets: values.into_iter().collect() })
 }
 
 /// Where a session's messages go besides the store: its outbound stream, its acknowledger

@@ -475,13 +475,13 @@ async fn a_batch_of_reports_beyond_the_limits_ends_the_session() {
     assert!(s.message().contains("add up to 9 bytes"), "{s:?}");
 }
 
-/// Asks for an attempt's LLM key again, as a restarted agent does.
+/// Asks for an attempt's LLM key and secrets again, as a restarted agent does.
 async fn attempt_key(
     server: &Server,
     credential: Option<&str>,
     node: &str,
     attempt_id: i64,
-) -> Result<String, tonic::Status> {
+) -> Result<pb::AttemptKeyResponse, tonic::Status> {
     let channel =
         tonic::transport::Channel::from_shared(server.url.clone()).unwrap().connect().await.unwrap();
     let mut agents = drover_proto::agent_session_client::AgentSessionClient::with_interceptor(
@@ -489,11 +489,11 @@ async fn attempt_key(
         drover_proto::Bearer::new(credential).unwrap(),
     );
     let req = pb::AttemptKeyRequest { node: node.into(), attempt_id };
-    Ok(agents.attempt_key(req).await?.into_inner().llm_key)
+    Ok(agents.attempt_key(req).await?.into_inner())
 }
 
 #[tokio::test]
-async fn an_llm_key_is_given_again_only_to_the_node_running_the_attempt_while_it_runs() {
+async fn an_llm_key_and_secrets_are_given_again_only_to_the_node_running_the_attempt_while_it_runs() {
     let server = Server::start().await;
     let a = server.enroll("a").await;
     let b = server.enroll("b").await;
@@ -505,18 +505,32 @@ async fn an_llm_key_is_given_again_only_to_the_node_running_the_attempt_while_it
     let secret =
         pb::SetSecretRequest { project: "default".into(), name: "LLM_KEY".into(), value: "sk-real".into() };
     op.set_secret(secret).await.unwrap();
+    for (name, value) in [("DB_PASS", "hunter2"), ("OTHER", "not theirs"), ("GONE", "soon")] {
+        let secret =
+            pb::SetSecretRequest { project: "default".into(), name: name.into(), value: value.into() };
+        op.set_secret(secret).await.unwrap();
+    }
     let mut plan = drover_store::conformance::job(vec![
         drover_store::conformance::task("agent", &[]),
         drover_store::conformance::task("plain", &["agent"]),
     ]);
     plan.tasks[0].agent = Some(common::agent_block("https://llm.invalid", Some("LLM_KEY")));
+    plan.tasks[0].secrets = vec!["DB_PASS".into(), "GONE".into()];
     let req = pb::SubmitRequest { plan_json: serde_json::to_string(&plan).unwrap(), ..Default::default() };
     op.submit(req).await.unwrap();
     let (owner, assign) = assignment(&mut sessions).await;
     let (other, id) = (1 - owner, assign.attempt_id);
+    op.delete_secret(pb::DeleteSecretRequest { project: "default".into(), name: "GONE".into() })
+        .await
+        .unwrap();
 
-    let key = attempt_key(&server, Some(&credentials[owner]), names[owner], id).await.unwrap();
-    assert_eq!(key, "sk-real");
+    let keys = attempt_key(&server, Some(&credentials[owner]), names[owner], id).await.unwrap();
+    assert_eq!(keys.llm_key, "sk-real");
+    // Only the secrets the task names (one deleted since is absent), the key apart.
+    assert_eq!(
+        keys.secrets,
+        std::collections::HashMap::from([("DB_PASS".to_string(), "hunter2".to_string())])
+    );
     // Another node's credential cannot ask in the owner's name, nor get it in its own.
     let err = attempt_key(&server, Some(&credentials[other]), names[owner], id).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");

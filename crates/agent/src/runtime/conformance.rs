@@ -491,11 +491,14 @@ pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime, adj
     if let Some(ticks) = handle.pid_start_ticks {
         let reused = RunHandle { pid_start_ticks: Some(ticks + 1), ..handle.clone() };
         let (tx, _) = mpsc::channel(1);
-        assert!(!second.attach(&reused, tx).await.expect("attach"), "attached despite wrong start time");
+        assert!(
+            !second.attach(&reused, tx, (0, 0)).await.expect("attach"),
+            "attached despite wrong start time"
+        );
     }
 
     let (tx, _) = mpsc::channel(1);
-    assert!(second.attach(&handle, tx).await.expect("attach"), "running step not found");
+    assert!(second.attach(&handle, tx, (0, 0)).await.expect("attach"), "running step not found");
     second.stats(&handle).await.expect("stats of attached step");
     second.signal(&handle, super::StopSignal::Kill).await.expect("kill attached");
     tokio::time::timeout(PATIENCE, second.wait(&handle)).await.expect("attached wait in time").expect("wait");
@@ -503,10 +506,10 @@ pub async fn attach_after_restart(first: &dyn Runtime, second: &dyn Runtime, adj
     assert_eq!(status.signal, Some(9), "{status:?}");
 
     let (tx, _) = mpsc::channel(1);
-    assert!(!second.attach(&handle, tx).await.expect("attach"), "attached to an ended step");
+    assert!(!second.attach(&handle, tx, (0, 0)).await.expect("attach"), "attached to an ended step");
     let elsewhere = RunHandle { attempt_id: unique_attempt_id(), ..handle.clone() };
     let (tx, _) = mpsc::channel(1);
-    assert!(!second.attach(&elsewhere, tx).await.expect("attach"), "attached to a dead process");
+    assert!(!second.attach(&elsewhere, tx, (0, 0)).await.expect("attach"), "attached to a dead process");
 
     second.cleanup(&task).await.expect("cleanup");
     first.cleanup(&task).await.expect("cleanup");

@@ -581,7 +581,12 @@ impl Runtime for DockerRuntime {
         })
     }
 
-    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
+    async fn attach(
+        &self,
+        handle: &RunHandle,
+        out: OutputSink,
+        _from: (u64, u64),
+    ) -> Result<bool, RuntimeError> {
         // An exec's output cannot be re-attached in Docker; nothing will be streamed.
         drop(out);
         if let Ok(known) = self.step_state(handle) {
@@ -772,7 +777,7 @@ async fn pump(mut output: ExecOutput, sink: OutputSink, step: usize) {
     let mut listening = true;
     let send = async |stream: OutStream, data: Vec<u8>, listening: &mut bool| {
         if *listening {
-            *listening = sink.send(OutputChunk { stream, step, data }).await.is_ok();
+            *listening = sink.send(OutputChunk { stream, step, data, end: None }).await.is_ok();
         }
     };
     while let Some(frame) = output.next().await {

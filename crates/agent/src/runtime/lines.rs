@@ -6,9 +6,6 @@
 //! chunks), so the splitter is fed pieces and keeps the unfinished line between them; a fast
 //! writer's output leaves in chunks of many lines, so its cost is per chunk, not per line.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::runtime::{MAX_LINE, OutputChunk, OutputSink, Stream};
@@ -63,24 +60,11 @@ impl LineSplitter {
     }
 }
 
-/// How far into a stream the lines handed on reach: the offset after the last one sent.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Shipped(Arc<AtomicU64>);
-
-impl Shipped {
-    /// Starts counting at `offset` (a stream read from there on).
-    pub fn from(offset: u64) -> Shipped {
-        Shipped(Arc::new(AtomicU64::new(offset)))
-    }
-
-    /// The offset after the last line handed on.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Reads `reader` to the end and sends its lines to `sink` in chunks, recording in `shipped`
-/// how far the lines handed on reach. Returns the number of bytes read.
+/// Reads `reader` to the end and sends its lines to `sink` in chunks. Returns the number of
+/// bytes read.
+///
+/// `from` is where in its file the reader starts, for a reader that follows a file: each chunk
+/// then says where in the file it ends (see [`OutputChunk::end`]).
 ///
 /// When the sink is closed the rest is still read and dropped: a writer must never block just
 /// because nobody listens any more.
@@ -89,21 +73,19 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
     stream: Stream,
     step: usize,
     sink: OutputSink,
-    shipped: &Shipped,
+    from: Option<u64>,
 ) -> std::io::Result<u64> {
     let mut splitter = LineSplitter::default();
     let mut buffer = vec![0u8; MAX_LINE];
     let mut listening = true;
     let mut total = 0u64;
-    let send = |data: Vec<u8>| {
-        let (tx, len, counter) = (sink.clone(), data.len() as u64, shipped.0.clone());
-        async move {
-            let sent = tx.send(OutputChunk { stream, step, data }).await.is_ok();
-            if sent {
-                counter.fetch_add(len, Ordering::Relaxed);
-            }
-            sent
-        }
+    // Where the bytes handed on so far end in the file.
+    let mut handed = from;
+    let mut send = |data: Vec<u8>| {
+        let end = handed.map(|h| h + data.len() as u64);
+        handed = end;
+        let tx = sink.clone();
+        async move { tx.send(OutputChunk { stream, step, data, end }).await.is_ok() }
     };
     loop {
         let n = reader.read(&mut buffer).await?;
@@ -189,24 +171,29 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         drop(rx);
         let input = vec![b'z'; 5 * MAX_LINE];
-        let shipped = Shipped::default();
-        let read = pump(&input[..], Stream::Stdout, 0, tx, &shipped).await.expect("drains");
-        assert_eq!((read, shipped.get()), (input.len() as u64, 0));
+        let read = pump(&input[..], Stream::Stdout, 0, tx, Some(0)).await.expect("drains");
+        assert_eq!(read, input.len() as u64);
     }
 
     #[tokio::test]
-    async fn pump_labels_stream_and_step_and_counts_what_it_sent() {
+    async fn pump_labels_stream_and_step_and_says_where_each_chunk_ends_in_its_file() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-        let shipped = Shipped::from(10);
-        pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx, &shipped).await.expect("reads");
+        pump(&b"one\ntwo"[..], Stream::Stderr, 3, tx, Some(10)).await.expect("reads");
         let first = rx.recv().await.expect("first");
-        assert_eq!((first.stream, first.step, first.data), (Stream::Stderr, 3, b"one\n".to_vec()));
         assert_eq!(
-            rx.recv().await.expect("second").data,
-            b"two".to_vec(),
+            (first.stream, first.step, first.data, first.end),
+            (Stream::Stderr, 3, b"one\n".to_vec(), Some(14))
+        );
+        let second = rx.recv().await.expect("second");
+        assert_eq!(
+            (second.data, second.end),
+            (b"two".to_vec(), Some(17)),
             "the last line ends a chunk of its own"
         );
         assert!(rx.recv().await.is_none());
-        assert_eq!(shipped.get(), 17);
+        // A reader that follows no file says nothing of offsets.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        pump(&b"x\n"[..], Stream::Stdout, 0, tx, None).await.expect("reads");
+        assert_eq!(rx.recv().await.expect("chunk").end, None);
     }
 }

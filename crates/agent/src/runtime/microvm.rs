@@ -596,7 +596,12 @@ impl Runtime for MicroVmRuntime {
     /// listened, up to 8 MiB), its end is reported as it comes, and later steps start in the
     /// same VM with the image's environment and the task's forwards served again (both kept
     /// in the VM's record).
-    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
+    async fn attach(
+        &self,
+        handle: &RunHandle,
+        out: OutputSink,
+        _from: (u64, u64),
+    ) -> Result<bool, RuntimeError> {
         let existing = self.lock().get(&handle.attempt_id).cloned();
         let (entry, restarted) = match existing {
             Some(entry) => (entry, false),

@@ -135,6 +135,10 @@ pub struct OutputChunk {
     pub step: usize,
     /// The bytes.
     pub data: Vec<u8>,
+    /// Where in the step's output file of this stream the bytes end, for a runtime whose
+    /// steps write their output to files that a restarted agent reads on (see
+    /// [`crate::reach`]); `None` for the others.
+    pub end: Option<u64>,
 }
 
 /// Where a runtime sends output. Bounded, so a slow consumer slows the reader instead of
@@ -260,7 +264,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// Finds a step started before an agent restart. Returns `false` if it can no longer be
     /// followed. A runtime that keeps the exit status of a step that ended while no agent ran
     /// (Docker keeps it with the exec) returns `true`, and `wait` then reports that status.
-    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError>;
+    /// `from` says where in the step's (stdout, stderr) output files to read on, for a runtime
+    /// whose chunks say where they end (see [`OutputChunk::end`]); the others ignore it.
+    async fn attach(
+        &self,
+        handle: &RunHandle,
+        out: OutputSink,
+        from: (u64, u64),
+    ) -> Result<bool, RuntimeError>;
 
     /// Sends a signal to everything the step started (the whole process group or container).
     async fn signal(&self, handle: &RunHandle, signal: StopSignal) -> Result<(), RuntimeError>;
@@ -273,6 +284,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes what `prepare` and `start` left behind, except the workspace's declared outputs.
     async fn cleanup(&self, task: &TaskSpec) -> Result<(), RuntimeError>;
+
+    /// Whether its chunks say where they end in the step's output files, which `attach`
+    /// reads on from (see [`crate::reach`]).
+    fn output_has_offsets(&self) -> bool {
+        false
+    }
 
     /// Sandboxes booted ahead of tasks, idle, per image; reported to the server for placement.
     fn warm_counts(&self) -> BTreeMap<String, u32> {

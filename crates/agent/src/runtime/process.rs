@@ -514,7 +514,16 @@ impl Runtime for ProcessRuntime {
         })
     }
 
-    async fn attach(&self, handle: &RunHandle, out: OutputSink) -> Result<bool, RuntimeError> {
+    fn output_has_offsets(&self) -> bool {
+        true
+    }
+
+    async fn attach(
+        &self,
+        handle: &RunHandle,
+        out: OutputSink,
+        from: (u64, u64),
+    ) -> Result<bool, RuntimeError> {
         let Some(pid) = handle.pid else {
             return Ok(false);
         };
@@ -525,7 +534,7 @@ impl Runtime for ProcessRuntime {
         }
         // The step's supervisor outlived the previous agent process: the status file says how
         // the step ended (once it did), and the output files hold what it wrote, shipped on from
-        // where the previous process got to.
+        // where the previous process got to (`from`, see `crate::reach`).
         let files = supervisor::StepFiles::new(&self.steps_dir, handle.attempt_id, handle.step);
         let recorded = supervisor::read_status(&files.status()).is_some();
         // A step that ended at once may have been reaped before its start time was read.
@@ -534,9 +543,8 @@ impl Runtime for ProcessRuntime {
             return Ok(false);
         }
         let ended = tail::Ended::default();
-        let readers =
-            follow_output(&files, files.shipped(), &ended, handle.step, out, handle.attempt_id, pid)
-                .map_err(|source| RuntimeError::Io { context: "follow the step's output".into(), source })?;
+        let readers = follow_output(&files, from, &ended, handle.step, out, handle.attempt_id, pid)
+            .map_err(|source| RuntimeError::Io { context: "follow the step's output".into(), source })?;
         let (tx, rx) = watch::channel(None);
         let state =
             Arc::new(StepState { pid, pgid: pid, finished: rx, live: LiveMax::default(), cgroup: None });
@@ -666,8 +674,7 @@ fn unknown_status() -> ExitStatus {
     ExitStatus { code: None, signal: None, oom: false }
 }
 
-/// Follows a step's output files from `from` (stdout, stderr offsets): one reader per stream,
-/// each recording how far the lines it handed on reach.
+/// Follows a step's output files from `from` (stdout, stderr offsets): one reader per stream.
 fn follow_output(
     files: &supervisor::StepFiles,
     from: (u64, u64),
@@ -676,27 +683,21 @@ fn follow_output(
     out: OutputSink,
     attempt_id: i64,
     pid: i32,
-) -> std::io::Result<Vec<(JoinHandle<()>, lines::Shipped)>> {
+) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut readers = Vec::with_capacity(2);
     for (path, offset, stream) in
         [(files.stdout(), from.0, Stream::Stdout), (files.stderr(), from.1, Stream::Stderr)]
     {
         let reader = tail::Tail::open(&path, offset, ended.clone())?;
-        let shipped = lines::Shipped::from(offset);
-        let (sink, progress) = (out.clone(), shipped.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = lines::pump(reader, stream, step, sink, &progress).await {
+        let sink = out.clone();
+        readers.push(tokio::spawn(async move {
+            if let Err(error) = lines::pump(reader, stream, step, sink, Some(offset)).await {
                 tracing::warn!(attempt_id, pid, ?stream, %error, "reading step output failed");
             }
-        });
-        readers.push((task, shipped));
+        }));
     }
     Ok(readers)
 }
-
-/// How often the offsets of shipped output are written down while a step runs: after an agent
-/// restart, output is shipped on from there (so at most this much is shipped twice).
-const RECORD_SHIPPED: Duration = Duration::from_millis(200);
 
 /// Waits for a step's end (through its supervisor's pidfd when it was started here, else by
 /// watching for the status file), lets its output drain, and publishes how it ended.
@@ -705,60 +706,33 @@ async fn supervise_step(
     state: Arc<StepState>,
     supervisor: Option<pidfd::Watch>,
     files: supervisor::StepFiles,
-    readers: Vec<(JoinHandle<()>, lines::Shipped)>,
+    readers: Vec<JoinHandle<()>>,
     ended: tail::Ended,
     tx: watch::Sender<Option<Finished>>,
     attempt_id: i64,
     step: usize,
 ) {
     let pid = state.pid;
-    let offsets: Vec<lines::Shipped> = readers.iter().map(|(_, s)| s.clone()).collect();
-    // Written only when it moved: a quiet step (most short ones) never writes one, and no
-    // record reads as nothing shipped.
-    let mut record = {
-        let (files, offsets) = (files.clone(), offsets.clone());
-        let mut recorded = (0, 0);
-        move || {
-            let now = (offsets[0].get(), offsets[1].get());
-            if now != recorded {
-                files.record_shipped(now.0, now.1);
-                recorded = now;
-            }
-        }
-    };
     let status_file = files.status();
-    // The first record is due one period in: a step shorter than that never writes one.
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + RECORD_SHIPPED, RECORD_SHIPPED);
-    let wait = async {
-        match supervisor {
-            // A status written already means the supervisor is gone (or going) whatever the
-            // pidfd refers to.
-            Some(pidfd::Watch::Pidfd(fd)) if !status_file.exists() => pidfd::exited(fd).await,
-            Some(pidfd::Watch::Pidfd(_) | pidfd::Watch::Gone) => {}
-            Some(pidfd::Watch::Poll) | None => loop {
-                // Not our child: the status file appears when the step ends; a step gone
-                // without one lost its supervisor too.
-                tokio::time::sleep(ATTACH_POLL).await;
-                if status_file.exists() || !procs::read(pid).is_some_and(|s| s.alive()) {
-                    break;
-                }
-            },
-        }
-    };
-    tokio::pin!(wait);
-    loop {
-        tokio::select! {
-            () = &mut wait => break,
-            _ = ticker.tick() => record(),
-        }
+    match supervisor {
+        // A status written already means the supervisor is gone (or going) whatever the
+        // pidfd refers to.
+        Some(pidfd::Watch::Pidfd(fd)) if !status_file.exists() => pidfd::exited(fd).await,
+        Some(pidfd::Watch::Pidfd(_) | pidfd::Watch::Gone) => {}
+        Some(pidfd::Watch::Poll) | None => loop {
+            // Not our child: the status file appears when the step ends; a step gone
+            // without one lost its supervisor too.
+            tokio::time::sleep(ATTACH_POLL).await;
+            if status_file.exists() || !procs::read(pid).is_some_and(|s| s.alive()) {
+                break;
+            }
+        },
     }
     let recorded = supervisor::read_status(&files.status());
     ended.set();
     // The files are complete up to where they stood at the step's end, so the readers end;
     // all of it is shipped, however far the step ran ahead of the sink.
-    let (handles, _): (Vec<_>, Vec<_>) = readers.into_iter().unzip();
-    futures::future::join_all(handles).await;
-    record();
+    futures::future::join_all(readers).await;
     let (mut status, rusage) = match recorded {
         Some(ended) => (decode_status(ended.raw), ended.usage),
         None => {
@@ -1181,22 +1155,6 @@ mod tests {
         assert!(cgroup.dirs_for_tests().iter().all(|(_, d)| !d.exists()), "and is gone");
     }
 
-    #[tokio::test]
-    async fn only_a_step_that_shipped_output_writes_down_how_far() {
-        let dir = conformance::scratch();
-        let runtime = ProcessRuntime::new();
-        for (script, written) in [("true", false), ("echo out", true)] {
-            let task = conformance::task(dir.path(), vec![conformance::sh(script)]);
-            let (status, _) = conformance::run_step(&runtime, &task, 0).await;
-            assert_eq!(status.code, Some(0));
-            let files = supervisor::StepFiles::new(&runtime.steps_dir, task.attempt_id, 0);
-            let record = files.status().with_extension("shipped");
-            assert_eq!(record.exists(), written, "{script}: {}", record.display());
-            assert_eq!(files.shipped(), (if written { 4 } else { 0 }, 0), "{script}");
-            runtime.cleanup(&task).await.expect("cleanup");
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_agent_restart_loses_neither_output_nor_exit_status() {
         let dir = conformance::scratch();
@@ -1210,14 +1168,13 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let handle = first.start(&task, 0, tx).await.expect("start");
         let before = rx.recv().await.expect("first line");
-        assert_eq!(before.data, b"before\n");
-        // Long enough for the shipped offset to be written down; then the agent "dies": its
-        // sink goes away and a new runtime, knowing only the persisted handle, takes over.
-        tokio::time::sleep(RECORD_SHIPPED * 2).await;
+        assert_eq!((before.data.as_slice(), before.end), (&b"before\n"[..], Some(7)));
+        // The agent "dies": its sink goes away and a new runtime, knowing only the persisted
+        // handle and how far the output got, takes over.
         drop(rx);
         let second = ProcessRuntime::new();
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        assert!(second.attach(&handle, tx).await.expect("attach"), "the step is found again");
+        assert!(second.attach(&handle, tx, (7, 0)).await.expect("attach"), "the step is found again");
         let status = second.wait(&handle).await.expect("wait");
         assert_eq!((status.code, status.signal), (Some(7), None), "the exit status survived");
         let mut after = Vec::new();
@@ -1229,7 +1186,7 @@ mod tests {
         // Even once it ended, a newcomer still gets the status from the supervisor's record.
         let third = ProcessRuntime::new();
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        assert!(third.attach(&handle, tx).await.expect("attach after the end"));
+        assert!(third.attach(&handle, tx, (0, 0)).await.expect("attach after the end"));
         assert_eq!(third.wait(&handle).await.expect("wait").code, Some(7));
         third.cleanup(&task).await.expect("cleanup");
         drop(first);

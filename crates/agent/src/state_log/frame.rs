@@ -8,6 +8,7 @@ use drover_proto as pb;
 use prost::Message;
 
 use crate::journal::Entry;
+use crate::reach::{self, OutputReach};
 
 /// Bytes before a frame's payload.
 pub const HEADER: usize = 8;
@@ -24,6 +25,12 @@ const TAG_STEP: u8 = 1;
 const TAG_FORGET: u8 = 2;
 const TAG_REPORT: u8 = 3;
 const TAG_ACKED: u8 = 4;
+/// A report of output with the reach of its step's streams (see [`crate::reach`]).
+const TAG_REPORT_REACH: u8 = 5;
+const TAG_REACH: u8 = 6;
+
+/// An attempt and how far its output reaches (see [`crate::reach`]).
+pub type AttemptReach = (i64, OutputReach);
 
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +44,9 @@ pub enum Record {
     Report(LoggedReport),
     /// The server acknowledged every report up to and including this sequence number.
     Acked(u64),
+    /// How far an attempt's output reached when the reports that said so were dropped from
+    /// the log as acknowledged (see [`crate::reach`]).
+    Reach(i64, OutputReach),
 }
 
 /// What the log's writer and its rewrite need to know of a record: which attempt or report it
@@ -51,6 +61,8 @@ pub enum Key {
     Report(u64),
     /// [`Record::Acked`] up to a sequence number.
     Acked(u64),
+    /// [`Record::Reach`] of an attempt.
+    Reach(i64),
 }
 
 /// A report as the outbox queued it.
@@ -64,6 +76,9 @@ pub struct LoggedReport {
     pub bytes: u64,
     /// The report, without sequence number or epoch (both are stamped when it is sent).
     pub report: pb::Report,
+    /// For output of a step whose files a restarted agent reads on: how far the output of
+    /// this report and those before it reaches.
+    pub reach: Option<OutputReach>,
 }
 
 /// Why a frame could not be read.
@@ -91,6 +106,16 @@ impl Record {
             Record::Forget(id) => Key::Forget(*id),
             Record::Report(r) => Key::Report(r.seq),
             Record::Acked(seq) => Key::Acked(*seq),
+            Record::Reach(id, _) => Key::Reach(*id),
+        }
+    }
+
+    /// The output reach the record carries, and whose it is.
+    pub fn reach(&self) -> Option<AttemptReach> {
+        match self {
+            Record::Report(r) => r.reach.map(|reach| (r.attempt_id, reach)),
+            Record::Reach(id, reach) => Some((*id, *reach)),
+            Record::Step(_) | Record::Forget(_) | Record::Acked(_) => None,
         }
     }
 
@@ -101,7 +126,7 @@ impl Record {
         match self {
             Record::Step(_) => true,
             Record::Report(r) => matches!(r.report.kind, Some(pb::report::Kind::Update(_))),
-            Record::Forget(_) | Record::Acked(_) => false,
+            Record::Forget(_) | Record::Acked(_) | Record::Reach(..) => false,
         }
     }
 
@@ -119,16 +144,24 @@ impl Record {
                 out.extend_from_slice(&attempt_id.to_le_bytes());
             }
             Record::Report(r) => {
-                out.push(TAG_REPORT);
+                out.push(if r.reach.is_some() { TAG_REPORT_REACH } else { TAG_REPORT });
                 out.extend_from_slice(&r.seq.to_le_bytes());
                 out.extend_from_slice(&r.attempt_id.to_le_bytes());
                 out.extend_from_slice(&r.bytes.to_le_bytes());
+                if let Some(reach) = &r.reach {
+                    reach.encode(&mut out);
+                }
                 out.reserve(r.report.encoded_len());
                 r.report.encode(&mut out).map_err(|e| FrameError::Unreadable(e.to_string()))?;
             }
             Record::Acked(seq) => {
                 out.push(TAG_ACKED);
                 out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Record::Reach(attempt_id, reach) => {
+                out.push(TAG_REACH);
+                out.extend_from_slice(&attempt_id.to_le_bytes());
+                reach.encode(&mut out);
             }
         }
         let len = out.len() - HEADER;
@@ -153,17 +186,29 @@ impl Record {
                 .map(|e| Record::Step(Box::new(e)))
                 .map_err(|e| FrameError::Unreadable(format!("journal entry: {e}"))),
             TAG_FORGET => Ok(Record::Forget(i64::from_le_bytes(word(0)?))),
-            TAG_REPORT => {
-                let report = pb::Report::decode(body.get(24..).unwrap_or_default())
+            TAG_REPORT | TAG_REPORT_REACH => {
+                let (reach, at) = if tag == TAG_REPORT_REACH {
+                    let reach =
+                        body.get(24..).and_then(OutputReach::decode).ok_or_else(|| bad("short reach"))?;
+                    (Some(reach), 24 + reach::ENCODED)
+                } else {
+                    (None, 24)
+                };
+                let report = pb::Report::decode(body.get(at..).unwrap_or_default())
                     .map_err(|e| FrameError::Unreadable(format!("report: {e}")))?;
                 Ok(Record::Report(LoggedReport {
                     seq: u64::from_le_bytes(word(0)?),
                     attempt_id: i64::from_le_bytes(word(8)?),
                     bytes: u64::from_le_bytes(word(16)?),
                     report,
+                    reach,
                 }))
             }
             TAG_ACKED => Ok(Record::Acked(u64::from_le_bytes(word(0)?))),
+            TAG_REACH => {
+                let reach = body.get(8..).and_then(OutputReach::decode).ok_or_else(|| bad("short reach"))?;
+                Ok(Record::Reach(i64::from_le_bytes(word(0)?), reach))
+            }
             other => Err(FrameError::Unreadable(format!("unknown tag {other}"))),
         }
     }
@@ -179,9 +224,10 @@ pub fn read(bytes: &[u8]) -> Result<(Record, usize), FrameError> {
     Ok((Record::decode(payload)?, HEADER + len))
 }
 
-/// Checks the frame at the start of `bytes` and reads only what it is about, without
-/// decoding a report's contents; returns that and the frame's whole length.
-pub fn read_key(bytes: &[u8]) -> Result<(Key, usize), FrameError> {
+/// Checks the frame at the start of `bytes` and reads only what it is about (and the output
+/// reach it carries), without decoding a report's contents; returns that and the frame's
+/// whole length.
+pub fn read_key(bytes: &[u8]) -> Result<(Key, Option<AttemptReach>, usize), FrameError> {
     let (len, crc) = header(bytes)?;
     let payload = bytes.get(HEADER..HEADER + len).ok_or(FrameError::Truncated)?;
     if CRC.checksum(payload) != crc {
@@ -193,14 +239,21 @@ pub fn read_key(bytes: &[u8]) -> Result<(Key, usize), FrameError> {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| FrameError::Unreadable("short body".into()))
     };
-    let key = match payload.first() {
-        Some(&TAG_STEP) => Record::decode(payload)?.key(),
-        Some(&TAG_FORGET) => Key::Forget(i64::from_le_bytes(word(0)?)),
-        Some(&TAG_REPORT) => Key::Report(u64::from_le_bytes(word(0)?)),
-        Some(&TAG_ACKED) => Key::Acked(u64::from_le_bytes(word(0)?)),
-        _ => Record::decode(payload)?.key(),
+    let reach_at = |at: usize| payload.get(1 + at..).and_then(OutputReach::decode);
+    let (key, reach) = match payload.first() {
+        Some(&TAG_FORGET) => (Key::Forget(i64::from_le_bytes(word(0)?)), None),
+        Some(&TAG_REPORT) => (Key::Report(u64::from_le_bytes(word(0)?)), None),
+        Some(&TAG_REPORT_REACH) => {
+            let attempt_id = i64::from_le_bytes(word(8)?);
+            (Key::Report(u64::from_le_bytes(word(0)?)), reach_at(24).map(|r| (attempt_id, r)))
+        }
+        Some(&TAG_ACKED) => (Key::Acked(u64::from_le_bytes(word(0)?)), None),
+        _ => {
+            let record = Record::decode(payload)?;
+            (record.key(), record.reach())
+        }
     };
-    Ok((key, HEADER + len))
+    Ok((key, reach, HEADER + len))
 }
 
 /// The payload length and checksum of the frame at the start of `bytes`.
@@ -236,6 +289,7 @@ mod tests {
                     ..Default::default()
                 })),
             },
+            reach: None,
         })
     }
 
@@ -250,9 +304,27 @@ mod tests {
             ai: None,
             outputs: Some(crate::journal::KeptOutputs { globs: vec!["out/*".into()], on_failure: true }),
         };
-        for record in [Record::Step(Box::new(entry)), Record::Forget(-4), report(12), Record::Acked(11)] {
+        let reach = OutputReach {
+            step: 2,
+            stdout: crate::reach::StreamReach { clean: 100, past_clean: 3 },
+            stderr: crate::reach::StreamReach { clean: 9, past_clean: 0 },
+        };
+        let mut reaching = report(13);
+        if let Record::Report(r) = &mut reaching {
+            r.reach = Some(reach);
+        }
+        for record in [
+            Record::Step(Box::new(entry)),
+            Record::Forget(-4),
+            report(12),
+            Record::Acked(11),
+            reaching,
+            Record::Reach(7, reach),
+        ] {
             let frame = record.encode().unwrap();
-            assert_eq!(read(&frame).unwrap(), (record, frame.len()));
+            assert_eq!(read(&frame).unwrap(), (record.clone(), frame.len()));
+            // What a rewrite reads without decoding reports agrees.
+            assert_eq!(read_key(&frame).unwrap(), (record.key(), record.reach(), frame.len()));
         }
     }
 
@@ -278,7 +350,7 @@ mod tests {
         frame.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
         frame.extend_from_slice(&payload);
         assert!(matches!(read(&frame).unwrap_err(), FrameError::Unreadable(_)));
-        for short in [&[TAG_FORGET, 1][..], &[TAG_REPORT, 0, 0][..], &[][..]] {
+        for short in [&[TAG_FORGET, 1][..], &[TAG_REPORT, 0, 0][..], &[TAG_REACH, 0, 0][..], &[][..]] {
             let mut frame = (short.len() as u32).to_le_bytes().to_vec();
             frame.extend_from_slice(&CRC.checksum(short).to_le_bytes());
             frame.extend_from_slice(short);

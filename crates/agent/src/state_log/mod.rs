@@ -74,6 +74,21 @@ impl StateLogError {
     }
 }
 
+/// An append on its way to the file (see [`StateLog::append_in_order`]).
+#[derive(Debug)]
+pub struct Appending(oneshot::Receiver<Result<(), String>>);
+
+impl Appending {
+    /// Waits until the record is in the file.
+    pub async fn written(self) -> Result<(), StateLogError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(StateLogError::io("append", std::io::Error::other(why))),
+            Err(_) => Err(StateLogError::Closed),
+        }
+    }
+}
+
 /// What an earlier agent run left in the log.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -81,6 +96,9 @@ pub struct Recovered {
     pub entries: Vec<Entry>,
     /// Reports the server had not acknowledged, by sequence number.
     pub reports: Vec<LoggedReport>,
+    /// How far the output in the outbox (acknowledged or not) reaches, per attempt whose
+    /// entry is live (see [`crate::reach`]).
+    pub reach: std::collections::HashMap<i64, crate::reach::OutputReach>,
     /// The highest sequence number the log has seen, acknowledged or not: new reports
     /// continue after it.
     pub last_seq: u64,
@@ -151,13 +169,15 @@ impl StateLog {
 
     /// Appends `record` and waits until it is in the file (its disk sync follows in a batch).
     pub async fn append(&self, record: Record) -> Result<(), StateLogError> {
+        self.append_in_order(record)?.written().await
+    }
+
+    /// Appends `record` after everything appended before it, as [`StateLog::append_later`]
+    /// does, and returns what tells when it is in the file.
+    pub fn append_in_order(&self, record: Record) -> Result<Appending, StateLogError> {
         let (tx, rx) = oneshot::channel();
         self.send(record, Some(tx))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(StateLogError::io("append", std::io::Error::other(why))),
-            Err(_) => Err(StateLogError::Closed),
-        }
+        Ok(Appending(rx))
     }
 
     /// Appends `record` after everything appended before it, without waiting; a failure is
@@ -267,7 +287,12 @@ impl Writer {
     /// Writes one frame; whether the file changed.
     fn write(&mut self, job: Job) -> bool {
         let result = match job.record.encode() {
-            Ok(frame) => self.append_frame(&frame).map(|span| self.live.note(job.record.key(), span)),
+            Ok(frame) => self.append_frame(&frame).map(|span| {
+                self.live.note(job.record.key(), span);
+                if let Some((attempt_id, reach)) = job.record.reach() {
+                    self.live.note_reach(attempt_id, reach);
+                }
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "a record too large for the state log was not kept");
                 Err(e.to_string())
@@ -311,7 +336,8 @@ impl Writer {
     /// before it replaces the old, holds everything that still matters.
     fn compact(&mut self) {
         let frames = self.live.frames();
-        match rewrite::copy_live(Some(&self.file), &frames, self.live.acked(), &self.path, None) {
+        let reach = self.live.reaches();
+        match rewrite::copy_live(Some(&self.file), &frames, &reach, self.live.acked(), &self.path, None) {
             Ok((live, file)) => {
                 tracing::debug!(before = self.len, after = live.bytes(), "state log compacted");
                 self.len = live.bytes();

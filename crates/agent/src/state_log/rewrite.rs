@@ -15,12 +15,15 @@ use std::path::Path;
 use super::frame::{self, Key, Record};
 use super::live::{Live, Span};
 use super::{FILE_MODE, Recovered, StateLogError};
+use crate::reach::OutputReach;
 
 /// Where a frame is in the old file, and what it is about.
 struct Found {
     offset: u64,
     len: usize,
     key: Key,
+    /// The output reach the frame carries, and whose it is.
+    reach: Option<(i64, OutputReach)>,
 }
 
 /// Every whole frame of `file` in order, and why reading stopped before its end, if it did.
@@ -48,8 +51,8 @@ fn scan(file: &File) -> Result<(Vec<Found>, Option<String>), StateLogError> {
             Err(e) => return Err(StateLogError::io("read", e)),
         }
         match frame::read_key(&buf) {
-            Ok((key, size)) => {
-                found.push(Found { offset, len: size, key });
+            Ok((key, reach, size)) => {
+                found.push(Found { offset, len: size, key, reach });
                 offset += size as u64;
             }
             Err(e) => return Ok((found, Some(e.to_string()))),
@@ -77,6 +80,8 @@ struct Scanned {
     old: Option<File>,
     found: Vec<Found>,
     keep: Vec<usize>,
+    /// The latest output reach of each attempt whose entry is live, by attempt.
+    reach: Vec<(i64, OutputReach)>,
     acked: u64,
     last_seq: u64,
     damaged_tail: Option<String>,
@@ -97,7 +102,11 @@ fn scan_live(path: &Path) -> Result<Scanned, StateLogError> {
     let mut steps: HashMap<i64, usize> = HashMap::new();
     let mut reports = Vec::new();
     let (mut acked, mut last_seq) = (0u64, 0u64);
+    let mut reach: HashMap<i64, OutputReach> = HashMap::new();
     for (i, f) in found.iter().enumerate() {
+        if let Some((attempt_id, r)) = f.reach {
+            reach.insert(attempt_id, r);
+        }
         match f.key {
             Key::Step(id) => {
                 steps.insert(id, i);
@@ -110,12 +119,16 @@ fn scan_live(path: &Path) -> Result<Scanned, StateLogError> {
                 last_seq = last_seq.max(seq);
             }
             Key::Acked(seq) => acked = acked.max(seq),
+            Key::Reach(_) => {}
         }
     }
+    let mut reach: Vec<(i64, OutputReach)> =
+        reach.into_iter().filter(|(id, _)| steps.contains_key(id)).collect();
+    reach.sort_by_key(|(id, _)| *id);
     let mut keep: Vec<usize> = steps.into_values().collect();
     keep.extend(reports.iter().filter(|(seq, _)| *seq > acked).map(|(_, i)| *i));
     keep.sort_unstable();
-    Ok(Scanned { old, found, keep, acked, last_seq: last_seq.max(acked), damaged_tail })
+    Ok(Scanned { old, found, keep, reach, acked, last_seq: last_seq.max(acked), damaged_tail })
 }
 
 /// Reads frame `f` of `old` into `buf`.
@@ -132,7 +145,7 @@ fn recover_into(recovered: &mut Recovered, frame: &[u8]) -> Result<(), StateLogE
     match frame::read(frame)?.0 {
         Record::Step(entry) => recovered.entries.push(*entry),
         Record::Report(report) => recovered.reports.push(report),
-        Record::Forget(_) | Record::Acked(_) => {}
+        Record::Forget(_) | Record::Acked(_) | Record::Reach(..) => {}
     }
     Ok(())
 }
@@ -141,8 +154,12 @@ fn recover_into(recovered: &mut Recovered, frame: &[u8]) -> Result<(), StateLogE
 /// to it: a frame it is writing reads as a damaged tail).
 pub(crate) fn peek(path: &Path) -> Result<Recovered, StateLogError> {
     let scanned = scan_live(path)?;
-    let mut recovered =
-        Recovered { last_seq: scanned.last_seq, damaged_tail: scanned.damaged_tail, ..Recovered::default() };
+    let mut recovered = Recovered {
+        last_seq: scanned.last_seq,
+        damaged_tail: scanned.damaged_tail,
+        reach: scanned.reach.iter().copied().collect(),
+        ..Recovered::default()
+    };
     let mut buf = Vec::new();
     for &i in &scanned.keep {
         read_frame(scanned.old.as_ref(), &scanned.found[i], &mut buf)?;
@@ -155,28 +172,30 @@ pub(crate) fn peek(path: &Path) -> Result<Recovered, StateLogError> {
 /// Rewrites the log at `path` with its live records, read back for the agent; returns them,
 /// what the new file holds, and the new file open for appending.
 pub(crate) fn rewrite(path: &Path) -> Result<(Recovered, Live, File), StateLogError> {
-    let Scanned { old, found, keep, acked, last_seq, damaged_tail } = scan_live(path)?;
+    let Scanned { old, found, keep, reach, acked, last_seq, damaged_tail } = scan_live(path)?;
     if let Some(why) = &damaged_tail {
         tracing::warn!(path = %path.display(), kept = found.len(), error = %why, "the state log ends in a damaged frame; it is cut off there");
     }
-    let mut recovered = Recovered { last_seq, damaged_tail, ..Recovered::default() };
+    let mut recovered =
+        Recovered { last_seq, damaged_tail, reach: reach.iter().copied().collect(), ..Recovered::default() };
     let frames: Vec<(Key, Span)> = keep
         .iter()
         .map(|&i| (found[i].key, Span { offset: found[i].offset, len: found[i].len as u64 }))
         .collect();
-    let (live, file) = copy_live(old.as_ref(), &frames, acked, path, Some(&mut recovered))?;
+    let (live, file) = copy_live(old.as_ref(), &frames, &reach, acked, path, Some(&mut recovered))?;
     recovered.reports.sort_by_key(|r| r.seq);
     Ok((recovered, live, file))
 }
 
 /// Writes `frames` of `old` (live, in file order; none without an old file) after an
-/// acknowledgement up to `acked` into a new file that then replaces the log at `path`; with
-/// `recovered`, also decodes them into it. Returns what the new file holds, and the new file
+/// acknowledgement up to `acked`, then a `Reach` record for each of `reach`, into a new file
+/// that then replaces the log at `path`; with `recovered`, also decodes the frames into it. Returns what the new file holds, and the new file
 /// open for appending (opened before it replaces the old one, so that appends never go to a
 /// file that was replaced).
 pub(crate) fn copy_live(
     old: Option<&File>,
     frames: &[(Key, Span)],
+    reach: &[(i64, OutputReach)],
     acked: u64,
     path: &Path,
     mut recovered: Option<&mut Recovered>,
@@ -207,6 +226,16 @@ pub(crate) fn copy_live(
         if let Some(recovered) = recovered.as_deref_mut() {
             recover_into(recovered, &buf)?;
         }
+    }
+    // After the reports: a reach is the latest of its attempt, so a later rewrite finds it
+    // last of all that attempt's.
+    for &(attempt_id, r) in reach {
+        let frame = Record::Reach(attempt_id, r).encode()?;
+        new.write_all(&frame).map_err(write_err)?;
+        let span = Span { offset: len, len: frame.len() as u64 };
+        live.note(Key::Reach(attempt_id), span);
+        live.note_reach(attempt_id, r);
+        len += span.len;
     }
     new.sync_all().map_err(|e| StateLogError::io(format!("sync {}", new_path.display()), e))?;
     let appending = super::open_append(&new_path)?;

@@ -29,7 +29,24 @@ fn report(seq: u64, attempt_id: i64, data: Vec<u8>) -> Record {
                 ..Default::default()
             })),
         },
+        reach: None,
     })
+}
+
+fn reaching(seq: u64, attempt_id: i64, clean: u64) -> Record {
+    let mut record = report(seq, attempt_id, b"x\n".to_vec());
+    if let Record::Report(r) = &mut record {
+        r.reach = Some(reach(clean));
+    }
+    record
+}
+
+fn reach(clean: u64) -> crate::reach::OutputReach {
+    crate::reach::OutputReach {
+        step: 0,
+        stdout: crate::reach::StreamReach { clean, past_clean: 1 },
+        stderr: crate::reach::StreamReach::default(),
+    }
 }
 
 #[tokio::test]
@@ -137,4 +154,57 @@ async fn only_the_agents_user_reads_the_log() {
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(log.path()), 0o600);
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 1, "nothing but the log is left");
+}
+
+#[tokio::test]
+async fn the_reach_of_acknowledged_output_outlives_its_reports_while_the_attempt_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        let (log, _) = StateLog::open(&state).unwrap();
+        log.append(Record::Step(Box::new(entry(1, 0)))).await.unwrap();
+        log.append(Record::Step(Box::new(entry(2, 0)))).await.unwrap();
+        log.append(reaching(1, 1, 10)).await.unwrap();
+        log.append(reaching(2, 2, 5)).await.unwrap();
+        log.append(reaching(3, 1, 20)).await.unwrap();
+        log.append(Record::Acked(3)).await.unwrap();
+    }
+    // Every report was acknowledged and is gone; the reach of each attempt stays.
+    let (log, recovered) = StateLog::open(&state).unwrap();
+    assert!(recovered.reports.is_empty());
+    assert_eq!(recovered.reach.get(&1), Some(&reach(20)));
+    assert_eq!(recovered.reach.get(&2), Some(&reach(5)));
+    // And through a second rewrite, and a later pending report is the latest.
+    log.append(reaching(4, 2, 7)).await.unwrap();
+    log.append(Record::Forget(1)).await.unwrap();
+    drop(log);
+    let (_log, recovered) = StateLog::open(&state).unwrap();
+    assert_eq!(recovered.reports.len(), 1);
+    assert_eq!(recovered.reach.get(&2), Some(&reach(7)));
+    assert_eq!(recovered.reach.get(&1), None, "an attempt that ended has none");
+}
+
+#[tokio::test]
+async fn the_reach_survives_a_compaction_that_drops_the_reports_carrying_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (log, _) = StateLog::open(&state).unwrap();
+    log.append(Record::Step(Box::new(entry(9, 0)))).await.unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut seq = 0;
+    while seq < 2 * (COMPACT_AT >> 20) {
+        seq += 1;
+        let mut record = report(seq, 9, chunk.clone());
+        if let Record::Report(r) = &mut record {
+            r.reach = Some(reach(seq));
+        }
+        log.append(record).await.unwrap();
+        log.append(Record::Acked(seq)).await.unwrap();
+    }
+    let size = std::fs::metadata(log.path()).unwrap().len();
+    assert!(size < COMPACT_AT, "the log grew to {size} bytes");
+    drop(log);
+    let (_log, recovered) = StateLog::open(&state).unwrap();
+    assert!(recovered.reports.is_empty());
+    assert_eq!(recovered.reach.get(&9), Some(&reach(seq)));
 }

@@ -284,7 +284,7 @@ async fn fresh_runtime_attaches_and_the_step_completes() {
     drop(first);
     let second = test_runtime().await;
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    assert!(second.attach(&handle, tx).await.expect("attach"), "running step not found");
+    assert!(second.attach(&handle, tx, (0, 0)).await.expect("attach"), "running step not found");
     let status = tokio::time::timeout(Duration::from_secs(20), second.wait(&handle)).await.expect("in time");
     assert_eq!(status.expect("wait"), ExitStatus { code: Some(5), signal: None, oom: false });
     assert_eq!(std::fs::read_to_string(dir.path().join("done-marker")).expect("marker"), "done\n");

@@ -479,7 +479,7 @@ fn keep_unclaimed(shared: &mut Shared, step: usize, stream: OutputStream, lines:
             return;
         }
         shared.unclaimed_bytes += data.len();
-        shared.unclaimed.entry(step).or_default().push(OutputChunk { stream, step, data });
+        shared.unclaimed.entry(step).or_default().push(OutputChunk { stream, step, data, end: None });
     }
 }
 
@@ -490,7 +490,7 @@ async fn send_lines(sink: &OutputSink, step: usize, stream: OutputStream, lines:
     };
     for data in lines {
         // A closed sink means nobody listens any more; the rest is dropped.
-        if sink.send(OutputChunk { stream, step, data }).await.is_err() {
+        if sink.send(OutputChunk { stream, step, data, end: None }).await.is_err() {
             return;
         }
     }

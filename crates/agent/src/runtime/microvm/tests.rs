@@ -180,7 +180,7 @@ async fn a_restarted_agent_follows_a_running_step_and_runs_the_next_in_the_same_
 
     let second = test_runtime().await;
     let (tx, mut resumed) = tokio::sync::mpsc::channel(64);
-    assert!(second.attach(&handle, tx).await.expect("attach"), "running step not found");
+    assert!(second.attach(&handle, tx, (0, 0)).await.expect("attach"), "running step not found");
     let (status, chunks) = finish(&second, &handle, &mut resumed).await;
     assert_eq!(status.code, Some(3), "{status:?}");
     assert_eq!(stream_text(&chunks, Stream::Stdout), "after the restart\n");

@@ -98,30 +98,9 @@ impl StepFiles {
         self.base.with_extension("status.tmp")
     }
 
-    fn shipped_file(&self) -> PathBuf {
-        self.base.with_extension("shipped")
-    }
-
-    /// How far into standard output and standard error the lines handed on reached, as last
-    /// written down; (0, 0) when nothing was.
-    pub fn shipped(&self) -> (u64, u64) {
-        let text = std::fs::read_to_string(self.shipped_file()).unwrap_or_default();
-        let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0));
-        (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
-    }
-
-    /// Writes down how far the lines handed on reached (aside, then renamed, so a crash leaves
-    /// the old record or the new one).
-    pub fn record_shipped(&self, stdout: u64, stderr: u64) {
-        let tmp = self.base.with_extension("shipped.tmp");
-        if std::fs::write(&tmp, format!("{stdout} {stderr}\n")).is_ok() {
-            let _ = std::fs::rename(&tmp, self.shipped_file());
-        }
-    }
-
     /// Removes every file of the step.
     pub fn remove(&self) {
-        let files = [self.stdout(), self.stderr(), self.status(), self.status_tmp(), self.shipped_file()];
+        let files = [self.stdout(), self.stderr(), self.status(), self.status_tmp()];
         for path in files {
             let _ = std::fs::remove_file(path);
         }
