@@ -1,4 +1,4 @@
-//! A cluster harness: a real `drover server` and real `drover agent`s on loopback ports, driven
+//! A cluster harness: a real `drover server` and real `drover-agent`s on loopback ports, driven
 //! through the real CLI. Every process is killed when the cluster is dropped; their logs are
 //! printed when a test fails.
 
@@ -12,6 +12,12 @@ use serde_json::Value;
 /// The binary under test.
 pub fn drover_bin() -> &'static str {
     env!("CARGO_BIN_EXE_drover")
+}
+
+/// The agent alone, as worker nodes run it: the harness's agents are `drover-agent`s (other
+/// tests start `drover agent`, the same agent inside `drover`).
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_drover-agent")
 }
 
 /// Lease and heartbeat short enough that node loss is noticed within seconds.
@@ -184,9 +190,9 @@ impl Cluster {
         let name = format!("agent-{i}");
         let work = self.path(&format!("{name}-work"));
         let server = self.via.get(&i).unwrap_or(&self.url);
-        let mut command = Command::new(drover_bin());
+        let mut command = Command::new(agent_bin());
         command
-            .args(["agent", "--server", server, "--name", &name, "--cores", &cores.to_string()])
+            .args(["--server", server, "--name", &name, "--cores", &cores.to_string()])
             .args(["--kill-grace", "1s", "--work-dir"])
             .arg(&work);
         // A new agent enrolls with a fresh join token; a restarted one finds its credential.

@@ -18,6 +18,7 @@ mod logs_kept;
 mod many_tasks;
 mod masking;
 mod microvm;
+mod node_binary;
 mod oidc;
 mod output;
 mod partitions;

@@ -1,5 +1,5 @@
-//! A Drover cluster made of the real binary: one `drover server` and one `drover agent` as child
-//! processes on a loopback port, driven through the gRPC client API. The children are killed when
+//! A Drover cluster made of the real binaries: one `drover server` and one agent (`drover-agent`,
+//! see [`agent_program`]) as child processes on a loopback port, driven through the gRPC client API. The children are killed when
 //! the cluster is dropped.
 //!
 //! Authorization is on, as users run it: the bench reads the operator key the server writes on
@@ -56,6 +56,29 @@ impl Drop for Cluster {
     }
 }
 
+/// The agent executable worker nodes run: `drover-agent` beside `drover`, or, for a build that has
+/// none, `drover agent`.
+pub fn agent_program(drover: &Path) -> (PathBuf, Option<&'static str>) {
+    let slim = drover.with_file_name("drover-agent");
+    if slim.is_file() { (slim, None) } else { (drover.to_path_buf(), Some("agent")) }
+}
+
+/// How the figures name the agent: `drover-agent` or `drover agent`.
+pub fn agent_name(drover: &Path) -> &'static str {
+    match agent_program(drover) {
+        (_, None) => "drover-agent",
+        (_, Some(_)) => "drover agent",
+    }
+}
+
+/// A command that starts an agent (see [`agent_program`]); its flags follow.
+pub fn agent_command(drover: &Path) -> Command {
+    let (program, subcommand) = agent_program(drover);
+    let mut command = Command::new(program);
+    command.args(subcommand);
+    command
+}
+
 impl Cluster {
     /// Starts a server and one agent under `dir` and waits until the agent's node is ready.
     pub async fn start(drover: &Path, dir: &Path, agent: AgentOptions) -> Result<Cluster> {
@@ -88,8 +111,8 @@ impl Cluster {
         let url = banner(&mut server, dir).await?;
         let key = operator_key(std::slice::from_ref(&data_dir)).await?;
         let token = join_token(&mut connect(&url, &key).await?).await?;
-        let agent = Command::new(drover)
-            .args(["agent", "--server", &url, "--join", &token, "--name", "bench-agent", "--cores"])
+        let agent = agent_command(drover)
+            .args(["--server", &url, "--join", &token, "--name", "bench-agent", "--cores"])
             .arg(agent.cores.to_string())
             .arg("--work-dir")
             .arg(dir.join("agent-work"))

@@ -1,5 +1,5 @@
 //! Footprint: peak resident memory (VmHWM from /proc/PID/status) of an idle `drover server` and
-//! `drover agent`, and of both after 100 tasks (`sleep 5` each) ran at once on an agent that
+//! agent (`drover-agent`, the executable worker nodes run), and of both after 100 tasks (`sleep 5` each) ran at once on an agent that
 //! offers 100 cores. Every run starts fresh daemons, since VmHWM is a peak since process start.
 //! Peer: `slurmctld` and `slurmd` measured the same way (a node declaring 100 CPUs; the per-job
 //! `slurmstepd` processes are not counted, as Drover's tasks are not).
@@ -11,7 +11,7 @@ use drover_core::JobState;
 
 use super::{measure, slurm_version};
 use crate::Ctx;
-use crate::cluster::{AgentOptions, Cluster, plan_json, submit, watch};
+use crate::cluster::{AgentOptions, Cluster, agent_name, plan_json, submit, watch};
 use crate::machine::peak_rss_mib;
 use crate::report::{Better, Measure, Row};
 use crate::slurm::{Slurm, SlurmOptions};
@@ -42,11 +42,12 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
         Ok(p) => Measure::Runs(p.0[i].clone()),
         Err(m) => m.clone(),
     };
+    let agent = agent_name(&ctx.drover);
     let figures = [
-        ("`drover server`, idle", "slurmctld, idle"),
-        ("`drover agent`, idle", "slurmd, idle"),
-        ("`drover server`, peak with 100 tasks running", "slurmctld, peak with 100 jobs running"),
-        ("`drover agent`, peak with 100 tasks running", "slurmd, peak with 100 jobs running"),
+        ("`drover server`, idle".to_owned(), "slurmctld, idle"),
+        (format!("`{agent}`, idle"), "slurmd, idle"),
+        ("`drover server`, peak with 100 tasks running".to_owned(), "slurmctld, peak with 100 jobs running"),
+        (format!("`{agent}`, peak with 100 tasks running"), "slurmd, peak with 100 jobs running"),
     ];
     figures
         .into_iter()

@@ -25,7 +25,8 @@ use super::measure;
 use super::store::durable_database;
 use crate::Ctx;
 use crate::cluster::{
-    STOP_GRACE, banner, connect, join_token, operator_key, plan_json, stop_gracefully, submit, watch,
+    STOP_GRACE, agent_command, banner, connect, join_token, operator_key, plan_json, stop_gracefully, submit,
+    watch,
 };
 use crate::report::{Better, Measure, Row};
 
@@ -318,16 +319,8 @@ impl Fleet {
             let mut list = urls.clone();
             list.rotate_left(i % urls.len());
             let token = join_token(&mut client).await?;
-            let agent = Command::new(drover)
-                .args([
-                    "agent",
-                    "--server",
-                    &list.join(","),
-                    "--join",
-                    &token,
-                    "--name",
-                    &format!("bench-agent-{i}"),
-                ])
+            let agent = agent_command(drover)
+                .args(["--server", &list.join(","), "--join", &token, "--name", &format!("bench-agent-{i}")])
                 .args(["--cores", &AGENT_CORES.to_string(), "--no-docker", "--work-dir"])
                 .arg(dir.join(format!("agent-{i}")))
                 .current_dir(dir)
