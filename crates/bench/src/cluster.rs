@@ -1,5 +1,5 @@
 //! A Drover cluster made of the real binaries: one `drover server` and one agent (`drover-agent`,
-//! see [`agent_program`]) as child processes on a loopback port, driven through the gRPC client API. The children are killed when
+//! see [`AgentProgram`]) as child processes on a loopback port, driven through the gRPC client API. The children are killed when
 //! the cluster is dropped.
 //!
 //! Authorization is on, as users run it: the bench reads the operator key the server writes on
@@ -46,6 +46,8 @@ pub struct Cluster {
 pub struct AgentOptions {
     /// Cores the agent offers.
     pub cores: u32,
+    /// Which executable.
+    pub program: AgentProgram,
 }
 
 impl Drop for Cluster {
@@ -56,27 +58,52 @@ impl Drop for Cluster {
     }
 }
 
-/// The agent executable worker nodes run: `drover-agent` beside `drover`, or, for a build that has
-/// none, `drover agent`.
-pub fn agent_program(drover: &Path) -> (PathBuf, Option<&'static str>) {
-    let slim = drover.with_file_name("drover-agent");
-    if slim.is_file() { (slim, None) } else { (drover.to_path_buf(), Some("agent")) }
+/// How the bench starts agents.
+#[derive(Debug, Clone)]
+pub enum AgentProgram {
+    /// An executable that is the agent alone (`drover-agent`), as worker nodes run it.
+    Alone(PathBuf),
+    /// The `agent` command of a `drover` executable (for a build without `drover-agent`).
+    Subcommand(PathBuf),
 }
 
-/// How the figures name the agent: `drover-agent` or `drover agent`.
-pub fn agent_name(drover: &Path) -> &'static str {
-    match agent_program(drover) {
-        (_, None) => "drover-agent",
-        (_, Some(_)) => "drover agent",
+impl AgentProgram {
+    /// `given`, else `drover-agent` beside `drover`, else `drover agent`.
+    pub fn find(drover: &Path, given: Option<&Path>) -> AgentProgram {
+        if let Some(agent) = given {
+            return AgentProgram::Alone(agent.to_path_buf());
+        }
+        let beside = drover.with_file_name("drover-agent");
+        if beside.is_file() {
+            AgentProgram::Alone(beside)
+        } else {
+            AgentProgram::Subcommand(drover.to_path_buf())
+        }
     }
-}
 
-/// A command that starts an agent (see [`agent_program`]); its flags follow.
-pub fn agent_command(drover: &Path) -> Command {
-    let (program, subcommand) = agent_program(drover);
-    let mut command = Command::new(program);
-    command.args(subcommand);
-    command
+    /// How the figures name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AgentProgram::Alone(_) => "drover-agent",
+            AgentProgram::Subcommand(_) => "drover agent",
+        }
+    }
+
+    /// The executable.
+    pub fn path(&self) -> &Path {
+        match self {
+            AgentProgram::Alone(p) | AgentProgram::Subcommand(p) => p,
+        }
+    }
+
+    /// A command that starts an agent; its flags follow.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(self.path());
+        if let AgentProgram::Subcommand(_) = self {
+            command.arg("agent");
+        }
+        command
+    }
 }
 
 impl Cluster {
@@ -111,7 +138,9 @@ impl Cluster {
         let url = banner(&mut server, dir).await?;
         let key = operator_key(std::slice::from_ref(&data_dir)).await?;
         let token = join_token(&mut connect(&url, &key).await?).await?;
-        let agent = agent_command(drover)
+        let agent = agent
+            .program
+            .command()
             .args(["--server", &url, "--join", &token, "--name", "bench-agent", "--cores"])
             .arg(agent.cores.to_string())
             .arg("--work-dir")
@@ -122,7 +151,7 @@ impl Cluster {
             .stderr(log("agent.log")?)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {} agent", drover.display()))?;
+            .with_context(|| format!("cannot start {}", agent.program.path().display()))?;
         let cluster = Cluster { url, dir: dir.to_path_buf(), key, server, agent };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)

@@ -42,6 +42,10 @@ pub struct Opts {
     /// The `drover` binary to benchmark (default: next to this executable).
     #[arg(long)]
     pub drover: Option<PathBuf>,
+    /// The agent executable worker nodes run (default: `drover-agent` next to the drover
+    /// binary, else `drover agent`); e.g. the node build, `target/node/drover-agent`.
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
     /// Single-task jobs per latency run (default 200, 5 with --quick).
     #[arg(long)]
     pub latency_samples: Option<usize>,
@@ -123,6 +127,8 @@ pub struct Ctx {
     pub hyperqueue_deadline: std::time::Duration,
     /// The drover binary.
     pub drover: PathBuf,
+    /// How agents are started.
+    pub agent: crate::cluster::AgentProgram,
     /// Scratch root.
     pub scratch: PathBuf,
     /// Cores of this machine.
@@ -191,6 +197,14 @@ async fn run(opts: Opts) -> Result<bool> {
     }
     // Daemons run in their own directories: a relative path would not resolve there.
     let drover = std::fs::canonicalize(&drover)?;
+    let given_agent = match &opts.agent {
+        Some(p) if !p.is_file() => {
+            return Err(anyhow!("{} is not a file; pass the agent executable with --agent", p.display()));
+        }
+        Some(p) => Some(std::fs::canonicalize(p)?),
+        None => None,
+    };
+    let agent = crate::cluster::AgentProgram::find(&drover, given_agent.as_deref());
     let temp;
     let scratch = match &opts.work_dir {
         Some(d) => {
@@ -213,6 +227,7 @@ async fn run(opts: Opts) -> Result<bool> {
         slurm: !opts.no_slurm,
         slurm_deadline: std::time::Duration::from_secs(opts.slurm_deadline.max(1)),
         hyperqueue_deadline: std::time::Duration::from_secs(opts.hyperqueue_deadline.max(1)),
+        agent,
         drover,
         scratch,
         cores: machine::cores(),
@@ -220,7 +235,13 @@ async fn run(opts: Opts) -> Result<bool> {
     };
     let machine = machine::describe();
     eprintln!("drover-bench: {machine}");
-    eprintln!("drover-bench: binary {}, scratch {}", ctx.drover.display(), ctx.scratch.display());
+    eprintln!(
+        "drover-bench: binary {}, agent {} ({}), scratch {}",
+        ctx.drover.display(),
+        ctx.agent.path().display(),
+        ctx.agent.name(),
+        ctx.scratch.display()
+    );
     let sections: Vec<Section> =
         Section::ALL.into_iter().filter(|s| opts.only.is_empty() || opts.only.contains(s)).collect();
     let mut rows: Vec<Row> = Vec::new();

@@ -11,7 +11,7 @@ use drover_core::JobState;
 
 use super::{measure, slurm_version};
 use crate::Ctx;
-use crate::cluster::{AgentOptions, Cluster, agent_name, plan_json, submit, watch};
+use crate::cluster::{AgentOptions, Cluster, plan_json, submit, watch};
 use crate::machine::peak_rss_mib;
 use crate::report::{Better, Measure, Row};
 use crate::slurm::{Slurm, SlurmOptions};
@@ -42,7 +42,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
         Ok(p) => Measure::Runs(p.0[i].clone()),
         Err(m) => m.clone(),
     };
-    let agent = agent_name(&ctx.drover);
+    let agent = ctx.agent.name();
     let figures = [
         ("`drover server`, idle".to_owned(), "slurmctld, idle"),
         (format!("`{agent}`, idle"), "slurmd, idle"),
@@ -75,7 +75,12 @@ async fn drover_runs(ctx: &Ctx, sleep: u32) -> Result<Peaks> {
     ))?;
     for run in 0..ctx.runs {
         let dir = ctx.dir(&format!("footprint-drover-{run}"))?;
-        let cluster = Cluster::start(&ctx.drover, &dir, AgentOptions { cores: BUSY_TASKS as u32 }).await?;
+        let cluster = Cluster::start(
+            &ctx.drover,
+            &dir,
+            AgentOptions { cores: BUSY_TASKS as u32, program: ctx.agent.clone() },
+        )
+        .await?;
         let (server, agent) = (cluster.server_pid()?, cluster.agent_pid()?);
         tokio::time::sleep(idle_wait(ctx)).await;
         peaks.0[0].push(peak_rss_mib(server)?);

@@ -85,7 +85,12 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
 
 async fn drover_runs(ctx: &Ctx) -> Result<Quantiles> {
     let dir = ctx.dir("latency-drover")?;
-    let cluster = Cluster::start(&ctx.drover, &dir, AgentOptions { cores: ctx.cores as u32 }).await?;
+    let cluster = Cluster::start(
+        &ctx.drover,
+        &dir,
+        AgentOptions { cores: ctx.cores as u32, program: ctx.agent.clone() },
+    )
+    .await?;
     let mut client = cluster.client().await?;
     let plan = plan_json("version: 1\nname: bench-latency\ntasks:\n  - name: t\n    command: [\"true\"]\n")?;
     let mut out = Quantiles::default();

@@ -173,7 +173,7 @@ async fn drover_runs(ctx: &Ctx) -> Result<DroverRuns> {
     // The whole output is the measure: the per-attempt log cap (64 MiB by default) must not
     // cut its middle.
     let cap = vec!["--max-log-size".to_string(), (bytes * 2).max(64 << 20).to_string()];
-    let agent = AgentOptions { cores: ctx.cores as u32 };
+    let agent = AgentOptions { cores: ctx.cores as u32, program: ctx.agent.clone() };
     let cluster = Cluster::start_with(&ctx.drover, &dir, agent, &cap).await?;
     let mut client = cluster.client().await?;
     let text = "x".repeat(LINE - 1);

@@ -25,7 +25,7 @@ use super::measure;
 use super::store::durable_database;
 use crate::Ctx;
 use crate::cluster::{
-    STOP_GRACE, agent_command, banner, connect, join_token, operator_key, plan_json, stop_gracefully, submit,
+    AgentProgram, STOP_GRACE, banner, connect, join_token, operator_key, plan_json, stop_gracefully, submit,
     watch,
 };
 use crate::report::{Better, Measure, Row};
@@ -177,7 +177,7 @@ async fn one_run(
         config.batch.map(|b| b.to_string()).unwrap_or_else(|| "default".into()),
         run + 1
     ))?;
-    let fleet = Fleet::start(&ctx.drover, &dir, &database, config).await?;
+    let fleet = Fleet::start(&ctx.drover, &ctx.agent, &dir, &database, config).await?;
     let mut clients = Vec::new();
     for url in &fleet.urls {
         clients.push(connect(url, &fleet.key).await?);
@@ -281,7 +281,13 @@ impl Drop for Fleet {
 }
 
 impl Fleet {
-    async fn start(drover: &Path, dir: &Path, database: &str, config: Config) -> Result<Fleet> {
+    async fn start(
+        drover: &Path,
+        agent: &AgentProgram,
+        dir: &Path,
+        database: &str,
+        config: Config,
+    ) -> Result<Fleet> {
         let log = |name: &str| -> Result<std::fs::File> {
             let path = dir.join(format!("{name}.log"));
             std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
@@ -319,7 +325,8 @@ impl Fleet {
             let mut list = urls.clone();
             list.rotate_left(i % urls.len());
             let token = join_token(&mut client).await?;
-            let agent = agent_command(drover)
+            let agent = agent
+                .command()
                 .args(["--server", &list.join(","), "--join", &token, "--name", &format!("bench-agent-{i}")])
                 .args(["--cores", &AGENT_CORES.to_string(), "--no-docker", "--work-dir"])
                 .arg(dir.join(format!("agent-{i}")))

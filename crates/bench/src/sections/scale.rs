@@ -45,7 +45,12 @@ async fn scale_run(ctx: &Ctx, n: usize) -> Result<(f64, f64)> {
         bail!("--scale-tasks must be at least 10");
     }
     let dir = ctx.dir("scale")?;
-    let cluster = Cluster::start(&ctx.drover, &dir, AgentOptions { cores: 4 * ctx.cores as u32 }).await?;
+    let cluster = Cluster::start(
+        &ctx.drover,
+        &dir,
+        AgentOptions { cores: 4 * ctx.cores as u32, program: ctx.agent.clone() },
+    )
+    .await?;
     let mut client = cluster.client().await?;
     let plan = plan_json(&format!(
         "version: 1\nname: bench-scale\ntasks:\n  - name: t\n    array: \"1-{n}\"\n    command: [\"true\"]\n"

@@ -70,7 +70,12 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
 async fn drover_runs(ctx: &Ctx) -> Result<Vec<f64>> {
     let n = ctx.tasks;
     let dir = ctx.dir("throughput-drover")?;
-    let cluster = Cluster::start(&ctx.drover, &dir, AgentOptions { cores: ctx.cores as u32 }).await?;
+    let cluster = Cluster::start(
+        &ctx.drover,
+        &dir,
+        AgentOptions { cores: ctx.cores as u32, program: ctx.agent.clone() },
+    )
+    .await?;
     let mut client = cluster.client().await?;
     let plan = plan_json(&format!(
         "version: 1\nname: bench-throughput\ntasks:\n  - name: t\n    array: \"1-{n}\"\n    command: [\"true\"]\n"
