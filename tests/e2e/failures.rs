@@ -144,10 +144,8 @@ tasks:
         assert!(start.elapsed() < T, "the first line never arrived");
         std::thread::sleep(Duration::from_millis(100));
     }
-    c.kill_agent(0);
+    c.kill_and_reattach(0, 1, 1);
     assert!(alive(first), "the task outlives a SIGKILLed agent (its supervisor holds it)");
-    c.restart_agent(0, 1);
-    crate::harness::wait_for_line(&c, "agent-0.log", "re-attached to a step", T);
     std::fs::write(c.path("go"), "").unwrap();
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");
@@ -181,10 +179,7 @@ tasks:
             std::thread::sleep(Duration::from_millis(20));
         }
         // No pause for the agent to write anything down: it dies mid-flow.
-        c.kill_agent(0);
-        std::thread::sleep(Duration::from_millis(300));
-        c.restart_agent(0, 1);
-        crate::harness::wait_for_lines(&c, "agent-0.log", "re-attached to a step", round, T);
+        c.kill_and_reattach(0, 1, round);
     }
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");

@@ -219,6 +219,20 @@ impl Cluster {
         self.agents[i] = Some(command.spawn().expect("spawn agent"));
     }
 
+    /// Kills agent `i` with SIGKILL while its tasks run, starts it again, and waits until it
+    /// has re-attached a step for the `nth` time (its log keeps every run's lines).
+    pub fn kill_and_reattach(&mut self, i: usize, cores: u32, nth: usize) {
+        self.kill_agent(i);
+        self.restart_agent(i, cores);
+        wait_for_lines(
+            self,
+            &format!("agent-{i}.log"),
+            "re-attached to a step",
+            nth,
+            Duration::from_secs(60),
+        );
+    }
+
     /// Stops agent `i` with SIGTERM, as an operator would, and waits for it to exit.
     pub fn terminate_agent(&mut self, i: usize) {
         if let Some(mut a) = self.agents[i].take() {

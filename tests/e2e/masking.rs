@@ -85,9 +85,7 @@ tasks:
     }
     // The restarted agent's journal holds the secret's name only: its value comes again from
     // the server, before the step's output flows on.
-    c.kill_agent(0);
-    c.restart_agent(0, 1);
-    crate::harness::wait_for_line(&c, "agent-0.log", "re-attached to a step", T);
+    c.kill_and_reattach(0, 1, 1);
     std::fs::write(c.path("go"), "").unwrap();
     let status = c.wait_done(job, T);
     assert_eq!(status["state"], "succeeded", "{status:#}");

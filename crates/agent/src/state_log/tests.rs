@@ -49,6 +49,25 @@ fn reach(clean: u64) -> crate::reach::OutputReach {
     }
 }
 
+/// Appends reports of a MiB of `attempt_id`'s output until the log has seen twice the
+/// compaction size, acknowledging all but the last `pending`; each reaches as far as its
+/// sequence number when `reaching`. Returns the last sequence number.
+async fn grow_past_compaction(log: &StateLog, attempt_id: i64, pending: u64, reaching: bool) -> u64 {
+    let chunk = vec![b'x'; 1 << 20];
+    let last = 2 * (COMPACT_AT >> 20);
+    for seq in 1..=last {
+        let mut record = report(seq, attempt_id, chunk.clone());
+        if let Record::Report(r) = &mut record {
+            r.reach = reaching.then(|| reach(seq));
+        }
+        log.append(record).await.unwrap();
+        if seq + pending <= last {
+            log.append(Record::Acked(seq)).await.unwrap();
+        }
+    }
+    last
+}
+
 #[tokio::test]
 async fn a_reopened_log_holds_what_was_not_finished_or_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,16 +142,7 @@ async fn a_log_of_mostly_acknowledged_reports_is_compacted_as_it_grows() {
     let state = dir.path().join("state");
     let (log, _) = StateLog::open(&state).unwrap();
     log.append(Record::Step(Box::new(entry(9, 0)))).await.unwrap();
-    let chunk = vec![b'x'; 1 << 20];
-    let mut seq = 0;
-    // Twice the compaction size, each report acknowledged but the last few.
-    while seq < 2 * (COMPACT_AT >> 20) {
-        seq += 1;
-        log.append(report(seq, 9, chunk.clone())).await.unwrap();
-        if seq + 3 <= 2 * (COMPACT_AT >> 20) {
-            log.append(Record::Acked(seq)).await.unwrap();
-        }
-    }
+    let seq = grow_past_compaction(&log, 9, 3, false).await;
     let size = std::fs::metadata(log.path()).unwrap().len();
     assert!(size < COMPACT_AT, "the log grew to {size} bytes");
     drop(log);
@@ -190,17 +200,7 @@ async fn the_reach_survives_a_compaction_that_drops_the_reports_carrying_it() {
     let state = dir.path().join("state");
     let (log, _) = StateLog::open(&state).unwrap();
     log.append(Record::Step(Box::new(entry(9, 0)))).await.unwrap();
-    let chunk = vec![b'x'; 1 << 20];
-    let mut seq = 0;
-    while seq < 2 * (COMPACT_AT >> 20) {
-        seq += 1;
-        let mut record = report(seq, 9, chunk.clone());
-        if let Record::Report(r) = &mut record {
-            r.reach = Some(reach(seq));
-        }
-        log.append(record).await.unwrap();
-        log.append(Record::Acked(seq)).await.unwrap();
-    }
+    let seq = grow_past_compaction(&log, 9, 0, true).await;
     let size = std::fs::metadata(log.path()).unwrap().len();
     assert!(size < COMPACT_AT, "the log grew to {size} bytes");
     drop(log);
