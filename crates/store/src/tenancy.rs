@@ -123,6 +123,8 @@ pub trait TenantStore: Send + Sync + 'static {
     /// What each project's attempts assigned at or after `since_ms` used, per price version:
     /// the spend of a budget's period. An attempt assigned before `since_ms` does not count,
     /// not even for the part of its run after it. Projects without such attempts are absent.
+    /// Attempts of jobs that retention deleted still count, by the UTC day they were assigned
+    /// on (`since_ms` is a period's start, a day's).
     async fn metered_since(&self, since_ms: i64, now_ms: i64) -> Result<BTreeMap<String, MeteredByVersion>>;
 
     /// Appends a record to the audit trail and returns its id.

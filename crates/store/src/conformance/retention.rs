@@ -34,15 +34,44 @@ async fn run<S: Store + ArtifactStore>(store: &S, job_id: i64, at_ms: i64, outpu
         .map(|(i, d)| OutputFile { path: format!("out{i}"), size: 1, digest: d.to_string() })
         .collect();
     assert_eq!(store.record_outputs(a.attempt_id, a.epoch, &files, at_ms).await.unwrap(), Applied::Applied);
-    store.attempt_finished(&done(a, 0), at_ms + 1).await.unwrap();
+    store.attempt_started(a.attempt_id, a.epoch, at_ms).await.unwrap();
+    let end = AttemptReport { input_tokens: 7, output_tokens: 3, ..done(a, 0) };
+    store.attempt_finished(&end, at_ms + 1).await.unwrap();
     store.record_log_archive(a.attempt_id, log, 6, at_ms + 2).await.unwrap();
 }
 
+/// Asserts that two spends are the same, up to the rounding of sums taken in another order.
+fn same_spend(
+    got: &std::collections::BTreeMap<String, drover_core::tenancy::MeteredByVersion>,
+    want: &std::collections::BTreeMap<String, drover_core::tenancy::MeteredByVersion>,
+) {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    let keys = |m: &std::collections::BTreeMap<String, drover_core::tenancy::MeteredByVersion>| {
+        m.iter().flat_map(|(p, v)| v.keys().map(move |k| (p.clone(), *k))).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(got), keys(want), "the spend is kept: {got:?} against {want:?}");
+    for (project, versions) in want {
+        for (version, w) in versions {
+            let g = got[project][version];
+            assert!(
+                close(g.core_seconds, w.core_seconds)
+                    && close(g.gib_seconds, w.gib_seconds)
+                    && g.input_tokens == w.input_tokens
+                    && g.output_tokens == w.output_tokens,
+                "the spend is kept: {g:?} against {w:?}"
+            );
+        }
+    }
+}
+
 /// A job that ended before its project's cutoff is deleted with its tasks, attempts, events,
-/// output, artifacts and log archives; it reports the blobs it held the last reference to, not
-/// those another job still points to. Jobs still running or not yet archived, newer jobs and
+/// output, artifacts and log archives, while what its attempts used still counts towards its
+/// project's budget; it reports the blobs it held the last reference to, not those another
+/// job still points to. Jobs still running or not yet archived, newer jobs and
 /// other projects' jobs stay.
-pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactStore + RetentionStore>(
+pub async fn retention_deletes_old_jobs_with_what_they_own<
+    S: Store + ArtifactStore + RetentionStore + TenantStore,
+>(
     store: &S,
 ) {
     store.register_node(&node("keeper", 8, 1_000_000), &[], 1).await.unwrap();
@@ -73,6 +102,12 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
     );
     assert_eq!(store.expired_jobs("keep", 20, 100).await.unwrap(), [other]);
 
+    let spent_before = store.metered_since(0, 100).await.unwrap();
+    let default = spent_before["default"][&0];
+    assert!(
+        default.core_seconds > 0.0 && default.input_tokens >= 7,
+        "the old job used something: {default:?}"
+    );
     assert_eq!(store.delete_job(running, 60).await.unwrap(), None, "a running job is never deleted");
     assert_eq!(store.delete_job(unarchived, 60).await.unwrap(), None, "its log is not archived yet");
     assert!(store.job(running).await.unwrap().is_some());
@@ -88,6 +123,10 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<S: Store + ArtifactSt
     assert!(store.logs_after(old, &TaskFilter::default(), 0, 100).await.unwrap().is_empty());
     let usage = store.usage(&UsageFilter::default()).await.unwrap();
     assert!(usage.iter().all(|u| u.job_id != old), "its attempts are gone");
+    // What they used still counts against the project's budget, from the day they ran on.
+    same_spend(&store.metered_since(0, 100).await.unwrap(), &spent_before);
+    let today = store.metered_since(86_400_000, 86_400_100).await.unwrap();
+    assert!(today.is_empty(), "nothing was assigned on the day after: {today:?}");
 
     for kept in ["sha256:in-both", "sha256:out-both", "sha256:log-newer", "sha256:log-other"] {
         assert!(store.blob_referenced(kept).await.unwrap(), "{kept} is still referenced");

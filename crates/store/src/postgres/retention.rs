@@ -85,6 +85,27 @@ impl RetentionStore for PostgresStore {
             .bind(job_id)
             .fetch_all(&mut *tx)
             .await?;
+            // What its attempts used stays counted (see `retired_metering`). All of them ended.
+            sqlx::query(
+                "INSERT INTO retired_metering \
+                     (project, price_version, day_ms, core_ms, byte_ms, input_tokens, output_tokens) \
+                 SELECT j.project, a.price_version, (a.assigned_ms / 86400000) * 86400000, \
+                     SUM(a.cores::FLOAT8 * (CASE WHEN a.started_ms IS NULL THEN 0 \
+                         ELSE GREATEST(COALESCE(a.ended_ms, a.started_ms) - a.started_ms, 0) END)), \
+                     SUM(a.memory::FLOAT8 * (CASE WHEN a.started_ms IS NULL THEN 0 \
+                         ELSE GREATEST(COALESCE(a.ended_ms, a.started_ms) - a.started_ms, 0) END)), \
+                     COALESCE(SUM(a.input_tokens), 0)::BIGINT, COALESCE(SUM(a.output_tokens), 0)::BIGINT \
+                 FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.job_id = $1 \
+                 GROUP BY j.project, a.price_version, a.assigned_ms / 86400000 \
+                 ON CONFLICT (project, price_version, day_ms) DO UPDATE SET \
+                     core_ms = retired_metering.core_ms + excluded.core_ms, \
+                     byte_ms = retired_metering.byte_ms + excluded.byte_ms, \
+                     input_tokens = retired_metering.input_tokens + excluded.input_tokens, \
+                     output_tokens = retired_metering.output_tokens + excluded.output_tokens",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
             for table in JOB_TABLES {
                 sqlx::query(&format!("DELETE FROM {table} WHERE job_id = $1"))
                     .bind(job_id)

@@ -82,6 +82,26 @@ impl RetentionStore for SqliteStore {
         .bind(job_id)
         .fetch_all(&mut *tx)
         .await?;
+        // What its attempts used stays counted (see `retired_metering`). All of them ended.
+        sqlx::query(
+            "INSERT INTO retired_metering \
+                 (project, price_version, day_ms, core_ms, byte_ms, input_tokens, output_tokens) \
+             SELECT j.project, a.price_version, (a.assigned_ms / 86400000) * 86400000, \
+                 SUM(CAST(a.cores AS REAL) * (CASE WHEN a.started_ms IS NULL THEN 0 \
+                     ELSE MAX(COALESCE(a.ended_ms, a.started_ms) - a.started_ms, 0) END)), \
+                 SUM(CAST(a.memory AS REAL) * (CASE WHEN a.started_ms IS NULL THEN 0 \
+                     ELSE MAX(COALESCE(a.ended_ms, a.started_ms) - a.started_ms, 0) END)), \
+                 COALESCE(SUM(a.input_tokens), 0), COALESCE(SUM(a.output_tokens), 0) \
+             FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ?1 \
+             GROUP BY j.project, a.price_version, a.assigned_ms / 86400000 \
+             ON CONFLICT (project, price_version, day_ms) DO UPDATE SET \
+                 core_ms = core_ms + excluded.core_ms, byte_ms = byte_ms + excluded.byte_ms, \
+                 input_tokens = input_tokens + excluded.input_tokens, \
+                 output_tokens = output_tokens + excluded.output_tokens",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
         for table in JOB_TABLES {
             sqlx::query(&format!("DELETE FROM {table} WHERE job_id = ?"))
                 .bind(job_id)

@@ -248,6 +248,21 @@ impl TenantStore for SqliteStore {
         for r in &rows {
             out.entry(r.try_get(0)?).or_default().insert(r.try_get(1)?, metered_at(r, 2)?);
         }
+        // Deleted jobs' attempts, by the day they were assigned (a period starts at a day).
+        let retired = sqlx::query(
+            "SELECT project, price_version, SUM(core_ms), SUM(byte_ms), SUM(input_tokens), SUM(output_tokens) \
+             FROM retired_metering WHERE day_ms >= ? GROUP BY project, price_version",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.reader)
+        .await?;
+        for r in &retired {
+            let used = metered_at(r, 2)?;
+            let by_version = out.entry(r.try_get(0)?).or_default();
+            let version: i64 = r.try_get(1)?;
+            let sum = by_version.get(&version).copied().unwrap_or_default().plus(used);
+            by_version.insert(version, sum);
+        }
         Ok(out)
     }
 
