@@ -127,6 +127,47 @@ tasks:
     assert!(logs.contains("kept"), "{logs}");
 }
 
+#[test]
+fn a_microvm_step_that_ends_while_no_agent_listens_is_taken_over_with_its_files() {
+    ensure_busybox_image();
+    let guest = guest_agent();
+    let guest = guest.display().to_string();
+    let env = [("DROVER_GUEST_AGENT", guest.as_str())];
+    let mut c = Stopping(Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]));
+    c.0.add_agent_with(1, &["--microvm"], &env);
+    wait_for_node(&c, "the microvm runtime", |n| {
+        n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
+    });
+    // The step ends (and changes a file) while its agent is away; the guest keeps its end,
+    // output and changes for the restarted agent.
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: vm-ended-meanwhile
+tasks:
+  - name: vm
+    runtime: microvm
+    image: {BUSYBOX}
+    steps:
+      - "echo before the restart; sleep 3; echo ended while no agent listened; echo kept > result.txt; printf 'last words'"
+      - "cat result.txt"
+"#
+    ));
+    let start = Instant::now();
+    while !c.ok(&["logs", &job.to_string()]).contains("before the restart") {
+        assert!(start.elapsed() < T, "the first line never arrived");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.0.kill_agent(0);
+    std::thread::sleep(Duration::from_secs(6));
+    c.0.restart_agent_with(0, 1, &["--microvm"], &env);
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "vm")["attempts"], 1, "taken over, not retried: {status:#}");
+    let logs = c.ok(&["logs", &job.to_string(), "vm"]);
+    assert_eq!(logs, "before the restart\nended while no agent listened\nlast words\nkept\n");
+}
+
 /// Stops the agent with SIGTERM however the test ends, so that it powers its warm VMs off
 /// (the cluster's own teardown kills agents outright).
 struct Stopping(Cluster);

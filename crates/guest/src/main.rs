@@ -164,6 +164,18 @@ impl Outbox {
         }
     }
 
+    /// Returns once a host is connected on some port (at once when one is).
+    pub(crate) fn wait_for_host(&self) {
+        let mut waited = false;
+        while !self.connected.iter().any(|c| c.load(Ordering::SeqCst)) {
+            if !waited {
+                log!("no host listens: a step's end waits for one");
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends a message to one port.
     fn send_to(&self, port: usize, message: &GuestMessage) {
         if let Some(port) = self.ports.get(port) {

@@ -185,6 +185,10 @@ impl Steps {
         let mut exit = decode_status(raw);
         exit.oom = oom_kills() > oom_before;
         let final_usage = rusage_usage(&rusage);
+        // Sent while no host listens (its agent restarting), the step's end would be lost, and
+        // with it the files it changed: it waits for the next host, which gets it after the
+        // output held for it. Until then the step reads as running.
+        self.outbox.wait_for_host();
         self.workspace().send_changes(&self.outbox);
         let usage = {
             let mut inner = self.lock();

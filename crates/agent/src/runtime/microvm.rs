@@ -77,6 +77,9 @@ use self::vm::VmRecord;
 pub use self::vm::{Vm, VmSpec};
 use super::{ExitStatus, OutputSink, RunHandle, Runtime, RuntimeError, StopSignal, TaskSpec, Usage};
 
+/// How long a restarted agent waits for the end of a step the guest says ended: the guest
+/// sends it right after its answer.
+const END_BEHIND_STATUS: Duration = Duration::from_secs(5);
 /// PATH of steps whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -648,12 +651,27 @@ impl Runtime for MicroVmRuntime {
             }
         };
         let session = entry.session();
-        if session.finished(handle.step).is_some() {
+        // The guest keeps the end of a step that ended while no agent listened (its workspace
+        // changes, then its exit) for the next host, which gets it right after the hello: a
+        // restarted agent takes such a step over as it ended.
+        if session.finished(handle.step).is_some() && !restarted {
             return Ok(false);
         }
-        let running = matches!(session.status(handle.step).await?, StepState::Running { .. });
-        if !running {
-            return Ok(false);
+        if session.finished(handle.step).is_none() {
+            match session.status(handle.step).await? {
+                StepState::Running { .. } => {}
+                // Ended as the host came: its end is right behind this answer.
+                StepState::Exited { .. } if restarted => {
+                    let deadline = tokio::time::Instant::now() + END_BEHIND_STATUS;
+                    while session.finished(handle.step).is_none() {
+                        if tokio::time::Instant::now() > deadline {
+                            return Ok(false);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                _ => return Ok(false),
+            }
         }
         if restarted {
             tracing::info!(

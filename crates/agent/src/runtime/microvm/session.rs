@@ -231,7 +231,9 @@ impl Session {
                     }
                     None => {
                         let slot = shared.steps.entry(step).or_insert_with(|| Slot::new(None));
-                        if slot.sink.is_none() {
+                        // A step that ended already has no more output: its follower has all
+                        // of it once the sink goes.
+                        if slot.sink.is_none() && slot.finished.borrow().is_none() {
                             slot.sink = Some(sink);
                         }
                         return;
@@ -423,18 +425,25 @@ async fn handle(
                 shared.synced = 0;
                 (shared.steps.get_mut(&step).and_then(|s| s.sink.take()), over)
             };
-            if sync_over && let Some(sink) = &sink {
+            // What ends the step's output goes to its follower, or, for a step that ended
+            // while no agent listened, waits with the rest of its output for the next one.
+            let mut last = Vec::new();
+            if sync_over {
                 let cap = lock(shared).sync_cap.unwrap_or(MAX_SYNC_BYTES);
                 let note = format!(
                     "drover: this step changed more than {cap} bytes of files; the rest were not copied back from the microVM\n"
                 );
-                send_lines(sink, step, OutputStream::Stderr, vec![note.into_bytes()]).await;
+                last.push((OutputStream::Stderr, note.into_bytes()));
             }
             for stream in [OutputStream::Stdout, OutputStream::Stderr] {
-                if let Some(rest) = splitters.remove(&(step, stream)).and_then(|mut s| s.finish())
-                    && let Some(sink) = &sink
-                {
-                    send_lines(sink, step, stream, vec![rest]).await;
+                if let Some(rest) = splitters.remove(&(step, stream)).and_then(|mut s| s.finish()) {
+                    last.push((stream, rest));
+                }
+            }
+            for (stream, data) in last {
+                match &sink {
+                    Some(sink) => send_lines(sink, step, stream, vec![data]).await,
+                    None => keep_unclaimed(&mut lock(shared), step, stream, vec![data]),
                 }
             }
             let status = ExitStatus { code: exit.code, signal: exit.signal, oom: exit.oom };
