@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,12 +76,6 @@ pub(crate) fn repos(c: &Cluster) {
     git(&c.path(""), &["init", "-q", "--bare", "remote.git"]);
 }
 
-pub(crate) fn set_secret(c: &Cluster, name: &str, value: &str) {
-    let mut child = c.command(&["secrets", "set", name]).stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
 /// Lets the default project's agents reach the stand-in LLM, which speaks plain HTTP on
 /// loopback (projects allow https upstreams only by default).
 pub(crate) fn allow_loopback_llm(c: &Cluster) {
@@ -106,7 +100,7 @@ fn an_agent_task_leaves_a_patch_and_a_pushed_branch_and_never_sees_the_key() {
     repos(&c);
     let (llm, keys) = fake_llm();
     std::fs::write(c.path("fake-agent.sh"), FAKE_AGENT).unwrap();
-    set_secret(&c, "LLM_KEY", REAL_KEY);
+    c.set_secret("LLM_KEY", REAL_KEY);
     allow_loopback_llm(&c);
     let job = c.submit(&format!(
         r#"
@@ -159,7 +153,7 @@ tasks:
 fn a_spent_budget_refuses_calls_and_fails_the_task_with_budget() {
     let c = Cluster::start(1, 2);
     let (llm, keys) = fake_llm();
-    set_secret(&c, "LLM_KEY", REAL_KEY);
+    c.set_secret("LLM_KEY", REAL_KEY);
     allow_loopback_llm(&c);
     // Each call costs 13 tokens against a budget of 20: the third call is refused with 429.
     let job = c.submit(&format!(
@@ -196,7 +190,7 @@ tasks:
 fn a_restarted_agent_takes_its_agent_task_over_and_the_budget_holds_across_the_restart() {
     let mut c = Cluster::start(1, 2);
     let (llm, keys) = fake_llm();
-    set_secret(&c, "LLM_KEY", REAL_KEY);
+    c.set_secret("LLM_KEY", REAL_KEY);
     allow_loopback_llm(&c);
     // One call before the agent dies, two after: 13 tokens each against a budget of 20, so
     // the third is refused only if the restarted proxy counts the first.

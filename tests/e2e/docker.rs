@@ -1,7 +1,6 @@
 //! Container tasks end to end: images shipped by the client, isolation, secrets.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use drover_agent::state_log;
@@ -9,19 +8,6 @@ use drover_agent::state_log;
 use crate::harness::{BUSYBOX, Cluster, ensure_busybox_image, task};
 
 const T: Duration = Duration::from_secs(120);
-
-fn set_secret(c: &Cluster, name: &str, value: &str) {
-    let mut child = c
-        .command(&["secrets", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(value.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[test]
 fn container_task_is_isolated_and_gets_secrets_that_never_reach_the_log() {
@@ -51,7 +37,7 @@ tasks:
     assert!(stderr.contains("no secret `API_TOKEN`") && stderr.contains("drover secrets set"), "{stderr}");
     assert_eq!(c.ok(&["ps", "--all", "-o", "json"]).trim(), "[]");
 
-    set_secret(&c, "API_TOKEN", "hunter2-secret");
+    c.set_secret("API_TOKEN", "hunter2-secret");
     assert_eq!(c.ok(&["secrets", "ls"]).trim(), "API_TOKEN");
     let job = c.submit(&job_text);
     let status = c.wait_done(job, T);

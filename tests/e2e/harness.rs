@@ -258,6 +258,20 @@ impl Cluster {
         }
     }
 
+    /// Sets a secret of the default project, its value on stdin as users give it.
+    pub fn set_secret(&self, name: &str, value: &str) {
+        let mut child = self
+            .command(&["secrets", "set", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run drover secrets set");
+        child.stdin.take().expect("stdin").write_all(value.as_bytes()).expect("write the value");
+        let out = child.wait_with_output().expect("wait for drover secrets set");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// A single-use join token for one more agent.
     pub fn join_token(&self) -> String {
         let out = self.ok(&["nodes", "token", "create", "-o", "json"]);

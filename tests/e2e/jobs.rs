@@ -241,7 +241,7 @@ tasks:
 #[test]
 fn a_process_task_gets_its_secrets_masked_in_the_log() {
     let c = Cluster::start(1, 1);
-    crate::ai_agent::set_secret(&c, "API_TOKEN", "s3cret-value");
+    c.set_secret("API_TOKEN", "s3cret-value");
     let job = c.submit(
         "version: 1\nname: secret\ntasks:\n  - name: t\n    secrets: [API_TOKEN]\n    command: 'test \"$API_TOKEN\" = s3cret-value && echo \"got $API_TOKEN\"'\n",
     );

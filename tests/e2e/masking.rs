@@ -42,7 +42,7 @@ tasks:
 #[test]
 fn a_multi_line_secret_is_masked_whole_by_line_split_and_encoded() {
     let c = Cluster::start(1, 1);
-    crate::ai_agent::set_secret(&c, "MULTI", VALUE);
+    c.set_secret("MULTI", VALUE);
     let job = c.submit(JOB);
     let status = c.wait_done(job, T);
     assert_eq!(task(&status, "leaky")["state"], "succeeded", "{status:#}");
@@ -62,7 +62,7 @@ fn a_multi_line_secret_is_masked_whole_by_line_split_and_encoded() {
 fn a_secret_stays_masked_after_an_agent_restart_and_the_next_step_still_gets_it() {
     const SECRET: &str = "e2e-restart-Zq42-secret";
     let mut c = Cluster::start(1, 1);
-    crate::ai_agent::set_secret(&c, "TOKEN", SECRET);
+    c.set_secret("TOKEN", SECRET);
     let job = c.submit(
         r#"
 version: 1

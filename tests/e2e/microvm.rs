@@ -190,7 +190,7 @@ impl Drop for Stopping {
 /// no other way out), and its edits come back as the patch artifact and a pushed branch.
 #[test]
 fn an_agent_task_runs_in_a_microvm_and_reaches_the_llm_only_through_the_proxy() {
-    use crate::ai_agent::{REAL_KEY, allow_loopback_llm, fake_llm, git, repos, set_secret};
+    use crate::ai_agent::{REAL_KEY, allow_loopback_llm, fake_llm, git, repos};
 
     ensure_busybox_image();
     let guest = guest_agent();
@@ -203,7 +203,7 @@ fn an_agent_task_runs_in_a_microvm_and_reaches_the_llm_only_through_the_proxy() 
     let (llm, keys) = fake_llm();
     // The host as user-mode networking would show it to the guest, were it not restricted.
     let llm_port = llm.rsplit(':').next().unwrap_or_default().to_owned();
-    set_secret(&c, "LLM_KEY", REAL_KEY);
+    c.set_secret("LLM_KEY", REAL_KEY);
     allow_loopback_llm(&c);
     // busybox wget ignores NO_PROXY, hence `-Y off` for the proxy's host port.
     let job = c.submit(&format!(

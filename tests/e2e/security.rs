@@ -372,7 +372,7 @@ fn readme_up_submit_runs_the_example_with_authorization_on() {
 #[test]
 fn secrets_are_sealed_in_the_database() {
     let c = Cluster::start(0, 1);
-    crate::ai_agent::set_secret(&c, "DB_PASSWORD", "correct-horse-battery");
+    c.set_secret("DB_PASSWORD", "correct-horse-battery");
     assert_eq!(mode(&c.path("server-data/secrets.key")), 0o600);
     let needle = b"correct-horse-battery";
     for file in ["drover.db", "drover.db-wal"] {
