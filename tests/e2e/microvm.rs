@@ -79,19 +79,34 @@ tasks:
     assert!(logs.contains("pid1=init\nlo \n"), "{logs}");
 }
 
-#[test]
-fn a_restarted_agent_reattaches_its_running_microvm_task_and_the_output_flows_on() {
+/// A server and one microVM agent, for tests that restart the agent; the guest agent's path,
+/// which a restart needs again. The restarted agent probes KVM again before it reconnects (up
+/// to 10 s): a lease longer than that keeps its node, and so its attempt, from being given up
+/// meanwhile.
+fn restartable_microvm_cluster() -> (Stopping, String) {
     ensure_busybox_image();
-    let guest = guest_agent();
-    let guest = guest.display().to_string();
-    let env = [("DROVER_GUEST_AGENT", guest.as_str())];
-    // The restarted agent probes KVM again before it reconnects (up to 10 s): a lease longer
-    // than that keeps its node, and so its attempt, from being given up meanwhile.
+    let guest = guest_agent().display().to_string();
     let mut c = Stopping(Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]));
-    c.0.add_agent_with(1, &["--microvm"], &env);
+    c.0.add_agent_with(1, &["--microvm"], &[("DROVER_GUEST_AGENT", guest.as_str())]);
     wait_for_node(&c, "the microvm runtime", |n| {
         n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
     });
+    (c, guest)
+}
+
+/// Waits until the output of `job` holds `what`.
+fn wait_for_output(c: &Cluster, job: i64, what: &str) {
+    let start = Instant::now();
+    while !c.ok(&["logs", &job.to_string()]).contains(what) {
+        assert!(start.elapsed() < T, "{what:?} never arrived");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_restarted_agent_reattaches_its_running_microvm_task_and_the_output_flows_on() {
+    let (mut c, guest) = restartable_microvm_cluster();
+    let env = [("DROVER_GUEST_AGENT", guest.as_str())];
     // The VM sees no host files: the step sleeps long enough for a restart to happen meanwhile.
     let job = c.submit(&format!(
         r#"
@@ -106,11 +121,7 @@ tasks:
       - "cat result.txt"
 "#
     ));
-    let start = Instant::now();
-    while !c.ok(&["logs", &job.to_string()]).contains("before the restart") {
-        assert!(start.elapsed() < T, "the first line never arrived");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_output(&c, job, "before the restart");
     c.0.kill_agent(0);
     // The step writes a line while no agent runs: the guest holds it for the next one.
     std::thread::sleep(Duration::from_secs(5));
@@ -129,15 +140,8 @@ tasks:
 
 #[test]
 fn a_microvm_step_that_ends_while_no_agent_listens_is_taken_over_with_its_files() {
-    ensure_busybox_image();
-    let guest = guest_agent();
-    let guest = guest.display().to_string();
+    let (mut c, guest) = restartable_microvm_cluster();
     let env = [("DROVER_GUEST_AGENT", guest.as_str())];
-    let mut c = Stopping(Cluster::start_with(0, 1, &["--lease", "60s", "--heartbeat", "300ms"], &[]));
-    c.0.add_agent_with(1, &["--microvm"], &env);
-    wait_for_node(&c, "the microvm runtime", |n| {
-        n["runtimes"].as_array().is_some_and(|r| r.iter().any(|r| r == "microvm"))
-    });
     // The step ends (and changes a file) while its agent is away; the guest keeps its end,
     // output and changes for the restarted agent.
     let job = c.submit(&format!(
@@ -153,11 +157,7 @@ tasks:
       - "cat result.txt"
 "#
     ));
-    let start = Instant::now();
-    while !c.ok(&["logs", &job.to_string()]).contains("before the restart") {
-        assert!(start.elapsed() < T, "the first line never arrived");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_output(&c, job, "before the restart");
     c.0.kill_agent(0);
     std::thread::sleep(Duration::from_secs(6));
     c.0.restart_agent_with(0, 1, &["--microvm"], &env);

@@ -217,6 +217,18 @@ pub(crate) fn metered(core_ms: f64, byte_ms: f64, input_tokens: u64, output_toke
     }
 }
 
+/// Adds what `project` used under price `version` to a spend by project and version.
+pub(crate) fn add_spend(
+    spend: &mut BTreeMap<String, MeteredByVersion>,
+    project: String,
+    version: i64,
+    used: Metered,
+) {
+    let by_version = spend.entry(project).or_default();
+    let sum = by_version.get(&version).copied().unwrap_or_default().plus(used);
+    by_version.insert(version, sum);
+}
+
 /// Folds rows ordered by job into one [`JobMetered`] per job, in the rows' order.
 pub(crate) fn group_metered(rows: impl IntoIterator<Item = MeteredRow>) -> Vec<JobMetered> {
     let mut out: Vec<JobMetered> = Vec::new();

@@ -25,8 +25,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::{MAX_TRIES, PostgresStore, get_u64, retryable};
 use crate::tenancy::{
-    AuditFilter, AuditRecord, HOLD_PREFIXES, Holding, JobMetered, MeteredRow, TenantStore, audit_limit,
-    decode_prices, decode_settings, encode_prices, encode_settings, group_metered, metered, same_prices,
+    AuditFilter, AuditRecord, HOLD_PREFIXES, Holding, JobMetered, MeteredRow, TenantStore, add_spend,
+    audit_limit, decode_prices, decode_settings, encode_prices, encode_settings, group_metered, metered,
+    same_prices,
 };
 use crate::{Result, UsageFilter};
 
@@ -273,11 +274,7 @@ impl TenantStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         for r in &retired {
-            let used = metered_at(r, 2)?;
-            let by_version = out.entry(r.try_get(0)?).or_default();
-            let version: i64 = r.try_get(1)?;
-            let sum = by_version.get(&version).copied().unwrap_or_default().plus(used);
-            by_version.insert(version, sum);
+            add_spend(&mut out, r.try_get(0)?, r.try_get(1)?, metered_at(r, 2)?);
         }
         Ok(out)
     }

@@ -14,8 +14,9 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 
 use super::SqliteStore;
 use crate::tenancy::{
-    AuditFilter, AuditRecord, HOLD_PREFIXES, Holding, JobMetered, MeteredRow, TenantStore, audit_limit,
-    decode_prices, decode_settings, encode_prices, encode_settings, group_metered, metered, same_prices,
+    AuditFilter, AuditRecord, HOLD_PREFIXES, Holding, JobMetered, MeteredRow, TenantStore, add_spend,
+    audit_limit, decode_prices, decode_settings, encode_prices, encode_settings, group_metered, metered,
+    same_prices,
 };
 use crate::{Result, UsageFilter};
 
@@ -257,11 +258,7 @@ impl TenantStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         for r in &retired {
-            let used = metered_at(r, 2)?;
-            let by_version = out.entry(r.try_get(0)?).or_default();
-            let version: i64 = r.try_get(1)?;
-            let sum = by_version.get(&version).copied().unwrap_or_default().plus(used);
-            by_version.insert(version, sum);
+            add_spend(&mut out, r.try_get(0)?, r.try_get(1)?, metered_at(r, 2)?);
         }
         Ok(out)
     }
