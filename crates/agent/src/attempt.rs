@@ -995,7 +995,7 @@ struct StreamState<'m> {
 impl StreamState<'_> {
     /// Takes what the masker gives for a chunk that ends at `end` in its file (`None` for
     /// the stream's end): notes how far it reaches, and drops what was shipped already.
-    fn released(&mut self, mut pieces: Vec<Vec<u8>>, end: Option<u64>, ended: bool) -> Vec<Vec<u8>> {
+    fn released(&mut self, pieces: Vec<Vec<u8>>, end: Option<u64>, ended: bool) -> Vec<Vec<u8>> {
         if let Some(end) = end {
             self.read_to = Some(end);
         }
@@ -1005,17 +1005,19 @@ impl StreamState<'_> {
                 self.reach = StreamReach { clean: read_to, past_clean: 0 };
             }
         }
-        while self.skip > 0 && !pieces.is_empty() {
-            let first = pieces[0].len() as u64;
-            if first <= self.skip {
-                self.skip -= first;
-                pieces.remove(0);
-            } else {
-                pieces[0].drain(..self.skip as usize);
-                self.skip = 0;
+        if self.skip == 0 {
+            return pieces;
+        }
+        let mut kept = Vec::with_capacity(pieces.len());
+        for mut piece in pieces {
+            let shipped = self.skip.min(piece.len() as u64);
+            self.skip -= shipped;
+            piece.drain(..shipped as usize);
+            if !piece.is_empty() {
+                kept.push(piece);
             }
         }
-        pieces
+        kept
     }
 }
 

@@ -171,7 +171,9 @@ impl Outbox {
     /// Lets report `seq` go: its record is in the log.
     fn release(&self, seq: u64) {
         let mut inner = self.lock();
-        if let Some(p) = inner.pending.iter_mut().find(|p| p.seq == seq) {
+        // Pending reports are in sequence order.
+        let at = inner.pending.partition_point(|p| p.seq < seq);
+        if let Some(p) = inner.pending.get_mut(at).filter(|p| p.seq == seq) {
             p.held = false;
         }
     }

@@ -654,24 +654,23 @@ impl Runtime for MicroVmRuntime {
         // The guest keeps the end of a step that ended while no agent listened (its workspace
         // changes, then its exit) for the next host, which gets it right after the hello: a
         // restarted agent takes such a step over as it ended.
-        if session.finished(handle.step).is_some() && !restarted {
-            return Ok(false);
-        }
-        if session.finished(handle.step).is_none() {
-            match session.status(handle.step).await? {
-                StepState::Running { .. } => {}
+        let followable = match (session.finished(handle.step).is_some(), restarted) {
+            (true, ended_meanwhile) => ended_meanwhile,
+            (false, _) => match session.status(handle.step).await? {
+                StepState::Running { .. } => true,
                 // Ended as the host came: its end is right behind this answer.
-                StepState::Exited { .. } if restarted => {
-                    let deadline = tokio::time::Instant::now() + END_BEHIND_STATUS;
+                StepState::Exited { .. } if restarted => tokio::time::timeout(END_BEHIND_STATUS, async {
                     while session.finished(handle.step).is_none() {
-                        if tokio::time::Instant::now() > deadline {
-                            return Ok(false);
-                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                }
-                _ => return Ok(false),
-            }
+                })
+                .await
+                .is_ok(),
+                _ => false,
+            },
+        };
+        if !followable {
+            return Ok(false);
         }
         if restarted {
             tracing::info!(
