@@ -39,10 +39,19 @@ pub async fn usage(args: UsageArgs) -> Result<ExitCode> {
     let resp = client.usage(req).await.map_err(rpc_error)?.into_inner();
     if args.json || args.output == Format::Json {
         println!("{}", serde_json::to_string_pretty(&usage_json(&resp))?);
-    } else if resp.jobs.is_empty() {
+    } else if resp.jobs.is_empty() && resp.projects.is_empty() {
         println!("no jobs match");
     } else {
-        println!("{}\n{}", rows_table(&resp.projects, false), rows_table(&resp.jobs, true));
+        println!("{}", rows_table(&resp.projects, false));
+        if !resp.jobs.is_empty() {
+            println!("{}", rows_table(&resp.jobs, true));
+        }
+        for p in resp.projects.iter().filter(|p| p.deleted_jobs > 0) {
+            println!(
+                "project {}: its totals include {} job(s) deleted by retention, not listed",
+                p.project, p.deleted_jobs
+            );
+        }
         for p in resp.projects.iter().filter(|p| p.stored_bytes > 0) {
             println!(
                 "project {} stores {} ({:.2} per month at current prices)",
@@ -114,6 +123,7 @@ fn usage_json(resp: &pb::UsageResponse) -> Value {
         .map(|r| {
             let mut v = row_json(r);
             v["jobs"] = json!(r.jobs);
+            v["deleted_jobs"] = json!(r.deleted_jobs);
             v["stored_bytes"] = json!(r.stored_bytes);
             v["storage_cost_month"] = json!(r.storage_cost_month);
             v

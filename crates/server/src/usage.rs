@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 
+use drover_core::tenancy::MeteredByVersion;
 use drover_proto as pb;
-use drover_store::{JobUsage, UsageFilter};
+use drover_store::{JobUsage, RetiredUsage, UsageFilter};
 use tonic::Status;
 
 use crate::convert::status;
@@ -59,6 +60,10 @@ pub(crate) async fn usage(shared: &Shared, req: pb::UsageRequest) -> Result<pb::
         None => Vec::new(),
     };
     let mut projects = per_project(&rows);
+    if filter.job_id.is_none() {
+        let retired = shared.tenants.retired_usage(filter.project.as_deref()).await.map_err(status)?;
+        add_retired(&mut projects, &retired, |spend| tenancy::cost(spend, &prices));
+    }
     let current = prices.last_key_value().map(|(_, p)| *p).unwrap_or_default();
     for row in &mut projects {
         row.stored_bytes = shared.tenants.stored_bytes(&row.project).await.map_err(status)?;
@@ -104,6 +109,35 @@ fn per_project(jobs: &[pb::UsageRow]) -> Vec<pb::UsageRow> {
     projects.into_values().collect()
 }
 
+/// Adds what each project's deleted jobs used to its row (a row of its own when none of its
+/// jobs is left), keeping project order.
+fn add_retired(
+    projects: &mut Vec<pb::UsageRow>,
+    retired: &[RetiredUsage],
+    cost: impl Fn(&MeteredByVersion) -> f64,
+) {
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    for r in retired {
+        let at = match projects.binary_search_by(|p| p.project.as_str().cmp(&r.project)) {
+            Ok(at) => at,
+            Err(at) => {
+                projects.insert(at, pb::UsageRow { project: r.project.clone(), ..Default::default() });
+                at
+            }
+        };
+        let row = &mut projects[at];
+        row.deleted_jobs = clamp(r.jobs);
+        row.jobs = row.jobs.saturating_add(clamp(r.jobs));
+        row.tasks = row.tasks.saturating_add(clamp(r.tasks));
+        row.attempts = row.attempts.saturating_add(clamp(r.attempts));
+        row.cpu_seconds += r.cpu_seconds;
+        row.wall_seconds += r.wall_seconds;
+        row.input_tokens = row.input_tokens.saturating_add(r.input_tokens);
+        row.output_tokens = row.output_tokens.saturating_add(r.output_tokens);
+        row.cost += cost(&r.spend);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +169,31 @@ mod tests {
         assert_eq!(rows[0].cpu_seconds, 3.0);
         assert_eq!(rows[0].wall_seconds, 4.0);
         assert_eq!(rows[0].cost, 1.5);
+    }
+
+    #[test]
+    fn deleted_jobs_add_to_their_project_or_make_its_row() {
+        let jobs = [job_row(&job("b", 3, 4), 1.0)];
+        let mut rows = per_project(&jobs);
+        let retired = |project: &str| RetiredUsage {
+            project: project.into(),
+            jobs: 2,
+            tasks: 5,
+            attempts: 6,
+            cpu_seconds: 1.0,
+            wall_seconds: 2.0,
+            input_tokens: 10,
+            output_tokens: 20,
+            spend: MeteredByVersion::new(),
+        };
+        add_retired(&mut rows, &[retired("a"), retired("b"), retired("c")], |_| 0.25);
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| (r.project.as_str(), r.jobs, r.deleted_jobs, r.tasks, r.input_tokens))
+            .collect();
+        assert_eq!(got, vec![("a", 2, 2, 5, 10), ("b", 3, 2, 7, 14), ("c", 2, 2, 5, 10)]);
+        assert_eq!(rows[1].cost, 1.25);
+        assert_eq!(rows[1].attempts, 9);
+        assert_eq!(rows[1].cpu_seconds, 2.5);
     }
 }

@@ -127,6 +127,20 @@ async fn a_job_past_retention_goes_with_the_blobs_only_it_used() {
     assert_eq!(download(&server, "default", &default_blob).await, b"the default project's input");
     assert_eq!(job_code(&server, newer).await, Code::Ok, "a job not ended is kept");
     assert_eq!(job_code(&server, kept).await, Code::Ok, "its project's retention has not passed");
+
+    // The project's usage totals still count the deleted job, and say so.
+    let usage = op.usage(pb::UsageRequest { project: "fx".into(), job_id: 0 }).await.unwrap().into_inner();
+    assert_eq!(
+        usage.jobs.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+        [newer],
+        "only the kept job is listed"
+    );
+    let fx = &usage.projects[..];
+    assert_eq!(fx.len(), 1, "{fx:?}");
+    assert_eq!((fx[0].jobs, fx[0].deleted_jobs, fx[0].tasks), (2, 1, 2), "{fx:?}");
+    let all = op.usage(pb::UsageRequest::default()).await.unwrap().into_inner();
+    let projects: Vec<_> = all.projects.iter().map(|p| (p.project.as_str(), p.deleted_jobs)).collect();
+    assert_eq!(projects, [("default", 0), ("fx", 1)]);
 }
 
 #[tokio::test]

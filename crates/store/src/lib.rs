@@ -43,7 +43,7 @@ pub use records::*;
 pub use retention::RetentionStore;
 pub use secrets::{SecretStore, valid_secret_name};
 pub use tenancy::{AuditFilter, AuditRecord, Holding, JobMetered, TenantStore};
-pub use usage::{JobUsage, UsageFilter};
+pub use usage::{JobUsage, RetiredUsage, UsageFilter};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]

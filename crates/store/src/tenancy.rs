@@ -127,6 +127,10 @@ pub trait TenantStore: Send + Sync + 'static {
     /// on (`since_ms` is a period's start, a day's).
     async fn metered_since(&self, since_ms: i64, now_ms: i64) -> Result<BTreeMap<String, MeteredByVersion>>;
 
+    /// What the jobs retention deleted used, per project (only `project`'s when given), in
+    /// project order. Projects that never had a job deleted are absent.
+    async fn retired_usage(&self, project: Option<&str>) -> Result<Vec<crate::RetiredUsage>>;
+
     /// Appends a record to the audit trail and returns its id.
     async fn append_audit(&self, record: &AuditRecord) -> Result<i64>;
 
@@ -227,6 +231,25 @@ pub(crate) fn add_spend(
     let by_version = spend.entry(project).or_default();
     let sum = by_version.get(&version).copied().unwrap_or_default().plus(used);
     by_version.insert(version, sum);
+}
+
+/// Folds rows ordered by project, each a project's retired usage with one price version's
+/// spend (none for a project without any), into one [`RetiredUsage`](crate::RetiredUsage) per
+/// project.
+pub(crate) fn group_retired(
+    rows: impl IntoIterator<Item = (crate::RetiredUsage, Option<(i64, Metered)>)>,
+) -> Vec<crate::RetiredUsage> {
+    let mut out: Vec<crate::RetiredUsage> = Vec::new();
+    for (usage, spend) in rows {
+        if out.last().is_none_or(|u| u.project != usage.project) {
+            out.push(usage);
+        }
+        if let (Some(u), Some((version, used))) = (out.last_mut(), spend) {
+            let sum = u.spend.get(&version).copied().unwrap_or_default().plus(used);
+            u.spend.insert(version, sum);
+        }
+    }
+    out
 }
 
 /// Folds rows ordered by job into one [`JobMetered`] per job, in the rows' order.

@@ -32,3 +32,27 @@ pub struct JobUsage {
     /// LLM output tokens.
     pub output_tokens: u64,
 }
+
+/// What the jobs of one project that retention deleted used, summed as they went, so that the
+/// project's totals do not shrink when its old jobs are deleted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetiredUsage {
+    /// The project.
+    pub project: String,
+    /// Jobs deleted.
+    pub jobs: u64,
+    /// Their tasks.
+    pub tasks: u64,
+    /// Their attempts.
+    pub attempts: u64,
+    /// CPU seconds their attempts reported.
+    pub cpu_seconds: f64,
+    /// Wall-clock seconds from start to end of their attempts.
+    pub wall_seconds: f64,
+    /// LLM input tokens.
+    pub input_tokens: u64,
+    /// LLM output tokens.
+    pub output_tokens: u64,
+    /// Their reserved core and memory time and tokens per price version, which price them.
+    pub spend: drover_core::tenancy::MeteredByVersion,
+}

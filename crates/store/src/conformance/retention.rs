@@ -108,6 +108,10 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<
         default.core_seconds > 0.0 && default.input_tokens >= 7,
         "the old job used something: {default:?}"
     );
+    let old_filter = UsageFilter { job_id: Some(old), ..Default::default() };
+    let old_usage = store.usage(&old_filter).await.unwrap().remove(0);
+    let old_metered = store.metered(&old_filter, 100).await.unwrap().remove(0);
+    assert!(store.retired_usage(None).await.unwrap().is_empty(), "nothing deleted yet");
     assert_eq!(store.delete_job(running, 60).await.unwrap(), None, "a running job is never deleted");
     assert_eq!(store.delete_job(unarchived, 60).await.unwrap(), None, "its log is not archived yet");
     assert!(store.job(running).await.unwrap().is_some());
@@ -125,6 +129,24 @@ pub async fn retention_deletes_old_jobs_with_what_they_own<
     assert!(usage.iter().all(|u| u.job_id != old), "its attempts are gone");
     // What they used still counts against the project's budget, from the day they ran on.
     same_spend(&store.metered_since(0, 100).await.unwrap(), &spent_before);
+    // And in the project's usage totals.
+    let retired = store.retired_usage(None).await.unwrap();
+    assert_eq!(retired.len(), 1, "only the project that lost a job: {retired:?}");
+    let r = &retired[0];
+    assert_eq!(
+        (r.project.as_str(), r.jobs, r.tasks, r.attempts, r.input_tokens, r.output_tokens),
+        ("default", 1, 1, 1, 7, 3)
+    );
+    assert_eq!((r.cpu_seconds, r.wall_seconds), (old_usage.cpu_seconds, old_usage.wall_seconds));
+    let mut old_spend = std::collections::BTreeMap::new();
+    for by_version in old_metered.tasks.values() {
+        for (version, used) in by_version {
+            crate::tenancy::add_spend(&mut old_spend, "default".into(), *version, *used);
+        }
+    }
+    same_spend(&[(r.project.clone(), r.spend.clone())].into(), &old_spend);
+    assert_eq!(store.retired_usage(Some("default")).await.unwrap(), retired);
+    assert!(store.retired_usage(Some("keep")).await.unwrap().is_empty());
     let today = store.metered_since(86_400_000, 86_400_100).await.unwrap();
     assert!(today.is_empty(), "nothing was assigned on the day after: {today:?}");
 

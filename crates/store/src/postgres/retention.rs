@@ -106,6 +106,26 @@ impl RetentionStore for PostgresStore {
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
+            sqlx::query(
+                "INSERT INTO retired_usage \
+                     (project, jobs, tasks, attempts, cpu_seconds, wall_ms, input_tokens, output_tokens) \
+                 SELECT j.project, 1, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id), COUNT(a.id), \
+                     COALESCE(SUM(a.cpu_seconds), 0.0), \
+                     COALESCE(SUM(CASE WHEN a.ended_ms IS NOT NULL AND a.started_ms IS NOT NULL \
+                         THEN a.ended_ms - a.started_ms ELSE 0 END), 0), \
+                     COALESCE(SUM(a.input_tokens), 0), COALESCE(SUM(a.output_tokens), 0) \
+                 FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.id = $1 GROUP BY j.id \
+                 ON CONFLICT (project) DO UPDATE SET \
+                     jobs = retired_usage.jobs + excluded.jobs, tasks = retired_usage.tasks + excluded.tasks, \
+                     attempts = retired_usage.attempts + excluded.attempts, \
+                     cpu_seconds = retired_usage.cpu_seconds + excluded.cpu_seconds, \
+                     wall_ms = retired_usage.wall_ms + excluded.wall_ms, \
+                     input_tokens = retired_usage.input_tokens + excluded.input_tokens, \
+                     output_tokens = retired_usage.output_tokens + excluded.output_tokens",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
             for table in JOB_TABLES {
                 sqlx::query(&format!("DELETE FROM {table} WHERE job_id = $1"))
                     .bind(job_id)

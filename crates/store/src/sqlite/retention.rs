@@ -102,6 +102,24 @@ impl RetentionStore for SqliteStore {
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "INSERT INTO retired_usage \
+                 (project, jobs, tasks, attempts, cpu_seconds, wall_ms, input_tokens, output_tokens) \
+             SELECT j.project, 1, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id), COUNT(a.id), \
+                 COALESCE(SUM(a.cpu_seconds), 0.0), \
+                 COALESCE(SUM(CASE WHEN a.ended_ms IS NOT NULL AND a.started_ms IS NOT NULL \
+                     THEN a.ended_ms - a.started_ms ELSE 0 END), 0), \
+                 COALESCE(SUM(a.input_tokens), 0), COALESCE(SUM(a.output_tokens), 0) \
+             FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id WHERE j.id = ?1 GROUP BY j.id \
+             ON CONFLICT (project) DO UPDATE SET \
+                 jobs = jobs + excluded.jobs, tasks = tasks + excluded.tasks, \
+                 attempts = attempts + excluded.attempts, cpu_seconds = cpu_seconds + excluded.cpu_seconds, \
+                 wall_ms = wall_ms + excluded.wall_ms, input_tokens = input_tokens + excluded.input_tokens, \
+                 output_tokens = output_tokens + excluded.output_tokens",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
         for table in JOB_TABLES {
             sqlx::query(&format!("DELETE FROM {table} WHERE job_id = ?"))
                 .bind(job_id)

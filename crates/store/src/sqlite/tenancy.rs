@@ -8,17 +8,17 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use drover_core::tenancy::{MeteredByVersion, PriceTable, ProjectSettings};
+use drover_core::tenancy::{Metered, MeteredByVersion, PriceTable, ProjectSettings};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 
 use super::SqliteStore;
 use crate::tenancy::{
     AuditFilter, AuditRecord, HOLD_PREFIXES, Holding, JobMetered, MeteredRow, TenantStore, add_spend,
-    audit_limit, decode_prices, decode_settings, encode_prices, encode_settings, group_metered, metered,
-    same_prices,
+    audit_limit, decode_prices, decode_settings, encode_prices, encode_settings, group_metered,
+    group_retired, metered, same_prices,
 };
-use crate::{Result, UsageFilter};
+use crate::{Result, RetiredUsage, UsageFilter};
 
 /// Milliseconds an attempt `a` held its reservation: from its start to its end, or to
 /// `clock.ms` (now, a one-row subquery the query joins) while it runs; 0 if it never started.
@@ -42,6 +42,28 @@ fn metered_at(r: &SqliteRow, at: usize) -> Result<drover_core::tenancy::Metered>
         tokens(at + 2)?,
         tokens(at + 3)?,
     ))
+}
+
+/// A row of `retired_usage`, with one price version's spend from column 8 on when the project
+/// has any.
+fn retired_row(r: &SqliteRow) -> Result<(RetiredUsage, Option<(i64, Metered)>)> {
+    let count = |i: usize| -> Result<u64> { Ok(r.try_get::<i64, _>(i)?.max(0) as u64) };
+    let usage = RetiredUsage {
+        project: r.try_get(0)?,
+        jobs: count(1)?,
+        tasks: count(2)?,
+        attempts: count(3)?,
+        cpu_seconds: r.try_get(4)?,
+        wall_seconds: r.try_get::<i64, _>(5)? as f64 / 1000.0,
+        input_tokens: count(6)?,
+        output_tokens: count(7)?,
+        spend: Default::default(),
+    };
+    let spend = match r.try_get::<Option<i64>, _>(8)? {
+        Some(version) => Some((version, metered_at(r, 9)?)),
+        None => None,
+    };
+    Ok((usage, spend))
 }
 
 /// Columns of [`audit_record`], in its order.
@@ -261,6 +283,26 @@ impl TenantStore for SqliteStore {
             add_spend(&mut out, r.try_get(0)?, r.try_get(1)?, metered_at(r, 2)?);
         }
         Ok(out)
+    }
+
+    async fn retired_usage(&self, project: Option<&str>) -> Result<Vec<RetiredUsage>> {
+        // One statement, so the counts and the spend are of the same deletions.
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT u.project, u.jobs, u.tasks, u.attempts, u.cpu_seconds, u.wall_ms, u.input_tokens, \
+                 u.output_tokens, m.price_version, m.core_ms, m.byte_ms, m.input_tokens, m.output_tokens \
+             FROM retired_usage u LEFT JOIN (SELECT project, price_version, SUM(core_ms) AS core_ms, \
+                 SUM(byte_ms) AS byte_ms, SUM(input_tokens) AS input_tokens, \
+                 SUM(output_tokens) AS output_tokens \
+                 FROM retired_metering GROUP BY project, price_version) m ON m.project = u.project \
+             WHERE 1 = 1",
+        );
+        if let Some(project) = project {
+            q.push(" AND u.project = ").push_bind(project);
+        }
+        q.push(" ORDER BY u.project, m.price_version");
+        let rows = q.build().fetch_all(&self.reader).await?;
+        let rows = rows.iter().map(retired_row).collect::<Result<Vec<_>>>()?;
+        Ok(group_retired(rows))
     }
 
     async fn append_audit(&self, record: &AuditRecord) -> Result<i64> {
