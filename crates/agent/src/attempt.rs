@@ -375,9 +375,6 @@ pub struct AiResume {
     pub node: String,
 }
 
-/// How often an AI-agent task's token usage is written down while it runs: after an agent
-/// restart the count (and the budget) go on from there.
-const RECORD_AI_USAGE: Duration = Duration::from_millis(500);
 /// The longest pause between asks for a resumed task's key while no server answers.
 const MAX_KEY_PAUSE: Duration = Duration::from_secs(5);
 
@@ -395,17 +392,18 @@ struct AgentSetup {
 }
 
 impl AgentSetup {
-    /// Keeps what taking the task over takes, and writes its usage down as it grows.
+    /// Keeps what taking the task over takes, and writes its usage down each time it grows,
+    /// before the task sees the response that made it grow: after an agent restart the count
+    /// (and the budget) go on from there.
     fn track(&mut self, prepared: &ai_task::Prepared, attempt_id: i64) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(prepared.resumable()));
         if let Some(probe) = prepared.usage_probe() {
             let journal = self.journal.clone();
-            self.usage_writer = Some(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RECORD_AI_USAGE).await;
-                    journal.record_ai_usage(attempt_id, probe.usage()).await;
-                }
-            }));
+            let record = probe.record(move |used| {
+                let journal = journal.clone();
+                async move { journal.record_ai_usage(attempt_id, used).await }
+            });
+            self.usage_writer = Some(tokio::spawn(record));
         }
     }
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::ai_task::proxy::TokenUsage;
 use crate::reach::OutputReach;
 use crate::runtime::{OutputChunk, RunHandle, Runtime, StopSignal, TaskSpec};
 use crate::state_log::{Record, StateLog};
@@ -87,6 +88,9 @@ pub struct Journal {
     /// How far the output of an earlier run's steps got into the outbox, by attempt: where
     /// their re-attached steps ship on from.
     reach: Arc<HashMap<i64, OutputReach>>,
+    /// Token usage of AI-agent attempts whose first step is not recorded yet: the entry takes
+    /// it when it is.
+    early_usage: Arc<Mutex<HashMap<i64, TokenUsage>>>,
 }
 
 /// What [`Journal::recover`] did with an earlier run's entries.
@@ -102,7 +106,7 @@ impl Journal {
     /// A journal kept in `log`, holding the `entries` an earlier run left there.
     pub fn new(log: Arc<StateLog>, entries: Vec<Entry>) -> Journal {
         let live = entries.into_iter().map(|e| (e.spec.attempt_id, e)).collect();
-        Journal { log, live: Arc::new(Mutex::new(live)), reach: Arc::default() }
+        Journal { log, live: Arc::new(Mutex::new(live)), reach: Arc::default(), early_usage: Arc::default() }
     }
 
     /// The journal, knowing how far the output of the earlier run's steps got (what the state
@@ -121,6 +125,10 @@ impl Journal {
     pub async fn record(&self, entry: &Entry) {
         let mut kept = entry.clone();
         kept.spec.secrets.values_mut().for_each(String::clear);
+        let early = self.early_usage.lock().unwrap_or_else(|e| e.into_inner()).remove(&kept.spec.attempt_id);
+        if let (Some(ai), Some(used)) = (kept.ai.as_mut(), early) {
+            ai.used = ai.used.latest(used);
+        }
         self.live().insert(kept.spec.attempt_id, kept.clone());
         if let Err(e) = self.log.append(Record::Step(Box::new(kept))).await {
             tracing::warn!(attempt_id = entry.spec.attempt_id, error = %e, "cannot journal the attempt's step");
@@ -128,11 +136,17 @@ impl Journal {
     }
 
     /// Writes down the tokens an AI-agent attempt has used so far, so that a restarted agent
-    /// keeps counting from there (and holds the budget). Nothing for an attempt not recorded.
-    pub async fn record_ai_usage(&self, attempt_id: i64, used: crate::ai_task::proxy::TokenUsage) {
+    /// keeps counting from there (and holds the budget). For an attempt whose first step is
+    /// not recorded yet, the usage goes into that step's entry when it is.
+    pub async fn record_ai_usage(&self, attempt_id: i64, used: TokenUsage) {
         let entry = {
             let mut live = self.live();
-            let Some(entry) = live.get_mut(&attempt_id) else { return };
+            let Some(entry) = live.get_mut(&attempt_id) else {
+                // Its first step is being started: the entry will carry it.
+                let mut early = self.early_usage.lock().unwrap_or_else(|e| e.into_inner());
+                early.insert(attempt_id, used);
+                return;
+            };
             let Some(ai) = entry.ai.as_mut() else { return };
             if ai.used == used {
                 return;
@@ -152,6 +166,7 @@ impl Journal {
 
     /// Forgets an attempt that ended.
     pub fn forget(&self, attempt_id: i64) {
+        self.early_usage.lock().unwrap_or_else(|e| e.into_inner()).remove(&attempt_id);
         if self.live().remove(&attempt_id).is_some() {
             self.log.append_later(Record::Forget(attempt_id));
         }

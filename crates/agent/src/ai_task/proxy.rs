@@ -152,6 +152,16 @@ pub struct TokenUsage {
 }
 
 impl TokenUsage {
+    /// The later of two readings of the same counters (each only grows).
+    pub fn latest(self, other: TokenUsage) -> TokenUsage {
+        TokenUsage {
+            input_tokens: self.input_tokens.max(other.input_tokens),
+            output_tokens: self.output_tokens.max(other.output_tokens),
+            calls: self.calls.max(other.calls),
+            refused: self.refused.max(other.refused),
+        }
+    }
+
     /// Input plus output tokens, the quantity the budget limits.
     pub fn total_tokens(&self) -> u64 {
         self.input_tokens.saturating_add(self.output_tokens)
@@ -199,6 +209,36 @@ impl UsageProbe {
     /// Tokens and calls used so far.
     pub fn usage(&self) -> TokenUsage {
         self.0.usage()
+    }
+
+    /// Writes the usage down with `write` each time it changes, until the returned future is
+    /// dropped. While it runs, the proxy sends a response's bytes that carry tokens to the task
+    /// only once `write` has returned with them counted: what the task received is never more
+    /// than what a restarted agent counts on from.
+    pub fn record<F, Fut>(&self, mut write: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: FnMut(TokenUsage) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let meter = self.0.clone();
+        async move {
+            /// Lets responses go on unwritten once nothing writes the usage any more.
+            struct Detach(Arc<Meter>);
+            impl Drop for Detach {
+                fn drop(&mut self) {
+                    self.0.set_written(None);
+                }
+            }
+            let _detach = Detach(meter.clone());
+            let mut generation = meter.generation();
+            meter.set_written(Some(generation.saturating_sub(1)));
+            loop {
+                write(meter.usage()).await;
+                meter.set_written(Some(generation));
+                meter.changed_after(generation).await;
+                generation = meter.generation();
+            }
+        }
     }
 }
 

@@ -202,6 +202,8 @@ async fn proxy(State(state): State<Arc<ProxyState>>, req: Request) -> Response<B
         call,
         redactor: Redactor::new(&state.real_key_bytes),
         done: false,
+        last_byte: None,
+        waiting: None,
     };
 
     let mut response = Response::new(Body::from_stream(body));
@@ -319,12 +321,65 @@ fn error_response(flavor: ApiFlavor, status: StatusCode, kind: &str, message: &s
 
 /// The upstream body on its way to the client: every chunk is metered, then masked, then sent
 /// on at once. Ends with an error if the proxy stops first.
+///
+/// While the task's usage is written down (see [`super::UsageProbe::record`]), bytes that
+/// carried tokens wait until the count with them is written; a JSON body, counted only at its
+/// end, keeps its last byte back until then, so the task never holds a whole response whose
+/// tokens a restarted agent would not count.
 struct MeteredBody {
     inner: BoxStream<'static, reqwest::Result<Bytes>>,
-    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    stopped: Waiting,
     call: CallMeter,
     redactor: Redactor,
     done: bool,
+    /// The last byte sent so far of a body counted at its end, held back until then.
+    last_byte: Option<Bytes>,
+    /// Bytes ready to go once the usage counted with them is written down.
+    waiting: Option<(Bytes, Waiting)>,
+}
+
+/// Something a response body waits for.
+type Waiting = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl MeteredBody {
+    /// Sends `out` now, or once what was counted since `before` is written down. An empty
+    /// `out` sends nothing (`None`).
+    fn send_after_count(
+        &mut self,
+        before: u64,
+        out: Bytes,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<Option<std::io::Result<Bytes>>>> {
+        if out.is_empty() {
+            return None;
+        }
+        let meter = self.call.meter().clone();
+        let counted = meter.generation();
+        if counted == before || !meter.is_written() {
+            return Some(Poll::Ready(Some(Ok(out))));
+        }
+        let mut written: Waiting = Box::pin(async move { meter.wait_written(counted).await });
+        match written.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(Poll::Ready(Some(Ok(out)))),
+            Poll::Pending => {
+                self.waiting = Some((out, written));
+                Some(Poll::Pending)
+            }
+        }
+    }
+
+    /// `out` with the body's last byte held back, for a body counted at its end.
+    fn hold_last_byte(&mut self, out: Bytes) -> Bytes {
+        let mut all = match self.last_byte.take() {
+            Some(b) if !out.is_empty() => Bytes::from([b, out].concat()),
+            Some(b) => b,
+            None => out,
+        };
+        if self.call.counts_at_end() && !all.is_empty() {
+            self.last_byte = Some(all.split_off(all.len() - 1));
+        }
+        all
+    }
 }
 
 impl Stream for MeteredBody {
@@ -333,6 +388,14 @@ impl Stream for MeteredBody {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            if let Some((_, written)) = this.waiting.as_mut() {
+                if written.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if let Some((out, _)) = this.waiting.take() {
+                    return Poll::Ready(Some(Ok(out)));
+                }
+            }
             if this.done {
                 return Poll::Ready(None);
             }
@@ -342,13 +405,15 @@ impl Stream for MeteredBody {
                 this.call.finish(false);
                 return Poll::Ready(Some(Err(std::io::Error::other("metering proxy stopped"))));
             }
+            let before = this.call.meter().generation();
             match this.inner.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.call.feed(&chunk);
                     let out = this.redactor.push(chunk);
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
+                    let out = this.hold_last_byte(out);
+                    if let Some(poll) = this.send_after_count(before, out, cx) {
+                        return poll;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -361,7 +426,11 @@ impl Stream for MeteredBody {
                     this.done = true;
                     this.call.finish(true);
                     let tail = this.redactor.finish();
-                    return Poll::Ready((!tail.is_empty()).then_some(Ok(tail)));
+                    let tail = this.hold_last_byte(tail);
+                    if let Some(poll) = this.send_after_count(before, tail, cx) {
+                        return poll;
+                    }
+                    return Poll::Ready(None);
                 }
             }
         }

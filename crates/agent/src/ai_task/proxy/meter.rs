@@ -31,6 +31,11 @@ pub(super) struct Meter {
     /// Flips to true once when the budget is reached; `MeteringProxy::wait_budget_spent`
     /// subscribes to it.
     spent: watch::Sender<bool>,
+    /// Counts every change of the figures (see [`Meter::generation`]).
+    generation: watch::Sender<u64>,
+    /// Up to which generation the figures are written down; `None` while nothing writes them
+    /// (no response then waits for it).
+    written: watch::Sender<Option<u64>>,
 }
 
 impl Meter {
@@ -44,7 +49,39 @@ impl Meter {
             refused: AtomicU64::new(used.refused),
             budget,
             spent,
+            generation: watch::Sender::new(0),
+            written: watch::Sender::new(None),
         }
+    }
+
+    /// How many times the token figures changed. Read before [`usage`](Self::usage), a
+    /// generation is covered by the usage read after it.
+    pub(super) fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Resolves once the figures of `generation` are written down, or at once when nothing
+    /// writes them.
+    pub(super) async fn wait_written(&self, generation: u64) {
+        let mut rx = self.written.subscribe();
+        // The sender lives in `self`, so the channel cannot close while `self` is borrowed.
+        let _ = rx.wait_for(|w| w.is_none_or(|w| w >= generation)).await;
+    }
+
+    /// Whether something writes the figures down (responses then wait for it).
+    pub(super) fn is_written(&self) -> bool {
+        self.written.borrow().is_some()
+    }
+
+    /// Notes that the figures up to `generation` are written down (`None`: the writer left).
+    pub(super) fn set_written(&self, generation: Option<u64>) {
+        self.written.send_replace(generation);
+    }
+
+    /// Waits until the figures change past `generation`.
+    pub(super) async fn changed_after(&self, generation: u64) {
+        let mut rx = self.generation.subscribe();
+        let _ = rx.wait_for(|g| *g > generation).await;
     }
 
     pub(super) fn usage(&self) -> TokenUsage {
@@ -86,6 +123,9 @@ impl Meter {
         }
         self.input.fetch_add(input, Ordering::Relaxed);
         self.output.fetch_add(output, Ordering::Relaxed);
+        // After the figures: a writer that sees this generation reads them too (the watch's
+        // lock orders the two).
+        self.generation.send_modify(|g| *g += 1);
         if let Some(budget) = self.budget {
             let total = self.total();
             if total >= budget && self.spent.send_if_modified(|s| !std::mem::replace(s, true)) {
@@ -267,6 +307,17 @@ impl CallMeter {
             saw_usage: false,
             finished: false,
         }
+    }
+
+    /// The task-wide meter this call adds to.
+    pub(super) fn meter(&self) -> &Arc<Meter> {
+        &self.meter
+    }
+
+    /// Whether this call's usage is read only at the body's end (a JSON body), so the body's
+    /// last byte must wait for it.
+    pub(super) fn counts_at_end(&self) -> bool {
+        matches!(self.reader, BodyReader::Json { overflow: false, .. })
     }
 
     /// Reads one chunk of the response body.

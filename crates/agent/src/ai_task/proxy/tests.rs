@@ -627,3 +627,51 @@ async fn logs_hold_neither_key_nor_task_token() {
     assert!(!text.contains(REAL_KEY), "real key logged");
     assert!(!text.contains(TASK_TOKEN), "task token logged");
 }
+
+/// While the task's usage is written down, the bytes that carried tokens reach the task only
+/// once the count with them is written: a JSON body's last byte and a stream's event with
+/// usage wait for the write. Once nothing writes the usage, nothing waits.
+#[tokio::test]
+async fn tokens_are_written_down_before_the_task_gets_what_carried_them() {
+    let up = Upstream::start().await;
+    let proxy = start_proxy(&up, None).await;
+    let written = Arc::new(Mutex::new(Vec::<TokenUsage>::new()));
+    // Writes of usage up to this many tokens return; larger ones wait.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(0u64);
+    let seen = written.clone();
+    let writer = tokio::spawn(proxy.probe().record(move |used| {
+        let seen = seen.clone();
+        let mut open = open_rx.clone();
+        async move {
+            let _ = open.wait_for(|up_to| used.total_tokens() <= *up_to).await;
+            seen.lock().expect("lock").push(used);
+        }
+    }));
+
+    let call = tokio::spawn(send(anthropic(&proxy, "/v1/messages", json!({"model": "claude"}))));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the body's end waits until its 62 tokens are written");
+    open_tx.send_replace(62);
+    let got = tokio::time::timeout(WAIT, call).await.expect("in time").expect("joined");
+    assert_eq!(got.status, 200);
+    let body: Value = serde_json::from_str(&got.body).expect("the whole body arrived");
+    assert_eq!(body["usage"]["output_tokens"], 12);
+    assert_eq!(written.lock().expect("lock").last().copied(), Some(proxy.usage()));
+
+    let req = anthropic(&proxy, "/v1/messages", json!({"model": "gated", "stream": true}));
+    let mut stream = tokio::time::timeout(WAIT, req.send()).await.expect("in time").expect("proxy answers");
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.chunk()).await;
+    assert!(early.is_err(), "the event with 31 tokens waits for their write");
+    open_tx.send_replace(u64::MAX);
+    let first = tokio::time::timeout(WAIT, stream.chunk()).await.expect("in time").expect("chunk");
+    assert!(String::from_utf8_lossy(&first.unwrap_or_default()).contains("message_start"));
+    assert_eq!(written.lock().expect("lock").last().map(|u| u.input_tokens), Some(50 + 30));
+    up.state.gate.notify_one();
+    while tokio::time::timeout(WAIT, stream.chunk()).await.expect("in time").expect("chunk").is_some() {}
+
+    writer.abort();
+    let _ = writer.await;
+    open_tx.send_replace(0);
+    assert_eq!(send(anthropic(&proxy, "/v1/messages", json!({}))).await.status, 200, "nothing waits");
+    proxy.shutdown().await;
+}
