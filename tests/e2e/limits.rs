@@ -81,6 +81,47 @@ tasks:
 "#,
     );
     assert_eq!(c.wait_done(job, T)["state"], "succeeded");
+    assert_head_and_tail_of_20000_lines(&c, job);
+}
+
+/// An agent killed twice while a task's output runs past the limit: the head is not shipped
+/// again and the tail is read again from the step's files, so the log is what it would have
+/// been without the restarts.
+#[test]
+fn a_log_over_the_limit_keeps_its_beginning_and_end_across_agent_restarts() {
+    let mut c = Cluster::start_with(1, 1, &["--max-log-size", "4KiB"], &[]);
+    let job = c.submit(
+        r#"
+version: 1
+name: flood
+tasks:
+  - name: count
+    command: |
+      for b in $(seq 0 39); do
+        seq $((b * 500 + 1)) $((b * 500 + 500))
+        [ $b = 4 ] && touch {{ params.dir }}/past-head
+        [ $b = 24 ] && touch {{ params.dir }}/later
+        sleep 0.08
+      done
+"#,
+    );
+    for (round, mark) in [(1, "past-head"), (2, "later")] {
+        let start = std::time::Instant::now();
+        while !c.path(mark).exists() {
+            assert!(start.elapsed() < T, "the task never got to {mark}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c.kill_and_reattach(0, 1, round);
+    }
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "count")["attempts"], 1, "re-attached, not retried: {status:#}");
+    assert_head_and_tail_of_20000_lines(&c, job);
+}
+
+/// The log of task `count` of `job`, which printed the numbers 1 to 20,000 past a 4 KiB limit,
+/// is its real beginning and end with a marker that counts exactly what was cut.
+fn assert_head_and_tail_of_20000_lines(c: &Cluster, job: i64) {
     let full: String = (1..=20_000).map(|i| format!("{i}\n")).collect();
     let out = c.drover(&["logs", &job.to_string(), "count"]);
     assert!(out.status.success());

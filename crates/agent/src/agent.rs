@@ -146,6 +146,8 @@ struct Launch {
     ai: Option<AiTask>,
     /// An AI-agent task to take over (with `resume`).
     ai_resume: Option<attempt::AiResume>,
+    /// The log limit it ran under before an agent restart (with `resume`); else the server's.
+    max_log: Option<u64>,
 }
 
 /// What of the node an attempt holds when it is launched.
@@ -354,7 +356,7 @@ impl Agent {
                 outputs: kept.globs,
                 outputs_on_failure: kept.on_failure,
                 link: ServerLink::new(this.link.clone()),
-                max_outputs: this.limits.max_outputs(),
+                max_outputs: entry.limits.map_or_else(|| this.limits.max_outputs(), |l| l.max_outputs),
                 policy: crate::files::InputPolicy::default(),
             });
             // An AI-agent task's proxy starts again, with its key asked of the server.
@@ -373,6 +375,7 @@ impl Agent {
                 io,
                 ai: None,
                 ai_resume,
+                max_log: entry.limits.map(|l| l.max_log),
             };
             this.launch(launch);
         }
@@ -717,13 +720,24 @@ impl Agent {
         let timeout = plan.timeout.filter(|t| !t.is_zero());
         let kind = plan.runtime.as_str().to_owned();
         let image_blob = plan.image_blob;
-        self.launch(Launch { spec, kind, image_blob, timeout, room, resume: None, io, ai, ai_resume: None });
+        self.launch(Launch {
+            spec,
+            kind,
+            image_blob,
+            timeout,
+            room,
+            resume: None,
+            io,
+            ai,
+            ai_resume: None,
+            max_log: None,
+        });
     }
 
     /// Runs an attempt in the background: a new one, or (with `resume`) one an earlier agent
     /// run started.
     fn launch(self: &Arc<Self>, launch: Launch) {
-        let Launch { mut spec, kind, image_blob, timeout, room, resume, io, ai, ai_resume } = launch;
+        let Launch { mut spec, kind, image_blob, timeout, room, resume, io, ai, ai_resume, max_log } = launch;
         let attempt_id = spec.attempt_id;
         let runtime = self.runtimes.get(&kind).cloned();
         let (stop_tx, mut stop_rx) = watch::channel(StopReason::None);
@@ -758,7 +772,7 @@ impl Agent {
                             journal: this.journal.clone(),
                             grace: this.config.kill_grace,
                             io,
-                            max_log: this.limits.max_log(),
+                            max_log: max_log.unwrap_or_else(|| this.limits.max_log()),
                             ai,
                             ai_resume,
                             image,

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::ai_task::proxy::TokenUsage;
 use crate::ai_task::{self, AiTask};
 use crate::files::{self, ServerLink};
-use crate::journal::{Entry, Journal, KeptOutputs};
+use crate::journal::{AttemptLimits, Entry, Journal, KeptOutputs};
 use crate::log_cap::{LogCap, Piece};
 use crate::mask::{LineMasker, Masker};
 use crate::outbox::Outbox;
@@ -162,6 +162,7 @@ pub async fn run(
             .as_ref()
             .filter(|io| !io.outputs.is_empty())
             .map(|io| KeptOutputs { globs: io.outputs.clone(), on_failure: io.outputs_on_failure });
+        let limits = AttemptLimits { max_log, max_outputs: io.as_ref().map_or(0, |io| io.max_outputs) };
         let shipped_before = resume.as_ref().and_then(|r| r.reach);
         let shipper = tokio::spawn(ship_output(
             outbox.clone(),
@@ -214,6 +215,7 @@ pub async fn run(
                     metered,
                     kept: &kept,
                     ai: &ai_state,
+                    limits,
                 };
                 run_steps(steps, stop, tx, resume).await
             }
@@ -659,6 +661,8 @@ struct Steps<'a> {
     kept: &'a Option<KeptOutputs>,
     /// How to take its agent task over (see [`Entry::ai`]).
     ai: &'a Option<Box<ai_task::Resumable>>,
+    /// The server's limits it runs under (see [`Entry::limits`]).
+    limits: AttemptLimits,
 }
 
 /// What the output shipper receives.
@@ -708,7 +712,7 @@ async fn run_steps(
     out: mpsc::Sender<Shipped>,
     resume: Option<Resume>,
 ) -> Outcome {
-    let Steps { runtime, journal, spec, clock, grace, metered, kept, ai } = steps;
+    let Steps { runtime, journal, spec, clock, grace, metered, kept, ai, limits } = steps;
     let (timeout, deadline) = (clock.timeout, clock.deadline);
     let mut outcome = Outcome {
         exit_code: None,
@@ -772,6 +776,7 @@ async fn run_steps(
             outputs: kept.clone(),
             // The usage so far: the journal's own copy is the current one.
             ai: journal.current_ai(spec.attempt_id).or_else(|| ai.clone()),
+            limits: Some(limits),
         };
         journal.record(&entry).await;
         let sleep_until_deadline = async {
@@ -924,7 +929,11 @@ async fn finished(outbox: &Outbox, attempt_id: i64, o: &Outcome) {
 
 /// Batches output into `AttemptOutput` reports until every sender is gone, masking secrets
 /// per stream of each step (see [`crate::mask`]) before the log limit applies. A resumed
-/// attempt's shipper starts from what the earlier run shipped of its step (`shipped_before`).
+/// attempt's shipper starts from what the earlier run shipped of its step (`shipped_before`),
+/// and fills the log limit on from what that run kept within it.
+///
+/// A report's reach never passes the end of the output kept within the limit: output held
+/// back for the tail is read again from the step's files after an agent restart.
 async fn ship_output(
     outbox: Arc<Outbox>,
     attempt_id: i64,
@@ -933,9 +942,14 @@ async fn ship_output(
     max_log: u64,
     shipped_before: Option<OutputReach>,
 ) {
-    let mut cap = LogCap::new(max_log);
+    let mut cap = match shipped_before {
+        Some(before) => LogCap::resume(max_log, before.kept),
+        None => LogCap::new(max_log),
+    };
     let mut streams: Streams<'_> = Streams::new(&masker, shipped_before);
     let mut batch = Batch::default();
+    // Where the output kept within the limit ended, once the limit began holding output back.
+    let mut head_end: Option<OutputReach> = None;
     loop {
         let first = match rx.recv().await {
             Some(c) => c,
@@ -944,9 +958,16 @@ async fn ship_output(
         let flush_at = Instant::now() + BATCH_DELAY;
         let mut next = Some(first);
         while let Some(shipped) = next.take() {
+            let before = streams.reach();
+            let mut admitted = 0u64;
             for piece in streams.take(shipped) {
+                let (step, stderr, was_full) = (piece.step, piece.stderr, cap.kept().full);
                 if let Some(p) = cap.admit(piece) {
+                    admitted += p.data.len() as u64;
                     batch.add(p);
+                }
+                if !was_full && cap.kept().full && streams.reach().is_some() {
+                    head_end = Some(reach_within(before, step, stderr, admitted));
                 }
             }
             if batch.full() {
@@ -957,7 +978,8 @@ async fn ship_output(
                 Ok(None) | Err(_) => None,
             };
         }
-        batch.flush(&outbox, attempt_id, streams.reach()).await;
+        let reach = head_end.or_else(|| streams.reach()).map(|r| OutputReach { kept: cap.kept(), ..r });
+        batch.flush(&outbox, attempt_id, reach).await;
     }
     // Each step's end arrives before the channel closes (its forwarder sends it before letting
     // go of its sender), so this finds nothing held; it is here so a tail can never be lost.
@@ -976,6 +998,19 @@ async fn ship_output(
         }
     }
     batch.flush(&outbox, attempt_id, None).await;
+}
+
+/// The reach `admitted` bytes of masked output past `before` into one stream of `step`, all
+/// of them released from one chunk of that stream (so `before` is that stream's last clean
+/// point, or the step's start for its first chunk).
+fn reach_within(before: Option<OutputReach>, step: u32, stderr: bool, admitted: u64) -> OutputReach {
+    let mut reach = match before {
+        Some(r) if r.step == step => r,
+        _ => OutputReach { step, ..OutputReach::default() },
+    };
+    let stream = if stderr { &mut reach.stderr } else { &mut reach.stdout };
+    stream.past_clean += admitted;
+    reach
 }
 
 /// One output stream of one step, as the shipper follows it.

@@ -53,6 +53,20 @@ pub struct Entry {
     /// The outputs the attempt keeps when it ends, so that a re-attached attempt keeps them too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<KeptOutputs>,
+    /// The server's limits the attempt runs under, so that a re-attached attempt keeps them:
+    /// it is resumed before the restarted agent registers and learns them again. An older
+    /// agent's entry lacks them, and the limits known when it is resumed apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<AttemptLimits>,
+}
+
+/// Limits the server sets for every attempt, as an attempt runs under them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptLimits {
+    /// Most output the attempt logs, bytes (0: no limit).
+    pub max_log: u64,
+    /// Most bytes of outputs it keeps.
+    pub max_outputs: u64,
 }
 
 /// Which outputs an attempt keeps.
@@ -230,11 +244,16 @@ impl Journal {
     }
 
     /// How far the output of `step` of an attempt got into the outbox in the earlier run;
-    /// nothing known means none of it did.
+    /// nothing known means none of it did. What went out within the log limit is the
+    /// attempt's, whichever step said it last.
     fn output_reach(&self, attempt_id: i64, step: usize) -> OutputReach {
         match self.reach.get(&attempt_id) {
             Some(r) if r.step as usize == step => *r,
-            _ => OutputReach { step: step as u32, ..OutputReach::default() },
+            other => OutputReach {
+                step: step as u32,
+                kept: other.map(|r| r.kept).unwrap_or_default(),
+                ..OutputReach::default()
+            },
         }
     }
 
@@ -350,6 +369,7 @@ mod tests {
             metered: true,
             ai: None,
             outputs: None,
+            limits: None,
         };
         let done = Entry { spec: TaskSpec { attempt_id: 5, ..spec.clone() }, ..entry.clone() };
         let reported =
@@ -409,6 +429,7 @@ mod tests {
             metered: false,
             ai: None,
             outputs: Some(KeptOutputs { globs: vec!["out/*".into()], on_failure: false }),
+            limits: None,
         };
         let journal = open(&state);
         journal.record(&entry).await;
@@ -421,6 +442,7 @@ mod tests {
                 past_clean: 0,
             },
             stderr: crate::reach::StreamReach::default(),
+            kept: Default::default(),
         };
         let report = crate::state_log::LoggedReport {
             seq: 1,
@@ -471,6 +493,7 @@ mod tests {
             metered: false,
             ai: None,
             outputs: None,
+            limits: None,
         };
         {
             let journal = open(&state);
@@ -502,6 +525,7 @@ mod tests {
             metered: false,
             ai: None,
             outputs: None,
+            limits: None,
         };
         std::fs::write(old.join("attempt-31.json"), serde_json::to_vec(&entry).unwrap()).unwrap();
         std::fs::write(old.join("attempt-32.json"), b"{not json").unwrap();

@@ -17,6 +17,28 @@ pub struct Piece {
     pub data: Vec<u8>,
 }
 
+/// How much of an attempt's output went out within its limit: what a restarted agent's
+/// [`LogCap`] goes on from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Bytes shipped within the limit.
+    pub bytes: u64,
+    /// Whether the head is closed: everything after it goes to the held tail.
+    pub full: bool,
+}
+
+impl Kept {
+    /// One word: the byte count, with the top bit for `full`.
+    pub(crate) fn encode(self) -> u64 {
+        (self.bytes & !(1 << 63)) | (u64::from(self.full) << 63)
+    }
+
+    /// Reads [`Kept::encode`]'s word.
+    pub(crate) fn decode(word: u64) -> Kept {
+        Kept { bytes: word & !(1 << 63), full: word >> 63 == 1 }
+    }
+}
+
 /// Applies the limit to an attempt's output.
 #[derive(Debug)]
 pub struct LogCap {
@@ -42,6 +64,20 @@ impl LogCap {
             cut: 0,
             full: false,
         }
+    }
+
+    /// A cap of `limit` bytes for an attempt of which `kept` went out already (an agent
+    /// restarted mid-attempt): the head goes on from there; the tail is read again.
+    pub fn resume(limit: u64, kept: Kept) -> LogCap {
+        let mut cap = LogCap::new(limit);
+        cap.shipped = kept.bytes;
+        cap.full = kept.full;
+        cap
+    }
+
+    /// How much went out within the limit so far.
+    pub fn kept(&self) -> Kept {
+        Kept { bytes: self.shipped, full: self.full }
     }
 
     /// What of the piece to ship now: its lines that still fit the head, or `None` when all of
@@ -143,6 +179,35 @@ mod tests {
                 lines.chunks(split).filter_map(|group| cap.admit(piece(&group.concat()))).collect();
             shipped.extend(cap.finish());
             assert_eq!(text(&shipped), text(&expected), "pieces of {split} lines");
+        }
+    }
+
+    /// An agent restarted anywhere in the output resumes the cap from what it kept and reads
+    /// again whatever came after the end of what it kept: the log is the same as without the
+    /// restart.
+    #[test]
+    fn a_cap_resumed_from_what_was_kept_gives_the_same_log() {
+        let lines: Vec<String> = (0..50).map(|i| format!("line{i}\n")).collect();
+        let mut whole = LogCap::new(100);
+        let mut expected: Vec<Piece> = lines.iter().filter_map(|l| whole.admit(piece(l))).collect();
+        expected.extend(whole.finish());
+        for restart_at in 0..=lines.len() {
+            let mut before = LogCap::new(100);
+            let mut shipped = Vec::new();
+            // Lines wholly within what was kept: the reach ends after them.
+            let mut read_again_from = 0;
+            for (i, l) in lines[..restart_at].iter().enumerate() {
+                if let Some(p) = before.admit(piece(l)) {
+                    shipped.push(p);
+                    read_again_from = i + 1;
+                }
+            }
+            let kept = before.kept();
+            assert_eq!(Kept::decode(kept.encode()), kept);
+            let mut after = LogCap::resume(100, kept);
+            shipped.extend(lines[read_again_from..].iter().filter_map(|l| after.admit(piece(l))));
+            shipped.extend(after.finish());
+            assert_eq!(text(&shipped), text(&expected), "restarted after {restart_at} lines");
         }
     }
 

@@ -11,9 +11,13 @@
 //! may begin a secret. So a reach is the last offset at which the masker held nothing back
 //! ([`StreamReach::clean`]) and the bytes of masked output shipped past it
 //! ([`StreamReach::past_clean`]): a restarted agent reads from the clean offset, masks again
-//! (the same input gives the same output), and drops the bytes shipped already. Output past
-//! the log limit is held in memory until the attempt ends and is not covered: a restart loses
-//! what was held.
+//! (the same input gives the same output), and drops the bytes shipped already.
+//!
+//! Output past the log limit is held in memory until the attempt ends, and a reach does not
+//! move while the limit holds output back: the reach also says how much of the attempt's
+//! output went out within the limit ([`OutputReach::kept`]), so a restarted agent goes on
+//! filling the limit where the earlier run stopped and rebuilds the held tail from the step's
+//! files.
 
 /// Where one stream's output in the outbox ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,10 +38,16 @@ pub struct OutputReach {
     pub stdout: StreamReach,
     /// Standard error.
     pub stderr: StreamReach,
+    /// How much of the attempt's output went out within its log limit (see
+    /// [`crate::log_cap`]), all steps together.
+    pub kept: crate::log_cap::Kept,
 }
 
 /// Bytes of an encoded [`OutputReach`].
-pub(crate) const ENCODED: usize = 4 + 4 * 8;
+pub(crate) const ENCODED: usize = 4 + 5 * 8;
+
+/// Bytes of the encoding agents wrote before [`OutputReach::kept`] (nothing kept known).
+pub(crate) const ENCODED_BEFORE_KEPT: usize = 4 + 4 * 8;
 
 impl OutputReach {
     /// The reach of one stream.
@@ -53,22 +63,27 @@ impl OutputReach {
     /// Appends the fixed-size encoding to `out`.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.step.to_le_bytes());
-        for n in [self.stdout.clean, self.stdout.past_clean, self.stderr.clean, self.stderr.past_clean] {
+        let kept = self.kept.encode();
+        for n in [self.stdout.clean, self.stdout.past_clean, self.stderr.clean, self.stderr.past_clean, kept]
+        {
             out.extend_from_slice(&n.to_le_bytes());
         }
     }
 
-    /// Reads the encoding at the start of `bytes`.
-    pub(crate) fn decode(bytes: &[u8]) -> Option<OutputReach> {
+    /// Reads the encoding at the start of `bytes`; an encoding from before [`Self::kept`]
+    /// when `with_kept` is false.
+    pub(crate) fn decode(bytes: &[u8], with_kept: bool) -> Option<OutputReach> {
         let step = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
         let word = |i: usize| -> Option<u64> {
             let at = 4 + 8 * i;
             Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
         };
+        let kept = if with_kept { crate::log_cap::Kept::decode(word(4)?) } else { Default::default() };
         Some(OutputReach {
             step,
             stdout: StreamReach { clean: word(0)?, past_clean: word(1)? },
             stderr: StreamReach { clean: word(2)?, past_clean: word(3)? },
+            kept,
         })
     }
 }
@@ -83,12 +98,16 @@ mod tests {
             step: 3,
             stdout: StreamReach { clean: 1 << 40, past_clean: 7 },
             stderr: StreamReach { clean: 12, past_clean: 0 },
+            kept: crate::log_cap::Kept { bytes: 99, full: true },
         };
         let mut bytes = Vec::new();
         reach.encode(&mut bytes);
         assert_eq!(bytes.len(), ENCODED);
-        assert_eq!(OutputReach::decode(&bytes), Some(reach));
-        assert_eq!(OutputReach::decode(&bytes[..ENCODED - 1]), None);
+        assert_eq!(OutputReach::decode(&bytes, true), Some(reach));
+        assert_eq!(OutputReach::decode(&bytes[..ENCODED - 1], true), None);
         assert_eq!(reach.read_from(), (1 << 40, 12));
+        // An older agent's encoding: nothing known kept.
+        let older = OutputReach::decode(&bytes[..ENCODED_BEFORE_KEPT], false);
+        assert_eq!(older, Some(OutputReach { kept: Default::default(), ..reach }));
     }
 }

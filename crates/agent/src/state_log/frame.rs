@@ -25,9 +25,13 @@ const TAG_STEP: u8 = 1;
 const TAG_FORGET: u8 = 2;
 const TAG_REPORT: u8 = 3;
 const TAG_ACKED: u8 = 4;
+/// A report of output with the reach of its step's streams, as agents wrote it before the
+/// reach said how much went out within the log limit (read, never written).
+const TAG_REPORT_REACH_BEFORE_KEPT: u8 = 5;
+const TAG_REACH_BEFORE_KEPT: u8 = 6;
 /// A report of output with the reach of its step's streams (see [`crate::reach`]).
-const TAG_REPORT_REACH: u8 = 5;
-const TAG_REACH: u8 = 6;
+const TAG_REPORT_REACH: u8 = 7;
+const TAG_REACH: u8 = 8;
 
 /// An attempt and how far its output reaches (see [`crate::reach`]).
 pub type AttemptReach = (i64, OutputReach);
@@ -186,13 +190,16 @@ impl Record {
                 .map(|e| Record::Step(Box::new(e)))
                 .map_err(|e| FrameError::Unreadable(format!("journal entry: {e}"))),
             TAG_FORGET => Ok(Record::Forget(i64::from_le_bytes(word(0)?))),
-            TAG_REPORT | TAG_REPORT_REACH => {
-                let (reach, at) = if tag == TAG_REPORT_REACH {
-                    let reach =
-                        body.get(24..).and_then(OutputReach::decode).ok_or_else(|| bad("short reach"))?;
-                    (Some(reach), 24 + reach::ENCODED)
-                } else {
-                    (None, 24)
+            TAG_REPORT | TAG_REPORT_REACH | TAG_REPORT_REACH_BEFORE_KEPT => {
+                let (reach, at) = match reach_layout(tag) {
+                    Some((with_kept, len)) => {
+                        let reach = body
+                            .get(24..)
+                            .and_then(|b| OutputReach::decode(b, with_kept))
+                            .ok_or_else(|| bad("short reach"))?;
+                        (Some(reach), 24 + len)
+                    }
+                    None => (None, 24),
                 };
                 let report = pb::Report::decode(body.get(at..).unwrap_or_default())
                     .map_err(|e| FrameError::Unreadable(format!("report: {e}")))?;
@@ -205,12 +212,26 @@ impl Record {
                 }))
             }
             TAG_ACKED => Ok(Record::Acked(u64::from_le_bytes(word(0)?))),
-            TAG_REACH => {
-                let reach = body.get(8..).and_then(OutputReach::decode).ok_or_else(|| bad("short reach"))?;
+            TAG_REACH | TAG_REACH_BEFORE_KEPT => {
+                let with_kept = tag == TAG_REACH;
+                let reach = body
+                    .get(8..)
+                    .and_then(|b| OutputReach::decode(b, with_kept))
+                    .ok_or_else(|| bad("short reach"))?;
                 Ok(Record::Reach(i64::from_le_bytes(word(0)?), reach))
             }
             other => Err(FrameError::Unreadable(format!("unknown tag {other}"))),
         }
+    }
+}
+
+/// For a report's tag: whether its reach says what was kept within the log limit, and the
+/// reach's length; `None` for a report without a reach.
+fn reach_layout(tag: u8) -> Option<(bool, usize)> {
+    match tag {
+        TAG_REPORT_REACH => Some((true, reach::ENCODED)),
+        TAG_REPORT_REACH_BEFORE_KEPT => Some((false, reach::ENCODED_BEFORE_KEPT)),
+        _ => None,
     }
 }
 
@@ -239,13 +260,13 @@ pub fn read_key(bytes: &[u8]) -> Result<(Key, Option<AttemptReach>, usize), Fram
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| FrameError::Unreadable("short body".into()))
     };
-    let reach_at = |at: usize| payload.get(1 + at..).and_then(OutputReach::decode);
     let (key, reach) = match payload.first() {
         Some(&TAG_FORGET) => (Key::Forget(i64::from_le_bytes(word(0)?)), None),
         Some(&TAG_REPORT) => (Key::Report(u64::from_le_bytes(word(0)?)), None),
-        Some(&TAG_REPORT_REACH) => {
+        Some(&tag @ (TAG_REPORT_REACH | TAG_REPORT_REACH_BEFORE_KEPT)) => {
             let attempt_id = i64::from_le_bytes(word(8)?);
-            (Key::Report(u64::from_le_bytes(word(0)?)), reach_at(24).map(|r| (attempt_id, r)))
+            let reach = payload.get(25..).and_then(|b| OutputReach::decode(b, tag == TAG_REPORT_REACH));
+            (Key::Report(u64::from_le_bytes(word(0)?)), reach.map(|r| (attempt_id, r)))
         }
         Some(&TAG_ACKED) => (Key::Acked(u64::from_le_bytes(word(0)?)), None),
         _ => {
@@ -303,11 +324,13 @@ mod tests {
             metered: true,
             ai: None,
             outputs: Some(crate::journal::KeptOutputs { globs: vec!["out/*".into()], on_failure: true }),
+            limits: Some(crate::journal::AttemptLimits { max_log: 4096, max_outputs: 1 << 20 }),
         };
         let reach = OutputReach {
             step: 2,
             stdout: crate::reach::StreamReach { clean: 100, past_clean: 3 },
             stderr: crate::reach::StreamReach { clean: 9, past_clean: 0 },
+            kept: crate::log_cap::Kept { bytes: 4096, full: true },
         };
         let mut reaching = report(13);
         if let Record::Report(r) = &mut reaching {
@@ -325,6 +348,45 @@ mod tests {
             assert_eq!(read(&frame).unwrap(), (record.clone(), frame.len()));
             // What a rewrite reads without decoding reports agrees.
             assert_eq!(read_key(&frame).unwrap(), (record.key(), record.reach(), frame.len()));
+        }
+    }
+
+    /// Frames an agent wrote before reaches said what was kept within the log limit are read
+    /// with nothing known kept.
+    #[test]
+    fn an_older_agents_reach_frames_are_read() {
+        let reach = OutputReach {
+            step: 1,
+            stdout: crate::reach::StreamReach { clean: 50, past_clean: 2 },
+            stderr: crate::reach::StreamReach::default(),
+            kept: crate::log_cap::Kept { bytes: 7, full: true },
+        };
+        let older = OutputReach { kept: Default::default(), ..reach };
+        let mut reaching = report(3);
+        if let Record::Report(r) = &mut reaching {
+            r.reach = Some(reach);
+        }
+        for (record, tag, reach_at) in [
+            (reaching, TAG_REPORT_REACH_BEFORE_KEPT, 25),
+            (Record::Reach(4, reach), TAG_REACH_BEFORE_KEPT, 9),
+        ] {
+            // The same frame as the older agent wrote it: its tag, and no word for what was kept.
+            let new = record.encode().unwrap();
+            let mut payload = new[HEADER..].to_vec();
+            payload[0] = tag;
+            let kept_at = reach_at + reach::ENCODED_BEFORE_KEPT;
+            payload.drain(kept_at..kept_at + 8);
+            let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+            frame.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
+            frame.extend_from_slice(&payload);
+            let (got, len) = read(&frame).unwrap();
+            assert_eq!(len, frame.len());
+            assert_eq!(got.reach().map(|(_, r)| r), Some(older), "{got:?}");
+            let (_, key_reach, _) = read_key(&frame).unwrap();
+            assert_eq!(key_reach.map(|(_, r)| r), Some(older));
+            if let (Record::Report(g), Record::Report(w)) = (&got, &record) {
+                assert_eq!(g.report, w.report, "the report after the shorter reach is read whole");
+            }
         }
     }
 

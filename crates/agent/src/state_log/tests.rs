@@ -14,6 +14,7 @@ fn entry(attempt_id: i64, step: usize) -> Entry {
         metered: false,
         ai: None,
         outputs: None,
+        limits: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn reach(clean: u64) -> crate::reach::OutputReach {
         step: 0,
         stdout: crate::reach::StreamReach { clean, past_clean: 1 },
         stderr: crate::reach::StreamReach::default(),
+        kept: crate::log_cap::Kept { bytes: clean, full: false },
     }
 }
 
