@@ -84,6 +84,9 @@ impl Drover for ClientApi {
             let _open = open;
             let mut changes = shared.changes.subscribe();
             let mut after = req.after_seq;
+            // Whether the latest job event sent says the job is final. Kept across pages: the
+            // page that ends with it may be full, and the next one then empty.
+            let mut ended = false;
             loop {
                 changes.mark_unchanged();
                 let events = match shared.store.events_after(req.job_id, after, 1000).await {
@@ -93,12 +96,12 @@ impl Drover for ClientApi {
                         return;
                     }
                 };
-                let mut ended = false;
                 let caught_up = events.len() < 1000;
                 for e in events {
                     after = e.seq;
-                    ended |= e.kind == "job"
-                        && e.state.parse::<drover_core::JobState>().is_ok_and(|s| s.is_final());
+                    if e.kind == "job" {
+                        ended = e.state.parse::<drover_core::JobState>().is_ok_and(|s| s.is_final());
+                    }
                     if tx.send(Ok(convert::event(e))).await.is_err() {
                         return;
                     }
@@ -108,7 +111,10 @@ impl Drover for ClientApi {
                     // that the last event sent is the job's last.
                     match shared.store.job(req.job_id).await {
                         Ok(Some(j)) if j.last_seq <= after && j.state.is_final() => return,
-                        _ => continue,
+                        // Events committed since the page was read: read them now.
+                        Ok(Some(j)) if j.last_seq > after => continue,
+                        // Otherwise the next change brings what is missing.
+                        _ => {}
                     }
                 }
                 if caught_up && !streams::wait_for_change(&mut changes, &tx).await {
