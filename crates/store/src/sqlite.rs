@@ -30,8 +30,10 @@ const CACHE_KIB: u32 = 32 * 1024;
 mod access;
 mod archive;
 mod artifacts;
+mod assign;
 mod dependencies;
 mod events;
+mod job_changes;
 mod lists;
 mod queue_feed;
 mod retention;
@@ -42,10 +44,9 @@ mod tenancy;
 mod updates;
 
 use events::{Ev, emit};
+use job_changes::{JobChanges, refresh_job};
 use rows::{admissible, stored_chunk};
-use settle::{
-    JobChanges, lose_node_attempts, open_attempt, refresh_job, requeue_undelivered, settle_attempt,
-};
+use settle::{lose_node_attempts, open_attempt, requeue_undelivered, settle_attempt};
 
 use crate::artifacts::{ArtifactStore, OutputFile};
 use crate::decode::{corrupt, json, lost_report, parse_word, to_json};
@@ -410,63 +411,17 @@ impl Store for SqliteStore {
         let mut writer = self.writer.lock().await;
         let mut tx = writer.begin().await?;
         let (plan, nodes) = admissible(&mut tx, plan).await?;
-        let mut out = Vec::with_capacity(plan.len());
-        let mut events: BTreeMap<i64, Vec<Ev>> = BTreeMap::new();
-        for p in &plan {
-            let Some((epoch, node_name)) = nodes.get(&p.node_id).cloned() else { continue };
-            // The attempt first, from the task row while it is still queued; then the task
-            // points at it, in one statement each.
-            // Metered against the price table in force now, for good.
-            let attempt = sqlx::query(
-                "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
-                 price_version) SELECT id, job_id, attempts + 1, ?, ?, 'assigned', cores, memory, ?, \
-                 (SELECT COALESCE(MAX(version), 0) FROM prices) \
-                 FROM tasks WHERE id = ? AND state = 'queued' RETURNING id, number",
-            )
-            .bind(p.node_id)
-            .bind(epoch)
-            .bind(now_ms)
-            .bind(p.task_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(attempt) = attempt else { continue };
-            let attempt_id: i64 = attempt.get(0);
-            let number = rows::get_u32(&attempt, 1);
-            let task = sqlx::query(
-                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = ?, reason = '', \
-                 started_ms = NULL, ended_ms = NULL, current_attempt = ? WHERE id = ? \
-                 RETURNING job_id, name, frame, plan",
-            )
-            .bind(p.node_id)
-            .bind(attempt_id)
-            .bind(p.task_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let job_id: i64 = task.get(0);
-            let name: String = task.get(1);
-            let frame: Option<i64> = task.get(2);
-            let mut ev = Ev::task(job_id, p.task_id, &name, frame, TaskState::Assigned);
-            ev.attempt = number;
-            ev.node = node_name;
-            events.entry(job_id).or_default().push(ev);
-            out.push(Assignment {
-                attempt_id,
-                epoch,
-                number,
-                node_id: p.node_id,
-                task_id: p.task_id,
-                job_id,
-                plan: json("task plan", task.get::<&str, _>(3))?,
-                // One server writes an SQLite store: no other scheduler takes a placed task.
-                instead_of: None,
-            });
+        let mut assigned = Vec::with_capacity(plan.len());
+        let out = assign::claim(&mut tx, &plan, &nodes, now_ms).await?;
+        let mut changes = JobChanges::default();
+        for (a, ev) in out {
+            changes.events(ev.job_id, [ev]);
+            changes.refresh(a.job_id);
+            assigned.push(a);
         }
-        for (job_id, evs) in events {
-            emit(&mut tx, job_id, now_ms, evs).await?;
-            refresh_job(&mut tx, job_id, now_ms).await?;
-        }
+        changes.write(&mut tx, now_ms).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(assigned)
     }
 
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {

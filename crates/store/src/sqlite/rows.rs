@@ -13,39 +13,40 @@ pub(super) async fn admissible(
     if plan.is_empty() {
         return Ok((Vec::new(), HashMap::new()));
     }
-    let mut q = QueryBuilder::<Sqlite>::new(
+    let node_ids: Vec<i64> = plan.iter().map(|p| p.node_id).collect();
+    let task_ids: Vec<i64> = plan.iter().map(|p| p.task_id).collect();
+    let ids = serde_json::json!({ "nodes": node_ids, "tasks": task_ids });
+    // Both reads in one round trip (the lists in one parameter: see `job_changes_sql`): the
+    // nodes' capacity and what their open attempts hold (seven columns), then the placed
+    // tasks still queued and their needs (three), looked up by id (`CROSS JOIN` keeps SQLite
+    // from walking every queued task instead).
+    let rows = sqlx::query(
         "SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), n.epoch, n.name \
          FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
-         WHERE n.state = 'ready' AND n.id IN (",
-    );
-    let mut list = q.separated(", ");
-    for p in plan {
-        list.push_bind(p.node_id);
-    }
-    q.push(") GROUP BY n.id");
+         WHERE n.state = 'ready' AND n.id IN (SELECT value FROM json_each(?1, '$.nodes')) GROUP BY n.id; \
+         SELECT t.id, t.cores, t.memory FROM json_each(?1, '$.tasks') AS p \
+         CROSS JOIN tasks t ON t.id = p.value WHERE t.state = 'queued'",
+    )
+    .bind(ids.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
     let mut loads = HashMap::new();
     let mut nodes = HashMap::new();
-    for r in q.build().fetch_all(&mut *conn).await? {
-        let capacity = Resources { cores: get_u32(&r, 1), memory: get_u64(&r, 2), pids: 0 };
-        let reserved = Resources { cores: get_u32(&r, 3), memory: get_u64(&r, 4), pids: 0 };
-        let id = r.get::<i64, _>(0);
-        loads.insert(id, NodeLoad { capacity, reserved });
-        nodes.insert(id, (r.get::<i64, _>(5), r.get::<String, _>(6)));
+    let mut need = HashMap::new();
+    for r in &rows {
+        if r.len() == 7 {
+            let capacity = Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 };
+            let reserved = Resources { cores: get_u32(r, 3), memory: get_u64(r, 4), pids: 0 };
+            let id = r.try_get::<i64, _>(0)?;
+            loads.insert(id, NodeLoad { capacity, reserved });
+            nodes.insert(id, (r.try_get::<i64, _>(5)?, r.try_get::<String, _>(6)?));
+        } else {
+            need.insert(
+                r.try_get::<i64, _>(0)?,
+                Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 },
+            );
+        }
     }
-    let mut q =
-        QueryBuilder::<Sqlite>::new("SELECT id, cores, memory FROM tasks WHERE state = 'queued' AND id IN (");
-    let mut list = q.separated(", ");
-    for p in plan {
-        list.push_bind(p.task_id);
-    }
-    q.push(")");
-    let need = q
-        .build()
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| (r.get::<i64, _>(0), Resources { cores: get_u32(r, 1), memory: get_u64(r, 2), pids: 0 }))
-        .collect();
     Ok((admit(plan, &mut loads, &need), nodes))
 }
 

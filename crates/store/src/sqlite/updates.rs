@@ -5,6 +5,7 @@
 
 use serde_json::json as json_value;
 
+use super::job_changes::{Ahead, job_changes_sql};
 use super::settle::release_dependents;
 use super::*;
 use crate::update_batch::{self, AttemptView, Decided, TaskFacts};
@@ -63,54 +64,58 @@ pub(super) async fn apply(
     }
     let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
         .map_err(|id| StoreError::NotFound { what: "task", id })?;
-    write_starts(conn, &decided, now_ms).await?;
-    write_finishes(conn, &decided, now_ms).await?;
+    let writes = writes(&decided);
     let Decided { applied, releases, events, jobs, .. } = decided;
     let mut changes = JobChanges::default();
     for ev in events {
         changes.events(ev.job_id, [ev]);
     }
-    for r in releases {
-        release_dependents(conn, &mut changes, r.job_id, &r.task_name, r.state, now_ms).await?;
-    }
     for job in jobs {
         changes.refresh(job);
     }
-    changes.write(conn, now_ms).await?;
+    if releases.is_empty() {
+        // The common case: the starts and finishes, the events and the jobs' states in one trip.
+        changes.write_after(conn, now_ms, Some(writes)).await?;
+    } else {
+        // Releasing dependents reads the finished tasks' states, so the writes go first.
+        writes.run(conn, now_ms).await?;
+        for r in releases {
+            release_dependents(conn, &mut changes, r.job_id, &r.task_name, r.state, now_ms).await?;
+        }
+        changes.write(conn, now_ms).await?;
+    }
     Ok(applied)
 }
 
-/// Every start of the batch: its attempts, then their tasks.
-async fn write_starts(conn: &mut SqliteConnection, decided: &Decided<'_>, now_ms: i64) -> Result<()> {
-    if decided.starts.is_empty() {
-        return Ok(());
-    }
-    let attempts = to_json("attempt ids", &decided.starts.iter().map(|s| s.attempt_id).collect::<Vec<_>>())?;
-    let tasks = to_json("task ids", &decided.starts.iter().map(|s| s.task_id).collect::<Vec<_>>())?;
-    sqlx::query(
-        "UPDATE attempts SET state = 'running', started_ms = ? \
-         WHERE id IN (SELECT value FROM json_each(?)) AND state = 'assigned'",
-    )
-    .bind(now_ms)
-    .bind(&attempts)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE tasks SET state = 'running', started_ms = ? \
-         WHERE id IN (SELECT value FROM json_each(?)) AND state = 'assigned'",
-    )
-    .bind(now_ms)
-    .bind(&tasks)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// The batch's writes, reading from the job changes' JSON parameter: `now`; `starts`, the
+/// started attempts; `start_tasks`, their tasks; `finishes` (`[{attempt, task, …}]`). A list
+/// that is empty changes nothing. (`+tasks.state` keeps SQLite from walking every assigned
+/// task through the state index instead of looking up the started ones by id.)
+macro_rules! writes_sql {
+    () => {
+        "UPDATE attempts SET state = 'running', started_ms = ?1 ->> '$.now' \
+         WHERE id IN (SELECT value FROM json_each(?1, '$.starts')) AND state = 'assigned'; \
+         UPDATE tasks SET state = 'running', started_ms = ?1 ->> '$.now' FROM json_each(?1, '$.start_tasks') AS s \
+         WHERE tasks.id = s.value AND +tasks.state = 'assigned'; \
+         UPDATE attempts AS a SET state = 'ended', ended_ms = ?1 ->> '$.now', exit_code = u.value ->> 'exit_code', \
+         signal = u.value ->> 'signal', failure = u.value ->> 'failure', message = u.value ->> 'message', \
+         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak', \
+         input_tokens = MAX(a.input_tokens, u.value ->> 'input_tokens'), \
+         output_tokens = MAX(a.output_tokens, u.value ->> 'output_tokens') \
+         FROM json_each(?1, '$.finishes') AS u WHERE a.id = u.value ->> 'attempt'; \
+         UPDATE tasks AS t SET state = u.value ->> 'state', reason = u.value ->> 'reason', \
+         not_before_ms = u.value ->> 'not_before', ended_ms = u.value ->> 'ended', \
+         exit_code = u.value ->> 'exit_code', failure = u.value ->> 'task_failure', \
+         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak' \
+         FROM json_each(?1, '$.finishes') AS u WHERE t.id = u.value ->> 'task';"
+    };
 }
 
-/// Every finish of the batch: its attempts, then their settled tasks.
-async fn write_finishes(conn: &mut SqliteConnection, decided: &Decided<'_>, now_ms: i64) -> Result<()> {
-    if decided.finishes.is_empty() {
-        return Ok(());
-    }
+/// Every start of the batch (its attempts, then their tasks), then every finish (its
+/// attempts, then their settled tasks), as statements to run ahead of the job changes.
+fn writes(decided: &Decided<'_>) -> Ahead {
+    let attempts: Vec<serde_json::Value> = decided.starts.iter().map(|s| s.attempt_id.into()).collect();
+    let tasks: Vec<serde_json::Value> = decided.starts.iter().map(|s| s.task_id.into()).collect();
     let rows: Vec<serde_json::Value> = decided
         .finishes
         .iter()
@@ -134,28 +139,9 @@ async fn write_finishes(conn: &mut SqliteConnection, decided: &Decided<'_>, now_
             })
         })
         .collect();
-    let rows = to_json("finishes", &rows)?;
-    sqlx::query(
-        "UPDATE attempts AS a SET state = 'ended', ended_ms = ?1, exit_code = u.value ->> 'exit_code', \
-         signal = u.value ->> 'signal', failure = u.value ->> 'failure', message = u.value ->> 'message', \
-         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak', \
-         input_tokens = MAX(a.input_tokens, u.value ->> 'input_tokens'), \
-         output_tokens = MAX(a.output_tokens, u.value ->> 'output_tokens') \
-         FROM json_each(?2) AS u WHERE a.id = u.value ->> 'attempt'",
-    )
-    .bind(now_ms)
-    .bind(&rows)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE tasks AS t SET state = u.value ->> 'state', reason = u.value ->> 'reason', \
-         not_before_ms = u.value ->> 'not_before', ended_ms = u.value ->> 'ended', \
-         exit_code = u.value ->> 'exit_code', failure = u.value ->> 'task_failure', \
-         cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak' \
-         FROM json_each(?1) AS u WHERE t.id = u.value ->> 'task'",
-    )
-    .bind(&rows)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let mut lists = serde_json::Map::new();
+    lists.insert("starts".into(), attempts.into());
+    lists.insert("start_tasks".into(), tasks.into());
+    lists.insert("finishes".into(), rows.into());
+    Ahead { alone: writes_sql!(), with_changes: concat!(writes_sql!(), " ", job_changes_sql!()), lists }
 }
