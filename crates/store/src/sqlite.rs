@@ -31,6 +31,7 @@ mod access;
 mod archive;
 mod artifacts;
 mod assign;
+mod checkpoint;
 mod dependencies;
 mod events;
 mod job_changes;
@@ -89,20 +90,21 @@ impl SqliteStore {
             .foreign_keys(true)
             // SQLite's default page cache is 2 MiB per connection; a database of a few large
             // jobs is tens of MiB, and every miss is a system call. Pages are taken as used.
-            .pragma("cache_size", format!("-{}", CACHE_KIB));
+            .pragma("cache_size", format!("-{}", CACHE_KIB))
+            // Checkpoints run in the background (see `checkpoint`); a commit checkpoints only
+            // when that falls behind.
+            .pragma("wal_autocheckpoint", checkpoint::WRITER_BACKSTOP.to_string());
         let mut writer = SqliteConnection::connect_with(&options).await?;
         sqlx::migrate!("migrations/sqlite").run(&mut writer).await?;
         // Reader connections are local and cannot break between uses: no test on the way out.
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
-        Ok(SqliteStore {
-            writer: Arc::new(tokio::sync::Mutex::new(writer)),
-            reader,
-            signals: tokio::sync::broadcast::channel(1024).0,
-        })
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        checkpoint::spawn(&options, Arc::downgrade(&writer)).await?;
+        Ok(SqliteStore { writer, reader, signals: tokio::sync::broadcast::channel(1024).0 })
     }
 }
 
