@@ -44,7 +44,8 @@ pub fn job(tasks: Vec<TaskPlan>) -> JobPlan {
     JobPlan { name: "test".into(), project: "default".into(), priority: 0, labels: BTreeMap::new(), tasks }
 }
 
-fn node(name: &str, cores: u32, lease_until_ms: i64) -> NodeSpec {
+/// A process node of `cores` cores and 1 GiB whose lease runs until `lease_until_ms`.
+pub fn node(name: &str, cores: u32, lease_until_ms: i64) -> NodeSpec {
     NodeSpec {
         name: name.into(),
         labels: BTreeMap::new(),
@@ -55,7 +56,8 @@ fn node(name: &str, cores: u32, lease_until_ms: i64) -> NodeSpec {
     }
 }
 
-fn done(attempt: &Assignment, code: i32) -> AttemptReport {
+/// The report that `attempt` exited with `code`.
+pub fn done(attempt: &Assignment, code: i32) -> AttemptReport {
     AttemptReport {
         attempt_id: attempt.attempt_id,
         epoch: attempt.epoch,

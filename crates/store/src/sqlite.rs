@@ -430,11 +430,9 @@ impl Store for SqliteStore {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let mut writer = self.writer.lock().await;
-        let mut tx = writer.begin().await?;
-        let applied = updates::apply(&mut tx, updates, now_ms).await?;
-        tx.commit().await?;
-        Ok(applied)
+        // Owned: should the caller go away mid-batch, the rollback takes the writer with it.
+        let writer = Arc::clone(&self.writer).lock_owned().await;
+        updates::apply_committing(writer, updates, now_ms).await
     }
 
     async fn usage(&self, filter: &UsageFilter) -> Result<Vec<JobUsage>> {
@@ -632,6 +630,50 @@ mod tests {
     #[tokio::test]
     async fn long_chain_runs_to_the_end() {
         crate::conformance::long_chain_runs_to_the_end(&*fresh().await, 20_000).await;
+    }
+
+    /// An update batch begins and commits a transaction of its own: one that fails halfway
+    /// (a task plan that cannot be read) stores nothing and leaves the writer usable, and so
+    /// does one whose caller goes away.
+    #[tokio::test]
+    async fn an_update_batch_that_fails_or_is_abandoned_leaves_no_transaction_open() {
+        use crate::conformance::{done, job, node, schedule, task};
+        use crate::{Applied, Store};
+        use drover_core::TaskState;
+        let store = fresh().await;
+        let job_id = store.submit(&job(vec![task("a", &[]), task("b", &[])]), "", "f", 1).await.unwrap();
+        store.register_node(&node("n", 2, 100_000), &[], 1).await.unwrap();
+        let assigned = schedule(&*store, 2).await;
+        let (a, b) = (&assigned[0], &assigned[1]);
+        sqlx::query("UPDATE tasks SET plan = 'not a plan' WHERE id = ?")
+            .bind(a.task_id)
+            .execute(&mut *store.writer.lock().await)
+            .await
+            .unwrap();
+        let both = [
+            crate::AttemptUpdate::Started { attempt_id: b.attempt_id, epoch: b.epoch },
+            crate::AttemptUpdate::Finished(done(a, 0)),
+        ];
+        let error = store.apply_updates(&both, 3).await.expect_err("the plan cannot be read");
+        assert!(error.to_string().contains("task plan"), "{error}");
+        let state = |id: i64| {
+            let store = &store;
+            async move { store.tasks(job_id).await.unwrap().into_iter().find(|t| t.id == id).unwrap().state }
+        };
+        assert_eq!(state(b.task_id).await, TaskState::Assigned, "nothing of the failed batch is stored");
+        assert_eq!(store.attempt_started(b.attempt_id, b.epoch, 4).await.unwrap(), Applied::Applied);
+        // Polled once (its first trip is under way), then dropped: it is rolled back, and the
+        // next batch waits for that.
+        let report = done(b, 0);
+        let abandoned = store.attempt_finished(&report, 5);
+        tokio::select! {
+            biased;
+            _ = abandoned => panic!("the batch ran in its caller's first poll"),
+            () = std::future::ready(()) => {}
+        }
+        assert_eq!(store.attempt_finished(&report, 6).await.unwrap(), Applied::Applied);
+        assert_eq!(state(b.task_id).await, TaskState::Succeeded);
+        assert_eq!(store.attempt_finished(&report, 7).await.unwrap(), Applied::Stale, "finished once");
     }
 
     #[tokio::test]

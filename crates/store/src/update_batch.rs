@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use drover_core::outcome::{AttemptEnd, TaskSettled, settle_task};
-use drover_core::{TaskPlan, TaskState};
+use drover_core::{JobState, TaskPlan, TaskState};
 
 use crate::event_row::Ev;
 use crate::{Applied, AttemptReport, AttemptUpdate};
@@ -34,6 +34,8 @@ pub(crate) struct AttemptView {
     pub(crate) state: String,
     /// Whether it is its task's current attempt.
     pub(crate) current: bool,
+    /// Its task's state as read.
+    pub(crate) task_state: TaskState,
     /// Name of its node.
     pub(crate) node: String,
     pub(crate) task_name: String,
@@ -89,6 +91,58 @@ pub(crate) struct Decided<'a> {
     /// finish. A start never changes its job's state: the job became running when the task
     /// was assigned, and a job with an assigned or running task is running.
     pub(crate) jobs: Vec<i64>,
+}
+
+/// A job whose state a batch may change, as read before the batch's writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobBefore {
+    /// Its stored state.
+    pub(crate) state: JobState,
+    pub(crate) cancelled: bool,
+    /// The distinct states of its tasks that the batch does not write (see
+    /// [`written_tasks`]).
+    pub(crate) others: Vec<TaskState>,
+}
+
+/// The tasks the batch writes: those of its starts and finishes.
+pub(crate) fn written_tasks(decided: &Decided<'_>) -> Vec<i64> {
+    let mut ids: Vec<i64> =
+        decided.starts.iter().map(|s| s.task_id).chain(decided.finishes.iter().map(|f| f.task_id)).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// The jobs whose state the batch changes, with their new state, derived without reading
+/// the tasks back after the writes: from the states of each job's tasks that the batch does
+/// not write (read before the writes, in `before`) and those of the tasks it writes once
+/// written (`running` when started, or what a finish settles them in). Only for a batch
+/// that releases no dependents, which would change other tasks. `Err(job_id)` when a job to
+/// derive is missing from `before` (the store read too little).
+pub(crate) fn job_states_after(
+    decided: &Decided<'_>,
+    attempts: &HashMap<i64, AttemptView>,
+    before: &HashMap<i64, JobBefore>,
+) -> Result<Vec<(i64, JobState)>, i64> {
+    let job_of = |attempt_id: i64| attempts.get(&attempt_id).map(|a| a.job_id);
+    // Starts first, then finishes, as they are written: a finish settles a task last.
+    let mut after: HashMap<i64, (Option<i64>, TaskState)> = HashMap::new();
+    for s in &decided.starts {
+        after.insert(s.task_id, (job_of(s.attempt_id), TaskState::Running));
+    }
+    for f in &decided.finishes {
+        after.insert(f.task_id, (job_of(f.attempt_id), f.settled.state));
+    }
+    let mut changed = Vec::new();
+    for &job_id in &decided.jobs {
+        let job = before.get(&job_id).ok_or(job_id)?;
+        let written = after.values().filter(|(job, _)| *job == Some(job_id)).map(|(_, state)| *state);
+        let new = JobState::derive(job.others.iter().copied().chain(written), job.cancelled);
+        if new != job.state {
+            changed.push((job_id, new));
+        }
+    }
+    Ok(changed)
 }
 
 /// The attempts a batch names, each once, in id order (the order in which stores lock them).
@@ -222,6 +276,7 @@ mod tests {
             epoch: 3,
             state: state.into(),
             current: true,
+            task_state: TaskState::Running,
             node: "n".into(),
             task_name: format!("t{task_id}"),
             frame: None,
@@ -300,5 +355,44 @@ mod tests {
         assert_eq!(d.starts.len(), 2);
         assert!(d.jobs.is_empty(), "{:?}", d.jobs);
         assert!(finishing_attempts(&updates).is_empty());
+    }
+
+    #[test]
+    fn job_states_are_derived_from_the_tasks_outside_the_batch_and_those_it_writes() {
+        let attempts: HashMap<i64, AttemptView> = [
+            (1, view(10, "running")),
+            (2, AttemptView { task_state: TaskState::Assigned, ..view(20, "assigned") }),
+            (3, view(30, "running")),
+        ]
+        .into();
+        let f: HashMap<i64, TaskFacts> = [(10, facts(false)), (30, facts(false))].into();
+        let before = |others: Vec<TaskState>| -> HashMap<i64, JobBefore> {
+            [(7, JobBefore { state: JobState::Running, cancelled: false, others })].into()
+        };
+        // Task 30's finish is stale (another epoch): it is not written, so its state is among
+        // the others, and still running, the job is too.
+        let updates =
+            vec![AttemptUpdate::Finished(report(1, 3, 0)), AttemptUpdate::Finished(report(3, 9, 0))];
+        let d = decide(&updates, &attempts, &f, 1).expect("facts");
+        assert_eq!(written_tasks(&d), vec![10]);
+        let others = vec![TaskState::Succeeded, TaskState::Running, TaskState::Assigned];
+        assert_eq!(job_states_after(&d, &attempts, &before(others)), Ok(vec![]));
+        // Every task of the job ends with the batch: it is derived final.
+        let updates = vec![
+            AttemptUpdate::Started { attempt_id: 2, epoch: 3 },
+            AttemptUpdate::Finished(report(1, 3, 0)),
+            AttemptUpdate::Finished(report(2, 3, 1)),
+            AttemptUpdate::Finished(report(3, 3, 0)),
+        ];
+        let f: HashMap<i64, TaskFacts> = [(10, facts(false)), (20, facts(false)), (30, facts(false))].into();
+        let d = decide(&updates, &attempts, &f, 1).expect("facts");
+        assert_eq!(written_tasks(&d), vec![10, 20, 30]);
+        assert_eq!(
+            job_states_after(&d, &attempts, &before(vec![TaskState::Succeeded])),
+            Ok(vec![(7, JobState::Failed)])
+        );
+        // A task outside the batch still queued keeps the job running.
+        assert_eq!(job_states_after(&d, &attempts, &before(vec![TaskState::Queued])), Ok(vec![]));
+        assert_eq!(job_states_after(&d, &attempts, &HashMap::new()), Err(7), "the job was not read");
     }
 }

@@ -48,14 +48,14 @@ macro_rules! job_changes_sql {
 }
 pub(super) use job_changes_sql;
 
-/// Writes a caller puts ahead of the job changes in the same round trip: statements that
+/// Writes a caller puts ahead of the job changes and the commit in the same round trip: statements that
 /// read their lists from the same JSON parameter as the job changes ([`Args`]), under keys of
 /// their own (they may use `now`).
 pub(super) struct Ahead {
     /// The statements on their own.
     pub(super) alone: &'static str,
-    /// The statements followed by [`job_changes_sql`].
-    pub(super) with_changes: &'static str,
+    /// The statements followed by [`job_changes_sql`] and `COMMIT`.
+    pub(super) committing: &'static str,
     /// Their lists, by key.
     pub(super) lists: serde_json::Map<String, serde_json::Value>,
 }
@@ -87,6 +87,8 @@ struct Args<'a> {
 pub(super) struct JobChanges {
     events: BTreeMap<i64, Vec<Ev>>,
     refresh: std::collections::BTreeSet<i64>,
+    /// Jobs' new states decided by the caller (see [`JobChanges::set_state`]).
+    states: Vec<StateArg>,
 }
 
 /// An event as the job-changes statements read it.
@@ -125,37 +127,61 @@ impl JobChanges {
         self.refresh.insert(job_id);
     }
 
-    /// Writes the events, then derives each marked job's state (which may add a job event).
-    pub(super) async fn write(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
-        self.write_after(conn, now_ms, None).await
+    /// Sets a job's new state, decided by the caller without reading its tasks back, and
+    /// adds the job event saying so after the job's other events.
+    pub(super) fn set_state(&mut self, job_id: i64, state: JobState, now_ms: i64) {
+        self.states.push(StateArg {
+            job: job_id,
+            state: state.as_str(),
+            ended: state.is_final().then_some(now_ms),
+        });
+        self.events(job_id, [Ev::job(job_id, state, String::new())]);
     }
 
-    /// As [`JobChanges::write`], with `ahead`'s statements run first in the same round trip.
-    pub(super) async fn write_after(
+    /// Writes `ahead`'s statements, the events and the states set with
+    /// [`JobChanges::set_state`], then commits, all in one trip: for a caller that began the
+    /// transaction with a statement of its own. Nothing is derived after the writes (a job
+    /// marked for that is refused as a bug).
+    pub(super) async fn write_and_commit(
         self,
         conn: &mut SqliteConnection,
         now_ms: i64,
-        ahead: Option<Ahead>,
+        ahead: Ahead,
     ) -> Result<()> {
-        if self.events.is_empty() && self.refresh.is_empty() {
-            if let Some(ahead) = ahead {
-                ahead.run(conn, now_ms).await?;
-            }
-            return Ok(());
+        if let Some(&job_id) = self.refresh.first() {
+            return Err(corrupt("job changes", format!("job {job_id} to derive after a committing write")));
         }
-        let (sql, ahead) = match ahead {
-            Some(a) => (a.with_changes, a.lists),
-            None => (job_changes_sql!(), serde_json::Map::new()),
-        };
         let args = Args {
             now: now_ms,
-            states: Vec::new(),
+            states: self.states,
+            events: events_arg(&self.events),
+            jobs: Vec::new(),
+            ahead: ahead.lists,
+        };
+        sqlx::query(ahead.committing)
+            .bind(to_json("statement arguments", &args)?)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the events and the states set with [`JobChanges::set_state`], then derives each
+    /// marked job's state (which may add a job event).
+    pub(super) async fn write(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
+        if self.events.is_empty() && self.refresh.is_empty() && self.states.is_empty() {
+            return Ok(());
+        }
+        let args = Args {
+            now: now_ms,
+            states: self.states,
             events: events_arg(&self.events),
             jobs: self.refresh.iter().copied().collect(),
-            ahead,
+            ahead: serde_json::Map::new(),
         };
-        let rows =
-            sqlx::query(sql).bind(to_json("statement arguments", &args)?).fetch_all(&mut *conn).await?;
+        let rows = sqlx::query(job_changes_sql!())
+            .bind(to_json("statement arguments", &args)?)
+            .fetch_all(&mut *conn)
+            .await?;
         // Jobs whose derived state differs from the stored one: their new state and the job
         // event saying so, in a second trip (a start or a finish seldom changes its job).
         let mut states = Vec::new();

@@ -1,39 +1,119 @@
 //! `apply_updates` on SQLite: a batch of starts and finishes in a fixed number of statements
 //! (see [`crate::update_batch`]), whatever its size. Every statement is a round trip to the
 //! connection's worker thread, so the count, not the rows, is what a batch costs. Lists travel
-//! as one JSON parameter each, read back with `json_each`.
+//! as one JSON parameter, read back with `json_each`.
+//!
+//! The transaction takes two trips: its `BEGIN` rides with the read, its `COMMIT` with the
+//! writes. That leaves nothing to read after writing, so the jobs' new states are derived
+//! from what the read finds outside the batch (see [`update_batch::job_states_after`]). A
+//! batch that releases dependents changes tasks outside it, and takes the longer way: it
+//! writes, releases, reads its jobs' task states back, then commits.
 
 use serde_json::json as json_value;
+use tokio::sync::OwnedMutexGuard;
 
 use super::job_changes::{Ahead, job_changes_sql};
 use super::settle::release_dependents;
 use super::*;
-use crate::update_batch::{self, AttemptView, Decided, TaskFacts};
+use crate::update_batch::{self, AttemptView, Decided, JobBefore, TaskFacts};
 
-/// Applies `updates` in the caller's transaction (on the single writer, which serialises it
-/// with every other write); per update, whether it applied.
-pub(super) async fn apply(
-    conn: &mut SqliteConnection,
+/// The read that begins a batch's transaction. Its parameter is a JSON object: `attempts`,
+/// the batch's attempts; `finishing`, those it finishes. It returns, per attempt, its row
+/// with its task's (the task's plan only for a finish), 14 columns; then, for each job of a
+/// finish, its state, cancelled flag and the distinct states of its tasks outside the batch,
+/// 4 columns (the same loose index scan as `job_changes_sql`, keeping a state only when a task
+/// outside the batch is in it).
+macro_rules! begin_and_read_sql {
+    () => {
+        "BEGIN; \
+         SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
+         j.cancelled, j.has_deps, CASE WHEN a.id IN (SELECT value FROM json_each(?1, '$.finishing')) THEN t.plan END, \
+         t.state \
+         FROM json_each(?1, '$.attempts') AS i CROSS JOIN attempts a ON a.id = i.value \
+         JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id; \
+         WITH RECURSIVE b(task) AS ( \
+             SELECT a.task_id FROM json_each(?1, '$.attempts') AS i CROSS JOIN attempts a ON a.id = i.value), \
+         r(job) AS ( \
+             SELECT DISTINCT a.job_id FROM json_each(?1, '$.finishing') AS i CROSS JOIN attempts a ON a.id = i.value), \
+         s(job, state) AS ( \
+             SELECT r.job, (SELECT MIN(t.state) FROM tasks t WHERE t.job_id = r.job) FROM r \
+             UNION ALL \
+             SELECT s.job, (SELECT MIN(t.state) FROM tasks t WHERE t.job_id = s.job AND t.state > s.state) \
+             FROM s WHERE s.state IS NOT NULL), \
+         g(job, states) AS ( \
+             SELECT s.job, group_concat(s.state, ' ') FROM s WHERE s.state IS NOT NULL AND ( \
+                 SELECT 1 FROM tasks t WHERE t.job_id = s.job AND t.state = s.state \
+                 AND t.id NOT IN (SELECT task FROM b) LIMIT 1) IS NOT NULL \
+             GROUP BY s.job) \
+         SELECT j.id, j.state, j.cancelled, g.states FROM r CROSS JOIN jobs j ON j.id = r.job \
+         LEFT JOIN g ON g.job = j.id;"
+    };
+}
+
+/// Applies `updates` in a transaction of its own, begun and committed here (on the single
+/// writer, which serialises it with every other write); per update, whether it applied.
+///
+/// The transaction is not sqlx's, which would roll back on its own: a failure rolls back
+/// here, and so does a caller that goes away halfway (see [`OpenBatch`]).
+pub(super) async fn apply_committing(
+    writer: OwnedMutexGuard<SqliteConnection>,
     updates: &[AttemptUpdate],
     now_ms: i64,
 ) -> Result<Vec<Applied>> {
-    let attempt_ids = to_json("attempt ids", &update_batch::attempt_ids(updates))?;
-    let finishing = to_json("attempt ids", &update_batch::finishing_attempts(updates))?;
-    // The single writer serialises this with every other write, so the job's flags read
-    // here hold until the commit. Plans are read only for the attempts the batch finishes.
-    let rows = sqlx::query(
-        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
-         j.cancelled, j.has_deps, CASE WHEN a.id IN (SELECT value FROM json_each(?2)) THEN t.plan END \
-         FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id \
-         JOIN nodes n ON n.id = a.node_id \
-         WHERE a.id IN (SELECT value FROM json_each(?1))",
-    )
-    .bind(&attempt_ids)
-    .bind(&finishing)
-    .fetch_all(&mut *conn)
-    .await?;
+    let mut open = OpenBatch(Some(writer));
+    let Some(conn) = open.0.as_deref_mut() else { return Ok(Vec::new()) };
+    let result = apply(conn, updates, now_ms).await;
+    if let Err(error) = &result {
+        // A failure before `BEGIN` ran, or in the `COMMIT`, leaves no transaction open, and
+        // the rollback then fails harmlessly.
+        if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+            tracing::debug!(%error, %rollback, "nothing to roll back after a failed update batch");
+        }
+    }
+    open.0 = None;
+    result
+}
+
+/// The writer while a batch's transaction may be open. Dropped still holding it (the caller
+/// went away mid-batch), it hands the writer to a task that rolls the transaction back; the
+/// next writer waits for that task, as it holds the writer's lock.
+struct OpenBatch(Option<OwnedMutexGuard<SqliteConnection>>);
+
+impl Drop for OpenBatch {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.0.take() else { return };
+        // Without a runtime the store is being torn down, and the connection with it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            if let Err(error) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                tracing::debug!(%error, "nothing to roll back after an abandoned update batch");
+            }
+        });
+    }
+}
+
+async fn apply(conn: &mut SqliteConnection, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
+    let ids = json_value!({
+        "attempts": update_batch::attempt_ids(updates),
+        "finishing": update_batch::finishing_attempts(updates),
+    });
+    // The single writer serialises this with every other write, so what is read here holds
+    // until the commit.
+    let rows = sqlx::query(begin_and_read_sql!()).bind(ids.to_string()).fetch_all(&mut *conn).await?;
     let mut attempts = HashMap::with_capacity(rows.len());
+    let mut before = HashMap::new();
     for r in &rows {
+        if r.len() == 4 {
+            let job_id: i64 = r.try_get(0)?;
+            let others = r.try_get::<Option<&str>, _>(3)?.unwrap_or_default();
+            let others = others
+                .split_whitespace()
+                .map(|s| parse_word::<TaskState>("task state", s))
+                .collect::<Result<Vec<_>>>()?;
+            let state = parse_word("job state", r.try_get::<&str, _>(1)?)?;
+            before.insert(job_id, JobBefore { state, cancelled: r.try_get(2)?, others });
+            continue;
+        }
         let id: i64 = r.try_get(0)?;
         let current: Option<i64> = r.try_get(6)?;
         let number: i64 = r.try_get(3)?;
@@ -46,6 +126,7 @@ pub(super) async fn apply(
                 epoch: r.try_get(4)?,
                 state: r.try_get(5)?,
                 current: current == Some(id),
+                task_state: parse_word("task state", r.try_get::<&str, _>(13)?)?,
                 node: r.try_get(7)?,
                 task_name: r.try_get(8)?,
                 frame: r.try_get(9)?,
@@ -54,7 +135,7 @@ pub(super) async fn apply(
     }
     let finished = update_batch::finished_tasks(updates, &attempts);
     let mut facts = HashMap::with_capacity(finished.len());
-    for r in &rows {
+    for r in rows.iter().filter(|r| r.len() != 4) {
         let task_id: i64 = r.try_get(1)?;
         let Some(plan) = r.try_get::<Option<&str>, _>(12)? else { continue };
         if finished.binary_search(&task_id).is_ok() && !facts.contains_key(&task_id) {
@@ -65,6 +146,30 @@ pub(super) async fn apply(
     let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
         .map_err(|id| StoreError::NotFound { what: "task", id })?;
     let writes = writes(&decided);
+    if decided.releases.is_empty() {
+        // The common case: the starts and finishes, the events, the jobs' new states and the
+        // commit in one trip.
+        // The read left out every task of the batch; those it does not write count as read.
+        let written = update_batch::written_tasks(&decided);
+        for a in attempts.values().filter(|a| written.binary_search(&a.task_id).is_err()) {
+            if let Some(job) = before.get_mut(&a.job_id) {
+                job.others.push(a.task_state);
+            }
+        }
+        let states = update_batch::job_states_after(&decided, &attempts, &before)
+            .map_err(|id| StoreError::NotFound { what: "job", id })?;
+        let Decided { applied, events, .. } = decided;
+        let mut changes = JobChanges::default();
+        for ev in events {
+            changes.events(ev.job_id, [ev]);
+        }
+        for (job_id, state) in states {
+            changes.set_state(job_id, state, now_ms);
+        }
+        changes.write_and_commit(conn, now_ms, writes).await?;
+        return Ok(applied);
+    }
+    // Releasing dependents reads the finished tasks' states, so the writes go first.
     let Decided { applied, releases, events, jobs, .. } = decided;
     let mut changes = JobChanges::default();
     for ev in events {
@@ -73,17 +178,12 @@ pub(super) async fn apply(
     for job in jobs {
         changes.refresh(job);
     }
-    if releases.is_empty() {
-        // The common case: the starts and finishes, the events and the jobs' states in one trip.
-        changes.write_after(conn, now_ms, Some(writes)).await?;
-    } else {
-        // Releasing dependents reads the finished tasks' states, so the writes go first.
-        writes.run(conn, now_ms).await?;
-        for r in releases {
-            release_dependents(conn, &mut changes, r.job_id, &r.task_name, r.state, now_ms).await?;
-        }
-        changes.write(conn, now_ms).await?;
+    writes.run(conn, now_ms).await?;
+    for r in releases {
+        release_dependents(conn, &mut changes, r.job_id, &r.task_name, r.state, now_ms).await?;
     }
+    changes.write(conn, now_ms).await?;
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(applied)
 }
 
@@ -143,5 +243,9 @@ fn writes(decided: &Decided<'_>) -> Ahead {
     lists.insert("starts".into(), attempts.into());
     lists.insert("start_tasks".into(), tasks.into());
     lists.insert("finishes".into(), rows.into());
-    Ahead { alone: writes_sql!(), with_changes: concat!(writes_sql!(), " ", job_changes_sql!()), lists }
+    Ahead {
+        alone: writes_sql!(),
+        committing: concat!(writes_sql!(), " ", job_changes_sql!(), " COMMIT;"),
+        lists,
+    }
 }
