@@ -119,6 +119,53 @@ tasks:
     assert_head_and_tail_of_20000_lines(&c, job);
 }
 
+/// An agent killed in a later step of a task whose log went past the limit in an earlier
+/// one, once the earlier step's head was shipped: the tail the killed agent held in memory is
+/// read again from the earlier step's files, so the log ends with the last lines of both.
+#[test]
+fn the_held_tail_of_an_earlier_step_survives_an_agent_restart_in_a_later_one() {
+    restart_in_the_second_step_of_a_flood("sleep 1");
+}
+
+/// As above, with the agent killed the moment the second step started, before any of the
+/// first step's output was in its outbox: all of it is read again.
+#[test]
+fn an_earlier_steps_output_not_yet_shipped_survives_an_agent_restart_in_a_later_one() {
+    restart_in_the_second_step_of_a_flood("true");
+}
+
+/// A task printing 1 to 19,990 in its first step and 19,991 to 20,000 in its second, past a
+/// 4 KiB limit; its agent is killed and restarted in the second step after `pause`.
+fn restart_in_the_second_step_of_a_flood(pause: &str) {
+    let mut c = Cluster::start_with(1, 1, &["--max-log-size", "4KiB"], &[]);
+    let job = c.submit(&format!(
+        r#"
+version: 1
+name: flood
+tasks:
+  - name: count
+    steps:
+      - "seq 1 19990"
+      - |
+        {pause}
+        touch {{{{ params.dir }}}}/second
+        while [ ! -e {{{{ params.dir }}}}/go ]; do sleep 0.05; done
+        seq 19991 20000
+"#
+    ));
+    let start = std::time::Instant::now();
+    while !c.path("second").exists() {
+        assert!(start.elapsed() < T, "the second step never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.kill_and_reattach(0, 1, 1);
+    std::fs::write(c.path("go"), "").unwrap();
+    let status = c.wait_done(job, T);
+    assert_eq!(status["state"], "succeeded", "{status:#}");
+    assert_eq!(task(&status, "count")["attempts"], 1, "re-attached, not retried: {status:#}");
+    assert_head_and_tail_of_20000_lines(&c, job);
+}
+
 /// The log of task `count` of `job`, which printed the numbers 1 to 20,000 past a 4 KiB limit,
 /// is its real beginning and end with a marker that counts exactly what was cut.
 fn assert_head_and_tail_of_20000_lines(c: &Cluster, job: i64) {

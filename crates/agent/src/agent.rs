@@ -343,11 +343,12 @@ impl Agent {
                 Err(e) => tracing::warn!(error = %e, "cannot look for orphaned containers"),
             }
         }
-        for journal::Reattached { entry, handle, output, reach } in resumable {
+        for journal::Reattached { entry, handle, output, reach, earlier } in resumable {
             let timeout = entry.timeout_ms.map(Duration::from_millis);
             let step = handle.step;
             let keys = attempt::KeySource { link: this.link.clone(), node: this.config.name.clone() };
-            let resume = attempt::Resume { step, handle, output: Some(output), reach, keys: Some(keys) };
+            let resume =
+                attempt::Resume { step, handle, output: Some(output), reach, earlier, keys: Some(keys) };
             let kind = entry.runtime.clone();
             let held = lock(&this.capacity).hold(&entry.spec.cpus, entry.spec.memory_limit);
             // Its inputs are in place; its outputs are still to keep.

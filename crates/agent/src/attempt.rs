@@ -89,6 +89,10 @@ pub struct Resume {
     /// ends: the output that comes begins at its clean offsets, and what the masker gives up
     /// to the bytes past them was shipped already.
     pub reach: Option<OutputReach>,
+    /// When the outbox's output of the attempt reaches only into an earlier step, that reach:
+    /// the earlier steps' output past it is sent again from their files before the step in
+    /// flight's (see [`replay_earlier_steps`]).
+    pub earlier: Option<OutputReach>,
     /// Where its secrets' values come from again; without it a resumed attempt with secrets
     /// starts no further step (see [`SECRETS_GONE`]).
     pub keys: Option<KeySource>,
@@ -163,7 +167,8 @@ pub async fn run(
             .filter(|io| !io.outputs.is_empty())
             .map(|io| KeptOutputs { globs: io.outputs.clone(), on_failure: io.outputs_on_failure });
         let limits = AttemptLimits { max_log, max_outputs: io.as_ref().map_or(0, |io| io.max_outputs) };
-        let shipped_before = resume.as_ref().and_then(|r| r.reach);
+        // Output of earlier steps sent again starts where the outbox's reach is.
+        let shipped_before = resume.as_ref().and_then(|r| r.earlier.or(r.reach));
         let shipper = tokio::spawn(ship_output(
             outbox.clone(),
             attempt_id,
@@ -706,6 +711,42 @@ fn forward_resumed_output(step: usize, mut output: mpsc::Receiver<OutputChunk>, 
     });
 }
 
+/// Sends the shipper again what the steps before `until` wrote past `from` (the reach of the
+/// output the outbox holds, in one of them), step by step with each step's end, so that the
+/// tail of the log an earlier agent run held in memory is rebuilt before the step in flight's
+/// output follows. Each step's standard output comes before its standard error; a step whose
+/// output cannot be read again is left out, with a warning.
+async fn replay_earlier_steps(
+    runtime: &dyn Runtime,
+    attempt_id: i64,
+    from: OutputReach,
+    until: usize,
+    out: &mpsc::Sender<Shipped>,
+) {
+    for step in from.step as usize..until {
+        let offsets = if step == from.step as usize { from.read_from() } else { (0, 0) };
+        let (tx, mut rx) = mpsc::channel(STEP_QUEUE);
+        let forward = async {
+            while let Some(chunk) = rx.recv().await {
+                if out.send(Shipped::Chunk(chunk)).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (replayed, ()) = tokio::join!(runtime.replay(attempt_id, step, offsets, tx), forward);
+        match replayed {
+            Ok(true) => tracing::info!(attempt_id, step, "output of an earlier step read again"),
+            Ok(false) => {
+                tracing::warn!(attempt_id, step, "output of an earlier step is gone: its tail is lost")
+            }
+            Err(error) => {
+                tracing::warn!(attempt_id, step, %error, "cannot read an earlier step's output again")
+            }
+        }
+        let _ = out.send(Shipped::End(step)).await;
+    }
+}
+
 async fn run_steps(
     steps: Steps<'_>,
     mut stop: watch::Receiver<StopReason>,
@@ -727,12 +768,16 @@ async fn run_steps(
     // in flight has its secrets already; a new one gets them only if they came again from the
     // server (see `secrets_again`).
     let secrets_gone = resume.as_ref().is_some_and(|r| r.keys.is_none()) && !spec.secrets.is_empty();
-    let mut resumed = resume.map(|r| {
+    let mut resumed = None;
+    if let Some(r) = resume {
+        if let Some(earlier) = r.earlier {
+            replay_earlier_steps(runtime, spec.attempt_id, earlier, r.step, &out).await;
+        }
         if let Some(output) = r.output {
             forward_resumed_output(r.step, output, &out);
         }
-        r.handle
-    });
+        resumed = Some(r.handle);
+    }
     if resumed.is_none() {
         match setup::bounded("starting its sandbox and services", clock, &mut stop, runtime.prepare(spec))
             .await
@@ -1426,7 +1471,7 @@ mod tests {
         let ran = run_attempt(
             spec.clone(),
             runtime,
-            Some(Resume { step: 0, handle, output: None, reach: None, keys: None }),
+            Some(Resume { step: 0, handle, output: None, reach: None, earlier: None, keys: None }),
         )
         .await;
         assert_eq!(ran.outcome.failure, Some(FailureClass::Lost));

@@ -91,6 +91,11 @@ pub struct Reattached {
     /// it ends: `output` begins there, and the masked bytes past its clean offsets were
     /// shipped already.
     pub reach: Option<OutputReach>,
+    /// For a runtime whose output says where it ends, when the outbox's output of the attempt
+    /// reaches only into an earlier step: that reach. What the earlier steps wrote past it is
+    /// not in the outbox (held back for the log's tail, or not yet shipped when the earlier
+    /// run ended) and is read again from their files.
+    pub earlier: Option<OutputReach>,
 }
 
 /// The journal: the live entries, and the log they are kept in.
@@ -208,11 +213,22 @@ impl Journal {
             // Room for the output a process step wrote while no agent read it, until the
             // resumed attempt takes it over.
             let (tx, output) = mpsc::channel(REATTACHED_OUTPUT_QUEUE);
-            let mut reach = None;
+            let (mut reach, mut earlier) = (None, None);
             let attached = match (runtimes.get(&entry.runtime), &entry.handle) {
                 (Some(runtime), Some(handle)) if reattachable(runtime.kind(), &entry) => {
                     if runtime.output_has_offsets() {
                         reach = Some(self.output_reach(entry.spec.attempt_id, handle.step));
+                        earlier = match self.reach.get(&entry.spec.attempt_id) {
+                            Some(r) if (r.step as usize) < handle.step => Some(*r),
+                            Some(_) => None,
+                            // None of its output reached the outbox (an earlier step's was
+                            // still on its way when the earlier run ended): all of it is read
+                            // again. Only from an entry of an agent that notes how far output
+                            // reaches (one that keeps the attempt's limits): an older one
+                            // shipped output without saying so.
+                            None if handle.step > 0 && entry.limits.is_some() => Some(OutputReach::default()),
+                            None => None,
+                        };
                     }
                     let from = reach.map_or((0, 0), |r| r.read_from());
                     match runtime.attach(handle, tx, from).await {
@@ -233,7 +249,7 @@ impl Journal {
                         step = handle.step,
                         "re-attached to a step an earlier agent run started"
                     );
-                    recovery.resumable.push(Reattached { entry, handle, output, reach });
+                    recovery.resumable.push(Reattached { entry, handle, output, reach, earlier });
                 }
                 _ => stopped.push(entry),
             }

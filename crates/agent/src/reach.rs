@@ -17,7 +17,10 @@
 //! move while the limit holds output back: the reach also says how much of the attempt's
 //! output went out within the limit ([`OutputReach::kept`]), so a restarted agent goes on
 //! filling the limit where the earlier run stopped and rebuilds the held tail from the step's
-//! files.
+//! files. A reach in an earlier step than the one in flight (the limit froze it there, or the
+//! later steps' output had not reached the outbox) has the restarted agent read every step's
+//! files again from it, step by step, before the step in flight's: they stay until the
+//! attempt is cleaned up.
 
 /// Where one stream's output in the outbox ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -291,6 +291,21 @@ pub trait Runtime: Send + Sync + 'static {
         false
     }
 
+    /// Sends again the output of an earlier step of an attempt, which ended, from `from`
+    /// (stdout, stderr offsets) to the end of its files, standard output first; returns once
+    /// all of it was sent. For a runtime whose output says where it ends: a restarted agent
+    /// rebuilds from it what the earlier run held in memory and had not shipped (see
+    /// [`crate::reach`]). `Ok(false)` when the step's output is not kept (the default).
+    async fn replay(
+        &self,
+        _attempt_id: i64,
+        _step: usize,
+        _from: (u64, u64),
+        _out: OutputSink,
+    ) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
+
     /// Sandboxes booted ahead of tasks, idle, per image; reported to the server for placement.
     fn warm_counts(&self) -> BTreeMap<String, u32> {
         BTreeMap::new()

@@ -518,6 +518,30 @@ impl Runtime for ProcessRuntime {
         true
     }
 
+    async fn replay(
+        &self,
+        attempt_id: i64,
+        step: usize,
+        from: (u64, u64),
+        out: OutputSink,
+    ) -> Result<bool, RuntimeError> {
+        // An earlier step's files stay until the attempt is cleaned up.
+        let files = supervisor::StepFiles::new(&self.steps_dir, attempt_id, step);
+        if supervisor::read_status(&files.status()).is_none() {
+            return Ok(false);
+        }
+        let ended = tail::Ended::default();
+        ended.set();
+        for (path, offset, stream) in
+            [(files.stdout(), from.0, Stream::Stdout), (files.stderr(), from.1, Stream::Stderr)]
+        {
+            let io = |source| RuntimeError::Io { context: format!("read {} again", path.display()), source };
+            let reader = tail::Tail::open(&path, offset, ended.clone()).map_err(io)?;
+            lines::pump(reader, stream, step, out.clone(), Some(offset)).await.map_err(io)?;
+        }
+        Ok(true)
+    }
+
     async fn attach(
         &self,
         handle: &RunHandle,
@@ -1190,6 +1214,35 @@ mod tests {
         assert_eq!(third.wait(&handle).await.expect("wait").code, Some(7));
         third.cleanup(&task).await.expect("cleanup");
         drop(first);
+    }
+
+    /// An ended step's output is sent again from where the outbox's reach was, standard
+    /// output first, until the attempt is cleaned up; a step not run replays nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ended_steps_output_is_sent_again_from_an_offset() {
+        let dir = conformance::scratch();
+        let mut task =
+            conformance::task(dir.path(), vec![conformance::sh("echo one; echo two; echo err >&2")]);
+        task.attempt_id = conformance::unique_attempt_id();
+        let runtime = ProcessRuntime::new();
+        runtime.prepare(&task).await.expect("prepare");
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let handle = runtime.start(&task, 0, tx).await.expect("start");
+        assert_eq!(runtime.wait(&handle).await.expect("wait").code, Some(0));
+        // A new runtime, as after an agent restart.
+        let again = ProcessRuntime::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        assert!(again.replay(task.attempt_id, 0, (4, 0), tx).await.expect("replay"));
+        let mut sent = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            sent.push((String::from_utf8_lossy(&chunk.data).into_owned(), chunk.end));
+        }
+        assert_eq!(sent, [("two\n".to_string(), Some(8)), ("err\n".to_string(), Some(4))]);
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        assert!(!again.replay(task.attempt_id, 1, (0, 0), tx).await.expect("replay"), "no step 1");
+        runtime.cleanup(&task).await.expect("cleanup");
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        assert!(!again.replay(task.attempt_id, 0, (0, 0), tx).await.expect("replay"), "cleaned up");
     }
 
     #[tokio::test]
