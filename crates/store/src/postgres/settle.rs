@@ -4,23 +4,31 @@
 
 use super::*;
 
+/// The distinct states of the tasks of job `j` (a row of the enclosing query), as the
+/// recursive CTE `s(state)` ending in a `NULL` row: a "loose index scan" of
+/// `tasks_by_job_state`, one index probe per state instead of reading every task, which
+/// matters because this runs on every task settled (PostgreSQL has no skip scan of its own
+/// before version 18).
+macro_rules! job_task_states_scan {
+    () => {
+        "WITH RECURSIVE s(state) AS ( \
+             (SELECT t.state FROM tasks t WHERE t.job_id = j.id ORDER BY t.state LIMIT 1) \
+             UNION ALL \
+             SELECT (SELECT t.state FROM tasks t WHERE t.job_id = j.id AND t.state > s.state \
+                     ORDER BY t.state LIMIT 1) \
+             FROM s WHERE s.state IS NOT NULL) "
+    };
+}
+pub(super) use job_task_states_scan;
+
 /// Recomputes jobs' states from their tasks and records a job event for each that changed.
 /// The caller holds the jobs' row locks.
 pub(super) async fn refresh_jobs(conn: &mut PgConnection, job_ids: &[i64], now_ms: i64) -> Result<()> {
-    // The distinct task states of a job by a "loose index scan" of `tasks_by_job_state`: one
-    // index probe per state instead of reading every task, which matters because this runs
-    // on every task settled (PostgreSQL has no skip scan of its own before version 18).
-    let rows = sqlx::query(
-        "SELECT j.id, j.state, j.cancelled, ARRAY( \
-             WITH RECURSIVE s(state) AS ( \
-                 (SELECT t.state FROM tasks t WHERE t.job_id = j.id ORDER BY t.state LIMIT 1) \
-                 UNION ALL \
-                 SELECT (SELECT t.state FROM tasks t WHERE t.job_id = j.id AND t.state > s.state \
-                         ORDER BY t.state LIMIT 1) \
-                 FROM s WHERE s.state IS NOT NULL) \
-             SELECT state FROM s WHERE state IS NOT NULL) \
-         FROM jobs j WHERE j.id = ANY($1) ORDER BY j.id",
-    )
+    let rows = sqlx::query(concat!(
+        "SELECT j.id, j.state, j.cancelled, ARRAY(",
+        job_task_states_scan!(),
+        "SELECT state FROM s WHERE state IS NOT NULL) FROM jobs j WHERE j.id = ANY($1) ORDER BY j.id"
+    ))
     .bind(job_ids)
     .fetch_all(&mut *conn)
     .await?;

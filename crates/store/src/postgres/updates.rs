@@ -5,7 +5,7 @@
 //! only a job whose state changed takes one more. Each statement is a network round trip,
 //! and PostgreSQL plans each anew with the batch's values.
 
-use super::settle::release_dependents;
+use super::settle::{job_task_states_scan, release_dependents};
 use super::*;
 use crate::update_batch::{self, AttemptView, Decided, JobBefore, TaskFacts};
 
@@ -178,17 +178,14 @@ macro_rules! write_batch_sql {
          "
     };
     (derive) => {
-        "SELECT (SELECT COUNT(*) FROM ins), j.id, j.state, j.cancelled, ARRAY( \
-             WITH RECURSIVE s(state) AS ( \
-                 (SELECT t.state FROM tasks t WHERE t.job_id = j.id ORDER BY t.state LIMIT 1) \
-                 UNION ALL \
-                 SELECT (SELECT t.state FROM tasks t WHERE t.job_id = j.id AND t.state > s.state \
-                         ORDER BY t.state LIMIT 1) \
-                 FROM s WHERE s.state IS NOT NULL) \
-             SELECT s.state FROM s WHERE s.state IS NOT NULL AND ( \
+        concat!(
+            "SELECT (SELECT COUNT(*) FROM ins), j.id, j.state, j.cancelled, ARRAY(",
+            job_task_states_scan!(),
+            "SELECT s.state FROM s WHERE s.state IS NOT NULL AND ( \
                  SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.state = s.state AND t.id <> ALL($34) \
                  LIMIT 1) IS NOT NULL) \
-         FROM (SELECT 1) AS one LEFT JOIN jobs j ON j.id = ANY($33)"
+             FROM (SELECT 1) AS one LEFT JOIN jobs j ON j.id = ANY($33)"
+        )
     };
     (count) => {
         "SELECT (SELECT COUNT(*) FROM ins), NULL::BIGINT, NULL::TEXT, NULL::BOOLEAN, NULL::TEXT[]"
@@ -235,12 +232,12 @@ fn write_batch_statement(starts: bool, finishes: bool, derive: bool) -> &'static
 /// and finishes in the batch is written once, by its finish, with its start time.
 ///
 /// The same statement reads, for each job of `derive`, its state, its cancelled flag and the
-/// distinct states of its tasks the batch does not write, those other than `written` (the loose index scan of
-/// `refresh_jobs`, keeping a state only when a task outside the batch is in it: a probe of the
-/// index per state, which `LIMIT 1` keeps PostgreSQL from turning into a join over every task of
-/// the job). The caller
-/// holds those jobs' row locks, taken by an earlier statement, so this statement's snapshot
-/// has every change of their tasks committed before the locks were granted.
+/// distinct states of its tasks the batch does not write, those other than `written`
+/// (`job_task_states_scan!`, keeping a state only when a task outside the batch is in it: a
+/// probe of the index per state, which `LIMIT 1` keeps PostgreSQL from turning into a join
+/// over every task of the job). The caller holds those jobs' row locks, taken by an earlier
+/// statement, so this statement's snapshot has every change of their tasks committed before
+/// the locks were granted.
 async fn write_batch(
     conn: &mut PgConnection,
     decided: &Decided<'_>,
