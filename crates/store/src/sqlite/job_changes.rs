@@ -190,12 +190,7 @@ impl JobChanges {
             let job_id: i64 = row.try_get(0)?;
             let old: JobState = parse_word("job state", row.try_get::<&str, _>(1)?)?;
             let cancelled: bool = row.try_get(2)?;
-            let tasks = row.try_get::<Option<&str>, _>(3)?.unwrap_or_default();
-            let tasks = tasks
-                .split_whitespace()
-                .map(|s| parse_word::<TaskState>("task state", s))
-                .collect::<Result<Vec<_>>>()?;
-            let new = JobState::derive(tasks, cancelled);
+            let new = JobState::derive(task_states(row.try_get(3)?)?, cancelled);
             if new != old {
                 states.push(StateArg {
                     job: job_id,
@@ -215,6 +210,12 @@ impl JobChanges {
             .await?;
         Ok(())
     }
+}
+
+/// A job's distinct task states as the job-state scan gives them: space-separated, `NULL`
+/// for a job without tasks.
+pub(super) fn task_states(words: Option<&str>) -> Result<Vec<TaskState>> {
+    words.unwrap_or_default().split_whitespace().map(|s| parse_word("task state", s)).collect()
 }
 
 /// The events of each job, numbered within their job.

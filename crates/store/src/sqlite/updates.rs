@@ -12,7 +12,7 @@
 use serde_json::json as json_value;
 use tokio::sync::OwnedMutexGuard;
 
-use super::job_changes::{Ahead, job_changes_sql};
+use super::job_changes::{Ahead, job_changes_sql, task_states};
 use super::settle::release_dependents;
 use super::*;
 use crate::update_batch::{self, AttemptView, Decided, JobBefore, TaskFacts};
@@ -105,11 +105,7 @@ async fn apply(conn: &mut SqliteConnection, updates: &[AttemptUpdate], now_ms: i
     for r in &rows {
         if r.len() == 4 {
             let job_id: i64 = r.try_get(0)?;
-            let others = r.try_get::<Option<&str>, _>(3)?.unwrap_or_default();
-            let others = others
-                .split_whitespace()
-                .map(|s| parse_word::<TaskState>("task state", s))
-                .collect::<Result<Vec<_>>>()?;
+            let others = task_states(r.try_get(3)?)?;
             let state = parse_word("job state", r.try_get::<&str, _>(1)?)?;
             before.insert(job_id, JobBefore { state, cancelled: r.try_get(2)?, others });
             continue;
