@@ -39,11 +39,12 @@ impl Drover for ClientApi {
         let job_id =
             self.0.store.submit(&plan, &req.source, &req.filename, now_ms()).await.map_err(status)?;
         tracing::info!(job_id, tasks = plan.tasks.len(), name = %plan.name, by = %caller.who(), "job submitted");
+        // Placement first: the audit record is another write, and the job waits on no one.
+        self.0.publish(Signal::Schedule).await;
+        self.0.publish(Signal::Changed { job_id }).await;
         let what = format!("{} ({} tasks)", plan.name, plan.tasks.len());
         audit::record(&self.0, &caller, from, Change::of(&plan.project, "job.submit", job_id).detail(what))
             .await;
-        self.0.publish(Signal::Changed { job_id }).await;
-        self.0.publish(Signal::Schedule).await;
         Ok(Response::new(pb::SubmitResponse { job_id, tasks: plan.tasks.len() as u32 }))
     }
 

@@ -36,17 +36,19 @@ mod dependencies;
 mod events;
 mod job_changes;
 mod lists;
+mod open_tx;
 mod queue_feed;
 mod retention;
 mod rows;
 mod secrets;
 mod settle;
+mod submit;
 mod tenancy;
 mod updates;
 
 use events::{Ev, emit};
 use job_changes::{JobChanges, refresh_job};
-use rows::{admissible, stored_chunk};
+use rows::stored_chunk;
 use settle::{lose_node_attempts, open_attempt, requeue_undelivered, settle_attempt};
 
 use crate::artifacts::{ArtifactStore, OutputFile};
@@ -111,73 +113,9 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64> {
-        let has_deps = plan.tasks.iter().any(|t| !t.depends_on.is_empty());
-        let mut writer = self.writer.lock().await;
-        let mut tx = writer.begin().await?;
-        let job_id: i64 = sqlx::query_scalar(
-            "INSERT INTO jobs (name, project, priority, labels, source, filename, state, has_deps, created_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING id",
-        )
-        .bind(&plan.name)
-        .bind(&plan.project)
-        .bind(plan.priority)
-        .bind(to_json("labels", &plan.labels)?)
-        .bind(source)
-        .bind(filename)
-        .bind(has_deps)
-        .bind(now_ms)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut events =
-            vec![Ev::job(job_id, JobState::Queued, format!("submitted with {} tasks", plan.tasks.len()))];
-        let mut graph = Vec::with_capacity(if has_deps { plan.tasks.len() } else { 0 });
-        for chunk in plan.tasks.chunks(INSERT_CHUNK) {
-            let rows = chunk
-                .iter()
-                .map(|t| {
-                    let state = if t.depends_on.is_empty() { TaskState::Queued } else { TaskState::Waiting };
-                    Ok((t, state, to_json("task plan", t)?, to_json("constraints", &t.constraints)?))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO tasks (job_id, name, frame, plan, priority, cores, memory, constraints, runtime, state, \
-                 deps_left) ",
-            );
-            q.push_values(&rows, |mut b, (t, state, plan_json, constraints)| {
-                b.push_bind(job_id)
-                    .push_bind(&t.name)
-                    .push_bind(t.frame)
-                    .push_bind(plan_json)
-                    .push_bind(plan.priority)
-                    .push_bind(t.resources.cores as i64)
-                    .push_bind(t.resources.memory as i64)
-                    .push_bind(constraints)
-                    .push_bind(t.runtime.as_str())
-                    .push_bind(state.as_str())
-                    .push_bind(t.depends_on.len() as i64);
-            });
-            q.push(" RETURNING id");
-            let ids: Vec<i64> = q.build_query_scalar().fetch_all(&mut *tx).await?;
-            for ((t, state, _, _), id) in rows.iter().zip(ids) {
-                events.push(Ev::task(job_id, id, &t.name, t.frame, *state));
-                if has_deps {
-                    graph.push((id, t.name.as_str(), t.depends_on.as_slice()));
-                }
-            }
-        }
-        if has_deps {
-            dependencies::record_graph(&mut tx, job_id, &graph).await?;
-        }
-        for digest in crate::retention::plan_blobs(plan) {
-            sqlx::query("INSERT INTO job_blobs (job_id, digest) VALUES (?, ?) ON CONFLICT DO NOTHING")
-                .bind(job_id)
-                .bind(digest)
-                .execute(&mut *tx)
-                .await?;
-        }
-        emit(&mut tx, job_id, now_ms, events).await?;
-        tx.commit().await?;
-        Ok(job_id)
+        // Owned: should the caller go away mid-submit, the rollback takes the writer with it.
+        let writer = Arc::clone(&self.writer).lock_owned().await;
+        submit::submit(writer, plan, source, filename, now_ms).await
     }
 
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
@@ -410,20 +348,12 @@ impl Store for SqliteStore {
     }
 
     async fn assign(&self, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
-        let mut writer = self.writer.lock().await;
-        let mut tx = writer.begin().await?;
-        let (plan, nodes) = admissible(&mut tx, plan).await?;
-        let mut assigned = Vec::with_capacity(plan.len());
-        let out = assign::claim(&mut tx, &plan, &nodes, now_ms).await?;
-        let mut changes = JobChanges::default();
-        for (a, ev) in out {
-            changes.events(ev.job_id, [ev]);
-            changes.refresh(a.job_id);
-            assigned.push(a);
+        if plan.is_empty() {
+            return Ok(Vec::new());
         }
-        changes.write(&mut tx, now_ms).await?;
-        tx.commit().await?;
-        Ok(assigned)
+        // Owned: should the caller go away mid-claim, the rollback takes the writer with it.
+        let writer = Arc::clone(&self.writer).lock_owned().await;
+        assign::assign(writer, plan, now_ms).await
     }
 
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
@@ -680,6 +610,93 @@ mod tests {
         }
         assert_eq!(state(b.task_id).await, TaskState::Succeeded);
         assert_eq!(store.attempt_finished(&report, 7).await.unwrap(), Applied::Stale, "finished once");
+    }
+
+    /// A placement round's claim begins and commits a transaction of its own and gives the
+    /// attempts their ids: one that fails halfway stores nothing, one whose caller goes away
+    /// claims its tasks once or not at all, and ids never come back after their attempts were
+    /// deleted (as `AUTOINCREMENT` promises).
+    #[tokio::test]
+    async fn a_claim_that_fails_or_is_abandoned_leaves_no_transaction_open() {
+        use crate::Store;
+        use crate::conformance::{job, node, task};
+        use drover_core::TaskState;
+        use drover_core::placement::Placement;
+        let store = fresh().await;
+        let job_id = store
+            .submit(&job(vec![task("a", &[]), task("b", &[]), task("c", &[])]), "", "f", 1)
+            .await
+            .unwrap();
+        let node_id = store.register_node(&node("n", 8, 100_000), &[], 1).await.unwrap().node_id;
+        let ids: Vec<i64> = store.tasks(job_id).await.unwrap().iter().map(|t| t.id).collect();
+        let at = |task_id: i64| Placement { task_id, node_id, ahead: false };
+        let raw = |sql: &'static str, id: i64| {
+            let store = &store;
+            async move { sqlx::query(sql).bind(id).execute(&mut *store.writer.lock().await).await.unwrap() }
+        };
+        let states = || {
+            let store = &store;
+            async move { store.tasks(job_id).await.unwrap().iter().map(|t| t.state).collect::<Vec<_>>() }
+        };
+
+        raw("UPDATE tasks SET plan = 'not a plan' WHERE id = ?", ids[1]).await;
+        let error = store.assign(&[at(ids[0]), at(ids[1])], 2).await.expect_err("the plan cannot be read");
+        assert!(error.to_string().contains("task plan"), "{error}");
+        assert_eq!(states().await, vec![TaskState::Queued; 3], "nothing of the failed claim is stored");
+
+        // Polled once, then dropped: rolled back, or committed if it ended within that poll.
+        let only_a = [at(ids[0])];
+        let abandoned = store.assign(&only_a, 3);
+        let first_poll = tokio::select! {
+            biased;
+            claimed = abandoned => Some(claimed.unwrap()),
+            () = std::future::ready(()) => None,
+        };
+        let again = store.assign(&[at(ids[0])], 4).await.unwrap();
+        let claimed: Vec<_> = first_poll.unwrap_or_default().into_iter().chain(again).collect();
+        assert_eq!(claimed.len(), 1, "task a claimed once: {claimed:?}");
+        assert_eq!(claimed[0].number, 1);
+        assert_eq!(store.tasks(job_id).await.unwrap()[0].state, TaskState::Assigned);
+
+        // The newest attempt deleted: the next one still gets a new id.
+        let first = claimed[0].attempt_id;
+        raw("UPDATE tasks SET current_attempt = NULL, state = 'queued', attempts = 0 WHERE id = ?", ids[0])
+            .await;
+        raw("DELETE FROM attempts WHERE id = ?", first).await;
+        let next = store.assign(&[at(ids[0]), at(ids[2])], 5).await.unwrap();
+        let next_ids: Vec<i64> = next.iter().map(|a| a.attempt_id).collect();
+        assert_eq!(next_ids, vec![first + 1, first + 2], "ids go on after the deleted one, in plan order");
+        let events = store.events_after(job_id, 0, 100).await.unwrap();
+        let assigned = events.iter().filter(|e| e.kind == "task" && e.state == "assigned").count();
+        let running = events.iter().filter(|e| e.kind == "job" && e.state == "running").count();
+        assert_eq!((assigned, running), (3, 1), "{events:?}");
+    }
+
+    /// A submit begins and commits a transaction of its own: one whose caller goes away
+    /// stores the whole job or nothing of it, and leaves the writer usable.
+    #[tokio::test]
+    async fn an_abandoned_submit_stores_the_whole_job_or_nothing() {
+        use crate::Store;
+        use crate::conformance::{job, task};
+        let store = fresh().await;
+        let plan = job(vec![task("a", &[]), task("b", &["a"])]);
+        // Polled once, then dropped: its trips are usually still under way.
+        let abandoned = store.submit(&plan, "", "f", 1);
+        let first_poll = tokio::select! {
+            biased;
+            id = abandoned => Some(id.unwrap()),
+            () = std::future::ready(()) => None,
+        };
+        let next = store.submit(&plan, "", "f", 2).await.unwrap();
+        for id in 1..=next {
+            let Some(found) = store.job(id).await.unwrap() else {
+                assert_eq!(first_poll, None, "job {id} was acknowledged, yet it is not stored");
+                continue;
+            };
+            let tasks = store.tasks(id).await.unwrap();
+            let events = store.events_after(id, 0, 100).await.unwrap();
+            assert_eq!((tasks.len(), events.len(), found.last_seq), (2, 3, 3), "job {id}: {events:?}");
+        }
     }
 
     #[tokio::test]

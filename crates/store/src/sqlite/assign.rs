@@ -1,101 +1,180 @@
-//! The claim of an assignment round on SQLite: every admitted placement's attempt, then its
-//! task, in two statements whatever the round's size (they used to be two per placement, and
-//! every statement is a round trip to the connection's worker thread).
+//! A placement round's claim on SQLite, in two round trips whatever the round's size: the read
+//! that begins the transaction, then the writes with the commit. Every statement is a round
+//! trip to the connection's worker thread, and a lone task waits on each of them between its
+//! submit and its start; the claim used to take seven.
+//!
+//! The read finds everything the writes and the round's answer need: the placed nodes' loads,
+//! the placed tasks still queued (with their jobs' states, names and plans), and the last
+//! attempt id. The single writer serialises the transaction with every other write, so what
+//! it reads holds until the commit: the attempts' ids are given here (the table's
+//! `AUTOINCREMENT` counts on after them), and a job that was not running yet is set running
+//! without reading its tasks back (a job with a task assigned is running, see
+//! [`JobState::derive`]).
+
+use std::collections::BTreeSet;
 
 use serde::Serialize;
+use tokio::sync::OwnedMutexGuard;
 
+use super::job_changes::Ahead;
+use super::open_tx::OpenTx;
 use super::*;
 
-/// A placement as the claim's statements read it.
+/// The read that begins a claim's transaction. Its parameter is a JSON object: `nodes`, the
+/// placed nodes' ids; `tasks`, the placed tasks' ids. It returns, per placed node still
+/// ready, its capacity and what its open attempts hold (7 columns); per placed task still
+/// queued, its needs, job, job state, name, frame, attempts so far and plan (9 columns); and
+/// the highest attempt id ever given (1 column). `CROSS JOIN` keeps the placed tasks the
+/// outer loop: SQLite would otherwise walk every queued task.
+macro_rules! begin_and_read_sql {
+    () => {
+        "BEGIN; \
+         SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), n.epoch, n.name \
+         FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
+         WHERE n.state = 'ready' AND n.id IN (SELECT value FROM json_each(?1, '$.nodes')) GROUP BY n.id; \
+         SELECT t.id, t.cores, t.memory, t.job_id, j.state, t.name, t.frame, t.attempts, t.plan \
+         FROM json_each(?1, '$.tasks') AS p CROSS JOIN tasks t ON t.id = p.value JOIN jobs j ON j.id = t.job_id \
+         WHERE t.state = 'queued'; \
+         SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'attempts'), 0), \
+             COALESCE((SELECT MAX(id) FROM attempts), 0));"
+    };
+}
+
+/// The claim's writes, ahead of the job changes, reading `claims` (`[{attempt, task, node,
+/// epoch}]`) and `now` from the job changes' JSON parameter: each claimed task's attempt
+/// (metered against the price table in force now, for good), then the task pointed at it.
+/// (`+tasks.state` keeps SQLite from walking every queued task through the state index.)
+macro_rules! claim_sql {
+    () => {
+        "INSERT INTO attempts (id, task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
+         price_version) \
+         SELECT c.value ->> 'attempt', t.id, t.job_id, t.attempts + 1, c.value ->> 'node', c.value ->> 'epoch', \
+         'assigned', t.cores, t.memory, ?1 ->> '$.now', (SELECT COALESCE(MAX(version), 0) FROM prices) \
+         FROM json_each(?1, '$.claims') AS c CROSS JOIN tasks t ON t.id = c.value ->> 'task' \
+         WHERE t.state = 'queued'; \
+         UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = c.value ->> 'node', reason = '', \
+         started_ms = NULL, ended_ms = NULL, current_attempt = c.value ->> 'attempt' \
+         FROM json_each(?1, '$.claims') AS c WHERE tasks.id = c.value ->> 'task' AND +tasks.state = 'queued';"
+    };
+}
+
+/// A claim as the claim's statements read it.
 #[derive(Serialize)]
-struct PlacementArg {
+struct ClaimArg {
+    attempt: i64,
     task: i64,
     node: i64,
     epoch: i64,
 }
 
-/// A claimed attempt as its task's update reads it.
-#[derive(Serialize)]
-struct AttemptArg {
-    attempt: i64,
-    task: i64,
-    node: i64,
+/// A placed task still queued, as the read found it.
+struct Queued {
+    job_id: i64,
+    job_state: JobState,
+    name: String,
+    frame: Option<i64>,
+    attempts: u32,
+    plan: String,
 }
 
-/// Claims the admitted placements of `plan` (each task once, while it is still queued) on
-/// the nodes `nodes` describes (epoch and name): inserts their attempts, points their tasks
-/// at them, and returns each assignment with its task's `assigned` event, in plan order.
-pub(super) async fn claim(
-    conn: &mut SqliteConnection,
+/// Claims the admitted placements of `plan` (each task once, while it is still queued, on a
+/// node still ready with room) in a transaction of its own on the writer: inserts their
+/// attempts, points their tasks at them, records their `assigned` events, and returns the
+/// assignments in plan order.
+pub(super) async fn assign(
+    writer: OwnedMutexGuard<SqliteConnection>,
     plan: &[Placement],
-    nodes: &HashMap<i64, (i64, String)>,
     now_ms: i64,
-) -> Result<Vec<(Assignment, Ev)>> {
-    let mut order = HashMap::with_capacity(plan.len());
-    let mut placements = Vec::with_capacity(plan.len());
-    for p in plan {
-        let Some((epoch, _)) = nodes.get(&p.node_id) else { continue };
-        // A task placed twice is claimed once, where it was placed first.
-        if order.contains_key(&p.task_id) {
-            continue;
+) -> Result<Vec<Assignment>> {
+    let mut open = OpenTx::new(writer);
+    let Some(conn) = open.conn() else { return Ok(Vec::new()) };
+    let result = claim(conn, plan, now_ms).await;
+    open.close(result).await
+}
+
+async fn claim(conn: &mut SqliteConnection, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
+    let ids = serde_json::json!({
+        "nodes": plan.iter().map(|p| p.node_id).collect::<Vec<_>>(),
+        "tasks": plan.iter().map(|p| p.task_id).collect::<Vec<_>>(),
+    });
+    let rows = sqlx::query(begin_and_read_sql!()).bind(ids.to_string()).fetch_all(&mut *conn).await?;
+    let mut loads = HashMap::new();
+    let mut nodes = HashMap::new();
+    let mut need = HashMap::new();
+    let mut queued = HashMap::new();
+    let mut last_attempt = None;
+    for r in &rows {
+        match r.len() {
+            7 => {
+                let id: i64 = r.try_get(0)?;
+                let capacity = Resources { cores: rows::get_u32(r, 1), memory: rows::get_u64(r, 2), pids: 0 };
+                let reserved = Resources { cores: rows::get_u32(r, 3), memory: rows::get_u64(r, 4), pids: 0 };
+                loads.insert(id, NodeLoad { capacity, reserved });
+                nodes.insert(id, (r.try_get::<i64, _>(5)?, r.try_get::<String, _>(6)?));
+            }
+            9 => {
+                let id: i64 = r.try_get(0)?;
+                need.insert(
+                    id,
+                    Resources { cores: rows::get_u32(r, 1), memory: rows::get_u64(r, 2), pids: 0 },
+                );
+                queued.insert(
+                    id,
+                    Queued {
+                        job_id: r.try_get(3)?,
+                        job_state: parse_word("job state", r.try_get::<&str, _>(4)?)?,
+                        name: r.try_get(5)?,
+                        frame: r.try_get(6)?,
+                        attempts: rows::get_u32(r, 7),
+                        plan: r.try_get(8)?,
+                    },
+                );
+            }
+            _ => last_attempt = Some(r.try_get::<i64, _>(0)?),
         }
-        order.insert(p.task_id, order.len());
-        placements.push(PlacementArg { task: p.task_id, node: p.node_id, epoch: *epoch });
     }
-    if placements.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Metered against the price table in force now, for good. `CROSS JOIN` keeps the
-    // placements the outer loop: SQLite would otherwise walk every queued task.
-    let inserted = sqlx::query(
-        "INSERT INTO attempts (task_id, job_id, number, node_id, epoch, state, cores, memory, assigned_ms, \
-         price_version) \
-         SELECT t.id, t.job_id, t.attempts + 1, p.value ->> 'node', p.value ->> 'epoch', 'assigned', t.cores, \
-         t.memory, ?2, (SELECT COALESCE(MAX(version), 0) FROM prices) \
-         FROM json_each(?1) AS p CROSS JOIN tasks t ON t.id = p.value ->> 'task' WHERE t.state = 'queued' \
-         RETURNING id, task_id, node_id",
-    )
-    .bind(to_json("placements", &placements)?)
-    .bind(now_ms)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut attempts = Vec::with_capacity(inserted.len());
-    for r in &inserted {
-        attempts.push(AttemptArg { attempt: r.try_get(0)?, task: r.try_get(1)?, node: r.try_get(2)? });
-    }
-    let tasks = sqlx::query(
-        "UPDATE tasks SET state = 'assigned', attempts = attempts + 1, node_id = a.value ->> 'node', reason = '', \
-         started_ms = NULL, ended_ms = NULL, current_attempt = a.value ->> 'attempt' \
-         FROM json_each(?1) AS a WHERE tasks.id = a.value ->> 'task' \
-         RETURNING tasks.id, tasks.job_id, tasks.name, tasks.frame, tasks.plan, tasks.attempts, \
-         tasks.current_attempt, tasks.node_id",
-    )
-    .bind(to_json("attempts", &attempts)?)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut out = Vec::with_capacity(tasks.len());
-    for r in &tasks {
-        let task_id: i64 = r.try_get(0)?;
-        let job_id: i64 = r.try_get(1)?;
-        let node_id: i64 = r.try_get(7)?;
-        let Some((epoch, node_name)) = nodes.get(&node_id) else { continue };
-        let number = rows::get_u32(r, 5);
-        let mut ev = Ev::task(job_id, task_id, r.try_get::<&str, _>(2)?, r.try_get(3)?, TaskState::Assigned);
+    let mut next_attempt = last_attempt.ok_or_else(|| corrupt("claim", "no last attempt id read"))?;
+    let mut claims = Vec::new();
+    let mut assigned = Vec::new();
+    let mut changes = JobChanges::default();
+    let mut now_running = BTreeSet::new();
+    for p in admit(plan, &mut loads, &need) {
+        let (Some(task), Some((epoch, node_name))) = (queued.get(&p.task_id), nodes.get(&p.node_id)) else {
+            continue;
+        };
+        next_attempt += 1;
+        let number = task.attempts.saturating_add(1);
+        claims.push(ClaimArg { attempt: next_attempt, task: p.task_id, node: p.node_id, epoch: *epoch });
+        let mut ev = Ev::task(task.job_id, p.task_id, &task.name, task.frame, TaskState::Assigned);
         ev.attempt = number;
         ev.node = node_name.clone();
-        let assignment = Assignment {
-            attempt_id: r.try_get(6)?,
+        changes.events(task.job_id, [ev]);
+        if task.job_state != JobState::Running {
+            now_running.insert(task.job_id);
+        }
+        assigned.push(Assignment {
+            attempt_id: next_attempt,
             epoch: *epoch,
             number,
-            node_id,
-            task_id,
-            job_id,
-            plan: json("task plan", r.try_get::<&str, _>(4)?)?,
+            node_id: p.node_id,
+            task_id: p.task_id,
+            job_id: task.job_id,
+            plan: json("task plan", &task.plan)?,
             // One server writes an SQLite store: no other scheduler takes a placed task.
             instead_of: None,
-        };
-        out.push((assignment, ev));
+        });
     }
-    out.sort_by_key(|(a, _)| order.get(&a.task_id).copied().unwrap_or(usize::MAX));
-    Ok(out)
+    if claims.is_empty() {
+        sqlx::query("COMMIT").execute(&mut *conn).await?;
+        return Ok(Vec::new());
+    }
+    // After the jobs' task events, so the job event follows them.
+    for job_id in now_running {
+        changes.set_state(job_id, JobState::Running, now_ms);
+    }
+    let mut lists = serde_json::Map::new();
+    lists.insert("claims".into(), serde_json::to_value(&claims).map_err(|e| corrupt("claims", e))?);
+    let ahead = Ahead { statements: claim_sql!().to_owned(), lists };
+    changes.write_and_commit(conn, now_ms, ahead).await?;
+    Ok(assigned)
 }

@@ -24,9 +24,22 @@ use super::*;
 /// per state instead of reading every task, since this runs on every task settled).
 macro_rules! job_changes_sql {
     () => {
+        concat!(job_states_sql!(), " ", job_events_sql!(), " ", job_scan_sql!())
+    };
+}
+
+/// The first of [`job_changes_sql`]'s statements: the jobs' new states.
+macro_rules! job_states_sql {
+    () => {
         "UPDATE jobs AS j SET state = c.value ->> 'state', ended_ms = c.value ->> 'ended' \
-         FROM json_each(?1, '$.states') AS c WHERE j.id = c.value ->> 'job'; \
-         INSERT INTO events (job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, \
+         FROM json_each(?1, '$.states') AS c WHERE j.id = c.value ->> 'job';"
+    };
+}
+
+/// The events of [`job_changes_sql`], and the jobs' event counters moved on past them.
+macro_rules! job_events_sql {
+    () => {
+        "INSERT INTO events (job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, \
              attempt, node) \
          SELECT j.id, j.last_seq + (e.value ->> 'i'), ?1 ->> '$.now', e.value ->> 'kind', e.value ->> 'task', \
              e.value ->> 'name', e.value ->> 'frame', e.value ->> 'state', e.value ->> 'message', \
@@ -34,8 +47,14 @@ macro_rules! job_changes_sql {
          FROM json_each(?1, '$.events') AS e CROSS JOIN jobs j ON j.id = e.value ->> 'job'; \
          UPDATE jobs AS j SET last_seq = j.last_seq + c.n \
          FROM (SELECT value ->> 'job' AS job, MAX(value ->> 'i') AS n FROM json_each(?1, '$.events') GROUP BY 1) AS c \
-         WHERE j.id = c.job; \
-         WITH RECURSIVE r(job) AS (SELECT value FROM json_each(?1, '$.jobs')), \
+         WHERE j.id = c.job;"
+    };
+}
+
+/// The last of [`job_changes_sql`]'s statements: the task states of the jobs to derive.
+macro_rules! job_scan_sql {
+    () => {
+        "WITH RECURSIVE r(job) AS (SELECT value FROM json_each(?1, '$.jobs')), \
          s(job, state) AS ( \
              SELECT r.job, (SELECT MIN(t.state) FROM tasks t WHERE t.job_id = r.job) FROM r \
              UNION ALL \
@@ -46,16 +65,14 @@ macro_rules! job_changes_sql {
          FROM r CROSS JOIN jobs j ON j.id = r.job LEFT JOIN g ON g.job = j.id;"
     };
 }
-pub(super) use job_changes_sql;
 
-/// Writes a caller puts ahead of the job changes and the commit in the same round trip: statements that
-/// read their lists from the same JSON parameter as the job changes ([`Args`]), under keys of
-/// their own (they may use `now`).
+/// Writes a caller puts ahead of the job changes and the commit in the same round trip:
+/// statements that read their lists from the same JSON parameter as the job changes
+/// ([`Args`]), under keys of their own (they may use `now`).
 pub(super) struct Ahead {
-    /// The statements on their own.
-    pub(super) alone: &'static str,
-    /// The statements followed by [`job_changes_sql`] and `COMMIT`.
-    pub(super) committing: &'static str,
+    /// The statements; a caller leaves out those its lists give nothing to do, since every
+    /// statement costs the trip a result to hand back.
+    pub(super) statements: String,
     /// Their lists, by key.
     pub(super) lists: serde_json::Map<String, serde_json::Value>,
 }
@@ -64,7 +81,10 @@ impl Ahead {
     /// Runs the statements on their own.
     pub(super) async fn run(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
         let args = Args { now: now_ms, ahead: self.lists, ..Args::default() };
-        sqlx::query(self.alone).bind(to_json("statement arguments", &args)?).execute(&mut *conn).await?;
+        sqlx::query(&self.statements)
+            .bind(to_json("statement arguments", &args)?)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }
@@ -151,6 +171,21 @@ impl JobChanges {
         if let Some(&job_id) = self.refresh.first() {
             return Err(corrupt("job changes", format!("job {job_id} to derive after a committing write")));
         }
+        // Only the statements with something to do: nothing is derived here.
+        let mut sql = ahead.statements;
+        if !self.states.is_empty() {
+            sql.push_str(concat!(" ", job_states_sql!()));
+        }
+        if !self.events.is_empty() {
+            sql.push_str(concat!(" ", job_events_sql!()));
+        }
+        if sql.is_empty() {
+            // Nothing to write (every update of the batch was stale): its parameter would
+            // have no statement to go to.
+            sqlx::query("COMMIT").execute(&mut *conn).await?;
+            return Ok(());
+        }
+        sql.push_str(" COMMIT;");
         let args = Args {
             now: now_ms,
             states: self.states,
@@ -158,11 +193,16 @@ impl JobChanges {
             jobs: Vec::new(),
             ahead: ahead.lists,
         };
-        sqlx::query(ahead.committing)
-            .bind(to_json("statement arguments", &args)?)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(&sql).bind(to_json("statement arguments", &args)?).execute(&mut *conn).await?;
         Ok(())
+    }
+
+    /// Writes the events and the states set with [`JobChanges::set_state`] and commits, in
+    /// one trip: for a caller that began the transaction with a statement of its own and
+    /// has nothing more to write.
+    pub(super) async fn commit(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
+        let nothing_ahead = Ahead { statements: String::new(), lists: serde_json::Map::new() };
+        self.write_and_commit(conn, now_ms, nothing_ahead).await
     }
 
     /// Writes the events and the states set with [`JobChanges::set_state`], then derives each

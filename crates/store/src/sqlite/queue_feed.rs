@@ -17,15 +17,24 @@ const COLUMNS: &str = "t.id, t.priority, t.cores, t.memory, t.constraints, t.run
      FROM tasks t JOIN jobs j ON j.id = t.job_id";
 
 pub(super) async fn queue_changes(reader: &SqlitePool, since: Option<i64>) -> Result<QueueChanges> {
-    let cursor: i64 = sqlx::query_scalar("SELECT seq FROM queue_feed WHERE id = 1").fetch_one(reader).await?;
+    // The cursor, then the rows, in one round trip: a placement round waits on this read.
+    const CURSOR: &str = "SELECT seq FROM queue_feed WHERE id = 1";
     let rows = match since {
-        None => sqlx::query(&format!("SELECT {COLUMNS} WHERE t.state = 'queued'")).fetch_all(reader).await?,
+        None => {
+            sqlx::query(&format!("{CURSOR}; SELECT {COLUMNS} WHERE t.state = 'queued'"))
+                .fetch_all(reader)
+                .await?
+        }
         Some(since) => {
-            sqlx::query(&format!("SELECT {COLUMNS} WHERE t.queue_seq > ?"))
+            sqlx::query(&format!("{CURSOR}; SELECT {COLUMNS} WHERE t.queue_seq > ?"))
                 .bind(since)
                 .fetch_all(reader)
                 .await?
         }
+    };
+    let (cursor, rows) = match rows.split_first() {
+        Some((first, rows)) if first.len() == 1 => (first.try_get::<i64, _>(0)?, rows),
+        _ => return Err(corrupt("queue feed", "no cursor read")),
     };
     crate::decode::queue_changes(
         cursor,

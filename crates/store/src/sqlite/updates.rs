@@ -12,17 +12,15 @@
 use serde_json::json as json_value;
 use tokio::sync::OwnedMutexGuard;
 
-use super::job_changes::{Ahead, job_changes_sql, task_states};
+use super::job_changes::{Ahead, task_states};
+use super::open_tx::OpenTx;
 use super::settle::release_dependents;
 use super::*;
 use crate::update_batch::{self, AttemptView, Decided, JobBefore, TaskFacts};
 
 /// The read that begins a batch's transaction. Its parameter is a JSON object: `attempts`,
 /// the batch's attempts; `finishing`, those it finishes. It returns, per attempt, its row
-/// with its task's (the task's plan only for a finish), 14 columns; then, for each job of a
-/// finish, its state, cancelled flag and the distinct states of its tasks outside the batch,
-/// 4 columns (the same loose index scan as `job_changes_sql`, keeping a state only when a task
-/// outside the batch is in it).
+/// with its task's (the task's plan only for a finish), 14 columns.
 macro_rules! begin_and_read_sql {
     () => {
         "BEGIN; \
@@ -30,8 +28,17 @@ macro_rules! begin_and_read_sql {
          j.cancelled, j.has_deps, CASE WHEN a.id IN (SELECT value FROM json_each(?1, '$.finishing')) THEN t.plan END, \
          t.state \
          FROM json_each(?1, '$.attempts') AS i CROSS JOIN attempts a ON a.id = i.value \
-         JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id; \
-         WITH RECURSIVE b(task) AS ( \
+         JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id;"
+    };
+}
+
+/// What a batch with finishes also reads after [`begin_and_read_sql`]: for each job of a
+/// finish, its state, cancelled flag and the distinct states of its tasks outside the batch,
+/// 4 columns (the same loose index scan as `job_changes_sql`, keeping a state only when a task
+/// outside the batch is in it). A batch of starts alone changes no job's state.
+macro_rules! others_sql {
+    () => {
+        "WITH RECURSIVE b(task) AS ( \
              SELECT a.task_id FROM json_each(?1, '$.attempts') AS i CROSS JOIN attempts a ON a.id = i.value), \
          r(job) AS ( \
              SELECT DISTINCT a.job_id FROM json_each(?1, '$.finishing') AS i CROSS JOIN attempts a ON a.id = i.value), \
@@ -52,54 +59,27 @@ macro_rules! begin_and_read_sql {
 
 /// Applies `updates` in a transaction of its own, begun and committed here (on the single
 /// writer, which serialises it with every other write); per update, whether it applied.
-///
-/// The transaction is not sqlx's, which would roll back on its own: a failure rolls back
-/// here, and so does a caller that goes away halfway (see [`OpenBatch`]).
 pub(super) async fn apply_committing(
     writer: OwnedMutexGuard<SqliteConnection>,
     updates: &[AttemptUpdate],
     now_ms: i64,
 ) -> Result<Vec<Applied>> {
-    let mut open = OpenBatch(Some(writer));
-    let Some(conn) = open.0.as_deref_mut() else { return Ok(Vec::new()) };
+    let mut open = OpenTx::new(writer);
+    let Some(conn) = open.conn() else { return Ok(Vec::new()) };
     let result = apply(conn, updates, now_ms).await;
-    if let Err(error) = &result {
-        // A failure before `BEGIN` ran, or in the `COMMIT`, leaves no transaction open, and
-        // the rollback then fails harmlessly.
-        if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
-            tracing::debug!(%error, %rollback, "nothing to roll back after a failed update batch");
-        }
-    }
-    open.0 = None;
-    result
-}
-
-/// The writer while a batch's transaction may be open. Dropped still holding it (the caller
-/// went away mid-batch), it hands the writer to a task that rolls the transaction back; the
-/// next writer waits for that task, as it holds the writer's lock.
-struct OpenBatch(Option<OwnedMutexGuard<SqliteConnection>>);
-
-impl Drop for OpenBatch {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.0.take() else { return };
-        // Without a runtime the store is being torn down, and the connection with it.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        runtime.spawn(async move {
-            if let Err(error) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
-                tracing::debug!(%error, "nothing to roll back after an abandoned update batch");
-            }
-        });
-    }
+    open.close(result).await
 }
 
 async fn apply(conn: &mut SqliteConnection, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
-    let ids = json_value!({
-        "attempts": update_batch::attempt_ids(updates),
-        "finishing": update_batch::finishing_attempts(updates),
-    });
+    let finishing = update_batch::finishing_attempts(updates);
+    let read = match finishing.is_empty() {
+        true => begin_and_read_sql!(),
+        false => concat!(begin_and_read_sql!(), " ", others_sql!()),
+    };
+    let ids = json_value!({ "attempts": update_batch::attempt_ids(updates), "finishing": finishing });
     // The single writer serialises this with every other write, so what is read here holds
     // until the commit.
-    let rows = sqlx::query(begin_and_read_sql!()).bind(ids.to_string()).fetch_all(&mut *conn).await?;
+    let rows = sqlx::query(read).bind(ids.to_string()).fetch_all(&mut *conn).await?;
     let mut attempts = HashMap::with_capacity(rows.len());
     let mut before = HashMap::new();
     for r in &rows {
@@ -183,17 +163,23 @@ async fn apply(conn: &mut SqliteConnection, updates: &[AttemptUpdate], now_ms: i
     Ok(applied)
 }
 
-/// The batch's writes, reading from the job changes' JSON parameter: `now`; `starts`, the
-/// started attempts; `start_tasks`, their tasks; `finishes` (`[{attempt, task, …}]`). A list
-/// that is empty changes nothing. (`+tasks.state` keeps SQLite from walking every assigned
-/// task through the state index instead of looking up the started ones by id.)
-macro_rules! writes_sql {
+/// The batch's starts, reading from the job changes' JSON parameter: `now`; `starts`, the
+/// started attempts; `start_tasks`, their tasks. (`+tasks.state` keeps SQLite from walking
+/// every assigned task through the state index instead of looking up the started ones by id.)
+macro_rules! starts_sql {
     () => {
         "UPDATE attempts SET state = 'running', started_ms = ?1 ->> '$.now' \
          WHERE id IN (SELECT value FROM json_each(?1, '$.starts')) AND state = 'assigned'; \
          UPDATE tasks SET state = 'running', started_ms = ?1 ->> '$.now' FROM json_each(?1, '$.start_tasks') AS s \
-         WHERE tasks.id = s.value AND +tasks.state = 'assigned'; \
-         UPDATE attempts AS a SET state = 'ended', ended_ms = ?1 ->> '$.now', exit_code = u.value ->> 'exit_code', \
+         WHERE tasks.id = s.value AND +tasks.state = 'assigned';"
+    };
+}
+
+/// The batch's finishes, reading `now` and `finishes` (`[{attempt, task, …}]`) from the same
+/// parameter: the attempts ended, then their tasks settled.
+macro_rules! finishes_sql {
+    () => {
+        "UPDATE attempts AS a SET state = 'ended', ended_ms = ?1 ->> '$.now', exit_code = u.value ->> 'exit_code', \
          signal = u.value ->> 'signal', failure = u.value ->> 'failure', message = u.value ->> 'message', \
          cpu_seconds = u.value ->> 'cpu', peak_memory = u.value ->> 'peak', \
          input_tokens = MAX(a.input_tokens, u.value ->> 'input_tokens'), \
@@ -235,13 +221,16 @@ fn writes(decided: &Decided<'_>) -> Ahead {
             })
         })
         .collect();
+    // Only the statements with something to do: each costs the trip a result to hand back.
+    let statements = match (attempts.is_empty(), rows.is_empty()) {
+        (false, false) => concat!(starts_sql!(), " ", finishes_sql!()),
+        (false, true) => starts_sql!(),
+        (true, false) => finishes_sql!(),
+        (true, true) => "",
+    };
     let mut lists = serde_json::Map::new();
     lists.insert("starts".into(), attempts.into());
     lists.insert("start_tasks".into(), tasks.into());
     lists.insert("finishes".into(), rows.into());
-    Ahead {
-        alone: writes_sql!(),
-        committing: concat!(writes_sql!(), " ", job_changes_sql!(), " COMMIT;"),
-        lists,
-    }
+    Ahead { statements: statements.to_owned(), lists }
 }
