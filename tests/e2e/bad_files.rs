@@ -56,6 +56,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &["bad-memory.yaml:5:", "memory", "lots"],
     ),
     (
+        "huge-memory.yaml",
+        "version: 1\nname: x\ntasks:\n  - name: a\n    resources: { memory: 2000TiB }\n    command: \"true\"\n",
+        &["huge-memory.yaml", "tasks[0].resources.memory", "more than the limit of 1024TiB"],
+    ),
+    (
         "undefined-param.yaml",
         "version: 1\nname: x\ntasks:\n  - name: a\n    command: \"echo {{ params.nope }}\"\n",
         &["undefined-param.yaml:5:14", "params.nope"],

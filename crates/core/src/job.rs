@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::valid_project_name;
 use crate::limits::{
-    MAX_ARG_BYTES, MAX_DEPENDS_ON, MAX_DURATION, MAX_ENV_ENTRY_BYTES, MAX_ENV_VARS, MAX_FRAMES, MAX_NAME_LEN,
-    MAX_STEPS, MAX_TASKS,
+    MAX_ARG_BYTES, MAX_DEPENDS_ON, MAX_DURATION, MAX_ENV_ENTRY_BYTES, MAX_ENV_VARS, MAX_FRAMES, MAX_MEMORY,
+    MAX_NAME_LEN, MAX_STEPS, MAX_TASKS,
 };
 use crate::resources::Resources;
 use crate::state::FailureClass;
@@ -694,6 +694,16 @@ fn check_task(at: &str, t: &TaskPlan, producers: &HashMap<&str, bool>) -> Result
     check_env(&f("env"), &t.env)?;
     if t.resources.cores == 0 {
         return fail(f("resources.cores"), "cores must be at least 1");
+    }
+    if t.resources.memory > MAX_MEMORY {
+        return fail(
+            f("resources.memory"),
+            format!(
+                "memory {} is more than the limit of {} a task may ask for",
+                crate::resources::format_memory(t.resources.memory),
+                crate::resources::format_memory(MAX_MEMORY)
+            ),
+        );
     }
     if t.timeout == Some(Duration::ZERO) {
         return fail(f("timeout"), "timeout is zero; omit `timeout` for no limit");
@@ -1471,6 +1481,22 @@ mod tests {
         assert!(message.contains("setup_timeout is zero"), "{message}");
         let (field, _) = with(|t| t.setup_timeout = Some(Duration::from_micros(1500))).unwrap_err();
         assert_eq!(field, "tasks[0].setup_timeout");
+    }
+
+    /// Memory is kept as a signed 64-bit count: a size past it would be stored negative.
+    #[test]
+    fn memory_is_within_the_limit() {
+        let with = |memory: u64| {
+            let mut t = task("a", &[]);
+            t.resources.memory = memory;
+            job(vec![t]).validate().map_err(|e| (e.field, e.message))
+        };
+        assert_eq!(with(MAX_MEMORY), Ok(()));
+        for too_much in [MAX_MEMORY + 1, i64::MAX as u64 + 1, u64::MAX] {
+            let (field, message) = with(too_much).unwrap_err();
+            assert_eq!(field, "tasks[0].resources.memory");
+            assert!(message.contains("more than the limit of 1024TiB"), "{message}");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub const MAX_DEPENDS_ON: usize = 50_000;
 /// a thousand is far beyond any hand-written task and still cheap to track.
 pub const MAX_STEPS: usize = 1_000;
 
+/// Most memory one task may ask for: 1 PiB, beyond any node, and well within what the
+/// stores keep (signed 64-bit) and the kernel's limits take.
+pub const MAX_MEMORY: u64 = 1 << 50;
+
 /// Bytes in a job or task name. Names appear in every table, log prefix and event, and name
 /// the directories artifacts are downloaded into: 200 bytes leaves room for a `[frame]` suffix
 /// within a file name's 255.
