@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The SQLite database failed in a transaction run on the calling thread.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The caller handed in something malformed (output chunks whose heads do not describe
     /// their bytes); nothing was stored.
     #[error("invalid {what}: {detail}")]

@@ -33,10 +33,12 @@ mod artifacts;
 mod assign;
 mod checkpoint;
 mod dependencies;
+mod direct;
 mod events;
 mod job_changes;
 mod lists;
 mod open_tx;
+mod output;
 mod queue_feed;
 mod retention;
 mod rows;
@@ -58,6 +60,10 @@ use crate::record_rows::{JOB_COLUMNS, TASK_COLUMNS, job_record, task_record};
 use crate::secrets::SecretStore;
 use crate::*;
 
+/// Connections for the hot path's small reads: one per core of a small server; a read
+/// finding both busy waits microseconds.
+const QUICK_READERS: usize = 2;
+
 /// Rows per multi-row INSERT; keeps statements under SQLite's variable limit.
 const INSERT_CHUNK: usize = 500;
 
@@ -65,6 +71,10 @@ const INSERT_CHUNK: usize = 500;
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
+    /// The second write connection, used only while `writer` is locked (see [`direct`]).
+    direct: Arc<direct::Direct>,
+    /// Readers for the hot path's small reads (see [`direct::Readers`]).
+    quick: Arc<direct::Readers>,
     reader: SqlitePool,
     signals: tokio::sync::broadcast::Sender<Signal>,
 }
@@ -104,18 +114,27 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone().read_only(true))
             .await?;
+        // After the migrations: it must see the schema they made.
+        let direct = Arc::new(direct::Direct::open(path)?);
+        let quick = Arc::new(direct::Readers::open(path, QUICK_READERS)?);
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         checkpoint::spawn(&options, Arc::downgrade(&writer)).await?;
-        Ok(SqliteStore { writer, reader, signals: tokio::sync::broadcast::channel(1024).0 })
+        Ok(SqliteStore { writer, direct, quick, reader, signals: tokio::sync::broadcast::channel(1024).0 })
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, plan: &JobPlan, source: &str, filename: &str, now_ms: i64) -> Result<i64> {
-        // Owned: should the caller go away mid-submit, the rollback takes the writer with it.
-        let writer = Arc::clone(&self.writer).lock_owned().await;
-        submit::submit(writer, plan, source, filename, now_ms).await
+        let mut writer = self.writer.lock().await;
+        let mut insert = move || {
+            self.direct.transaction(&mut writer, |conn| submit::insert(conn, plan, source, filename, now_ms))
+        };
+        match plan.tasks.len() > submit::SHORT {
+            // A job of many tasks holds the thread for a while.
+            true => direct::long(insert),
+            false => insert(),
+        }
     }
 
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
@@ -149,32 +168,8 @@ impl Store for SqliteStore {
     }
 
     async fn events_after(&self, job_id: i64, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
-        let rows = sqlx::query(
-            "SELECT job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node \
-             FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(job_id)
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| EventRecord {
-                job_id: r.get(0),
-                seq: r.get(1),
-                time_ms: r.get(2),
-                kind: r.get(3),
-                task_id: r.get(4),
-                task_name: r.get(5),
-                frame: r.get(6),
-                state: r.get(7),
-                message: r.get(8),
-                exit_code: r.get(9),
-                attempt: r.get::<i64, _>(10) as u32,
-                node: r.get(11),
-            })
-            .collect())
+        // A watcher reads after every change it is told of: a quick read.
+        self.quick.read(|conn| events::after(conn, job_id, after_seq, limit))
     }
 
     async fn cancel_job(&self, job_id: i64, now_ms: i64) -> Result<Vec<OpenAttempt>> {
@@ -351,17 +346,22 @@ impl Store for SqliteStore {
         if plan.is_empty() {
             return Ok(Vec::new());
         }
-        // Owned: should the caller go away mid-claim, the rollback takes the writer with it.
-        let writer = Arc::clone(&self.writer).lock_owned().await;
-        assign::assign(writer, plan, now_ms).await
+        let mut writer = self.writer.lock().await;
+        self.direct.transaction(&mut writer, |conn| assign::claim(conn, plan, now_ms))
     }
 
     async fn apply_updates(&self, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        // Owned: should the caller go away mid-batch, the rollback takes the writer with it.
-        let writer = Arc::clone(&self.writer).lock_owned().await;
+        // Owned: should the caller go away during a batch that releases dependents (on the
+        // sqlx writer), the rollback takes the writer with it.
+        let mut writer = Arc::clone(&self.writer).lock_owned().await;
+        if let Some(applied) =
+            self.direct.transaction(&mut writer, |conn| updates::apply_direct(conn, updates, now_ms))?
+        {
+            return Ok(applied);
+        }
         updates::apply_committing(writer, updates, now_ms).await
     }
 
@@ -409,40 +409,7 @@ impl Store for SqliteStore {
         let rows = log_chunks::pack(chunks)?;
         let seq = log_chunks::report_seq(seq)?;
         let mut writer = self.writer.lock().await;
-        let mut tx = writer.begin().await?;
-        let Some(a) = open_attempt(&mut tx, attempt_id, Some(epoch)).await? else {
-            return Ok(Applied::Stale);
-        };
-        if let Some(seq) = seq {
-            let newer = sqlx::query("UPDATE attempts SET output_seq = ?1 WHERE id = ?2 AND output_seq < ?1")
-                .bind(seq)
-                .bind(attempt_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if newer == 0 {
-                // Stored when it came the first time; its acknowledgement was lost.
-                return Ok(Applied::Applied);
-            }
-        }
-        // One statement for the report's rows: every statement is a round trip to the
-        // connection's thread, which costs more than the rows. Rows are numbered in order.
-        for part in rows.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO log_chunks (job_id, task_id, attempt_id, attempt, heads, data) ",
-            );
-            q.push_values(part, |mut b, chunk| {
-                b.push_bind(a.job_id)
-                    .push_bind(a.task_id)
-                    .push_bind(a.id)
-                    .push_bind(i64::from(a.number))
-                    .push_bind(chunk.heads.as_str())
-                    .push_bind(chunk.data.as_ref());
-            });
-            q.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(Applied::Applied)
+        self.direct.transaction(&mut writer, |conn| output::append(conn, attempt_id, epoch, seq, &rows))
     }
 
     async fn log_chunks_after(

@@ -15,10 +15,10 @@
 //! Peer: the floor of the same work on SQLite without Drover's bookkeeping: one plain
 //! table, the same pragmas (WAL, synchronous=NORMAL, one writer connection) and the same
 //! number of commits (one claim `UPDATE … RETURNING` per batch, one commit per start and per
-//! finish).
+//! finish), called on the benchmark's own thread as the SQLite store runs its hot
+//! transactions.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,6 @@ use drover_store::postgres::PostgresStore;
 use drover_store::sqlite::SqliteStore;
 use drover_store::{Applied, AttemptReport, AttemptUpdate, NodeSpec, Store};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use super::measure;
 use crate::Ctx;
@@ -44,7 +43,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
     let n = if ctx.quick { 100 } else { ctx.tasks.max(2000) };
     let sqlite = sqlite_runs(ctx, n, false).await;
     let sqlite_batched = sqlite_runs(ctx, n, true).await;
-    let raw = raw_runs(ctx, n).await;
+    let raw = raw_runs(ctx, n);
     let (pg_store, pg_batched, pg_raw) = match postgres_runs(ctx, n).await {
         Ok((store, batched, raw)) => (Measure::Runs(store), Measure::Runs(batched), Measure::Runs(raw)),
         Err(e) => {
@@ -68,7 +67,7 @@ pub async fn run(ctx: &Ctx) -> Vec<Row> {
             unit: "tasks/s",
             better: Better::Higher,
             drover: sqlite.clone(),
-            peer: "raw SQLite, same commits on a bare table".into(),
+            peer: "raw SQLite on the calling thread, same commits on a bare table".into(),
             peer_value: measure("raw sqlite", raw),
         },
         Row {
@@ -207,61 +206,55 @@ fn success(attempt_id: i64, epoch: i64) -> AttemptReport {
     }
 }
 
-async fn raw_runs(ctx: &Ctx, n: usize) -> Result<Vec<f64>> {
+/// The bare-table floor on SQLite, called on this thread (as the SQLite store runs its hot
+/// transactions): no worker thread to hand each statement to.
+fn raw_runs(ctx: &Ctx, n: usize) -> Result<Vec<f64>> {
     let mut rates = Vec::new();
     for run in 0..ctx.runs {
         let dir = ctx.dir(&format!("store-raw-{run}"))?;
-        let options = SqliteConnectOptions::from_str("sqlite://raw.db")?
-            .filename(dir.join("raw.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-        sqlx::query(
+        let mut conn = rusqlite::Connection::open(dir.join("raw.db"))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if mode != "wal" {
+            bail!("raw SQLite: journal mode {mode}, not wal");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute(
             "CREATE TABLE tasks (id INTEGER PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, \
              started_ms INTEGER, ended_ms INTEGER)",
-        )
-        .execute(&pool)
-        .await?;
-        sqlx::query("CREATE INDEX tasks_state ON tasks (state, id)").execute(&pool).await?;
-        let mut tx = pool.begin().await?;
+            [],
+        )?;
+        conn.execute("CREATE INDEX tasks_state ON tasks (state, id)", [])?;
+        let tx = conn.transaction()?;
         for _ in 0..n {
-            sqlx::query("INSERT INTO tasks (state) VALUES ('queued')").execute(&mut *tx).await?;
+            tx.execute("INSERT INTO tasks (state) VALUES ('queued')", [])?;
         }
-        tx.commit().await?;
+        tx.commit()?;
         let start = Instant::now();
         let mut finished = 0usize;
         while finished < n {
-            let mut tx = pool.begin().await?;
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "UPDATE tasks SET state = 'assigned', attempts = attempts + 1 WHERE id IN \
-                 (SELECT id FROM tasks WHERE state = 'queued' ORDER BY id LIMIT ?) RETURNING id",
-            )
-            .bind(NODE_CORES as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            let tx = conn.transaction()?;
+            let ids = tx
+                .prepare_cached(
+                    "UPDATE tasks SET state = 'assigned', attempts = attempts + 1 WHERE id IN \
+                     (SELECT id FROM tasks WHERE state = 'queued' ORDER BY id LIMIT ?) RETURNING id",
+                )?
+                .query_map([NODE_CORES], |r| r.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            tx.commit()?;
             if ids.is_empty() {
                 bail!("raw queue ran dry with {finished} of {n} done");
             }
             for id in ids {
-                sqlx::query("UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ?")
-                    .bind(now_ms())
-                    .bind(id)
-                    .execute(&pool)
-                    .await?;
-                sqlx::query("UPDATE tasks SET state = 'succeeded', ended_ms = ? WHERE id = ?")
-                    .bind(now_ms())
-                    .bind(id)
-                    .execute(&pool)
-                    .await
+                conn.prepare_cached("UPDATE tasks SET state = 'running', started_ms = ? WHERE id = ?")?
+                    .execute(rusqlite::params![now_ms(), id])?;
+                conn.prepare_cached("UPDATE tasks SET state = 'succeeded', ended_ms = ? WHERE id = ?")?
+                    .execute(rusqlite::params![now_ms(), id])
                     .context("raw finish")?;
                 finished += 1;
             }
         }
         rates.push(n as f64 / start.elapsed().as_secs_f64());
-        pool.close().await;
     }
     Ok(rates)
 }

@@ -94,9 +94,24 @@ impl AccessStore for SqliteStore {
     }
 
     async fn key(&self, id: &str) -> Result<Option<KeyRecord>> {
-        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.reader).await?;
-        row.as_ref().map(key_record).transpose()
+        // Every call reads its key: a quick read.
+        self.quick.read(|conn| {
+            let mut statement =
+                conn.prepare_cached(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"))?;
+            let mut rows = statement.query([id])?;
+            let Some(r) = rows.next()? else { return Ok(None) };
+            Ok(Some(KeyRecord {
+                id: r.get(0)?,
+                secret_sha256: r.get(1)?,
+                project: r.get(2)?,
+                role: parse_word("key role", &r.get::<_, String>(3)?)?,
+                name: r.get(4)?,
+                created_ms: r.get(5)?,
+                expires_ms: r.get(6)?,
+                revoked_ms: r.get(7)?,
+                created_by: r.get(8)?,
+            }))
+        })
     }
 
     async fn keys(&self, project: Option<&str>) -> Result<Vec<KeyRecord>> {

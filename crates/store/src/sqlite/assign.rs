@@ -1,9 +1,8 @@
-//! A placement round's claim on SQLite, in two round trips whatever the round's size: the read
-//! that begins the transaction, then the writes with the commit. Every statement is a round
-//! trip to the connection's worker thread, and a lone task waits on each of them between its
-//! submit and its start; the claim used to take seven.
+//! A placement round's claim on SQLite, in one transaction on the calling thread (see
+//! [`super::direct`]): a lone task waits on the claim between its submit and its start, and
+//! as round trips to sqlx's worker thread it took seven, then two.
 //!
-//! The read finds everything the writes and the round's answer need: the placed nodes' loads,
+//! The reads find everything the writes and the round's answer need: the placed nodes' loads,
 //! the placed tasks still queued (with their jobs' states, names and plans), and the last
 //! attempt id. The single writer serialises the transaction with every other write, so what
 //! it reads holds until the commit: the attempts' ids are given here (the table's
@@ -13,31 +12,31 @@
 
 use std::collections::BTreeSet;
 
+use rusqlite::Connection;
 use serde::Serialize;
-use tokio::sync::OwnedMutexGuard;
 
+use super::direct::{self, get_u32, get_u64};
 use super::job_changes::Ahead;
-use super::open_tx::OpenTx;
 use super::*;
 
-/// The read that begins a claim's transaction. Its parameter is a JSON object: `nodes`, the
-/// placed nodes' ids; `tasks`, the placed tasks' ids. It returns, per placed node still
-/// ready, its capacity and what its open attempts hold (7 columns); per placed task still
-/// queued, its needs, job, job state, name, frame, attempts so far and plan (9 columns); and
-/// the highest attempt id ever given (1 column). `CROSS JOIN` keeps the placed tasks the
-/// outer loop: SQLite would otherwise walk every queued task.
-macro_rules! begin_and_read_sql {
-    () => {
-        "BEGIN; \
-         SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), COALESCE(SUM(a.memory), 0), n.epoch, n.name \
+/// The claim's reads. Their parameter is a JSON object: `nodes`, the placed nodes' ids;
+/// `tasks`, the placed tasks' ids.
+mod reads {
+    /// Per placed node still ready, its capacity and what its open attempts hold.
+    pub(super) const NODES: &str = "SELECT n.id, n.cores, n.memory, COALESCE(SUM(a.cores), 0), \
+         COALESCE(SUM(a.memory), 0), n.epoch, n.name \
          FROM nodes n LEFT JOIN attempts a ON a.node_id = n.id AND a.state != 'ended' \
-         WHERE n.state = 'ready' AND n.id IN (SELECT value FROM json_each(?1, '$.nodes')) GROUP BY n.id; \
-         SELECT t.id, t.cores, t.memory, t.job_id, j.state, t.name, t.frame, t.attempts, t.plan \
+         WHERE n.state = 'ready' AND n.id IN (SELECT value FROM json_each(?1, '$.nodes')) GROUP BY n.id";
+    /// Per placed task still queued, its needs, job, job state, name, frame, attempts so far
+    /// and plan. `CROSS JOIN` keeps the placed tasks the outer loop: SQLite would otherwise
+    /// walk every queued task.
+    pub(super) const TASKS: &str = "SELECT t.id, t.cores, t.memory, t.job_id, j.state, t.name, t.frame, \
+         t.attempts, t.plan \
          FROM json_each(?1, '$.tasks') AS p CROSS JOIN tasks t ON t.id = p.value JOIN jobs j ON j.id = t.job_id \
-         WHERE t.state = 'queued'; \
-         SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'attempts'), 0), \
-             COALESCE((SELECT MAX(id) FROM attempts), 0));"
-    };
+         WHERE t.state = 'queued'";
+    /// The highest attempt id ever given.
+    pub(super) const LAST_ATTEMPT: &str = "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence \
+         WHERE name = 'attempts'), 0), COALESCE((SELECT MAX(id) FROM attempts), 0))";
 }
 
 /// The claim's writes, ahead of the job changes, reading `claims` (`[{attempt, task, node,
@@ -78,62 +77,50 @@ struct Queued {
 }
 
 /// Claims the admitted placements of `plan` (each task once, while it is still queued, on a
-/// node still ready with room) in a transaction of its own on the writer: inserts their
-/// attempts, points their tasks at them, records their `assigned` events, and returns the
-/// assignments in plan order.
-pub(super) async fn assign(
-    writer: OwnedMutexGuard<SqliteConnection>,
-    plan: &[Placement],
-    now_ms: i64,
-) -> Result<Vec<Assignment>> {
-    let mut open = OpenTx::new(writer);
-    let Some(conn) = open.conn() else { return Ok(Vec::new()) };
-    let result = claim(conn, plan, now_ms).await;
-    open.close(result).await
-}
-
-async fn claim(conn: &mut SqliteConnection, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
+/// node still ready with room) inside the caller's transaction on the direct connection:
+/// inserts their attempts, points their tasks at them, records their `assigned` events, and
+/// returns the assignments in plan order.
+pub(super) fn claim(conn: &Connection, plan: &[Placement], now_ms: i64) -> Result<Vec<Assignment>> {
     let ids = serde_json::json!({
         "nodes": plan.iter().map(|p| p.node_id).collect::<Vec<_>>(),
         "tasks": plan.iter().map(|p| p.task_id).collect::<Vec<_>>(),
-    });
-    let rows = sqlx::query(begin_and_read_sql!()).bind(ids.to_string()).fetch_all(&mut *conn).await?;
+    })
+    .to_string();
     let mut loads = HashMap::new();
     let mut nodes = HashMap::new();
+    for (id, load, epoch, name) in direct::rows(conn, reads::NODES, &ids, |r| {
+        let capacity = Resources { cores: get_u32(r, 1)?, memory: get_u64(r, 2)?, pids: 0 };
+        let reserved = Resources { cores: get_u32(r, 3)?, memory: get_u64(r, 4)?, pids: 0 };
+        Ok((
+            r.get::<_, i64>(0)?,
+            NodeLoad { capacity, reserved },
+            r.get::<_, i64>(5)?,
+            r.get::<_, String>(6)?,
+        ))
+    })? {
+        loads.insert(id, load);
+        nodes.insert(id, (epoch, name));
+    }
     let mut need = HashMap::new();
     let mut queued = HashMap::new();
-    let mut last_attempt = None;
-    for r in &rows {
-        match r.len() {
-            7 => {
-                let id: i64 = r.try_get(0)?;
-                let capacity = Resources { cores: rows::get_u32(r, 1), memory: rows::get_u64(r, 2), pids: 0 };
-                let reserved = Resources { cores: rows::get_u32(r, 3), memory: rows::get_u64(r, 4), pids: 0 };
-                loads.insert(id, NodeLoad { capacity, reserved });
-                nodes.insert(id, (r.try_get::<i64, _>(5)?, r.try_get::<String, _>(6)?));
-            }
-            9 => {
-                let id: i64 = r.try_get(0)?;
-                need.insert(
-                    id,
-                    Resources { cores: rows::get_u32(r, 1), memory: rows::get_u64(r, 2), pids: 0 },
-                );
-                queued.insert(
-                    id,
-                    Queued {
-                        job_id: r.try_get(3)?,
-                        job_state: parse_word("job state", r.try_get::<&str, _>(4)?)?,
-                        name: r.try_get(5)?,
-                        frame: r.try_get(6)?,
-                        attempts: rows::get_u32(r, 7),
-                        plan: r.try_get(8)?,
-                    },
-                );
-            }
-            _ => last_attempt = Some(r.try_get::<i64, _>(0)?),
-        }
+    for (id, needs, task) in direct::rows(conn, reads::TASKS, &ids, |r| {
+        let needs = Resources { cores: get_u32(r, 1)?, memory: get_u64(r, 2)?, pids: 0 };
+        let task = Queued {
+            job_id: r.get(3)?,
+            job_state: parse_word("job state", &r.get::<_, String>(4)?)?,
+            name: r.get(5)?,
+            frame: r.get(6)?,
+            attempts: get_u32(r, 7)?,
+            plan: r.get(8)?,
+        };
+        Ok((r.get::<_, i64>(0)?, needs, task))
+    })? {
+        need.insert(id, needs);
+        queued.insert(id, task);
     }
-    let mut next_attempt = last_attempt.ok_or_else(|| corrupt("claim", "no last attempt id read"))?;
+    let mut next_attempt = direct::rows(conn, reads::LAST_ATTEMPT, &ids, |r| Ok(r.get::<_, i64>(0)?))?
+        .pop()
+        .ok_or_else(|| corrupt("claim", "no last attempt id read"))?;
     let mut claims = Vec::new();
     let mut assigned = Vec::new();
     let mut changes = JobChanges::default();
@@ -165,7 +152,6 @@ async fn claim(conn: &mut SqliteConnection, plan: &[Placement], now_ms: i64) -> 
         });
     }
     if claims.is_empty() {
-        sqlx::query("COMMIT").execute(&mut *conn).await?;
         return Ok(Vec::new());
     }
     // After the jobs' task events, so the job event follows them.
@@ -175,6 +161,6 @@ async fn claim(conn: &mut SqliteConnection, plan: &[Placement], now_ms: i64) -> 
     let mut lists = serde_json::Map::new();
     lists.insert("claims".into(), serde_json::to_value(&claims).map_err(|e| corrupt("claims", e))?);
     let ahead = Ahead { statements: claim_sql!().to_owned(), lists };
-    changes.write_and_commit(conn, now_ms, ahead).await?;
+    changes.write_direct(conn, now_ms, ahead)?;
     Ok(assigned)
 }

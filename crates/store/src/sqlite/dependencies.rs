@@ -3,9 +3,9 @@
 
 use drover_core::TaskState;
 use drover_core::dag::{DependencyGroup, DependencyRows, Dependent, DependentStep};
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Row, SqliteConnection};
 
-use super::{INSERT_CHUNK, corrupt, parse_word};
+use super::{corrupt, parse_word};
 use crate::{Result, StoreError};
 
 /// The dependency rows of one job, inside the caller's transaction.
@@ -95,10 +95,11 @@ impl DependencyRows for JobDependencies<'_> {
     }
 }
 
-/// Stores the dependency rows of a new job: a group per task name and, for each task that
-/// waits, its edges and how many names it waits for. `tasks` are (id, name, depends_on).
-pub(super) async fn record_graph(
-    conn: &mut SqliteConnection,
+/// Stores the dependency rows of a new job, inside the caller's transaction on the direct
+/// connection (see [`super::direct`]): a group per task name and, for each task that waits,
+/// its edges and how many names it waits for. `tasks` are (id, name, depends_on).
+pub(super) fn record_graph(
+    conn: &rusqlite::Connection,
     job_id: i64,
     tasks: &[(i64, &str, &[String])],
 ) -> Result<()> {
@@ -106,22 +107,16 @@ pub(super) async fn record_graph(
     for (_, name, _) in tasks {
         *frames.entry(name).or_default() += 1;
     }
-    let groups: Vec<(&str, i64)> = frames.into_iter().collect();
-    for chunk in groups.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO task_groups (job_id, name, frames) ");
-        q.push_values(chunk, |mut b, (name, n)| {
-            b.push_bind(job_id).push_bind(*name).push_bind(*n);
-        });
-        q.build().execute(&mut *conn).await?;
+    let mut group = conn.prepare_cached("INSERT INTO task_groups (job_id, name, frames) VALUES (?, ?, ?)")?;
+    for (name, n) in frames {
+        group.execute(rusqlite::params![job_id, name, n])?;
     }
-    let edges: Vec<(i64, &str)> =
-        tasks.iter().flat_map(|(id, _, deps)| deps.iter().map(move |d| (*id, d.as_str()))).collect();
-    for chunk in edges.chunks(INSERT_CHUNK) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO task_deps (job_id, on_name, task_id) ");
-        q.push_values(chunk, |mut b, (id, on)| {
-            b.push_bind(job_id).push_bind(*on).push_bind(*id);
-        });
-        q.build().execute(&mut *conn).await?;
+    let mut edge =
+        conn.prepare_cached("INSERT INTO task_deps (job_id, on_name, task_id) VALUES (?, ?, ?)")?;
+    for (id, _, deps) in tasks {
+        for on in deps.iter() {
+            edge.execute(rusqlite::params![job_id, on, id])?;
+        }
     }
     Ok(())
 }

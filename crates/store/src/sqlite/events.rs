@@ -45,3 +45,33 @@ pub(super) async fn emit(
     }
     Ok(())
 }
+
+/// A job's events after `after_seq`, at most `limit`, in order.
+pub(super) fn after(
+    conn: &rusqlite::Connection,
+    job_id: i64,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Vec<EventRecord>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT job_id, seq, time_ms, kind, task_id, task_name, frame, state, message, exit_code, attempt, node \
+         FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+    )?;
+    let rows = statement.query_map(rusqlite::params![job_id, after_seq, limit], |r| {
+        Ok(EventRecord {
+            job_id: r.get(0)?,
+            seq: r.get(1)?,
+            time_ms: r.get(2)?,
+            kind: r.get(3)?,
+            task_id: r.get(4)?,
+            task_name: r.get(5)?,
+            frame: r.get(6)?,
+            state: r.get(7)?,
+            message: r.get(8)?,
+            exit_code: r.get(9)?,
+            attempt: r.get::<_, i64>(10)?.clamp(0, i64::from(u32::MAX)) as u32,
+            node: r.get(11)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}

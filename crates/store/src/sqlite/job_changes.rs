@@ -80,6 +80,9 @@ pub(super) struct Ahead {
 impl Ahead {
     /// Runs the statements on their own.
     pub(super) async fn run(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
+        if self.statements.is_empty() {
+            return Ok(());
+        }
         let args = Args { now: now_ms, ahead: self.lists, ..Args::default() };
         sqlx::query(&self.statements)
             .bind(to_json("statement arguments", &args)?)
@@ -159,19 +162,14 @@ impl JobChanges {
     }
 
     /// Writes `ahead`'s statements, the events and the states set with
-    /// [`JobChanges::set_state`], then commits, all in one trip: for a caller that began the
-    /// transaction with a statement of its own. Nothing is derived after the writes (a job
-    /// marked for that is refused as a bug).
-    pub(super) async fn write_and_commit(
-        self,
-        conn: &mut SqliteConnection,
-        now_ms: i64,
-        ahead: Ahead,
-    ) -> Result<()> {
+    /// [`JobChanges::set_state`] on the direct connection, inside the caller's transaction
+    /// (see [`super::direct`]). Nothing is derived after the writes (a job marked for that is
+    /// refused as a bug).
+    pub(super) fn write_direct(self, conn: &rusqlite::Connection, now_ms: i64, ahead: Ahead) -> Result<()> {
         if let Some(&job_id) = self.refresh.first() {
             return Err(corrupt("job changes", format!("job {job_id} to derive after a committing write")));
         }
-        // Only the statements with something to do: nothing is derived here.
+        // Only the statements with something to do.
         let mut sql = ahead.statements;
         if !self.states.is_empty() {
             sql.push_str(concat!(" ", job_states_sql!()));
@@ -179,13 +177,6 @@ impl JobChanges {
         if !self.events.is_empty() {
             sql.push_str(concat!(" ", job_events_sql!()));
         }
-        if sql.is_empty() {
-            // Nothing to write (every update of the batch was stale): its parameter would
-            // have no statement to go to.
-            sqlx::query("COMMIT").execute(&mut *conn).await?;
-            return Ok(());
-        }
-        sql.push_str(" COMMIT;");
         let args = Args {
             now: now_ms,
             states: self.states,
@@ -193,16 +184,7 @@ impl JobChanges {
             jobs: Vec::new(),
             ahead: ahead.lists,
         };
-        sqlx::query(&sql).bind(to_json("statement arguments", &args)?).execute(&mut *conn).await?;
-        Ok(())
-    }
-
-    /// Writes the events and the states set with [`JobChanges::set_state`] and commits, in
-    /// one trip: for a caller that began the transaction with a statement of its own and
-    /// has nothing more to write.
-    pub(super) async fn commit(self, conn: &mut SqliteConnection, now_ms: i64) -> Result<()> {
-        let nothing_ahead = Ahead { statements: String::new(), lists: serde_json::Map::new() };
-        self.write_and_commit(conn, now_ms, nothing_ahead).await
+        direct::run(conn, &sql, &to_json("statement arguments", &args)?)
     }
 
     /// Writes the events and the states set with [`JobChanges::set_state`], then derives each

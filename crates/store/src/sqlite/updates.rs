@@ -1,38 +1,38 @@
 //! `apply_updates` on SQLite: a batch of starts and finishes in a fixed number of statements
-//! (see [`crate::update_batch`]), whatever its size. Every statement is a round trip to the
-//! connection's worker thread, so the count, not the rows, is what a batch costs. Lists travel
-//! as one JSON parameter, read back with `json_each`.
+//! (see [`crate::update_batch`]), whatever its size. Lists travel as one JSON parameter, read
+//! back with `json_each`.
 //!
-//! The transaction takes two trips: its `BEGIN` rides with the read, its `COMMIT` with the
-//! writes. That leaves nothing to read after writing, so the jobs' new states are derived
-//! from what the read finds outside the batch (see [`update_batch::job_states_after`]). A
-//! batch that releases dependents changes tasks outside it, and takes the longer way: it
-//! writes, releases, reads its jobs' task states back, then commits.
+//! A batch runs in one transaction on the calling thread (see [`super::direct`]): the reads,
+//! then the writes. Nothing is read after writing, so the jobs' new states are derived from
+//! what the read finds outside the batch (see [`update_batch::job_states_after`]). A batch
+//! that releases dependents changes tasks outside it, and takes the longer way, on the sqlx
+//! writer (the dependency rows are read and written by [`release_after`], which is async):
+//! it writes, releases, reads its jobs' task states back, then commits.
 
+use rusqlite::Connection;
 use serde_json::json as json_value;
 use tokio::sync::OwnedMutexGuard;
 
+use super::direct;
 use super::job_changes::{Ahead, task_states};
 use super::open_tx::OpenTx;
 use super::settle::release_dependents;
 use super::*;
 use crate::update_batch::{self, AttemptView, Decided, JobBefore, TaskFacts};
 
-/// The read that begins a batch's transaction. Its parameter is a JSON object: `attempts`,
-/// the batch's attempts; `finishing`, those it finishes. It returns, per attempt, its row
-/// with its task's (the task's plan only for a finish), 14 columns.
-macro_rules! begin_and_read_sql {
+/// The batch's attempts. Its parameter is a JSON object: `attempts`, the batch's attempts;
+/// `finishing`, those it finishes. It returns, per attempt, its row with its task's (the
+/// task's plan only for a finish), 14 columns, read by [`Read`].
+macro_rules! read_sql {
     () => {
-        "BEGIN; \
-         SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
+        "SELECT a.id, a.task_id, a.job_id, a.number, a.epoch, a.state, t.current_attempt, n.name, t.name, t.frame, \
          j.cancelled, j.has_deps, CASE WHEN a.id IN (SELECT value FROM json_each(?1, '$.finishing')) THEN t.plan END, \
          t.state \
          FROM json_each(?1, '$.attempts') AS i CROSS JOIN attempts a ON a.id = i.value \
-         JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id;"
+         JOIN tasks t ON t.id = a.task_id JOIN jobs j ON j.id = a.job_id JOIN nodes n ON n.id = a.node_id"
     };
 }
-
-/// What a batch with finishes also reads after [`begin_and_read_sql`]: for each job of a
+/// What a batch with finishes also reads besides [`read_sql`]: for each job of a
 /// finish, its state, cancelled flag and the distinct states of its tasks outside the batch,
 /// 4 columns (the same loose index scan as `job_changes_sql`, keeping a state only when a task
 /// outside the batch is in it). A batch of starts alone changes no job's state.
@@ -53,12 +53,159 @@ macro_rules! others_sql {
                  AND t.id NOT IN (SELECT task FROM b) LIMIT 1) IS NOT NULL \
              GROUP BY s.job) \
          SELECT j.id, j.state, j.cancelled, g.states FROM r CROSS JOIN jobs j ON j.id = r.job \
-         LEFT JOIN g ON g.job = j.id;"
+         LEFT JOIN g ON g.job = j.id"
     };
 }
 
-/// Applies `updates` in a transaction of its own, begun and committed here (on the single
-/// writer, which serialises it with every other write); per update, whether it applied.
+/// One row of [`read_sql`], as read.
+struct Read {
+    id: i64,
+    view: AttemptView,
+    /// The task's plan, for a finish.
+    plan: Option<String>,
+    cancelled: bool,
+    has_deps: bool,
+}
+
+impl Read {
+    fn direct(r: &rusqlite::Row<'_>) -> Result<Read> {
+        let id: i64 = r.get(0)?;
+        Ok(Read {
+            id,
+            view: view(
+                (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+                r.get::<_, Option<i64>>(6)? == Some(id),
+                &r.get::<_, String>(13)?,
+                (r.get(7)?, r.get(8)?, r.get(9)?),
+            )?,
+            plan: r.get(12)?,
+            cancelled: r.get(10)?,
+            has_deps: r.get(11)?,
+        })
+    }
+
+    fn sqlx(r: &sqlx::sqlite::SqliteRow) -> Result<Read> {
+        let id: i64 = r.try_get(0)?;
+        Ok(Read {
+            id,
+            view: view(
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?),
+                r.try_get::<Option<i64>, _>(6)? == Some(id),
+                r.try_get::<&str, _>(13)?,
+                (r.try_get(7)?, r.try_get(8)?, r.try_get(9)?),
+            )?,
+            plan: r.try_get(12)?,
+            cancelled: r.try_get(10)?,
+            has_deps: r.try_get(11)?,
+        })
+    }
+}
+
+/// An attempt's view from its columns: (task, job, number, epoch, state), whether it is its
+/// task's current attempt, its task's state, and (node, task name, frame).
+fn view(
+    (task_id, job_id, number, epoch, state): (i64, i64, i64, i64, String),
+    current: bool,
+    task_state: &str,
+    (node, task_name, frame): (String, String, Option<i64>),
+) -> Result<AttemptView> {
+    Ok(AttemptView {
+        task_id,
+        job_id,
+        number: u32::try_from(number).map_err(|e| corrupt("attempt number", e))?,
+        epoch,
+        state,
+        current,
+        task_state: parse_word("task state", task_state)?,
+        node,
+        task_name,
+        frame,
+    })
+}
+
+/// The read's parameter.
+fn read_arg(updates: &[AttemptUpdate], finishing: &[i64]) -> String {
+    json_value!({ "attempts": update_batch::attempt_ids(updates), "finishing": finishing }).to_string()
+}
+
+/// The attempts read, by id, and the facts of the tasks the batch finishes.
+fn attempts_and_facts(
+    updates: &[AttemptUpdate],
+    read: Vec<Read>,
+) -> Result<(HashMap<i64, AttemptView>, HashMap<i64, TaskFacts>)> {
+    let mut attempts = HashMap::with_capacity(read.len());
+    let mut plans = Vec::new();
+    for r in read {
+        if let Some(plan) = r.plan {
+            plans.push((r.view.task_id, plan, r.cancelled, r.has_deps));
+        }
+        attempts.insert(r.id, r.view);
+    }
+    let finished = update_batch::finished_tasks(updates, &attempts);
+    let mut facts = HashMap::with_capacity(finished.len());
+    for (task_id, plan, cancelled, has_deps) in plans {
+        if finished.binary_search(&task_id).is_ok() && !facts.contains_key(&task_id) {
+            let plan: TaskPlan = json("task plan", &plan)?;
+            facts.insert(task_id, TaskFacts { plan, cancelled, has_deps });
+        }
+    }
+    Ok((attempts, facts))
+}
+
+/// Applies `updates` inside the caller's transaction on the direct connection; per update,
+/// whether it applied. `None` when the batch releases dependents: nothing was written, and
+/// the caller applies it with [`apply_committing`].
+pub(super) fn apply_direct(
+    conn: &Connection,
+    updates: &[AttemptUpdate],
+    now_ms: i64,
+) -> Result<Option<Vec<Applied>>> {
+    let finishing = update_batch::finishing_attempts(updates);
+    let arg = read_arg(updates, &finishing);
+    let read = direct::rows(conn, read_sql!(), &arg, Read::direct)?;
+    let (attempts, facts) = attempts_and_facts(updates, read)?;
+    let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
+        .map_err(|id| StoreError::NotFound { what: "task", id })?;
+    if !decided.releases.is_empty() {
+        return Ok(None);
+    }
+    // A batch of starts alone changes no job's state.
+    let mut before = HashMap::new();
+    if !finishing.is_empty() {
+        for (job_id, job) in direct::rows(conn, others_sql!(), &arg, |r| {
+            let others = task_states(r.get::<_, Option<String>>(3)?.as_deref())?;
+            let state = parse_word("job state", &r.get::<_, String>(1)?)?;
+            Ok((r.get::<_, i64>(0)?, JobBefore { state, cancelled: r.get(2)?, others }))
+        })? {
+            before.insert(job_id, job);
+        }
+    }
+    let writes = writes(&decided);
+    // The read of the jobs left out every task of the batch; those it does not write count
+    // as read.
+    let written = update_batch::written_tasks(&decided);
+    for a in attempts.values().filter(|a| written.binary_search(&a.task_id).is_err()) {
+        if let Some(job) = before.get_mut(&a.job_id) {
+            job.others.push(a.task_state);
+        }
+    }
+    let states = update_batch::job_states_after(&decided, &attempts, &before)
+        .map_err(|id| StoreError::NotFound { what: "job", id })?;
+    let Decided { applied, events, .. } = decided;
+    let mut changes = JobChanges::default();
+    for ev in events {
+        changes.events(ev.job_id, [ev]);
+    }
+    for (job_id, state) in states {
+        changes.set_state(job_id, state, now_ms);
+    }
+    changes.write_direct(conn, now_ms, writes)?;
+    Ok(Some(applied))
+}
+
+/// Applies `updates` in a transaction of its own on the sqlx writer, begun and committed
+/// here (the single writer serialises it with every other write); per update, whether it
+/// applied. The way of a batch that releases dependents.
 pub(super) async fn apply_committing(
     writer: OwnedMutexGuard<SqliteConnection>,
     updates: &[AttemptUpdate],
@@ -72,79 +219,15 @@ pub(super) async fn apply_committing(
 
 async fn apply(conn: &mut SqliteConnection, updates: &[AttemptUpdate], now_ms: i64) -> Result<Vec<Applied>> {
     let finishing = update_batch::finishing_attempts(updates);
-    let read = match finishing.is_empty() {
-        true => begin_and_read_sql!(),
-        false => concat!(begin_and_read_sql!(), " ", others_sql!()),
-    };
-    let ids = json_value!({ "attempts": update_batch::attempt_ids(updates), "finishing": finishing });
-    // The single writer serialises this with every other write, so what is read here holds
-    // until the commit.
-    let rows = sqlx::query(read).bind(ids.to_string()).fetch_all(&mut *conn).await?;
-    let mut attempts = HashMap::with_capacity(rows.len());
-    let mut before = HashMap::new();
-    for r in &rows {
-        if r.len() == 4 {
-            let job_id: i64 = r.try_get(0)?;
-            let others = task_states(r.try_get(3)?)?;
-            let state = parse_word("job state", r.try_get::<&str, _>(1)?)?;
-            before.insert(job_id, JobBefore { state, cancelled: r.try_get(2)?, others });
-            continue;
-        }
-        let id: i64 = r.try_get(0)?;
-        let current: Option<i64> = r.try_get(6)?;
-        let number: i64 = r.try_get(3)?;
-        attempts.insert(
-            id,
-            AttemptView {
-                task_id: r.try_get(1)?,
-                job_id: r.try_get(2)?,
-                number: u32::try_from(number).map_err(|e| corrupt("attempt number", e))?,
-                epoch: r.try_get(4)?,
-                state: r.try_get(5)?,
-                current: current == Some(id),
-                task_state: parse_word("task state", r.try_get::<&str, _>(13)?)?,
-                node: r.try_get(7)?,
-                task_name: r.try_get(8)?,
-                frame: r.try_get(9)?,
-            },
-        );
-    }
-    let finished = update_batch::finished_tasks(updates, &attempts);
-    let mut facts = HashMap::with_capacity(finished.len());
-    for r in rows.iter().filter(|r| r.len() != 4) {
-        let task_id: i64 = r.try_get(1)?;
-        let Some(plan) = r.try_get::<Option<&str>, _>(12)? else { continue };
-        if finished.binary_search(&task_id).is_ok() && !facts.contains_key(&task_id) {
-            let plan: TaskPlan = json("task plan", plan)?;
-            facts.insert(task_id, TaskFacts { plan, cancelled: r.try_get(10)?, has_deps: r.try_get(11)? });
-        }
-    }
+    let rows = sqlx::query(concat!("BEGIN; ", read_sql!()))
+        .bind(read_arg(updates, &finishing))
+        .fetch_all(&mut *conn)
+        .await?;
+    let read = rows.iter().map(Read::sqlx).collect::<Result<Vec<_>>>()?;
+    let (attempts, facts) = attempts_and_facts(updates, read)?;
     let decided = update_batch::decide(updates, &attempts, &facts, now_ms)
         .map_err(|id| StoreError::NotFound { what: "task", id })?;
     let writes = writes(&decided);
-    if decided.releases.is_empty() {
-        // The common case: the starts and finishes, the events, the jobs' new states and the
-        // commit in one trip.
-        // The read left out every task of the batch; those it does not write count as read.
-        let written = update_batch::written_tasks(&decided);
-        for a in attempts.values().filter(|a| written.binary_search(&a.task_id).is_err()) {
-            if let Some(job) = before.get_mut(&a.job_id) {
-                job.others.push(a.task_state);
-            }
-        }
-        let states = update_batch::job_states_after(&decided, &attempts, &before)
-            .map_err(|id| StoreError::NotFound { what: "job", id })?;
-        let Decided { applied, events, .. } = decided;
-        let mut changes = JobChanges::default();
-        for ev in events {
-            changes.events(ev.job_id, [ev]);
-        }
-        for (job_id, state) in states {
-            changes.set_state(job_id, state, now_ms);
-        }
-        changes.write_and_commit(conn, now_ms, writes).await?;
-        return Ok(applied);
-    }
     // Releasing dependents reads the finished tasks' states, so the writes go first.
     let Decided { applied, releases, events, jobs, .. } = decided;
     let mut changes = JobChanges::default();
