@@ -138,7 +138,8 @@ impl Store for SqliteStore {
     }
 
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
-        read_job(&self.reader, job_id).await
+        // Every call about a job reads it to check who may see it: a quick read.
+        self.quick.read(|conn| events::job(conn, job_id))
     }
 
     async fn tasks(&self, job_id: i64) -> Result<Vec<TaskRecord>> {

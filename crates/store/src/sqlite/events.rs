@@ -75,3 +75,20 @@ pub(super) fn after(
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
+
+/// A job's row, if it exists.
+pub(super) fn job(conn: &rusqlite::Connection, job_id: i64) -> Result<Option<JobRecord>> {
+    let mut statement = conn.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))?;
+    let mut rows = statement.query([job_id])?;
+    let Some(r) = rows.next()? else { return Ok(None) };
+    Ok(Some(JobRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        project: r.get(2)?,
+        priority: r.get(3)?,
+        state: parse_word("job state", &r.get::<_, String>(4)?)?,
+        cancelled: r.get(5)?,
+        created_ms: r.get(6)?,
+        last_seq: r.get(7)?,
+    }))
+}
